@@ -1,0 +1,59 @@
+"""Model graphs from specs: the training step, the evaluation step, inference."""
+from __future__ import annotations
+
+import numpy as np
+
+from gptc import dsl
+from gptc.ir import Graph
+from gptc.models.gpt import gpt_logits
+from gptc.optim import add_training
+from gptc.spec import Spec, SpecError, validate
+
+MODES = ("train", "eval", "infer")
+
+
+def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None) -> Graph:
+    """The graph of one step of `mode` for the GPT of `spec`:
+    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
+    eval:  inputs tokens, targets -> loss;
+    infer: input tokens -> logits (B, S, V)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    validate(spec)
+    batch = batch or spec.train.batch_size
+    seq = seq_len or spec.model.seq_len
+    if batch <= 0 or seq <= 0:
+        raise SpecError("batch size and sequence length must be positive")
+    g = Graph()
+    tokens = g.input("tokens", (batch, seq), "i32")
+    logits = gpt_logits(g, spec.model, tokens)
+    if mode == "infer":
+        g.output("logits", logits)
+        return g
+    loss = dsl.cross_entropy(logits, g.input("targets", (batch, seq), "i32"))
+    if mode == "eval":
+        g.output("loss", loss)
+    else:
+        add_training(g, loss, spec.train)
+    g.prune()
+    return g
+
+
+def init_params(graph: Graph, seed: int) -> dict[str, np.ndarray]:
+    """Initial float32 values of every parameter, from the `init` attribute each
+    parameter was declared with. Same seed, same values."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name in sorted(graph.params):
+        attrs = graph.node(graph.params[name])["attrs"]
+        shape = attrs["shape"]
+        if attrs["init"] == "normal":
+            values[name] = (rng.standard_normal(shape) * attrs["std"]).astype(np.float32)
+        else:
+            values[name] = (np.ones if attrs["init"] == "ones" else np.zeros)(shape, dtype=np.float32)
+    return values
+
+
+def param_count(spec: Spec) -> int:
+    g = build_graph(spec, "infer", batch=1)
+    return sum(g.type(n).size for n in g.params.values())

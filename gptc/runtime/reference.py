@@ -1,0 +1,56 @@
+"""The NumPy reference executor: runs any graph, op by op, in float32 or float64.
+Clear rather than fast: it is the oracle every generated kernel is checked against."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from gptc.ir import Graph
+from gptc.ops import OPS
+from gptc.ops.numeric import numpy_dtype
+
+
+def run_graph(graph: Graph, feeds: Mapping[str, np.ndarray], float_dtype: type = np.float32,
+              keep: bool = False) -> dict:
+    """Evaluate `graph`. `feeds` gives a value for every input, param and state by name.
+    Returns {"outputs": {name: array}, "updates": {name: array}} and, with keep=True,
+    "values": {node id: array} for every node."""
+    names = {**graph.inputs, **graph.params, **graph.states}
+    missing = sorted(set(names) - set(feeds))
+    if missing:
+        raise KeyError(f"no value fed for {', '.join(missing)}")
+    values: dict[int, np.ndarray] = {}
+    for nid in graph.topo_order():
+        node = graph.node(nid)
+        out_type = node["type"]
+        if node["op"] in ("input", "param", "state"):
+            value = np.asarray(feeds[node["attrs"]["name"]])
+            if value.shape != out_type.shape:
+                raise ValueError(f"'{node['attrs']['name']}' was fed shape {value.shape}, the graph needs {out_type.shape}")
+        else:
+            args = [values[i] for i in node["inputs"]]
+            value = OPS[node["op"]].reference(args, node["attrs"], out_type, float_dtype)
+        values[nid] = np.asarray(value, dtype=numpy_dtype(out_type.dtype, float_dtype))
+    result = {"outputs": {k: values[v] for k, v in graph.outputs.items()},
+              "updates": {k: values[v] for k, v in graph.updates.items()}}
+    if keep:
+        result["values"] = values
+    return result
+
+
+class ReferenceExecutor:
+    """Runs a graph step after step, keeping params and states between steps (the CPU
+    counterpart of the generated GPU executor)."""
+
+    def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], float_dtype: type = np.float32) -> None:
+        self.graph = graph
+        self.float_dtype = float_dtype
+        self.persistent: dict[str, np.ndarray] = {n: np.asarray(params[n], dtype=float_dtype) for n in graph.params}
+        for name, nid in graph.states.items():
+            self.persistent[name] = np.zeros(graph.type(nid).shape, dtype=float_dtype)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = run_graph(self.graph, {**inputs, **self.persistent}, self.float_dtype)
+        self.persistent.update(result["updates"])
+        return result["outputs"]

@@ -1,0 +1,254 @@
+"""Model and training specifications: dataclasses, presets, TOML load/save, validation."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class GptcError(Exception):
+    """An error caused by the user's input: the CLI prints its message in one line
+    and exits non-zero, with no traceback."""
+
+
+class SpecError(GptcError):
+    pass
+
+
+# The choices each option accepts; the first is the GPT-2 layout gptc builds today.
+CHOICES = {
+    "norm": ("layernorm", "rmsnorm", "scalenorm"),
+    "pos": ("learned", "rope", "sinusoidal"),
+    "ffn": ("gelu", "swiglu", "moe"),
+    "attention": ("causal", "local", "linear"),
+    "schedule": ("cosine", "constant"),
+    "decay": ("matrices", "all", "none"),
+    "precision": ("fp32", "bf16"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int = 5000
+    seq_len: int = 32
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 0          # 0: as many as n_heads (multi-head attention)
+    d_ff: int = 256
+    norm: str = "layernorm"
+    pos: str = "learned"
+    ffn: str = "gelu"
+    attention: str = "causal"
+    tie_embeddings: bool = False
+    bias: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    batch_size: int = 32
+    steps: int = 2000
+    lr: float = 3e-4
+    min_lr: float = 0.0          # the cosine schedule decays from lr to min_lr
+    warmup: int = 100
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay: str = "matrices"      # which parameters weight decay applies to
+    grad_clip: float = 1.0       # 0 disables clipping of the global gradient norm
+    precision: str = "fp32"
+    seed: int = 1337
+    eval_interval: int = 200
+    eval_batches: int = 8
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 3
+
+
+@dataclass(frozen=True)
+class Spec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+
+PRESETS: dict[str, Spec] = {
+    # The seed project's defaults.
+    "hipgpt": Spec(ModelSpec(vocab_size=5000, seq_len=32, d_model=128, n_layers=2, n_heads=4, d_ff=256),
+                   TrainSpec(batch_size=32, lr=3e-4)),
+    # GPT-2 small, 124M parameters.
+    "gpt2": Spec(ModelSpec(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072),
+                 TrainSpec(batch_size=8, lr=6e-4, warmup=700)),
+    # For tests and quick CPU runs: byte-sized vocabulary.
+    "tiny": Spec(ModelSpec(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64),
+                 TrainSpec(batch_size=8, steps=300, lr=3e-3, warmup=20, eval_interval=100)),
+}
+
+
+def preset(name: str) -> Spec:
+    if name not in PRESETS:
+        raise SpecError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----- validation -------------------------------------------------------------------
+def validate(spec: Spec) -> Spec:
+    """Raise SpecError naming the first problem; return the spec unchanged if valid."""
+    m, t = spec.model, spec.train
+    for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
+        if getattr(m, name) <= 0:
+            raise SpecError(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.d_model % m.n_heads:
+        raise SpecError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
+        raise SpecError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}), or be 0")
+    if not 0.0 <= m.dropout < 1.0:
+        raise SpecError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.init_std <= 0 or m.norm_eps <= 0:
+        raise SpecError("model.init_std and model.norm_eps must be positive")
+    for section, obj in (("model", m), ("train", t)):
+        for name, choices in CHOICES.items():
+            if hasattr(obj, name) and getattr(obj, name) not in choices:
+                raise SpecError(f"{section}.{name} = '{getattr(obj, name)}' is not one of: {', '.join(choices)}")
+    for name in ("batch_size", "steps"):
+        if getattr(t, name) <= 0:
+            raise SpecError(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints"):
+        if getattr(t, name) <= 0:
+            raise SpecError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
+        raise SpecError(f"train.lr must be positive and train.min_lr in [0, lr], got lr={t.lr}, min_lr={t.min_lr}")
+    if t.warmup < 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
+        raise SpecError("train.warmup, train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise SpecError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    return spec
+
+
+def lr_at(train: TrainSpec, step: int) -> float:
+    """Learning rate for 0-based `step`: linear warm-up, then cosine decay to min_lr
+    (or constant)."""
+    if step < train.warmup:
+        return train.lr * (step + 1) / train.warmup
+    if train.schedule == "constant":
+        return train.lr
+    progress = min(1.0, (step - train.warmup) / max(1, train.steps - train.warmup))
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ----- TOML ----------------------------------------------------------------------------
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    expected = f.type if isinstance(f.type, str) else f.type.__name__
+    where = f"{section}.{f.name}"
+    if expected == "bool":
+        if not isinstance(value, bool):
+            raise SpecError(f"{where} must be true or false, got {value!r}")
+        return value
+    if expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{where} must be an integer, got {value!r}")
+        return value
+    if expected == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if expected == "str":
+        if not isinstance(value, str):
+            raise SpecError(f"{where} must be a string, got {value!r}")
+        return value
+    if expected.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise SpecError(f"{where} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    raise AssertionError(f"unhandled field type {expected}")
+
+
+def _apply(section: str, base: Any, values: dict) -> Any:
+    known = {f.name: f for f in fields(base)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise SpecError(f"unknown option '{key}' in [{section}]; known options: {', '.join(known)}")
+        changes[key] = _coerce(section, known[key], value)
+    return replace(base, **changes)
+
+
+def spec_from_dict(data: dict) -> Spec:
+    unknown = set(data) - {"preset", "model", "train"}
+    if unknown:
+        raise SpecError(f"unknown section '{sorted(unknown)[0]}'; a spec has 'preset', [model] and [train]")
+    base = preset(data["preset"]) if "preset" in data else Spec()
+    for section in ("model", "train"):
+        if not isinstance(data.get(section, {}), dict):
+            raise SpecError(f"'{section}' must be a table ([{section}])")
+    return validate(Spec(_apply("model", base.model, data.get("model", {})),
+                         _apply("train", base.train, data.get("train", {}))))
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file '{path}' does not exist")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"spec file '{path}' is not valid TOML: {e}") from None
+    return spec_from_dict(data)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def spec_to_toml(spec: Spec) -> str:
+    lines = []
+    for section, obj in (("model", spec.model), ("train", spec.train)):
+        lines.append(f"[{section}]")
+        lines += [f"{f.name} = {_toml_value(getattr(obj, f.name))}" for f in fields(obj)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file so that readers see either the old content or the new, never half."""
+    p = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_spec(spec: Spec, path: str | os.PathLike) -> None:
+    write_atomic(path, spec_to_toml(spec))
