@@ -1,0 +1,5 @@
+import sys
+
+from gptc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `gptc` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from gptc.spec import GptcError, Spec, load_spec, preset, validate
+
+
+def _spec_from_args(args: argparse.Namespace) -> Spec:
+    if args.spec and args.preset:
+        raise GptcError("give either a spec file or --preset, not both")
+    spec = load_spec(args.spec) if args.spec else preset(args.preset or "hipgpt")
+    train = spec.train
+    for name in ("steps", "lr", "batch"):
+        value = getattr(args, name, None)
+        if value is not None:
+            train = replace(train, **{"batch_size" if name == "batch" else name: value})
+    return validate(replace(spec, train=train))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from gptc.train import train
+    if args.data is None:
+        raise GptcError("give a text file to train on with --data FILE")
+    train(_spec_from_args(args), args.data, device=args.device, out_dir=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptc", description="Compile GPT models into fused GPU kernels, train and sample.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a text file")
+    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--data", help="a UTF-8 text file to train on")
+    p.add_argument("--steps", type=int, help="number of optimizer steps")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"], help="where to train")
+    p.add_argument("--out", help="run directory for the spec and metrics")
+    p.set_defaults(run=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except GptcError as e:
+        print(f"gptc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptc: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
