@@ -114,6 +114,12 @@ def preset(name: str) -> Spec:
 def validate(spec: Spec) -> Spec:
     """Raise SpecError naming the first problem; return the spec unchanged if valid."""
     m, t = spec.model, spec.train
+    # Types first (specs built in Python skip the TOML coercion): a str or float size
+    # would otherwise fail with a TypeError below, or pass and build odd shapes.
+    for section, obj in (("model", m), ("train", t)):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            _coerce(section, f, list(value) if isinstance(value, tuple) else value)
     for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
         if getattr(m, name) <= 0:
             raise SpecError(f"model.{name} must be positive, got {getattr(m, name)}")
