@@ -116,6 +116,18 @@ class Graph:
     def output(self, name: str, t: "Tensor") -> None:
         self.outputs[name] = t.id
 
+    def insert_between(self, src: int, dst: int, op: str, **attrs: Any) -> int:
+        """Insert a new unary node `op` on the edge src -> dst (every argument of dst
+        that reads src reads the new node instead)."""
+        with self.replace_scope(self.node(dst)["scope"]):
+            new = self.add(op, [src], **attrs)
+        args = self.nx.edges[src, dst]["args"]
+        self.nx.remove_edge(src, dst)
+        self.nx.add_edge(new, dst, args=list(args))
+        node = self.node(dst)
+        node["inputs"] = tuple(new if i == src else i for i in node["inputs"])
+        return new
+
     # ----- inspection ---------------------------------------------------------
     def node(self, nid: int) -> dict:
         return self.nx.nodes[nid]

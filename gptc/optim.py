@@ -20,13 +20,18 @@ def decays(train: TrainSpec, shape: tuple[int, ...]) -> bool:
     return {"all": True, "none": False, "matrices": len(shape) >= 2}[train.decay] and train.weight_decay > 0
 
 
-def add_training(graph: Graph, loss: Tensor, train: TrainSpec) -> None:
-    """Append backward, clipping and AdamW to `graph`: outputs "loss" and "grad_norm";
-    updates every param and its moments "m.<name>" and "v.<name>"."""
+def add_training(graph: Graph, loss: Tensor, train: TrainSpec, expose_gradients: bool = False) -> None:
+    """Append backward, clipping and AdamW to `graph`: outputs "loss" and "grad_norm"
+    (and "grad.<name>" of every param with expose_gradients, for tests); updates every
+    param and its moments "m.<name>" and "v.<name>"."""
     names = list(graph.params)
     params = [Tensor(graph, graph.params[n]) for n in names]
     grads = gradients(loss, params)
     graph.output("loss", loss)
+    if expose_gradients:
+        for name, g in zip(names, grads):
+            if g is not None:
+                graph.output(f"grad.{name}", g)
     with graph.scope("optimizer"):
         lr = graph.input("lr", ())
         step = graph.input("step", ())

@@ -12,7 +12,8 @@ from gptc.spec import Spec, SpecError, validate
 MODES = ("train", "eval", "infer")
 
 
-def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None) -> Graph:
+def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
+                expose_gradients: bool = False) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
     eval:  inputs tokens, targets -> loss;
@@ -34,7 +35,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode == "eval":
         g.output("loss", loss)
     else:
-        add_training(g, loss, spec.train)
+        add_training(g, loss, spec.train, expose_gradients)
     g.prune()
     return g
 

@@ -46,6 +46,11 @@ _unary("rsqrt", lambda x: 1.0 / np.sqrt(x), lambda a, y, g, x: [g * -0.5 * y * y
 _unary("sin", np.sin, lambda a, y, g, x: [g * x.cos()], "sinf({0})")
 _unary("cos", np.cos, lambda a, y, g, x: [-(g * x.sin())], "cosf({0})")
 
+# Identity: the planner inserts it where a view must be laid out in memory (a matmul
+# operand that is not a strided view of a buffer).
+register(OpDef("copy", ELEMENTWISE, infer=lambda ts, a: ts[0], reference=lambda xs, a, t, fd: xs[0].copy(),
+               vjp=lambda a, y, g, x: [g], c_expr="{0}"))
+
 _binary("add", np.add, lambda a, y, g, x0, x1: [g, g], "({0} + {1})")
 _binary("sub", np.subtract, lambda a, y, g, x0, x1: [g, -g], "({0} - {1})")
 _binary("mul", np.multiply, lambda a, y, g, x0, x1: [g * x1, g * x0], "({0} * {1})")

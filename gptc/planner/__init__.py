@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+from gptc.codegen.indexing import strided
 from gptc.ir import Graph
+from gptc.ops import OPS
+from gptc.ops.registry import VIEW
 from gptc.planner.fusion import fuse_graph
 from gptc.planner.schedule import Buffer, KernelPlan, Plan, schedule
 
@@ -12,7 +15,25 @@ __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
 
 def make_plan(graph: Graph, fuse: bool = True) -> Plan:
     """Fused (fuse=True) or unfused (one kernel per compute node) plan of `graph`."""
+    lay_out_matmul_operands(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)
+
+
+def lay_out_matmul_operands(graph: Graph) -> None:
+    """Matmul kernels read operands as strided views of a buffer. Where an operand's
+    views are not strided (a permute followed by a reshape that merges the permuted
+    axes), insert a `copy` node so the value is laid out in memory first."""
+    for nid in list(graph.nx.nodes):
+        if graph.op(nid) != "matmul":
+            continue
+        for operand in set(graph.inputs_of(nid)):
+            chain, base = [], operand
+            while OPS[graph.op(base)].kind == VIEW:
+                (src,) = graph.inputs_of(base)
+                chain.append((graph.op(base), graph.node(base)["attrs"], graph.type(src).shape, graph.type(base).shape))
+                base = src
+            if chain and strided(chain[::-1], graph.type(base).shape) is None:
+                graph.insert_between(operand, nid, "copy")
 
 
 def fusion_report(fused: Plan, unfused: Plan) -> str:

@@ -1,0 +1,275 @@
+"""Kernel sources: one rendered template per planned kernel, with its launch shape.
+
+Block sizes and tiles are chosen here, per target and shape; the templates in
+templates/ read them. Rendering is deterministic: the same plan and target give
+byte-identical sources."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from gptc.codegen.emit import C_TYPE, STORAGE_TYPE, Emitter
+from gptc.codegen.indexing import ceil_div, strided, unravel
+from gptc.codegen.target import Target
+from gptc.ops import OPS
+from gptc.ops.registry import VIEW
+from gptc.planner.schedule import KernelPlan, Plan
+
+POINTWISE_THREADS = 256
+MAX_GRID = 65535 * 32
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A rendered kernel and how to launch it.
+
+    `source` is what a person reads (kernels/<name>.hip): it names the graph nodes on
+    every line. `code` is what the compiler gets: the same code without comments, its
+    entry point `symbol` named by a hash of that code, so kernels that differ only in
+    the graph nodes they came from (the same layer, repeated) compile once. `args` are
+    the node ids of the buffers passed, in parameter order."""
+    name: str
+    family: str
+    source: str
+    code: str
+    symbol: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[int, ...]
+    zero_init: tuple[int, ...]
+    origin: str          # the graph nodes it computes, for error messages
+
+
+def templates_dir() -> Path:
+    """templates/ of a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent.parent / "templates", here.parent / "templates"):
+        if (candidate / "prelude.h").is_file():
+            return candidate
+    raise FileNotFoundError("gptc's templates/ folder is missing from this installation")
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=False, lstrip_blocks=False)
+
+
+@functools.lru_cache(maxsize=1)
+def prelude() -> str:
+    return (templates_dir() / "prelude.h").read_text()
+
+
+def _index_type(plan: Plan, kernel: KernelPlan) -> str:
+    g = plan.graph
+    sizes = [g.type(n).size for n in kernel.nodes + kernel.reads]
+    sizes += [g.type(i).size for n in kernel.nodes for i in g.inputs_of(n)]
+    return "long long" if max(sizes, default=0) >= 2**31 - 1 else "int"
+
+
+def _unravel_lines(var: str, prefix: str, shape: tuple[int, ...]) -> tuple[list[str], tuple[str, ...]]:
+    index = unravel(var, shape)
+    names = tuple(f"{prefix}{k}" for k in range(len(shape)))
+    lines = [f"const idx_t {nm} = {e};" for nm, e in zip(names, index)]
+    return lines, names
+
+
+def _store_lines(em: Emitter, roots: list[int], index_of) -> list[str]:
+    lines = []
+    for r in roots:
+        idx = index_of(r)
+        v = em.value(r, idx)
+        lines.append(em.store(r, idx, v))
+    return lines
+
+
+def _grid_1d(count: int, threads: int) -> tuple[int, int, int]:
+    return (max(1, min(ceil_div(count, threads), MAX_GRID)), 1, 1)
+
+
+def render_kernel(plan: Plan, kernel: KernelPlan, target: Target) -> KernelSource:
+    g = plan.graph
+    family = kernel.family
+    ctx: dict = {}
+    if family in ("pointwise", "scatter"):
+        em = Emitter(plan, kernel.nodes)
+        shape = g.type(kernel.roots[0]).shape if family == "pointwise" else g.type(g.inputs_of(kernel.anchor)[1]).shape
+        count = max(1, _size(shape))
+        unravel_lines, idx = _unravel_lines("i", "i", shape)
+        if family == "pointwise":
+            body = _store_lines(em, kernel.roots, lambda r: idx)
+        else:
+            ids, updates = g.inputs_of(kernel.anchor)
+            width = shape[-1]
+            row = em.value(ids, idx[:-1])
+            value = em.value(updates, idx)
+            body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[(idx_t){row} * {width} + {idx[-1]}], {value});"]
+        body = em.take() + body if family == "pointwise" else body
+        threads = POINTWISE_THREADS
+        ctx.update(count=count, unravel=unravel_lines, body=body)
+        grid, block = _grid_1d(count, threads), (threads, 1, 1)
+    elif family == "row":
+        grid, block, em = _row(plan, kernel, target, ctx)
+    elif family == "reduce":
+        grid, block, em = _reduce(plan, kernel, target, ctx)
+    elif family == "matmul":
+        grid, block, em = _matmul(plan, kernel, target, ctx)
+    else:
+        raise AssertionError(family)
+
+    args = tuple(em.args)  # in parameter order
+    params = ", ".join(f"{STORAGE_TYPE[plan.buffer_of(a).dtype]}* {em.args[a]}" for a in args)
+    node_lines = [("* " if n in kernel.roots else "  ") + g.describe(n) for n in kernel.nodes]
+    node_lines += [f"{em.args[a]} = buffer of %{a} ({plan.buffer_of(a).role or plan.buffer_of(a).name})" for a in args]
+    template = _environment().get_template("kernel.hip.j2")
+    common = dict(family=family, target=target, index_type=_index_type(plan, kernel),
+                  needs_reduce_helpers=family in ("row", "reduce"), block_threads=block[0], params=params, **ctx)
+    code = _strip_comments(template.render(prelude="", name="KERNEL_SYMBOL", title="", node_lines=[], **common))
+    symbol = f"gptc_{family}_{hashlib.sha256(code.encode()).hexdigest()[:12]}"
+    code = prelude() + code.replace("KERNEL_SYMBOL", symbol)
+    source = template.render(prelude=prelude(), name=symbol, title=kernel.name, node_lines=node_lines, **common)
+    origin = f"{kernel.name}: " + "; ".join(g.describe(n) for n in kernel.nodes[:8]) + (" ..." if len(kernel.nodes) > 8 else "")
+    return KernelSource(kernel.name, family, source, code, symbol, grid, block, args, tuple(kernel.zero_init), origin)
+
+
+def _strip_comments(text: str) -> str:
+    """Drop // comments (generated code has no string literals) and blank lines."""
+    lines = (re.sub(r"\s*//.*$", "", line) for line in text.splitlines())
+    return "\n".join(line for line in lines if line.strip()) + "\n"
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
+    g = plan.graph
+    reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
+    space = g.type(g.inputs_of(reduces[0])[0]).shape
+    lead, row_len = space[:-1], space[-1]
+    rows = max(1, _size(lead))
+    wave = target.wavefront
+    tpr = wave if row_len <= 1024 else 256
+    rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
+    special = {r: f"r{r}" for r in reduces}
+    em = Emitter(plan, kernel.nodes, special)
+    unravel_lines, lead_idx = _unravel_lines("row", "l", lead)
+    full_idx = lead_idx + ("j",)
+    row_idx = lead_idx + ("0",)
+    stages = []
+    for r in reduces:
+        em.begin_block()
+        del em.special[r]  # not yet computed while its own stage runs
+        v = em.value(g.inputs_of(r)[0], full_idx)
+        is_max = g.op(r) == "max"
+        stages.append(dict(var=f"r{r}", node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
+                           init="-INFINITY" if is_max else "0.0f",
+                           combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}"))
+        em.special[r] = f"r{r}"
+    reduced_shape = lead + (1,)
+    em.begin_block()
+    row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)
+    row_body = em.take() + row_body
+    em.begin_block()
+    full_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == space], lambda r: full_idx)
+    full_body = em.take() + full_body
+    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, unravel=unravel_lines,
+               stages=stages, row_body=row_body, full_body=full_body)
+    return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
+
+
+def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
+    g = plan.graph
+    r = kernel.anchor
+    attrs = g.node(r)["attrs"]
+    (src,) = g.inputs_of(r)
+    in_shape = g.type(src).shape
+    axes = attrs["axes"]
+    kept = [a for a in range(len(in_shape)) if a not in axes]
+    out_shape = tuple(in_shape[a] for a in kept)
+    outputs, reduced = max(1, _size(out_shape)), max(1, _size(tuple(in_shape[a] for a in axes)))
+    leading = axes == tuple(range(len(axes)))
+    thread_per_output = leading and outputs >= 2048
+    em = Emitter(plan, kernel.nodes, {r: "acc"})
+    unravel_out, out_idx = _unravel_lines("o", "o", out_shape)
+    em.begin_block()
+    red_lines, red_idx = _unravel_lines("r", "q", tuple(in_shape[a] for a in axes))
+    full = [""] * len(in_shape)
+    for a, e in zip(kept, out_idx):
+        full[a] = e
+    for a, e in zip(axes, red_idx):
+        full[a] = e
+    v = em.value(src, tuple(full))
+    is_max = g.op(r) == "max"
+    body = red_lines + em.take()
+    em.begin_block()
+    r_shape = g.type(r).shape
+    store_idx = tuple(full[a] if a in kept else "0" for a in range(len(in_shape))) if attrs["keepdims"] else out_idx
+    store = [em.store(r, store_idx if r_shape else (), "acc")]
+    threads = 256
+    ctx.update(thread_per_output=thread_per_output, outputs=outputs, reduced=reduced, unravel_out=unravel_out,
+               init="-INFINITY" if is_max else "0.0f", combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}",
+               body=body, store=store, is_max="true" if is_max else "false")
+    grid = (ceil_div(outputs, threads), 1, 1) if thread_per_output else (outputs, 1, 1)
+    return grid, (threads, 1, 1), em
+
+
+def _operand_layout(plan: Plan, nid: int):
+    """(buffer node, offset, strides) of a matmul operand read through views."""
+    g = plan.graph
+    chain = []
+    while OPS[g.op(nid)].kind == VIEW:
+        (src,) = g.inputs_of(nid)
+        chain.append((g.op(nid), g.node(nid)["attrs"], g.type(src).shape, g.type(nid).shape))
+        nid = src
+    layout = strided(chain[::-1], g.type(nid).shape)
+    if layout is None:
+        raise AssertionError(f"matmul operand %{nid} is not a strided view (the planner should have copied it)")
+    return nid, layout[0], layout[1]
+
+
+def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
+    g = plan.graph
+    mm = kernel.anchor
+    a_in, b_in = g.inputs_of(mm)
+    out_shape = g.type(mm).shape
+    batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
+    k = g.type(a_in).shape[-1]
+    a_buf, a_off, a_strides = _operand_layout(plan, a_in)
+    b_buf, b_off, b_strides = _operand_layout(plan, b_in)
+    em = Emitter(plan, kernel.nodes, {mm: "acc"})
+    a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
+    # Batch offsets of A and B from the batch index (blockIdx.z).
+    batch_lines, batch_idx = _unravel_lines("batch", "z", batch_shape)
+    a_terms = [str(a_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, a_strides[:-2]) if s]
+    b_terms = [str(b_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, b_strides[:-2]) if s]
+    batch_lines += [f"const idx_t a_base = {' + '.join(a_terms)};", f"const idx_t b_base = {' + '.join(b_terms)};"]
+    em.begin_block()
+    body = []
+    for r in kernel.roots:
+        lines, idx = _unravel_lines("i_lin", f"e{r}_", g.type(r).shape)
+        body += lines
+        v = em.value(r, idx)
+        body += em.take() + [em.store(r, idx, v)]
+    bm = bn = 64
+    bk, threads = 16, 256
+    tx_count = ty_count = 16
+    ctx.update(m=m, n=n, k=k, batch=max(1, _size(batch_shape)), bm=bm, bn=bn, bk=bk, tm=bm // ty_count,
+               tn=bn // tx_count, tx_count=tx_count, ty_count=ty_count, batch_lines=batch_lines,
+               a_ptr=a_ptr, b_ptr=b_ptr, a_sm=a_strides[-2], a_sk=a_strides[-1], b_sk=b_strides[-2],
+               b_sn=b_strides[-1], a_k_contiguous=a_strides[-1] == 1, b_n_contiguous=b_strides[-1] == 1, body=body)
+    grid = (ceil_div(n, bn), ceil_div(m, bm), max(1, _size(batch_shape)))
+    return grid, (threads, 1, 1), em
+
+
+def render_plan(plan: Plan, target: Target) -> list[KernelSource]:
+    return [render_kernel(plan, k, target) for k in plan.kernels]

@@ -1,0 +1,163 @@
+"""On-disk cache of compiled code objects, shared by hiprtc and NVRTC.
+
+Key: sha256 over (format version, compiler name + version, arch, options, source),
+each field length-prefixed so that no two different tuples hash the same bytes.
+Location: ``$GPTC_CACHE_DIR``, default ``~/.cache/gptc/kernels``; one file per
+entry, ``<key[:2]>/<key>.co``. Set ``GPTC_CACHE_DIR=off`` to disable the cache.
+
+Entry layout: MAGIC (8 bytes) | sha256(payload) (32 bytes) | len(payload) (8 bytes,
+little endian) | payload. Entries are written to a temporary file in the same
+directory and moved into place with os.replace, so readers see either nothing or
+a whole entry, also when several processes compile the same kernel at once. An
+entry whose magic, length or checksum is wrong (truncated by a full disk, a crash
+of an older writer, bit rot) is deleted and reported as a miss: the caller
+recompiles; a bad entry is never returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+FORMAT_VERSION = 1
+MAGIC = b"GPTCCO1\n"
+_HEADER = struct.Struct("<8s32sQ")
+
+
+def default_cache_dir() -> Path | None:
+    """The cache directory from the environment; None when caching is turned off."""
+    env = os.environ.get("GPTC_CACHE_DIR")
+    if env is not None and env.strip().lower() in ("off", "0", "none", "disabled"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "gptc" / "kernels"
+
+
+def cache_key(source: str, arch: str, compiler: str, options: Sequence[str]) -> str:
+    """sha256 hex digest identifying one compilation."""
+    h = hashlib.sha256()
+    for field in (f"gptc-cache-v{FORMAT_VERSION}", compiler, arch, *options, "\0source\0", source):
+        data = field.encode("utf-8")
+        h.update(struct.pack("<Q", len(data)))
+        h.update(data)
+    return h.hexdigest()
+
+
+class KernelCache:
+    """A directory of code objects keyed by cache_key(). Thread- and process-safe."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / key[:2] / f"{key}.co"
+
+    def get(self, key: str) -> bytes | None:
+        """The payload stored under key, or None (missing, disabled, or corrupt: then deleted)."""
+        if self.root is None:
+            return None
+        p = self.path(key)
+        try:
+            blob = p.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except OSError as e:  # unreadable: treat as a miss, let put() try to replace it
+            warnings.warn(f"gptc kernel cache: cannot read {p}: {e}", RuntimeWarning, stacklevel=2)
+            self.misses += 1
+            return None
+        payload = _unpack(blob)
+        if payload is None:
+            self.corrupt += 1
+            self.misses += 1
+            warnings.warn(f"gptc kernel cache: corrupt entry {p} deleted; recompiling",
+                          RuntimeWarning, stacklevel=2)
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return None
+        self.hits += 1
+        return payload
+
+    def put(self, key: str, payload: bytes) -> None:
+        """Store payload atomically. Failures to write only warn: the cache is an optimisation."""
+        if self.root is None:
+            return
+        p = self.path(key)
+        tmp = None
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{key[:16]}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload)))
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+            tmp = None
+        except OSError as e:
+            warnings.warn(f"gptc kernel cache: cannot write {p}: {e}", RuntimeWarning, stacklevel=2)
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def get_or_compile(self, source: str, arch: str, compiler: str, options: Sequence[str],
+                       compile_fn: Callable[[], bytes]) -> bytes:
+        key = cache_key(source, arch, compiler, options)
+        code = self.get(key)
+        if code is None:
+            code = compile_fn()
+            self.put(key, code)
+        return code
+
+    def clear(self) -> int:
+        """Delete every entry; returns how many were removed."""
+        if self.root is None or not self.root.exists():
+            return 0
+        n = 0
+        for p in self.root.glob("*/*.co"):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+
+def _unpack(blob: bytes) -> bytes | None:
+    if len(blob) < _HEADER.size:
+        return None
+    magic, digest, length = _HEADER.unpack_from(blob)
+    payload = blob[_HEADER.size:]
+    if magic != MAGIC or length != len(payload) or hashlib.sha256(payload).digest() != digest:
+        return None
+    return payload
+
+
+_default_cache: KernelCache | None = None
+
+
+def default_cache() -> KernelCache:
+    """The process-wide cache at default_cache_dir(), re-read if GPTC_CACHE_DIR changes."""
+    global _default_cache
+    root = default_cache_dir()
+    if _default_cache is None or _default_cache.root != root:
+        _default_cache = KernelCache(root)
+    return _default_cache

@@ -1,0 +1,98 @@
+// ---- gptc prelude ------------------------------------------------------------
+// Pasted (textually, by the codegen) at the top of every generated kernel source.
+// Kernels are written in HIP C++ and compiled, from the same text, by hiprtc (AMD)
+// and NVRTC (NVIDIA). No system header is included: both compilers predefine the
+// device built-ins (threadIdx, __syncthreads, expf, atomicAdd, ...), and this file
+// adds the few names that differ. Kernel code uses only:
+//   - HIP warp shuffles  __shfl, __shfl_xor, __shfl_up, __shfl_down  (all lanes of
+//     the warp must be active: under NVRTC they become the *_sync forms, full mask);
+//   - __syncwarp()       (a wave barrier on AMD, where ROCm 5.2 lacks it);
+//   - WARP_SIZE          (compile-time; given by the codegen as -DWARP_SIZE=N, the
+//     target's wavefront: 64 on CDNA, 32 on RDNA and NVIDIA; `warpSize` is not a
+//     constant expression under NVRTC);
+//   - GPTC_LAUNCH_BOUNDS(threads)  (one-argument __launch_bounds__: the second
+//     argument means different things on HIP and CUDA, so it is not used);
+//   - bf16 with bf16_to_float / float_to_bf16 (round to nearest even), our own
+//     16-bit struct, identical on both compilers;
+//   - int8_t ... uint64_t, INFINITY, NAN;
+//   - float math built-ins with the same names on both (expf, __expf, logf, tanhf,
+//     rsqrtf, sqrtf, fmaxf, erff, __fdividef, __int_as_float, __float_as_uint ...).
+// GPTC_HIP / GPTC_CUDA tell which compiler reads the file, when a template must know.
+
+#if defined(__HIPCC_RTC__) || defined(__HIP__)
+#define GPTC_HIP 1
+#define GPTC_CUDA 0
+#elif defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#define GPTC_HIP 0
+#define GPTC_CUDA 1
+#else
+#error "gptc kernels are compiled by hiprtc or NVRTC"
+#endif
+
+#ifndef WARP_SIZE
+#error "WARP_SIZE must be defined by the codegen (-DWARP_SIZE=64 on CDNA, 32 on RDNA and NVIDIA)"
+#endif
+#if GPTC_HIP && defined(__AMDGCN_WAVEFRONT_SIZE) && __AMDGCN_WAVEFRONT_SIZE != WARP_SIZE
+#error "WARP_SIZE does not match the wavefront size of the arch being compiled"
+#endif
+#if GPTC_CUDA && WARP_SIZE != 32
+#error "WARP_SIZE must be 32 on NVIDIA"
+#endif
+
+#define GPTC_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+
+// Fixed-width integers. hiprtc predefines them (64-bit ones as long long); NVRTC
+// does not. Both targets are LP64, so long long is 64 bits on both.
+#if GPTC_CUDA
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#endif
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+
+// Warp-level primitives: HIP names, mapped to CUDA's *_sync forms with a full mask.
+#if GPTC_CUDA
+#define GPTC_FULL_MASK 0xffffffffu
+template <typename T> __device__ __forceinline__ T gptc_shfl(T v, int src, int width = WARP_SIZE) { return __shfl_sync(GPTC_FULL_MASK, v, src, width); }
+template <typename T> __device__ __forceinline__ T gptc_shfl_xor(T v, int mask, int width = WARP_SIZE) { return __shfl_xor_sync(GPTC_FULL_MASK, v, mask, width); }
+template <typename T> __device__ __forceinline__ T gptc_shfl_up(T v, unsigned int d, int width = WARP_SIZE) { return __shfl_up_sync(GPTC_FULL_MASK, v, d, width); }
+template <typename T> __device__ __forceinline__ T gptc_shfl_down(T v, unsigned int d, int width = WARP_SIZE) { return __shfl_down_sync(GPTC_FULL_MASK, v, d, width); }
+#define __shfl gptc_shfl
+#define __shfl_xor gptc_shfl_xor
+#define __shfl_up gptc_shfl_up
+#define __shfl_down gptc_shfl_down
+#else
+// A wavefront executes in lock step; the barrier only orders memory within it.
+#define __syncwarp(...) __builtin_amdgcn_wave_barrier()
+#endif
+
+// bfloat16: the high half of an IEEE float. Conversion by bit operations only, so
+// no vendor header is needed and both compilers produce the same bits.
+struct bf16 {
+  unsigned short bits;
+};
+__device__ __forceinline__ float bf16_to_float(bf16 x) {
+  return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+__device__ __forceinline__ bf16 float_to_bf16(float f) {
+  unsigned int u = __float_as_uint(f);
+  bf16 r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r.bits = (unsigned short)((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
+  } else {
+    r.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // nearest even
+  }
+  return r;
+}
+// ---- end of gptc prelude -----------------------------------------------------
