@@ -22,9 +22,16 @@ def _spec_from_args(args: argparse.Namespace) -> Spec:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from gptc.train import train
-    if args.data is None:
-        raise GptcError("give a text file to train on with --data FILE")
     train(_spec_from_args(args), args.data, device=args.device, out_dir=args.out)
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from gptc.models import build_graph
+    from gptc.planner import fusion_report, make_plan
+    spec = _spec_from_args(args)
+    graph = build_graph(spec, args.mode)
+    print(f"{args.mode} graph of {args.spec or args.preset or 'hipgpt'}: {len(graph)} nodes, batch {spec.train.batch_size}")
+    print(fusion_report(make_plan(graph, True), make_plan(graph, False)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a text file")
     p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
     p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
-    p.add_argument("--data", help="a UTF-8 text file to train on")
+    p.add_argument("--data", help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
     p.add_argument("--steps", type=int, help="number of optimizer steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"], help="where to train")
     p.add_argument("--out", help="run directory for the spec and metrics")
     p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
+    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.set_defaults(run=_cmd_plan)
     return parser
 
 

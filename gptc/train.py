@@ -20,15 +20,21 @@ def byte_tokens(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
 
-def train(spec: Spec, data_path: str, device: str = "cpu", out_dir: str | None = None,
+def train(spec: Spec, data_path: str | None = None, device: str = "cpu", out_dir: str | None = None,
           log: Callable[[str], None] = print) -> list[float]:
-    """Train `spec` on the text file at `data_path`; return the loss of every step."""
+    """Train `spec` on the text file at `data_path` (default: the bundled corpus);
+    return the loss of every step."""
     if device not in ("cpu", "auto"):
         raise GptcError(f"device '{device}' is not available yet; use --device cpu")
     m, t = spec.model, spec.train
     if m.vocab_size < 256:
         raise GptcError(f"byte-level tokens need model.vocab_size >= 256, got {m.vocab_size}")
-    tokens = byte_tokens(read_corpus(data_path))
+    if data_path is None:
+        from gptc.corpus import default_corpus_text
+        text = default_corpus_text()
+    else:
+        text = read_corpus(data_path)
+    tokens = byte_tokens(text)
     train_tokens, _ = split(tokens)
     batches = Batches(train_tokens, t.batch_size, m.seq_len, t.seed, name="training split")
 

@@ -231,6 +231,9 @@ case("cast-f32-f64-f32", {"x": normal(3, 4)})(lambda g, t: t["x"].cast("f64").ex
 case("cast-f64-input", {"x": (normal(2, 3), "f64"), "y": normal(2, 3)})(
     lambda g, t: t["x"].cast("f32") * t["y"] + t["y"].cast("f64").tanh().cast("f32"))
 # Through an integer the gradient stops.
+case("copy-of-view", {"x": normal(3, 4, 5)})(
+    lambda g, t: t["x"].permute(1, 0, 2)._new("copy", [t["x"].permute(1, 0, 2)]).reshape(4, 15).tanh())
+
 case("cast-i32", {"x": grid(2, 3, offset=0.5), "y": normal(2, 3)}, no_grad=("x",))(
     lambda g, t: t["x"].cast("i32").cast("f32") * t["y"])
 

@@ -3,7 +3,8 @@
 Key: sha256 over (format version, compiler name + version, arch, options, source),
 each field length-prefixed so that no two different tuples hash the same bytes.
 Location: ``$GPTC_CACHE_DIR``, default ``~/.cache/gptc/kernels``; one file per
-entry, ``<key[:2]>/<key>.co``. Set ``GPTC_CACHE_DIR=off`` to disable the cache.
+entry, ``<key[:2]>/<key>.co``. Set ``GPTC_CACHE_DIR=off`` (or pass KernelCache(None))
+to disable the cache.
 
 Entry layout: MAGIC (8 bytes) | sha256(payload) (32 bytes) | len(payload) (8 bytes,
 little endian) | payload. Entries are written to a temporary file in the same
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 FORMAT_VERSION = 1
 MAGIC = b"GPTCCO1\n"
 _HEADER = struct.Struct("<8s32sQ")
+DEFAULT = object()  # KernelCache(root=DEFAULT): the directory default_cache_dir() names
 
 
 def default_cache_dir() -> Path | None:
@@ -51,8 +53,11 @@ def cache_key(source: str, arch: str, compiler: str, options: Sequence[str]) -> 
 class KernelCache:
     """A directory of code objects keyed by cache_key(). Thread- and process-safe."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+    def __init__(self, root: str | os.PathLike | None | object = DEFAULT):
+        """root: a directory; DEFAULT: default_cache_dir(); None: caching off."""
+        if root is DEFAULT:
+            root = default_cache_dir()
+        self.root = Path(root).expanduser() if root is not None else None  # type: ignore[arg-type]
         self.hits = 0
         self.misses = 0
         self.corrupt = 0

@@ -24,6 +24,7 @@ from gptc.runtime.device import (INSTALL_HINT, CompileError, Device, DriverError
                                  target_for)
 
 COMPILER = "nvrtc"
+THREAD_SAFE = True  # NVRTC: concurrent calls on distinct programs are safe
 DEFAULT_SHARED_LIMIT = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
 
 

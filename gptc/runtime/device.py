@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from gptc.codegen.target import KNOWN_TARGETS, Target, parse_target
-from gptc.runtime.cache import KernelCache, default_cache
+from gptc.runtime.cache import KernelCache, cache_key, default_cache
 
 INSTALL_HINT = "run .ci/install-compilers.sh (it installs hiprtc, NVRTC and their Python bindings)"
 
@@ -76,6 +76,14 @@ class CompileError(RuntimeError):
             lines.append("--- source lines named in the log ---")
             lines.append(excerpt)
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # keyword-only fields: pickle them (compile_many's workers raise these)
+        return (_rebuild_compile_error, (self.name, self.log, dict(
+            origin=self.origin, compiler=self.compiler, arch=self.arch, options=self.options, source=self.source)))
+
+
+def _rebuild_compile_error(name: str, log: str, kw: dict) -> CompileError:
+    return CompileError(name, log, **kw)
 
 
 def _source_excerpt(source: str, log: str, limit: int = 6) -> str:
@@ -324,6 +332,9 @@ def compile_for_target(source: str, name: str, target: Target | str, options: Se
         lambda: backend.compile_source(source, name, target.arch, opts, origin))
 
 
+MIN_KERNELS_PER_PROCESS = 8
+
+
 @dataclass(frozen=True)
 class KernelSource:
     source: str
@@ -337,26 +348,57 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
     """Compile many kernels for one target in parallel, in the order given. No GPU needed.
 
     items: KernelSource or (source, name[, options[, origin]]) tuples.
-    Threads: both hiprtc and NVRTC bindings release the GIL while compiling, and
-    were measured to scale across cores (8 kernels on 2 cores: hiprtc 1.26 s -> 0.65 s,
-    NVRTC 0.43 s -> 0.27 s), so no process pool is needed. The first error raises its
-    CompileError after the other kernels finished."""
+    Cache hits are read here; only misses are compiled, on `jobs` workers (default:
+    one per core). Both bindings release the GIL, and threads scale (8 kernels on 2
+    cores: NVRTC 0.43 s -> 0.27 s, hiprtc 1.26 s -> 0.65 s), but hiprtc 5.2 is not
+    thread-safe (concurrent compiles abort or segfault the process), so NVRTC compiles
+    on threads and hiprtc in spawned worker processes. A worker costs ~0.5 s to start
+    (import, hiprtc's first compile) against ~0.2 s a kernel, so hiprtc uses one worker
+    per MIN_KERNELS_PER_PROCESS misses and compiles in-process below that. Spawned
+    workers re-import the caller's main module: scripts calling this need the usual
+    `if __name__ == "__main__":` guard.
+    The first failure raises its CompileError once all kernels have finished."""
     target = _as_target(target)
     ks = [it if isinstance(it, KernelSource) else KernelSource(it[0], it[1], tuple(it[2]) if len(it) > 2 else (),
                                                                 *it[3:4]) for it in items]
     cache = default_cache() if cache is None else cache
-    _backend(target.vendor).validate_arch(target.arch)
-    jobs = jobs or min(len(ks), os.cpu_count() or 1) or 1
+    backend = _backend(target.vendor)
+    backend.validate_arch(target.arch)
+    compiler = backend.compiler_id()
+    results: list[bytes | None] = [
+        cache.get(cache_key(k.source, target.arch, compiler, full_options(target, k.options))) for k in ks]
+    misses = [i for i, r in enumerate(results) if r is None]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(misses)))
+    if not backend.THREAD_SAFE:  # a worker process must have enough kernels to pay for its start
+        jobs = max(1, min(jobs, len(misses) // MIN_KERNELS_PER_PROCESS))
 
-    def one(k: KernelSource) -> bytes:
-        return compile_for_target(k.source, k.name, target, k.options, k.origin, cache)
+    if jobs == 1:
+        for i in misses:
+            k = ks[i]
+            results[i] = compile_for_target(k.source, k.name, target, k.options, k.origin, cache)
+        return results  # type: ignore[return-value]
 
-    if jobs == 1 or len(ks) <= 1:
-        return [one(k) for k in ks]
-    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="gptc-compile") as ex:
-        futures = [ex.submit(one, k) for k in ks]
-        concurrent.futures.wait(futures)
-        return [f.result() for f in futures]
+    if backend.THREAD_SAFE:
+        pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(
+            jobs, thread_name_prefix="gptc-compile")
+        submit = lambda k: pool.submit(compile_for_target, k.source, k.name, target, k.options, k.origin, cache)  # noqa: E731
+    else:
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        root = None if cache.root is None else str(cache.root)
+        submit = lambda k: pool.submit(_compile_in_worker, k, target.to_dict(), root)  # noqa: E731
+    with pool:
+        futures = {i: submit(ks[i]) for i in misses}
+        concurrent.futures.wait(futures.values())
+    for i, f in futures.items():
+        results[i] = f.result()  # raises the first failure in order
+    return results  # type: ignore[return-value]
+
+
+def _compile_in_worker(k: KernelSource, target: dict, cache_root: str | None) -> bytes:
+    """compile_many's worker process: compiles one kernel, stores it in the shared cache."""
+    return compile_for_target(k.source, k.name, Target(**target), k.options, k.origin, KernelCache(cache_root))
 
 
 def compiler_available(vendor: str) -> tuple[bool, str]:

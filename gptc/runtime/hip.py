@@ -34,6 +34,7 @@ from gptc.runtime.device import (INSTALL_HINT, CompileError, Device, DriverError
                                  target_for)
 
 COMPILER = "hiprtc"
+THREAD_SAFE = False  # hiprtc 5.2: concurrent compiles in one process abort or segfault
 BRIDGE_DIR = Path(os.environ.get("GPTC_ROCM_BRIDGE", "~/.cache/gptc/rocm-bridge")).expanduser()
 
 # Archs hiprtc can compile for, by the ROCm release that provides it. A ROCm release
@@ -58,6 +59,7 @@ def _default_rocm_path() -> None:
 
 
 _load_lock = threading.Lock()
+_compile_lock = threading.Lock()
 _loaded: tuple | None = None
 
 
@@ -156,6 +158,11 @@ def validate_arch(arch: str) -> None:
 
 def compile_source(source: str, name: str, arch: str, options: Sequence[str], origin: str = "") -> bytes:
     """Compile with hiprtc to an AMDGPU code object (ELF). Uncached: use compile_for_target."""
+    with _compile_lock:  # hiprtc 5.2 is not thread-safe: concurrent compiles abort or segfault
+        return _compile_locked(source, name, arch, options, origin)
+
+
+def _compile_locked(source: str, name: str, arch: str, options: Sequence[str], origin: str) -> bytes:
     _, hiprtc = _bindings()
     opts = [f"--offload-arch={arch}", "-O3", *options]
     prog = _check_rtc(_hiprtc_call(hiprtc.hiprtcCreateProgram, source.encode(), f"{name}.hip".encode(), 0, [], []),
