@@ -2,4 +2,5 @@ import sys
 
 from gptc.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # kernel compile workers re-import this module
+    sys.exit(main())

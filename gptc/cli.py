@@ -34,6 +34,32 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(fusion_report(make_plan(graph, True), make_plan(graph, False)))
 
 
+def _cmd_compile(args: argparse.Namespace) -> None:
+    from gptc.bundle import compile_bundle
+    from gptc.codegen.target import UnknownTargetError, parse_target
+    spec = _spec_from_args(args)
+    if args.seq_len is not None:
+        spec = validate(replace(spec, model=replace(spec.model, seq_len=args.seq_len)))
+    if args.target == "auto":
+        from gptc.session import resolve_device
+        device = resolve_device("auto")
+        if device is None:
+            raise GptcError("no GPU here to take the target from; name one with --target (e.g. cuda:sm_90, hip:gfx90a)")
+        target = device.target
+    else:
+        try:
+            target = parse_target(args.target)
+        except UnknownTargetError as e:
+            raise GptcError(str(e)) from None
+    print(f"compiling {args.spec or args.preset or 'hipgpt'} for {target.name} ({'fused' if not args.no_fuse else 'unfused'})")
+    compile_bundle(spec, args.output, target, fuse=not args.no_fuse)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from gptc.inspect import inspect_bundle
+    inspect_bundle(args.bundle, args.step, args.dot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptc", description="Compile GPT models into fused GPU kernels, train and sample.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"], help="where to train")
     p.add_argument("--out", help="run directory for the spec and metrics")
     p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("compile", help="compile a model into a kernel bundle")
+    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("-o", "--output", required=True, help="the bundle directory to write")
+    p.add_argument("--target", default="auto", help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
+    p.add_argument("--no-fuse", action="store_true", help="one kernel per primitive op (the benchmark baseline)")
+    p.add_argument("--batch", type=int, help="sequences per training step")
+    p.add_argument("--seq-len", type=int, help="context length")
+    p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
+    p.add_argument("bundle", help="a bundle directory (from gptc compile)")
+    p.add_argument("--step", default="train", choices=["train", "eval", "prefill", "decode"], help="which step")
+    p.add_argument("--dot", help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
+    p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
     p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")

@@ -1,22 +1,80 @@
-"""Running a plan on a GPU: arenas, buffers, launches, graph capture and replay."""
+"""Running compiled plans on a GPU: arenas, buffers, launches, graph capture and replay.
+
+The executor works from a plan *table*: plain, JSON-serialisable data (buffers with
+arena offsets, named inputs/outputs/params/states, and the launch list) that a bundle's
+manifest stores, so loading a bundle never re-plans. Several tables (the training step,
+evaluation, prefill and decode of one model) share one persistent arena (params,
+optimizer state, KV cache) and one activation arena, since they never run at once."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from gptc.codegen.kernels import KernelSource, render_plan
 from gptc.codegen.target import Target
+from gptc.ops.numeric import round_to_bf16
 from gptc.planner.schedule import Plan
 from gptc.runtime.device import Device, compile_many, ptr
 
-HOST_DTYPE = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "f64": np.float64}
+HOST_DTYPE = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "f64": np.float64, "bf16": np.uint16}
+ARENAS = ("persistent", "activations", "io")
+
+
+def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
+    """The data an executor needs to run `plan`, by buffer name."""
+    g = plan.graph
+    buffers = {}
+    for buf in {b.name: b for b in plan.buffers.values()}.values():
+        buffers[buf.name] = {"dtype": buf.dtype, "shape": list(buf.shape), "nbytes": buf.nbytes,
+                             "arena": buf.arena, "offset": buf.offset, "role": buf.role}
+    name_of = lambda nid: plan.buffer_of(nid).name  # noqa: E731
+    launches = []
+    for k, planned in zip(kernels, plan.kernels):
+        scopes = sorted({g.node(n)["scope"] or "-" for n in planned.nodes})
+        launches.append({"kernel": k.name, "family": k.family, "symbol": k.symbol, "grid": list(k.grid),
+                         "block": list(k.block), "args": [name_of(a) for a in k.args],
+                         "clear": [name_of(n) for n in k.zero_init], "nodes": len(planned.nodes),
+                         "reads": sorted({name_of(n) for n in planned.reads}),
+                         "writes": sorted({name_of(n) for n in planned.roots}),
+                         "scopes": ", ".join(scopes)})
+    return {
+        "arena_bytes": dict(plan.arena_bytes),
+        "buffers": buffers,
+        "inputs": {n: name_of(i) for n, i in sorted(g.inputs.items())},
+        "outputs": {n: name_of(i) for n, i in sorted(g.outputs.items())},
+        "persistent": {n: name_of(i) for n, i in sorted({**g.params, **g.states}.items())},
+        "params": sorted(g.params),
+        "launches": launches,
+    }
+
+
+def share_persistent(tables: Sequence[dict]) -> None:
+    """Give every table the same persistent layout (by param/state name, over the
+    union of their names) and the same arena sizes, so they can share arenas."""
+    layout: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for t in tables:
+        for name, buf in sorted(t["persistent"].items()):
+            nbytes = t["buffers"][buf]["nbytes"]
+            if name in layout:
+                if layout[name][1] != nbytes:
+                    raise ValueError(f"'{name}' has different sizes in two plans")
+                continue
+            layout[name] = (offset, nbytes)
+            offset += (nbytes + 255) // 256 * 256
+    for t in tables:
+        for name, buf in t["persistent"].items():
+            t["buffers"][buf]["offset"] = layout[name][0]
+        t["arena_bytes"]["persistent"] = offset
+    largest = max(t["arena_bytes"]["activations"] for t in tables)
+    for t in tables:
+        t["arena_bytes"]["activations"] = largest
 
 
 def to_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     """Host array in the layout of a device buffer of `dtype` (bf16: upper 16 bits)."""
     if dtype == "bf16":
-        from gptc.ops.numeric import round_to_bf16
         return (round_to_bf16(np.asarray(array, np.float32)).view(np.uint32) >> 16).astype(np.uint16)
     return np.ascontiguousarray(array, dtype=HOST_DTYPE[dtype])
 
@@ -27,50 +85,83 @@ def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw
 
 
+class Arenas:
+    """Device memory shared by the plans of one model: one persistent and one
+    activation arena; io buffers are per plan."""
+
+    def __init__(self, device: Device, tables: Sequence[dict]) -> None:
+        self.device = device
+        self.base = {}
+        for arena in ("persistent", "activations"):
+            size = max(max(t["arena_bytes"][arena] for t in tables), 256)
+            self.base[arena] = device.alloc(size)
+            if arena == "persistent":
+                device.memset(self.base[arena], 0, size)  # optimizer state and KV cache start at zero
+
+    def close(self) -> None:
+        for address in self.base.values():
+            self.device.free(address)
+        self.base = {}
+
+
 class GpuExecutor:
-    """Owns the device memory of one plan and runs its kernels in order. The first
-    run() records the launches into a device graph; later runs replay it."""
+    """Runs one plan table. `code` maps kernel symbols to code objects. `launch_step`,
+    when given, issues the launches (the generated executor.py's function for this
+    plan); otherwise they are issued in table order. The first launch() records them
+    into a device graph; later ones replay it."""
 
-    def __init__(self, plan: Plan, device: Device, kernels: Sequence[KernelSource], code: Sequence[bytes],
-                 params: Mapping[str, np.ndarray], use_graph: bool = True) -> None:
-        self.plan, self.device = plan, device
-        self.arenas = {name: device.alloc(max(size, 256)) for name, size in plan.arena_bytes.items()}
-        self.device.memset(self.arenas["persistent"], 0, max(plan.arena_bytes["persistent"], 256))
-        graph = plan.graph
-        for name, nid in graph.params.items():
-            self.upload(nid, params[name])
+    def __init__(self, table: dict, device: Device, code: Mapping[str, bytes], arenas: Arenas,
+                 use_graph: bool = True, launch_step: Callable[["GpuExecutor"], None] | None = None) -> None:
+        self.table, self.device, self.arenas = table, device, arenas
+        self.io_base = device.alloc(max(table["arena_bytes"]["io"], 256))
+        modules: dict[str, object] = {}
         self.launches = []
-        for k, obj in zip(kernels, code):
-            function = device.get_function(device.load_module(obj), k.symbol)
-            clears = [(self.address(n), plan.buffer_of(n).nbytes) for n in k.zero_init]
-            launch = device.prepare_launch(function, k.grid, k.block, 0, [ptr(self.address(a)) for a in k.args], name=k.name)
-            self.launches.append((clears, launch))
+        for entry in table["launches"]:
+            symbol = entry["symbol"]
+            if symbol not in modules:
+                modules[symbol] = device.get_function(device.load_module(code[symbol]), symbol)
+            args = [ptr(self.address(b)) for b in entry["args"]]
+            self.launches.append(device.prepare_launch(modules[symbol], tuple(entry["grid"]), tuple(entry["block"]), 0,
+                                                       args, name=entry["kernel"]))
+        self.clears = [[(self.address(b), table["buffers"][b]["nbytes"]) for b in entry["clear"]]
+                       for entry in table["launches"]]
         self.use_graph = use_graph
+        self.launch_step = launch_step
         self.captured = None
+        self.device_name = device.name
 
-    def address(self, nid: int) -> int:
-        buf = self.plan.buffer_of(nid)
-        return self.arenas[buf.arena] + buf.offset
+    # ----- memory -------------------------------------------------------------
+    def address(self, buffer: str) -> int:
+        buf = self.table["buffers"][buffer]
+        base = self.io_base if buf["arena"] == "io" else self.arenas.base[buf["arena"]]
+        return base + buf["offset"]
 
-    def upload(self, nid: int, array: np.ndarray) -> None:
-        buf = self.plan.buffer_of(nid)
-        host = to_storage(array, buf.dtype)
-        if host.shape != tuple(buf.shape) and host.size != int(np.prod(buf.shape)):
-            raise ValueError(f"{buf.role or buf.name}: got shape {host.shape}, the plan needs {buf.shape}")
-        self.device.upload(self.address(nid), host)
+    def upload(self, buffer: str, array: np.ndarray) -> None:
+        buf = self.table["buffers"][buffer]
+        host = to_storage(array, buf["dtype"])
+        if host.size != int(np.prod(buf["shape"])):
+            raise ValueError(f"{buf['role'] or buffer}: got shape {host.shape}, the plan needs {tuple(buf['shape'])}")
+        self.device.upload(self.address(buffer), host)
 
-    def download(self, nid: int) -> np.ndarray:
-        buf = self.plan.buffer_of(nid)
-        storage = np.uint16 if buf.dtype == "bf16" else HOST_DTYPE[buf.dtype]
-        raw = np.empty(buf.shape, dtype=storage)
-        self.device.download(self.address(nid), raw)
-        return from_storage(raw, buf.dtype).reshape(self.plan.graph.type(nid).shape)
+    def download(self, buffer: str) -> np.ndarray:
+        buf = self.table["buffers"][buffer]
+        raw = np.empty(buf["shape"], dtype=HOST_DTYPE[buf["dtype"]])
+        self.device.download(self.address(buffer), raw)
+        return from_storage(raw, buf["dtype"])
+
+    # ----- running ------------------------------------------------------------
+    def run_kernel(self, index: int) -> None:
+        """Launch kernel `index` of the table (clearing its scatter target first)."""
+        for address, nbytes in self.clears[index]:
+            self.device.memset(address, 0, nbytes)
+        self.launches[index].launch()
 
     def _launch_all(self) -> None:
-        for clears, launch in self.launches:
-            for address, nbytes in clears:
-                self.device.memset(address, 0, nbytes)
-            launch.launch()
+        if self.launch_step is not None:
+            self.launch_step(self)
+        else:
+            for i in range(len(self.launches)):
+                self.run_kernel(i)
 
     def launch(self) -> None:
         """Queue one execution of every kernel (graph replay after the first)."""
@@ -86,44 +177,60 @@ class GpuExecutor:
         self.device.replay(self.captured)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        graph = self.plan.graph
-        for name, nid in graph.inputs.items():
-            self.upload(nid, np.asarray(inputs[name]))
+        missing = sorted(set(self.table["inputs"]) - set(inputs))
+        if missing:
+            raise KeyError(f"no value fed for {', '.join(missing)}")
+        for name, buffer in self.table["inputs"].items():
+            self.upload(buffer, np.asarray(inputs[name]))
         self.launch()
-        return {name: self.download(nid) for name, nid in graph.outputs.items()}
+        return {name: self.download(buffer) for name, buffer in self.table["outputs"].items()}
 
     def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of params and states."""
-        graph = self.plan.graph
-        table = {**graph.params, **graph.states}
+        table = self.table["persistent"]
         return {n: self.download(table[n]) for n in (names or table)}
 
     def write(self, values: Mapping[str, np.ndarray]) -> None:
-        table = {**self.plan.graph.params, **self.plan.graph.states}
         for name, value in values.items():
-            self.upload(table[name], value)
+            if name not in self.table["persistent"]:
+                raise KeyError(f"'{name}' is not a param or state of this plan")
+            self.upload(self.table["persistent"][name], value)
 
     def poison(self) -> None:
         """Fill activations and outputs with NaN bytes, so a value read before it is
         written shows up (tests call this before a launch)."""
-        self.device.memset(self.arenas["activations"], 0xFF, max(self.plan.arena_bytes["activations"], 256))
-        for nid in self.plan.graph.outputs.values():
-            self.device.memset(self.address(nid), 0xFF, self.plan.buffer_of(nid).nbytes)
+        self.device.memset(self.arenas.base["activations"], 0xFF, max(self.table["arena_bytes"]["activations"], 256))
+        for buffer in self.table["outputs"].values():
+            self.device.memset(self.address(buffer), 0xFF, self.table["buffers"][buffer]["nbytes"])
 
     def close(self) -> None:
-        for address in self.arenas.values():
-            self.device.free(address)
-        self.arenas = {}
+        if self.io_base:
+            self.device.free(self.io_base)
+            self.io_base = 0
 
 
-def compile_plan(plan: Plan, target: Target) -> tuple[list[KernelSource], list[bytes]]:
-    """Render every kernel of `plan` and compile them (in parallel, disk-cached)."""
+def compile_plan(plan: Plan, target: Target) -> tuple[list[KernelSource], dict[str, bytes]]:
+    """Render every kernel of `plan` and compile each distinct one (in parallel,
+    disk-cached): returns the kernels and code objects by symbol."""
     kernels = render_plan(plan, target)
-    unique = {k.code: k for k in kernels}  # repeated layers share code
-    compiled = dict(zip(unique, compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target)))
-    return kernels, [compiled[k.code] for k in kernels]
+    unique = {k.symbol: k for k in kernels}  # repeated layers share code
+    objects = compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target)
+    return kernels, dict(zip(unique, objects))
+
+
+class OwnedExecutor(GpuExecutor):
+    """A GpuExecutor with arenas of its own, started from `params`."""
+
+    def __init__(self, plan: Plan, device: Device, params: Mapping[str, np.ndarray], use_graph: bool = True) -> None:
+        kernels, code = compile_plan(plan, device.target)
+        table = plan_table(plan, kernels)
+        super().__init__(table, device, code, Arenas(device, [table]), use_graph)
+        self.write({n: params[n] for n in table["params"]})
+
+    def close(self) -> None:
+        super().close()
+        self.arenas.close()
 
 
 def load_executor(plan: Plan, device: Device, params: Mapping[str, np.ndarray], use_graph: bool = True) -> GpuExecutor:
-    kernels, code = compile_plan(plan, device.target)
-    return GpuExecutor(plan, device, kernels, code, params, use_graph)
+    return OwnedExecutor(plan, device, params, use_graph)

@@ -5,11 +5,11 @@ import numpy as np
 
 from gptc import dsl
 from gptc.ir import Graph
-from gptc.models.gpt import gpt_logits
+from gptc.models.gpt import decode_attend, gpt_logits, prefill_attend
 from gptc.optim import add_training
 from gptc.spec import Spec, SpecError, validate
 
-MODES = ("train", "eval", "infer")
+MODES = ("train", "eval", "infer", "prefill", "decode")
 
 
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
@@ -17,7 +17,12 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
     eval:  inputs tokens, targets -> loss;
-    infer: input tokens -> logits (B, S, V)."""
+    infer: input tokens -> logits (B, S, V);
+    prefill: inputs tokens (B, S) (padded to the context) and last (B,) i32, the flat
+             index b*S + (length-1) of each sequence's last token -> logits (B, V);
+             updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim);
+    decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
+             updates the KV cache at pos."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -26,6 +31,17 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if batch <= 0 or seq <= 0:
         raise SpecError("batch size and sequence length must be positive")
     g = Graph()
+    if mode == "prefill":
+        tokens = g.input("tokens", (batch, spec.model.seq_len), "i32")
+        last = g.input("last", (batch,), "i32")
+        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model), rows=last))
+        return g
+    if mode == "decode":
+        tokens = g.input("tokens", (batch, 1), "i32")
+        pos = g.input("pos", (1,), "i32")
+        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos), positions=pos)
+        g.output("logits", logits.reshape(batch, spec.model.vocab_size))
+        return g
     tokens = g.input("tokens", (batch, seq), "i32")
     logits = gpt_logits(g, spec.model, tokens)
     if mode == "infer":

@@ -174,7 +174,7 @@ class Fuser:
         if len({g.type(n).shape for n in roots}) != 1:
             return None
         for n, _, chain in self._internal_chains(nodes):
-            if chain and _size(g, chain[-1]) > _size(g, n):
+            if chain and _size(g, chain[-1]) > _size(g, n) and not self._cheap_scalar(n):
                 return None
         return POINTWISE, max(roots)
 
@@ -232,10 +232,20 @@ class Fuser:
         if group.family == MATMUL_FAMILY:
             return target if self._epilogue_legal(group.nodes | {nid}, group.anchor) else None
         # Pointwise, reduce and scatter kernels inline a producer where each element is
-        # read once (views that do not broadcast), so nothing is computed twice.
-        if any(chain and _size(g, chain[-1]) > _size(g, nid) for _, chain in users):
+        # read once (views that do not broadcast it), so nothing is computed twice,
+        # except cheap scalars (a learning-rate factor), recomputed per element.
+        if any(chain and _size(g, chain[-1]) > _size(g, nid) for _, chain in users) and not self._cheap_scalar(nid):
             return None
         return target
+
+    def _cheap_scalar(self, nid: int, depth: int = 4) -> bool:
+        """A scalar computed in a few ops from sources and constants only."""
+        g = self.graph
+        if g.op(nid) in ("input", "param", "state", "const", "iota"):
+            return True
+        if depth == 0 or _size(g, nid) != 1 or OPS[g.op(nid)].kind not in (ELEMENTWISE, VIEW):
+            return False
+        return all(self._cheap_scalar(i, depth - 1) for i in g.inputs_of(nid))
 
     def _internal_chains(self, nodes: set[int]):
         """(producer, consumer, chain of views) for every edge inside a group."""

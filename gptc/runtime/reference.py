@@ -2,7 +2,7 @@
 Clear rather than fast: it is the oracle every generated kernel is checked against."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -54,3 +54,16 @@ class ReferenceExecutor:
         result = run_graph(self.graph, {**inputs, **self.persistent}, self.float_dtype)
         self.persistent.update(result["updates"])
         return result["outputs"]
+
+    def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Current values of params and states (copies)."""
+        return {n: self.persistent[n].astype(np.float32) for n in (names or self.persistent)}
+
+    def write(self, values: Mapping[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if name not in self.persistent:
+                raise KeyError(f"'{name}' is not a param or state of this graph")
+            self.persistent[name] = np.asarray(value, dtype=self.float_dtype).reshape(self.persistent[name].shape)
+
+    def close(self) -> None:
+        pass
