@@ -30,13 +30,16 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
                              "arena": buf.arena, "offset": buf.offset, "role": buf.role}
     name_of = lambda nid: plan.buffer_of(nid).name  # noqa: E731
     launches = []
-    for k, planned in zip(kernels, plan.kernels):
-        scopes = sorted({g.node(n)["scope"] or "-" for n in planned.nodes})
+    for k, launch in zip(kernels, plan.launches):
+        parts = [plan.kernels[i] for i in launch]
+        nodes = [n for p in parts for n in p.nodes]
+        scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
         launches.append({"kernel": k.name, "family": k.family, "symbol": k.symbol, "grid": list(k.grid),
                          "block": list(k.block), "args": [name_of(a) for a in k.args],
-                         "clear": [name_of(n) for n in k.zero_init], "nodes": len(planned.nodes),
-                         "reads": sorted({name_of(n) for n in planned.reads}),
-                         "writes": sorted({name_of(n) for n in planned.roots}),
+                         "clear": [name_of(n) for n in k.zero_init], "nodes": len(nodes),
+                         "kernels": [p.name for p in parts],
+                         "reads": sorted({name_of(n) for p in parts for n in p.reads}),
+                         "writes": sorted({name_of(n) for p in parts for n in p.roots}),
                          "scopes": ", ".join(scopes)})
     return {
         "arena_bytes": dict(plan.arena_bytes),

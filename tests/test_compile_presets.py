@@ -35,9 +35,10 @@ def kernel_codes():
                 for target in TARGETS:
                     kernels = render_plan(plan, parse_target(target))
                     count += len(kernels)
-                    for k, planned in zip(kernels, plan.kernels):
-                        # each kernel's source names the graph nodes it computes
-                        assert all(f"%{n} = " in k.source for n in planned.nodes)
+                    assert len(kernels) == len(plan.launches)
+                    for k, launch in zip(kernels, plan.launches):
+                        # each launch's source names the graph nodes it computes
+                        assert all(f"%{n} = " in k.source for i in launch for n in plan.kernels[i].nodes)
                         codes.setdefault(target, {})[k.code[len(prelude()):]] = k.symbol
         result[name] = (count, codes)
     return result

@@ -32,7 +32,8 @@ def c_literal(value: float, dtype: str) -> str:
 
 
 class Emitter:
-    def __init__(self, plan: Plan, nodes: list[int], special: dict[int, str] | None = None) -> None:
+    def __init__(self, plan: Plan, nodes: list[int], special: dict[int, str] | None = None,
+                 args: dict[int, str] | None = None) -> None:
         self.plan = plan
         self.graph: Graph = plan.graph
         self.nodes = set(nodes)
@@ -42,7 +43,9 @@ class Emitter:
         self.lines: list[str] = []
         self.cache: dict[tuple[int, Index], str] = {}
         self.counter = 0
-        self.args: dict[int, str] = {}  # buffer node -> kernel parameter name, in order of first use
+        # buffer node -> kernel parameter name, in order of first use (shared by the
+        # kernels batched into one launch)
+        self.args: dict[int, str] = {} if args is None else args
 
     # ----- blocks -------------------------------------------------------------
     def begin_block(self) -> None:

@@ -93,49 +93,75 @@ def _grid_1d(count: int, threads: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, threads), MAX_GRID)), 1, 1)
 
 
-def render_kernel(plan: Plan, kernel: KernelPlan, target: Target) -> KernelSource:
+def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
+    """(body text, grid, block, emitter) of one planned kernel; `args` names buffers
+    (shared by the kernels of one launch)."""
     g = plan.graph
     family = kernel.family
     ctx: dict = {}
     if family in ("pointwise", "scatter"):
-        em = Emitter(plan, kernel.nodes)
+        em = Emitter(plan, kernel.nodes, args=args)
         shape = g.type(kernel.roots[0]).shape if family == "pointwise" else g.type(g.inputs_of(kernel.anchor)[1]).shape
         count = max(1, _size(shape))
         unravel_lines, idx = _unravel_lines("i", "i", shape)
         if family == "pointwise":
-            body = _store_lines(em, kernel.roots, lambda r: idx)
+            stores = _store_lines(em, kernel.roots, lambda r: idx)
+            body = em.take() + stores
         else:
             ids, updates = g.inputs_of(kernel.anchor)
-            width = shape[-1]
             row = em.value(ids, idx[:-1])
             value = em.value(updates, idx)
-            body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[(idx_t){row} * {width} + {idx[-1]}], {value});"]
-        body = em.take() + body if family == "pointwise" else body
+            body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[(idx_t){row} * {shape[-1]} + {idx[-1]}], {value});"]
         threads = POINTWISE_THREADS
         ctx.update(count=count, unravel=unravel_lines, body=body)
         grid, block = _grid_1d(count, threads), (threads, 1, 1)
     elif family == "row":
-        grid, block, em = _row(plan, kernel, target, ctx)
+        grid, block, em = _row(plan, kernel, target, ctx, args)
     elif family == "reduce":
-        grid, block, em = _reduce(plan, kernel, target, ctx)
+        grid, block, em = _reduce(plan, kernel, target, ctx, args)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx)
+        grid, block, em = _matmul(plan, kernel, target, ctx, args)
     else:
         raise AssertionError(family)
+    text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
+    return text, grid, block, em
 
-    args = tuple(em.args)  # in parameter order
-    params = ", ".join(f"{STORAGE_TYPE[plan.buffer_of(a).dtype]}* {em.args[a]}" for a in args)
-    node_lines = [("* " if n in kernel.roots else "  ") + g.describe(n) for n in kernel.nodes]
-    node_lines += [f"{em.args[a]} = buffer of %{a} ({plan.buffer_of(a).role or plan.buffer_of(a).name})" for a in args]
+
+def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> KernelSource:
+    """One launch: a kernel, or several independent kernels of one family batched
+    into one grid (each gets a range of blocks)."""
+    g = plan.graph
+    args: dict[int, str] = {}
+    parts, start, block = [], 0, None
+    for kernel in kernels:
+        text, grid, part_block, _ = _render_part(plan, kernel, target, args)
+        assert block in (None, part_block) and (len(kernels) == 1 or grid[1:] == (1, 1))
+        block = part_block
+        parts.append(dict(body=text, start=start, end=start + grid[0], title=kernel.name))
+        start += grid[0]
+    grid = (start, 1, 1) if len(kernels) > 1 else grid
+    family = kernels[0].family
+    name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
+    arg_ids = tuple(args)  # in parameter order
+    params = ", ".join(f"{STORAGE_TYPE[plan.buffer_of(a).dtype]}* {args[a]}" for a in arg_ids)
+    node_lines = []
+    for kernel in kernels:
+        if len(kernels) > 1:
+            node_lines.append(f"{kernel.name}:")
+        node_lines += [("* " if n in kernel.roots else "  ") + g.describe(n) for n in kernel.nodes]
+    node_lines += [f"{args[a]} = buffer of %{a} ({plan.buffer_of(a).role or plan.buffer_of(a).name})" for a in arg_ids]
+    index_type = "long long" if any(_index_type(plan, k) == "long long" for k in kernels) else "int"
     template = _environment().get_template("kernel.hip.j2")
-    common = dict(family=family, target=target, index_type=_index_type(plan, kernel),
-                  needs_reduce_helpers=family in ("row", "reduce"), block_threads=block[0], params=params, **ctx)
+    common = dict(family=family, target=target, index_type=index_type, parts=parts,
+                  needs_reduce_helpers=family in ("row", "reduce"), block_threads=block[0], params=params)
     code = _strip_comments(template.render(prelude="", name="KERNEL_SYMBOL", title="", node_lines=[], **common))
     symbol = f"gptc_{family}_{hashlib.sha256(code.encode()).hexdigest()[:12]}"
     code = prelude() + code.replace("KERNEL_SYMBOL", symbol)
-    source = template.render(prelude=prelude(), name=symbol, title=kernel.name, node_lines=node_lines, **common)
-    origin = f"{kernel.name}: " + "; ".join(g.describe(n) for n in kernel.nodes[:8]) + (" ..." if len(kernel.nodes) > 8 else "")
-    return KernelSource(kernel.name, family, source, code, symbol, grid, block, args, tuple(kernel.zero_init), origin)
+    source = template.render(prelude=prelude(), name=symbol, title=name, node_lines=node_lines, **common)
+    nodes = [n for k in kernels for n in k.nodes]
+    origin = f"{name}: " + "; ".join(g.describe(n) for n in nodes[:8]) + (" ..." if len(nodes) > 8 else "")
+    zero_init = tuple(n for k in kernels for n in k.zero_init)
+    return KernelSource(name, family, source, code, symbol, grid, block, arg_ids, zero_init, origin)
 
 
 def _strip_comments(text: str) -> str:
@@ -151,7 +177,7 @@ def _size(shape) -> int:
     return n
 
 
-def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
+def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
     g = plan.graph
     reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
     space = g.type(g.inputs_of(reduces[0])[0]).shape
@@ -161,7 +187,7 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
     tpr = wave if row_len <= 1024 else 256
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
     special = {r: f"r{r}" for r in reduces}
-    em = Emitter(plan, kernel.nodes, special)
+    em = Emitter(plan, kernel.nodes, special, args)
     unravel_lines, lead_idx = _unravel_lines("row", "l", lead)
     full_idx = lead_idx + ("j",)
     row_idx = lead_idx + ("0",)
@@ -187,7 +213,7 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
     return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
 
 
-def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
+def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
     g = plan.graph
     r = kernel.anchor
     attrs = g.node(r)["attrs"]
@@ -199,7 +225,7 @@ def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
     outputs, reduced = max(1, _size(out_shape)), max(1, _size(tuple(in_shape[a] for a in axes)))
     leading = axes == tuple(range(len(axes)))
     thread_per_output = leading and outputs >= 2048
-    em = Emitter(plan, kernel.nodes, {r: "acc"})
+    em = Emitter(plan, kernel.nodes, {r: "acc"}, args)
     unravel_out, out_idx = _unravel_lines("o", "o", out_shape)
     em.begin_block()
     red_lines, red_idx = _unravel_lines("r", "q", tuple(in_shape[a] for a in axes))
@@ -237,7 +263,7 @@ def _operand_layout(plan: Plan, nid: int):
     return nid, layout[0], layout[1]
 
 
-def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
+def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
     g = plan.graph
     mm = kernel.anchor
     a_in, b_in = g.inputs_of(mm)
@@ -246,7 +272,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
     k = g.type(a_in).shape[-1]
     a_buf, a_off, a_strides = _operand_layout(plan, a_in)
     b_buf, b_off, b_strides = _operand_layout(plan, b_in)
-    em = Emitter(plan, kernel.nodes, {mm: "acc"})
+    em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
     a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
     # Batch offsets of A and B from the batch index (blockIdx.z).
     batch_lines, batch_idx = _unravel_lines("batch", "z", batch_shape)
@@ -272,4 +298,5 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict):
 
 
 def render_plan(plan: Plan, target: Target) -> list[KernelSource]:
-    return [render_kernel(plan, k, target) for k in plan.kernels]
+    """One source per launch of the plan."""
+    return [render_launch(plan, [plan.kernels[i] for i in launch], target) for launch in plan.launches]

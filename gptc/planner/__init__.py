@@ -40,16 +40,20 @@ def fusion_report(fused: Plan, unfused: Plan) -> str:
     def families(p: Plan) -> str:
         return ", ".join(f"{n} {f}" for f, n in sorted(Counter(k.family for k in p.kernels).items()))
     lines = [
-        f"kernels per step: fused {len(fused.kernels)}, unfused {len(unfused.kernels)} "
-        f"({len(unfused.kernels) / max(1, len(fused.kernels)):.1f}x fewer launches)",
+        f"launches per step: fused {len(fused.launches)}, unfused {len(unfused.launches)} "
+        f"({len(unfused.launches) / max(1, len(fused.launches)):.1f}x fewer); "
+        f"fused kernels {len(fused.kernels)}, batched into {len(fused.launches)} launches",
         f"  fused:   {families(fused)}",
         f"  unfused: {families(unfused)}",
         f"activation bytes (arena peak): fused {fused.peak_activation_bytes:,}, unfused {unfused.peak_activation_bytes:,}",
         f"persistent bytes (params + optimizer state): {fused.arena_bytes['persistent']:,}",
-        "fused kernels:",
+        "fused launches (kernels batched into one launch are listed together):",
     ]
     g = fused.graph
-    for k in fused.kernels:
-        scopes = sorted({g.node(n)["scope"] or "-" for n in k.nodes})
-        lines.append(f"  {k.name:<18} {len(k.nodes):>3} nodes  stores {len(k.roots)}  {', '.join(scopes)[:90]}")
+    for launch in fused.launches:
+        parts = [fused.kernels[i] for i in launch]
+        nodes = [n for k in parts for n in k.nodes]
+        scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
+        name = parts[0].name + (f" +{len(parts) - 1}" if len(parts) > 1 else "")
+        lines.append(f"  {name:<18} {len(nodes):>4} nodes  stores {sum(len(k.roots) for k in parts):>2}  {', '.join(scopes)[:80]}")
     return "\n".join(lines)

@@ -52,7 +52,8 @@ class Plan:
     buffers: dict[int, Buffer]            # node id -> buffer holding its value
     arena_bytes: dict[str, int]
     aliases: dict[int, int]               # output view node -> node whose buffer it reads
-    lifetimes: dict[int, tuple[int, int]]  # activation node -> (first, last) kernel index
+    lifetimes: dict[int, tuple[int, int]]  # activation node -> (first, last) launch index
+    launches: list[list[int]]              # kernel indices run by each launch, in order
 
     @property
     def peak_activation_bytes(self) -> int:
@@ -134,13 +135,44 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
                 kg.add_edge(k, writer)
     if not nx.is_directed_acyclic_graph(kg):
         raise AssertionError("in-place updates conflict with the data dependencies")
-    order = list(nx.lexicographical_topological_sort(kg))
+    topo = {k: i for i, k in enumerate(nx.lexicographical_topological_sort(kg))}
+    level = _latest_levels(kg)
+    order = sorted(topo, key=lambda k: (level[k], topo[k]))
+    launches = _batch(kernels, order, level) if fused else [[i] for i in range(len(order))]
     kernels = [kernels[k] for k in order]
     for k, kern in enumerate(kernels):
         kern.name = f"k{k:03d}_{kern.family}"
 
-    buffers, arena_bytes, lifetimes = _allocate(graph, kernels, aliases)
-    return Plan(graph, fused, kernels, buffers, arena_bytes, aliases, lifetimes)
+    buffers, arena_bytes, lifetimes = _allocate(graph, kernels, launches, aliases)
+    return Plan(graph, fused, kernels, buffers, arena_bytes, aliases, lifetimes, launches)
+
+
+BATCHED_FAMILIES = ("pointwise", "reduce")
+
+
+def _latest_levels(kg: nx.DiGraph) -> dict[int, int]:
+    """Each kernel's latest level: as late as its consumers allow. Kernels on one
+    level never depend on each other, so they can share a launch."""
+    height: dict[int, int] = {}
+    for k in reversed(list(nx.topological_sort(kg))):
+        height[k] = 1 + max((height[s] for s in kg.successors(k)), default=0)
+    top = max(height.values(), default=0)
+    return {k: top - h for k, h in height.items()}
+
+
+def _batch(kernels: list[KernelPlan], order: list[int], level: dict[int, int]) -> list[list[int]]:
+    """Launches: independent pointwise (or reduce) kernels on one level share one
+    launch (horizontal fusion, e.g. the AdamW update of every parameter at once)."""
+    launches: list[list[int]] = []
+    key = None
+    for position, k in enumerate(order):
+        this = (level[k], kernels[k].family)
+        if launches and this == key and kernels[k].family in BATCHED_FAMILIES:
+            launches[-1].append(position)
+        else:
+            launches.append([position])
+        key = this
+    return launches
 
 
 def _check_in_place(graph: Graph, kernel: KernelPlan, old: int, new: int, free: dict[int, bool]) -> None:
@@ -153,7 +185,7 @@ def _check_in_place(graph: Graph, kernel: KernelPlan, old: int, new: int, free: 
         raise NotImplementedError(f"cannot update {graph.describe(old)} in place in kernel family {kernel.family}")
 
 
-def _allocate(graph: Graph, kernels: list[KernelPlan], aliases: dict[int, int]):
+def _allocate(graph: Graph, kernels: list[KernelPlan], launches: list[list[int]], aliases: dict[int, int]):
     buffers: dict[int, Buffer] = {}
     offsets = {"persistent": 0, "io": 0}
 
@@ -178,10 +210,13 @@ def _allocate(graph: Graph, kernels: list[KernelPlan], aliases: dict[int, int]):
         if target not in buffers:
             add(target, "io", name)
 
-    # Activations: lifetimes over the launch order, then best-fit offsets.
+    # Activations: lifetimes over the launch order (kernels of one launch run at the
+    # same time), then best-fit offsets.
+    launch_of = {k: i for i, launch in enumerate(launches) for k in launch}
     first: dict[int, int] = {}
     last: dict[int, int] = {}
-    for k, kern in enumerate(kernels):
+    for index, kern in enumerate(kernels):
+        k = launch_of[index]
         for r in kern.roots:
             if r not in buffers:
                 first[r] = k

@@ -1,0 +1,60 @@
+"""Sampling: KV-cache generation equals full recomputation, sampling options, seeds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gptc
+from gptc.generate import SamplingParams, choose, cpu_model, generate_tokens
+from gptc.models import build_graph, init_params
+from gptc.spec import GptcError
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    spec = gptc.preset("tiny")
+    params = init_params(build_graph(spec, "infer", 1), 7)
+    # Larger weights than the init, so greedy decoding does not settle into a loop at once.
+    params = {k: v * (8.0 if v.ndim == 2 else 1.0) for k, v in params.items()}
+    return spec, params
+
+
+def test_kv_cache_equals_full_recomputation(tiny_model):
+    spec, params = tiny_model
+    model = cpu_model(spec, params)
+    prompt = [72, 101, 108, 108, 111]
+    p = SamplingParams(num_tokens=40, greedy=True)
+    cached = list(generate_tokens(model, prompt, p, use_cache=True))
+    full = list(generate_tokens(model, prompt, p, use_cache=False))
+    assert len(cached) == 40 and len(prompt) + 40 > spec.model.seq_len  # runs past the context window
+    assert cached == full
+    assert len(set(cached)) > 3
+
+
+def test_same_seed_same_text(tiny_model):
+    spec, params = tiny_model
+    model = cpu_model(spec, params)
+    p = SamplingParams(num_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=5)
+    assert list(generate_tokens(model, [1, 2, 3], p)) == list(generate_tokens(model, [1, 2, 3], p))
+    other = SamplingParams(num_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=6)
+    assert list(generate_tokens(model, [1, 2, 3], p)) != list(generate_tokens(model, [1, 2, 3], other))
+
+
+def test_choose_respects_top_k_top_p_and_penalty():
+    rng = np.random.default_rng(0)
+    logits = np.array([5.0, 4.0, 3.0, -1.0, -2.0])
+    picks = {choose(logits, [], SamplingParams(top_k=2), rng) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {choose(logits, [], SamplingParams(top_k=0, top_p=0.5), rng) for _ in range(200)}
+    assert picks == {0}
+    assert choose(logits, [], SamplingParams(greedy=True), rng) == 0
+    assert choose(logits, [0], SamplingParams(greedy=True, repetition_penalty=10.0), rng) == 1
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"temperature": 0.0}, "--temp"), ({"top_k": -1}, "--top-k"), ({"top_p": 0.0}, "--top-p"),
+    ({"top_p": 1.5}, "--top-p"), ({"repetition_penalty": 0.0}, "--repetition-penalty"), ({"num_tokens": 0}, "--num-tokens"),
+])
+def test_out_of_range_sampling_parameters(kwargs, expected):
+    with pytest.raises(GptcError, match=expected):
+        SamplingParams(**kwargs).validate(256)
