@@ -60,6 +60,16 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     inspect_bundle(args.bundle, args.step, args.dot)
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from gptc.bench import COMPARES, WHATS, BenchConfig, bench_main, parse_list, resolve_spec
+    spec, name = resolve_spec(args.preset, args.batch)
+    if args.repeats is not None and args.repeats < 1:
+        raise GptcError("--repeats must be at least 1")
+    cfg = BenchConfig(spec, name, parse_list(args.what, WHATS, "what"), parse_list(args.compare, COMPARES, "compare"),
+                      repeats=args.repeats or 20, per_kernel=not args.no_kernels)
+    bench_main(cfg, args.out or "runs/bench", args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptc", description="Compile GPT models into fused GPU kernels, train and sample.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.set_defaults(run=_cmd_plan)
+
+    p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
+    p.add_argument("--preset", metavar="NAME|SPEC", help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
+    p.add_argument("--what", metavar="LIST", help="train,infer (default both)")
+    p.add_argument("--compare", metavar="LIST",
+                   help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "
+                        "are skipped where PyTorch is not installed)")
+    p.add_argument("--out", metavar="DIR", help="where bench.json, bench.md and bench.png go (default runs/bench)")
+    p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")
+    p.set_defaults(run=_cmd_bench)
     return parser
 
 
