@@ -31,7 +31,7 @@ floor
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from gptc.ops import OPS
 from gptc.ops.registry import DTYPE_BYTES, ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER
@@ -104,23 +104,41 @@ def read_footprint(plan: Plan, kernel: KernelPlan, nid: int) -> int:
     return min(buf.nbytes, reach * itemsize)
 
 
-def kernel_cost(plan: Plan, kernel: KernelPlan) -> KernelCost:
+def _merge(plan: Plan, kernels: Sequence[KernelPlan]) -> KernelCost:
+    """The cost of kernels run together in one launch: buffers shared between them
+    count once."""
     graph = plan.graph
     reads: dict[tuple[str, int], int] = {}
-    for nid in kernel.reads:
-        key = _buffer_key(plan.buffer_of(nid))
-        reads[key] = max(reads.get(key, 0), read_footprint(plan, kernel, nid))
     writes: dict[tuple[str, int], int] = {}
-    for nid in kernel.roots:
-        buf = plan.buffer_of(nid)
-        writes[_buffer_key(buf)] = buf.nbytes
-    flops = sum(node_flops(graph, n) for n in kernel.nodes)
-    return KernelCost(kernel.name, kernel.family, sum(reads.values()), sum(writes.values()), flops, len(kernel.nodes))
+    flops = nodes = 0
+    for kernel in kernels:
+        for nid in kernel.reads:
+            key = _buffer_key(plan.buffer_of(nid))
+            reads[key] = max(reads.get(key, 0), read_footprint(plan, kernel, nid))
+        for nid in kernel.roots:
+            buf = plan.buffer_of(nid)
+            writes[_buffer_key(buf)] = buf.nbytes
+        flops += sum(node_flops(graph, n) for n in kernel.nodes)
+        nodes += len(kernel.nodes)
+    name = kernels[0].name + (f"+{len(kernels) - 1}" if len(kernels) > 1 else "")
+    return KernelCost(name, kernels[0].family, sum(reads.values()), sum(writes.values()), flops, nodes)
+
+
+def kernel_cost(plan: Plan, kernel: KernelPlan) -> KernelCost:
+    return _merge(plan, [kernel])
+
+
+def launches_of(plan: Plan) -> list[list[int]]:
+    """Kernel indices of each launch (kernels batched horizontally share one)."""
+    launches = getattr(plan, "launches", None)
+    return [list(launch) for launch in launches] if launches else [[i] for i in range(len(plan.kernels))]
 
 
 def plan_costs(plan: Plan) -> list[KernelCost]:
-    """The cost of every kernel of `plan`, in launch order."""
-    return [kernel_cost(plan, k) for k in plan.kernels]
+    """The cost of every launch of `plan`, in launch order (one kernel each, except
+    where the planner batched independent kernels into one launch: their costs add,
+    buffers they share counting once; the name is the first kernel's, '+N' more)."""
+    return [_merge(plan, [plan.kernels[i] for i in launch]) for launch in launches_of(plan)]
 
 
 def floor_seconds(nbytes: float, flops: float, bandwidth: float, rate: float) -> float:

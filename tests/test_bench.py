@@ -173,7 +173,7 @@ def fake_result(what=("train", "infer"), with_torch=True) -> dict:
             plan = make_plan(build_graph(spec, w), fuse)
             costs = plan_costs(plan)
             times = [0.001 + c.bytes / 2e9 + c.flops / 30e12 * 1e3 for c in costs]
-            rows = bench.kernel_rows(costs, times, 3e12, 50e12, [bench.kernel_label(plan, k) for k in plan.kernels])
+            rows = bench.kernel_rows(costs, times, 3e12, 50e12, bench.launch_labels(plan))
             result["plans"][f"{w} {'fused' if fuse else 'unfused'}"] = {**bench.plan_summary(rows, ms["gptc-fused"]),
                                                                         "rows": rows}
     return result
@@ -196,7 +196,7 @@ def test_write_outputs(tmp_path):
     assert names[:2] == ["bench.json", "bench.md"]
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data["meta"]["commit"] == "abc1234" and len(data["steps"]) == 10
-    assert len(data["plans"]["train fused"]["rows"]) == len(make_plan(build_graph(preset("hipgpt"), "train")).kernels)
+    assert len(data["plans"]["train fused"]["rows"]) == len(make_plan(build_graph(preset("hipgpt"), "train")).launches)
     md = (tmp_path / "out" / "bench.md").read_text()
     assert md.startswith("# gptc bench: hipgpt, batch 32, fp32")
     assert "NVIDIA H100 80GB HBM3 (cuda:sm_90) · 2026-11-21 · gptc abc1234" in md

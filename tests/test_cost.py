@@ -104,3 +104,15 @@ def test_roofline_arithmetic():
     # measured 20 ms against a 10 ms floor: 50%
     assert percent_of_floor(2e-2, 1e9, 1e12, 1e12, 1e14) == pytest.approx(50.0)
     assert math.isnan(percent_of_floor(0.0, 1, 1, 1, 1))
+
+
+def test_launch_costs_add_up():
+    """Kernels the planner batched into one launch: one cost per launch, FLOPs add up,
+    and the launch moves no more bytes than its kernels apart."""
+    g = build_graph(preset("tiny"), "train")
+    plan = make_plan(g, True)
+    per_launch = plan_costs(plan)
+    per_kernel = [kernel_cost(plan, k) for k in plan.kernels]
+    assert len(per_launch) == len(getattr(plan, "launches", plan.kernels))
+    assert sum(c.flops for c in per_launch) == sum(c.flops for c in per_kernel)
+    assert sum(c.bytes for c in per_launch) <= sum(c.bytes for c in per_kernel)
