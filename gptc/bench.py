@@ -32,6 +32,7 @@ import re
 import statistics
 import subprocess
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,8 +338,14 @@ def kernel_label(plan, kernels) -> str:
     ops: list[str] = []
     for n in nodes:
         op = g.op(n)
+        if op == "matmul":  # the shape says most about a matmul's speed: [batch x] M x N x K
+            a = g.type(g.inputs_of(n)[0]).shape
+            out = g.type(n).shape
+            batch = int(np.prod(out[:-2])) if len(out) > 2 else 1
+            op = f"matmul[{f'b{batch} ' if batch > 1 else ''}{out[-2]}x{out[-1]}x{a[-1]}]"
         if op not in ops:
             ops.append(op)
+    ops.sort(key=lambda o: not o.startswith("matmul"))  # stable: matmuls first, then in graph order
     scopes = Counter(g.node(n)["scope"] for n in nodes if g.node(n)["scope"])
     text = ",".join(ops[:4]) + ("..." if len(ops) > 4 else "")
     if scopes:  # the scope most of its nodes came from
@@ -426,7 +433,7 @@ def step_rows(result: dict, what: str) -> list[list[str]]:
     return rows
 
 
-STEP_HEADERS = ["framework", "ms/step", "p10-p90 ms", "tokens/s", "time vs fused", "loss 1", "loss 2", "first call s"]
+STEP_HEADERS = ["framework", "ms/step", "p10-p90 ms", "tokens/s", "x fused time", "loss 1", "loss 2", "first call s"]
 KERNEL_HEADERS = ["kernel", "family", "ms", "MB", "MFLOP", "GB/s", "TFLOP/s", "% floor", "bound", "ops @ scope"]
 FAMILY_HEADERS = ["family", "kernels", "ms (sum)", "% of sum", "MB", "GFLOP", "% floor"]
 
@@ -458,14 +465,17 @@ def ceiling_lines(result: dict) -> list[list[str]]:
     return rows
 
 
+def speedup_phrase(ratio: float, other: str) -> str:
+    """ratio = other's time / gptc fused time -> '1.92x faster than X' or '2.23x slower than X'."""
+    if ratio >= 1:
+        return f"{fmt_num(ratio)}x faster than {other}"
+    return f"{fmt_num(1 / ratio)}x slower than {other}"
+
+
 def comparison_line(result: dict, what: str) -> str:
     r = ratios(result, what)
-    parts = []
-    if "gptc-unfused" in r:
-        parts.append(f"fused is {fmt_num(r['gptc-unfused'])}x as fast as unfused")
-    for key in ("torch-cudagraphs", "torch-compile", "torch-eager"):
-        if key in r:
-            parts.append(f"{fmt_num(r[key])}x as fast as {FRAMEWORKS[key]}")
+    parts = [speedup_phrase(r[key], "unfused" if key == "gptc-unfused" else FRAMEWORKS[key])
+             for key in ("gptc-unfused", "torch-cudagraphs", "torch-compile", "torch-eager") if key in r]
     return "gptc fused: " + "; ".join(parts) if parts else ""
 
 
@@ -478,7 +488,10 @@ def render_markdown(result: dict) -> str:
              f"back-to-back steps after warm-up (each framework's fastest path: gptc and the CUDA-graph "
              f"column replay one device graph a step); the p10-p90 column shows the spread. "
              f"'loss 1' and 'loss 2' are the losses each framework computed on the same batch from the same "
-             f"weights (step 2 after one AdamW update).", "",
+             f"weights (step 2 after one AdamW update). 'x fused time' is each median over gptc fused's. 'first call' is "
+             f"the seconds from nothing to the first result: gptc plans, compiles (NVRTC/hiprtc, disk-cached), loads "
+             f"and captures; torch.compile compiles; the CUDA-graph column reuses torch.compile's code and counts its "
+             f"warm-up and capture only.", "",
              "## Ceilings (measured in this run)", "",
              table(["ceiling", "value", "how"], ceiling_lines(result), "lrl", markdown=True), ""]
     for note in m.get("notes", []):
@@ -925,6 +938,7 @@ def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = print, ceil
                      "attention through F.scaled_dot_product_attention(is_causal=True); the CUDA-graph column is "
                      "torch.compile (default mode) with the whole step captured by torch.cuda.graph, the optimizer "
                      "AdamW(capturable=True, foreach=True)")
+    warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")  # TF32 stays off on purpose
     log(f"gptc bench: {cfg.name} ({meta['model_summary']}), batch {cfg.batch}, on {device.name}, commit {meta['commit']}")
     if ceilings is None:
         ceilings = measure_ceilings(device, torch, log)

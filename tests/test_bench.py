@@ -184,7 +184,8 @@ def test_ratios_and_summary():
     r = bench.ratios(result, "train")
     assert r["gptc-unfused"] == pytest.approx(3.0) and r["torch-cudagraphs"] == pytest.approx(2.1)
     text = bench.render_summary(result)
-    assert "fused is 3.00x as fast as unfused" in text and "2.10x as fast as torch.compile + CUDA graph" in text
+    assert "gptc fused: 3.00x faster than unfused; 2.10x faster than torch.compile + CUDA graph" in text
+    assert bench.speedup_phrase(0.5, "X") == "2.00x slower than X"
     assert "NVIDIA H100 80GB HBM3 (cuda:sm_90) · 2026-11-21 · gptc abc1234" in text
     assert "top kernels of train fused" in text and "8.520000" in text
 
