@@ -21,8 +21,23 @@ def _spec_from_args(args: argparse.Namespace) -> Spec:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    import os
     from gptc.train import train
-    train(_spec_from_args(args), args.data, device=args.device, out_dir=args.out)
+    bundle = None
+    if args.spec and os.path.isdir(args.spec):
+        if not os.path.isfile(os.path.join(args.spec, "manifest.json")):
+            raise GptcError(f"'{args.spec}' is a directory but not a bundle (no manifest.json); "
+                            "give a spec file, a bundle or --preset")
+        if args.preset:
+            raise GptcError("give either a bundle or --preset, not both")
+        bundle = args.spec
+    # With --resume (or a bundle) and no spec, the run's (the bundle's) own spec is used.
+    given = bool(args.spec or args.preset) and bundle is None
+    spec = _spec_from_args(args) if given or not (args.resume or bundle) else None
+    name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
+                           else os.path.basename(os.path.normpath(args.resume)) if args.resume else "hipgpt")
+    train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
+          lr=args.lr, batch=args.batch, name=name, bundle=bundle)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -75,14 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a text file")
-    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("spec", nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
     p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
     p.add_argument("--data", help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
-    p.add_argument("--steps", type=int, help="number of optimizer steps")
+    p.add_argument("--steps", type=int, help="number of optimizer steps (on the CPU the default is capped to a few "
+                                             "minutes of work)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--batch", type=int, help="sequences per step")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"], help="where to train")
-    p.add_argument("--out", help="run directory for the spec and metrics")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where to train (auto: a GPU if there is one, else the CPU)")
+    p.add_argument("--out", help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
+                                 "(default: runs/NAME-DATE-TIME)")
+    p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR from its newest checkpoint "
+                                                      "(or from the checkpoint directory RUNDIR/checkpoints/step-N)")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("compile", help="compile a model into a kernel bundle")
