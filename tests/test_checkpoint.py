@@ -1,0 +1,181 @@
+"""safetensors files written and read by gptc.checkpoint (and by the real `safetensors`
+package when it is installed: it is not a dependency), corruption and truncation
+detection, and checkpoint directories: atomic saves, keep-last-K, verification."""
+from __future__ import annotations
+
+import errno
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from gptc import checkpoint as ckpt
+from gptc.checkpoint import CheckpointError, load_safetensors, parse_safetensors, safetensors_bytes, save_safetensors
+from gptc.spec import preset
+
+
+def tensors():
+    rng = np.random.default_rng(0)
+    return {
+        "wte": rng.standard_normal((7, 5)).astype(np.float32),
+        "h.0.ln_1.bias": rng.standard_normal(5).astype(np.float32),
+        "scalar": np.float32(3.5).reshape(()),
+        "empty": np.zeros((0, 4), np.float32),
+        "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
+    }
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "t.safetensors"
+    digest = save_safetensors(path, tensors(), {"format": "gptc"})
+    loaded, meta = load_safetensors(path, with_metadata=True)
+    assert meta == {"format": "gptc"}
+    assert set(loaded) == set(tensors())
+    for name, value in tensors().items():
+        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape
+        np.testing.assert_array_equal(loaded[name], value)
+    assert safetensors_bytes(tensors(), {"format": "gptc"}) == path.read_bytes()  # deterministic
+    import hashlib
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0
+    header = json.loads(path.read_bytes()[8:8 + n])
+    assert header["wte"] == {"dtype": "F32", "shape": [7, 5], "data_offsets": header["wte"]["data_offsets"]}
+    assert np.asarray(loaded["wte"]).flags.writeable
+
+
+def test_readable_by_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "ours.safetensors"
+    save_safetensors(path, tensors(), {"format": "gptc"})
+    theirs = st.load_file(str(path))
+    for name, value in tensors().items():
+        np.testing.assert_array_equal(theirs[name], value)
+    other = tmp_path / "theirs.safetensors"
+    st.save_file({"a": np.ones((3, 2), np.float32), "b": np.arange(4, dtype=np.int64)}, str(other),
+                 metadata={"k": "v"})
+    loaded, meta = load_safetensors(other, with_metadata=True)
+    assert meta == {"k": "v"}
+    np.testing.assert_array_equal(loaded["a"], np.ones((3, 2), np.float32))
+    np.testing.assert_array_equal(loaded["b"], np.arange(4))
+
+
+def _header(entries, body=b"", pad=True):
+    text = json.dumps(entries).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"", "shorter than the 8-byte header length"),
+    (b"\x10\x00\x00", "shorter than the 8-byte header length"),
+    (struct.pack("<Q", 1 << 40) + b"{}", "implausible"),
+    (struct.pack("<Q", 64) + b"{}", "the header needs 64 bytes"),
+    (struct.pack("<Q", 4) + b"{no}", "not valid JSON"),
+    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    (_header({"a": {"dtype": "F32", "shape": [2]}}), "lacks dtype, shape or data_offsets"),
+    (_header({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "unknown dtype"),
+    (_header({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)), "invalid shape"),
+    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8)), "invalid data_offsets"),
+    (_header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)), "its dtype and shape need 12"),
+    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "gap or overlap"),
+    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "gap or overlap"),
+    (_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(10)), "(truncated)"),
+    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(9)), "1 unexpected bytes"),
+    (_header({"__metadata__": {"a": 1}}), "not a map of strings"),
+])
+def test_corrupt_files_are_one_line_errors(data, expected):
+    with pytest.raises(CheckpointError) as info:
+        parse_safetensors(data, "'x.safetensors'")
+    message = str(info.value)
+    assert expected in message and "\n" not in message and message.startswith("'x.safetensors' is corrupt")
+
+
+def test_every_truncation_is_detected(tmp_path):
+    data = safetensors_bytes({"a": np.arange(6, dtype=np.float32), "b": np.ones((2, 2), np.float32)})
+    for cut in range(len(data)):
+        with pytest.raises(CheckpointError):
+            parse_safetensors(data[:cut])
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_safetensors(tmp_path / "nope.safetensors")
+
+
+# ----- checkpoint directories -------------------------------------------------------------
+def save(run_dir, step, keep=None, scale=1.0):
+    params = {"w": np.full((2, 3), step * scale, np.float32), "b": np.zeros(3, np.float32)}
+    optimizer = {f"{k}.{n}": v + 1 for n, v in params.items() for k in "mv"}
+    rng = np.random.default_rng(step).bit_generator.state
+    return ckpt.save_checkpoint(run_dir, step, params, optimizer, rng, preset("tiny"), '{"x": 1}\n',
+                                {"data": {"sha256": "0" * 64}}, keep=keep)
+
+
+def test_checkpoint_round_trip_and_keep(tmp_path):
+    for step in (5, 10, 15, 20):
+        path = save(tmp_path, step, keep=3)
+    assert path == tmp_path / "checkpoints" / "step-000020"
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 15, 20]
+    c = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path))
+    assert c.step == 20 and c.spec == preset("tiny") and c.tokenizer_json == '{"x": 1}\n'
+    np.testing.assert_array_equal(c.params["w"], np.full((2, 3), 20, np.float32))
+    assert set(c.optimizer) == {"m.w", "v.w", "m.b", "v.b"}
+    rng = np.random.default_rng(0)
+    rng.bit_generator.state = c.rng_state
+    assert rng.integers(0, 1 << 30) == np.random.default_rng(20).integers(0, 1 << 30)
+    assert c.state["data"] == {"sha256": "0" * 64} and set(c.state["files"]) == {
+        "model.safetensors", "optimizer.safetensors", "tokenizer.json"}
+    assert ckpt.find_checkpoint(tmp_path / "checkpoints" / "step-000010") == tmp_path / "checkpoints" / "step-000010"
+    assert ckpt.run_dir_of(c.path) == tmp_path
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    save(tmp_path, 7)
+    save(tmp_path, 7, scale=2.0)
+    c = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step-000007")
+    np.testing.assert_array_equal(c.params["w"], np.full((2, 3), 14, np.float32))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000007"]
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+    stale = tmp_path / "checkpoints" / ".tmp-step-000002-crashed"
+    stale.mkdir()
+    calls = []
+
+    def full_after_one(path, data):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+    real = ckpt.write_atomic
+    monkeypatch.setattr(ckpt, "write_atomic", full_after_one)
+    with pytest.raises(OSError):
+        save(tmp_path, 2)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:40]), "truncated"),
+    (lambda d: (d / "optimizer.safetensors").unlink(), "is missing"),
+    (lambda d: (d / "tokenizer.json").write_text("changed"), "tokenizer.json does not match the sha256"),
+    (lambda d: (d / "state.json").write_text('{"format": "gptc-checkpoint", "version": 9}'), "format version 9"),
+    (lambda d: (d / "state.json").write_text('{"format": "other"}'), "not a gptc checkpoint"),
+])
+def test_damaged_checkpoints(tmp_path, damage, expected):
+    path = save(tmp_path, 3)
+    damage(path)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.load_checkpoint(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_find_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.find_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="has no checkpoints"):
+        ckpt.find_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / ".tmp-step-000009-x").mkdir(parents=True)  # a save in progress is no checkpoint
+    with pytest.raises(CheckpointError, match="has no checkpoints"):
+        ckpt.find_checkpoint(tmp_path)

@@ -1,0 +1,294 @@
+"""The trainer on the CPU: loss falls, exact resume after Ctrl-C, run files, keep-last-K,
+tokenization cache, the CPU step cap, and bad input (one line, no traceback, nothing left
+behind)."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptc import checkpoint as ckpt
+from gptc import train as trainer
+from gptc.cli import main
+from gptc.spec import GptcError, preset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(**train):
+    spec = preset("tiny")
+    base = dict(steps=40, eval_interval=10, eval_batches=2, checkpoint_interval=10, keep_checkpoints=3)
+    return replace(spec, train=replace(spec.train, **{**base, **train}))
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("GPTC_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "data.txt"
+    path.write_text((ROOT / "README.md").read_text() + (ROOT / "gptc" / "dsl.py").read_text(), encoding="utf-8")
+    return path
+
+
+def run(spec, data, out=None, **kw):
+    buf = io.StringIO()
+    result = trainer.train(spec, str(data), device="cpu", out_dir=out, stdout=buf, **kw)
+    return result, buf.getvalue()
+
+
+def stop_at(n):
+    def on_step(step, record):
+        if step == n:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def losses_of(run_dir):
+    return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in trainer.read_metrics(run_dir)]
+
+
+def test_loss_falls_and_run_files(tmp_path, data_file):
+    spec = tiny(steps=100, eval_interval=40, checkpoint_interval=40)
+    result, text = run(spec, data_file, tmp_path / "run")
+    first, last = result.losses[0], float(np.mean(result.losses[-10:]))
+    assert last < 0.75 * first, (first, last)
+    assert "tokens/s" in text and "ETA" in text and "validation loss" in text and "perplexity" in text
+    run_dir = tmp_path / "run"
+    records = trainer.read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 101))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [40, 80, 100]
+    assert all(abs(r["val_ppl"] - np.exp(r["val_loss"])) < 1e-6 * r["val_ppl"] for r in evals)
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "spec.toml").is_file()
+    from gptc.tokenizer import Tokenizer
+    assert Tokenizer.load(run_dir / "tokenizer.json").vocab_size == 256
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [40, 80, 100]
+    c = ckpt.load_checkpoint(run_dir / "checkpoints" / "step-000100")
+    assert c.step == 100 and c.spec == spec and result.checkpoint == c.path
+    assert set(c.optimizer) == {f"{k}.{n}" for n in c.params for k in "mv"}
+    assert "wte" in c.params and c.params["wte"].shape == (256, 32)
+    assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+
+def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, data_file):
+    spec = tiny()
+    straight, _ = run(spec, data_file, tmp_path / "straight")
+
+    with pytest.raises(trainer.Interrupted) as info:
+        run(spec, data_file, tmp_path / "split", on_step=stop_at(17))
+    assert info.value.step == 17  # saved at the step of the interrupt, not the last interval
+    assert info.value.checkpoint == tmp_path / "split" / "checkpoints" / "step-000017"
+    assert ckpt.load_checkpoint(info.value.checkpoint).step == 17
+
+    resumed, text = run(None, data_file, resume=tmp_path / "split")
+    assert "resuming" in text
+    assert resumed.step == 40 and len(resumed.losses) == 23
+    assert resumed.losses == straight.losses[17:]            # bitwise equal on the CPU
+    assert losses_of(tmp_path / "split") == losses_of(tmp_path / "straight")
+    a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints" / "step-000040")
+    b = ckpt.load_checkpoint(tmp_path / "split" / "checkpoints" / "step-000040")
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    for name in a.optimizer:
+        np.testing.assert_array_equal(a.optimizer[name], b.optimizer[name])
+    assert a.rng_state == b.rng_state
+
+
+def test_resume_with_more_steps_equals_a_longer_run(tmp_path, data_file):
+    # With a constant schedule the learning rate does not depend on the total, so 20
+    # steps then --steps 40 must equal 40 straight steps (the data is drawn the same way).
+    spec = tiny(schedule="constant", warmup=5)
+    straight, _ = run(spec, data_file, tmp_path / "a")
+    run(replace(spec, train=replace(spec.train, steps=20)), data_file, tmp_path / "b")
+    resumed, _ = run(None, data_file, resume=tmp_path / "b", steps=40)
+    assert resumed.losses == straight.losses[20:]
+    # a metrics line written after the newest checkpoint (a crash) is dropped on resume
+    run_dir = tmp_path / "c"
+    run(replace(spec, train=replace(spec.train, steps=20)), data_file, run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 21, "loss": 9.0}) + "\n" + '{"step": 22, "lo')  # the last line cut short
+    run(None, data_file, resume=run_dir, steps=25)
+    assert [r["step"] for r in trainer.read_metrics(run_dir)] == list(range(1, 26))
+
+
+def test_keep_last_k_checkpoints(tmp_path, data_file):
+    run(tiny(steps=23, checkpoint_interval=5, keep_checkpoints=2), data_file, tmp_path / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [20, 23]
+
+
+def test_tokenization_is_cached(tmp_path, data_file, cache_dir):
+    spec = replace(tiny(steps=2), model=replace(tiny().model, vocab_size=300))
+    _, first = run(spec, data_file, tmp_path / "a")
+    assert "tokenized in" in first
+    entries = list((cache_dir / "corpus").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokens.npy").is_file() and (entries[0] / "tokenizer.json").is_file()
+    _, second = run(spec, data_file, tmp_path / "b")
+    assert "cached" in second
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    (entries[0] / "tokens.npy").write_bytes(b"garbage")  # a damaged entry is rebuilt
+    _, third = run(spec, data_file, tmp_path / "c")
+    assert "tokenized in" in third
+    assert trainer.read_metrics(tmp_path / "a")[0]["loss"] == trainer.read_metrics(tmp_path / "c")[0]["loss"]
+
+
+def test_cpu_step_cap(tmp_path, data_file, monkeypatch):
+    assert trainer.cpu_step_cap(preset("tiny"), 34816) >= preset("tiny").train.steps
+    assert 100 <= trainer.cpu_step_cap(preset("hipgpt"), 1554312) < preset("hipgpt").train.steps
+    flops = trainer.step_flops(preset("tiny"), 34816)
+    monkeypatch.setattr(trainer, "CPU_STEP_BUDGET_FLOP", 12 * flops)
+    result, text = run(tiny(steps=300), data_file, tmp_path / "a", steps=None)
+    assert result.step == 10 and "training 10 steps instead of the spec's 300" in text
+    result, _ = run(tiny(steps=12), data_file, tmp_path / "b", steps=12)  # an explicit --steps is obeyed
+    assert result.step == 12
+
+
+def test_disk_full_leaves_nothing(tmp_path, data_file, monkeypatch):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(ckpt, "write_atomic", full)
+    with pytest.raises(GptcError, match="no space left on the device"):
+        run(tiny(), data_file, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_at_a_checkpoint(tmp_path, data_file, monkeypatch):
+    real = ckpt.write_atomic
+
+    def fill_disk(step, record):
+        if step == 15:
+            monkeypatch.setattr(ckpt, "write_atomic", lambda p, d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(GptcError) as info:
+        run(tiny(), data_file, tmp_path / "run", on_step=fill_disk)
+    message = str(info.value)
+    assert "no space left" in message and "step 20" in message and "--resume" in message
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [10]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
+    monkeypatch.setattr(ckpt, "write_atomic", real)
+    result, _ = run(None, data_file, resume=tmp_path / "run")
+    assert result.step == 40
+
+
+# ----- the command line -------------------------------------------------------------------
+def cli(capsys, *args):
+    code = main(["train", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, expected):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gptc: error:"), err
+    assert expected in lines[0], lines[0]
+
+
+@pytest.fixture
+def finished_run(tmp_path, data_file, capsys):
+    run_dir = tmp_path / "run"
+    code, out, _ = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--steps", 20, "--out", run_dir)
+    assert code == 0
+    return run_dir
+
+
+def test_cli_resume_and_mismatch(finished_run, data_file, capsys):
+    code, out, err = cli(capsys, "--resume", finished_run, "--steps", 25, "--device", "cpu")
+    assert code == 0, err
+    assert "resuming" in out and "step-000025" in out
+    code, _, err = cli(capsys, "--resume", finished_run, "--preset", "hipgpt", "--device", "cpu")
+    assert_one_line_error(code, err, "model.vocab_size is 5000 in the given spec but 256 in the run")
+    code, _, err = cli(capsys, "--resume", finished_run, "--lr", "0.1", "--device", "cpu")
+    assert_one_line_error(code, err, "train.lr is 0.1 in the given spec")
+    code, _, err = cli(capsys, "--resume", finished_run, "--steps", 10, "--device", "cpu")
+    assert_one_line_error(code, err, "already at step 25")
+    code, out, _ = cli(capsys, "--resume", finished_run, "--device", "cpu")
+    assert code == 0 and "nothing to do" in out
+    code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--out", finished_run)
+    assert_one_line_error(code, err, "already holds a run")
+    other = finished_run.parent / "other.txt"
+    other.write_text("a different text " * 100)
+    code, _, err = cli(capsys, "--resume", finished_run, "--steps", 30, "--data", other, "--device", "cpu")
+    assert_one_line_error(code, err, "differs from the text the run was trained on")
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]), "truncated"),
+    (lambda d: (d / "optimizer.safetensors").write_bytes(b"\x08"), "corrupt or truncated"),
+    (lambda d: (d / "state.json").unlink(), "incomplete"),
+    (lambda d: (d / "state.json").write_text("{"), "not valid JSON"),
+    (lambda d: _flip_last_byte(d / "model.safetensors"), "does not match the sha256"),
+])
+def test_cli_corrupt_checkpoint(finished_run, capsys, damage, expected):
+    damage(finished_run / "checkpoints" / "step-000020")
+    code, _, err = cli(capsys, "--resume", finished_run, "--steps", 30, "--device", "cpu")
+    assert_one_line_error(code, err, expected)
+
+
+def _flip_last_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_cli_bad_input(tmp_path, data_file, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short for a window of 33 tokens, twice over" * 4)
+    code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", short, "--out", tmp_path / "a")
+    assert_one_line_error(code, err, "fewer than the 321 needed")
+    toml = tmp_path / "big-vocab.toml"
+    toml.write_text("preset = 'tiny'\n[model]\nvocab_size = 100000\n")
+    code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "lower model.vocab_size")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--out", a_file / "run")
+    assert_one_line_error(code, err, f"'{a_file}' is a file, not a directory; choose another --out")
+    code, _, err = cli(capsys, "--resume", tmp_path / "nowhere", "--device", "cpu")
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = cli(capsys, "--resume", tmp_path, "--device", "cpu")
+    assert_one_line_error(code, err, "has no checkpoints")
+    code, _, err = cli(capsys, tmp_path, "--device", "cpu")
+    assert_one_line_error(code, err, "not a bundle (no manifest.json)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-vocab.toml", "cache", "file.txt", "short.txt"]
+
+
+def test_real_ctrl_c(tmp_path, data_file):
+    """SIGINT to `gptc train`: the step finishes, a checkpoint is saved, exit 130, and
+    the run resumes from it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPTC_CACHE_DIR": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gptc", "train", "--preset", "tiny", "--device", "cpu",
+                             "--data", str(data_file), "--steps", "100000", "--out", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step"):
+                break
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "saving a checkpoint after this step" in err
+    step = ckpt.list_checkpoints(run_dir)[-1][0]
+    assert f"interrupted at step {step}: saved" in out and "--resume" in out
+    assert [r["step"] for r in trainer.read_metrics(run_dir)] == list(range(1, step + 1))
+    result, _ = run(None, data_file, resume=run_dir, steps=step + 3)
+    assert result.step == step + 3
