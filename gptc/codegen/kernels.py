@@ -263,6 +263,88 @@ def _operand_layout(plan: Plan, nid: int):
     return nid, layout[0], layout[1]
 
 
+# Matmul tiles (bm, bn, tm, tn): a group of (bm/tm)*(bn/tn) threads computes a bm x bn
+# tile of C, each thread a tm x tn block read from shared memory in 16-byte vectors.
+_MM_TILES = ((128, 128, 8, 8), (128, 64, 8, 4), (64, 128, 4, 8), (64, 64, 8, 8), (64, 64, 4, 4),
+             (64, 32, 8, 8), (32, 64, 8, 8), (64, 32, 4, 4), (32, 64, 4, 4), (32, 32, 8, 8), (32, 32, 4, 4))
+# (compute units, shared memory per unit in bytes) by arch, for the tile choice.
+_MM_UNITS = {"sm_80": (108, 167936), "sm_86": (84, 102400), "sm_89": (128, 102400), "sm_90": (132, 233472),
+             "gfx906": (60, 65536), "gfx908": (120, 65536), "gfx90a": (110, 65536), "gfx942": (304, 65536),
+             "gfx1030": (80, 65536), "gfx1100": (96, 65536)}
+# Fraction of a unit's peak FMA rate that a thread's tm*tn block reaches with 8 warps
+# resident (fp32; shared-memory reads bound the small blocks). With _mm_cost's other
+# constants, fitted to sweeps of every legal configuration on an H200 (hipgpt shapes at
+# batch 32 and 256): the cost model ranks configurations, it does not predict times.
+_MM_EFF = {16: 0.4, 32: 0.4, 64: 0.55}
+# The configurations that measured fastest (or within 3%) for some of those shapes.
+# _mm_config chooses among these only, so every choice is code measured to be good.
+_MM_MENU = ((64, 64, 8, 8, 1, 8, 1), (64, 64, 8, 8, 1, 8, 2), (64, 64, 8, 8, 2, 32, 1), (64, 64, 8, 8, 2, 16, 1),
+            (32, 64, 8, 8, 2, 16, 1), (32, 64, 4, 4, 1, 8, 2), (32, 32, 4, 4, 2, 16, 2), (32, 32, 4, 4, 2, 32, 2),
+            (32, 32, 4, 4, 4, 16, 2), (32, 32, 4, 4, 4, 64, 2), (32, 32, 4, 4, 4, 32, 2), (32, 32, 4, 4, 4, 16, 1),
+            (32, 32, 8, 8, 16, 64, 2), (32, 32, 8, 8, 8, 32, 2), (32, 64, 8, 8, 4, 16, 2), (64, 32, 8, 8, 4, 16, 1))
+
+
+def _mm_smem_floats(bm: int, bn: int, bk: int, kg: int) -> int:
+    """Two staging buffers As[bk][bm+4], Bs[bk][bn+4] (rows padded to 16 bytes, 4 banks
+    apart), reused after the k loop for the partial tiles (kg/2 of them at once) and
+    the summed tile C[bm][bn+1]."""
+    return max(2 * bk * (bm + 4 + bn + 4), (kg // 2) * bm * bn, bm * (bn + 1) if kg > 1 else 0)
+
+
+def _mm_configs(target: Target):
+    """Every legal (bm, bn, tm, tn, kg, bk, depth): kg groups of threads split each slab
+    of bk along k (bk/kg rows each), at most 256 threads, shared memory within the
+    target's; global loads run `depth` slabs ahead of the compute."""
+    for bm, bn, tm, tn in _MM_TILES:
+        group = (bm // tm) * (bn // tn)
+        for kg in (1, 2, 4, 8, 16):
+            threads = group * kg
+            if threads > 256 or threads % target.wavefront:
+                continue
+            for bks in (4, 8, 16):
+                bk = kg * bks
+                if bk % 8 or bk > 64 or (bm * bk) % threads or (bn * bk) % threads:
+                    continue
+                # Groups of 16 threads share a warp: their rows must fall 16 banks apart.
+                if group < 32 and (bks * (bm + 4)) % 32 != 16:
+                    continue
+                if _mm_smem_floats(bm, bn, bk, kg) * 4 > target.shared_mem:
+                    continue
+                for depth in (1, 2):
+                    if depth * (bm + bn) * bk // threads <= 32:  # staging registers a thread holds
+                        yield bm, bn, tm, tn, kg, bk, depth
+
+
+def _mm_cost(m: int, n: int, k: int, batch: int, cfg, target: Target) -> float:
+    """Estimated cycles of the busiest compute unit: its blocks run in rounds of `occ`
+    resident blocks; a slab costs about the larger of a global-load round trip (shared
+    by `depth` slabs in flight) and the FMAs of the resident blocks at the rate their
+    thread blocks reach, at least their L2 bytes; then the k groups' tree sum."""
+    bm, bn, tm, tn, kg, bk, depth = cfg
+    units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
+    threads = (bm // tm) * (bn // tn) * kg
+    tiles = ceil_div(m, bm) * ceil_div(n, bn) * batch
+    slabs = max(1, ceil_div(k, bk))
+    per_unit = ceil_div(tiles, units)
+    regs = tm * tn + 2 * (tm + tn) + depth * (bm + bn) * bk // threads + 16 + (32 if kg > 1 else 0)
+    occ = max(1, min(per_unit, 2048 // threads, smem_unit // (4 * _mm_smem_floats(bm, bn, bk, kg)),
+                     65536 // (threads * regs)))
+    warps8 = occ * threads / 256  # resident warps / 8: fewer leave schedulers idle, more hide latency
+    eff = _MM_EFF[tm * tn] * (warps8 ** 0.7 if warps8 < 1 else min(2.0, warps8 ** 0.3))
+    fmas, latency = occ * bm * bn * bk / (128 * eff), 1500.0 / depth
+    slab = max((fmas ** 8 + latency ** 8) ** 0.125, occ * (bm + bn) * bk * 4 / 16)
+    reduce = 1000 * (kg.bit_length() - 1) + (bm * bn * 4 / threads) * 20 if kg > 1 else 0.0
+    return ceil_div(per_unit, occ) * (slabs * slab + 2000 + reduce)
+
+
+def _mm_config(m: int, n: int, k: int, batch: int, target: Target):
+    """The cheapest configuration of the menu by _mm_cost (first of equals, so
+    deterministic); all legal ones if the target admits none of the menu."""
+    legal = list(_mm_configs(target))
+    menu = [cfg for cfg in _MM_MENU if cfg in legal] or legal
+    return min(menu, key=lambda cfg: _mm_cost(m, n, k, batch, cfg, target))
+
+
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
     g = plan.graph
     mm = kernel.anchor
@@ -286,14 +368,24 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         body += lines
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
-    bm = bn = 64
-    bk, threads = 16, 256
-    tx_count = ty_count = 16
-    ctx.update(m=m, n=n, k=k, batch=max(1, _size(batch_shape)), bm=bm, bn=bn, bk=bk, tm=bm // ty_count,
-               tn=bn // tx_count, tx_count=tx_count, ty_count=ty_count, batch_lines=batch_lines,
-               a_ptr=a_ptr, b_ptr=b_ptr, a_sm=a_strides[-2], a_sk=a_strides[-1], b_sk=b_strides[-2],
-               b_sn=b_strides[-1], a_k_contiguous=a_strides[-1] == 1, b_n_contiguous=b_strides[-1] == 1, body=body)
-    grid = (ceil_div(n, bn), ceil_div(m, bm), max(1, _size(batch_shape)))
+    batch = max(1, _size(batch_shape))
+    bm, bn, tm, tn, kg, bk, depth = _mm_config(m, n, k, batch, target)
+    ty_count, tx_count = bm // tm, bn // tn
+    threads = ty_count * tx_count * kg
+    a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
+    # Staging loads: consecutive threads walk the operand's contiguous dimension;
+    # "k" reads runs of 8 along k (one 32-byte sector) from 4 rows per 32 threads.
+    a_mode = "m" if a_sk != 1 and a_sm == 1 else "k"
+    b_mode = "k" if b_sn != 1 and b_sk == 1 else "n"
+    ctx.update(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, bk=bk, bks=bk // kg, kg=kg, tm=tm, tn=tn, depth=depth,
+               tx_count=tx_count, ty_count=ty_count, group_threads=tx_count * ty_count,
+               halves=[kg >> r for r in range(1, kg.bit_length())], slabs=max(1, ceil_div(k, bk)),
+               pa=bm + 4, pb=bn + 4, smem_floats=_mm_smem_floats(bm, bn, bk, kg),
+               la=bm * bk // threads, lb=bn * bk // threads, a_mode=a_mode, b_mode=b_mode,
+               check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
+               batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_sm=a_sm, a_sk=a_sk, b_sk=b_sk, b_sn=b_sn,
+               body=body)
+    grid = (ceil_div(n, bn), ceil_div(m, bm), batch)
     return grid, (threads, 1, 1), em
 
 
