@@ -185,8 +185,15 @@ class BundleRuntime:
         self.arenas.close()
 
 
-def open_bundle_sessions(path: str | os.PathLike, device, params: Mapping[str, np.ndarray] | None = None):
-    """(spec, {step: Session}) for a bundle directory on `device`."""
-    bundle = Bundle(path)
-    runtime = bundle.open(device, params)
-    return bundle.spec, runtime.steps
+def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print) -> Bundle:
+    """The bundle of `spec` for the device's target, compiled once into gptc's cache
+    (bundles/<hash of spec, target and gptc version>)."""
+    from gptc.runtime.cache import cache_root
+    key = hashlib.sha256(json.dumps([spec_dict(spec), device.target.to_dict(), gptc.__version__],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_root() or Path(tempfile.mkdtemp(prefix="gptc-"))  # caching off: a fresh directory
+    path = root / "bundles" / key
+    if not (path / "manifest.json").is_file():
+        log(f"compiling the model for {device.target.name} into {path}")
+        compile_bundle(spec, path, device.target, log=lambda line: None)
+    return Bundle(path)

@@ -69,7 +69,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from gptc.spec import GptcError, Spec, SpecError, spec_from_dict
+from gptc.spec import UMASK as _UMASK, GptcError, Spec, SpecError, spec_from_dict, write_atomic  # noqa: F401 (tests patch it here)
 
 FORMAT = "gptc-checkpoint"
 FORMAT_VERSION = 1
@@ -93,37 +93,6 @@ class CheckpointError(GptcError):
     """A checkpoint or safetensors file that cannot be used (one-line message)."""
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it
-    (temporary file in the same directory, fsync, os.replace). Unlike a bare mkstemp the
-    file gets the usual permissions (0666 less the umask). Every file of a run and of
-    the tokenization cache is written through this function (tests replace it to
-    simulate a full disk)."""
-    p = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
-
-
-# ----- safetensors ------------------------------------------------------------------------
 def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """The bytes of a safetensors file holding `tensors` (written in name order)."""
     header: dict[str, Any] = {}

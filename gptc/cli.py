@@ -40,6 +40,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
           lr=args.lr, batch=args.batch, name=name, bundle=bundle)
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    """The main job: compile the default model, train it on the bundled corpus on the
+    best device here, and print a sample."""
+    from gptc.generate import SamplingParams, run_generate
+    from gptc.train import train
+    result = train(preset(args.preset), None, device=args.device, out_dir=args.out, steps=args.steps,
+                   name=f"demo-{args.preset}")
+    print(f"\nsample ({args.num_tokens} tokens, temperature 0.8, top-k 40, seed 0):")
+    run_generate(str(result.run_dir), args.prompt,
+                 SamplingParams(num_tokens=args.num_tokens, temperature=0.8, top_k=40, seed=0), args.device)
+
+
 def _cmd_plan(args: argparse.Namespace) -> None:
     from gptc.models import build_graph
     from gptc.planner import fusion_report, make_plan
@@ -68,6 +80,13 @@ def _cmd_compile(args: argparse.Namespace) -> None:
             raise GptcError(str(e)) from None
     print(f"compiling {args.spec or args.preset or 'hipgpt'} for {target.name} ({'fused' if not args.no_fuse else 'unfused'})")
     compile_bundle(spec, args.output, target, fuse=not args.no_fuse)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from gptc.generate import SamplingParams, run_generate
+    params = SamplingParams(num_tokens=args.num_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
+    run_generate(args.checkpoint, args.prompt, params, args.device)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -105,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(or from the checkpoint directory RUNDIR/checkpoints/step-N)")
     p.set_defaults(run=_cmd_train)
 
+    p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")
+    p.add_argument("--preset", default="hipgpt", help="the model (default hipgpt)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer on a CPU)")
+    p.add_argument("--out", help="run directory (default runs/demo-<preset>-<time>)")
+    p.add_argument("--prompt", default="ROMEO:", help="the text the sample continues")
+    p.add_argument("--num-tokens", type=int, default=100, help="tokens to sample")
+    p.set_defaults(run=_cmd_demo)
+
     p = sub.add_parser("compile", help="compile a model into a kernel bundle")
     p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
     p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
@@ -114,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="sequences per training step")
     p.add_argument("--seq-len", type=int, help="context length")
     p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("generate", help="sample text from a trained checkpoint (prefill, then KV-cache decode)")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--temp", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, help="random seed: same seed, same text")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.set_defaults(run=_cmd_generate)
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
     p.add_argument("bundle", help="a bundle directory (from gptc compile)")

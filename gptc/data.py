@@ -104,11 +104,9 @@ def min_corpus_tokens(seq_len: int, validation_fraction: float = 0.1) -> int:
 # ----- tokenization with a disk cache -----------------------------------------------------
 def corpus_cache_dir() -> Path | None:
     """$GPTC_CACHE_DIR/corpus (default ~/.cache/gptc/corpus), or None when GPTC_CACHE_DIR=off."""
-    env = os.environ.get("GPTC_CACHE_DIR")
-    if env is not None and env.strip().lower() in ("off", "0", "none", "disabled"):
-        return None
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "gptc"
-    return root / "corpus"
+    from gptc.runtime.cache import cache_root
+    root = cache_root()
+    return None if root is None else root / "corpus"
 
 
 def corpus_key(text: str, vocab_size: int) -> str:

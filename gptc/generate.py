@@ -123,6 +123,60 @@ def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_
             logits = model.prefill(tokens[-s:])
 
 
+def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: str = "auto",
+                 out=None, log: Callable[[str], None] | None = None) -> str:
+    """`gptc generate`: load a checkpoint, encode the prompt, stream the continuation
+    to `out` (stdout), return the generated text. A prompt longer than the context
+    keeps its last seq_len tokens, with a warning."""
+    import sys
+
+    from gptc.checkpoint import find_checkpoint, load_checkpoint
+    from gptc.session import resolve_device
+    from gptc.tokenizer import Tokenizer
+    out = out or sys.stdout
+    log = log or (lambda line: print(line, file=sys.stderr))
+    ckpt = load_checkpoint(find_checkpoint(checkpoint))
+    spec = ckpt.spec
+    p.validate(spec.model.vocab_size)
+    try:
+        tokenizer = Tokenizer.from_json(ckpt.tokenizer_json)
+    except ValueError as e:
+        raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
+    if not prompt:
+        raise GptcError("the prompt is empty; give at least one character with --prompt")
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    if len(ids) > spec.model.seq_len:
+        log(f"warning: the prompt has {len(ids)} tokens, more than the context of {spec.model.seq_len}; "
+            f"the model sees its last {spec.model.seq_len}")
+    device = resolve_device(device_name)
+    runtime = None
+    if device is None:
+        model = cpu_model(spec, ckpt.params)
+    else:
+        from gptc.bundle import cached_bundle
+        runtime = cached_bundle(spec, device, log).open(device, ckpt.params)
+        model = gpu_model(runtime)
+    log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}")
+    stream = tokenizer.stream_decoder()
+    pieces = [prompt]
+    out.write(prompt)
+    out.flush()
+    try:
+        for token in generate_tokens(model, ids, p):
+            text = stream.feed(token)
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+        tail = stream.flush()
+        pieces.append(tail)
+        out.write(tail + "\n")
+        out.flush()
+    finally:
+        if runtime is not None:
+            runtime.close()
+    return "".join(pieces)
+
+
 def smoke_test(bundle, device) -> None:
     """Run every step of a bundle once on random inputs and print what came out
     (`python executor.py` inside a bundle calls this)."""

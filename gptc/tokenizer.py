@@ -262,6 +262,14 @@ class Tokenizer:
             raise ValueError(f"{path}: invalid tokenizer file: {_one_line(e)}") from None
 
     @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        """Parse the content of a tokenizer.json (as `to_json` writes it)."""
+        try:
+            return cls._from_obj(json.loads(text))
+        except ValueError as e:
+            raise ValueError(f"invalid tokenizer: {_one_line(e)}") from None
+
+    @classmethod
     def _from_obj(cls, obj) -> "Tokenizer":
         if not isinstance(obj, dict):
             raise ValueError("top level is not a JSON object")

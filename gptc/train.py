@@ -194,25 +194,20 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         device_name = dev.name
         console.line(f"device: {device} -> {dev.name}" if device == "auto" else f"device: {dev.name}")
 
-    bundle_sessions = None
+    runtime = None  # on a GPU: the steps of a bundle, sharing the parameters in device memory
     if bundle is not None:
         if spec is not None:
             raise GptcError("give either a bundle or a spec/--preset, not both")
         if dev is None:
             raise GptcError(f"a bundle runs on a GPU, and none is in use; use --device gpu, or train the bundle's "
                             f"spec on the CPU: gptc train {Path(bundle) / 'spec.toml'} --device cpu")
-        try:
-            from gptc.bundle import open_bundle_sessions
-        except ImportError:
-            raise GptcError("bundles are not supported yet") from None
-        # (spec, {step name: Session}); the steps share one parameter arena on the device.
-        spec, steps_of = open_bundle_sessions(bundle, dev)
-        if "train" not in steps_of or "eval" not in steps_of:
-            raise GptcError(f"bundle '{bundle}' has no training and evaluation steps; compile it with them")
-        bundle_sessions = (steps_of["train"], steps_of["eval"])
+        from gptc.bundle import Bundle
+        loaded = Bundle(bundle)
+        spec = loaded.spec
         if batch is not None and batch != spec.train.batch_size:
             raise GptcError(f"bundle '{bundle}' is compiled for batches of {spec.train.batch_size}; "
                             "compile it again for another --batch")
+        runtime = loaded.open(dev)
 
     # 2. spec (and the checkpoint to resume) ----------------------------------------------
     checkpoint = None
@@ -341,8 +336,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             _check_tensors(checkpoint.optimizer, {n: train_graph.type(i).shape for n, i in train_graph.states.items()},
                            "optimizer.safetensors", checkpoint.path)
             params = checkpoint.params
-        if bundle_sessions:
-            train_sess, eval_sess = bundle_sessions
+        if runtime is None and dev is not None:
+            from gptc.bundle import cached_bundle
+            runtime = cached_bundle(spec, dev, note).open(dev)
+        if runtime is not None:
+            train_sess, eval_sess = runtime.steps["train"], runtime.steps["eval"]
             train_sess.write({**params, **{n: np.zeros(train_graph.type(train_graph.states[n]).shape, np.float32)
                                            for n in state_names}})
         else:
@@ -395,7 +393,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         return path
 
     def evaluate() -> float:
-        eval_sess.write(train_sess.read(param_names))
+        if runtime is None:  # on a GPU the steps share the parameters already
+            eval_sess.write(train_sess.read(param_names))
         losses = [float(eval_sess.run({"tokens": x, "targets": y})["loss"]) for x, y in val_batches]
         return float(np.mean(losses))
 
@@ -482,8 +481,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         if handler_installed:
             signal.signal(signal.SIGINT, previous)
         metrics.close()
-        for sess in (train_sess, eval_sess):
-            sess.close()
+        if runtime is not None:
+            runtime.close()
+        else:
+            for sess in (train_sess, eval_sess):
+                sess.close()
 
     console.end()
     plot = write_plot(run_dir, name, device_name, console)

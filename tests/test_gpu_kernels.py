@@ -107,7 +107,19 @@ def family_graphs():
         g.output("y", dsl.causal_attention(q, k, v))
         return g
 
-    return [("pointwise", pointwise, 1e-5), ("row", row, 1e-5), ("cross_entropy", cross_entropy, 1e-5),
+    def attention_grad():
+        from gptc.autodiff import gradients
+        g = Graph()
+        q, k, v = (g.param(n, (2, 3, 37, 16)) for n in "qkv")
+        r = g.input("r", (2, 3, 37, 16))
+        y = dsl.causal_attention(q, k, v)
+        loss = (y * r).sum()
+        g.output("y", y)
+        for name, grad in zip("qkv", gradients(loss, [q, k, v])):
+            g.output(f"d{name}", grad)
+        return g
+
+    return [("attention_grad", attention_grad, 1e-5), ("pointwise", pointwise, 1e-5), ("row", row, 1e-5), ("cross_entropy", cross_entropy, 1e-5),
             ("reduce", reduce, 1e-5), ("matmul", matmul, 1e-5), ("embedding", embedding, 1e-5),
             ("attention", attention, 1e-5)]
 

@@ -241,7 +241,7 @@ def test_cache_can_be_disabled(monkeypatch, tmp_path):
         cache.put("ab" * 32, b"x")
         assert cache.get("ab" * 32) is None
     monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path))
-    assert KernelCache().root == tmp_path
+    assert KernelCache().root == tmp_path / "kernels"  # GPTC_CACHE_DIR is the root of all of gptc's caches
 
 
 def test_cache_put_is_atomic_and_leaves_no_temp_files(tmp_path):

@@ -93,9 +93,10 @@ def _grid_1d(count: int, threads: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, threads), MAX_GRID)), 1, 1)
 
 
-def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
-    """(body text, grid, block, emitter) of one planned kernel; `args` names buffers
-    (shared by the kernels of one launch)."""
+def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
+    """[(title, body text, grid, block)] of one planned kernel (the attention backward
+    has two parts: keys and queries); `args` names buffers (shared by the kernels of
+    one launch)."""
     g = plan.graph
     family = kernel.family
     ctx: dict = {}
@@ -121,10 +122,12 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _reduce(plan, kernel, target, ctx, args)
     elif family == "matmul":
         grid, block, em = _matmul(plan, kernel, target, ctx, args)
+    elif family in ("attention", "attention_bwd"):
+        return _attention(plan, kernel, target, args)
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
-    return text, grid, block, em
+    return [(kernel.name, text, grid, block)]
 
 
 def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> KernelSource:
@@ -134,12 +137,12 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> Kern
     args: dict[int, str] = {}
     parts, start, block = [], 0, None
     for kernel in kernels:
-        text, grid, part_block, _ = _render_part(plan, kernel, target, args)
-        assert block in (None, part_block) and (len(kernels) == 1 or grid[1:] == (1, 1))
-        block = part_block
-        parts.append(dict(body=text, start=start, end=start + grid[0], title=kernel.name))
-        start += grid[0]
-    grid = (start, 1, 1) if len(kernels) > 1 else grid
+        for title, text, grid, part_block in _render_parts(plan, kernel, target, args):
+            assert block in (None, part_block)
+            block = part_block
+            parts.append(dict(body=text, start=start, end=start + grid[0], title=title))
+            start += grid[0]
+    grid = (start, 1, 1) if len(parts) > 1 else grid
     family = kernels[0].family
     name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
     arg_ids = tuple(args)  # in parameter order
@@ -387,6 +390,48 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                body=body)
     grid = (ceil_div(n, bn), ceil_div(m, bm), batch)
     return grid, (threads, 1, 1), em
+
+
+def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
+    """Flash-style causal attention: one lane per query (or key) row."""
+    g = plan.graph
+    a = kernel.attention
+    em = Emitter(plan, kernel.nodes, args=args)
+    *batch_shape, seq, dim = g.type(a.q).shape
+    # Lanes (rows) per block: a wavefront, halved until the backward launch's seven
+    # shared rows of head_dim floats per lane (keys part 4, queries part 3) fit.
+    w = target.wavefront
+    while w > 8 and 7 * w * (dim + 1) * 4 > target.shared_mem:
+        w //= 2
+    nqb = ceil_div(seq, w)
+    batch_lines, z = _unravel_lines("bh", "z", tuple(batch_shape))
+    ctx = dict(s=seq, d=dim, w=w, nqb=nqb, scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
+
+    def operand(name: str, nid: int, transpose: bool = False) -> None:
+        buf, offset, strides = _operand_layout(plan, nid)
+        if transpose:
+            strides = strides[:-2] + [strides[-1], strides[-2]]
+        terms = [str(offset)] + [f"{zi} * {st}" for zi, st in zip(z, strides[:-2]) if st]
+        batch_lines.append(f"const idx_t {name}_base = {' + '.join(terms)};")
+        ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
+
+    operand("q", a.q)
+    operand("k", a.k_t, transpose=True)
+    operand("v", a.v)
+    batch_lines += [f"const idx_t o_base = bh * {seq * dim};", f"const idx_t r_base = bh * {seq};"]
+    blocks = (max(1, _size(tuple(batch_shape))) * nqb, 1, 1)
+    env = _environment()
+    if kernel.family == "attention":
+        stats = a.m in kernel.roots
+        ctx.update(out=em.arg(a.out), store_stats=stats)
+        if stats:
+            ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
+        return [(kernel.name, env.get_template("attention.hip.j2").render(**ctx), blocks, (w, 1, 1))]
+    operand("g", a.d_out)  # the gradient of out
+    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(a.dq),
+               dkt_ptr=em.arg(a.dk_t), dv_ptr=em.arg(a.dv))
+    return [(f"{kernel.name} keys", env.get_template("attention_dkdv.hip.j2").render(**ctx), blocks, (w, 1, 1)),
+            (f"{kernel.name} queries", env.get_template("attention_dq.hip.j2").render(**ctx), blocks, (w, 1, 1))]
 
 
 def render_plan(plan: Plan, target: Target) -> list[KernelSource]:

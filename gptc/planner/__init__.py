@@ -15,14 +15,47 @@ __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
 
 def make_plan(graph: Graph, fuse: bool = True) -> Plan:
     """Fused (fuse=True) or unfused (one kernel per compute node) plan of `graph`."""
-    lay_out_matmul_operands(graph)
+    graph.prune()  # values nothing reads are not computed
+    lay_out(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)
 
 
-def lay_out_matmul_operands(graph: Graph) -> None:
-    """Matmul kernels read operands as strided views of a buffer. Where an operand's
-    views are not strided (a permute followed by a reshape that merges the permuted
-    axes), insert a `copy` node so the value is laid out in memory first."""
+SPLIT_REDUCTION_SIZE = 1 << 16
+
+
+def split_reductions(graph: Graph) -> None:
+    """A large reduction over several axes including the last one (a sum of squares
+    of a weight gradient for the gradient norm) would run in a single block. Reduce the
+    last axis first (a row kernel, one row per warp), then the rest."""
+    for nid in list(graph.nx.nodes):
+        node = graph.node(nid)
+        if node["op"] not in ("sum", "max"):
+            continue
+        (src,) = node["inputs"]
+        shape = graph.type(src).shape
+        axes = node["attrs"]["axes"]
+        if len(axes) < 2 or axes[-1] != len(shape) - 1 or graph.type(src).size < SPLIT_REDUCTION_SIZE:
+            continue
+        with graph.replace_scope(node["scope"]):
+            rows = graph.add(node["op"], [src], axes=(len(shape) - 1,), keepdims=True)
+        graph.nx.remove_edge(src, nid)
+        graph.nx.add_edge(rows, nid, args=[0])
+        node["inputs"] = (rows,)
+
+
+def lay_out(graph: Graph) -> None:
+    """Insert `copy` nodes where a value must be laid out in memory: a graph output
+    that is a view other than a reshape (outputs are stored contiguously), and a matmul
+    operand whose views are not strided (a permute followed by a reshape that merges
+    the permuted axes), since matmul kernels read strided views of buffers."""
+    for name, nid in list(graph.outputs.items()):
+        base = nid
+        while OPS[graph.op(base)].kind == VIEW and graph.op(base) == "reshape":
+            base = graph.inputs_of(base)[0]
+        if OPS[graph.op(base)].kind == VIEW:
+            with graph.replace_scope(f"output {name}"):
+                graph.outputs[name] = graph.add("copy", [nid])
+    split_reductions(graph)
     for nid in list(graph.nx.nodes):
         if graph.op(nid) != "matmul":
             continue

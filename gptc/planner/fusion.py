@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from gptc.ir import Graph
+from gptc.planner.attention import AttentionMatch, find_attention
 from gptc.ops import OPS
 from gptc.ops.registry import ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
 
 POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
+ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Group:
     family: str
     anchor: int
     nodes: set[int] = field(default_factory=set)
+    attention: AttentionMatch | None = None   # for the attention families
 
 
 def is_free(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
@@ -105,8 +108,13 @@ class Fuser:
 
     def run(self) -> list[Group]:
         g = self.graph
+        if self.fuse:
+            for match in find_attention(g, lambda n: is_free(g, n, self.free)):
+                self._claim(Group(ATTENTION, match.out, set(match.forward), match))
+                if match.backward:
+                    self._claim(Group(ATTENTION_BWD, match.dv, set(match.backward), match))
         for nid in reversed(g.topo_order()):
-            if is_free(g, nid, self.free):
+            if is_free(g, nid, self.free) or nid in self.group_of:
                 continue
             target = self._join_target(nid) if self.fuse else None
             if target is None:
@@ -117,6 +125,11 @@ class Fuser:
         # Groups were created consumers-first; number them producers-first.
         groups = list(reversed(self.groups))
         return self._merge_producers(groups) if self.fuse else groups
+
+    def _claim(self, group: Group) -> None:
+        for n in group.nodes:
+            self.group_of[n] = len(self.groups)
+        self.groups.append(group)
 
     def _merge_producers(self, groups: list[Group]) -> list[Group]:
         """Second pass: merge a kernel into the kernel that produces its inputs when the
@@ -132,6 +145,8 @@ class Fuser:
                 if q not in kg:
                     continue
                 for p in sorted(kg.successors(q)):
+                    if members[q].attention or members[p].attention:
+                        continue
                     family = self._classify(members[q].nodes | members[p].nodes)
                     if family is None:
                         continue
@@ -202,6 +217,8 @@ class Fuser:
             return None
         target = targets.pop()
         group = self.groups[target]
+        if group.attention:
+            return None
         for user, chain in users:
             read = chain[-1] if chain else nid
             user_kind = OPS[g.op(user)].kind

@@ -16,6 +16,7 @@ import networkx as nx
 from gptc.ir import Graph
 from gptc.ops import OPS
 from gptc.ops.registry import DTYPE_BYTES, VIEW
+from gptc.planner.attention import AttentionMatch
 from gptc.planner.fusion import Group, _producers, compute_users, is_free
 
 ALIGN = 256
@@ -42,6 +43,7 @@ class KernelPlan:
     roots: list[int]              # nodes whose values this kernel stores
     reads: list[int]              # buffered nodes it loads (sources and other kernels' roots)
     zero_init: list[int] = field(default_factory=list)  # roots to clear before launch
+    attention: AttentionMatch | None = None  # operands and results of the attention families
 
 
 @dataclass
@@ -113,8 +115,11 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
         roots = [n for n in nodes
                  if n in graph_roots or n in aliases.values()
                  or any(u not in grp.nodes for u, _ in compute_users(graph, n, free))]
-        kernels.append(KernelPlan("", grp.family, grp.anchor, nodes, roots, reads_of(graph, grp.nodes, free),
-                                  zero_init=[grp.anchor] if grp.family == "scatter" else []))
+        reads = reads_of(graph, grp.nodes, free)
+        if grp.attention:
+            roots, reads = _attention_io(graph, grp)
+        kernels.append(KernelPlan("", grp.family, grp.anchor, nodes, roots, reads,
+                                  zero_init=[grp.anchor] if grp.family == "scatter" else [], attention=grp.attention))
 
     # Launch order: data dependencies plus, for in-place updates, "read the old value
     # before it is overwritten".
@@ -173,6 +178,26 @@ def _batch(kernels: list[KernelPlan], order: list[int], level: dict[int, int]) -
             launches.append([position])
         key = this
     return launches
+
+
+def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
+    """The flash kernels store only out (and m, s for the backward pass) and
+    recompute everything else from their operands."""
+    a = grp.attention
+    operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else [])
+    reads = sorted({_view_base(graph, o) for o in operands})
+    if grp.family == "attention":
+        roots = [a.out] + ([a.m, a.s] if a.backward else [])
+    else:
+        roots = [a.dq, a.dk_t, a.dv]
+    return roots, reads
+
+
+def _view_base(graph: Graph, nid: int) -> int:
+    """The buffered node a chain of views reads."""
+    while OPS[graph.op(nid)].kind == VIEW:
+        nid = graph.inputs_of(nid)[0]
+    return nid
 
 
 def _check_in_place(graph: Graph, kernel: KernelPlan, old: int, new: int, free: dict[int, bool]) -> None:

@@ -2,7 +2,7 @@
 
 Key: sha256 over (format version, compiler name + version, arch, options, source),
 each field length-prefixed so that no two different tuples hash the same bytes.
-Location: ``$GPTC_CACHE_DIR``, default ``~/.cache/gptc/kernels``; one file per
+Location: ``$GPTC_CACHE_DIR/kernels``, default ``~/.cache/gptc/kernels``; one file per
 entry, ``<key[:2]>/<key>.co``. Set ``GPTC_CACHE_DIR=off`` (or pass KernelCache(None))
 to disable the cache.
 
@@ -30,14 +30,19 @@ _HEADER = struct.Struct("<8s32sQ")
 DEFAULT = object()  # KernelCache(root=DEFAULT): the directory default_cache_dir() names
 
 
-def default_cache_dir() -> Path | None:
-    """The cache directory from the environment; None when caching is turned off."""
+def cache_root() -> Path | None:
+    """gptc's cache directory: $GPTC_CACHE_DIR, default ~/.cache/gptc; None when
+    GPTC_CACHE_DIR=off. Kernels, tokenized corpora and bundles live below it."""
     env = os.environ.get("GPTC_CACHE_DIR")
     if env is not None and env.strip().lower() in ("off", "0", "none", "disabled"):
         return None
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "gptc" / "kernels"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gptc"
+
+
+def default_cache_dir() -> Path | None:
+    """The kernel cache directory (cache_root()/kernels); None when caching is off."""
+    root = cache_root()
+    return None if root is None else root / "kernels"
 
 
 def cache_key(source: str, arch: str, compiler: str, options: Sequence[str]) -> str:

@@ -1,0 +1,103 @@
+"""Bundles without a GPU: `gptc compile` for AMD and NVIDIA targets, what a bundle
+holds, the generated executor, `gptc inspect`, and the refusals."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptc.bundle import Bundle, BundleError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gptc(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "gptc", *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module", params=["cuda:sm_90", "hip:gfx90a"])
+def bundle_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    result = gptc("compile", "--preset", "tiny", "-o", str(out), "--target", request.param)
+    assert result.returncode == 0, result.stderr
+    return out, request.param
+
+
+def test_bundle_contents(bundle_dir):
+    out, target = bundle_dir
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["arch"] == target.split(":")[1]
+    assert set(manifest["steps"]) == {"train", "eval", "prefill", "decode"}
+    for step, table in manifest["steps"].items():
+        files = sorted((out / "kernels" / step).glob("*.hip"))
+        assert len(files) == len(table["launches"])
+        for launch in table["launches"]:
+            assert (out / manifest["code"][launch["symbol"]]["file"]).stat().st_size > 0
+            assert set(launch["args"]) <= set(table["buffers"])
+    source = next((out / "kernels" / "train").glob("*.hip")).read_text()
+    assert "Computes these graph nodes" in source and "#include" not in source
+    assert (out / "spec.toml").is_file()
+
+
+def test_generated_executor_is_straight_line(bundle_dir):
+    out, _ = bundle_dir
+    manifest = json.loads((out / "manifest.json").read_text())
+    tree = ast.parse((out / "executor.py").read_text())
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert set(functions) == {"train", "eval", "prefill", "decode"}
+    for step, fn in functions.items():
+        calls = [s for s in fn.body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)]
+        assert [c.value.args[0].value for c in calls] == list(range(len(manifest["steps"][step]["launches"])))
+
+
+def test_inspect(bundle_dir, tmp_path):
+    out, target = bundle_dir
+    dot = tmp_path / "fusion.dot"
+    result = gptc("inspect", str(out), "--dot", str(dot))
+    assert result.returncode == 0, result.stderr
+    assert target in result.stdout and "k000_" in result.stdout and "MB moved" in result.stdout
+    assert dot.read_text().startswith("digraph") and "->" in dot.read_text()
+
+
+def test_bundle_from_another_version_is_refused(bundle_dir, tmp_path):
+    out, _ = bundle_dir
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["versions"]["gptc"] = "0.0.1"
+    copy = tmp_path / "old"
+    copy.mkdir()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="made by gptc 0.0.1"):
+        Bundle(copy)
+    result = gptc("inspect", str(copy))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "compile it again" in result.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--target", "cuda:sm_77"], "unknown target 'cuda:sm_77'"),
+    (["--target", "gfx9000"], "unknown target"),
+])
+def test_compile_bad_input(tmp_path, args, expected):
+    result = gptc("compile", "--preset", "tiny", "-o", str(tmp_path / "b"), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert expected in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_compile_refuses_to_overwrite_a_directory_that_is_not_a_bundle(tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    result = gptc("compile", "--preset", "tiny", "-o", str(target), "--target", "cuda:sm_90")
+    assert result.returncode == 2 and "is not a bundle" in result.stderr
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_not_a_bundle(tmp_path):
+    result = gptc("inspect", str(tmp_path))
+    assert result.returncode == 2 and "not a gptc bundle" in result.stderr
