@@ -325,8 +325,7 @@ def plan_summary(rows: Sequence[dict], step_ms: float | None) -> dict:
 
 def launch_labels(plan) -> list[str]:
     """kernel_label of every launch of `plan`."""
-    from gptc.cost import launches_of
-    return [kernel_label(plan, [plan.kernels[i] for i in launch]) for launch in launches_of(plan)]
+    return [kernel_label(plan, [plan.kernels[i] for i in launch]) for launch in plan.launches]
 
 
 def kernel_label(plan, kernels) -> str:

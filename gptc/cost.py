@@ -128,17 +128,11 @@ def kernel_cost(plan: Plan, kernel: KernelPlan) -> KernelCost:
     return _merge(plan, [kernel])
 
 
-def launches_of(plan: Plan) -> list[list[int]]:
-    """Kernel indices of each launch (kernels batched horizontally share one)."""
-    launches = getattr(plan, "launches", None)
-    return [list(launch) for launch in launches] if launches else [[i] for i in range(len(plan.kernels))]
-
-
 def plan_costs(plan: Plan) -> list[KernelCost]:
     """The cost of every launch of `plan`, in launch order (one kernel each, except
     where the planner batched independent kernels into one launch: their costs add,
     buffers they share counting once; the name is the first kernel's, '+N' more)."""
-    return [_merge(plan, [plan.kernels[i] for i in launch]) for launch in launches_of(plan)]
+    return [_merge(plan, [plan.kernels[i] for i in launch]) for launch in plan.launches]
 
 
 def floor_seconds(nbytes: float, flops: float, bandwidth: float, rate: float) -> float:

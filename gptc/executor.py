@@ -29,8 +29,9 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
         buffers[buf.name] = {"dtype": buf.dtype, "shape": list(buf.shape), "nbytes": buf.nbytes,
                              "arena": buf.arena, "offset": buf.offset, "role": buf.role}
     name_of = lambda nid: plan.buffer_of(nid).name  # noqa: E731
+    from gptc.cost import plan_costs
     launches = []
-    for k, launch in zip(kernels, plan.launches):
+    for k, launch, cost in zip(kernels, plan.launches, plan_costs(plan)):
         parts = [plan.kernels[i] for i in launch]
         nodes = [n for p in parts for n in p.nodes]
         scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
@@ -40,6 +41,7 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
                          "kernels": [p.name for p in parts],
                          "reads": sorted({name_of(n) for p in parts for n in p.reads}),
                          "writes": sorted({name_of(n) for p in parts for n in p.roots}),
+                         "bytes": cost.bytes, "flops": cost.flops,
                          "scopes": ", ".join(scopes)})
     return {
         "arena_bytes": dict(plan.arena_bytes),
