@@ -58,3 +58,28 @@ def test_choose_respects_top_k_top_p_and_penalty():
 def test_out_of_range_sampling_parameters(kwargs, expected):
     with pytest.raises(GptcError, match=expected):
         SamplingParams(**kwargs).validate(256)
+
+
+def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path, monkeypatch):
+    import io
+    from dataclasses import replace
+
+    from gptc.generate import run_generate
+    from gptc.train import train
+    monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 200)
+    spec = gptc.preset("tiny")
+    spec = replace(spec, train=replace(spec.train, steps=5, checkpoint_interval=5, eval_interval=5, eval_batches=1))
+    result = train(spec, str(data), device="cpu", out_dir=tmp_path / "run", stdout=io.StringIO())
+    out, warnings = io.StringIO(), []
+    prompt = "question " * 20  # longer than the 32-token context
+    text = run_generate(str(result.run_dir), prompt, SamplingParams(num_tokens=10, seed=3), "cpu", out=out,
+                        log=warnings.append)
+    assert out.getvalue().startswith(prompt) and out.getvalue().rstrip("\n") == text
+    assert any("more than the context of 32" in w for w in warnings)
+    again = run_generate(str(result.run_dir), prompt, SamplingParams(num_tokens=10, seed=3), "cpu",
+                         out=io.StringIO(), log=lambda line: None)
+    assert again == text
+    with pytest.raises(GptcError, match="prompt is empty"):
+        run_generate(str(result.run_dir), "", SamplingParams(num_tokens=1), "cpu", out=io.StringIO(), log=lambda l: None)
