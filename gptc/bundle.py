@@ -34,7 +34,7 @@ from gptc.codegen.target import Target
 from gptc.executor import Arenas, GpuExecutor, compile_plan, plan_table, share_persistent
 from gptc.models import build_graph
 from gptc.planner import make_plan
-from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml, write_atomic
+from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
 
 FORMAT = 1
 STEPS = ("train", "eval", "prefill", "decode")

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gptc.spec import write_atomic
+
 __all__ = ["PALETTE", "bar_chart", "line_chart", "series_color", "write_png"]
 
 # --------------------------------------------------------------------------- font
@@ -193,29 +195,10 @@ def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError(f"write_png: image must be at least 1x1 pixels, got {rgb.shape[1]}x{rgb.shape[0]}")
     data = _encode_png(np.ascontiguousarray(rgb))
-    directory, name = os.path.split(target)
-    directory = directory or "."
+    directory = os.path.dirname(target) or "."
     if not os.path.isdir(directory):
         raise ValueError(f"write_png: directory {directory!r} does not exist")
-    while True:  # O_EXCL create, so the temporary file gets the umask's permissions
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(target, data)
 
 
 # --------------------------------------------------------------------------- validation

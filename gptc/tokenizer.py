@@ -30,12 +30,13 @@ import heapq
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from gptc.spec import write_atomic
 
 __all__ = ["Tokenizer", "StreamDecoder", "pretokenize", "FORMAT", "FORMAT_VERSION", "MAX_PIECE"]
 
@@ -230,19 +231,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / TOKENIZER_FILE
         data = self.to_json().encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(path, data)
         return path
 
     @classmethod

@@ -430,7 +430,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             loss = float(out["loss"])
             if not math.isfinite(loss):
                 raise GptcError(f"the loss became {loss} at step {done}; lower train.lr (or --lr) and start again"
-                                + (f" or resume from an earlier checkpoint" if ckpt.list_checkpoints(run_dir) else ""))
+                                + (" or resume from an earlier checkpoint" if ckpt.list_checkpoints(run_dir) else ""))
             elapsed = time.perf_counter() - began
             times.append(elapsed)
             result.losses.append(loss)

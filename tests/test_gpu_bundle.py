@@ -10,19 +10,9 @@ from gptc.codegen.target import parse_target
 from gptc.bundle import Bundle, BundleError, compile_bundle
 from gptc.generate import SamplingParams, cpu_model, generate_tokens, gpu_model
 from gptc.models import build_graph, init_params
-from gptc.runtime.device import open_device
 from gptc.runtime.reference import ReferenceExecutor
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def device():
-    dev = open_device("auto")
-    if dev is None:
-        pytest.fail("no GPU found: the gpu tests need an AMD or NVIDIA GPU")
-    yield dev
-    dev.close()
 
 
 @pytest.fixture(scope="module")

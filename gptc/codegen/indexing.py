@@ -127,7 +127,6 @@ def strided(op_chain: list[tuple[str, dict, tuple[int, ...], tuple[int, ...]]], 
         s *= d
     strides = strides[::-1]
     offset = 0
-    shape = list(base_shape)
     for op, attrs, in_shape, out_shape in op_chain:
         if op == "permute":
             strides = [strides[p] for p in attrs["perm"]]
@@ -153,7 +152,6 @@ def strided(op_chain: list[tuple[str, dict, tuple[int, ...], tuple[int, ...]]], 
             strides = new
         else:
             return None
-        shape = list(out_shape)
     return offset, strides
 
 

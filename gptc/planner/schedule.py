@@ -17,7 +17,7 @@ from gptc.ir import Graph
 from gptc.ops import OPS
 from gptc.ops.registry import DTYPE_BYTES, VIEW
 from gptc.planner.attention import AttentionMatch
-from gptc.planner.fusion import Group, _producers, compute_users, is_free
+from gptc.planner.fusion import Group, compute_users, is_free
 
 ALIGN = 256
 
