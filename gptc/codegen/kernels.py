@@ -393,19 +393,31 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
 
 
 def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
-    """Flash-style causal attention: one lane per query (or key) row."""
+    """Flash-style causal attention (FlashAttention-2 order, SIMT fp32): 128-thread
+    blocks own tiles of queries (forward, dQ) or keys (dK, dV), stage the other side's
+    tiles in shared memory and keep their accumulators in registers. The backward is
+    one part whose two halves (keys, queries) share one shared-memory buffer."""
     g = plan.graph
     a = kernel.attention
     em = Emitter(plan, kernel.nodes, args=args)
     *batch_shape, seq, dim = g.type(a.q).shape
-    # Lanes (rows) per block: a wavefront, halved until the backward launch's seven
-    # shared rows of head_dim floats per lane (keys part 4, queries part 3) fit.
-    w = target.wavefront
-    while w > 8 and 7 * w * (dim + 1) * 4 > target.shared_mem:
-        w //= 2
-    nqb = ceil_div(seq, w)
+    assert dim <= 64, "the attention templates handle head_dim <= 64"
+    dp = 32 if dim <= 32 else 64  # head_dim padded (with zeros) to whole 8-lane x 4-float groups
+    bhn = max(1, _size(tuple(batch_shape)))
+    # Tiles: forward 64 queries x 32 keys; backward keys half 64 keys x 16 queries,
+    # queries half 64 queries x 16 keys (fits the 48 KiB NVIDIA static limit at dp 64).
+    bq, bk, bkb, bqk, bqq, bkq = 64, 32, 64, 16, 64, 16
+    fwd_floats = bq * dp + 2 * bk * (dp + 4) + bk * (bq + 4)
+    keys_floats = 2 * bkb * dp + 2 * bqk * (dp + 4) + bqk * (bkb + 4) + 3 * bqk
+    queries_floats = 2 * bqq * dp + 2 * bkq * (dp + 4) + bkq * (bqq + 4)
+    bwd_floats = max(keys_floats, queries_floats)
+    fwd_floats, bwd_floats = ceil_div(fwd_floats, 4) * 4, ceil_div(bwd_floats, 4) * 4
+    assert max(fwd_floats, bwd_floats) * 4 <= target.shared_mem, "attention tiles exceed the shared memory"
+    nqb, nkb = ceil_div(seq, bq), ceil_div(seq, bkb)
     batch_lines, z = _unravel_lines("bh", "z", tuple(batch_shape))
-    ctx = dict(s=seq, d=dim, w=w, nqb=nqb, scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
+    ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
+               nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
+               scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
         buf, offset, strides = _operand_layout(plan, nid)
@@ -419,19 +431,20 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     operand("k", a.k_t, transpose=True)
     operand("v", a.v)
     batch_lines += [f"const idx_t o_base = bh * {seq * dim};", f"const idx_t r_base = bh * {seq};"]
-    blocks = (max(1, _size(tuple(batch_shape))) * nqb, 1, 1)
     env = _environment()
     if kernel.family == "attention":
         stats = a.m in kernel.roots
         ctx.update(out=em.arg(a.out), store_stats=stats)
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
-        return [(kernel.name, env.get_template("attention.hip.j2").render(**ctx), blocks, (w, 1, 1))]
+        return [(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))]
     operand("g", a.d_out)  # the gradient of out
     ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(a.dq),
                dkt_ptr=em.arg(a.dk_t), dv_ptr=em.arg(a.dv))
-    return [(f"{kernel.name} keys", env.get_template("attention_dkdv.hip.j2").render(**ctx), blocks, (w, 1, 1)),
-            (f"{kernel.name} queries", env.get_template("attention_dq.hip.j2").render(**ctx), blocks, (w, 1, 1))]
+    # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
+    # for the queries half.
+    return [(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
+             (bhn * (nkb + nqb), 1, 1), (128, 1, 1))]
 
 
 def render_plan(plan: Plan, target: Target) -> list[KernelSource]:
