@@ -93,10 +93,13 @@ def _grid_1d(count: int, threads: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, threads), MAX_GRID)), 1, 1)
 
 
-def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
-    """[(title, body text, grid, block)] of one planned kernel (the attention backward
-    has two parts: keys and queries); `args` names buffers (shared by the kernels of
-    one launch)."""
+def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
+                  mm_threads: int | None = None):
+    """[(title, body text, grid, block, pool floats)] of one planned kernel (the attention
+    backward has two parts: keys and queries); `args` names buffers (shared by the
+    kernels of one launch); `mm_threads` fixes a matmul's block size (a batched launch:
+    one block size for all parts). Pool floats: the shared memory the part takes from
+    the launch's pool gptc_smem (declared once per launch, sized to the largest part)."""
     g = plan.graph
     family = kernel.family
     ctx: dict = {}
@@ -121,13 +124,13 @@ def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int
     elif family == "reduce":
         grid, block, em = _reduce(plan, kernel, target, ctx, args)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx, args)
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads)
     elif family in ("attention", "attention_bwd"):
-        return _attention(plan, kernel, target, args)
+        return [part + (0,) for part in _attention(plan, kernel, target, args)]
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
-    return [(kernel.name, text, grid, block)]
+    return [(kernel.name, text, grid, block, ctx.get("smem_floats", 0))]
 
 
 def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> KernelSource:
@@ -135,13 +138,17 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> Kern
     into one grid (each gets a range of blocks)."""
     g = plan.graph
     args: dict[int, str] = {}
-    parts, start, block = [], 0, None
+    parts, start, block, pool = [], 0, None, 0
+    mm_threads = _mm_common_threads(plan, kernels, target) if len(kernels) > 1 and kernels[0].family == "matmul" else None
     for kernel in kernels:
-        for title, text, grid, part_block in _render_parts(plan, kernel, target, args):
+        for title, text, grid, part_block, floats in _render_parts(plan, kernel, target, args, mm_threads):
             assert block in (None, part_block)
+            assert grid[1] == grid[2] == 1, "parts use a 1-D grid (block_id)"
             block = part_block
+            pool = max(pool, floats)
             parts.append(dict(body=text, start=start, end=start + grid[0], title=title))
             start += grid[0]
+    assert pool * 4 <= target.shared_mem, "a part's shared memory exceeds the target's"
     grid = (start, 1, 1) if len(parts) > 1 else grid
     family = kernels[0].family
     name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
@@ -155,7 +162,7 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> Kern
     node_lines += [f"{args[a]} = buffer of %{a} ({plan.buffer_of(a).role or plan.buffer_of(a).name})" for a in arg_ids]
     index_type = "long long" if any(_index_type(plan, k) == "long long" for k in kernels) else "int"
     template = _environment().get_template("kernel.hip.j2")
-    common = dict(family=family, target=target, index_type=index_type, parts=parts,
+    common = dict(family=family, target=target, index_type=index_type, parts=parts, pool_f4=(pool + 3) // 4,
                   needs_reduce_helpers=family in ("row", "reduce"), block_threads=block[0], params=params)
     code = _strip_comments(template.render(prelude="", name="KERNEL_SYMBOL", title="", node_lines=[], **common))
     symbol = f"gptc_{family}_{hashlib.sha256(code.encode()).hexdigest()[:12]}"
@@ -340,15 +347,51 @@ def _mm_cost(m: int, n: int, k: int, batch: int, cfg, target: Target) -> float:
     return ceil_div(per_unit, occ) * (slabs * slab + 2000 + reduce)
 
 
-def _mm_config(m: int, n: int, k: int, batch: int, target: Target):
-    """The cheapest configuration of the menu by _mm_cost (first of equals, so
-    deterministic); all legal ones if the target admits none of the menu."""
+def _mm_threads(cfg) -> int:
+    bm, bn, tm, tn, kg = cfg[:5]
+    return (bm // tm) * (bn // tn) * kg
+
+
+def _mm_menu(target: Target, threads: int | None = None):
+    """The menu configurations the target admits (all legal ones if none), of `threads`
+    threads if given (then all legal ones of that block size if the menu has none)."""
     legal = list(_mm_configs(target))
     menu = [cfg for cfg in _MM_MENU if cfg in legal] or legal
-    return min(menu, key=lambda cfg: _mm_cost(m, n, k, batch, cfg, target))
+    if threads is not None:
+        menu = [cfg for cfg in menu if _mm_threads(cfg) == threads] or [cfg for cfg in legal if _mm_threads(cfg) == threads]
+    return menu
 
 
-def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+def _mm_config(m: int, n: int, k: int, batch: int, target: Target, threads: int | None = None):
+    """The cheapest configuration of the menu by _mm_cost (first of equals, so
+    deterministic); all legal ones if the target admits none of the menu. `threads`
+    restricts the choice to one block size (the parts of a batched launch)."""
+    return min(_mm_menu(target, threads), key=lambda cfg: _mm_cost(m, n, k, batch, cfg, target))
+
+
+def _mm_shape(plan: Plan, kernel: KernelPlan) -> tuple[int, int, int, int]:
+    """(m, n, k, batch) of a matmul kernel."""
+    g = plan.graph
+    out_shape = g.type(kernel.anchor).shape
+    k = g.type(g.inputs_of(kernel.anchor)[0]).shape[-1]
+    return out_shape[-2], out_shape[-1], k, max(1, _size(out_shape[:-2]))
+
+
+def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) -> int:
+    """The block size of a batched matmul launch: the thread count (among those of the
+    menu) whose best configurations have the least summed cost over the parts (the
+    smallest of equals)."""
+    shapes = [_mm_shape(plan, kern) for kern in kernels]
+    counts = sorted({_mm_threads(cfg) for cfg in _mm_menu(target)})
+
+    def total(threads: int) -> float:
+        return sum(_mm_cost(*shape, _mm_config(*shape, target, threads), target) for shape in shapes)
+
+    return min(counts, key=total)
+
+
+def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
+            threads: int | None = None):
     g = plan.graph
     mm = kernel.anchor
     a_in, b_in = g.inputs_of(mm)
@@ -359,7 +402,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     b_buf, b_off, b_strides = _operand_layout(plan, b_in)
     em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
     a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
-    # Batch offsets of A and B from the batch index (blockIdx.z).
+    # Batch offsets of A and B from the batch index (the block's tile along z).
     batch_lines, batch_idx = _unravel_lines("batch", "z", batch_shape)
     a_terms = [str(a_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, a_strides[:-2]) if s]
     b_terms = [str(b_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, b_strides[:-2]) if s]
@@ -372,7 +415,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
     batch = max(1, _size(batch_shape))
-    bm, bn, tm, tn, kg, bk, depth = _mm_config(m, n, k, batch, target)
+    bm, bn, tm, tn, kg, bk, depth = _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
     a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
@@ -387,8 +430,10 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                la=bm * bk // threads, lb=bn * bk // threads, a_mode=a_mode, b_mode=b_mode,
                check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
                batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_sm=a_sm, a_sk=a_sk, b_sk=b_sk, b_sn=b_sn,
-               body=body)
-    grid = (ceil_div(n, bn), ceil_div(m, bm), batch)
+               body=body, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm))
+    # A 1-D grid: block_id runs over the tiles, n fastest, then m, then the batch
+    # (the order a (n, m, batch) grid would dispatch them).
+    grid = (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1)
     return grid, (threads, 1, 1), em
 
 

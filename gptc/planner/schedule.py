@@ -143,7 +143,10 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
     topo = {k: i for i, k in enumerate(nx.lexicographical_topological_sort(kg))}
     level = _latest_levels(kg)
     order = sorted(topo, key=lambda k: (level[k], topo[k]))
-    launches = _batch(kernels, order, level) if fused else [[i] for i in range(len(order))]
+    if fused:
+        order, launches = _batch(graph, kernels, order, level)
+    else:
+        launches = [[i] for i in range(len(order))]
     kernels = [kernels[k] for k in order]
     for k, kern in enumerate(kernels):
         kern.name = f"k{k:03d}_{kern.family}"
@@ -152,7 +155,13 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
     return Plan(graph, fused, kernels, buffers, arena_bytes, aliases, lifetimes, launches)
 
 
-BATCHED_FAMILIES = ("pointwise", "reduce")
+BATCHED_FAMILIES = ("pointwise", "reduce", "matmul")
+# A matmul joins a batched launch only if its output is small (at most this many
+# elements, e.g. 64 tiles of 64x64): alone it would leave most of the GPU idle (the
+# weight gradients dW = X^T dY of a small model), while a large one fills the GPU by
+# itself and would only lose its own best configuration (a batched launch needs one
+# block size for all its parts).
+BATCHED_MATMUL_MAX_OUTPUT = 2**18
 
 
 def _latest_levels(kg: nx.DiGraph) -> dict[int, int]:
@@ -165,19 +174,37 @@ def _latest_levels(kg: nx.DiGraph) -> dict[int, int]:
     return {k: top - h for k, h in height.items()}
 
 
-def _batch(kernels: list[KernelPlan], order: list[int], level: dict[int, int]) -> list[list[int]]:
-    """Launches: independent pointwise (or reduce) kernels on one level share one
-    launch (horizontal fusion, e.g. the AdamW update of every parameter at once)."""
+def _batchable(graph: Graph, kern: KernelPlan) -> bool:
+    if kern.family == "matmul":
+        return graph.type(kern.anchor).size <= BATCHED_MATMUL_MAX_OUTPUT
+    return kern.family in BATCHED_FAMILIES
+
+
+def _batch(graph: Graph, kernels: list[KernelPlan], order: list[int],
+           level: dict[int, int]) -> tuple[list[int], list[list[int]]]:
+    """(order, launches): independent pointwise, reduce (or small matmul) kernels on one
+    level share one launch (horizontal fusion, e.g. the AdamW update of every parameter
+    at once, or the weight gradients of every layer). Kernels on one level never depend
+    on each other, so within a level the batchable kernels of a family are moved
+    together (at the place of the first of them); the rest keep their order."""
+    by_level: dict[int, list[int]] = {}
+    for k in order:
+        by_level.setdefault(level[k], []).append(k)
     launches: list[list[int]] = []
-    key = None
-    for position, k in enumerate(order):
-        this = (level[k], kernels[k].family)
-        if launches and this == key and kernels[k].family in BATCHED_FAMILIES:
-            launches[-1].append(position)
-        else:
-            launches.append([position])
-        key = this
-    return launches
+    for lv in sorted(by_level):
+        batches: dict[str, list[int]] = {}
+        for k in by_level[lv]:
+            family = kernels[k].family
+            if _batchable(graph, kernels[k]):
+                if family not in batches:
+                    batches[family] = []
+                    launches.append(batches[family])
+                batches[family].append(k)
+            else:
+                launches.append([k])
+    new_order = [k for launch in launches for k in launch]
+    position = {k: i for i, k in enumerate(new_order)}
+    return new_order, [[position[k] for k in launch] for launch in launches]
 
 
 def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
