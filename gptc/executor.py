@@ -18,7 +18,6 @@ from gptc.planner.schedule import Plan
 from gptc.runtime.device import Device, compile_many, ptr
 
 HOST_DTYPE = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "f64": np.float64, "bf16": np.uint16}
-ARENAS = ("persistent", "activations", "io")
 
 
 def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:

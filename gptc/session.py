@@ -1,12 +1,13 @@
-"""One interface over the two executors: the NumPy reference (CPU) and generated
-kernels on a GPU. The trainer, sampler and benchmarks talk only to a Session."""
+"""One interface over the two executors: the NumPy reference on the CPU
+(gptc.runtime.reference.ReferenceExecutor) and the generated kernels on a GPU (the
+steps of a bundle, gptc.executor.GpuExecutor). The trainer and sampler talk only to a
+Session; `resolve_device` picks where they run."""
 from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-from gptc.ir import Graph
 from gptc.spec import GptcError
 
 
@@ -37,18 +38,3 @@ def resolve_device(device: str):
     if dev is None and device != "auto":
         raise GptcError(f"no {device.upper() if device != 'gpu' else 'GPU'} device found; use --device cpu")
     return dev
-
-
-def open_session(graph: Graph, params: Mapping[str, np.ndarray], device=None, fuse: bool = True) -> Session:
-    """A session running `graph` on `device` (a Device from resolve_device, or None
-    for the CPU reference executor), starting from `params` (optimizer state zero)."""
-    if device is None:
-        from gptc.runtime.reference import ReferenceExecutor
-        ex = ReferenceExecutor(graph, params)
-        ex.device_name = "cpu (NumPy reference executor)"
-        return ex
-    from gptc.executor import load_executor
-    from gptc.planner import make_plan
-    ex = load_executor(make_plan(graph, fuse), device, params)
-    ex.device_name = device.name
-    return ex

@@ -59,10 +59,6 @@ class ModelSpec:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
 
 @dataclass(frozen=True)
 class TrainSpec:

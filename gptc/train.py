@@ -183,7 +183,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
 
     # 1. device -------------------------------------------------------------------------
-    from gptc.session import open_session, resolve_device
+    from gptc.runtime.reference import ReferenceExecutor
+    from gptc.session import resolve_device
     dev = resolve_device(device)
     if dev is None:
         where = "cpu (no GPU found)" if device == "auto" else "cpu"
@@ -344,8 +345,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             train_sess.write({**params, **{n: np.zeros(train_graph.type(train_graph.states[n]).shape, np.float32)
                                            for n in state_names}})
         else:
-            train_sess = open_session(train_graph, params, dev)
-            eval_sess = open_session(build_graph(spec, "eval"), params, dev)
+            train_sess = ReferenceExecutor(train_graph, params)
+            eval_sess = ReferenceExecutor(build_graph(spec, "eval"), params)
         if checkpoint is not None:
             train_sess.write(checkpoint.optimizer)
             batches.state = checkpoint.rng_state

@@ -4,7 +4,6 @@ An index is a tuple of C expressions, one per axis of a tensor. A view maps the 
 of its output to the index of its input; loads linearise the index of a buffer."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 Index = tuple[str, ...]
@@ -157,7 +156,3 @@ def strided(op_chain: list[tuple[str, dict, tuple[int, ...], tuple[int, ...]]], 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))

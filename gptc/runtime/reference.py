@@ -43,6 +43,8 @@ class ReferenceExecutor:
     """Runs a graph step after step, keeping params and states between steps (the CPU
     counterpart of the generated GPU executor)."""
 
+    device_name = "cpu (NumPy reference executor)"
+
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], float_dtype: type = np.float32) -> None:
         self.graph = graph
         self.float_dtype = float_dtype
