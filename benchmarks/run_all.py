@@ -10,7 +10,7 @@ with the ceilings measured once at the start of the run.
 Writes DIR/<config>/bench.{json,md,png} and DIR/summary.md (one table over all
 configurations), after every configuration, so a run stopped early keeps what it
 finished; --tar FILE packs DIR into FILE after each configuration too. Copy DIR to
-benchmarks/results/<gpu>-<date>-<commit>/ to publish it (gptc.bench.results_dir_name
+benchmarks/results/<gpu>-<date>-<commit>/ to publish it (gptc.tools.bench.results_dir_name
 gives that name; DIR/summary.md names it as well). Set GPTC_COMMIT where the tree
 has no .git (a copy on a device machine)."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from gptc import bench  # noqa: E402
+from gptc.tools import bench  # noqa: E402
 
 CONFIGS = {  # name -> (preset or spec file, batch)
     "hipgpt-b32": ("hipgpt", 32),

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from gptc.corpus import default_corpus_text
-from gptc.tokenizer import Tokenizer
+from gptc.tools.corpus import default_corpus_text
+from gptc.tools.tokenizer import Tokenizer
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 import sys
 
-from gptc.cli import main
+from gptc.tools.cli import main
 
 if __name__ == "__main__":  # kernel compile workers re-import this module
     sys.exit(main())

@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from gptc.common import write_atomic
 
 try:
     import tomllib
@@ -234,32 +235,6 @@ def spec_to_toml(spec: Spec) -> str:
         lines += [f"{f.name} = {_toml_value(getattr(obj, f.name))}" for f in fields(obj)]
         lines.append("")
     return "\n".join(lines)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _read_umask()  # read once: os.umask can only be read by setting it
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file so that readers see either the old content or the new, never half."""
-    p = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_spec(spec: Spec, path: str | os.PathLike) -> None:

@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from gptc import bench
-from gptc.cli import main
-from gptc.cost import plan_costs
+from gptc.tools import bench
+from gptc.tools.cli import main
+from gptc.compiler.planner.cost import plan_costs
 from gptc.models import build_graph, init_params
-from gptc.planner import make_plan
+from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, preset
 
 
@@ -127,7 +127,7 @@ def test_cross_entropy_numpy():
 
 
 def test_kernel_rows_roofline():
-    from gptc.cost import KernelCost
+    from gptc.compiler.planner.cost import KernelCost
     costs = [KernelCost("k0", "pointwise", 2_000_000, 1_000_000, 1_000_000, 3),
              KernelCost("k1", "matmul", 1_000_000, 1_000_000, 2_000_000_000, 1)]
     # 3 TB/s, 50 TFLOP/s; k0: 3 MB -> 1 us floor, measured 4 us -> 25%, 750 GB/s
@@ -204,7 +204,7 @@ def test_write_outputs(tmp_path):
     assert "| torch.compile + CUDA graph | 1.05 |" in md
     assert "measured in isolation" in md and "## Kernels: train unfused" in md
     try:
-        import gptc.plot  # noqa: F401
+        import gptc.tools.plot  # noqa: F401
     except ImportError:
         return
     png = tmp_path / "out" / "bench.png"
@@ -231,7 +231,7 @@ def test_failed_peer_is_reported():
 # ----- the PyTorch model against gptc's reference executor ----------------------------
 def test_torch_model_matches_reference():
     torch = pytest.importorskip("torch")
-    from gptc import torch_model as tm
+    from gptc.tools.bench import torch_twin as tm
     from gptc.runtime.reference import ReferenceExecutor
     spec = preset("tiny")
     graph = build_graph(spec, "train")

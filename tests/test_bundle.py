@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gptc.bundle import Bundle, BundleError
+from gptc.runtime.bundle import Bundle, BundleError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""safetensors files written and read by gptc.checkpoint (and by the real `safetensors`
+"""safetensors files written and read by gptc.tools.checkpoint (and by the real `safetensors`
 package when it is installed: it is not a dependency), corruption and truncation
 detection, and checkpoint directories: atomic saves, keep-last-K, verification."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import struct
 import numpy as np
 import pytest
 
-from gptc import checkpoint as ckpt
-from gptc.checkpoint import CheckpointError, load_safetensors, parse_safetensors, safetensors_bytes, save_safetensors
+from gptc.tools import checkpoint as ckpt
+from gptc.tools.checkpoint import CheckpointError, load_safetensors, parse_safetensors, safetensors_bytes, save_safetensors
 from gptc.spec import preset
 
 

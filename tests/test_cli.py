@@ -28,7 +28,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
 
 
 def test_300_cpu_steps_lower_the_loss(tmp_path):
-    text = (ROOT / "README.md").read_text() + (ROOT / "gptc" / "dsl.py").read_text()
+    text = (ROOT / "README.md").read_text() + (ROOT / "gptc" / "compiler" / "dsl.py").read_text()
     data = tmp_path / "data.txt"
     data.write_text(text * 3)
     out = tmp_path / "run"

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 import gptc
-from gptc.codegen.kernels import prelude, render_plan
-from gptc.codegen.target import parse_target
-from gptc.planner import make_plan
+from gptc.compiler.codegen.kernels import prelude, render_plan
+from gptc.target import parse_target
+from gptc.compiler.planner import make_plan
 from gptc.runtime.device import compile_many
 
 TARGETS = ["hip:gfx90a", "hip:gfx1030", "cuda:sm_90"]

@@ -1,4 +1,4 @@
-"""The per-kernel cost model (gptc/cost.py) on a small graph, against numbers worked
+"""The per-kernel cost model (gptc/compiler/planner/cost.py) on a small graph, against numbers worked
 out by hand, and the roofline arithmetic."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 
 from gptc import dsl
-from gptc.cost import bound, floor_seconds, kernel_cost, node_flops, percent_of_floor, plan_costs, totals
-from gptc.ir import Graph
+from gptc.compiler.planner.cost import bound, floor_seconds, kernel_cost, node_flops, percent_of_floor, plan_costs, totals
+from gptc.compiler.ir import Graph
 from gptc.models import build_graph
-from gptc.planner import make_plan
+from gptc.compiler.planner import make_plan
 from gptc.spec import preset
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gptc
-from gptc.generate import SamplingParams, choose, cpu_model, generate_tokens
+from gptc.tools.generate import SamplingParams, choose, cpu_model, generate_tokens
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError
 
@@ -64,8 +64,8 @@ def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path,
     import io
     from dataclasses import replace
 
-    from gptc.generate import run_generate
-    from gptc.train import train
+    from gptc.tools.generate import run_generate
+    from gptc.tools.train import train
     monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "data.txt"
     data.write_text("To be, or not to be, that is the question. " * 200)

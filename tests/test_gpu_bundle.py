@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import gptc
-from gptc.codegen.target import parse_target
-from gptc.bundle import Bundle, BundleError, compile_bundle
-from gptc.generate import SamplingParams, cpu_model, generate_tokens, gpu_model
+from gptc.target import parse_target
+from gptc.runtime.bundle import Bundle, BundleError, compile_bundle
+from gptc.tools.generate import SamplingParams, cpu_model, generate_tokens, gpu_model
 from gptc.models import build_graph, init_params
 from gptc.runtime.reference import ReferenceExecutor
 

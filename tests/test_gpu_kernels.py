@@ -10,10 +10,10 @@ import pytest
 
 import gptc
 from gptc import dsl
-from gptc.executor import load_executor
-from gptc.ir import Graph
+from gptc.runtime.build import load_executor
+from gptc.compiler.ir import Graph
 from gptc.models import init_params
-from gptc.planner import make_plan
+from gptc.compiler.planner import make_plan
 from gptc.runtime.reference import ReferenceExecutor, run_graph
 
 pytestmark = pytest.mark.gpu
@@ -97,7 +97,7 @@ def family_graphs():
         return g
 
     def attention_grad():
-        from gptc.autodiff import gradients
+        from gptc.compiler.autodiff import gradients
         g = Graph()
         q, k, v = (g.param(n, (2, 3, 37, 16)) for n in "qkv")
         r = g.input("r", (2, 3, 37, 16))
@@ -111,7 +111,7 @@ def family_graphs():
     def attention_long():
         # a long, awkward sequence at the largest head_dim: many query and key tiles,
         # a partial last tile, forward and gradients
-        from gptc.autodiff import gradients
+        from gptc.compiler.autodiff import gradients
         g = Graph()
         q, k, v = (g.param(n, (2, 3, 517, 64)) for n in "qkv")
         r = g.input("r", (2, 3, 517, 64))

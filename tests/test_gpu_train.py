@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptc import train as trainer
+from gptc.tools import train as trainer
 from gptc.spec import preset
 
 pytestmark = pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 Each case builds a small graph from named inputs, projects its output on a fixed
 random tensor R (loss = sum(out * R)), differentiates the loss with
-gptc.autodiff.gradients and compares every float input's gradient with central
+gptc.compiler.autodiff.gradients and compares every float input's gradient with central
 differences of the loss, all run by the NumPy reference executor in float64.
 
 `test_every_differentiable_op_is_covered` fails when an op with a VJP is added to the
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from gptc import dsl
-from gptc.autodiff import gradients
-from gptc.ir import Graph, Tensor
-from gptc.ops import OPS
-from gptc.ops.numeric import round_to_bf16
-from gptc.ops.registry import SOURCE
+from gptc.compiler.autodiff import gradients
+from gptc.compiler.ir import Graph, Tensor
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.numeric import round_to_bf16
+from gptc.compiler.ops.registry import SOURCE
 from gptc.runtime.reference import run_graph
 
 STEP = 1e-6        # central-difference step; the inputs keep every kink farther than this

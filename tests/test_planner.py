@@ -9,8 +9,8 @@ import networkx as nx
 import pytest
 
 import gptc
-from gptc.planner import fusion_report, make_plan
-from gptc.planner.fusion import is_free, kernel_graph, Group
+from gptc.compiler.planner import fusion_report, make_plan
+from gptc.compiler.planner.fusion import is_free, kernel_graph, Group
 
 
 def _plans():
@@ -93,8 +93,8 @@ def test_fusion_report_hipgpt(capsys):
 
 
 def test_plans_are_deterministic():
-    from gptc.codegen.kernels import render_plan
-    from gptc.codegen.target import parse_target
+    from gptc.compiler.codegen.kernels import render_plan
+    from gptc.target import parse_target
     sources = []
     for _ in range(2):
         graph = gptc.build_graph(gptc.preset("hipgpt"), "train")

@@ -1,6 +1,6 @@
-"""Tests of gptc.plot: the PNG writer, the line and bar charts, tick labels and input
+"""Tests of gptc.tools.plot: the PNG writer, the line and bar charts, tick labels and input
 validation. PNGs are decoded by a small reader below (zlib + filter type 0 rows,
-which is what gptc.plot writes)."""
+which is what gptc.tools.plot writes)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptc import plot
-from gptc.plot import PALETTE, bar_chart, line_chart, series_color, write_png
+from gptc.tools import plot
+from gptc.tools.plot import PALETTE, bar_chart, line_chart, series_color, write_png
 
 
 def read_png(path: Path) -> np.ndarray:

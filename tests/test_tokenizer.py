@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptc.corpus import default_corpus_path, default_corpus_text
-from gptc.tokenizer import MAX_PIECE, StreamDecoder, Tokenizer, pretokenize
+from gptc.tools.corpus import default_corpus_path, default_corpus_text
+from gptc.tools.tokenizer import MAX_PIECE, StreamDecoder, Tokenizer, pretokenize
 
 # Unicode ranges the random strings draw from: (first, last) code points, inclusive.
 RANGES = [

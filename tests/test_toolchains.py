@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from gptc.codegen.target import parse_target
+from gptc.target import parse_target
 from gptc.runtime import device
 from gptc.runtime.cache import KernelCache, cache_key
 from conftest import PRELUDE, ROW_LOGSUMEXP

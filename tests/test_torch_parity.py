@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import gptc
-from gptc.autodiff import gradients
-from gptc.ir import Tensor
+from gptc.compiler.autodiff import gradients
+from gptc.compiler.ir import Tensor
 from gptc.runtime.reference import ReferenceExecutor, run_graph
 
 try:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptc import checkpoint as ckpt
-from gptc import train as trainer
-from gptc.cli import main
+from gptc.tools import checkpoint as ckpt
+from gptc.tools import train as trainer
+from gptc.tools.cli import main
 from gptc.spec import GptcError, preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "data.txt"
-    path.write_text((ROOT / "README.md").read_text() + (ROOT / "gptc" / "dsl.py").read_text(), encoding="utf-8")
+    path.write_text((ROOT / "README.md").read_text() + (ROOT / "gptc" / "compiler" / "dsl.py").read_text(), encoding="utf-8")
     return path
 
 
@@ -77,7 +77,7 @@ def test_loss_falls_and_run_files(tmp_path, data_file):
     assert all(abs(r["val_ppl"] - np.exp(r["val_loss"])) < 1e-6 * r["val_ppl"] for r in evals)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "spec.toml").is_file()
-    from gptc.tokenizer import Tokenizer
+    from gptc.tools.tokenizer import Tokenizer
     assert Tokenizer.load(run_dir / "tokenizer.json").vocab_size == 256
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [40, 80, 100]
     c = ckpt.load_checkpoint(run_dir / "checkpoints" / "step-000100")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gptc import dsl
-from gptc.ir import Graph
+from gptc.compiler import dsl
+from gptc.compiler.ir import Graph
 from gptc.models.gpt import decode_attend, gpt_logits, prefill_attend
-from gptc.optim import add_training
+from gptc.compiler.optim import add_training
 from gptc.spec import Spec, SpecError, validate
 
 MODES = ("train", "eval", "infer", "prefill", "decode")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from gptc import dsl
-from gptc.ir import Graph, Tensor
+from gptc.compiler import dsl
+from gptc.compiler.ir import Graph, Tensor
 from gptc.spec import CHOICES, ModelSpec, SpecError
 
 

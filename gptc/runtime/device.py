@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-from gptc.codegen.target import KNOWN_TARGETS, Target, parse_target
+from gptc.target import Target, parse_target, target_for
 from gptc.runtime.cache import KernelCache, cache_key, default_cache
 
 INSTALL_HINT = "run .ci/install-compilers.sh (it installs hiprtc, NVRTC and their Python bindings)"
@@ -203,7 +203,7 @@ class Device(abc.ABC):
     """A GPU and one stream on it. See the module docstring for an example.
 
     name:   human readable, e.g. "NVIDIA H100 80GB HBM3 (cuda:sm_90)"
-    target: the gptc.codegen.target.Target kernels must be compiled for
+    target: the gptc.target.Target kernels must be compiled for
     """
 
     name: str
@@ -410,20 +410,6 @@ def compiler_available(vendor: str) -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------ device choice
-
-def target_for(vendor: str, arch: str) -> Target:
-    """The known Target for an arch reported by a device, or a reasonable new one."""
-    arch = arch.split(":")[0]  # "gfx90a:sramecc+:xnack-" -> "gfx90a"
-    t = KNOWN_TARGETS.get(arch)
-    if t is not None and t.vendor == vendor:
-        return t
-    if vendor == "nvidia":
-        return Target("nvidia", arch, 32, 49152, "mma")
-    cdna = arch.startswith("gfx9")
-    return Target("amd", arch, 64 if cdna else 32, 65536,
-                  "mfma" if arch in ("gfx908", "gfx90a") or arch.startswith("gfx94") or arch.startswith("gfx95")
-                  else ("wmma" if arch.startswith("gfx11") or arch.startswith("gfx12") else "none"))
-
 
 def detect_devices() -> list[tuple[str, int, str]]:
     """[(kind, ordinal, description)] of the GPUs usable here, AMD first. Never raises."""

@@ -6,9 +6,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gptc.ir import Graph
-from gptc.ops import OPS
-from gptc.ops.numeric import numpy_dtype
+from gptc.compiler.ir import Graph
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.numeric import numpy_dtype
 
 
 def run_graph(graph: Graph, feeds: Mapping[str, np.ndarray], float_dtype: type = np.float32,

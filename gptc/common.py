@@ -1,0 +1,45 @@
+"""Helpers every layer may use: the package's version and folder, and atomic writes.
+
+This module sits at the bottom of the package and imports nothing from gptc."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+VERSION = "0.1.0"
+PACKAGE_DIR = Path(__file__).resolve().parent  # gptc/ (a checkout's or the installed one)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once: os.umask can only be read by setting it
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file so that readers see either the old content or the new, never half."""
+    p = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new private folder under `parent` with the usual mode (mkdtemp makes 0700), to be
+    filled and then renamed into place, so a reader never sees it half written."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~UMASK)
+    return tmp

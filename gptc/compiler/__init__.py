@@ -1,0 +1,1 @@
+"""The compiler: DSL, IR and ops, autodiff, optimizer, planner and codegen."""

@@ -1,0 +1,503 @@
+"""Kernel sources: one rendered template per planned kernel, with its launch shape.
+
+Block sizes and tiles are chosen here, per target and shape; the templates in
+templates/ read them. Rendering is deterministic: the same plan and target give
+byte-identical sources."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter
+from gptc.compiler.codegen.indexing import ceil_div, unravel
+from gptc.compiler.strides import strided
+from gptc.common import PACKAGE_DIR
+from gptc.target import Target
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.planner.schedule import KernelPlan, Plan
+
+POINTWISE_THREADS = 256
+MAX_GRID = 65535 * 32
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A rendered kernel and how to launch it.
+
+    `source` is what a person reads (kernels/<name>.hip): it names the graph nodes on
+    every line. `code` is what the compiler gets: the same code without comments, its
+    entry point `symbol` named by a hash of that code, so kernels that differ only in
+    the graph nodes they came from (the same layer, repeated) compile once. `args` are
+    the node ids of the buffers passed, in parameter order."""
+    name: str
+    family: str
+    source: str
+    code: str
+    symbol: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[int, ...]
+    zero_init: tuple[int, ...]
+    origin: str          # the graph nodes it computes, for error messages
+
+
+def templates_dir() -> Path:
+    """templates/ of a source checkout, or the copy installed inside the package."""
+    for candidate in (PACKAGE_DIR.parent / "templates", PACKAGE_DIR / "templates"):
+        if (candidate / "prelude.h").is_file():
+            return candidate
+    raise FileNotFoundError("gptc's templates/ folder is missing from this installation")
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=False, lstrip_blocks=False)
+
+
+def render_template(name: str, **context) -> str:
+    """Render one of templates/ (kernel templates and the bundle's executor.py.j2)."""
+    return _environment().get_template(name).render(**context)
+
+
+@functools.lru_cache(maxsize=1)
+def prelude() -> str:
+    return (templates_dir() / "prelude.h").read_text()
+
+
+def _index_type(plan: Plan, kernel: KernelPlan) -> str:
+    g = plan.graph
+    sizes = [g.type(n).size for n in kernel.nodes + kernel.reads]
+    sizes += [g.type(i).size for n in kernel.nodes for i in g.inputs_of(n)]
+    return "long long" if max(sizes, default=0) >= 2**31 - 1 else "int"
+
+
+def _unravel_lines(var: str, prefix: str, shape: tuple[int, ...]) -> tuple[list[str], tuple[str, ...]]:
+    index = unravel(var, shape)
+    names = tuple(f"{prefix}{k}" for k in range(len(shape)))
+    lines = [f"const idx_t {nm} = {e};" for nm, e in zip(names, index)]
+    return lines, names
+
+
+def _store_lines(em: Emitter, roots: list[int], index_of) -> list[str]:
+    lines = []
+    for r in roots:
+        idx = index_of(r)
+        v = em.value(r, idx)
+        lines.append(em.store(r, idx, v))
+    return lines
+
+
+def _grid_1d(count: int, threads: int) -> tuple[int, int, int]:
+    return (max(1, min(ceil_div(count, threads), MAX_GRID)), 1, 1)
+
+
+def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
+                  mm_threads: int | None = None):
+    """[(title, body text, grid, block, pool floats)] of one planned kernel (the attention
+    backward has two parts: keys and queries); `args` names buffers (shared by the
+    kernels of one launch); `mm_threads` fixes a matmul's block size (a batched launch:
+    one block size for all parts). Pool floats: the shared memory the part takes from
+    the launch's pool gptc_smem (declared once per launch, sized to the largest part)."""
+    g = plan.graph
+    family = kernel.family
+    ctx: dict = {}
+    if family in ("pointwise", "scatter"):
+        em = Emitter(plan, kernel.nodes, args=args)
+        shape = g.type(kernel.roots[0]).shape if family == "pointwise" else g.type(g.inputs_of(kernel.anchor)[1]).shape
+        count = max(1, _size(shape))
+        unravel_lines, idx = _unravel_lines("i", "i", shape)
+        if family == "pointwise":
+            stores = _store_lines(em, kernel.roots, lambda r: idx)
+            body = em.take() + stores
+        else:
+            ids, updates = g.inputs_of(kernel.anchor)
+            row = em.value(ids, idx[:-1])
+            value = em.value(updates, idx)
+            body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[(idx_t){row} * {shape[-1]} + {idx[-1]}], {value});"]
+        threads = POINTWISE_THREADS
+        ctx.update(count=count, unravel=unravel_lines, body=body)
+        grid, block = _grid_1d(count, threads), (threads, 1, 1)
+    elif family == "row":
+        grid, block, em = _row(plan, kernel, target, ctx, args)
+    elif family == "reduce":
+        grid, block, em = _reduce(plan, kernel, target, ctx, args)
+    elif family == "matmul":
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads)
+    elif family in ("attention", "attention_bwd"):
+        return [part + (0,) for part in _attention(plan, kernel, target, args)]
+    else:
+        raise AssertionError(family)
+    text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
+    return [(kernel.name, text, grid, block, ctx.get("smem_floats", 0))]
+
+
+def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> KernelSource:
+    """One launch: a kernel, or several independent kernels of one family batched
+    into one grid (each gets a range of blocks)."""
+    g = plan.graph
+    args: dict[int, str] = {}
+    parts, start, block, pool = [], 0, None, 0
+    mm_threads = _mm_common_threads(plan, kernels, target) if len(kernels) > 1 and kernels[0].family == "matmul" else None
+    for kernel in kernels:
+        for title, text, grid, part_block, floats in _render_parts(plan, kernel, target, args, mm_threads):
+            assert block in (None, part_block)
+            assert grid[1] == grid[2] == 1, "parts use a 1-D grid (block_id)"
+            block = part_block
+            pool = max(pool, floats)
+            parts.append(dict(body=text, start=start, end=start + grid[0], title=title))
+            start += grid[0]
+    assert pool * 4 <= target.shared_mem, "a part's shared memory exceeds the target's"
+    grid = (start, 1, 1) if len(parts) > 1 else grid
+    family = kernels[0].family
+    name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
+    arg_ids = tuple(args)  # in parameter order
+    params = ", ".join(f"{STORAGE_TYPE[plan.buffer_of(a).dtype]}* {args[a]}" for a in arg_ids)
+    node_lines = []
+    for kernel in kernels:
+        if len(kernels) > 1:
+            node_lines.append(f"{kernel.name}:")
+        node_lines += [("* " if n in kernel.roots else "  ") + g.describe(n) for n in kernel.nodes]
+    node_lines += [f"{args[a]} = buffer of %{a} ({plan.buffer_of(a).role or plan.buffer_of(a).name})" for a in arg_ids]
+    index_type = "long long" if any(_index_type(plan, k) == "long long" for k in kernels) else "int"
+    template = _environment().get_template("kernel.hip.j2")
+    common = dict(family=family, target=target, index_type=index_type, parts=parts, pool_f4=(pool + 3) // 4,
+                  needs_reduce_helpers=family in ("row", "reduce"), block_threads=block[0], params=params)
+    code = _strip_comments(template.render(prelude="", name="KERNEL_SYMBOL", title="", node_lines=[], **common))
+    symbol = f"gptc_{family}_{hashlib.sha256(code.encode()).hexdigest()[:12]}"
+    code = prelude() + code.replace("KERNEL_SYMBOL", symbol)
+    source = template.render(prelude=prelude(), name=symbol, title=name, node_lines=node_lines, **common)
+    nodes = [n for k in kernels for n in k.nodes]
+    origin = f"{name}: " + "; ".join(g.describe(n) for n in nodes[:8]) + (" ..." if len(nodes) > 8 else "")
+    zero_init = tuple(n for k in kernels for n in k.zero_init)
+    return KernelSource(name, family, source, code, symbol, grid, block, arg_ids, zero_init, origin)
+
+
+def _strip_comments(text: str) -> str:
+    """Drop // comments (generated code has no string literals) and blank lines."""
+    lines = (re.sub(r"\s*//.*$", "", line) for line in text.splitlines())
+    return "\n".join(line for line in lines if line.strip()) + "\n"
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+    g = plan.graph
+    reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
+    space = g.type(g.inputs_of(reduces[0])[0]).shape
+    lead, row_len = space[:-1], space[-1]
+    rows = max(1, _size(lead))
+    wave = target.wavefront
+    tpr = wave if row_len <= 1024 else 256
+    rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
+    special = {r: f"r{r}" for r in reduces}
+    em = Emitter(plan, kernel.nodes, special, args)
+    unravel_lines, lead_idx = _unravel_lines("row", "l", lead)
+    full_idx = lead_idx + ("j",)
+    row_idx = lead_idx + ("0",)
+    stages = []
+    for r in reduces:
+        em.begin_block()
+        del em.special[r]  # not yet computed while its own stage runs
+        v = em.value(g.inputs_of(r)[0], full_idx)
+        is_max = g.op(r) == "max"
+        stages.append(dict(var=f"r{r}", node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
+                           init="-INFINITY" if is_max else "0.0f",
+                           combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}"))
+        em.special[r] = f"r{r}"
+    reduced_shape = lead + (1,)
+    em.begin_block()
+    row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)
+    row_body = em.take() + row_body
+    em.begin_block()
+    full_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == space], lambda r: full_idx)
+    full_body = em.take() + full_body
+    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, unravel=unravel_lines,
+               stages=stages, row_body=row_body, full_body=full_body)
+    return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
+
+
+def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+    g = plan.graph
+    r = kernel.anchor
+    attrs = g.node(r)["attrs"]
+    (src,) = g.inputs_of(r)
+    in_shape = g.type(src).shape
+    axes = attrs["axes"]
+    kept = [a for a in range(len(in_shape)) if a not in axes]
+    out_shape = tuple(in_shape[a] for a in kept)
+    outputs, reduced = max(1, _size(out_shape)), max(1, _size(tuple(in_shape[a] for a in axes)))
+    leading = axes == tuple(range(len(axes)))
+    thread_per_output = leading and outputs >= 2048
+    em = Emitter(plan, kernel.nodes, {r: "acc"}, args)
+    unravel_out, out_idx = _unravel_lines("o", "o", out_shape)
+    em.begin_block()
+    red_lines, red_idx = _unravel_lines("r", "q", tuple(in_shape[a] for a in axes))
+    full = [""] * len(in_shape)
+    for a, e in zip(kept, out_idx):
+        full[a] = e
+    for a, e in zip(axes, red_idx):
+        full[a] = e
+    v = em.value(src, tuple(full))
+    is_max = g.op(r) == "max"
+    body = red_lines + em.take()
+    em.begin_block()
+    r_shape = g.type(r).shape
+    store_idx = tuple(full[a] if a in kept else "0" for a in range(len(in_shape))) if attrs["keepdims"] else out_idx
+    store = [em.store(r, store_idx if r_shape else (), "acc")]
+    threads = 256
+    ctx.update(thread_per_output=thread_per_output, outputs=outputs, reduced=reduced, unravel_out=unravel_out,
+               init="-INFINITY" if is_max else "0.0f", combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}",
+               body=body, store=store, is_max="true" if is_max else "false")
+    grid = (ceil_div(outputs, threads), 1, 1) if thread_per_output else (outputs, 1, 1)
+    return grid, (threads, 1, 1), em
+
+
+def _operand_layout(plan: Plan, nid: int):
+    """(buffer node, offset, strides) of a matmul operand read through views."""
+    g = plan.graph
+    chain = []
+    while OPS[g.op(nid)].kind == VIEW:
+        (src,) = g.inputs_of(nid)
+        chain.append((g.op(nid), g.node(nid)["attrs"], g.type(src).shape, g.type(nid).shape))
+        nid = src
+    layout = strided(chain[::-1], g.type(nid).shape)
+    if layout is None:
+        raise AssertionError(f"matmul operand %{nid} is not a strided view (the planner should have copied it)")
+    return nid, layout[0], layout[1]
+
+
+# Matmul tiles (bm, bn, tm, tn): a group of (bm/tm)*(bn/tn) threads computes a bm x bn
+# tile of C, each thread a tm x tn block read from shared memory in 16-byte vectors.
+_MM_TILES = ((128, 128, 8, 8), (128, 64, 8, 4), (64, 128, 4, 8), (64, 64, 8, 8), (64, 64, 4, 4),
+             (64, 32, 8, 8), (32, 64, 8, 8), (64, 32, 4, 4), (32, 64, 4, 4), (32, 32, 8, 8), (32, 32, 4, 4))
+# (compute units, shared memory per unit in bytes) by arch, for the tile choice.
+_MM_UNITS = {"sm_80": (108, 167936), "sm_86": (84, 102400), "sm_89": (128, 102400), "sm_90": (132, 233472),
+             "gfx906": (60, 65536), "gfx908": (120, 65536), "gfx90a": (110, 65536), "gfx942": (304, 65536),
+             "gfx1030": (80, 65536), "gfx1100": (96, 65536)}
+# Fraction of a unit's peak FMA rate that a thread's tm*tn block reaches with 8 warps
+# resident (fp32; shared-memory reads bound the small blocks). With _mm_cost's other
+# constants, fitted to sweeps of every legal configuration on an H200 (hipgpt shapes at
+# batch 32 and 256): the cost model ranks configurations, it does not predict times.
+_MM_EFF = {16: 0.4, 32: 0.4, 64: 0.55}
+# The configurations that measured fastest (or within 3%) for some of those shapes.
+# _mm_config chooses among these only, so every choice is code measured to be good.
+_MM_MENU = ((64, 64, 8, 8, 1, 8, 1), (64, 64, 8, 8, 1, 8, 2), (64, 64, 8, 8, 2, 32, 1), (64, 64, 8, 8, 2, 16, 1),
+            (32, 64, 8, 8, 2, 16, 1), (32, 64, 4, 4, 1, 8, 2), (32, 32, 4, 4, 2, 16, 2), (32, 32, 4, 4, 2, 32, 2),
+            (32, 32, 4, 4, 4, 16, 2), (32, 32, 4, 4, 4, 64, 2), (32, 32, 4, 4, 4, 32, 2), (32, 32, 4, 4, 4, 16, 1),
+            (32, 32, 8, 8, 16, 64, 2), (32, 32, 8, 8, 8, 32, 2), (32, 64, 8, 8, 4, 16, 2), (64, 32, 8, 8, 4, 16, 1))
+
+
+def _mm_smem_floats(bm: int, bn: int, bk: int, kg: int) -> int:
+    """Two staging buffers As[bk][bm+4], Bs[bk][bn+4] (rows padded to 16 bytes, 4 banks
+    apart), reused after the k loop for the partial tiles (kg/2 of them at once) and
+    the summed tile C[bm][bn+1]."""
+    return max(2 * bk * (bm + 4 + bn + 4), (kg // 2) * bm * bn, bm * (bn + 1) if kg > 1 else 0)
+
+
+def _mm_configs(target: Target):
+    """Every legal (bm, bn, tm, tn, kg, bk, depth): kg groups of threads split each slab
+    of bk along k (bk/kg rows each), at most 256 threads, shared memory within the
+    target's; global loads run `depth` slabs ahead of the compute."""
+    for bm, bn, tm, tn in _MM_TILES:
+        group = (bm // tm) * (bn // tn)
+        for kg in (1, 2, 4, 8, 16):
+            threads = group * kg
+            if threads > 256 or threads % target.wavefront:
+                continue
+            for bks in (4, 8, 16):
+                bk = kg * bks
+                if bk % 8 or bk > 64 or (bm * bk) % threads or (bn * bk) % threads:
+                    continue
+                # Groups of 16 threads share a warp: their rows must fall 16 banks apart.
+                if group < 32 and (bks * (bm + 4)) % 32 != 16:
+                    continue
+                if _mm_smem_floats(bm, bn, bk, kg) * 4 > target.shared_mem:
+                    continue
+                for depth in (1, 2):
+                    if depth * (bm + bn) * bk // threads <= 32:  # staging registers a thread holds
+                        yield bm, bn, tm, tn, kg, bk, depth
+
+
+def _mm_cost(m: int, n: int, k: int, batch: int, cfg, target: Target) -> float:
+    """Estimated cycles of the busiest compute unit: its blocks run in rounds of `occ`
+    resident blocks; a slab costs about the larger of a global-load round trip (shared
+    by `depth` slabs in flight) and the FMAs of the resident blocks at the rate their
+    thread blocks reach, at least their L2 bytes; then the k groups' tree sum."""
+    bm, bn, tm, tn, kg, bk, depth = cfg
+    units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
+    threads = (bm // tm) * (bn // tn) * kg
+    tiles = ceil_div(m, bm) * ceil_div(n, bn) * batch
+    slabs = max(1, ceil_div(k, bk))
+    per_unit = ceil_div(tiles, units)
+    regs = tm * tn + 2 * (tm + tn) + depth * (bm + bn) * bk // threads + 16 + (32 if kg > 1 else 0)
+    occ = max(1, min(per_unit, 2048 // threads, smem_unit // (4 * _mm_smem_floats(bm, bn, bk, kg)),
+                     65536 // (threads * regs)))
+    warps8 = occ * threads / 256  # resident warps / 8: fewer leave schedulers idle, more hide latency
+    eff = _MM_EFF[tm * tn] * (warps8 ** 0.7 if warps8 < 1 else min(2.0, warps8 ** 0.3))
+    fmas, latency = occ * bm * bn * bk / (128 * eff), 1500.0 / depth
+    slab = max((fmas ** 8 + latency ** 8) ** 0.125, occ * (bm + bn) * bk * 4 / 16)
+    reduce = 1000 * (kg.bit_length() - 1) + (bm * bn * 4 / threads) * 20 if kg > 1 else 0.0
+    return ceil_div(per_unit, occ) * (slabs * slab + 2000 + reduce)
+
+
+def _mm_threads(cfg) -> int:
+    bm, bn, tm, tn, kg = cfg[:5]
+    return (bm // tm) * (bn // tn) * kg
+
+
+def _mm_menu(target: Target, threads: int | None = None):
+    """The menu configurations the target admits (all legal ones if none), of `threads`
+    threads if given (then all legal ones of that block size if the menu has none)."""
+    legal = list(_mm_configs(target))
+    menu = [cfg for cfg in _MM_MENU if cfg in legal] or legal
+    if threads is not None:
+        menu = [cfg for cfg in menu if _mm_threads(cfg) == threads] or [cfg for cfg in legal if _mm_threads(cfg) == threads]
+    return menu
+
+
+def _mm_config(m: int, n: int, k: int, batch: int, target: Target, threads: int | None = None):
+    """The cheapest configuration of the menu by _mm_cost (first of equals, so
+    deterministic); all legal ones if the target admits none of the menu. `threads`
+    restricts the choice to one block size (the parts of a batched launch)."""
+    return min(_mm_menu(target, threads), key=lambda cfg: _mm_cost(m, n, k, batch, cfg, target))
+
+
+def _mm_shape(plan: Plan, kernel: KernelPlan) -> tuple[int, int, int, int]:
+    """(m, n, k, batch) of a matmul kernel."""
+    g = plan.graph
+    out_shape = g.type(kernel.anchor).shape
+    k = g.type(g.inputs_of(kernel.anchor)[0]).shape[-1]
+    return out_shape[-2], out_shape[-1], k, max(1, _size(out_shape[:-2]))
+
+
+def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) -> int:
+    """The block size of a batched matmul launch: the thread count (among those of the
+    menu) whose best configurations have the least summed cost over the parts (the
+    smallest of equals)."""
+    shapes = [_mm_shape(plan, kern) for kern in kernels]
+    counts = sorted({_mm_threads(cfg) for cfg in _mm_menu(target)})
+
+    def total(threads: int) -> float:
+        return sum(_mm_cost(*shape, _mm_config(*shape, target, threads), target) for shape in shapes)
+
+    return min(counts, key=total)
+
+
+def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
+            threads: int | None = None):
+    g = plan.graph
+    mm = kernel.anchor
+    a_in, b_in = g.inputs_of(mm)
+    out_shape = g.type(mm).shape
+    batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
+    k = g.type(a_in).shape[-1]
+    a_buf, a_off, a_strides = _operand_layout(plan, a_in)
+    b_buf, b_off, b_strides = _operand_layout(plan, b_in)
+    em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
+    a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
+    # Batch offsets of A and B from the batch index (the block's tile along z).
+    batch_lines, batch_idx = _unravel_lines("batch", "z", batch_shape)
+    a_terms = [str(a_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, a_strides[:-2]) if s]
+    b_terms = [str(b_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, b_strides[:-2]) if s]
+    batch_lines += [f"const idx_t a_base = {' + '.join(a_terms)};", f"const idx_t b_base = {' + '.join(b_terms)};"]
+    em.begin_block()
+    body = []
+    for r in kernel.roots:
+        lines, idx = _unravel_lines("i_lin", f"e{r}_", g.type(r).shape)
+        body += lines
+        v = em.value(r, idx)
+        body += em.take() + [em.store(r, idx, v)]
+    batch = max(1, _size(batch_shape))
+    bm, bn, tm, tn, kg, bk, depth = _mm_config(m, n, k, batch, target, threads)
+    ty_count, tx_count = bm // tm, bn // tn
+    threads = ty_count * tx_count * kg
+    a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
+    # Staging loads: consecutive threads walk the operand's contiguous dimension;
+    # "k" reads runs of 8 along k (one 32-byte sector) from 4 rows per 32 threads.
+    a_mode = "m" if a_sk != 1 and a_sm == 1 else "k"
+    b_mode = "k" if b_sn != 1 and b_sk == 1 else "n"
+    ctx.update(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, bk=bk, bks=bk // kg, kg=kg, tm=tm, tn=tn, depth=depth,
+               tx_count=tx_count, ty_count=ty_count, group_threads=tx_count * ty_count,
+               halves=[kg >> r for r in range(1, kg.bit_length())], slabs=max(1, ceil_div(k, bk)),
+               pa=bm + 4, pb=bn + 4, smem_floats=_mm_smem_floats(bm, bn, bk, kg),
+               la=bm * bk // threads, lb=bn * bk // threads, a_mode=a_mode, b_mode=b_mode,
+               check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
+               batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_sm=a_sm, a_sk=a_sk, b_sk=b_sk, b_sn=b_sn,
+               body=body, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm))
+    # A 1-D grid: block_id runs over the tiles, n fastest, then m, then the batch
+    # (the order a (n, m, batch) grid would dispatch them).
+    grid = (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1)
+    return grid, (threads, 1, 1), em
+
+
+def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
+    """Flash-style causal attention (FlashAttention-2 order, SIMT fp32): 128-thread
+    blocks own tiles of queries (forward, dQ) or keys (dK, dV), stage the other side's
+    tiles in shared memory and keep their accumulators in registers. The backward is
+    one part whose two halves (keys, queries) share one shared-memory buffer."""
+    g = plan.graph
+    a = kernel.attention
+    em = Emitter(plan, kernel.nodes, args=args)
+    *batch_shape, seq, dim = g.type(a.q).shape
+    assert dim <= 64, "the attention templates handle head_dim <= 64"
+    dp = 32 if dim <= 32 else 64  # head_dim padded (with zeros) to whole 8-lane x 4-float groups
+    bhn = max(1, _size(tuple(batch_shape)))
+    # Tiles: forward 64 queries x 32 keys; backward keys half 64 keys x 16 queries,
+    # queries half 64 queries x 16 keys (fits the 48 KiB NVIDIA static limit at dp 64).
+    bq, bk, bkb, bqk, bqq, bkq = 64, 32, 64, 16, 64, 16
+    fwd_floats = bq * dp + 2 * bk * (dp + 4) + bk * (bq + 4)
+    keys_floats = 2 * bkb * dp + 2 * bqk * (dp + 4) + bqk * (bkb + 4) + 3 * bqk
+    queries_floats = 2 * bqq * dp + 2 * bkq * (dp + 4) + bkq * (bqq + 4)
+    bwd_floats = max(keys_floats, queries_floats)
+    fwd_floats, bwd_floats = ceil_div(fwd_floats, 4) * 4, ceil_div(bwd_floats, 4) * 4
+    assert max(fwd_floats, bwd_floats) * 4 <= target.shared_mem, "attention tiles exceed the shared memory"
+    nqb, nkb = ceil_div(seq, bq), ceil_div(seq, bkb)
+    batch_lines, z = _unravel_lines("bh", "z", tuple(batch_shape))
+    ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
+               nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
+               scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
+
+    def operand(name: str, nid: int, transpose: bool = False) -> None:
+        buf, offset, strides = _operand_layout(plan, nid)
+        if transpose:
+            strides = strides[:-2] + [strides[-1], strides[-2]]
+        terms = [str(offset)] + [f"{zi} * {st}" for zi, st in zip(z, strides[:-2]) if st]
+        batch_lines.append(f"const idx_t {name}_base = {' + '.join(terms)};")
+        ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
+
+    operand("q", a.q)
+    operand("k", a.k_t, transpose=True)
+    operand("v", a.v)
+    batch_lines += [f"const idx_t o_base = bh * {seq * dim};", f"const idx_t r_base = bh * {seq};"]
+    env = _environment()
+    if kernel.family == "attention":
+        stats = a.m in kernel.roots
+        ctx.update(out=em.arg(a.out), store_stats=stats)
+        if stats:
+            ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
+        return [(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))]
+    operand("g", a.d_out)  # the gradient of out
+    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(a.dq),
+               dkt_ptr=em.arg(a.dk_t), dv_ptr=em.arg(a.dv))
+    # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
+    # for the queries half.
+    return [(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
+             (bhn * (nkb + nqb), 1, 1), (128, 1, 1))]
+
+
+def render_plan(plan: Plan, target: Target) -> list[KernelSource]:
+    """One source per launch of the plan."""
+    return [render_launch(plan, [plan.kernels[i] for i in launch], target) for launch in plan.launches]

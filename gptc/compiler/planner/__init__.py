@@ -1,0 +1,92 @@
+"""The planner: fusion groups, launch order and memory plan for a graph."""
+from __future__ import annotations
+
+from collections import Counter
+
+from gptc.compiler.strides import strided
+from gptc.compiler.ir import Graph
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.planner.fusion import fuse_graph
+from gptc.compiler.planner.schedule import Buffer, KernelPlan, Plan, schedule
+
+__all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
+
+
+def make_plan(graph: Graph, fuse: bool = True) -> Plan:
+    """Fused (fuse=True) or unfused (one kernel per compute node) plan of `graph`."""
+    graph.prune()  # values nothing reads are not computed
+    lay_out(graph)
+    return schedule(graph, fuse_graph(graph, fuse), fuse)
+
+
+SPLIT_REDUCTION_SIZE = 1 << 16
+
+
+def split_reductions(graph: Graph) -> None:
+    """A large reduction over several axes including the last one (a sum of squares
+    of a weight gradient for the gradient norm) would run in a single block. Reduce the
+    last axis first (a row kernel, one row per warp), then the rest."""
+    for nid in list(graph.nx.nodes):
+        node = graph.node(nid)
+        if node["op"] not in ("sum", "max"):
+            continue
+        (src,) = node["inputs"]
+        shape = graph.type(src).shape
+        axes = node["attrs"]["axes"]
+        if len(axes) < 2 or axes[-1] != len(shape) - 1 or graph.type(src).size < SPLIT_REDUCTION_SIZE:
+            continue
+        with graph.replace_scope(node["scope"]):
+            rows = graph.add(node["op"], [src], axes=(len(shape) - 1,), keepdims=True)
+        graph.nx.remove_edge(src, nid)
+        graph.nx.add_edge(rows, nid, args=[0])
+        node["inputs"] = (rows,)
+
+
+def lay_out(graph: Graph) -> None:
+    """Insert `copy` nodes where a value must be laid out in memory: a graph output
+    that is a view other than a reshape (outputs are stored contiguously), and a matmul
+    operand whose views are not strided (a permute followed by a reshape that merges
+    the permuted axes), since matmul kernels read strided views of buffers."""
+    for name, nid in list(graph.outputs.items()):
+        base = nid
+        while OPS[graph.op(base)].kind == VIEW and graph.op(base) == "reshape":
+            base = graph.inputs_of(base)[0]
+        if OPS[graph.op(base)].kind == VIEW:
+            with graph.replace_scope(f"output {name}"):
+                graph.outputs[name] = graph.add("copy", [nid])
+    split_reductions(graph)
+    for nid in list(graph.nx.nodes):
+        if graph.op(nid) != "matmul":
+            continue
+        for operand in set(graph.inputs_of(nid)):
+            chain, base = [], operand
+            while OPS[graph.op(base)].kind == VIEW:
+                (src,) = graph.inputs_of(base)
+                chain.append((graph.op(base), graph.node(base)["attrs"], graph.type(src).shape, graph.type(base).shape))
+                base = src
+            if chain and strided(chain[::-1], graph.type(base).shape) is None:
+                graph.insert_between(operand, nid, "copy")
+
+
+def fusion_report(fused: Plan, unfused: Plan) -> str:
+    def families(p: Plan) -> str:
+        return ", ".join(f"{n} {f}" for f, n in sorted(Counter(k.family for k in p.kernels).items()))
+    lines = [
+        f"launches per step: fused {len(fused.launches)}, unfused {len(unfused.launches)} "
+        f"({len(unfused.launches) / max(1, len(fused.launches)):.1f}x fewer); "
+        f"fused kernels {len(fused.kernels)}, batched into {len(fused.launches)} launches",
+        f"  fused:   {families(fused)}",
+        f"  unfused: {families(unfused)}",
+        f"activation bytes (arena peak): fused {fused.peak_activation_bytes:,}, unfused {unfused.peak_activation_bytes:,}",
+        f"persistent bytes (params + optimizer state): {fused.arena_bytes['persistent']:,}",
+        "fused launches (kernels batched into one launch are listed together):",
+    ]
+    g = fused.graph
+    for launch in fused.launches:
+        parts = [fused.kernels[i] for i in launch]
+        nodes = [n for k in parts for n in k.nodes]
+        scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
+        name = parts[0].name + (f" +{len(parts) - 1}" if len(parts) > 1 else "")
+        lines.append(f"  {name:<18} {len(nodes):>4} nodes  stores {sum(len(k.roots) for k in parts):>2}  {', '.join(scopes)[:80]}")
+    return "\n".join(lines)

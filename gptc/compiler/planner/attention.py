@@ -1,0 +1,148 @@
+"""Matching causal attention in the graph, for the flash-style kernels.
+
+`dsl.causal_attention` decomposes into primitives inside a scope named after it:
+    scores = (q @ kᵀ) * scale;  masked = where(row >= col, scores, -inf)
+    m = max(masked); e = exp(masked - m); s = sum(e); p = e / s;  out = p @ v
+and autodiff tags its backward nodes with the same scope plus "#bwd". For each such
+scope the matcher checks that the nodes have exactly this structure and find the
+operands; the planner then puts the forward nodes in one "attention" kernel (which
+stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
+in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
+not match exactly is left to the generic fusion, which computes the same values."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gptc.compiler.ir import Graph
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.registry import VIEW
+
+MAX_HEAD_DIM = 64  # the kernels keep rows of head_dim floats per lane in shared memory
+
+
+@dataclass
+class AttentionMatch:
+    scope: str
+    q: int              # operand nodes as the matmuls read them (views of buffers)
+    k_t: int            # kᵀ: (.., D, S)
+    v: int
+    scale: float
+    out: int            # p @ v
+    m: int              # row max of the masked scores (keepdims)
+    s: int              # row sum of exp(masked - m) (keepdims)
+    forward: set[int] = field(default_factory=set)
+    backward: set[int] = field(default_factory=set)
+    d_out: int | None = None   # the gradient of out (an operand of dv), if trained
+    dq: int | None = None      # (.., S, D)
+    dk_t: int | None = None    # (.., D, S)
+    dv: int | None = None      # (.., S, D)
+
+
+def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
+    chain = []
+    while OPS[graph.op(nid)].kind == VIEW:
+        chain.append(nid)
+        nid = graph.inputs_of(nid)[0]
+    return nid, chain
+
+
+def _only_user(graph: Graph, nid: int, op: str) -> int | None:
+    """The single user of nid (looking through one broadcast) if it is `op`."""
+    users = graph.users(nid)
+    if len(users) == 1 and graph.op(users[0]) == "broadcast":
+        users = graph.users(users[0])
+    return users[0] if len(users) == 1 and graph.op(users[0]) == op else None
+
+
+def _users_through_views(graph: Graph, nid: int) -> set[int]:
+    out, stack = set(), list(graph.users(nid))
+    while stack:
+        u = stack.pop()
+        if OPS[graph.op(u)].kind == VIEW:
+            stack.extend(graph.users(u))
+        else:
+            out.add(u)
+    return out
+
+
+def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
+    by_scope: dict[str, set[int]] = {}
+    for nid in graph.nx.nodes:
+        scope = graph.node(nid)["scope"]
+        head, _, tail = scope.partition("causal_attention")
+        if tail in ("", "/softmax", "#bwd", "/softmax#bwd") and "causal_attention" in scope and not is_free(nid):
+            by_scope.setdefault(head + "causal_attention", set()).add(nid)
+    matches = []
+    for scope, nodes in sorted(by_scope.items()):
+        forward = {n for n in nodes if not graph.node(n)["scope"].endswith("#bwd")}
+        backward = nodes - forward
+        match = _match_forward(graph, scope, forward)
+        if match and (not backward or _match_backward(graph, match, backward)):
+            matches.append(match)
+    return matches
+
+
+def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch | None:
+    matmuls = sorted(n for n in nodes if graph.op(n) == "matmul")
+    if len(matmuls) != 2:
+        return None
+    mm1, mm2 = matmuls
+    scaled = _only_user(graph, mm1, "mul")
+    masked = _only_user(graph, scaled, "where") if scaled is not None else None
+    if masked is None:
+        return None
+    const = [i for i in graph.inputs_of(scaled) if i != mm1]
+    const_base = _base(graph, const[0])[0] if len(const) == 1 else None
+    if const_base is None or graph.op(const_base) != "const":
+        return None
+    users = _users_through_views(graph, masked)
+    m = next((u for u in users if graph.op(u) == "max"), None)
+    if m is None:
+        return None
+    sub = next((u for u in users if graph.op(u) == "sub"), None)
+    e = _only_user(graph, sub, "exp") if sub is not None else None
+    if e is None:
+        return None
+    s = next((u for u in _users_through_views(graph, e) if graph.op(u) == "sum"), None)
+    p = next((u for u in _users_through_views(graph, e) if graph.op(u) == "div"), None)
+    if s is None or p is None or graph.inputs_of(mm2)[0] != p:
+        return None
+    q, k_t = graph.inputs_of(mm1)
+    v = graph.inputs_of(mm2)[1]
+    head_dim, seq = graph.type(q).shape[-1], graph.type(q).shape[-2]
+    if graph.type(k_t).shape[-2:] != (head_dim, seq) or graph.type(mm2).shape[-1] > MAX_HEAD_DIM or head_dim > MAX_HEAD_DIM:
+        return None
+    if graph.type(v).shape[-1] != head_dim or graph.type(q).dtype != "f32":
+        return None
+    core = {mm1, scaled, masked, m, sub, e, s, p, mm2}
+    if not core <= nodes:
+        return None
+    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], mm2, m, s, forward=set(nodes))
+
+
+def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
+    """Find dq, dkᵀ, dv and the gradient of out among the backward nodes; every value
+    leaving the two regions must be out, m, s or one of those three."""
+    region = nodes | match.forward
+    leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
+               or n in graph.roots()}
+    for n in nodes:
+        if graph.op(n) != "matmul":
+            continue
+        a, b = graph.inputs_of(n)
+        a_base, a_chain = _base(graph, a)
+        b_base, b_chain = _base(graph, b)
+        if a_base in match.forward and graph.op(a_base) == "div":   # pᵀ @ d_out
+            match.dv, match.d_out = n, b
+        elif match.k_t in b_chain + [b_base]:                      # ds @ (kᵀ)ᵀ
+            match.dq = n
+        elif match.q in a_chain + [a_base]:                        # qᵀ @ ds
+            match.dk_t = n
+    if None in (match.dv, match.dq, match.dk_t):
+        return False
+    if leaving - {match.out, match.dq, match.dk_t, match.dv}:
+        return False
+    if match.d_out in region or _base(graph, match.d_out)[0] in region:
+        return False
+    match.backward = set(nodes)
+    return True

@@ -1,0 +1,345 @@
+"""Fusion: assign every compute node of a graph to exactly one kernel.
+
+Node classes:
+- free: sources, constants, iota, views, and anything computed only from constants
+  and iota (a causal mask): never a kernel of its own; inlined wherever it is read
+  (views become index arithmetic, sources become loads).
+- compute: elementwise, gather, reduce, matmul, scatter_add.
+
+Kernel families (DESIGN.md): pointwise, row (reductions over the last axis with the
+pointwise work before and after, the reduced values broadcast back over the row),
+reduce (column/total reductions with a pointwise prologue), matmul (with a pointwise
+epilogue), scatter.
+
+Fusion walks the graph from consumers to producers. A node joins the kernel of its
+users when all of them are in one kernel and the family accepts it there (below);
+otherwise it starts a kernel of its own and its value is stored in a buffer. Joining
+only a kernel that holds all of a node's users can never create a cycle between
+kernels; `check_acyclic` verifies it anyway by contracting the groups in networkx.
+The unfused plan puts every compute node in its own kernel."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from gptc.compiler.ir import Graph
+from gptc.compiler.planner.attention import AttentionMatch, find_attention
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
+
+POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
+ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
+
+
+@dataclass
+class Group:
+    """One kernel: the compute nodes it evaluates, the nodes whose values it stores
+    (roots), and its family. `anchor` is the node that fixes the iteration space: the
+    matmul, the scatter, the (first) reduction, or the pointwise root."""
+    family: str
+    anchor: int
+    nodes: set[int] = field(default_factory=set)
+    attention: AttentionMatch | None = None   # for the attention families
+
+
+def is_free(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
+    """Views, sources and constant-only subgraphs: inlined, never stored by a kernel."""
+    if nid in cache:
+        return cache[nid]
+    op = graph.op(nid)
+    kind = OPS[op].kind
+    if kind in (SOURCE, VIEW):
+        result = True
+    elif kind == ELEMENTWISE:
+        # A value computed only from constants and iota (a mask) is recomputed inline.
+        result = all(_const_only(graph, i, cache) for i in graph.inputs_of(nid))
+    else:
+        result = False
+    cache[nid] = result
+    return result
+
+
+def _const_only(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
+    op = graph.op(nid)
+    if op in ("const", "iota"):
+        return True
+    if op in ("input", "param", "state"):
+        return False
+    kind = OPS[op].kind
+    return kind in (VIEW, ELEMENTWISE) and all(_const_only(graph, i, cache) for i in graph.inputs_of(nid))
+
+
+def compute_users(graph: Graph, nid: int, free: dict[int, bool]) -> list[tuple[int, list[int]]]:
+    """The compute nodes that read `nid`, each with the chain of view nodes between
+    (looking through views; a free elementwise node is not a user)."""
+    found: list[tuple[int, list[int]]] = []
+    stack: list[tuple[int, list[int]]] = [(u, []) for u in graph.users(nid)]
+    while stack:
+        user, chain = stack.pop()
+        if OPS[graph.op(user)].kind == VIEW:
+            stack.extend((u, chain + [user]) for u in graph.users(user))
+        elif not is_free(graph, user, free):
+            found.append((user, chain))
+    return sorted(found, key=lambda t: (t[0], t[1]))
+
+
+def row_space(graph: Graph, nid: int) -> tuple[int, ...] | None:
+    """For a reduction over the last axis with keepdims, the shape it reduces."""
+    node = graph.node(nid)
+    shape = graph.type(node["inputs"][0]).shape
+    if node["attrs"]["axes"] == (len(shape) - 1,) and node["attrs"]["keepdims"] and len(shape) >= 1:
+        return shape
+    return None
+
+
+def _size(graph: Graph, nid: int) -> int:
+    return graph.type(nid).size
+
+
+class Fuser:
+    def __init__(self, graph: Graph, fuse: bool) -> None:
+        self.graph = graph
+        self.fuse = fuse
+        self.free: dict[int, bool] = {}
+        self.group_of: dict[int, int] = {}
+        self.groups: list[Group] = []
+        self.roots: set[int] = set(graph.roots())
+
+    def run(self) -> list[Group]:
+        g = self.graph
+        if self.fuse:
+            for match in find_attention(g, lambda n: is_free(g, n, self.free)):
+                self._claim(Group(ATTENTION, match.out, set(match.forward), match))
+                if match.backward:
+                    self._claim(Group(ATTENTION_BWD, match.dv, set(match.backward), match))
+        for nid in reversed(g.topo_order()):
+            if is_free(g, nid, self.free) or nid in self.group_of:
+                continue
+            target = self._join_target(nid) if self.fuse else None
+            if target is None:
+                self._new_group(nid)
+            else:
+                self.groups[target].nodes.add(nid)
+                self.group_of[nid] = target
+        # Groups were created consumers-first; number them producers-first.
+        groups = list(reversed(self.groups))
+        return self._merge_producers(groups) if self.fuse else groups
+
+    def _claim(self, group: Group) -> None:
+        for n in group.nodes:
+            self.group_of[n] = len(self.groups)
+        self.groups.append(group)
+
+    def _merge_producers(self, groups: list[Group]) -> list[Group]:
+        """Second pass: merge a kernel into the kernel that produces its inputs when the
+        union is still one legal kernel (it then stores several values: multi-output
+        fusion, e.g. a layernorm that keeps its statistics for the backward pass) and
+        the kernel graph stays acyclic."""
+        kg = kernel_graph(self.graph, groups)
+        members = {i: grp for i, grp in enumerate(groups)}
+        changed = True
+        while changed:
+            changed = False
+            for q in list(nx.topological_sort(kg)):
+                if q not in kg:
+                    continue
+                for p in sorted(kg.successors(q)):
+                    if members[q].attention or members[p].attention:
+                        continue
+                    family = self._classify(members[q].nodes | members[p].nodes)
+                    if family is None:
+                        continue
+                    # Merging q and p makes a cycle iff another path leads from q to p.
+                    if any(x != p and nx.has_path(kg, x, p) for x in kg.successors(q)):
+                        continue
+                    members[q].nodes |= members[p].nodes
+                    members[q].family, members[q].anchor = family
+                    nx.contracted_nodes(kg, q, p, self_loops=False, copy=False)
+                    del members[p]
+                    changed = True
+        order = list(nx.lexicographical_topological_sort(kg, key=lambda i: min(members[i].nodes)))
+        return [members[i] for i in order]
+
+    def _classify(self, nodes: set[int]) -> tuple[str, int] | None:
+        """(family, anchor) if `nodes` can be one kernel, else None."""
+        g = self.graph
+        kinds = {n: OPS[g.op(n)].kind for n in nodes}
+        matmuls = [n for n, k in kinds.items() if k == MATMUL]
+        reduces = [n for n, k in kinds.items() if k == REDUCE]
+        if any(k == SCATTER for k in kinds.values()):
+            return None
+        # A kernel cannot read a buffer it writes: matmul operands and gather tables
+        # must come from other kernels.
+        for n in nodes:
+            if kinds[n] in (MATMUL, GATHER):
+                operands = g.inputs_of(n) if kinds[n] == MATMUL else g.inputs_of(n)[:1]
+                if any(p in nodes for o in operands for p in _producers(g, o, self.free)):
+                    return None
+        if matmuls:
+            if len(matmuls) == 1 and not reduces and self._epilogue_legal(nodes, matmuls[0]):
+                return MATMUL_FAMILY, matmuls[0]
+            return None
+        if reduces:
+            space = row_space(g, reduces[0])
+            if space is not None and self._row_legal(nodes, space):
+                return ROW, min(reduces)
+            return None
+        roots = [n for n in nodes if n in self.roots or any(u not in nodes for u, _ in compute_users(g, n, self.free))]
+        if len({g.type(n).shape for n in roots}) != 1:
+            return None
+        for n, _, chain in self._internal_chains(nodes):
+            if chain and _size(g, chain[-1]) > _size(g, n) and not self._cheap_scalar(n):
+                return None
+        return POINTWISE, max(roots)
+
+    def _new_group(self, nid: int) -> None:
+        kind = OPS[self.graph.op(nid)].kind
+        if kind == MATMUL:
+            family = MATMUL_FAMILY
+        elif kind == SCATTER:
+            family = SCATTER_FAMILY
+        elif kind == REDUCE:
+            family = ROW if row_space(self.graph, nid) else REDUCTION
+        else:
+            family = POINTWISE
+        self.group_of[nid] = len(self.groups)
+        self.groups.append(Group(family, nid, {nid}))
+
+    def _join_target(self, nid: int) -> int | None:
+        """The group `nid` may join, or None if it must be stored by a kernel of its own."""
+        g = self.graph
+        if nid in self.roots:
+            return None
+        users = compute_users(g, nid, self.free)
+        targets = {self.group_of[u] for u, _ in users}
+        if len(targets) != 1:
+            return None
+        target = targets.pop()
+        group = self.groups[target]
+        if group.attention:
+            return None
+        for user, chain in users:
+            read = chain[-1] if chain else nid
+            user_kind = OPS[g.op(user)].kind
+            # Matmul operands and gather tables are read from buffers.
+            if user_kind == MATMUL or (user_kind == GATHER and g.inputs_of(user)[0] == read):
+                return None
+        kind = OPS[g.op(nid)].kind
+        if kind == REDUCE:
+            space = row_space(g, nid)
+            if space is None or group.family not in (ROW, POINTWISE):
+                return None
+            if not self._row_legal(group.nodes | {nid}, space):
+                return None
+            if group.family == POINTWISE:
+                group.family, group.anchor = ROW, nid
+            return target
+        if kind == MATMUL:
+            # A matmul takes over a pointwise kernel as its epilogue when the epilogue
+            # reads every value at the matmul's own element.
+            if group.family != POINTWISE or not self._epilogue_legal(group.nodes | {nid}, nid):
+                return None
+            group.family, group.anchor = MATMUL_FAMILY, nid
+            return target
+        if kind not in (ELEMENTWISE, GATHER):
+            return None
+        if group.family == ROW:
+            return target if self._row_legal(group.nodes | {nid}, row_space(g, group.anchor)) else None
+        if group.family == MATMUL_FAMILY:
+            return target if self._epilogue_legal(group.nodes | {nid}, group.anchor) else None
+        # Pointwise, reduce and scatter kernels inline a producer where each element is
+        # read once (views that do not broadcast it), so nothing is computed twice,
+        # except cheap scalars (a learning-rate factor), recomputed per element.
+        if any(chain and _size(g, chain[-1]) > _size(g, nid) for _, chain in users) and not self._cheap_scalar(nid):
+            return None
+        return target
+
+    def _cheap_scalar(self, nid: int, depth: int = 4) -> bool:
+        """A scalar computed in a few ops from sources and constants only."""
+        g = self.graph
+        if g.op(nid) in ("input", "param", "state", "const", "iota"):
+            return True
+        if depth == 0 or _size(g, nid) != 1 or OPS[g.op(nid)].kind not in (ELEMENTWISE, VIEW):
+            return False
+        return all(self._cheap_scalar(i, depth - 1) for i in g.inputs_of(nid))
+
+    def _internal_chains(self, nodes: set[int]):
+        """(producer, consumer, chain of views) for every edge inside a group."""
+        for n in nodes:
+            for consumer, chain in compute_users(self.graph, n, self.free):
+                if consumer in nodes:
+                    yield n, consumer, chain
+
+    def _row_legal(self, nodes: set[int], space: tuple[int, ...]) -> bool:
+        """Row kernels hold nodes shaped like the row space (lead..., N) or its reduced
+        form (lead..., 1), joined directly or by broadcasting (lead..., 1) over the row."""
+        g = self.graph
+        reduced = space[:-1] + (1,)
+        for n in nodes:
+            kind = OPS[g.op(n)].kind
+            if kind == REDUCE and row_space(g, n) != space:
+                return False
+            if kind not in (REDUCE, ELEMENTWISE, GATHER) or g.type(n).shape not in (space, reduced):
+                return False
+        for n, _, chain in self._internal_chains(nodes):
+            if chain and not (len(chain) == 1 and g.op(chain[0]) == "broadcast"
+                              and g.type(n).shape == reduced and g.type(chain[0]).shape == space):
+                return False
+        return True
+
+    def _epilogue_legal(self, nodes: set[int], matmul: int) -> bool:
+        g = self.graph
+        size = _size(g, matmul)
+        if any(n != matmul and OPS[g.op(n)].kind not in (ELEMENTWISE, GATHER) for n in nodes):
+            return False
+        if any(_size(g, n) != size for n in nodes):
+            return False
+        return all(g.op(v) == "reshape" for _, _, chain in self._internal_chains(nodes) for v in chain)
+
+
+def fuse_graph(graph: Graph, fuse: bool = True) -> list[Group]:
+    groups = Fuser(graph, fuse).run()
+    check_acyclic(graph, groups)
+    return groups
+
+
+def kernel_graph(graph: Graph, groups: list[Group]) -> nx.DiGraph:
+    """Groups as nodes, an edge where one group reads a value another computes."""
+    owner = {n: i for i, grp in enumerate(groups) for n in grp.nodes}
+    kg = nx.DiGraph()
+    kg.add_nodes_from(range(len(groups)))
+    free: dict[int, bool] = {}
+    for i, grp in enumerate(groups):
+        for n in grp.nodes:
+            for src in graph.inputs_of(n):
+                for producer in _producers(graph, src, free):
+                    j = owner[producer]
+                    if j != i:
+                        kg.add_edge(j, i)
+    return kg
+
+
+def _producers(graph: Graph, nid: int, free: dict[int, bool]) -> list[int]:
+    """The compute nodes whose values `nid` reads, through views and free nodes."""
+    if not is_free(graph, nid, free):
+        return [nid]
+    out: list[int] = []
+    for src in graph.inputs_of(nid):
+        out += _producers(graph, src, free)
+    return out
+
+
+def check_acyclic(graph: Graph, groups: list[Group]) -> None:
+    seen: dict[int, int] = {}
+    for i, grp in enumerate(groups):
+        for n in grp.nodes:
+            if n in seen:
+                raise AssertionError(f"node %{n} is in kernels {seen[n]} and {i}")
+            seen[n] = i
+    free: dict[int, bool] = {}
+    compute = {n for n in graph.nx.nodes if not is_free(graph, n, free)}
+    if compute != set(seen):
+        raise AssertionError(f"nodes without a kernel: {sorted(compute - set(seen))[:10]}")
+    if not nx.is_directed_acyclic_graph(kernel_graph(graph, groups)):
+        raise AssertionError("fusion produced a cycle between kernels")

@@ -1,3 +1,0 @@
-"""Primitive ops. Importing this package fills the registry `OPS`."""
-from gptc.ops.registry import OPS, OpDef, ShapeError, TensorType  # noqa: F401
-from gptc.ops import elementwise, reduce, matmul, view, index, source  # noqa: F401,E402

@@ -1,0 +1,98 @@
+"""From a plan to what a GPU executor runs: kernel sources rendered for a target, code
+objects compiled (in parallel, disk-cached), and the plan *table* (buffers with arena
+offsets, named inputs/outputs/params/states, launches with their costs), plain
+JSON-serialisable data that a bundle's manifest stores."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gptc.compiler.codegen.kernels import KernelSource, render_plan
+from gptc.compiler.planner.cost import plan_costs
+from gptc.compiler.planner.schedule import Plan
+from gptc.runtime.device import Device, compile_many
+from gptc.runtime.executor import Arenas, GpuExecutor
+from gptc.target import Target
+
+
+def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
+    """The data an executor needs to run `plan`, by buffer name."""
+    g = plan.graph
+    buffers = {}
+    for buf in {b.name: b for b in plan.buffers.values()}.values():
+        buffers[buf.name] = {"dtype": buf.dtype, "shape": list(buf.shape), "nbytes": buf.nbytes,
+                             "arena": buf.arena, "offset": buf.offset, "role": buf.role}
+    name_of = lambda nid: plan.buffer_of(nid).name  # noqa: E731
+    launches = []
+    for k, launch, cost in zip(kernels, plan.launches, plan_costs(plan)):
+        parts = [plan.kernels[i] for i in launch]
+        nodes = [n for p in parts for n in p.nodes]
+        scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
+        launches.append({"kernel": k.name, "family": k.family, "symbol": k.symbol, "grid": list(k.grid),
+                         "block": list(k.block), "args": [name_of(a) for a in k.args],
+                         "clear": [name_of(n) for n in k.zero_init], "nodes": len(nodes),
+                         "kernels": [p.name for p in parts],
+                         "reads": sorted({name_of(n) for p in parts for n in p.reads}),
+                         "writes": sorted({name_of(n) for p in parts for n in p.roots}),
+                         "bytes": cost.bytes, "flops": cost.flops,
+                         "scopes": ", ".join(scopes)})
+    return {
+        "arena_bytes": dict(plan.arena_bytes),
+        "buffers": buffers,
+        "inputs": {n: name_of(i) for n, i in sorted(g.inputs.items())},
+        "outputs": {n: name_of(i) for n, i in sorted(g.outputs.items())},
+        "persistent": {n: name_of(i) for n, i in sorted({**g.params, **g.states}.items())},
+        "params": sorted(g.params),
+        "launches": launches,
+    }
+
+
+def share_persistent(tables: Sequence[dict]) -> None:
+    """Give every table the same persistent layout (by param/state name, over the
+    union of their names) and the same arena sizes, so they can share arenas."""
+    layout: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for t in tables:
+        for name, buf in sorted(t["persistent"].items()):
+            nbytes = t["buffers"][buf]["nbytes"]
+            if name in layout:
+                if layout[name][1] != nbytes:
+                    raise ValueError(f"'{name}' has different sizes in two plans")
+                continue
+            layout[name] = (offset, nbytes)
+            offset += (nbytes + 255) // 256 * 256
+    for t in tables:
+        for name, buf in t["persistent"].items():
+            t["buffers"][buf]["offset"] = layout[name][0]
+        t["arena_bytes"]["persistent"] = offset
+    largest = max(t["arena_bytes"]["activations"] for t in tables)
+    for t in tables:
+        t["arena_bytes"]["activations"] = largest
+
+
+def compile_plan(plan: Plan, target: Target) -> tuple[list[KernelSource], dict[str, bytes]]:
+    """Render every kernel of `plan` and compile each distinct one (in parallel,
+    disk-cached): returns the kernels and code objects by symbol."""
+    kernels = render_plan(plan, target)
+    unique = {k.symbol: k for k in kernels}  # repeated layers share code
+    objects = compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target)
+    return kernels, dict(zip(unique, objects))
+
+
+class OwnedExecutor(GpuExecutor):
+    """A GpuExecutor with arenas of its own, started from `params`."""
+
+    def __init__(self, plan: Plan, device: Device, params: Mapping[str, np.ndarray], use_graph: bool = True) -> None:
+        kernels, code = compile_plan(plan, device.target)
+        table = plan_table(plan, kernels)
+        super().__init__(table, device, code, Arenas(device, [table]), use_graph)
+        self.write({n: params[n] for n in table["params"]})
+
+    def close(self) -> None:
+        super().close()
+        self.arenas.close()
+
+
+def load_executor(plan: Plan, device: Device, params: Mapping[str, np.ndarray], use_graph: bool = True) -> GpuExecutor:
+    return OwnedExecutor(plan, device, params, use_graph)

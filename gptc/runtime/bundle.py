@@ -1,0 +1,200 @@
+"""Kernel bundles: a directory holding everything needed to run a model on one target.
+
+    manifest.json        format, gptc and compiler versions, target, spec, and per step
+                         (train, eval, prefill, decode): buffers with arena offsets,
+                         inputs/outputs, and the launch list (kernel, grid, block, args)
+    spec.toml            the model and training spec
+    kernels/<step>/*.hip the generated kernel sources, one per launch, each naming the
+                         graph nodes it computes
+    code/<symbol>.<ext>  code objects for the target (hsaco for AMD, cubin for NVIDIA),
+                         one per distinct kernel
+    executor.py          the generated executor: one straight-line function per step,
+                         one line per launch
+
+Loading a bundle never re-plans: it reads the manifest and the code objects. A bundle
+made by another gptc version, or for another target than the device's, is refused."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from gptc.common import VERSION
+from gptc.compiler.codegen.kernels import render_template
+from gptc.target import Target
+from gptc.runtime.build import compile_plan, plan_table, share_persistent
+from gptc.runtime.executor import Arenas, GpuExecutor
+from gptc.models import build_graph
+from gptc.compiler.planner import make_plan
+from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
+
+FORMAT = 1
+STEPS = ("train", "eval", "prefill", "decode")
+CODE_SUFFIX = {"amd": "hsaco", "nvidia": "cubin"}
+
+
+class BundleError(GptcError):
+    pass
+
+
+def spec_dict(spec: Spec) -> dict:
+    d = asdict(spec)
+    d["train"]["betas"] = list(d["train"]["betas"])
+    return d
+
+
+def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """Plan, render and compile every step of `spec` for `target` into a bundle at
+    `out_dir` (written into a temporary directory first, then moved into place)."""
+    from gptc.runtime.device import compiler_available
+    out = Path(out_dir)
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise BundleError(f"'{out_dir}' exists and is not a bundle; choose an empty or new directory")
+    ok, compiler = compiler_available(target.vendor)
+    if not ok:
+        raise BundleError(compiler.splitlines()[0])
+    started = time.perf_counter()
+    batch = spec.train.batch_size
+    graphs = {"train": build_graph(spec, "train", batch), "eval": build_graph(spec, "eval", batch),
+              "prefill": build_graph(spec, "prefill", 1), "decode": build_graph(spec, "decode", 1)}
+    tables, sources, code = {}, {}, {}
+    for step, graph in graphs.items():
+        plan = make_plan(graph, fuse)
+        kernels, objects = compile_plan(plan, target)
+        tables[step] = plan_table(plan, kernels)
+        sources[step] = kernels
+        code.update(objects)
+        log(f"  {step:<8} {len(kernels):>4} kernels, {len(objects):>4} distinct, "
+            f"activations {plan.peak_activation_bytes / 2**20:,.1f} MiB")
+    share_persistent(list(tables.values()))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        suffix = CODE_SUFFIX[target.vendor]
+        (tmp / "code").mkdir()
+        for symbol, obj in sorted(code.items()):
+            (tmp / "code" / f"{symbol}.{suffix}").write_bytes(obj)
+        for step, kernels in sources.items():
+            (tmp / "kernels" / step).mkdir(parents=True)
+            for k in kernels:
+                (tmp / "kernels" / step / f"{k.name}.hip").write_text(k.source)
+        manifest = {
+            "format": FORMAT,
+            "versions": {"gptc": VERSION, "compiler": compiler},
+            "target": target.to_dict(),
+            "fused": fuse,
+            "spec": spec_dict(spec),
+            "code": {s: {"file": f"code/{s}.{suffix}", "sha256": hashlib.sha256(o).hexdigest()} for s, o in sorted(code.items())},
+            "steps": tables,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (tmp / "spec.toml").write_text(spec_to_toml(spec))
+        (tmp / "executor.py").write_text(render_executor(manifest))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"cannot write the bundle to '{out_dir}': {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"bundle written to {out} ({time.perf_counter() - started:.1f} s)")
+    return out
+
+
+def render_executor(manifest: dict) -> str:
+    return render_template("executor.py.j2", manifest=manifest, steps=STEPS)
+
+
+class Bundle:
+    """A bundle read from disk (manifest only; code objects load when a device opens it)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"'{path}' is not a gptc bundle (no manifest.json); make one with gptc compile")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise BundleError(f"the manifest of bundle '{path}' is corrupt; compile the bundle again") from None
+        version = self.manifest.get("versions", {}).get("gptc")
+        if self.manifest.get("format") != FORMAT or version != VERSION:
+            raise BundleError(f"bundle '{path}' was made by gptc {version}, this is gptc {VERSION}; "
+                              "compile it again with this version")
+        self.spec: Spec = spec_from_dict(self.manifest["spec"])
+        self.target = Target(**self.manifest["target"])
+        self.tables: dict[str, dict] = self.manifest["steps"]
+
+    def check_device(self, device) -> None:
+        if device.target.arch != self.target.arch or device.target.vendor != self.target.vendor:
+            raise BundleError(f"bundle '{self.path}' is compiled for {self.target.name}, but this device is "
+                              f"{device.target.name}; compile it again with --target {device.target.name}")
+
+    def code(self) -> dict[str, bytes]:
+        objects = {}
+        for symbol, entry in self.manifest["code"].items():
+            file = self.path / entry["file"]
+            data = file.read_bytes() if file.is_file() else b""
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise BundleError(f"code object {entry['file']} of bundle '{self.path}' is missing or corrupt; "
+                                  "compile the bundle again")
+            objects[symbol] = data
+        return objects
+
+    def executor_module(self):
+        spec = importlib.util.spec_from_file_location(f"gptc_bundle_{abs(hash(str(self.path)))}", self.path / "executor.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def open(self, device, params: Mapping[str, np.ndarray] | None = None, use_graph: bool = True) -> "BundleRuntime":
+        self.check_device(device)
+        return BundleRuntime(self, device, params, use_graph)
+
+
+class BundleRuntime:
+    """The steps of a bundle on a device, sharing one persistent arena: params written
+    once are seen by every step; the KV cache written by prefill is read by decode."""
+
+    def __init__(self, bundle: Bundle, device, params: Mapping[str, np.ndarray] | None, use_graph: bool) -> None:
+        self.bundle, self.device = bundle, device
+        code = bundle.code()
+        module = bundle.executor_module()
+        self.arenas = Arenas(device, list(bundle.tables.values()))
+        self.steps: dict[str, GpuExecutor] = {
+            step: GpuExecutor(table, device, code, self.arenas, use_graph, launch_step=getattr(module, step))
+            for step, table in bundle.tables.items()}
+        if params is not None:
+            self.steps["train"].write({n: params[n] for n in self.steps["train"].table["params"]})
+
+    def close(self) -> None:
+        for ex in self.steps.values():
+            ex.close()
+        self.arenas.close()
+
+
+def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print) -> Bundle:
+    """The bundle of `spec` for the device's target, compiled once into gptc's cache
+    (bundles/<hash of spec, target and gptc version>)."""
+    from gptc.runtime.cache import cache_root
+    key = hashlib.sha256(json.dumps([spec_dict(spec), device.target.to_dict(), VERSION],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_root() or Path(tempfile.mkdtemp(prefix="gptc-"))  # caching off: a fresh directory
+    path = root / "bundles" / key
+    if not (path / "manifest.json").is_file():
+        log(f"compiling the model for {device.target.name} into {path}")
+        compile_bundle(spec, path, device.target, log=lambda line: None)
+    return Bundle(path)

@@ -1,0 +1,154 @@
+"""Running compiled plans on a GPU: arenas, buffers, launches, graph capture and replay.
+
+The executor neither plans, renders nor compiles: it works from a plan *table*: plain, JSON-serialisable data (buffers with
+arena offsets, named inputs/outputs/params/states, and the launch list) that a bundle's
+manifest stores, so loading a bundle never re-plans (gptc/runtime/build.py makes them). Several tables (the training step,
+evaluation, prefill and decode of one model) share one persistent arena (params,
+optimizer state, KV cache) and one activation arena, since they never run at once."""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from gptc.compiler.ops.numeric import round_to_bf16
+from gptc.runtime.device import Device, ptr
+
+HOST_DTYPE = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "f64": np.float64, "bf16": np.uint16}
+
+
+def to_storage(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Host array in the layout of a device buffer of `dtype` (bf16: upper 16 bits)."""
+    if dtype == "bf16":
+        return (round_to_bf16(np.asarray(array, np.float32)).view(np.uint32) >> 16).astype(np.uint16)
+    return np.ascontiguousarray(array, dtype=HOST_DTYPE[dtype])
+
+
+def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw
+
+
+class Arenas:
+    """Device memory shared by the plans of one model: one persistent and one
+    activation arena; io buffers are per plan."""
+
+    def __init__(self, device: Device, tables: Sequence[dict]) -> None:
+        self.device = device
+        self.base = {}
+        for arena in ("persistent", "activations"):
+            size = max(max(t["arena_bytes"][arena] for t in tables), 256)
+            self.base[arena] = device.alloc(size)
+            if arena == "persistent":
+                device.memset(self.base[arena], 0, size)  # optimizer state and KV cache start at zero
+
+    def close(self) -> None:
+        for address in self.base.values():
+            self.device.free(address)
+        self.base = {}
+
+
+class GpuExecutor:
+    """Runs one plan table. `code` maps kernel symbols to code objects. `launch_step`,
+    when given, issues the launches (the generated executor.py's function for this
+    plan); otherwise they are issued in table order. The first launch() records them
+    into a device graph; later ones replay it."""
+
+    def __init__(self, table: dict, device: Device, code: Mapping[str, bytes], arenas: Arenas,
+                 use_graph: bool = True, launch_step: Callable[["GpuExecutor"], None] | None = None) -> None:
+        self.table, self.device, self.arenas = table, device, arenas
+        self.io_base = device.alloc(max(table["arena_bytes"]["io"], 256))
+        modules: dict[str, object] = {}
+        self.launches = []
+        for entry in table["launches"]:
+            symbol = entry["symbol"]
+            if symbol not in modules:
+                modules[symbol] = device.get_function(device.load_module(code[symbol]), symbol)
+            args = [ptr(self.address(b)) for b in entry["args"]]
+            self.launches.append(device.prepare_launch(modules[symbol], tuple(entry["grid"]), tuple(entry["block"]), 0,
+                                                       args, name=entry["kernel"]))
+        self.clears = [[(self.address(b), table["buffers"][b]["nbytes"]) for b in entry["clear"]]
+                       for entry in table["launches"]]
+        self.use_graph = use_graph
+        self.launch_step = launch_step
+        self.captured = None
+        self.device_name = device.name
+
+    # ----- memory -------------------------------------------------------------
+    def address(self, buffer: str) -> int:
+        buf = self.table["buffers"][buffer]
+        base = self.io_base if buf["arena"] == "io" else self.arenas.base[buf["arena"]]
+        return base + buf["offset"]
+
+    def upload(self, buffer: str, array: np.ndarray) -> None:
+        buf = self.table["buffers"][buffer]
+        host = to_storage(array, buf["dtype"])
+        if host.size != int(np.prod(buf["shape"])):
+            raise ValueError(f"{buf['role'] or buffer}: got shape {host.shape}, the plan needs {tuple(buf['shape'])}")
+        self.device.upload(self.address(buffer), host)
+
+    def download(self, buffer: str) -> np.ndarray:
+        buf = self.table["buffers"][buffer]
+        raw = np.empty(buf["shape"], dtype=HOST_DTYPE[buf["dtype"]])
+        self.device.download(self.address(buffer), raw)
+        return from_storage(raw, buf["dtype"])
+
+    # ----- running ------------------------------------------------------------
+    def run_kernel(self, index: int) -> None:
+        """Launch kernel `index` of the table (clearing its scatter target first)."""
+        for address, nbytes in self.clears[index]:
+            self.device.memset(address, 0, nbytes)
+        self.launches[index].launch()
+
+    def _launch_all(self) -> None:
+        if self.launch_step is not None:
+            self.launch_step(self)
+        else:
+            for i in range(len(self.launches)):
+                self.run_kernel(i)
+
+    def launch(self) -> None:
+        """Queue one execution of every kernel (graph replay after the first)."""
+        if not self.use_graph:
+            self._launch_all()
+            return
+        if self.captured is None:
+            self.device.begin_capture()
+            try:
+                self._launch_all()
+            finally:
+                self.captured = self.device.end_capture()
+        self.device.replay(self.captured)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = sorted(set(self.table["inputs"]) - set(inputs))
+        if missing:
+            raise KeyError(f"no value fed for {', '.join(missing)}")
+        for name, buffer in self.table["inputs"].items():
+            self.upload(buffer, np.asarray(inputs[name]))
+        self.launch()
+        return {name: self.download(buffer) for name, buffer in self.table["outputs"].items()}
+
+    def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Current values of params and states."""
+        table = self.table["persistent"]
+        return {n: self.download(table[n]) for n in (names or table)}
+
+    def write(self, values: Mapping[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if name not in self.table["persistent"]:
+                raise KeyError(f"'{name}' is not a param or state of this plan")
+            self.upload(self.table["persistent"][name], value)
+
+    def poison(self) -> None:
+        """Fill activations and outputs with NaN bytes, so a value read before it is
+        written shows up (tests call this before a launch)."""
+        self.device.memset(self.arenas.base["activations"], 0xFF, max(self.table["arena_bytes"]["activations"], 256))
+        for buffer in self.table["outputs"].values():
+            self.device.memset(self.address(buffer), 0xFF, self.table["buffers"][buffer]["nbytes"])
+
+    def close(self) -> None:
+        if self.io_base:
+            self.device.free(self.io_base)
+            self.io_base = 0

@@ -1,0 +1,350 @@
+"""Checkpoints: safetensors files written and read without the `safetensors` package,
+and run directories that resume exactly.
+
+Layout of a run directory (`gptc train --out RUNDIR`)::
+
+    RUNDIR/
+      spec.toml                 the spec the run trains (steps included)
+      tokenizer.json            the BPE tokenizer of the run (gptc/tools/tokenizer.py format)
+      metrics.jsonl             one JSON object per step (eval steps add val_loss, val_ppl)
+      loss.png                  training and validation loss, written at the end
+      checkpoints/
+        step-000500/            one directory per checkpoint, the last train.keep_checkpoints kept
+          model.safetensors     the parameters
+          optimizer.safetensors AdamW moments: "m.<param>" and "v.<param>" for every parameter
+          tokenizer.json        the tokenizer (so a checkpoint directory stands on its own)
+          state.json            step, data RNG state, spec, gptc version, sha256 of each file
+
+A checkpoint is written into a hidden temporary directory next to its final place
+(`checkpoints/.tmp-step-000500-*`) and renamed into place with one os.replace, so a
+crash or a full disk never leaves a half checkpoint under a `step-*` name; leftover
+temporary directories are removed by the next save.
+
+Tensor names in model.safetensors are gptc's parameter names, which follow GPT-2's
+checkpoints; every tensor is float32 ("F32"), row-major. With E = d_model,
+F = d_ff, V = vocab_size, S = seq_len and l = 0 .. n_layers-1:
+
+    wte                     (V, E)     token embedding
+    wpe                     (S, E)     learned position embedding
+    h.l.ln_1.weight/.bias   (E,)       LayerNorm before attention
+    h.l.attn.c_attn.weight  (E, 3E)    fused Q, K, V projection (columns: q | k | v, heads
+                                       contiguous inside each); y = x @ W + b
+    h.l.attn.c_attn.bias    (3E,)
+    h.l.attn.c_proj.weight  (E, E)     attention output projection
+    h.l.attn.c_proj.bias    (E,)
+    h.l.ln_2.weight/.bias   (E,)       LayerNorm before the MLP
+    h.l.mlp.c_fc.weight     (E, F)     MLP up projection (GELU, tanh approximation)
+    h.l.mlp.c_fc.bias       (F,)
+    h.l.mlp.c_proj.weight   (F, E)     MLP down projection
+    h.l.mlp.c_proj.bias     (E,)
+    ln_f.weight/.bias       (E,)       final LayerNorm
+    lm_head.weight          (E, V)     output projection, absent with tie_embeddings (wte.T is used)
+    lm_head.bias            (V,)       absent with bias = false (as are all biases)
+
+Weights are stored (in, out), as in the original GPT-2 (TensorFlow / Hugging Face
+Conv1D) checkpoints, not (out, in) as torch.nn.Linear stores them.
+
+The safetensors format (https://github.com/huggingface/safetensors): an 8-byte
+little-endian unsigned header length N, N bytes of JSON
+{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__":
+{str: str}} padded with spaces to a multiple of 8, then the raw little-endian tensor
+bytes; offsets are relative to the end of the header, and the tensors tile the data
+exactly. Files written here load with `safetensors.numpy.load_file` and
+`safetensors.torch.load_file`; the reader checks every offset and size and reports a
+corrupt or truncated file in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from gptc.common import VERSION, make_temp_dir, write_atomic
+from gptc.spec import GptcError, Spec, SpecError, spec_from_dict
+
+FORMAT = "gptc-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+class CheckpointError(GptcError):
+    """A checkpoint or safetensors file that cannot be used (one-line message)."""
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes of a safetensors file holding `tensors` (written in name order)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+        array = np.asarray(tensors[name])
+        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+        if dtype not in _NAMES:
+            raise ValueError(f"tensor '{name}' has dtype {array.dtype}, which safetensors files here do not hold")
+        raw = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                     metadata: Mapping[str, str] | None = None) -> str:
+    """Write a safetensors file atomically; return the sha256 of its bytes."""
+    data = safetensors_bytes(tensors, metadata)
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_safetensors(data: bytes, where: str = "safetensors data") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of the bytes of a safetensors file, after checking the header
+    and that every tensor's offsets match its dtype and shape and tile the data."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where} is corrupt or truncated: {why}")
+
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER:
+        raise bad(f"header length {n} is implausible")
+    if 8 + n > len(data):
+        raise bad(f"the header needs {n} bytes, the file has {len(data) - 8} after the length")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not a map of strings")
+    body = memoryview(data)[8 + n:]
+    spans = []
+    for name, info in header.items():
+        if not (isinstance(info, dict) and set(info) >= {"dtype", "shape", "data_offsets"}):
+            raise bad(f"entry '{name}' lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise bad(f"tensor '{name}' has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor '{name}' has invalid data_offsets {offsets!r}")
+        size = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != size:
+            raise bad(f"tensor '{name}' spans {offsets[1] - offsets[0]} bytes, its dtype and shape need {size}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            raise bad(f"tensor '{name}' starts at byte {begin}, expected {end} (gap or overlap)")
+        end = stop
+    if end > len(body):
+        raise bad(f"the header describes {end} bytes of tensor data, the file holds {len(body)} (truncated)")
+    if end < len(body):
+        raise bad(f"{len(body) - end} unexpected bytes after the tensor data")
+    tensors = {}
+    for begin, stop, name in spans:
+        info = header[name]
+        tensors[name] = np.frombuffer(body[begin:stop], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
+    return tensors, metadata
+
+
+def load_safetensors(path: str | os.PathLike, with_metadata: bool = False):
+    """The tensors of a safetensors file (and its metadata with with_metadata=True)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"'{path}' is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read '{path}': {e.strerror}") from None
+    tensors, metadata = parse_safetensors(data, f"'{path}'")
+    return (tensors, metadata) if with_metadata else tensors
+
+
+# ----- checkpoints ------------------------------------------------------------------------
+def spec_to_dict(spec: Spec) -> dict:
+    d = dataclasses.asdict(spec)
+    d["train"]["betas"] = list(d["train"]["betas"])
+    return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    spec: Spec
+    params: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    rng_state: dict
+    state: dict                      # the whole state.json
+    tokenizer_json: str
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint directories of a run, oldest first (complete ones
+    only: temporary directories of a save in progress are skipped)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, params: Mapping[str, np.ndarray],
+                    optimizer: Mapping[str, np.ndarray], rng_state: dict, spec: Spec, tokenizer_json: str,
+                    extra: Mapping[str, Any] | None = None, keep: int | None = None) -> Path:
+    """Write RUNDIR/checkpoints/step-NNNNNN atomically (temporary directory + rename) and
+    keep only the newest `keep` checkpoints. Raises OSError as the file system does."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / step_dir_name(step)
+    tmp = make_temp_dir(root, f".tmp-{final.name}-")
+    try:
+        meta = {"format": FORMAT, "step": str(step)}
+        files = {
+            MODEL_FILE: save_safetensors(tmp / MODEL_FILE, params, meta),
+            OPTIMIZER_FILE: save_safetensors(tmp / OPTIMIZER_FILE, optimizer, meta),
+        }
+        tok = tokenizer_json.encode("utf-8")
+        write_atomic(tmp / TOKENIZER_FILE, tok)
+        files[TOKENIZER_FILE] = hashlib.sha256(tok).hexdigest()
+        state = {"format": FORMAT, "version": FORMAT_VERSION, "gptc_version": VERSION, "step": step,
+                 "rng": rng_state, "spec": spec_to_dict(spec), **(extra or {}), "files": files}
+        write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")
+        if final.exists():  # saving the same step again (e.g. Ctrl-C right after a resume)
+            old = make_temp_dir(root, f".tmp-{final.name}-old-")
+            os.replace(final, old / "x")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    if keep is not None:
+        for _, old_path in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old_path, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify one checkpoint directory: structure of both safetensors files,
+    the sha256 of every file against state.json, and the stored spec."""
+    path = Path(path)
+    where = f"checkpoint '{path}'"
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{where} is incomplete: {STATE_FILE} is missing")
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{where} is corrupt: {STATE_FILE} is not valid JSON") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a gptc checkpoint ({STATE_FILE} has no format '{FORMAT}')")
+    if state.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format version {state.get('version')!r}; this gptc reads {FORMAT_VERSION}")
+    step, files = state.get("step"), state.get("files")
+    if not isinstance(step, int) or step < 0 or not isinstance(files, dict) or not isinstance(state.get("rng"), dict):
+        raise CheckpointError(f"{where} is corrupt: {STATE_FILE} lacks step, rng or files")
+    for name in (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE):
+        if name not in files:
+            raise CheckpointError(f"{where} is corrupt: {STATE_FILE} lists no sha256 for {name}")
+    params = load_safetensors(path / MODEL_FILE)
+    optimizer = load_safetensors(path / OPTIMIZER_FILE)
+    try:
+        tokenizer_json = (path / TOKENIZER_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} is incomplete: {TOKENIZER_FILE} is missing") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{where} is corrupt: {TOKENIZER_FILE} is not UTF-8") from None
+    for name, digest in files.items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{where} is corrupt: {name} does not match the sha256 recorded in {STATE_FILE}")
+    try:
+        spec = spec_from_dict(state.get("spec"))
+    except (SpecError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where} holds an invalid spec: {e}") from None
+    return Checkpoint(path, step, spec, params, optimizer, state["rng"], state, tokenizer_json)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory `--resume PATH` names: PATH itself if it is one (holds
+    state.json), else the newest checkpoint of the run directory PATH."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"run directory '{path}' does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"'{path}' is not a run directory")
+    if (p / STATE_FILE).is_file():
+        return p
+    found = list_checkpoints(p)
+    if not found:
+        raise CheckpointError(f"'{path}' has no checkpoints to resume from (expected {path}/{CHECKPOINTS}/step-*)")
+    return found[-1][1]
+
+
+def run_dir_of(checkpoint_path: Path) -> Path:
+    """The run directory a checkpoint directory belongs to."""
+    return checkpoint_path.parent.parent if checkpoint_path.parent.name == CHECKPOINTS else checkpoint_path.parent

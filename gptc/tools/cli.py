@@ -1,0 +1,201 @@
+"""The `gptc` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from gptc.spec import GptcError, Spec, load_spec, preset, validate
+
+
+def _spec_from_args(args: argparse.Namespace) -> Spec:
+    if args.spec and args.preset:
+        raise GptcError("give either a spec file or --preset, not both")
+    spec = load_spec(args.spec) if args.spec else preset(args.preset or "hipgpt")
+    train = spec.train
+    for name in ("steps", "lr", "batch"):
+        value = getattr(args, name, None)
+        if value is not None:
+            train = replace(train, **{"batch_size" if name == "batch" else name: value})
+    return validate(replace(spec, train=train))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    import os
+    from gptc.tools.train import train
+    bundle = None
+    if args.spec and os.path.isdir(args.spec):
+        if not os.path.isfile(os.path.join(args.spec, "manifest.json")):
+            raise GptcError(f"'{args.spec}' is a directory but not a bundle (no manifest.json); "
+                            "give a spec file, a bundle or --preset")
+        if args.preset:
+            raise GptcError("give either a bundle or --preset, not both")
+        bundle = args.spec
+    # With --resume (or a bundle) and no spec, the run's (the bundle's) own spec is used.
+    given = bool(args.spec or args.preset) and bundle is None
+    spec = _spec_from_args(args) if given or not (args.resume or bundle) else None
+    name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
+                           else os.path.basename(os.path.normpath(args.resume)) if args.resume else "hipgpt")
+    train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
+          lr=args.lr, batch=args.batch, name=name, bundle=bundle)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    """The main job: compile the default model, train it on the bundled corpus on the
+    best device here, and print a sample."""
+    from gptc.tools.generate import SamplingParams, run_generate
+    from gptc.tools.train import train
+    result = train(preset(args.preset), None, device=args.device, out_dir=args.out, steps=args.steps,
+                   name=f"demo-{args.preset}")
+    print(f"\nsample ({args.num_tokens} tokens, temperature 0.8, top-k 40, seed 0):")
+    run_generate(str(result.run_dir), args.prompt,
+                 SamplingParams(num_tokens=args.num_tokens, temperature=0.8, top_k=40, seed=0), args.device)
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from gptc.models import build_graph
+    from gptc.compiler.planner import fusion_report, make_plan
+    spec = _spec_from_args(args)
+    graph = build_graph(spec, args.mode)
+    print(f"{args.mode} graph of {args.spec or args.preset or 'hipgpt'}: {len(graph)} nodes, batch {spec.train.batch_size}")
+    print(fusion_report(make_plan(graph, True), make_plan(graph, False)))
+
+
+def _cmd_compile(args: argparse.Namespace) -> None:
+    from gptc.runtime.bundle import compile_bundle
+    from gptc.target import UnknownTargetError, parse_target
+    spec = _spec_from_args(args)
+    if args.seq_len is not None:
+        spec = validate(replace(spec, model=replace(spec.model, seq_len=args.seq_len)))
+    if args.target == "auto":
+        from gptc.tools.session import resolve_device
+        device = resolve_device("auto")
+        if device is None:
+            raise GptcError("no GPU here to take the target from; name one with --target (e.g. cuda:sm_90, hip:gfx90a)")
+        target = device.target
+    else:
+        try:
+            target = parse_target(args.target)
+        except UnknownTargetError as e:
+            raise GptcError(str(e)) from None
+    print(f"compiling {args.spec or args.preset or 'hipgpt'} for {target.name} ({'fused' if not args.no_fuse else 'unfused'})")
+    compile_bundle(spec, args.output, target, fuse=not args.no_fuse)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from gptc.tools.generate import SamplingParams, run_generate
+    params = SamplingParams(num_tokens=args.num_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
+    run_generate(args.checkpoint, args.prompt, params, args.device)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from gptc.tools.inspect import inspect_bundle
+    inspect_bundle(args.bundle, args.step, args.dot)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from gptc.tools.bench import COMPARES, WHATS, BenchConfig, bench_main, parse_list, resolve_spec
+    spec, name = resolve_spec(args.preset, args.batch)
+    if args.repeats is not None and args.repeats < 1:
+        raise GptcError("--repeats must be at least 1")
+    cfg = BenchConfig(spec, name, parse_list(args.what, WHATS, "what"), parse_list(args.compare, COMPARES, "compare"),
+                      repeats=args.repeats or 20, per_kernel=not args.no_kernels)
+    bench_main(cfg, args.out or "runs/bench", args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptc", description="Compile GPT models into fused GPU kernels, train and sample.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a text file")
+    p.add_argument("spec", nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
+    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--data", help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
+    p.add_argument("--steps", type=int, help="number of optimizer steps (on the CPU the default is capped to a few "
+                                             "minutes of work)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where to train (auto: a GPU if there is one, else the CPU)")
+    p.add_argument("--out", help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
+                                 "(default: runs/NAME-DATE-TIME)")
+    p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR from its newest checkpoint "
+                                                      "(or from the checkpoint directory RUNDIR/checkpoints/step-N)")
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")
+    p.add_argument("--preset", default="hipgpt", help="the model (default hipgpt)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer on a CPU)")
+    p.add_argument("--out", help="run directory (default runs/demo-<preset>-<time>)")
+    p.add_argument("--prompt", default="ROMEO:", help="the text the sample continues")
+    p.add_argument("--num-tokens", type=int, default=100, help="tokens to sample")
+    p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("compile", help="compile a model into a kernel bundle")
+    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("-o", "--output", required=True, help="the bundle directory to write")
+    p.add_argument("--target", default="auto", help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
+    p.add_argument("--no-fuse", action="store_true", help="one kernel per primitive op (the benchmark baseline)")
+    p.add_argument("--batch", type=int, help="sequences per training step")
+    p.add_argument("--seq-len", type=int, help="context length")
+    p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("generate", help="sample text from a trained checkpoint (prefill, then KV-cache decode)")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--temp", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, help="random seed: same seed, same text")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
+    p.add_argument("bundle", help="a bundle directory (from gptc compile)")
+    p.add_argument("--step", default="train", choices=["train", "eval", "prefill", "decode"], help="which step")
+    p.add_argument("--dot", help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
+    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.set_defaults(run=_cmd_plan)
+
+    p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
+    p.add_argument("--preset", metavar="NAME|SPEC", help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
+    p.add_argument("--what", metavar="LIST", help="train,infer (default both)")
+    p.add_argument("--compare", metavar="LIST",
+                   help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "
+                        "are skipped where PyTorch is not installed)")
+    p.add_argument("--out", metavar="DIR", help="where bench.json, bench.md and bench.png go (default runs/bench)")
+    p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")
+    p.set_defaults(run=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except GptcError as e:
+        print(f"gptc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptc: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Sampling: prefill, then one KV-cache decode step per new token.
+
+The model conditions each new token on the last `seq_len` tokens (positions from 0).
+While the text fits the context, each token costs one decode step that reads and
+extends the KV cache; once it no longer fits, the window slides, every position
+changes, and each token costs a prefill of the last `seq_len` tokens. Either way the
+result equals recomputing the whole window for every token (tests check it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from gptc.models import build_graph
+from gptc.spec import GptcError, Spec
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    num_tokens: int = 50
+    temperature: float = 1.0
+    top_k: int = 50              # 0: no top-k cut
+    top_p: float = 1.0           # nucleus: keep the smallest set of tokens with this much probability
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    seed: int | None = None
+
+    def validate(self, vocab_size: int) -> "SamplingParams":
+        if self.num_tokens < 1:
+            raise GptcError(f"--num-tokens must be at least 1, got {self.num_tokens}")
+        if not self.temperature > 0:
+            raise GptcError(f"--temp must be greater than 0, got {self.temperature} (use --greedy for argmax)")
+        if not 0 <= self.top_k <= vocab_size:
+            raise GptcError(f"--top-k must be between 0 (off) and the vocabulary size {vocab_size}, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GptcError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise GptcError(f"--repetition-penalty must be greater than 0, got {self.repetition_penalty}")
+        return self
+
+
+def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token from one row of logits."""
+    z = np.asarray(logits, dtype=np.float64).copy()
+    if p.repetition_penalty != 1.0 and len(history):
+        seen = np.unique(np.asarray(history))
+        # As in CTRL / Hugging Face: shrink positive logits, grow negative ones.
+        z[seen] = np.where(z[seen] > 0, z[seen] / p.repetition_penalty, z[seen] * p.repetition_penalty)
+    if p.greedy:
+        return int(np.argmax(z))
+    z /= p.temperature
+    if p.top_k:
+        cut = np.partition(z, -p.top_k)[-p.top_k]
+        z[z < cut] = -np.inf
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep = np.cumsum(probs[order]) - probs[order] < p.top_p  # always keeps the top token
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+class Model:
+    """Prefill and decode steps of one model on one executor kind, sharing the KV cache."""
+
+    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None]) -> None:
+        self.spec, self.prefill_step, self.decode_step, self.share_cache = spec, prefill, decode, share_cache
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits for the next token after `tokens` (at most seq_len of them); fills the cache."""
+        s = self.spec.model.seq_len
+        padded = np.zeros((1, s), np.int32)
+        padded[0, :len(tokens)] = tokens
+        logits = self.prefill_step.run({"tokens": padded, "last": np.array([len(tokens) - 1], np.int32)})["logits"]
+        self.share_cache()
+        return logits[0]
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        """Logits after appending `token` at position `pos` (the cache holds 0..pos-1)."""
+        out = self.decode_step.run({"tokens": np.array([[token]], np.int32), "pos": np.array([pos], np.int32)})
+        return out["logits"][0]
+
+    def full(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits for the next token, recomputing the whole window (no cache reuse)."""
+        return self.prefill(list(tokens)[-self.spec.model.seq_len:])
+
+
+def cpu_model(spec: Spec, params: Mapping[str, np.ndarray]) -> Model:
+    from gptc.runtime.reference import ReferenceExecutor
+    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1), params)
+    decode = ReferenceExecutor(build_graph(spec, "decode", 1), params)
+    names = list(decode.graph.states)
+    return Model(spec, prefill, decode, lambda: decode.write(prefill.read(names)))
+
+
+def gpu_model(runtime) -> Model:
+    """From a gptc.runtime.bundle.BundleRuntime: prefill and decode share device memory."""
+    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None)
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True) -> Iterator[int]:
+    """Yield `p.num_tokens` new tokens after `prompt` (at least one token)."""
+    s = model.spec.model.seq_len
+    rng = np.random.default_rng(p.seed)
+    tokens = list(prompt)
+    if not tokens:
+        raise GptcError("the prompt is empty; give at least one character")
+    logits = model.prefill(tokens[-s:]) if use_cache else model.full(tokens)
+    for _ in range(p.num_tokens):
+        nxt = choose(logits, tokens, p, rng)
+        tokens.append(nxt)
+        yield nxt
+        if not use_cache:
+            logits = model.full(tokens)
+        elif len(tokens) <= s:
+            logits = model.decode(nxt, len(tokens) - 1)
+        else:  # the window slid: every position changed
+            logits = model.prefill(tokens[-s:])
+
+
+def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: str = "auto",
+                 out=None, log: Callable[[str], None] | None = None) -> str:
+    """`gptc generate`: load a checkpoint, encode the prompt, stream the continuation
+    to `out` (stdout), return the generated text. A prompt longer than the context
+    keeps its last seq_len tokens, with a warning."""
+    import sys
+
+    from gptc.tools.checkpoint import find_checkpoint, load_checkpoint
+    from gptc.tools.session import resolve_device
+    from gptc.tools.tokenizer import Tokenizer
+    out = out or sys.stdout
+    log = log or (lambda line: print(line, file=sys.stderr))
+    ckpt = load_checkpoint(find_checkpoint(checkpoint))
+    spec = ckpt.spec
+    p.validate(spec.model.vocab_size)
+    try:
+        tokenizer = Tokenizer.from_json(ckpt.tokenizer_json)
+    except ValueError as e:
+        raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
+    if not prompt:
+        raise GptcError("the prompt is empty; give at least one character with --prompt")
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    if len(ids) > spec.model.seq_len:
+        log(f"warning: the prompt has {len(ids)} tokens, more than the context of {spec.model.seq_len}; "
+            f"the model sees its last {spec.model.seq_len}")
+    device = resolve_device(device_name)
+    runtime = None
+    if device is None:
+        model = cpu_model(spec, ckpt.params)
+    else:
+        from gptc.runtime.bundle import cached_bundle
+        runtime = cached_bundle(spec, device, log).open(device, ckpt.params)
+        model = gpu_model(runtime)
+    log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}")
+    stream = tokenizer.stream_decoder()
+    pieces = [prompt]
+    out.write(prompt)
+    out.flush()
+    try:
+        for token in generate_tokens(model, ids, p):
+            text = stream.feed(token)
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+        tail = stream.flush()
+        pieces.append(tail)
+        out.write(tail + "\n")
+        out.flush()
+    finally:
+        if runtime is not None:
+            runtime.close()
+    return "".join(pieces)
+
+
+def smoke_test(bundle, device) -> None:
+    """Run every step of a bundle once on random inputs and print what came out
+    (`python executor.py` inside a bundle calls this)."""
+    rng = np.random.default_rng(0)
+    from gptc.models import init_params
+    graph = build_graph(bundle.spec, "train")
+    runtime = bundle.open(device, init_params(graph, 0))
+    try:
+        for step, ex in runtime.steps.items():
+            feeds = {}
+            for name, buffer in ex.table["inputs"].items():
+                b = ex.table["buffers"][buffer]
+                if b["dtype"] == "i32":
+                    high = {"last": 1, "pos": 1}.get(name, bundle.spec.model.vocab_size)
+                    feeds[name] = rng.integers(0, high, b["shape"]).astype(np.int32)
+                else:
+                    feeds[name] = np.full(b["shape"], 1e-4 if name == "lr" else 1.0, np.float32)
+            out = ex.run(feeds)
+            summary = ", ".join(f"{k} {np.asarray(v).shape} mean {float(np.mean(v)):.4g}" for k, v in out.items())
+            print(f"{step:<8} {len(ex.launches):>4} launches: {summary}")
+    finally:
+        runtime.close()

@@ -1,0 +1,552 @@
+"""The trainer behind `gptc train`: a corpus in; checkpoints, metrics and a loss curve out.
+
+One run, in order:
+1. device: `auto` takes a GPU if there is one, else the NumPy reference executor on
+   the CPU, and says which. On the CPU, a run whose step count the user did not give
+   (--steps) is capped to about CPU_STEP_BUDGET_FLOP of work (a few minutes), and
+   says so.
+2. spec: the given one, or, with --resume, the one stored in the checkpoint (a given
+   spec must match it in everything but train.steps, which may be raised).
+3. data: the corpus (--data FILE or the bundled one) is tokenized by a BPE trained on
+   it up to model.vocab_size (cached on disk, see gptc/tools/data.py), split 90/10 into
+   training and validation tokens; training windows are drawn by a generator seeded
+   with train.seed, validation uses the same evenly spread windows at every eval.
+4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
+   tokenizer.json, metrics.jsonl, checkpoints/step-NNNNNN/ every
+   train.checkpoint_interval steps and at the end (the last train.keep_checkpoints
+   kept), loss.png at the end.
+5. the loop: one training-graph step per batch (lr from the schedule, 1-based step),
+   a live progress line, validation loss every train.eval_interval steps and at the end.
+
+Resuming restores the parameters, AdamW moments, step and the data generator's
+state, so a run that was stopped and resumed computes the same losses as one that
+never stopped (bit for bit on the CPU). The learning-rate schedule depends on
+train.steps: raising --steps on resume continues with the schedule of the new total.
+
+Ctrl-C: the first one lets the current step finish, saves a checkpoint at that step
+and exits with status 130; a second one quits at once without saving.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, TextIO
+
+import numpy as np
+
+from gptc.tools import checkpoint as ckpt
+from gptc.tools.data import (Batches, DataError, min_corpus_tokens, read_corpus, split, tokenize_corpus,
+                       validation_windows)
+from gptc.models import build_graph, init_params
+from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
+
+# Work a CPU run does when the user gave no --steps: about 3 minutes at 25 GFLOP/s, which
+# the NumPy executor reaches on a laptop (hipgpt: ~400 steps).
+CPU_STEP_BUDGET_FLOP = 4e12
+VALIDATION_FRACTION = 0.1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C; `checkpoint` is where it was saved (None: not saved)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int                                   # steps done in total
+    losses: list[float] = field(default_factory=list)  # the losses of the steps this call ran
+    val_loss: float | None = None
+    checkpoint: Path | None = None
+
+
+# ----- console ----------------------------------------------------------------------------
+class Console:
+    """Progress output: on a terminal, one live line rewritten in place (carriage return);
+    otherwise (a pipe, a CI log) plain lines, one every `every` steps."""
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
+        self.stream = stream or sys.stdout
+        self.tty = bool(tty if tty is not None else getattr(self.stream, "isatty", lambda: False)())
+        self.live = False
+        self.closed = False
+
+    def _write(self, text: str) -> None:
+        # A reader that went away (`gptc train | head`) must not end a training run:
+        # output stops, training and checkpoints go on.
+        if self.closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.closed = True
+            if self.stream is sys.stdout:  # so that the interpreter's final flush is quiet too
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+
+    def line(self, text: str) -> None:
+        self._write(("\r\x1b[K" if self.live else "") + text + "\n")
+        self.live = False
+
+    def status(self, text: str) -> None:
+        self._write("\r" + text + "\x1b[K")
+        self.live = True
+
+    def end(self) -> None:
+        if self.live:
+            self._write("\n")
+            self.live = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----- errors from the file system ------------------------------------------------------
+def _first_file_in(path: Path) -> Path | None:
+    """The first existing component of `path` that is not a directory."""
+    for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def _os_error(e: OSError, what: str, run_dir: Path | None = None, resumable: bool = False) -> GptcError:
+    hint = f" and continue with: gptc train --resume {run_dir}" if resumable and run_dir else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return GptcError(f"no space left on the device while {what}; free some disk space{hint or ' and run again'}")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and run_dir is not None and _first_file_in(run_dir):
+        return GptcError(f"cannot use '{run_dir}' as the run directory: '{_first_file_in(run_dir)}' is a file, "
+                         "not a directory; choose another --out")
+    reason = e.strerror or str(e)
+    return GptcError(f"cannot write while {what}: {reason}" + (f" ({e.filename})" if e.filename else "")
+                     + ("; choose another --out" if not hint else f"; fix it{hint}"))
+
+
+# ----- spec helpers ---------------------------------------------------------------------
+def step_flops(spec: Spec, n_params: int) -> float:
+    """Rough FLOPs of one training step: 6 per parameter per token (forward + backward)
+    plus attention's scores and weighted sums."""
+    m, t = spec.model, spec.train
+    tokens = t.batch_size * m.seq_len
+    return 6.0 * n_params * tokens + 12.0 * m.n_layers * tokens * m.seq_len * m.d_model
+
+
+def cpu_step_cap(spec: Spec, n_params: int) -> int:
+    cap = int(CPU_STEP_BUDGET_FLOP / step_flops(spec, n_params))
+    if cap >= 100:
+        return cap // 50 * 50
+    return max(1, cap // 10 * 10 if cap >= 10 else cap)
+
+
+def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
+    for section in ("model", "train"):
+        a, b = getattr(given, section), getattr(stored, section)
+        for f in fields(a):
+            if section == "train" and f.name == "steps":
+                continue
+            if getattr(a, f.name) != getattr(b, f.name):
+                return (f"{section}.{f.name} is {getattr(a, f.name)!r} in the given spec but "
+                        f"{getattr(b, f.name)!r} in the run")
+    return None
+
+
+# ----- the trainer ------------------------------------------------------------------------
+def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_dir: str | os.PathLike | None = None,
+          resume: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
+          batch: int | None = None, name: str = "run", bundle: str | os.PathLike | None = None,
+          stdout: TextIO | None = None, tty: bool | None = None,
+          on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
+    """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
+    spec is used). `steps`, `lr`, `batch` are the user's explicit overrides (None: not
+    given). `on_step(step, record)` is called after every completed step (tests raise
+    KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C,
+    after saving a checkpoint."""
+    console = Console(stdout, tty)
+    note = lambda text: console.line(f"note: {text}")  # noqa: E731
+
+    # 1. device -------------------------------------------------------------------------
+    from gptc.runtime.reference import ReferenceExecutor
+    from gptc.tools.session import resolve_device
+    dev = resolve_device(device)
+    if dev is None:
+        where = "cpu (no GPU found)" if device == "auto" else "cpu"
+        device_name = "cpu (NumPy reference executor)"
+        console.line(f"device: {device} -> {where}, NumPy reference executor" if device == "auto"
+                     else "device: cpu, NumPy reference executor")
+    else:
+        device_name = dev.name
+        console.line(f"device: {device} -> {dev.name}" if device == "auto" else f"device: {dev.name}")
+
+    runtime = None  # on a GPU: the steps of a bundle, sharing the parameters in device memory
+    if bundle is not None:
+        if spec is not None:
+            raise GptcError("give either a bundle or a spec/--preset, not both")
+        if dev is None:
+            raise GptcError(f"a bundle runs on a GPU, and none is in use; use --device gpu, or train the bundle's "
+                            f"spec on the CPU: gptc train {Path(bundle) / 'spec.toml'} --device cpu")
+        from gptc.runtime.bundle import Bundle
+        loaded = Bundle(bundle)
+        spec = loaded.spec
+        if batch is not None and batch != spec.train.batch_size:
+            raise GptcError(f"bundle '{bundle}' is compiled for batches of {spec.train.batch_size}; "
+                            "compile it again for another --batch")
+        runtime = loaded.open(dev)
+
+    # 2. spec (and the checkpoint to resume) ----------------------------------------------
+    checkpoint = None
+    if resume is not None:
+        checkpoint = ckpt.load_checkpoint(ckpt.find_checkpoint(resume))
+        run_dir = ckpt.run_dir_of(checkpoint.path)
+        if out_dir is not None and Path(out_dir).resolve() != run_dir.resolve():
+            raise GptcError(f"--out cannot differ from the run being resumed ({run_dir}); the run continues there")
+        stored = checkpoint.spec
+        given = spec if spec is not None else stored
+        if spec is None:
+            given = replace(stored, train=replace(stored.train, **{k: v for k, v in
+                                                                  (("lr", lr), ("batch_size", batch)) if v is not None}))
+        why = _spec_mismatch(given, stored)
+        if why:
+            raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr or --batch "
+                            "(the run keeps its own spec), or start a new run with --out")
+        total = steps if steps is not None else stored.train.steps
+        if total < checkpoint.step:
+            raise GptcError(f"the run is already at step {checkpoint.step}; give --steps greater than that to continue")
+        spec = validate(replace(stored, train=replace(stored.train, steps=total)))
+    else:
+        if spec is None:
+            raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
+        changes = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
+        spec = validate(replace(spec, train=replace(spec.train, **changes)))
+        if out_dir is not None:
+            run_dir = Path(out_dir)
+        else:
+            run_dir = base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            for n in range(2, 1000):
+                if not run_dir.exists():
+                    break
+                run_dir = base.with_name(f"{base.name}-{n}")
+    m, t = spec.model, spec.train
+
+    train_graph = build_graph(spec, "train")
+    n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
+    if dev is None and steps is None and checkpoint is None:
+        cap = cpu_step_cap(spec, n_params)
+        if t.steps > cap:
+            note(f"on the CPU, training {cap} steps instead of the spec's {t.steps} so that the run ends in a "
+                 "few minutes; pass --steps N to choose" + (" (this model is too large to train usefully on a "
+                                                          "CPU; use --device gpu)" if cap < 20 else ""))
+            spec = replace(spec, train=replace(t, steps=cap))
+            t = spec.train
+
+    # 3. data -----------------------------------------------------------------------------
+    data_info = checkpoint.state.get("data", {}) if checkpoint is not None else {}
+    if data is None and data_info.get("path"):
+        data = data_info["path"]
+    if data is None:
+        from gptc.tools.corpus import default_corpus_text
+        text, source = default_corpus_text(), "the bundled corpus (gptc/data/corpus.txt.gz)"
+    else:
+        try:
+            text, source = read_corpus(data), f"'{data}'"
+        except DataError as e:
+            if data_info.get("path") != data:
+                raise
+            raise DataError(f"cannot read the run's data: {e}; if it moved, pass it with --data") from None
+    corpus_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if checkpoint is not None and data_info.get("sha256") not in (None, corpus_sha):
+        raise GptcError(f"cannot resume '{resume}': the data ({source}) differs from the text the run was trained on; "
+                        f"pass the run's data with --data" + (f" ({data_info['path']})" if data_info.get("path") else ""))
+    started = time.perf_counter()
+    tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
+    how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
+    need = min_corpus_tokens(m.seq_len, VALIDATION_FRACTION)
+    if len(ids) < need:
+        raise DataError(f"the corpus has {len(ids)} tokens, fewer than the {need} needed for one window of "
+                        f"{m.seq_len + 1} tokens in both the training and the validation split; give more text "
+                        "or lower model.seq_len")
+    if checkpoint is not None and checkpoint.tokenizer_json != tokenizer.to_json():
+        raise ckpt.CheckpointError(f"cannot resume '{resume}': the run's tokenizer differs from the one trained on "
+                                   "this data now (another gptc version?); start a new run")
+    train_ids, val_ids = split(ids, VALIDATION_FRACTION)
+    batches = Batches(train_ids, t.batch_size, m.seq_len, t.seed, name="training split")
+    val_batches = validation_windows(val_ids, t.eval_batches, t.batch_size, m.seq_len)
+    console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary {m.vocab_size}, "
+                 f"{how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
+
+    # 4. run directory --------------------------------------------------------------------
+    written: list[Path] = []
+    created = not run_dir.exists()
+
+    def discard() -> None:
+        """Leave nothing behind from a new run that never started."""
+        if checkpoint is None:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                for p in written:
+                    p.unlink(missing_ok=True)
+
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise GptcError(f"cannot use '{run_dir}' as the run directory: it is a file; choose another --out")
+        if checkpoint is None and ckpt.list_checkpoints(run_dir):
+            raise GptcError(f"'{run_dir}' already holds a run with checkpoints; continue it with --resume {run_dir} "
+                            "or choose another --out")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for fname, content in (("spec.toml", spec_to_toml(spec)), ("tokenizer.json", tokenizer.to_json())):
+                ckpt.write_atomic(run_dir / fname, content)
+                written.append(run_dir / fname)
+            metrics_path = run_dir / "metrics.jsonl"
+            if checkpoint is not None:  # drop the steps after the checkpoint (and a line cut by a crash)
+                kept = [r for r in read_metrics(run_dir) if r["step"] <= checkpoint.step]
+                ckpt.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            metrics = open(metrics_path, "a" if checkpoint is not None else "w", encoding="utf-8")
+            written.append(metrics_path)
+        except OSError as e:
+            raise _os_error(e, f"setting up the run directory '{run_dir}'", run_dir) from None
+    except BaseException:
+        discard()
+        raise
+
+    # 5. sessions -------------------------------------------------------------------------
+    try:
+        params = init_params(train_graph, t.seed)
+        state_names = sorted(train_graph.states)
+        if checkpoint is not None:
+            _check_tensors(checkpoint.params, {n: train_graph.type(i).shape for n, i in train_graph.params.items()},
+                           "model.safetensors", checkpoint.path)
+            _check_tensors(checkpoint.optimizer, {n: train_graph.type(i).shape for n, i in train_graph.states.items()},
+                           "optimizer.safetensors", checkpoint.path)
+            params = checkpoint.params
+        if runtime is None and dev is not None:
+            from gptc.runtime.bundle import cached_bundle
+            runtime = cached_bundle(spec, dev, note).open(dev)
+        if runtime is not None:
+            train_sess, eval_sess = runtime.steps["train"], runtime.steps["eval"]
+            train_sess.write({**params, **{n: np.zeros(train_graph.type(train_graph.states[n]).shape, np.float32)
+                                           for n in state_names}})
+        else:
+            train_sess = ReferenceExecutor(train_graph, params)
+            eval_sess = ReferenceExecutor(build_graph(spec, "eval"), params)
+        if checkpoint is not None:
+            train_sess.write(checkpoint.optimizer)
+            batches.state = checkpoint.rng_state
+    except BaseException:
+        metrics.close()
+        discard()
+        raise
+    param_names = sorted(train_graph.params)
+
+    start = checkpoint.step if checkpoint is not None else 0
+    if checkpoint is not None:
+        console.line(f"resuming {run_dir} from {checkpoint.path.name} (step {start} of {t.steps})")
+        before = checkpoint.state.get("device")
+        if before and before != device_name:
+            note(f"the run was trained on {before} until now; on {device_name} its losses will differ from an "
+                 "uninterrupted run's by rounding")
+    console.line(f"model: {name}, {n_params:,} parameters; {t.steps} steps of {t.batch_size}x{m.seq_len} tokens; "
+                 f"run directory: {run_dir}")
+    if start >= t.steps:
+        metrics.close()
+        console.line(f"the run is already at step {start} of {t.steps}; nothing to do (raise --steps to continue)")
+        return TrainResult(run_dir, start, checkpoint=checkpoint.path)
+
+    # 6. the loop -------------------------------------------------------------------------
+    result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint else None)
+    extra = {"data": {"path": str(Path(data).resolve()) if data is not None else None, "sha256": corpus_sha,
+                      "tokens": int(len(ids))}, "device": device_name}
+    width = len(str(t.steps))
+    every = max(1, (t.steps - start) // 20)
+    times: deque[float] = deque(maxlen=50)
+    last_print = 0.0
+    last_saved = start if checkpoint is not None else -1
+    tokens_per_step = t.batch_size * m.seq_len
+
+    def save(step: int) -> Path:
+        nonlocal last_saved
+        try:
+            path = ckpt.save_checkpoint(run_dir, step, train_sess.read(param_names), train_sess.read(state_names),
+                                        batches.state, spec, tokenizer.to_json(), extra, keep=t.keep_checkpoints)
+        except OSError as e:
+            newest = ckpt.list_checkpoints(run_dir)
+            raise _os_error(e, f"writing the checkpoint of step {step} in '{run_dir}'", run_dir,
+                            resumable=bool(newest)) from None
+        last_saved, result.checkpoint = step, path
+        return path
+
+    def evaluate() -> float:
+        if runtime is None:  # on a GPU the steps share the parameters already
+            eval_sess.write(train_sess.read(param_names))
+        losses = [float(eval_sess.run({"tokens": x, "targets": y})["loss"]) for x, y in val_batches]
+        return float(np.mean(losses))
+
+    interrupt = {"requested": False, "hard": False}
+
+    def on_sigint(signum, frame):
+        if interrupt["requested"]:
+            interrupt["hard"] = True
+            raise KeyboardInterrupt
+        interrupt["requested"] = True
+        try:
+            os.write(sys.__stderr__.fileno(), b"\ngptc: Ctrl-C: saving a checkpoint after this step "
+                                             b"(press Ctrl-C again to quit without saving)\n")
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    handler_installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if handler_installed else None
+    if previous is None:  # a handler not installed from Python
+        previous = signal.default_int_handler
+    done, in_step = start, False
+    run_started = time.perf_counter()
+    try:
+        for step in range(start, t.steps):
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
+            in_step = True
+            began = time.perf_counter()
+            x, y = batches.next()
+            rate = lr_at(t, step)
+            out = train_sess.run({"tokens": x, "targets": y, "lr": np.float32(rate), "step": np.float32(step + 1)})
+            done, in_step = step + 1, False
+            loss = float(out["loss"])
+            if not math.isfinite(loss):
+                raise GptcError(f"the loss became {loss} at step {done}; lower train.lr (or --lr) and start again"
+                                + (" or resume from an earlier checkpoint" if ckpt.list_checkpoints(run_dir) else ""))
+            elapsed = time.perf_counter() - began
+            times.append(elapsed)
+            result.losses.append(loss)
+            record = {"step": done, "loss": loss, "lr": rate, "grad_norm": float(out["grad_norm"]),
+                      "tokens_per_s": tokens_per_step / elapsed}
+            # progress line
+            now = time.perf_counter()
+            mean = sum(times) / len(times)
+            text = (f"step {done:>{width}}/{t.steps}  loss {loss:.4f}  lr {rate:.2e}  "
+                    f"{tokens_per_step / mean:,.0f} tokens/s  ETA {_duration(mean * (t.steps - done))}")
+            if console.tty:
+                if now - last_print > 0.1 or done == t.steps:
+                    console.status(text)
+                    last_print = now
+            elif done == start + 1 or done % every == 0 or done == t.steps or now - last_print > 30:
+                console.line(text)
+                last_print = now
+            if done % t.eval_interval == 0 or done == t.steps:
+                val = evaluate()
+                result.val_loss = val
+                record["val_loss"], record["val_ppl"] = val, math.exp(min(val, 700.0))
+                console.line(f"step {done:>{width}}/{t.steps}  validation loss {val:.4f}  "
+                             f"perplexity {record['val_ppl']:.2f}")
+            try:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            except OSError as e:
+                raise _os_error(e, f"writing {run_dir / 'metrics.jsonl'}", run_dir,
+                                resumable=bool(ckpt.list_checkpoints(run_dir))) from None
+            if done % t.checkpoint_interval == 0 or done == t.steps:
+                save(done)
+            if on_step is not None:
+                on_step(done, record)
+        result.step = done
+    except KeyboardInterrupt:
+        console.end()
+        if interrupt["hard"] or in_step:
+            newest = ckpt.list_checkpoints(run_dir)
+            console.line(f"interrupted during step {done + 1}; not saved"
+                         + (f" (newest checkpoint: {newest[-1][1]})" if newest else ""))
+            raise Interrupted(done, None, run_dir) from None
+        path = save(done) if last_saved != done else result.checkpoint
+        metrics.close()
+        write_plot(run_dir, name, device_name, console)
+        console.line(f"interrupted at step {done}: saved {path}; continue with: gptc train --resume {run_dir}")
+        raise Interrupted(done, path, run_dir) from None
+    finally:
+        if handler_installed:
+            signal.signal(signal.SIGINT, previous)
+        metrics.close()
+        if runtime is not None:
+            runtime.close()
+        else:
+            for sess in (train_sess, eval_sess):
+                sess.close()
+
+    console.end()
+    plot = write_plot(run_dir, name, device_name, console)
+    wall = time.perf_counter() - run_started
+    summary = f"done: step {done} of {t.steps} in {_duration(wall)}, loss {result.losses[-1]:.4f}"
+    if result.val_loss is not None:
+        summary += f", validation loss {result.val_loss:.4f} (perplexity {math.exp(min(result.val_loss, 700)):.2f})"
+    console.line(summary)
+    console.line(f"saved: {result.checkpoint}, {run_dir / 'metrics.jsonl'}" + (f", {plot}" if plot else ""))
+    return result
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _check_tensors(tensors: dict, shapes: dict, what: str, where: Path) -> None:
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        detail = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
+        raise ckpt.CheckpointError(f"checkpoint '{where}' does not match the model: {what} {detail}")
+    for n, shape in shapes.items():
+        if tuple(tensors[n].shape) != tuple(shape):
+            raise ckpt.CheckpointError(f"checkpoint '{where}' does not match the model: '{n}' has shape "
+                                       f"{tuple(tensors[n].shape)}, the model needs {tuple(shape)}")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The step records of RUNDIR/metrics.jsonl (a line cut short by a crash is skipped)."""
+    records = []
+    for line in _read_lines(Path(run_dir) / "metrics.jsonl"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "loss" in record:
+            records.append(record)
+    return records
+
+
+def write_plot(run_dir: Path, name: str, device_name: str, console: Console) -> Path | None:
+    """RUNDIR/loss.png from metrics.jsonl (every step of the run, resumed parts included)."""
+    try:
+        from gptc.tools.plot import line_chart
+    except ImportError:
+        console.line("note: loss.png not written (gptc.tools.plot is not available)")
+        return None
+    records = read_metrics(run_dir)
+    series = {"train": ([r["step"] for r in records], [r["loss"] for r in records])}
+    evals = [r for r in records if "val_loss" in r]
+    if evals:
+        series["validation"] = ([r["step"] for r in evals], [r["val_loss"] for r in evals])
+    path = run_dir / "loss.png"
+    try:
+        line_chart(path, series, f"gptc train {name} on {device_name}", "step", "loss")
+    except (OSError, GptcError, ValueError) as e:
+        console.line(f"note: loss.png not written ({e})")
+        return None
+    return path
