@@ -95,7 +95,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from gptc.tools.bench import COMPARES, WHATS, BenchConfig, bench_main, parse_list, resolve_spec
+    from gptc.tools.bench import bench_main
+    from gptc.tools.bench.config import COMPARES, WHATS, BenchConfig, parse_list, resolve_spec
     spec, name = resolve_spec(args.preset, args.batch)
     if args.repeats is not None and args.repeats < 1:
         raise GptcError("--repeats must be at least 1")
