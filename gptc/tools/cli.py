@@ -68,7 +68,7 @@ def _cmd_compile(args: argparse.Namespace) -> None:
     if args.seq_len is not None:
         spec = validate(replace(spec, model=replace(spec.model, seq_len=args.seq_len)))
     if args.target == "auto":
-        from gptc.tools.session import resolve_device
+        from gptc.tools.device import resolve_device
         device = resolve_device("auto")
         if device is None:
             raise GptcError("no GPU here to take the target from; name one with --target (e.g. cuda:sm_90, hip:gfx90a)")

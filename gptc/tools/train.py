@@ -185,7 +185,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
-    from gptc.tools.session import resolve_device
+    from gptc.tools.device import resolve_device
     dev = resolve_device(device)
     if dev is None:
         where = "cpu (no GPU found)" if device == "auto" else "cpu"
@@ -328,7 +328,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         discard()
         raise
 
-    # 5. sessions -------------------------------------------------------------------------
+    # 5. executors ------------------------------------------------------------------------
     try:
         params = init_params(train_graph, t.seed)
         state_names = sorted(train_graph.states)
