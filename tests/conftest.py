@@ -1,9 +1,15 @@
-"""Shared test fixtures: the GPU device, and a hand-written kernel that exercises the
-prelude (bf16, warp shuffles, math built-ins, INFINITY, int64_t)."""
+"""Shared test fixtures and checks: the GPU device, a seeded random generator whose seed a
+failing test reports, the relative error and the update check of the GPU tests, and a
+hand-written kernel that exercises the prelude (bf16, warp shuffles, math built-ins,
+INFINITY, int64_t)."""
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
+from typing import Mapping
 
+import numpy as np
 import pytest
 
 PRELUDE = (Path(__file__).resolve().parents[1] / "templates" / "prelude.h").read_text()
@@ -52,3 +58,39 @@ def device():
         pytest.fail("no GPU found: the gpu tests need an AMD or NVIDIA GPU")
     yield dev
     dev.close()
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """Random inputs, fresh on every run (a new seed each time) unless $GPTC_TEST_SEED
+    names one; a failing test's report shows the seed that reproduces its inputs."""
+    seed = int(os.environ.get("GPTC_TEST_SEED") or secrets.randbits(32))
+    request.node.add_report_section("setup", "seed", f"GPTC_TEST_SEED={seed} reproduces these inputs\n")
+    return np.random.default_rng(seed)
+
+
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    """||out - ref|| / ||ref||, in float64; NaN in `out` fails."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert not np.isnan(out).any(), "NaN in the output (an element was not written, or a read of poison)"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# The largest relative error allowed in the change a training step makes to a param or
+# state. AdamW's weight decay (lr * wd * p) is ~1e-4 of a parameter, as large as the
+# error allowed in the new values themselves, but ~2e-3 of the change: comparing
+# changes catches a missing decay term (test_gpu_kernels shows it on the CPU).
+UPDATE_TOLERANCE = 5e-4
+
+
+def update_errors(old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+                  ref: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per param or state of `ref`: the relative error of the change a step made
+    (new - old) against the reference's change (ref - old, with ref rounded to float32
+    as the device stores it, so that float32's spacing near a value of 1 is no error)."""
+    errors = {}
+    for name, want in ref.items():
+        before = np.asarray(old[name], np.float64)
+        expected = np.asarray(want, np.float32).astype(np.float64) - before
+        errors[name] = rel_err(np.asarray(new[name], np.float64) - before, expected)
+    return errors

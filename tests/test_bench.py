@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gptc.tools import bench
+from gptc.tools.bench import config, measure, peers, report
 from gptc.tools.cli import main
 from gptc.compiler.planner.cost import plan_costs
 from gptc.models import build_graph, init_params
@@ -38,52 +39,52 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_without_torch_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
-    torch, why = bench.import_torch()
+    torch, why = peers.import_torch()
     assert torch is None and why == "PyTorch is not installed: skipping the PyTorch columns"
 
 
 # ----- small pieces ----------------------------------------------------------------
 def test_parse_list():
-    assert bench.parse_list(None, bench.WHATS, "what") == ("train", "infer")
-    assert bench.parse_list("infer", bench.WHATS, "what") == ("infer",)
-    assert bench.parse_list("unfused, torch-eager", bench.COMPARES, "compare") == ("unfused", "torch-eager")
+    assert config.parse_list(None, config.WHATS, "what") == ("train", "infer")
+    assert config.parse_list("infer", config.WHATS, "what") == ("infer",)
+    assert config.parse_list("unfused, torch-eager", config.COMPARES, "compare") == ("unfused", "torch-eager")
     with pytest.raises(GptcError, match="--what: unknown value 'eval'"):
-        bench.parse_list("eval", bench.WHATS, "what")
+        config.parse_list("eval", config.WHATS, "what")
 
 
 def test_resolve_spec(tmp_path):
-    spec, name = bench.resolve_spec("hipgpt", 256)
+    spec, name = config.resolve_spec("hipgpt", 256)
     assert name == "hipgpt" and spec.train.batch_size == 256 and spec.model.d_model == 128
     path = tmp_path / "mid.toml"
     path.write_text("[model]\nvocab_size = 8192\nseq_len = 512\nd_model = 512\nn_layers = 8\nn_heads = 8\n"
                     "d_ff = 2048\n[train]\nbatch_size = 16\n")
-    spec, name = bench.resolve_spec(str(path))
+    spec, name = config.resolve_spec(str(path))
     assert name == "mid" and spec.train.batch_size == 16 and spec.model.n_layers == 8
-    assert bench.model_summary(spec) == "E512 L8 H8 F2048 V8192 S512"
+    assert config.model_summary(spec) == "E512 L8 H8 F2048 V8192 S512"
 
 
 def test_provenance(monkeypatch):
-    assert bench.gpu_slug("NVIDIA H100 80GB HBM3 (cuda:sm_90)") == "h100-80gb-hbm3"
-    assert bench.gpu_slug("AMD Instinct MI250X (hip:gfx90a)") == "mi250x"
+    assert report.gpu_slug("NVIDIA H100 80GB HBM3 (cuda:sm_90)") == "h100-80gb-hbm3"
+    assert report.gpu_slug("AMD Instinct MI250X (hip:gfx90a)") == "mi250x"
     monkeypatch.setenv("GPTC_COMMIT", "abc1234")
-    assert bench.git_commit() == "abc1234"
-    assert bench.results_dir_name("NVIDIA H200 (cuda:sm_90)", "2026-11-21", "abc1234+dirty") == "h200-2026-11-21-abc1234-dirty"
+    assert report.git_commit() == "abc1234"
+    assert report.results_dir_name("NVIDIA H200 (cuda:sm_90)", "2026-11-21", "abc1234+dirty") == "h200-2026-11-21-abc1234-dirty"
     monkeypatch.delenv("GPTC_COMMIT")
-    assert bench.git_commit("/") == "unknown"  # not a git checkout
+    assert report.git_commit("/") == "unknown"  # not a git checkout
 
 
 def test_summarize_and_rates():
-    s = bench.summarize([3.0, 1.0, 2.0, 100.0, 2.5])
+    s = measure.summarize([3.0, 1.0, 2.0, 100.0, 2.5])
     assert s["median_ms"] == 2.5 and s["samples"] == 5 and s["p10_ms"] == 1.0 and s["p90_ms"] == 100.0
-    assert bench.tokens_per_s(1024, 0.5) == pytest.approx(2_048_000)
-    assert bench.fmt_rate(2_048_000) == "2.05 M" and bench.fmt_rate(408_000) == "408 K"
-    assert bench.fmt_num(0.51234) == "0.512" and bench.fmt_num(12345.6) == "12,346" and bench.fmt_num(float("nan")) == "-"
-    assert bench.sample_count(0.5, 20, 1000) == bench.MAX_SAMPLES
-    assert bench.sample_count(100.0, 20, 1000) == 20
-    assert bench.sample_count(10.0, 20, 1000) == 100
+    assert measure.tokens_per_s(1024, 0.5) == pytest.approx(2_048_000)
+    assert report.fmt_rate(2_048_000) == "2.05 M" and report.fmt_rate(408_000) == "408 K"
+    assert report.fmt_num(0.51234) == "0.512" and report.fmt_num(12345.6) == "12,346" and report.fmt_num(float("nan")) == "-"
+    assert measure.sample_count(0.5, 20, 1000) == measure.MAX_SAMPLES
+    assert measure.sample_count(100.0, 20, 1000) == 20
+    assert measure.sample_count(10.0, 20, 1000) == 100
 
 
-class FakeTimer(bench.Timer):
+class FakeTimer(measure.Timer):
     """Events are host counters; each enqueue advances the fake device clock by 2 ms."""
 
     def __init__(self):
@@ -114,7 +115,7 @@ def test_measure_loop():
     def enqueue():
         calls.append(1)
         timer.clock += 2.0
-    samples = bench.measure(timer, enqueue, repeats=7, budget_ms=10.0, warmup=2)
+    samples = measure.measure(timer, enqueue, repeats=7, budget_ms=10.0, warmup=2)
     assert samples == [2.0] * 7             # budget allows 5, repeats asks for at least 7
     assert len(calls) == 2 + 3 + 7          # warm-up, estimate, timed
 
@@ -123,7 +124,7 @@ def test_cross_entropy_numpy():
     logits = np.array([[[0.0, 0.0], [2.0, 0.0]]], np.float32)
     targets = np.array([[1, 0]])
     expected = (math.log(2) + math.log(1 + math.exp(-2))) / 2
-    assert bench.cross_entropy(logits, targets) == pytest.approx(expected)
+    assert measure.cross_entropy(logits, targets) == pytest.approx(expected)
 
 
 def test_kernel_rows_roofline():
@@ -132,12 +133,12 @@ def test_kernel_rows_roofline():
              KernelCost("k1", "matmul", 1_000_000, 1_000_000, 2_000_000_000, 1)]
     # 3 TB/s, 50 TFLOP/s; k0: 3 MB -> 1 us floor, measured 4 us -> 25%, 750 GB/s
     # k1: 2 GFLOP -> 40 us floor (compute), measured 80 us -> 50%, 25 TFLOP/s
-    rows = bench.kernel_rows(costs, [0.004, 0.080], 3e12, 50e12)
+    rows = report.kernel_rows(costs, [0.004, 0.080], 3e12, 50e12)
     assert rows[0]["bound"] == "memory" and rows[0]["gbps"] == pytest.approx(750)
     assert rows[0]["pct_floor"] == pytest.approx(25) and rows[0]["floor_ms"] == pytest.approx(0.001)
     assert rows[1]["bound"] == "compute" and rows[1]["tflops"] == pytest.approx(25)
     assert rows[1]["pct_floor"] == pytest.approx(50)
-    summary = bench.plan_summary(rows, step_ms=0.1)
+    summary = report.plan_summary(rows, step_ms=0.1)
     assert summary["kernel_sum_ms"] == pytest.approx(0.084) and summary["floor_ms"] == pytest.approx(0.041)
     assert summary["pct_floor_of_step"] == pytest.approx(41)
     assert [f["family"] for f in summary["families"]] == ["matmul", "pointwise"]
@@ -145,9 +146,9 @@ def test_kernel_rows_roofline():
 
 
 def test_table_formats():
-    text = bench.table(["a", "bb"], [["x", "1"], ["yyy", "22"]])
+    text = report.table(["a", "bb"], [["x", "1"], ["yyy", "22"]])
     assert text.splitlines() == ["a    bb", "x     1", "yyy  22"]
-    md = bench.table(["a", "bb"], [["x", "1"]], markdown=True)
+    md = report.table(["a", "bb"], [["x", "1"]], markdown=True)
     assert md.splitlines() == ["| a | bb |", "| --- | ---: |", "| x | 1 |"]
 
 
@@ -156,10 +157,10 @@ def fake_result(what=("train", "infer"), with_torch=True) -> dict:
     spec = preset("hipgpt")
     ceilings = {"copy_bytes_per_s": 3.0e12, "copy_how": "fake copy", "gemm_flops_per_s": 50e12,
                 "gemm_how": "fake gemm", "noted": {"bf16": (790e12, "fake bf16")}}
-    meta = {"config": "hipgpt", "model_summary": bench.model_summary(spec), "params": 6_000_000, "batch": 32,
+    meta = {"config": "hipgpt", "model_summary": config.model_summary(spec), "params": 6_000_000, "batch": 32,
             "seq_len": 32, "tokens_per_step": 1024, "precision": "fp32", "gpu": "NVIDIA H100 80GB HBM3 (cuda:sm_90)",
             "gpu_slug": "h100-80gb-hbm3", "date": "2026-11-21", "commit": "abc1234", "torch": "2.11.0",
-            "what": list(what), "compare": list(bench.COMPARES), "notes": ["a note"]}
+            "what": list(what), "compare": list(config.COMPARES), "notes": ["a note"]}
     result = {"schema": 1, "meta": meta, "ceilings": ceilings, "steps": [], "plans": {}}
     ms = {"gptc-fused": 0.5, "gptc-unfused": 1.5, "torch-eager": 2.5, "torch-compile": 2.55, "torch-cudagraphs": 1.05}
     for w in what:
@@ -167,32 +168,32 @@ def fake_result(what=("train", "infer"), with_torch=True) -> dict:
             if key.startswith("torch") and not with_torch:
                 continue
             result["steps"].append({"what": w, "framework": key, "median_ms": t, "p10_ms": t * 0.98, "p90_ms": t * 1.05,
-                                    "samples": 100, "tokens_per_s": bench.tokens_per_s(1024, t),
+                                    "samples": 100, "tokens_per_s": measure.tokens_per_s(1024, t),
                                     "losses": [8.52, 8.49] if w == "train" else [8.52], "setup_s": 1.0})
         for fuse in (True, False):
             plan = make_plan(build_graph(spec, w), fuse)
             costs = plan_costs(plan)
             times = [0.001 + c.bytes / 2e9 + c.flops / 30e12 * 1e3 for c in costs]
-            rows = bench.kernel_rows(costs, times, 3e12, 50e12, bench.launch_labels(plan))
-            result["plans"][f"{w} {'fused' if fuse else 'unfused'}"] = {**bench.plan_summary(rows, ms["gptc-fused"]),
+            rows = report.kernel_rows(costs, times, 3e12, 50e12, report.launch_labels(plan))
+            result["plans"][f"{w} {'fused' if fuse else 'unfused'}"] = {**report.plan_summary(rows, ms["gptc-fused"]),
                                                                         "rows": rows}
     return result
 
 
 def test_ratios_and_summary():
     result = fake_result()
-    r = bench.ratios(result, "train")
+    r = report.ratios(result, "train")
     assert r["gptc-unfused"] == pytest.approx(3.0) and r["torch-cudagraphs"] == pytest.approx(2.1)
-    text = bench.render_summary(result)
+    text = report.render_summary(result)
     assert "gptc fused: 3.00x faster than unfused; 2.10x faster than torch.compile + CUDA graph" in text
-    assert bench.speedup_phrase(0.5, "X") == "2.00x slower than X"
+    assert report.speedup_phrase(0.5, "X") == "2.00x slower than X"
     assert "NVIDIA H100 80GB HBM3 (cuda:sm_90) · 2026-11-21 · gptc abc1234" in text
     assert "top kernels of train fused" in text and "8.520000" in text
 
 
 def test_write_outputs(tmp_path):
     result = fake_result()
-    paths = bench.write_outputs(result, tmp_path / "out", log=lambda s: None)
+    paths = report.write_outputs(result, tmp_path / "out", log=lambda s: None)
     names = sorted(p.name for p in paths)
     assert names[:2] == ["bench.json", "bench.md"]
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -203,17 +204,13 @@ def test_write_outputs(tmp_path):
     assert "NVIDIA H100 80GB HBM3 (cuda:sm_90) · 2026-11-21 · gptc abc1234" in md
     assert "| torch.compile + CUDA graph | 1.05 |" in md
     assert "measured in isolation" in md and "## Kernels: train unfused" in md
-    try:
-        import gptc.tools.plot  # noqa: F401
-    except ImportError:
-        return
     png = tmp_path / "out" / "bench.png"
     assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_chart_groups_skip_missing():
     result = fake_result(what=("train",), with_torch=False)
-    labels, groups = bench.chart_groups(result)
+    labels, groups = report.chart_groups(result)
     assert labels == ["training step"]
     assert list(groups) == ["gptc fused", "gptc unfused"]
     assert groups["gptc fused"][0] == pytest.approx(2.048)
@@ -223,9 +220,9 @@ def test_failed_peer_is_reported():
     result = fake_result(what=("infer",))
     result["steps"].append({"what": "infer", "framework": "torch-cudagraphs", "error": "RuntimeError: boom"})
     result["steps"] = [s for s in result["steps"] if not (s["framework"] == "torch-cudagraphs" and "median_ms" in s)]
-    md = bench.render_markdown(result)
+    md = report.render_markdown(result)
     assert "torch.compile + CUDA graph failed: RuntimeError: boom" in md
-    assert "torch-cudagraphs" not in bench.ratios(result, "infer")
+    assert "torch-cudagraphs" not in report.ratios(result, "infer")
 
 
 # ----- the PyTorch model against gptc's reference executor ----------------------------
@@ -253,4 +250,4 @@ def test_torch_model_matches_reference():
     assert again == pytest.approx(expected[:2], rel=1e-5)
     with torch.no_grad():
         logits = model(t).numpy()
-    assert bench.cross_entropy(logits, targets) == pytest.approx(expected[2], rel=1e-5)
+    assert measure.cross_entropy(logits, targets) == pytest.approx(expected[2], rel=1e-5)

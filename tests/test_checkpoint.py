@@ -1,5 +1,5 @@
-"""safetensors files written and read by gptc.tools.checkpoint (and by the real `safetensors`
-package when it is installed: it is not a dependency), corruption and truncation
+"""safetensors files written and read by gptc.tools.checkpoint, and by the real `safetensors`
+package (in the test extra; gptc itself does not depend on it), corruption and truncation
 detection, and checkpoint directories: atomic saves, keep-last-K, verification."""
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import struct
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from gptc.tools import checkpoint as ckpt
 from gptc.tools.checkpoint import CheckpointError, load_safetensors, parse_safetensors, safetensors_bytes, save_safetensors
+from gptc.models import build_graph, init_params
 from gptc.spec import preset
 
 
@@ -46,19 +49,38 @@ def test_round_trip(tmp_path):
 
 
 def test_readable_by_the_safetensors_package(tmp_path):
-    st = pytest.importorskip("safetensors.numpy")
     path = tmp_path / "ours.safetensors"
     save_safetensors(path, tensors(), {"format": "gptc"})
-    theirs = st.load_file(str(path))
+    theirs = load_file(str(path))
+    assert set(theirs) == set(tensors())
     for name, value in tensors().items():
+        assert theirs[name].dtype == value.dtype and theirs[name].shape == value.shape
         np.testing.assert_array_equal(theirs[name], value)
     other = tmp_path / "theirs.safetensors"
-    st.save_file({"a": np.ones((3, 2), np.float32), "b": np.arange(4, dtype=np.int64)}, str(other),
+    save_file({"a": np.ones((3, 2), np.float32), "b": np.arange(4, dtype=np.int64)}, str(other),
                  metadata={"k": "v"})
     loaded, meta = load_safetensors(other, with_metadata=True)
     assert meta == {"k": "v"}
     np.testing.assert_array_equal(loaded["a"], np.ones((3, 2), np.float32))
     np.testing.assert_array_equal(loaded["b"], np.arange(4))
+
+
+def test_checkpoint_files_load_with_the_safetensors_package(tmp_path):
+    """The files of a checkpoint of a real model are what `safetensors` reads: every
+    parameter and AdamW moment, bit for bit, with gptc's metadata."""
+    graph = build_graph(preset("tiny"), "train")
+    params = init_params(graph, 0)
+    rng = np.random.default_rng(1)
+    optimizer = {name: rng.standard_normal(graph.type(nid).shape).astype(np.float32) for name, nid in graph.states.items()}
+    path = ckpt.save_checkpoint(tmp_path, 7, params, optimizer, rng.bit_generator.state, preset("tiny"), "{}")
+    for name, expected in ((ckpt.MODEL_FILE, params), (ckpt.OPTIMIZER_FILE, optimizer)):
+        theirs = load_file(str(path / name))
+        assert set(theirs) == set(expected), name
+        for key, value in expected.items():
+            assert theirs[key].dtype == np.float32 and theirs[key].shape == value.shape, key
+            np.testing.assert_array_equal(theirs[key], value)
+        with safe_open(str(path / name), framework="np") as f:
+            assert f.metadata() == {"format": ckpt.FORMAT, "step": "7"}
 
 
 def _header(entries, body=b"", pad=True):

@@ -20,7 +20,7 @@ def gptc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gptc: error:"), result.stderr
@@ -52,6 +52,7 @@ def test_300_cpu_steps_lower_the_loss(tmp_path):
     (["{bad_option}"], "unknown option 'd_modle'"),
     (["{bad_heads}"], "divisible"),
     (["{rope}"], "not implemented yet"),
+    (["{bf16}"], "train.precision = 'bf16' is not implemented yet; use 'fp32'"),
     (["--preset", "tiny", "--steps", "0"], "train.steps must be positive"),
 ])
 def test_bad_input(tmp_path, args, expected):
@@ -59,12 +60,13 @@ def test_bad_input(tmp_path, args, expected):
         "empty": b"", "binary": b"\x00\x01\x02" * 100, "latin1": "caf\u00e9 ".encode("latin-1") * 100,
         "bad_toml": b"[model\nd_model = 3", "bad_option": b"[model]\nd_modle = 64\n",
         "bad_heads": b"preset = 'tiny'\n[model]\nd_model = 33\n", "rope": b"preset = 'tiny'\n[model]\npos = 'rope'\n",
+        "bf16": b"preset = 'tiny'\n[train]\nprecision = 'bf16'\n",
     }
     resolved = []
     for a in args:
         if a.startswith("{"):
             name = a.strip("{}")
-            path = tmp_path / (name + (".toml" if name in ("bad_toml", "bad_option", "bad_heads", "rope") else ".txt"))
+            path = tmp_path / (name + (".toml" if name in ("bad_toml", "bad_option", "bad_heads", "rope", "bf16") else ".txt"))
             path.write_bytes(files[name])
             a = str(path)
         resolved.append(a)

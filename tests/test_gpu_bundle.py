@@ -1,5 +1,6 @@
 """Bundles on a GPU: compile, load (no re-planning), run every step through the
-generated executor.py with graph capture; KV-cache generation equals recomputation."""
+generated executor.py with graph capture (losses and parameter changes against the
+reference); KV-cache generation equals recomputation."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,8 @@ from gptc.tools.generate import SamplingParams, cpu_model, generate_tokens, gpu_
 from gptc.models import build_graph, init_params
 from gptc.runtime.reference import ReferenceExecutor
 
+from conftest import UPDATE_TOLERANCE, update_errors
+
 pytestmark = pytest.mark.gpu
 
 
@@ -20,13 +23,12 @@ def tiny_bundle(device, tmp_path_factory):
     return Bundle(compile_bundle(gptc.preset("tiny"), tmp_path_factory.mktemp("b") / "tiny", device.target, log=lambda s: None))
 
 
-def test_bundle_training_steps_match_reference(device, tiny_bundle):
+def test_bundle_training_steps_match_reference(device, rng, tiny_bundle):
     spec = tiny_bundle.spec
     graph = build_graph(spec, "train")
     params = init_params(graph, 1)
     runtime = tiny_bundle.open(device, params)
     ref = ReferenceExecutor(graph, params)
-    rng = np.random.default_rng()
     try:
         for step in range(1, 6):
             rows = rng.integers(0, spec.model.vocab_size, (spec.train.batch_size, spec.model.seq_len + 1)).astype(np.int32)
@@ -34,6 +36,9 @@ def test_bundle_training_steps_match_reference(device, tiny_bundle):
             got = runtime.steps["train"].run(feeds)["loss"]
             want = ref.run(feeds)["loss"]
             assert abs(float(got) - float(want)) < 1e-4 * abs(float(want))
+        names = list(graph.params)  # what the five steps changed, weight decay included
+        worst = max((e, k) for k, e in update_errors(params, runtime.steps["train"].read(names), ref.read(names)).items())
+        assert worst[0] < UPDATE_TOLERANCE, f"update {worst[1]}: {worst[0]:.2e}"
         # eval shares the params the train step just updated
         ev = runtime.steps["eval"].run({"tokens": rows[:, :-1], "targets": rows[:, 1:]})["loss"]
         ref_eval = ReferenceExecutor(build_graph(spec, "eval"), ref.read(list(graph.params)))

@@ -1,28 +1,26 @@
 """Every kernel family against the NumPy reference on a GPU, at awkward sizes (no
 dimension a multiple of any tile), with activations and outputs poisoned (NaN) before
-each launch so an unwritten element fails. Run on a GPU machine with:
-    PYTHONPATH=. python3 -m pytest -m gpu"""
+each launch so an unwritten element fails; whole training steps, their updates compared
+by the change they make. Run on a GPU machine with:
+    PYTHONPATH=. python3 -m pytest -m gpu
+One test runs on the CPU: it shows that the update check catches a missing weight decay."""
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import gptc
 from gptc import dsl
-from gptc.runtime.build import load_executor
 from gptc.compiler.ir import Graph
-from gptc.models import init_params
+from gptc.compiler.optim import decays
 from gptc.compiler.planner import make_plan
+from gptc.models import init_params
+from gptc.runtime.build import load_executor
 from gptc.runtime.reference import ReferenceExecutor, run_graph
 
-pytestmark = pytest.mark.gpu
-
-
-def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert not np.isnan(out).any(), "NaN in the output (an element was not written, or a read of poison)"
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+from conftest import UPDATE_TOLERANCE, rel_err, update_errors
 
 
 def run_both(device, graph: Graph, feeds: dict, fuse: bool):
@@ -126,10 +124,10 @@ def family_graphs():
             ("attention", attention, 1e-5)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("name,build,tol", family_graphs(), ids=[f[0] for f in family_graphs()])
-def test_kernel_family(device, name, build, tol, fuse):
-    rng = np.random.default_rng()  # fresh inputs every run
+def test_kernel_family(device, rng, name, build, tol, fuse):
     graph = build()
     feeds = random_feeds(graph, rng, {"t": 1003, "ids": 97})
     out, _, ref = run_both(device, graph, feeds, fuse)
@@ -137,30 +135,67 @@ def test_kernel_family(device, name, build, tol, fuse):
         assert rel_err(out[key], value) < tol, f"{name}/{key}: {rel_err(out[key], value):.2e}"
 
 
-AWKWARD = gptc.Spec(gptc.ModelSpec(vocab_size=1003, seq_len=37, d_model=96, n_layers=3, n_heads=3, d_ff=200),
-                    gptc.TrainSpec(batch_size=5, grad_clip=1.0))
+SPECS = {
+    "hipgpt": gptc.preset("hipgpt"),
+    "awkward": gptc.Spec(gptc.ModelSpec(vocab_size=1003, seq_len=37, d_model=96, n_layers=3, n_heads=3, d_ff=200),
+                         gptc.TrainSpec(batch_size=5, grad_clip=1.0)),
+}
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("spec_name", ["hipgpt", "awkward"])
-def test_training_step(device, spec_name, fuse):
-    spec = AWKWARD if spec_name == "awkward" else gptc.preset(spec_name)
-    graph = gptc.build_graph(spec, "train", expose_gradients=True)
-    rng = np.random.default_rng()
+def training_feeds(spec: gptc.Spec, graph: Graph, rng: np.random.Generator) -> dict:
+    """Step 3 of a run: initial params, small random AdamW moments, a random batch."""
     feeds = {**init_params(graph, int(rng.integers(1 << 30))),
              **{n: (rng.standard_normal(graph.type(i).shape) * 1e-3).astype(np.float32) ** 2 for n, i in graph.states.items()}}
     b, s = spec.train.batch_size, spec.model.seq_len
     feeds.update(tokens=rng.integers(0, spec.model.vocab_size, (b, s)).astype(np.int32),
                  targets=rng.integers(0, spec.model.vocab_size, (b, s)).astype(np.int32),
                  lr=np.float32(1e-3), step=np.float32(3))
+    return feeds
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_training_step(device, rng, spec_name, fuse):
+    spec = SPECS[spec_name]
+    graph = gptc.build_graph(spec, "train", expose_gradients=True)
+    feeds = training_feeds(spec, graph, rng)
     out, updates, ref = run_both(device, graph, feeds, fuse)
     assert rel_err(out["loss"], ref["outputs"]["loss"]) < 1e-5
     worst = max((rel_err(out[k], v), k) for k, v in ref["outputs"].items() if k.startswith("grad."))
     assert worst[0] < 1e-4, f"gradient {worst[1]}: {worst[0]:.2e}"
-    worst = max((rel_err(updates[k], v), k) for k, v in ref["updates"].items())
-    assert worst[0] < 1e-4, f"update {worst[1]}: {worst[0]:.2e}"
+    worst = max((e, k) for k, e in update_errors(feeds, updates, ref["updates"]).items())
+    assert worst[0] < UPDATE_TOLERANCE, f"update {worst[1]}: {worst[0]:.2e}"
 
 
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_update_check_catches_a_missing_weight_decay(spec_name):
+    """On the CPU, the update check of test_training_step: a float32 step passes it
+    against the float64 reference; a step with the weight decay missing, or half as
+    strong, fails it on every decayed matrix. Comparing the new values at 1e-4 (the
+    check before) passed half the decay, and saw a missing one as an error of
+    lr * wd = 1e-4: its own tolerance."""
+    spec = SPECS[spec_name]
+
+    def updates(weight_decay: float, float_dtype: type = np.float64) -> dict[str, np.ndarray]:
+        train = replace(spec.train, weight_decay=weight_decay)
+        return run_graph(gptc.build_graph(replace(spec, train=train), "train"), feeds, float_dtype)["updates"]
+
+    graph = gptc.build_graph(spec, "train")
+    feeds = training_feeds(spec, graph, np.random.default_rng(0))
+    wd = spec.train.weight_decay
+    ref = updates(wd)
+    assert max(update_errors(feeds, updates(wd, np.float32), ref).values()) < UPDATE_TOLERANCE
+    decayed = [n for n, nid in graph.params.items() if decays(spec.train, graph.type(nid).shape)]
+    missing, half = updates(0.0), updates(wd / 2)
+    for wrong in (missing, half):
+        errors = update_errors(feeds, wrong, ref)
+        assert decayed and min(errors[n] for n in decayed) > UPDATE_TOLERANCE
+    assert max(rel_err(half[n], ref[n]) for n in ref) < 1e-4
+    assert max(rel_err(missing[n], ref[n]) for n in ref) == pytest.approx(float(feeds["lr"]) * wd, rel=1e-3)
+
+
+@pytest.mark.gpu
 def test_fifty_steps_track_reference(device):
     spec = gptc.preset("hipgpt")
     graph = gptc.build_graph(spec, "train")

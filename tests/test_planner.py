@@ -1,6 +1,8 @@
 """Planner invariants on the presets: every compute node in exactly one kernel, an
 acyclic kernel graph, a launch order that respects every dependency (in-place updates
-included), and no two simultaneously live buffers sharing bytes."""
+included) with the kernels of one launch running at the same time, and no two
+simultaneously live buffers sharing bytes (liveness computed by the test itself). Each
+check is shown to fail on a plan corrupted on purpose."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +11,7 @@ import networkx as nx
 import pytest
 
 import gptc
-from gptc.compiler.planner import fusion_report, make_plan
+from gptc.compiler.planner import Buffer, Plan, fusion_report, make_plan
 from gptc.compiler.planner.fusion import is_free, kernel_graph, Group
 
 
@@ -38,48 +40,157 @@ def test_every_compute_node_in_exactly_one_kernel(graph, fuse):
 
 
 @pytest.mark.parametrize("graph,fuse", PLANS)
-def test_kernel_graph_is_acyclic_and_order_respects_it(graph, fuse):
+def test_kernel_graph_is_acyclic(graph, fuse):
     plan = make_plan(graph, fuse)
     groups = [Group(k.family, k.anchor, set(k.nodes)) for k in plan.kernels]
-    kg = kernel_graph(graph, groups)
-    assert nx.is_directed_acyclic_graph(kg)
-    assert all(a < b for a, b in kg.edges), "a kernel is launched before one it reads from"
-    # In-place updates: every other reader of an old param/state value runs before the writer.
-    position = {n: i for i, k in enumerate(plan.kernels) for n in k.nodes}
-    sources = {**graph.params, **graph.states}
+    assert nx.is_directed_acyclic_graph(kernel_graph(graph, groups))
+
+
+def launch_of(plan: Plan) -> dict[int, int]:
+    return {k: i for i, launch in enumerate(plan.launches) for k in launch}
+
+
+def launch_order_problems(plan: Plan) -> list[str]:
+    """What breaks the launch order. The kernels of one launch run at the same time, so
+    a kernel must run in a later launch than the kernel that stores each value it reads,
+    and a kernel that overwrites a param or state in place in a later launch than every
+    other kernel that reads the old value."""
+    at = launch_of(plan)
+    if sorted(k for launch in plan.launches for k in launch) != list(range(len(plan.kernels))):
+        return ["the launches do not run every kernel exactly once"]
+    graph, kernels = plan.graph, plan.kernels
+    problems = []
+    producer: dict[int, int] = {}
+    for k, kern in enumerate(kernels):
+        for r in kern.roots:
+            if r in producer:
+                problems.append(f"{kern.name} and {kernels[producer[r]].name} both store %{r}")
+            producer[r] = k
+    sources = {**graph.inputs, **graph.params, **graph.states}
+    for k, kern in enumerate(kernels):
+        for src in kern.reads:
+            if src in producer:
+                p = producer[src]
+                if at[p] >= at[k]:
+                    problems.append(f"{kern.name} (launch {at[k]}) reads %{src}, stored by {kernels[p].name} (launch {at[p]})")
+            elif src not in sources.values():
+                problems.append(f"{kern.name} reads %{src}, which no kernel stores")
+    old_values = {**graph.params, **graph.states}
     for name, new in graph.updates.items():
-        writer = position[new]
-        for i, k in enumerate(plan.kernels):
-            if sources[name] in k.reads and i != writer:
-                assert i < writer, f"{k.name} reads the old {name} after it is overwritten"
+        w = producer[new]
+        for k, kern in enumerate(kernels):
+            if k != w and old_values[name] in kern.reads and at[k] >= at[w]:
+                problems.append(f"{kern.name} (launch {at[k]}) reads the old {name}, which {kernels[w].name} "
+                                f"(launch {at[w]}) overwrites")
+    return problems
+
+
+def overlap_problems(plan: Plan) -> list[str]:
+    """Buffers of one arena that share bytes while both are live, or that reach past the
+    arena. Liveness is computed here, not taken from the allocator: params, states,
+    inputs and outputs live through the whole step; an activation from the first to the
+    last launch whose kernels store or read it."""
+    at = launch_of(plan)
+    live: dict[int, tuple[Buffer, int, int]] = {}  # id(buffer) -> (buffer, first, last launch)
+    for k, kern in enumerate(plan.kernels):
+        for nid in [*kern.roots, *kern.reads]:
+            buf = plan.buffer_of(nid)
+            _, first, last = live.get(id(buf), (buf, at[k], at[k]))
+            live[id(buf)] = (buf, min(first, at[k]), max(last, at[k]))
+    for buf in plan.buffers.values():
+        if buf.arena != "activations":
+            live[id(buf)] = (buf, 0, len(plan.launches) - 1)
+    problems = []
+    by_arena: dict[str, list[tuple[Buffer, int, int]]] = {}
+    for entry in live.values():
+        by_arena.setdefault(entry[0].arena, []).append(entry)
+    for arena, entries in by_arena.items():
+        for buf, _, _ in entries:
+            if buf.offset + buf.nbytes > plan.arena_bytes[arena]:
+                problems.append(f"{arena}: {buf.name} ends past the arena's {plan.arena_bytes[arena]} bytes")
+        for (a, a0, a1), (b, b0, b1) in itertools.combinations(entries, 2):
+            if a0 <= b1 and b0 <= a1 and a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes:
+                problems.append(f"{arena}: {a.name} [{a.offset}, +{a.nbytes}) live in launches {a0}-{a1} overlaps "
+                                f"{b.name} [{b.offset}, +{b.nbytes}) live in launches {b0}-{b1}")
+    return problems
+
+
+@pytest.mark.parametrize("graph,fuse", PLANS)
+def test_launches_respect_every_dependency(graph, fuse):
+    assert launch_order_problems(make_plan(graph, fuse)) == []
 
 
 @pytest.mark.parametrize("graph,fuse", PLANS)
 def test_live_buffers_never_overlap(graph, fuse):
-    plan = make_plan(graph, fuse)
-    by_arena: dict[str, list] = {}
-    for buf in {id(b): b for b in plan.buffers.values()}.values():
-        by_arena.setdefault(buf.arena, []).append(buf)
-    for arena, bufs in by_arena.items():
-        for a, b in itertools.combinations(bufs, 2):
-            if arena == "activations":
-                (a0, a1), (b0, b1) = plan.lifetimes[a.node], plan.lifetimes[b.node]
-                if a1 < b0 or b1 < a0:
-                    continue  # never live at the same time
-            assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset, \
-                f"{arena}: {a.name} [{a.offset}, +{a.nbytes}) overlaps {b.name} [{b.offset}, +{b.nbytes})"
-            assert max(a.offset + a.nbytes, b.offset + b.nbytes) <= plan.arena_bytes[arena]
+    assert overlap_problems(make_plan(graph, fuse)) == []
 
 
-def test_every_value_read_is_written_earlier():
-    graph = gptc.build_graph(gptc.preset("hipgpt"), "train")
-    for fuse in (True, False):
-        plan = make_plan(graph, fuse)
-        written = set(graph.inputs.values()) | set(graph.params.values()) | set(graph.states.values())
-        for k in plan.kernels:
-            missing = [r for r in k.reads if r not in written]
-            assert not missing, f"{k.name} reads {missing} before any kernel stores them"
-            written |= set(k.roots)
+# ----- the checks above can fail: plans corrupted on purpose -------------------------------
+def hipgpt_train_plan() -> Plan:
+    return make_plan(gptc.build_graph(gptc.preset("hipgpt"), "train"), True)
+
+
+def dependent_launches(plan: Plan) -> int:
+    """i such that a kernel of launch i + 1 reads a value a kernel of launch i stores."""
+    for i in range(len(plan.launches) - 1):
+        stored = {r for k in plan.launches[i] for r in plan.kernels[k].roots}
+        if any(stored & set(plan.kernels[k].reads) for k in plan.launches[i + 1]):
+            return i
+    raise AssertionError("no two consecutive launches depend on each other")
+
+
+def test_launch_check_catches_dependent_kernels_in_one_launch():
+    # the kernel indices stay in order, so a check by kernel index would pass this plan
+    plan = hipgpt_train_plan()
+    i = dependent_launches(plan)
+    plan.launches[i:i + 2] = [plan.launches[i] + plan.launches[i + 1]]
+    assert any("reads %" in p for p in launch_order_problems(plan))
+
+
+def test_launch_check_catches_a_launch_before_its_inputs():
+    plan = hipgpt_train_plan()
+    i = dependent_launches(plan)
+    plan.launches[i], plan.launches[i + 1] = plan.launches[i + 1], plan.launches[i]
+    assert any("reads %" in p for p in launch_order_problems(plan))
+
+
+def test_launch_check_catches_a_read_of_an_overwritten_value():
+    plan = hipgpt_train_plan()
+    graph = plan.graph
+    old, new = graph.params["wte"], graph.updates["wte"]
+    writer = next(k for k, kern in enumerate(plan.kernels) if new in kern.roots)
+    reader = next(k for k, kern in enumerate(plan.kernels) if k != writer and old in kern.reads)
+    for launch in plan.launches:  # run the reader in the writer's launch
+        if reader in launch:
+            launch.remove(reader)
+        if writer in launch:
+            launch.append(reader)
+    plan.launches = [launch for launch in plan.launches if launch]
+    assert any("reads the old wte" in p for p in launch_order_problems(plan))
+
+
+def test_overlap_check_catches_live_buffers_sharing_bytes():
+    """Two activations live at once moved onto the same bytes, with the allocator's own
+    lifetimes made to say they never meet: a check that trusted those would pass."""
+    plan = hipgpt_train_plan()
+    at = launch_of(plan)
+    kern = next(k for k in plan.kernels if any(plan.buffer_of(r).arena == "activations" for r in k.reads)
+                and any(plan.buffer_of(r).arena == "activations" for r in k.roots))
+    a = next(plan.buffer_of(r) for r in kern.reads if plan.buffer_of(r).arena == "activations")
+    b = next(plan.buffer_of(r) for r in kern.roots if plan.buffer_of(r).arena == "activations")
+    assert a is not b and overlap_problems(plan) == []
+    b.offset = a.offset
+    plan.lifetimes[a.node] = (-2, -2)
+    plan.lifetimes[b.node] = (at[plan.kernels.index(kern)] + 10**6,) * 2
+    assert plan.lifetimes[a.node][1] < plan.lifetimes[b.node][0]  # "never live at once", says the allocator
+    assert any(f"{a.name} [" in p and f"{b.name} [" in p for p in overlap_problems(plan))
+
+
+def test_overlap_check_catches_a_buffer_past_its_arena():
+    plan = hipgpt_train_plan()
+    buf = next(b for b in plan.buffers.values() if b.arena == "persistent")
+    buf.offset = plan.arena_bytes["persistent"]
+    assert any("ends past the arena" in p for p in overlap_problems(plan))
 
 
 def test_fusion_report_hipgpt(capsys):

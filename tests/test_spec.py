@@ -66,7 +66,7 @@ ODD = Spec(
     ModelSpec(vocab_size=1003, seq_len=37, d_model=96, n_layers=3, n_heads=3, d_ff=200, tie_embeddings=True,
               bias=False, init_std=0.0123456789012345, norm_eps=1e-6, norm="rmsnorm", n_kv_heads=1),
     TrainSpec(batch_size=5, steps=7, lr=1.5e-3, min_lr=1e-5, warmup=0, schedule="constant", betas=(0.0, 0.999),
-              eps=1e-12, weight_decay=0.0, decay="all", grad_clip=0.0, precision="bf16", seed=0),
+              eps=1e-12, weight_decay=0.0, decay="all", grad_clip=0.0, seed=0),
 )
 
 
@@ -137,6 +137,7 @@ def train(**kw) -> Spec:
     (train(schedule="linear"), "train.schedule = 'linear' is not one of: cosine, constant"),
     (train(decay="some"), "train.decay = 'some' is not one of"),
     (train(precision="fp8"), "train.precision = 'fp8' is not one of"),
+    (train(precision="bf16"), "train.precision = 'bf16' is not implemented yet; use 'fp32'"),
     (train(batch_size=0), "train.batch_size must be positive, got 0"),
     (train(steps=0), "train.steps must be positive"),
     (train(eval_interval=0), "train.eval_interval must be positive"),

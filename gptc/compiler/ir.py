@@ -173,9 +173,6 @@ class Graph:
         where = f"  # {n['scope']}" if n["scope"] else ""
         return f"%{nid} = {n['op']}({args}{', ' if args and attrs else ''}{attrs}) : {n['type']}{where}"
 
-    def dump(self) -> str:
-        return "\n".join(self.describe(n) for n in self.topo_order())
-
 
 class Tensor:
     """A handle to one node of a Graph, with the operators of the DSL."""

@@ -68,7 +68,7 @@ def _cmd_compile(args: argparse.Namespace) -> None:
     if args.seq_len is not None:
         spec = validate(replace(spec, model=replace(spec.model, seq_len=args.seq_len)))
     if args.target == "auto":
-        from gptc.tools.session import resolve_device
+        from gptc.tools.device import resolve_device
         device = resolve_device("auto")
         if device is None:
             raise GptcError("no GPU here to take the target from; name one with --target (e.g. cuda:sm_90, hip:gfx90a)")
@@ -95,7 +95,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from gptc.tools.bench import COMPARES, WHATS, BenchConfig, bench_main, parse_list, resolve_spec
+    from gptc.tools.bench import bench_main
+    from gptc.tools.bench.config import COMPARES, WHATS, BenchConfig, parse_list, resolve_spec
     spec, name = resolve_spec(args.preset, args.batch)
     if args.repeats is not None and args.repeats < 1:
         raise GptcError("--repeats must be at least 1")

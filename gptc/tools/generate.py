@@ -131,7 +131,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     import sys
 
     from gptc.tools.checkpoint import find_checkpoint, load_checkpoint
-    from gptc.tools.session import resolve_device
+    from gptc.tools.device import resolve_device
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
     log = log or (lambda line: print(line, file=sys.stderr))

@@ -48,6 +48,7 @@ import numpy as np
 from gptc.tools import checkpoint as ckpt
 from gptc.tools.data import (Batches, DataError, min_corpus_tokens, read_corpus, split, tokenize_corpus,
                        validation_windows)
+from gptc.tools.plot import line_chart
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
 
@@ -184,7 +185,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
-    from gptc.tools.session import resolve_device
+    from gptc.tools.device import resolve_device
     dev = resolve_device(device)
     if dev is None:
         where = "cpu (no GPU found)" if device == "auto" else "cpu"
@@ -327,7 +328,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         discard()
         raise
 
-    # 5. sessions -------------------------------------------------------------------------
+    # 5. executors ------------------------------------------------------------------------
     try:
         params = init_params(train_graph, t.seed)
         state_names = sorted(train_graph.states)
@@ -533,11 +534,6 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 def write_plot(run_dir: Path, name: str, device_name: str, console: Console) -> Path | None:
     """RUNDIR/loss.png from metrics.jsonl (every step of the run, resumed parts included)."""
-    try:
-        from gptc.tools.plot import line_chart
-    except ImportError:
-        console.line("note: loss.png not written (gptc.tools.plot is not available)")
-        return None
     records = read_metrics(run_dir)
     series = {"train": ([r["step"] for r in records], [r["loss"] for r in records])}
     evals = [r for r in records if "val_loss" in r]

@@ -30,8 +30,8 @@ floor
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import DTYPE_BYTES, ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER
@@ -53,9 +53,6 @@ class KernelCost:
     @property
     def bytes(self) -> int:
         return self.bytes_read + self.bytes_written
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "bytes": self.bytes}
 
 
 def node_flops(graph, nid: int) -> int:
@@ -124,10 +121,6 @@ def _merge(plan: Plan, kernels: Sequence[KernelPlan]) -> KernelCost:
     return KernelCost(name, kernels[0].family, sum(reads.values()), sum(writes.values()), flops, nodes)
 
 
-def kernel_cost(plan: Plan, kernel: KernelPlan) -> KernelCost:
-    return _merge(plan, [kernel])
-
-
 def plan_costs(plan: Plan) -> list[KernelCost]:
     """The cost of every launch of `plan`, in launch order (one kernel each, except
     where the planner batched independent kernels into one launch: their costs add,
@@ -143,15 +136,3 @@ def floor_seconds(nbytes: float, flops: float, bandwidth: float, rate: float) ->
 def bound(nbytes: float, flops: float, bandwidth: float, rate: float) -> str:
     """'memory' or 'compute': which term sets the floor."""
     return "compute" if flops / rate > nbytes / bandwidth else "memory"
-
-
-def percent_of_floor(seconds: float, nbytes: float, flops: float, bandwidth: float, rate: float) -> float:
-    """100 * floor / measured time: 100% runs at the roofline, 10% is ten times slower."""
-    if seconds <= 0:
-        return float("nan")
-    return 100.0 * floor_seconds(nbytes, flops, bandwidth, rate) / seconds
-
-
-def totals(costs: Iterable[KernelCost]) -> dict[str, int]:
-    costs = list(costs)
-    return {"kernels": len(costs), "bytes": sum(c.bytes for c in costs), "flops": sum(c.flops for c in costs)}

@@ -6,10 +6,11 @@ Node classes:
   (views become index arithmetic, sources become loads).
 - compute: elementwise, gather, reduce, matmul, scatter_add.
 
-Kernel families (DESIGN.md): pointwise, row (reductions over the last axis with the
-pointwise work before and after, the reduced values broadcast back over the row),
-reduce (column/total reductions with a pointwise prologue), matmul (with a pointwise
-epilogue), scatter.
+Kernel families: pointwise, row (reductions over the last axis with the pointwise
+work before and after, the reduced values broadcast back over the row), reduce
+(column/total reductions with a pointwise prologue), matmul (with a pointwise
+epilogue), scatter, and attention and attention_bwd (the causal attention pattern that
+planner/attention.py matches, lowered to flash-style kernels; README.md, "How it works").
 
 Fusion walks the graph from consumers to producers. A node joins the kernel of its
 users when all of them are in one kernel and the family accepts it there (below);

@@ -15,7 +15,7 @@ torch.optim.AdamW with weight decay on the parameters gptc.compiler.optim.decays
 Attention uses F.scaled_dot_product_attention(is_causal=True), what a PyTorch user
 would write; in float32 it dispatches to the memory-efficient kernel.
 
-Only bench.py and tests import this module, and only where PyTorch is installed."""
+Only gptc.tools.bench.peers and tests import this module, and only where PyTorch is installed."""
 from __future__ import annotations
 
 from typing import Mapping
