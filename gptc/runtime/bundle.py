@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from gptc.common import VERSION
+from gptc.common import VERSION, make_temp_dir
 from gptc.compiler.codegen.kernels import render_template
 from gptc.target import Target
 from gptc.runtime.build import compile_plan, plan_table, share_persistent
@@ -79,7 +79,7 @@ def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse:
     share_persistent(list(tables.values()))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         suffix = CODE_SUFFIX[target.vendor]
         (tmp / "code").mkdir()
