@@ -41,6 +41,7 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
         "arena_bytes": dict(plan.arena_bytes),
         "buffers": buffers,
         "inputs": {n: name_of(i) for n, i in sorted(g.inputs.items())},
+        "bounds": g.input_bounds(),
         "outputs": {n: name_of(i) for n, i in sorted(g.outputs.items())},
         "persistent": {n: name_of(i) for n, i in sorted({**g.params, **g.states}.items())},
         "params": sorted(g.params),

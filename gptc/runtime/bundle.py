@@ -37,7 +37,7 @@ from gptc.models import build_graph
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
 
-FORMAT = 1
+FORMAT = 2  # 2: plan tables name the bounds of their id inputs
 STEPS = ("train", "eval", "prefill", "decode")
 CODE_SUFFIX = {"amd": "hsaco", "nvidia": "cubin"}
 
@@ -167,10 +167,10 @@ class Bundle:
             self.manifest = json.loads(manifest_path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise BundleError(f"the manifest of bundle '{path}' is corrupt; compile the bundle again") from None
-        version = self.manifest.get("versions", {}).get("gptc")
-        if self.manifest.get("format") != FORMAT or version != VERSION:
-            raise BundleError(f"bundle '{path}' was made by gptc {version}, this is gptc {VERSION}; "
-                              "compile it again with this version")
+        version, form = self.manifest.get("versions", {}).get("gptc"), self.manifest.get("format")
+        if form != FORMAT or version != VERSION:
+            raise BundleError(f"bundle '{path}' was made by gptc {version} (bundle format {form}), this is gptc "
+                              f"{VERSION} (format {FORMAT}); compile it again with this version")
         self.spec: Spec = spec_from_dict(self.manifest["spec"])
         self.target = Target(**self.manifest["target"])
         self.tables: dict[str, dict] = self.manifest["steps"]
