@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import struct
 
 import pytest
@@ -233,6 +234,18 @@ def test_packed_args_layout():
     with pytest.raises(TypeError):
         PackedArgs([5])
     assert Arg("i32", 1) == ("i32", 1)
+
+
+@pytest.mark.parametrize("vendor", ["amd", "nvidia"])
+def test_driver_table_is_filled_from_the_bindings(vendor):
+    """Every driver function a Device calls exists in the installed bindings."""
+    require(vendor)
+    table = device.driver_for(vendor)
+    assert table.vendor == vendor and table.compiler_id() == compiler_available(vendor)[1]
+    for field in dataclasses.fields(table):
+        value = getattr(table, field.name)
+        assert value is not None and (callable(value) or field.name in ("kind", "vendor", "thread_safe",
+                                                                        "upload_waits", "success")), field.name
 
 
 def test_device_discovery_never_raises():

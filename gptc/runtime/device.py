@@ -131,9 +131,7 @@ class Device:
     def __init__(self, driver: DriverTable, ordinal: int = 0):
         self.driver, self.ordinal = driver, ordinal
         self._release_context = driver.open_context(ordinal)
-        name, arch = driver.device_info(ordinal)
-        self.target: Target = target_for(driver.vendor, arch)
-        self.name = f"{name} ({self.target.name})"
+        self.name, self.target = describe_device(driver, ordinal)
         self.stream = driver.check(driver.stream_create(), "stream_create")
         self._allocs: dict[int, int] = {}  # pointer -> bytes, to check copies and free all on close
         self._modules: list[Any] = []
@@ -360,6 +358,13 @@ def compiler_available(vendor: str) -> tuple[bool, str]:
 
 # ------------------------------------------------------------------ device choice
 
+def describe_device(driver: DriverTable, ordinal: int) -> tuple[str, Target]:
+    """A device's name with its target, e.g. "NVIDIA H100 80GB HBM3 (cuda:sm_90)", and the target."""
+    name, arch = driver.device_info(ordinal)
+    target = target_for(driver.vendor, arch)
+    return f"{name} ({target.name})", target
+
+
 def detect_devices() -> list[tuple[str, int, str]]:
     """[(kind, ordinal, description)] of the GPUs usable here, AMD first. Never raises."""
     found = []
@@ -367,8 +372,7 @@ def detect_devices() -> list[tuple[str, int, str]]:
         try:
             driver = driver_for(vendor)
             for i in range(driver.device_count()):
-                name, arch = driver.device_info(i)
-                found.append((driver.kind, i, f"{name} ({target_for(vendor, arch).name})"))
+                found.append((driver.kind, i, describe_device(driver, i)[0]))
         except Exception:  # no binding, no driver, no device: nothing of this kind
             continue
     return found

@@ -153,8 +153,9 @@ Call = Callable[..., Any]  # a binding function: returns (error, *outputs)
 @dataclass(frozen=True)
 class DriverTable:
     """One vendor's compiler and driver, as the functions a Device and the compile
-    entry points need. Fields below `success` are binding functions (they return
-    (error, *outputs)); the others are the vendor module's own."""
+    entry points need. The fields after `success` are binding functions (or the
+    bindings' functions with vendor flags bound), each returning (error, *outputs);
+    the fields before are the vendor module's own and raise on failure."""
 
     # -- the vendor and its compiler (no GPU needed)
     kind: str                                    # "hip" | "cuda": what open_device takes
@@ -169,9 +170,10 @@ class DriverTable:
     device_info: Callable[[int], tuple[str, str]]       # ordinal -> (name, arch as the device reports it)
     open_context: Callable[[int], Callable[[], None]]   # make the device current here; returns its release
     upload_waits: bool                           # upload must wait for the copy to read the host buffer
-    bind_launch: Callable[..., Callable[[], Any]]  # (function, grid, block, shared, stream, params) -> launch
-    error_text: Callable[[Any], str]
-    success: Any
+    bind_launch: Callable[..., Callable[[], Any]]  # (function, grid, block, shared, stream, params) -> a
+                                                   # launch: one binding call, returning (error,)
+    error_text: Callable[[Any], str]             # an error code with the driver's description
+    success: Any                                 # the error code of a call that worked
 
     stream_create: Call                          # () -> stream (non-blocking)
     stream_synchronize: Call                     # (stream)
