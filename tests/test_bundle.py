@@ -101,3 +101,38 @@ def test_compile_refuses_to_overwrite_a_directory_that_is_not_a_bundle(tmp_path)
 def test_not_a_bundle(tmp_path):
     result = gptc("inspect", str(tmp_path))
     assert result.returncode == 2 and "not a gptc bundle" in result.stderr
+
+
+class _FakeDevice:
+    """What cached_bundle needs of a device: its target."""
+
+    def __init__(self, target: str) -> None:
+        from gptc.target import parse_target
+        self.target = parse_target(target)
+
+
+def test_cached_bundle_follows_the_generated_kernels(tmp_path, monkeypatch):
+    """The bundle cache is keyed on what makes the code (rendered kernels, plan tables,
+    compiler, target): a changed template or planner must not reuse stale kernels, and
+    an unchanged spec must hit the cache."""
+    import dataclasses
+
+    import gptc
+    from gptc.compiler.codegen import kernels
+    from gptc.runtime.bundle import cached_bundle
+    monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path))
+    spec, device, logged = gptc.preset("tiny"), _FakeDevice("cuda:sm_90"), []
+    first = cached_bundle(spec, device, log=logged.append)
+    assert len(logged) == 1 and "compiling the model" in logged[0]
+    assert cached_bundle(spec, device, log=logged.append).path == first.path and len(logged) == 1  # a hit
+
+    render_launch = kernels.render_launch  # a template edit: every kernel source changes
+
+    def edited(*args, **kwargs):
+        k = render_launch(*args, **kwargs)
+        return dataclasses.replace(k, source=k.source + "// edited template\n")
+
+    monkeypatch.setattr(kernels, "render_launch", edited)
+    changed = cached_bundle(spec, device, log=logged.append)
+    assert changed.path != first.path and len(logged) == 2
+    assert next((changed.path / "kernels" / "train").glob("*.hip")).read_text().endswith("// edited template\n")

@@ -60,7 +60,7 @@ def test_out_of_range_sampling_parameters(kwargs, expected):
         SamplingParams(**kwargs).validate(256)
 
 
-def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path, monkeypatch):
+def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path, monkeypatch, capsys):
     import io
     from dataclasses import replace
 
@@ -83,3 +83,13 @@ def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path,
     assert again == text
     with pytest.raises(GptcError, match="prompt is empty"):
         run_generate(str(result.run_dir), "", SamplingParams(num_tokens=1), "cpu", out=io.StringIO(), log=lambda l: None)
+
+    # a tokenizer that does not match the model: its ids are refused in one line, not read out of bounds
+    from gptc.tools.cli import main
+    from gptc.tools.tokenizer import Tokenizer
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: np.array([1, spec.model.vocab_size + 5], np.int32))
+    assert main(["generate", "--checkpoint", str(result.run_dir), "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"gptc: error: tokens: id {spec.model.vocab_size + 5} at [0, 1] is outside "
+                                    f"[0, {spec.model.vocab_size})")

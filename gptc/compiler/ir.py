@@ -81,8 +81,14 @@ class Graph:
         finally:
             self._scopes = saved
 
-    def input(self, name: str, shape: Sequence[int], dtype: str = "f32") -> "Tensor":
-        return self._source("input", self.inputs, name, shape, dtype)
+    def input(self, name: str, shape: Sequence[int], dtype: str = "f32", bound: int | None = None) -> "Tensor":
+        """A value fed every step. `bound`: the input holds ids that index something
+        (token ids, positions, rows), each in [0, bound); executors refuse others."""
+        if bound is None:
+            return self._source("input", self.inputs, name, shape, dtype)
+        if dtype != "i32" or bound < 1:
+            raise ShapeError(f"input '{name}': only i32 inputs take a bound, and it must be positive")
+        return self._source("input", self.inputs, name, shape, dtype, bound=int(bound))
 
     def param(self, name: str, shape: Sequence[int], dtype: str = "f32",
               init: str = "normal", std: float = 0.02) -> "Tensor":
@@ -129,6 +135,11 @@ class Graph:
         return new
 
     # ----- inspection ---------------------------------------------------------
+    def input_bounds(self) -> dict[str, int]:
+        """{name: bound} of the inputs whose ids must lie in [0, bound)."""
+        return {name: self.node(nid)["attrs"]["bound"] for name, nid in sorted(self.inputs.items())
+                if "bound" in self.node(nid)["attrs"]}
+
     def node(self, nid: int) -> dict:
         return self.nx.nodes[nid]
 

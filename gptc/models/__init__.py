@@ -32,22 +32,22 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         raise SpecError("batch size and sequence length must be positive")
     g = Graph()
     if mode == "prefill":
-        tokens = g.input("tokens", (batch, spec.model.seq_len), "i32")
-        last = g.input("last", (batch,), "i32")
+        tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
+        last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
         g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model), rows=last))
         return g
     if mode == "decode":
-        tokens = g.input("tokens", (batch, 1), "i32")
-        pos = g.input("pos", (1,), "i32")
+        tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)
+        pos = g.input("pos", (1,), "i32", bound=spec.model.seq_len)
         logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos), positions=pos)
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g
-    tokens = g.input("tokens", (batch, seq), "i32")
+    tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
     logits = gpt_logits(g, spec.model, tokens)
     if mode == "infer":
         g.output("logits", logits)
         return g
-    loss = dsl.cross_entropy(logits, g.input("targets", (batch, seq), "i32"))
+    loss = dsl.cross_entropy(logits, g.input("targets", (batch, seq), "i32", bound=spec.model.vocab_size))
     if mode == "eval":
         g.output("loss", loss)
     else:

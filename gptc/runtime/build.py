@@ -41,6 +41,7 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
         "arena_bytes": dict(plan.arena_bytes),
         "buffers": buffers,
         "inputs": {n: name_of(i) for n, i in sorted(g.inputs.items())},
+        "bounds": g.input_bounds(),
         "outputs": {n: name_of(i) for n, i in sorted(g.outputs.items())},
         "persistent": {n: name_of(i) for n, i in sorted({**g.params, **g.states}.items())},
         "params": sorted(g.params),
@@ -71,13 +72,18 @@ def share_persistent(tables: Sequence[dict]) -> None:
         t["arena_bytes"]["activations"] = largest
 
 
-def compile_plan(plan: Plan, target: Target) -> tuple[list[KernelSource], dict[str, bytes]]:
-    """Render every kernel of `plan` and compile each distinct one (in parallel,
-    disk-cached): returns the kernels and code objects by symbol."""
-    kernels = render_plan(plan, target)
+def compile_kernels(kernels: Sequence[KernelSource], target: Target) -> dict[str, bytes]:
+    """Compile each distinct kernel (in parallel, disk-cached): code objects by symbol."""
     unique = {k.symbol: k for k in kernels}  # repeated layers share code
     objects = compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target)
-    return kernels, dict(zip(unique, objects))
+    return dict(zip(unique, objects))
+
+
+def compile_plan(plan: Plan, target: Target) -> tuple[list[KernelSource], dict[str, bytes]]:
+    """Render every kernel of `plan` and compile each distinct one: returns the kernels
+    and code objects by symbol."""
+    kernels = render_plan(plan, target)
+    return kernels, compile_kernels(kernels, target)
 
 
 class OwnedExecutor(GpuExecutor):

@@ -22,22 +22,22 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
-from gptc.common import VERSION
-from gptc.compiler.codegen.kernels import render_template
+from gptc.common import VERSION, make_temp_dir
+from gptc.compiler.codegen.kernels import KernelSource, render_plan, render_template
 from gptc.target import Target
-from gptc.runtime.build import compile_plan, plan_table, share_persistent
+from gptc.runtime.build import compile_kernels, plan_table, share_persistent
 from gptc.runtime.executor import Arenas, GpuExecutor
 from gptc.models import build_graph
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
 
-FORMAT = 1
+FORMAT = 2  # 2: plan tables name the bounds of their id inputs
 STEPS = ("train", "eval", "prefill", "decode")
 CODE_SUFFIX = {"amd": "hsaco", "nvidia": "cubin"}
 
@@ -52,66 +52,103 @@ def spec_dict(spec: Spec) -> dict:
     return d
 
 
-def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
-    """Plan, render and compile every step of `spec` for `target` into a bundle at
-    `out_dir` (written into a temporary directory first, then moved into place)."""
-    from gptc.runtime.device import compiler_available
-    out = Path(out_dir)
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise BundleError(f"'{out_dir}' exists and is not a bundle; choose an empty or new directory")
-    ok, compiler = compiler_available(target.vendor)
-    if not ok:
-        raise BundleError(compiler.splitlines()[0])
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class RenderedBundle:
+    """A bundle before its kernels are compiled: the manifest (all but the code objects),
+    the kernels of every step and the executor module. Everything the compiler gets
+    comes from these, so key() names the bundle they make."""
+    spec: Spec
+    manifest: dict
+    kernels: dict[str, list[KernelSource]]
+    executor: str
+
+    @property
+    def target(self) -> Target:
+        return Target(**self.manifest["target"])
+
+    def key(self) -> str:
+        """sha256 over the kernels, plan tables, compiler, target and spec."""
+        kernels = {step: [[k.name, k.source, k.code] for k in ks] for step, ks in self.kernels.items()}
+        content = json.dumps([self.manifest, kernels, self.executor], sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()
+
+
+def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
+                  log: Callable[[str], None] = print) -> RenderedBundle:
+    """Plan and render every step of `spec` for `target`; no compiler runs."""
     batch = spec.train.batch_size
     graphs = {"train": build_graph(spec, "train", batch), "eval": build_graph(spec, "eval", batch),
               "prefill": build_graph(spec, "prefill", 1), "decode": build_graph(spec, "decode", 1)}
-    tables, sources, code = {}, {}, {}
+    tables, kernels = {}, {}
     for step, graph in graphs.items():
         plan = make_plan(graph, fuse)
-        kernels, objects = compile_plan(plan, target)
-        tables[step] = plan_table(plan, kernels)
-        sources[step] = kernels
-        code.update(objects)
-        log(f"  {step:<8} {len(kernels):>4} kernels, {len(objects):>4} distinct, "
+        kernels[step] = render_plan(plan, target)
+        tables[step] = plan_table(plan, kernels[step])
+        log(f"  {step:<8} {len(kernels[step]):>4} kernels, {len({k.symbol for k in kernels[step]}):>4} distinct, "
             f"activations {plan.peak_activation_bytes / 2**20:,.1f} MiB")
     share_persistent(list(tables.values()))
+    manifest = {
+        "format": FORMAT,
+        "versions": {"gptc": VERSION, "compiler": compiler},
+        "target": target.to_dict(),
+        "fused": fuse,
+        "spec": spec_dict(spec),
+        "steps": tables,
+    }
+    return RenderedBundle(spec, manifest, kernels, render_executor(manifest))
 
+
+def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """Plan, render and compile every step of `spec` for `target` into a bundle at `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise BundleError(f"'{out_dir}' exists and is not a bundle; choose an empty or new directory")
+    started = time.perf_counter()
+    write_bundle(render_bundle(spec, target, available_compiler(target), fuse, log), out)
+    log(f"bundle written to {out} ({time.perf_counter() - started:.1f} s)")
+    return out
+
+
+def available_compiler(target: Target) -> str:
+    """The id of the compiler for `target`; BundleError when it is not installed."""
+    from gptc.runtime.device import compiler_available
+    ok, compiler = compiler_available(target.vendor)
+    if not ok:
+        raise BundleError(compiler.splitlines()[0])
+    return compiler
+
+
+def write_bundle(rendered: RenderedBundle, out: Path) -> None:
+    """Compile the kernels of `rendered` and write the bundle at `out` (into a temporary
+    directory first, then moved into place)."""
+    target = rendered.target
+    code = compile_kernels([k for ks in rendered.kernels.values() for k in ks], target)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         suffix = CODE_SUFFIX[target.vendor]
         (tmp / "code").mkdir()
         for symbol, obj in sorted(code.items()):
             (tmp / "code" / f"{symbol}.{suffix}").write_bytes(obj)
-        for step, kernels in sources.items():
+        for step, kernels in rendered.kernels.items():
             (tmp / "kernels" / step).mkdir(parents=True)
             for k in kernels:
                 (tmp / "kernels" / step / f"{k.name}.hip").write_text(k.source)
-        manifest = {
-            "format": FORMAT,
-            "versions": {"gptc": VERSION, "compiler": compiler},
-            "target": target.to_dict(),
-            "fused": fuse,
-            "spec": spec_dict(spec),
-            "code": {s: {"file": f"code/{s}.{suffix}", "sha256": hashlib.sha256(o).hexdigest()} for s, o in sorted(code.items())},
-            "steps": tables,
-        }
+        manifest = {**rendered.manifest, "code": {
+            s: {"file": f"code/{s}.{suffix}", "sha256": hashlib.sha256(o).hexdigest()} for s, o in sorted(code.items())}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        (tmp / "spec.toml").write_text(spec_to_toml(spec))
-        (tmp / "executor.py").write_text(render_executor(manifest))
+        (tmp / "spec.toml").write_text(spec_to_toml(rendered.spec))
+        (tmp / "executor.py").write_text(rendered.executor)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"cannot write the bundle to '{out_dir}': {e.strerror or e}") from None
+        raise BundleError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"bundle written to {out} ({time.perf_counter() - started:.1f} s)")
-    return out
 
 
 def render_executor(manifest: dict) -> str:
@@ -130,10 +167,10 @@ class Bundle:
             self.manifest = json.loads(manifest_path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise BundleError(f"the manifest of bundle '{path}' is corrupt; compile the bundle again") from None
-        version = self.manifest.get("versions", {}).get("gptc")
-        if self.manifest.get("format") != FORMAT or version != VERSION:
-            raise BundleError(f"bundle '{path}' was made by gptc {version}, this is gptc {VERSION}; "
-                              "compile it again with this version")
+        version, form = self.manifest.get("versions", {}).get("gptc"), self.manifest.get("format")
+        if form != FORMAT or version != VERSION:
+            raise BundleError(f"bundle '{path}' was made by gptc {version} (bundle format {form}), this is gptc "
+                              f"{VERSION} (format {FORMAT}); compile it again with this version")
         self.spec: Spec = spec_from_dict(self.manifest["spec"])
         self.target = Target(**self.manifest["target"])
         self.tables: dict[str, dict] = self.manifest["steps"]
@@ -187,14 +224,14 @@ class BundleRuntime:
 
 
 def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print) -> Bundle:
-    """The bundle of `spec` for the device's target, compiled once into gptc's cache
-    (bundles/<hash of spec, target and gptc version>)."""
+    """The bundle of `spec` for the device's target, compiled once into gptc's cache at
+    bundles/<RenderedBundle.key()>: the steps are planned and rendered every time (cheap
+    next to compiling), so a changed template, planner or compiler makes a new bundle."""
     from gptc.runtime.cache import cache_root
-    key = hashlib.sha256(json.dumps([spec_dict(spec), device.target.to_dict(), VERSION],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    rendered = render_bundle(spec, device.target, available_compiler(device.target), log=lambda line: None)
     root = cache_root() or Path(tempfile.mkdtemp(prefix="gptc-"))  # caching off: a fresh directory
-    path = root / "bundles" / key
+    path = root / "bundles" / rendered.key()[:16]
     if not (path / "manifest.json").is_file():
         log(f"compiling the model for {device.target.name} into {path}")
-        compile_bundle(spec, path, device.target, log=lambda line: None)
+        write_bundle(rendered, path)
     return Bundle(path)

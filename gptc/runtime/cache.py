@@ -7,22 +7,22 @@ entry, ``<key[:2]>/<key>.co``. Set ``GPTC_CACHE_DIR=off`` (or pass KernelCache(N
 to disable the cache.
 
 Entry layout: MAGIC (8 bytes) | sha256(payload) (32 bytes) | len(payload) (8 bytes,
-little endian) | payload. Entries are written to a temporary file in the same
-directory and moved into place with os.replace, so readers see either nothing or
-a whole entry, also when several processes compile the same kernel at once. An
-entry whose magic, length or checksum is wrong (truncated by a full disk, a crash
-of an older writer, bit rot) is deleted and reported as a miss: the caller
-recompiles; a bad entry is never returned.
+little endian) | payload. Entries are written with gptc.common.write_atomic, so
+readers see either nothing or a whole entry, also when several processes compile
+the same kernel at once. An entry whose magic, length or checksum is wrong
+(truncated by a full disk, a crash of an older writer, bit rot) is deleted and
+reported as a miss: the caller recompiles; a bad entry is never returned.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
+
+from gptc.common import write_atomic
 
 FORMAT_VERSION = 1
 MAGIC = b"GPTCCO1\n"
@@ -108,25 +108,11 @@ class KernelCache:
         if self.root is None:
             return
         p = self.path(key)
-        tmp = None
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(_HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload)))
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-            tmp = None
+            write_atomic(p, _HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload)) + payload)
         except OSError as e:
             warnings.warn(f"gptc kernel cache: cannot write {p}: {e}", RuntimeWarning, stacklevel=2)
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
     def get_or_compile(self, source: str, arch: str, compiler: str, options: Sequence[str],
                        compile_fn: Callable[[], bytes]) -> bytes:
@@ -136,19 +122,6 @@ class KernelCache:
             code = compile_fn()
             self.put(key, code)
         return code
-
-    def clear(self) -> int:
-        """Delete every entry; returns how many were removed."""
-        if self.root is None or not self.root.exists():
-            return 0
-        n = 0
-        for p in self.root.glob("*/*.co"):
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
-        return n
 
 
 def _unpack(blob: bytes) -> bytes | None:

@@ -1,7 +1,8 @@
-"""The one small interface every GPU backend implements, and the compile entry points.
+"""One Device over a table of driver functions, and the compile entry points.
 
-Backends: gptc/runtime/hip.py (hip-python: hiprtc + HIP module API) and
-gptc/runtime/cuda.py (cuda-python: NVRTC + CUDA driver API). They mirror each other.
+The vendors' tables: gptc/runtime/hip.py (hip-python: hiprtc + HIP module API) and
+gptc/runtime/cuda.py (cuda-python: NVRTC + CUDA driver API) each fill a
+gptc.runtime.drivers.DriverTable; the device logic below is written once over it.
 Their Python bindings are imported lazily, so this module (and all of gptc) imports
 on machines that have neither.
 
@@ -16,7 +17,8 @@ compile_for_target adds, in front of the caller's options, -std=c++17 and
 of the compiler. Results are cached on disk (gptc/runtime/cache.py).
 
 Running needs a Device (open_device("auto"|"hip"|"cuda")). All its work goes, in
-order, to one non-default stream that the device owns:
+order, to one non-default stream that the device owns. Use a device from the thread
+that opened it (HIP and CUDA keep the current device per thread):
 
     dev = open_device("auto")                      # None when there is no GPU
     fn = dev.get_function(dev.load_module(dev.compile(src, "k")), "k")
@@ -31,145 +33,52 @@ kind one of ptr, i32, u32, i64, u64, f32, f64 (plain (kind, value) tuples work t
 """
 from __future__ import annotations
 
-import abc
 import concurrent.futures
-import ctypes
 import os
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from gptc.target import Target, parse_target, target_for
+from gptc.runtime import cuda, hip
 from gptc.runtime.cache import KernelCache, cache_key, default_cache
+from gptc.runtime.drivers import (ARG_KINDS, Arg, CompileError, DriverError, DriverTable, PackedArgs,
+                                  ToolchainMissingError, f32, f64, i32, i64, ptr, u32, u64)
 
-INSTALL_HINT = "run .ci/install-compilers.sh (it installs hiprtc, NVRTC and their Python bindings)"
+__all__ = ["ARG_KINDS", "Arg", "CompileError", "Device", "DriverError", "DriverTable", "Graph", "KernelSource",
+           "PackedArgs", "PreparedLaunch", "ToolchainMissingError", "compile_for_target", "compile_many",
+           "compiler_available", "detect_devices", "driver_for", "f32", "f64", "full_options", "i32", "i64",
+           "open_device", "ptr", "u32", "u64"]
 
-
-# ---------------------------------------------------------------------------- errors
-
-class ToolchainMissingError(RuntimeError):
-    """A compiler or its Python binding is not installed or cannot be loaded."""
-
-
-class DriverError(RuntimeError):
-    """A HIP/CUDA driver or compiler call returned an error code."""
-
-
-class CompileError(RuntimeError):
-    """A kernel failed to compile. The message shows the kernel name, what it was
-    generated from (origin: e.g. the graph nodes it computes), the compiler, arch and
-    options, the compiler log, and the source lines the log points at."""
-
-    def __init__(self, name: str, log: str, *, origin: str = "", compiler: str = "",
-                 arch: str = "", options: Sequence[str] = (), source: str | None = None):
-        self.name, self.log, self.origin = name, log, origin
-        self.compiler, self.arch, self.options, self.source = compiler, arch, tuple(options), source
-        lines = [f"{compiler or 'compiler'} failed to compile kernel '{name}' for {arch or '?'}"]
-        if origin:
-            lines.append(f"  generated from: {origin}")
-        if options:
-            lines.append(f"  options: {' '.join(options)}")
-        lines.append("--- compiler log ---")
-        lines.append(log.strip() or "(empty log)")
-        excerpt = _source_excerpt(source, log) if source else ""
-        if excerpt:
-            lines.append("--- source lines named in the log ---")
-            lines.append(excerpt)
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self):  # keyword-only fields: pickle them (compile_many's workers raise these)
-        return (_rebuild_compile_error, (self.name, self.log, dict(
-            origin=self.origin, compiler=self.compiler, arch=self.arch, options=self.options, source=self.source)))
+# The vendors in the order "auto" tries them: AMD first.
+TABLES: dict[str, Callable[[], DriverTable]] = {"amd": hip.driver_table, "nvidia": cuda.driver_table}
+KINDS = {"hip": "amd", "cuda": "nvidia"}
 
 
-def _rebuild_compile_error(name: str, log: str, kw: dict) -> CompileError:
-    return CompileError(name, log, **kw)
+def driver_for(vendor: str) -> DriverTable:
+    """The driver table of a vendor ("amd" or "nvidia"); raises ToolchainMissingError
+    when its bindings are not installed."""
+    if vendor not in TABLES:
+        raise ValueError(f"unknown vendor {vendor!r}")
+    return TABLES[vendor]()
 
 
-def _source_excerpt(source: str, log: str, limit: int = 6) -> str:
-    # hiprtc: "<file>:LINE:COL: error", NVRTC: "<file>(LINE): error"
-    nums: list[int] = []
-    for m in re.finditer(r"(?::(\d+):\d+: |\((\d+)\): )(?:error|fatal|catastrophic)", log):
-        n = int(m.group(1) or m.group(2))
-        if n not in nums:
-            nums.append(n)
-    src_lines = source.splitlines()
-    out = [f"{n:5d} | {src_lines[n - 1]}" for n in nums[:limit] if 0 < n <= len(src_lines)]
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------------- kernel args
-
-ARG_KINDS: dict[str, type] = {
-    "ptr": ctypes.c_uint64,   # device pointers are 64-bit on every target we support
-    "i32": ctypes.c_int32,
-    "u32": ctypes.c_uint32,
-    "i64": ctypes.c_int64,
-    "u64": ctypes.c_uint64,
-    "f32": ctypes.c_float,
-    "f64": ctypes.c_double,
-}
-
-
-class Arg(NamedTuple):
-    kind: str   # one of ARG_KINDS
-    value: Any
-
-
-def ptr(v: int) -> Arg: return Arg("ptr", int(v))
-def i32(v: int) -> Arg: return Arg("i32", int(v))
-def u32(v: int) -> Arg: return Arg("u32", int(v))
-def i64(v: int) -> Arg: return Arg("i64", int(v))
-def u64(v: int) -> Arg: return Arg("u64", int(v))
-def f32(v: float) -> Arg: return Arg("f32", float(v))
-def f64(v: float) -> Arg: return Arg("f64", float(v))
-
-
-class PackedArgs:
-    """Kernel arguments packed once into the `void* kernelParams[]` array that
-    hipModuleLaunchKernel / cuLaunchKernel take. `address` is that array's address.
-    set(i, v) changes one argument in place (e.g. a decode position) for later launches
-    (a graph captured earlier keeps the values it was captured with)."""
-
-    __slots__ = ("kinds", "values", "array", "address")
-
-    def __init__(self, args: Sequence[Any]):
-        kinds, values = [], []
-        for i, a in enumerate(args):
-            try:
-                kind, value = a
-                ctype = ARG_KINDS[kind]
-            except (TypeError, ValueError, KeyError):
-                raise TypeError(f"kernel argument {i} must be Arg(kind, value) with kind in "
-                                f"{sorted(ARG_KINDS)}, got {a!r}") from None
-            kinds.append(kind)
-            values.append(ctype(value))
-        self.kinds = tuple(kinds)
-        self.values = values
-        self.array = (ctypes.c_void_p * max(1, len(values)))(
-            *[ctypes.addressof(v) for v in values])
-        self.address = ctypes.addressof(self.array)
-
-    def set(self, index: int, value: Any) -> None:
-        self.values[index].value = value
-
+# ------------------------------------------------------------------------- launches
 
 class PreparedLaunch:
     """One kernel launch with everything resolved: launch() is a single driver call."""
 
-    __slots__ = ("name", "grid", "block", "shared_bytes", "args", "_call", "_ok", "_describe")
+    __slots__ = ("name", "grid", "block", "shared_bytes", "args", "_call", "_driver")
 
     def __init__(self, name: str, grid: tuple, block: tuple, shared_bytes: int,
-                 args: PackedArgs, call: Callable[[], tuple], ok: Any,
-                 describe: Callable[[Any], str]):
+                 args: PackedArgs, call: Callable[[], Any], driver: DriverTable):
         self.name, self.grid, self.block, self.shared_bytes, self.args = name, grid, block, shared_bytes, args
-        self._call, self._ok, self._describe = call, ok, describe
+        self._call, self._driver = call, driver
 
     def launch(self) -> None:
         err = self._call()[0]
-        if err != self._ok:
+        if err != self._driver.success:
             raise DriverError(f"launch of kernel '{self.name}' (grid {self.grid}, block {self.block}, "
-                              f"{self.shared_bytes} B shared) failed: {self._describe(err)}")
+                              f"{self.shared_bytes} B shared) failed: {self._driver.error_text(err)}")
 
     __call__ = launch
 
@@ -197,89 +106,137 @@ def dim3(v: int | Sequence[int], what: str) -> tuple[int, int, int]:
     return t + (1,) * (3 - len(t))  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------- devices
+# -------------------------------------------------------------------------- device
 
-class Device(abc.ABC):
-    """A GPU and one stream on it. See the module docstring for an example.
+class Graph:
+    """A captured, instantiated graph; replay with Device.replay()."""
+
+    def __init__(self, driver: DriverTable, graph: Any, exec_: Any):
+        self.driver, self.graph, self.exec = driver, graph, exec_
+
+    def release(self) -> None:
+        if self.exec is not None:
+            self.driver.graph_exec_destroy(self.exec)
+            self.driver.graph_destroy(self.graph)
+            self.exec = self.graph = None
+
+
+class Device:
+    """A GPU and one stream on it, driven through a DriverTable. See the module docstring.
 
     name:   human readable, e.g. "NVIDIA H100 80GB HBM3 (cuda:sm_90)"
     target: the gptc.target.Target kernels must be compiled for
     """
 
-    name: str
-    target: Target
+    def __init__(self, driver: DriverTable, ordinal: int = 0):
+        self.driver, self.ordinal = driver, ordinal
+        self._release_context = driver.open_context(ordinal)
+        self.name, self.target = describe_device(driver, ordinal)
+        self.stream = driver.check(driver.stream_create(), "stream_create")
+        self._allocs: dict[int, int] = {}  # pointer -> bytes, to check copies and free all on close
+        self._modules: list[Any] = []
 
     # -- compile and load
     def compile(self, source: str, name: str, options: Sequence[str] = (), origin: str = "") -> bytes:
         """source -> code object for this device's target (disk-cached)."""
         return compile_for_target(source, name, self.target, options, origin)
 
-    @abc.abstractmethod
-    def load_module(self, code: bytes) -> Any: ...
+    def load_module(self, code: bytes) -> Any:
+        module = self.driver.check(self.driver.module_load(code), "module_load")
+        self._modules.append(module)
+        return module
 
-    @abc.abstractmethod
-    def get_function(self, module: Any, name: str) -> Any: ...
+    def get_function(self, module: Any, name: str) -> Any:
+        return self.driver.check(self.driver.module_function(module, name.encode()), f"module_function({name})")
 
     # -- memory (device pointers are ints; every copy is ordered on the device's stream)
-    @abc.abstractmethod
-    def alloc(self, nbytes: int) -> int: ...
+    def alloc(self, nbytes: int) -> int:
+        p = int(self.driver.check(self.driver.mem_alloc(max(1, int(nbytes))), f"mem_alloc({nbytes})"))
+        self._allocs[p] = int(nbytes)
+        return p
 
-    @abc.abstractmethod
-    def free(self, ptr: int) -> None: ...
+    def free(self, ptr: int) -> None:
+        self._allocs.pop(ptr, None)
+        self.driver.check(self.driver.mem_free(ptr), "mem_free")
 
-    @abc.abstractmethod
     def upload(self, ptr: int, array) -> None:
         """Copy a host array (C-contiguous) to ptr; the array may be reused on return."""
+        a = host_buffer(array, self._allocs.get(ptr), "upload")
+        self.driver.check(self.driver.memcpy_htod(ptr, a.ctypes.data, a.nbytes, self.stream), "memcpy_htod")
+        if self.driver.upload_waits:
+            self.synchronize()
 
-    @abc.abstractmethod
     def download(self, ptr: int, array) -> None:
         """Fill the given C-contiguous host array from ptr; waits for the stream."""
+        a = host_buffer(array, self._allocs.get(ptr), "download", out=True)
+        self.driver.check(self.driver.memcpy_dtoh(a.ctypes.data, ptr, a.nbytes, self.stream), "memcpy_dtoh")
+        self.synchronize()
 
-    @abc.abstractmethod
-    def memset(self, ptr: int, byte: int, nbytes: int) -> None: ...
+    def memset(self, ptr: int, byte: int, nbytes: int) -> None:
+        self.driver.check(self.driver.memset_d8(ptr, byte & 0xFF, nbytes, self.stream), "memset_d8")
 
-    @abc.abstractmethod
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         """Device-to-device copy."""
+        self.driver.check(self.driver.memcpy_dtod(dst, src, nbytes, self.stream), "memcpy_dtod")
 
     # -- launch
-    @abc.abstractmethod
     def prepare_launch(self, function: Any, grid: int | Sequence[int], block: int | Sequence[int],
-                       shared_bytes: int, args: Sequence[Any], name: str = "") -> PreparedLaunch: ...
+                       shared_bytes: int, args: Sequence[Any], name: str = "") -> PreparedLaunch:
+        g, b = dim3(grid, "grid"), dim3(block, "block")
+        packed = PackedArgs(args)
+        call = self.driver.bind_launch(function, g, b, int(shared_bytes), self.stream, packed.address)
+        return PreparedLaunch(name or "kernel", g, b, int(shared_bytes), packed, call, self.driver)
 
     def launch(self, function: Any, grid: int | Sequence[int], block: int | Sequence[int],
                shared_bytes: int, args: Sequence[Any]) -> None:
         self.prepare_launch(function, grid, block, shared_bytes, args).launch()
 
-    @abc.abstractmethod
     def synchronize(self) -> None:
         """Wait until everything queued on the device's stream has finished."""
+        self.driver.check(self.driver.stream_synchronize(self.stream), "stream_synchronize")
 
     # -- timing
-    @abc.abstractmethod
-    def event(self) -> Any: ...
+    def event(self) -> Any:
+        return self.driver.check(self.driver.event_create(), "event_create")
 
-    @abc.abstractmethod
-    def record(self, ev: Any) -> None: ...
+    def record(self, ev: Any) -> None:
+        self.driver.check(self.driver.event_record(ev, self.stream), "event_record")
 
-    @abc.abstractmethod
     def elapsed_ms(self, start: Any, end: Any) -> float:
         """Milliseconds between two recorded events (waits for `end`)."""
+        self.driver.check(self.driver.event_synchronize(end), "event_synchronize")
+        return float(self.driver.check(self.driver.event_elapsed(start, end), "event_elapsed"))
 
     # -- graphs
-    @abc.abstractmethod
     def begin_capture(self) -> None:
         """Start recording the stream's work into a graph instead of running it."""
+        self.driver.check(self.driver.capture_begin(self.stream), "capture_begin")
 
-    @abc.abstractmethod
-    def end_capture(self) -> Any:
+    def end_capture(self) -> Graph:
         """Stop recording; returns an instantiated graph for replay()."""
+        graph = self.driver.check(self.driver.capture_end(self.stream), "capture_end")
+        exec_ = self.driver.check(self.driver.graph_instantiate(graph), "graph_instantiate")
+        return Graph(self.driver, graph, exec_)
 
-    @abc.abstractmethod
-    def replay(self, graph: Any) -> None: ...
+    def replay(self, graph: Graph) -> None:
+        self.driver.check(self.driver.graph_launch(graph.exec, self.stream), "graph_launch")
 
-    @abc.abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free every allocation and module, destroy the stream, release the device."""
+        if self.stream is None:
+            return
+        try:
+            self.synchronize()
+        finally:  # unchecked: free all even when the device is in an error state
+            for p in list(self._allocs):
+                self.driver.mem_free(p)
+            self._allocs.clear()
+            for m in self._modules:
+                self.driver.module_unload(m)
+            self._modules.clear()
+            self.driver.stream_destroy(self.stream)
+            self.stream = None
+            self._release_context()
 
     def __enter__(self):
         return self
@@ -292,16 +249,6 @@ class Device(abc.ABC):
 
 
 # ------------------------------------------------------------------------- compile
-
-def _backend(vendor: str):
-    if vendor == "amd":
-        from gptc.runtime import hip as backend
-    elif vendor == "nvidia":
-        from gptc.runtime import cuda as backend
-    else:
-        raise ValueError(f"unknown vendor {vendor!r}")
-    return backend
-
 
 def _as_target(target: Target | str) -> Target:
     return parse_target(target) if isinstance(target, str) else target
@@ -323,13 +270,13 @@ def compile_for_target(source: str, name: str, target: Target | str, options: Se
     """Compile kernel source for a target without any GPU: hiprtc for amd (a code
     object), NVRTC for nvidia (a cubin). Disk-cached; raises CompileError with the log."""
     target = _as_target(target)
-    backend = _backend(target.vendor)
-    backend.validate_arch(target.arch)
+    driver = driver_for(target.vendor)
+    driver.validate_arch(target.arch)
     opts = full_options(target, options)
     cache = default_cache() if cache is None else cache
     return cache.get_or_compile(
-        source, target.arch, backend.compiler_id(), opts,
-        lambda: backend.compile_source(source, name, target.arch, opts, origin))
+        source, target.arch, driver.compiler_id(), opts,
+        lambda: driver.compile_source(source, name, target.arch, opts, origin))
 
 
 MIN_KERNELS_PER_PROCESS = 8
@@ -362,14 +309,14 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
     ks = [it if isinstance(it, KernelSource) else KernelSource(it[0], it[1], tuple(it[2]) if len(it) > 2 else (),
                                                                 *it[3:4]) for it in items]
     cache = default_cache() if cache is None else cache
-    backend = _backend(target.vendor)
-    backend.validate_arch(target.arch)
-    compiler = backend.compiler_id()
+    driver = driver_for(target.vendor)
+    driver.validate_arch(target.arch)
+    compiler = driver.compiler_id()
     results: list[bytes | None] = [
         cache.get(cache_key(k.source, target.arch, compiler, full_options(target, k.options))) for k in ks]
     misses = [i for i, r in enumerate(results) if r is None]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(misses)))
-    if not backend.THREAD_SAFE:  # a worker process must have enough kernels to pay for its start
+    if not driver.thread_safe:  # a worker process must have enough kernels to pay for its start
         jobs = max(1, min(jobs, len(misses) // MIN_KERNELS_PER_PROCESS))
 
     if jobs == 1:
@@ -378,7 +325,7 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
             results[i] = compile_for_target(k.source, k.name, target, k.options, k.origin, cache)
         return results  # type: ignore[return-value]
 
-    if backend.THREAD_SAFE:
+    if driver.thread_safe:
         pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(
             jobs, thread_name_prefix="gptc-compile")
         submit = lambda k: pool.submit(compile_for_target, k.source, k.name, target, k.options, k.origin, cache)  # noqa: E731
@@ -404,21 +351,28 @@ def _compile_in_worker(k: KernelSource, target: dict, cache_root: str | None) ->
 def compiler_available(vendor: str) -> tuple[bool, str]:
     """(True, compiler id) if the compiler of that vendor can be used here, else (False, why)."""
     try:
-        return True, _backend(vendor).compiler_id()
+        return True, driver_for(vendor).compiler_id()
     except ToolchainMissingError as e:
         return False, str(e)
 
 
 # ------------------------------------------------------------------ device choice
 
+def describe_device(driver: DriverTable, ordinal: int) -> tuple[str, Target]:
+    """A device's name with its target, e.g. "NVIDIA H100 80GB HBM3 (cuda:sm_90)", and the target."""
+    name, arch = driver.device_info(ordinal)
+    target = target_for(driver.vendor, arch)
+    return f"{name} ({target.name})", target
+
+
 def detect_devices() -> list[tuple[str, int, str]]:
     """[(kind, ordinal, description)] of the GPUs usable here, AMD first. Never raises."""
     found = []
-    for kind, vendor in (("hip", "amd"), ("cuda", "nvidia")):
+    for vendor in TABLES:
         try:
-            backend = _backend(vendor)
-            for i in range(backend.device_count()):
-                found.append((kind, i, backend.describe_device(i)))
+            driver = driver_for(vendor)
+            for i in range(driver.device_count()):
+                found.append((driver.kind, i, describe_device(driver, i)[0]))
         except Exception:  # no binding, no driver, no device: nothing of this kind
             continue
     return found
@@ -427,16 +381,16 @@ def detect_devices() -> list[tuple[str, int, str]]:
 def open_device(kind: str = "auto", ordinal: int = 0) -> Device | None:
     """A Device of the given kind ("auto" prefers AMD, then NVIDIA), or None if none is
     usable. An explicit "hip"/"cuda" that exists but fails to open raises."""
-    if kind not in ("auto", "hip", "cuda"):
+    if kind != "auto" and kind not in KINDS:
         raise ValueError(f"device kind must be auto, hip or cuda, not {kind!r}")
-    for k, vendor in (("hip", "amd"), ("cuda", "nvidia")):
+    for k, vendor in KINDS.items():
         if kind not in ("auto", k):
             continue
         try:
-            backend = _backend(vendor)
-            n = backend.device_count()
+            driver = driver_for(vendor)
+            n = driver.device_count()
         except Exception:
             n = 0
         if n > ordinal:
-            return backend.open(ordinal)
+            return Device(driver, ordinal)
     return None

@@ -13,6 +13,7 @@ import numpy as np
 
 from gptc.compiler.ops.numeric import round_to_bf16
 from gptc.runtime.device import Device, ptr
+from gptc.runtime.feeds import check_bounds
 
 HOST_DTYPE = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "f64": np.float64, "bf16": np.uint16}
 
@@ -28,6 +29,15 @@ def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bf16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw
+
+
+def check_inputs(table: dict, inputs: Mapping[str, np.ndarray]) -> None:
+    """Refuse, before anything is uploaded, inputs a plan table cannot run on: a missing
+    one (KeyError), or ids outside the bounds the graph gave them (InputError)."""
+    missing = sorted(set(table["inputs"]) - set(inputs))
+    if missing:
+        raise KeyError(f"no value fed for {', '.join(missing)}")
+    check_bounds(inputs, table["bounds"])
 
 
 class Arenas:
@@ -122,9 +132,7 @@ class GpuExecutor:
         self.device.replay(self.captured)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = sorted(set(self.table["inputs"]) - set(inputs))
-        if missing:
-            raise KeyError(f"no value fed for {', '.join(missing)}")
+        check_inputs(self.table, inputs)
         for name, buffer in self.table["inputs"].items():
             self.upload(buffer, np.asarray(inputs[name]))
         self.launch()

@@ -1,7 +1,6 @@
-"""HIP backend: hiprtc compiles, the HIP module API loads and launches (hip-python).
+"""HIP's DriverTable: hiprtc compiles, the HIP module API loads and launches (hip-python).
 
-Mirrors gptc/runtime/cuda.py line for line where the APIs allow. hip-python is
-imported lazily (first use), so gptc imports without it.
+hip-python is imported lazily (first use), so gptc imports without it.
 
 Finding hiprtc (ROCM_PATH and the bridge directory)
 ---------------------------------------------------
@@ -27,13 +26,11 @@ import functools
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from gptc.runtime.device import (INSTALL_HINT, CompileError, Device, DriverError, PackedArgs,
-                                 PreparedLaunch, ToolchainMissingError, dim3, host_buffer,
-                                 target_for)
+from gptc.runtime.drivers import (INSTALL_HINT, CompileError, DriverError, DriverTable, ToolchainMissingError,
+                                  error_text, unpack)
 
-COMPILER = "hiprtc"
 THREAD_SAFE = False  # hiprtc 5.2: concurrent compiles in one process abort or segfault
 BRIDGE_DIR = Path(os.environ.get("GPTC_ROCM_BRIDGE", "~/.cache/gptc/rocm-bridge")).expanduser()
 
@@ -96,32 +93,20 @@ def _hiprtc_call(fn, *args):
             f"{INSTALL_HINT}") from e
 
 
+def _error_text(err) -> str:
+    hip, _ = _bindings()
+    return error_text(err, hip.hipGetErrorString)
+
+
 def _check(result, what: str):
     """hip-python returns (err, *outputs): raise on error, else return the outputs."""
     hip, _ = _bindings()
-    err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-    if err != hip.hipError_t.hipSuccess:
-        raise DriverError(f"{what} failed: {_error_text(err)}")
-    return rest[0] if len(rest) == 1 else rest
-
-
-def _error_text(err) -> str:
-    hip, _ = _bindings()
-    try:
-        s = hip.hipGetErrorString(err)
-        s = s[1] if isinstance(s, tuple) else s
-        s = s.decode() if isinstance(s, bytes) else s
-    except Exception:
-        s = ""
-    return f"{getattr(err, 'name', err)} ({int(err)}){': ' + s if s else ''}"
+    return unpack(result, hip.hipError_t.hipSuccess, what, _error_text)
 
 
 def _check_rtc(result, what: str):
     _, hiprtc = _bindings()
-    err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-    if err != hiprtc.hiprtcResult.HIPRTC_SUCCESS:
-        raise DriverError(f"{what} failed: {getattr(err, 'name', err)} ({int(err)})")
-    return rest[0] if len(rest) == 1 else rest
+    return unpack(result, hiprtc.hiprtcResult.HIPRTC_SUCCESS, what)
 
 
 # ------------------------------------------------------------------------- compile
@@ -213,131 +198,50 @@ def _text(v) -> str:
     return (bytes(v).split(b"\0")[0].decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v))
 
 
-def describe_device(ordinal: int) -> str:
+def device_info(ordinal: int) -> tuple[str, str]:
+    """(name, gcnArchName, e.g. "gfx90a:sramecc+:xnack-") of HIP device `ordinal`."""
     p = _properties(ordinal)
-    return f"{_text(p.name)} ({target_for('amd', _text(p.gcnArchName)).name})"
+    return _text(p.name), _text(p.gcnArchName)
 
 
-def open(ordinal: int = 0) -> "HipDevice":  # noqa: A001 - mirrors cuda.open
-    return HipDevice(ordinal)
+def open_context(ordinal: int) -> Callable[[], None]:
+    """Make the device current in this thread (HIP state is per thread); nothing to release."""
+    hip, _ = _bindings()
+    _check(hip.hipSetDevice(ordinal), f"hipSetDevice({ordinal})")
+    return lambda: None
 
 
-class Graph:
-    """A captured, instantiated graph; replay with Device.replay()."""
-
-    def __init__(self, graph, exec_):
-        self.graph, self.exec = graph, exec_
-
-    def release(self) -> None:
-        hip, _ = _bindings()
-        if self.exec is not None:
-            hip.hipGraphExecDestroy(self.exec)
-            hip.hipGraphDestroy(self.graph)
-            self.exec = self.graph = None
+def _bind_launch(function: Any, grid: tuple, block: tuple, shared_bytes: int, stream: Any,
+                 params: int) -> Callable[[], Any]:
+    hip, _ = _bindings()
+    return functools.partial(hip.hipModuleLaunchKernel, function, *grid, *block, shared_bytes, stream, params, None)
 
 
-class HipDevice(Device):
-    def __init__(self, ordinal: int = 0):
-        hip, _ = _bindings()
-        self._hip = hip
-        self.ordinal = ordinal
-        _check(hip.hipSetDevice(ordinal), f"hipSetDevice({ordinal})")
-        props = _properties(ordinal)
-        self.target = target_for("amd", _text(props.gcnArchName))
-        self.name = f"{_text(props.name)} ({self.target.name})"
-        self.stream = _check(hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking), "hipStreamCreateWithFlags")
-        self._allocs: dict[int, int] = {}
-        self._modules: list[Any] = []
-
-    def activate(self) -> None:
-        """Make this device current in the calling thread (HIP state is per thread)."""
-        _check(self._hip.hipSetDevice(self.ordinal), "hipSetDevice")
-
-    # -- compile and load
-    def load_module(self, code: bytes) -> Any:
-        module = _check(self._hip.hipModuleLoadData(code), "hipModuleLoadData")
-        self._modules.append(module)
-        return module
-
-    def get_function(self, module: Any, name: str) -> Any:
-        return _check(self._hip.hipModuleGetFunction(module, name.encode()), f"hipModuleGetFunction({name})")
-
-    # -- memory
-    def alloc(self, nbytes: int) -> int:
-        p = int(_check(self._hip.hipMalloc(max(1, int(nbytes))), f"hipMalloc({nbytes})"))
-        self._allocs[p] = int(nbytes)
-        return p
-
-    def free(self, ptr: int) -> None:
-        self._allocs.pop(ptr, None)
-        _check(self._hip.hipFree(ptr), "hipFree")
-
-    def upload(self, ptr: int, array) -> None:
-        a = host_buffer(array, self._allocs.get(ptr), "upload")
-        _check(self._hip.hipMemcpyHtoDAsync(ptr, a.ctypes.data, a.nbytes, self.stream), "hipMemcpyHtoDAsync")
+@functools.lru_cache(maxsize=None)
+def driver_table() -> DriverTable:
+    """The table gptc/runtime/device.py runs on; raises ToolchainMissingError without hip-python."""
+    hip, _ = _bindings()
+    return DriverTable(
+        kind="hip", vendor="amd", thread_safe=THREAD_SAFE, compiler_id=compiler_id,
+        validate_arch=validate_arch, compile_source=compile_source,
+        device_count=device_count, device_info=device_info, open_context=open_context,
         # ROCm does not promise that an async copy from pageable memory has read the
-        # host buffer on return (CUDA does), and `a` may be a temporary: wait.
-        self.synchronize()
-
-    def download(self, ptr: int, array) -> None:
-        a = host_buffer(array, self._allocs.get(ptr), "download", out=True)
-        _check(self._hip.hipMemcpyDtoHAsync(a.ctypes.data, ptr, a.nbytes, self.stream), "hipMemcpyDtoHAsync")
-        self.synchronize()
-
-    def memset(self, ptr: int, byte: int, nbytes: int) -> None:
-        _check(self._hip.hipMemsetD8Async(ptr, byte & 0xFF, nbytes, self.stream), "hipMemsetD8Async")
-
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        _check(self._hip.hipMemcpyDtoDAsync(dst, src, nbytes, self.stream), "hipMemcpyDtoDAsync")
-
-    # -- launch
-    def prepare_launch(self, function, grid, block, shared_bytes, args, name="") -> PreparedLaunch:
-        g, b = dim3(grid, "grid"), dim3(block, "block")
-        packed = PackedArgs(args)
-        call = functools.partial(self._hip.hipModuleLaunchKernel, function, *g, *b, int(shared_bytes),
-                                 self.stream, packed.address, None)
-        return PreparedLaunch(name or "kernel", g, b, int(shared_bytes), packed, call,
-                              self._hip.hipError_t.hipSuccess, _error_text)
-
-    def synchronize(self) -> None:
-        _check(self._hip.hipStreamSynchronize(self.stream), "hipStreamSynchronize")
-
-    # -- timing
-    def event(self) -> Any:
-        return _check(self._hip.hipEventCreate(), "hipEventCreate")
-
-    def record(self, ev: Any) -> None:
-        _check(self._hip.hipEventRecord(ev, self.stream), "hipEventRecord")
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        _check(self._hip.hipEventSynchronize(end), "hipEventSynchronize")
-        return float(_check(self._hip.hipEventElapsedTime(start, end), "hipEventElapsedTime"))
-
-    # -- graphs
-    def begin_capture(self) -> None:
-        mode = self._hip.hipStreamCaptureMode.hipStreamCaptureModeThreadLocal
-        _check(self._hip.hipStreamBeginCapture(self.stream, mode), "hipStreamBeginCapture")
-
-    def end_capture(self) -> Graph:
-        graph = _check(self._hip.hipStreamEndCapture(self.stream), "hipStreamEndCapture")
-        exec_ = _check(self._hip.hipGraphInstantiateWithFlags(graph, 0), "hipGraphInstantiateWithFlags")
-        return Graph(graph, exec_)
-
-    def replay(self, graph: Graph) -> None:
-        _check(self._hip.hipGraphLaunch(graph.exec, self.stream), "hipGraphLaunch")
-
-    def close(self) -> None:
-        if getattr(self, "stream", None) is None:
-            return
-        try:
-            self.synchronize()
-        finally:
-            for p in list(self._allocs):
-                self._hip.hipFree(p)
-            self._allocs.clear()
-            for m in self._modules:
-                self._hip.hipModuleUnload(m)
-            self._modules.clear()
-            self._hip.hipStreamDestroy(self.stream)
-            self.stream = None
-
+        # host buffer on return (CUDA does), and it may be a temporary: wait.
+        upload_waits=True,
+        bind_launch=_bind_launch, error_text=_error_text, success=hip.hipError_t.hipSuccess,
+        stream_create=functools.partial(hip.hipStreamCreateWithFlags, hip.hipStreamNonBlocking),
+        stream_synchronize=hip.hipStreamSynchronize, stream_destroy=hip.hipStreamDestroy,
+        module_load=hip.hipModuleLoadData, module_function=hip.hipModuleGetFunction,
+        module_unload=hip.hipModuleUnload,
+        mem_alloc=hip.hipMalloc, mem_free=hip.hipFree,
+        memcpy_htod=hip.hipMemcpyHtoDAsync, memcpy_dtoh=hip.hipMemcpyDtoHAsync,
+        memcpy_dtod=hip.hipMemcpyDtoDAsync, memset_d8=hip.hipMemsetD8Async,
+        event_create=hip.hipEventCreate, event_record=hip.hipEventRecord,
+        event_synchronize=hip.hipEventSynchronize, event_elapsed=hip.hipEventElapsedTime,
+        capture_begin=lambda stream: hip.hipStreamBeginCapture(
+            stream, hip.hipStreamCaptureMode.hipStreamCaptureModeThreadLocal),
+        capture_end=hip.hipStreamEndCapture,
+        graph_instantiate=lambda graph: hip.hipGraphInstantiateWithFlags(graph, 0),
+        graph_launch=hip.hipGraphLaunch, graph_exec_destroy=hip.hipGraphExecDestroy,
+        graph_destroy=hip.hipGraphDestroy,
+    )

@@ -9,6 +9,7 @@ import numpy as np
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.numeric import numpy_dtype
+from gptc.runtime.feeds import check_bounds
 
 
 def run_graph(graph: Graph, feeds: Mapping[str, np.ndarray], float_dtype: type = np.float32,
@@ -20,6 +21,7 @@ def run_graph(graph: Graph, feeds: Mapping[str, np.ndarray], float_dtype: type =
     missing = sorted(set(names) - set(feeds))
     if missing:
         raise KeyError(f"no value fed for {', '.join(missing)}")
+    check_bounds(feeds, graph.input_bounds())
     values: dict[int, np.ndarray] = {}
     for nid in graph.topo_order():
         node = graph.node(nid)
