@@ -94,8 +94,46 @@ def test_compile_refuses_to_overwrite_a_directory_that_is_not_a_bundle(tmp_path)
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     result = gptc("compile", "--preset", "tiny", "-o", str(target), "--target", "cuda:sm_90")
-    assert result.returncode == 2 and "is not a bundle" in result.stderr
+    assert result.returncode == 2 and "holds files that are not part of a bundle (notes.txt)" in result.stderr
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_recompiling_into_a_bundle_keeps_other_files(bundle_dir, tmp_path):
+    import shutil
+    out, target = bundle_dir
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    (copy / "notes.txt").write_text("keep me")
+    result = gptc("compile", "--preset", "tiny", "-o", str(copy), "--target", target)
+    assert result.returncode == 2 and "notes.txt" in result.stderr and "Traceback" not in result.stderr
+    assert (copy / "notes.txt").read_text() == "keep me" and (copy / "manifest.json").is_file()
+
+
+def test_bundle_directory_has_the_usual_mode(bundle_dir):
+    out, _ = bundle_dir
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("case,expected", [("a_file", "exists and is not a directory"),
+                                           ("a_file/b", "is a file")])
+def test_compile_output_path_checked_before_compiling(tmp_path, case, expected):
+    import time
+    (tmp_path / "a_file").write_text("x")
+    path = tmp_path / case
+    started = time.perf_counter()
+    result = gptc("compile", "--preset", "gpt2", "-o", str(path), "--target", "hip:gfx90a")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert expected in result.stderr and result.stderr.count("\n") == 1
+    assert time.perf_counter() - started < 20, "refused only after planning"
+
+
+def test_output_path_in_a_folder_without_write_permission(tmp_path, monkeypatch):
+    from gptc.runtime.bundle import check_output_dir
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as for a user without rights
+    with pytest.raises(BundleError, match=f"cannot create .*: no permission to write in '{tmp_path}'"):
+        check_output_dir(tmp_path / "new" / "bundle")
 
 
 def test_not_a_bundle(tmp_path):
@@ -136,3 +174,48 @@ def test_cached_bundle_follows_the_generated_kernels(tmp_path, monkeypatch):
     changed = cached_bundle(spec, device, log=logged.append)
     assert changed.path != first.path and len(logged) == 2
     assert next((changed.path / "kernels" / "train").glob("*.hip")).read_text().endswith("// edited template\n")
+
+
+def _damage(manifest: dict, how: str) -> object:
+    if how == "a launch without its grid":
+        del manifest["steps"]["train"]["launches"][0]["grid"]
+    elif how == "a size that is a string":
+        manifest["steps"]["eval"]["arena_bytes"]["activations"] = "12"
+    elif how == "a step missing":
+        del manifest["steps"]["decode"]
+    elif how == "an unknown buffer":
+        manifest["steps"]["train"]["launches"][1]["args"][0] = "nowhere"
+    elif how == "a code object missing":
+        manifest["code"].pop(manifest["steps"]["prefill"]["launches"][0]["symbol"])
+    elif how == "the target missing":
+        del manifest["target"]
+    elif how == "a list":
+        return [manifest]
+    return manifest
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("a launch without its grid", "steps.train.launches[0].grid is missing"),
+    ("a size that is a string", "steps.eval.arena_bytes.activations should be int, not str"),
+    ("a step missing", "steps.decode is missing"),
+    ("an unknown buffer", "steps.train names buffer 'nowhere'"),
+    ("a code object missing", "which has no code object"),
+    ("the target missing", "target is missing"),
+    ("a list", "made by gptc None"),
+])
+def test_damaged_manifest_is_one_line(bundle_dir, tmp_path, how, expected):
+    out, _ = bundle_dir
+    manifest = _damage(json.loads((out / "manifest.json").read_text()), how)
+    copy = tmp_path / "damaged"
+    copy.mkdir()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=re_escape(expected)):
+        Bundle(copy)
+    result = gptc("inspect", str(copy))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert expected in result.stderr
+
+
+def re_escape(text: str) -> str:
+    import re
+    return re.escape(text)

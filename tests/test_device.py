@@ -24,6 +24,7 @@ class FakeDriver:
         self.next_address = 0x10000
         self.live: dict[str, set] = {"streams": set(), "modules": set(), "graphs": set(), "contexts": set()}
         self.fail: set[str] = set()  # names of calls that return BAD
+        self.free_bytes = 1 << 33
 
     def _log(self, name: str) -> int:
         self.calls.append(name)
@@ -120,7 +121,8 @@ class FakeDriver:
             stream_destroy=self.stream_destroy,
             module_load=self.module_load, module_function=lambda module, name: (self._log("module_function"),
                                                                                 name.decode()),
-            module_unload=self.module_unload, mem_alloc=self.mem_alloc, mem_free=self.mem_free,
+            module_unload=self.module_unload, mem_info=lambda: (self._log("mem_info"), self.free_bytes, 1 << 34),
+            mem_alloc=self.mem_alloc, mem_free=self.mem_free,
             memcpy_htod=self.memcpy_htod, memcpy_dtoh=self.memcpy_dtoh, memcpy_dtod=self.memcpy_dtod,
             memset_d8=self.memset_d8,
             event_create=step("event_create", "ev"), event_record=step("event_record"),
@@ -244,3 +246,19 @@ def test_close_frees_even_when_the_device_fails(fake):
     with pytest.raises(DriverError, match="stream_synchronize"):
         dev.close()
     assert driver.memory == {} and all(not live for live in driver.live.values())
+
+
+def test_arenas_that_do_not_fit_are_refused_before_allocating(fake):
+    from gptc.runtime.executor import Arenas, DeviceMemoryError
+    driver, dev = fake
+    table = {"arena_bytes": {"persistent": 3 << 30, "activations": 2 << 30, "io": 1024}}
+    driver.free_bytes = 4 << 30
+    with pytest.raises(DeviceMemoryError, match=r"needs 5\.00 GiB .*parameters and optimizer state 3\.00 GiB, "
+                                                r"activations 2\.00 GiB\), but Fake GPU \(cuda:sm_90\) has 4\.00 GiB "
+                                                r"free of 16\.00 GiB; use a smaller batch"):
+        Arenas(dev, [table])
+    assert "mem_alloc" not in driver.calls
+    driver.free_bytes = 6 << 30
+    arenas = Arenas(dev, [table])
+    assert driver.calls.count("mem_alloc") == 2
+    arenas.close()

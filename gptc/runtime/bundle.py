@@ -33,6 +33,7 @@ from gptc.compiler.codegen.kernels import KernelSource, render_plan, render_temp
 from gptc.target import Target
 from gptc.runtime.build import compile_kernels, plan_table, share_persistent
 from gptc.runtime.executor import Arenas, GpuExecutor
+from gptc.runtime.manifest import manifest_error
 from gptc.models import build_graph
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
@@ -98,12 +99,35 @@ def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
     return RenderedBundle(spec, manifest, kernels, render_executor(manifest))
 
 
+BUNDLE_ENTRIES = {"manifest.json", "spec.toml", "executor.py", "kernels", "code"}
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, a bundle path that cannot be written or that holds
+    anything a new bundle would replace other than an older bundle."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BundleError(f"'{out}' exists and is not a directory; choose a new or empty directory")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_ENTRIES)
+        if others:
+            raise BundleError(f"'{out}' holds files that are not part of a bundle ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory")
+    # the bundle is written next to `out` and renamed into place: the nearest existing
+    # folder above it must take new entries
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BundleError(f"cannot create '{out}': '{parent}' is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot create '{out}': no permission to write in '{parent}'")
+
+
 def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse: bool = True,
                    log: Callable[[str], None] = print) -> Path:
     """Plan, render and compile every step of `spec` for `target` into a bundle at `out_dir`."""
     out = Path(out_dir)
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise BundleError(f"'{out_dir}' exists and is not a bundle; choose an empty or new directory")
+    check_output_dir(out)
     started = time.perf_counter()
     write_bundle(render_bundle(spec, target, available_compiler(target), fuse, log), out)
     log(f"bundle written to {out} ({time.perf_counter() - started:.1f} s)")
@@ -167,10 +191,15 @@ class Bundle:
             self.manifest = json.loads(manifest_path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise BundleError(f"the manifest of bundle '{path}' is corrupt; compile the bundle again") from None
-        version, form = self.manifest.get("versions", {}).get("gptc"), self.manifest.get("format")
+        versions = self.manifest.get("versions") if isinstance(self.manifest, dict) else None
+        version = versions.get("gptc") if isinstance(versions, dict) else None
+        form = self.manifest.get("format") if isinstance(self.manifest, dict) else None
         if form != FORMAT or version != VERSION:
             raise BundleError(f"bundle '{path}' was made by gptc {version} (bundle format {form}), this is gptc "
                               f"{VERSION} (format {FORMAT}); compile it again with this version")
+        problem = manifest_error(self.manifest)
+        if problem:
+            raise BundleError(f"the manifest of bundle '{path}' is damaged: {problem}; compile the bundle again")
         self.spec: Spec = spec_from_dict(self.manifest["spec"])
         self.target = Target(**self.manifest["target"])
         self.tables: dict[str, dict] = self.manifest["steps"]

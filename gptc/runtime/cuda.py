@@ -218,7 +218,7 @@ def driver_table() -> DriverTable:
         stream_synchronize=driver.cuStreamSynchronize, stream_destroy=driver.cuStreamDestroy,
         module_load=driver.cuModuleLoadData, module_function=driver.cuModuleGetFunction,
         module_unload=driver.cuModuleUnload,
-        mem_alloc=driver.cuMemAlloc, mem_free=driver.cuMemFree,
+        mem_info=driver.cuMemGetInfo, mem_alloc=driver.cuMemAlloc, mem_free=driver.cuMemFree,
         memcpy_htod=driver.cuMemcpyHtoDAsync, memcpy_dtoh=driver.cuMemcpyDtoHAsync,
         memcpy_dtod=driver.cuMemcpyDtoDAsync, memset_d8=driver.cuMemsetD8Async,
         event_create=functools.partial(driver.cuEventCreate, _enum(driver.CUevent_flags.CU_EVENT_DEFAULT)),

@@ -150,6 +150,11 @@ class Device:
         return self.driver.check(self.driver.module_function(module, name.encode()), f"module_function({name})")
 
     # -- memory (device pointers are ints; every copy is ordered on the device's stream)
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of device memory."""
+        free, total = self.driver.check(self.driver.mem_info(), "mem_info")
+        return int(free), int(total)
+
     def alloc(self, nbytes: int) -> int:
         p = int(self.driver.check(self.driver.mem_alloc(max(1, int(nbytes))), f"mem_alloc({nbytes})"))
         self._allocs[p] = int(nbytes)

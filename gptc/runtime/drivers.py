@@ -181,6 +181,7 @@ class DriverTable:
     module_load: Call                            # (code) -> module
     module_function: Call                        # (module, name: bytes) -> function
     module_unload: Call                          # (module)
+    mem_info: Call                               # () -> (free bytes, total bytes)
     mem_alloc: Call                              # (nbytes) -> pointer
     mem_free: Call                               # (pointer)
     memcpy_htod: Call                            # (device dst, host src, nbytes, stream)

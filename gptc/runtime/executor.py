@@ -13,6 +13,7 @@ import numpy as np
 
 from gptc.compiler.ops.numeric import round_to_bf16
 from gptc.runtime.device import Device, ptr
+from gptc.spec import GptcError
 from gptc.runtime.feeds import check_bounds
 
 HOST_DTYPE = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "f64": np.float64, "bf16": np.uint16}
@@ -40,15 +41,31 @@ def check_inputs(table: dict, inputs: Mapping[str, np.ndarray]) -> None:
     check_bounds(inputs, table["bounds"])
 
 
+class DeviceMemoryError(GptcError):
+    pass
+
+
+def check_fits(device: Device, persistent: int, activations: int) -> None:
+    """Refuse, before allocating anything, a model whose arenas exceed the device's free memory."""
+    free, total = device.memory_info()
+    if persistent + activations > free:
+        gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+        raise DeviceMemoryError(
+            f"the model needs {gib(persistent + activations)} of GPU memory (parameters and optimizer state "
+            f"{gib(persistent)}, activations {gib(activations)}), but {device.name} has {gib(free)} free of "
+            f"{gib(total)}; use a smaller batch (--batch) or model")
+
+
 class Arenas:
     """Device memory shared by the plans of one model: one persistent and one
     activation arena; io buffers are per plan."""
 
     def __init__(self, device: Device, tables: Sequence[dict]) -> None:
         self.device = device
+        sizes = {arena: max(max(t["arena_bytes"][arena] for t in tables), 256) for arena in ("persistent", "activations")}
+        check_fits(device, sizes["persistent"], sizes["activations"] + sum(t["arena_bytes"]["io"] for t in tables))
         self.base = {}
-        for arena in ("persistent", "activations"):
-            size = max(max(t["arena_bytes"][arena] for t in tables), 256)
+        for arena, size in sizes.items():
             self.base[arena] = device.alloc(size)
             if arena == "persistent":
                 device.memset(self.base[arena], 0, size)  # optimizer state and KV cache start at zero

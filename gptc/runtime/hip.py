@@ -233,7 +233,7 @@ def driver_table() -> DriverTable:
         stream_synchronize=hip.hipStreamSynchronize, stream_destroy=hip.hipStreamDestroy,
         module_load=hip.hipModuleLoadData, module_function=hip.hipModuleGetFunction,
         module_unload=hip.hipModuleUnload,
-        mem_alloc=hip.hipMalloc, mem_free=hip.hipFree,
+        mem_info=hip.hipMemGetInfo, mem_alloc=hip.hipMalloc, mem_free=hip.hipFree,
         memcpy_htod=hip.hipMemcpyHtoDAsync, memcpy_dtoh=hip.hipMemcpyDtoHAsync,
         memcpy_dtod=hip.hipMemcpyDtoDAsync, memset_d8=hip.hipMemsetD8Async,
         event_create=hip.hipEventCreate, event_record=hip.hipEventRecord,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 from gptc.spec import GptcError, Spec, load_spec, preset, validate
@@ -62,8 +63,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _cmd_compile(args: argparse.Namespace) -> None:
-    from gptc.runtime.bundle import compile_bundle
+    from gptc.runtime.bundle import check_output_dir, compile_bundle
     from gptc.target import UnknownTargetError, parse_target
+    check_output_dir(Path(args.output))
     spec = _spec_from_args(args)
     if args.seq_len is not None:
         spec = validate(replace(spec, model=replace(spec.model, seq_len=args.seq_len)))
