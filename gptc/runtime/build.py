@@ -4,7 +4,7 @@ offsets, named inputs/outputs/params/states, launches with their costs), plain
 JSON-serialisable data that a bundle's manifest stores."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -72,10 +72,12 @@ def share_persistent(tables: Sequence[dict]) -> None:
         t["arena_bytes"]["activations"] = largest
 
 
-def compile_kernels(kernels: Sequence[KernelSource], target: Target) -> dict[str, bytes]:
-    """Compile each distinct kernel (in parallel, disk-cached): code objects by symbol."""
+def compile_kernels(kernels: Sequence[KernelSource], target: Target,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, bytes]:
+    """Compile each distinct kernel (in parallel, disk-cached): code objects by symbol.
+    progress(done, total) follows the kernels that were not in the cache."""
     unique = {k.symbol: k for k in kernels}  # repeated layers share code
-    objects = compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target)
+    objects = compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target, progress=progress)
     return dict(zip(unique, objects))
 
 

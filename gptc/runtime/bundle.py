@@ -129,7 +129,7 @@ def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse:
     out = Path(out_dir)
     check_output_dir(out)
     started = time.perf_counter()
-    write_bundle(render_bundle(spec, target, available_compiler(target), fuse, log), out)
+    write_bundle(render_bundle(spec, target, available_compiler(target), fuse, log), out, log)
     log(f"bundle written to {out} ({time.perf_counter() - started:.1f} s)")
     return out
 
@@ -143,11 +143,24 @@ def available_compiler(target: Target) -> str:
     return compiler
 
 
-def write_bundle(rendered: RenderedBundle, out: Path) -> None:
+def compile_progress(log: Callable[[str], None]) -> Callable[[int, int], None]:
+    """progress(done, total) for compile_many that logs a line at every tenth of the kernels."""
+    started = time.perf_counter()
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if tenth != shown[0]:
+            shown[0] = tenth
+            log(f"  compiled {done:>4} of {total} kernels ({time.perf_counter() - started:.1f} s)")
+    return progress
+
+
+def write_bundle(rendered: RenderedBundle, out: Path, log: Callable[[str], None] = print) -> None:
     """Compile the kernels of `rendered` and write the bundle at `out` (into a temporary
     directory first, then moved into place)."""
     target = rendered.target
-    code = compile_kernels([k for ks in rendered.kernels.values() for k in ks], target)
+    code = compile_kernels([k for ks in rendered.kernels.values() for k in ks], target, compile_progress(log))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
@@ -262,5 +275,5 @@ def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print) -> Bun
     path = root / "bundles" / rendered.key()[:16]
     if not (path / "manifest.json").is_file():
         log(f"compiling the model for {device.target.name} into {path}")
-        write_bundle(rendered, path)
+        write_bundle(rendered, path, log)
     return Bundle(path)

@@ -296,7 +296,8 @@ class KernelSource:
 
 
 def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jobs: int | None = None,
-                 cache: KernelCache | None = None) -> list[bytes]:
+                 cache: KernelCache | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[bytes]:
     """Compile many kernels for one target in parallel, in the order given. No GPU needed.
 
     items: KernelSource or (source, name[, options[, origin]]) tuples.
@@ -309,6 +310,8 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
     per MIN_KERNELS_PER_PROCESS misses and compiles in-process below that. Spawned
     workers re-import the caller's main module: scripts calling this need the usual
     `if __name__ == "__main__":` guard.
+    Misses are compiled longest source first, so that no long kernel starts last.
+    progress(done, misses) is called as each miss finishes.
     The first failure raises its CompileError once all kernels have finished."""
     target = _as_target(target)
     ks = [it if isinstance(it, KernelSource) else KernelSource(it[0], it[1], tuple(it[2]) if len(it) > 2 else (),
@@ -319,15 +322,17 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
     compiler = driver.compiler_id()
     results: list[bytes | None] = [
         cache.get(cache_key(k.source, target.arch, compiler, full_options(target, k.options))) for k in ks]
-    misses = [i for i, r in enumerate(results) if r is None]
+    misses = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(ks[i].source))
+    report = progress or (lambda done, total: None)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(misses)))
     if not driver.thread_safe:  # a worker process must have enough kernels to pay for its start
         jobs = max(1, min(jobs, len(misses) // MIN_KERNELS_PER_PROCESS))
 
     if jobs == 1:
-        for i in misses:
+        for done, i in enumerate(misses, 1):
             k = ks[i]
             results[i] = compile_for_target(k.source, k.name, target, k.options, k.origin, cache)
+            report(done, len(misses))
         return results  # type: ignore[return-value]
 
     if driver.thread_safe:
@@ -342,7 +347,8 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
         submit = lambda k: pool.submit(_compile_in_worker, k, target.to_dict(), root)  # noqa: E731
     with pool:
         futures = {i: submit(ks[i]) for i in misses}
-        concurrent.futures.wait(futures.values())
+        for done, _ in enumerate(concurrent.futures.as_completed(futures.values()), 1):
+            report(done, len(misses))
     for i, f in futures.items():
         results[i] = f.result()  # raises the first failure in order
     return results  # type: ignore[return-value]
