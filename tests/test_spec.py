@@ -228,6 +228,14 @@ def test_unimplemented_options_are_refused(change: dict, option: str) -> None:
         assert option in str(e.value)
 
 
+def test_unimplemented_precision_is_refused() -> None:
+    spec = Spec(ModelSpec(), TrainSpec(precision="bf16"))
+    validate(spec)
+    for mode in gptc.models.MODES:
+        with pytest.raises(SpecError, match="train.precision = 'bf16' is not implemented yet"):
+            gptc.build_graph(spec, mode, batch=1)
+
+
 def test_implemented_non_defaults_build() -> None:
     for change in ({"n_kv_heads": 4}, {"tie_embeddings": True}, {"bias": False}):
         graph = gptc.build_graph(model(**change), "infer", batch=1)

@@ -26,6 +26,8 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
+    if spec.train.precision != "fp32":  # refused, never silently ignored (as check_supported)
+        raise SpecError(f"train.precision = '{spec.train.precision}' is not implemented yet; use 'fp32'")
     batch = batch or spec.train.batch_size
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:
