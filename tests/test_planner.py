@@ -27,6 +27,7 @@ PLANS = list(_plans())
 @pytest.mark.parametrize("graph,fuse", PLANS)
 def test_every_compute_node_in_exactly_one_kernel(graph, fuse):
     plan = make_plan(graph, fuse)
+    graph = plan.graph  # the copy that was planned (with the nodes planning adds)
     free: dict = {}
     compute = [n for n in graph.nx.nodes if not is_free(graph, n, free)]
     owners = [k for k in plan.kernels for _ in k.nodes]
@@ -40,6 +41,7 @@ def test_every_compute_node_in_exactly_one_kernel(graph, fuse):
 @pytest.mark.parametrize("graph,fuse", PLANS)
 def test_kernel_graph_is_acyclic_and_order_respects_it(graph, fuse):
     plan = make_plan(graph, fuse)
+    graph = plan.graph
     groups = [Group(k.family, k.anchor, set(k.nodes)) for k in plan.kernels]
     kg = kernel_graph(graph, groups)
     assert nx.is_directed_acyclic_graph(kg)
@@ -75,7 +77,8 @@ def test_every_value_read_is_written_earlier():
     graph = gptc.build_graph(gptc.preset("hipgpt"), "train")
     for fuse in (True, False):
         plan = make_plan(graph, fuse)
-        written = set(graph.inputs.values()) | set(graph.params.values()) | set(graph.states.values())
+        g = plan.graph
+        written = set(g.inputs.values()) | set(g.params.values()) | set(g.states.values())
         for k in plan.kernels:
             missing = [r for r in k.reads if r not in written]
             assert not missing, f"{k.name} reads {missing} before any kernel stores them"
@@ -100,3 +103,27 @@ def test_plans_are_deterministic():
         graph = gptc.build_graph(gptc.preset("hipgpt"), "train")
         sources.append([k.source for k in render_plan(make_plan(graph, True), parse_target("gfx90a"))])
     assert sources[0] == sources[1]
+
+
+def _snapshot(graph) -> tuple:
+    nodes = {n: (d["op"], repr(d["attrs"]), d["type"], d["inputs"], d["scope"]) for n, d in graph.nx.nodes(data=True)}
+    edges = {(a, b): list(d["args"]) for a, b, d in graph.nx.edges(data=True)}
+    tables = [dict(t) for t in (graph.inputs, graph.params, graph.states, graph.outputs, graph.updates)]
+    return nodes, edges, tables
+
+
+def test_planning_leaves_the_graph_unchanged():
+    """make_plan plans a copy: pruning, the copies lay_out inserts (an output view, a
+    matmul operand that is no strided view) and split reductions never reach the caller."""
+    g = gptc.Graph()
+    x, w, big = g.input("x", (4, 8)), g.input("w", (2, 4, 8)), g.input("big", (64, 1100))
+    x.exp()  # read by nothing: pruned
+    g.output("xt", x.T)
+    g.output("mm", w.permute(1, 0, 2).reshape(4, 16) @ g.input("y", (16, 3)))
+    g.output("ss", (big * big).sum())
+    for graph in (g, gptc.build_graph(gptc.preset("tiny"), "train")):
+        before = _snapshot(graph)
+        for fuse in (True, False):
+            plan = make_plan(graph, fuse)
+            assert plan.graph is not graph and len(plan.graph) != len(graph)
+            assert _snapshot(graph) == before

@@ -128,6 +128,18 @@ class Graph:
         node["inputs"] = tuple(new if i == src else i for i in node["inputs"])
         return new
 
+    def copy(self) -> "Graph":
+        """An independent copy with the same node ids, for passes that change a graph.
+        Op attributes are shared: no pass changes them."""
+        new = Graph()
+        new.nx = self.nx.copy()  # fresh attribute dicts for every node and edge
+        for _, _, data in new.nx.edges(data=True):
+            data["args"] = list(data["args"])
+        new.inputs, new.params, new.states = dict(self.inputs), dict(self.params), dict(self.states)
+        new.outputs, new.updates = dict(self.outputs), dict(self.updates)
+        new._next_id, new._consts = self._next_id, dict(self._consts)
+        return new
+
     # ----- inspection ---------------------------------------------------------
     def node(self, nid: int) -> dict:
         return self.nx.nodes[nid]
