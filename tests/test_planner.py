@@ -127,3 +127,25 @@ def test_planning_leaves_the_graph_unchanged():
             plan = make_plan(graph, fuse)
             assert plan.graph is not graph and len(plan.graph) != len(graph)
             assert _snapshot(graph) == before
+
+
+@pytest.mark.parametrize("composite", ["softmax", "cross_entropy"])
+def test_stability_max_costs_no_gradient_passes(composite):
+    """The max that keeps softmax and cross-entropy stable is a constant to autodiff
+    (stop_gradient), so the fused row kernel of forward and backward makes three passes
+    over a row (max, sum of exp, then the gradient's sum or the picked logit), not five
+    (the max's own gradient: the ties count and the sum of what reaches the max)."""
+    from gptc.compiler.autodiff import gradients
+    g = gptc.Graph()
+    x = g.param("x", (6, 29))
+    if composite == "softmax":
+        loss = (gptc.dsl.softmax(x) * g.input("r", (6, 29))).sum()
+    else:
+        loss = gptc.dsl.cross_entropy(x, g.input("t", (6,), "i32"))
+    g.output("loss", loss)
+    g.output("dx", gradients(loss, [x])[0])
+    plan = make_plan(g, True)
+    rows = [k for k in plan.kernels if k.family == "row"]
+    assert len(rows) == 1
+    assert [plan.graph.op(n) for n in rows[0].nodes if plan.graph.op(n) in ("max", "sum")] == ["max", "sum", "sum"]
+    assert "stop_gradient" not in {plan.graph.op(n) for n in plan.graph.nx.nodes}  # read through
