@@ -4,6 +4,7 @@ each launch so an unwritten element fails. Run on a GPU machine with:
     PYTHONPATH=. python3 -m pytest -m gpu"""
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -108,20 +109,26 @@ def family_graphs():
             g.output(f"d{name}", grad)
         return g
 
-    def attention_long():
-        # a long, awkward sequence at the largest head_dim: many query and key tiles,
-        # a partial last tile, forward and gradients
-        from gptc.compiler.autodiff import gradients
-        g = Graph()
-        q, k, v = (g.param(n, (2, 3, 517, 64)) for n in "qkv")
-        r = g.input("r", (2, 3, 517, 64))
-        y = dsl.causal_attention(q, k, v)
-        g.output("y", y)
-        for name, grad in zip("qkv", gradients((y * r).sum(), [q, k, v])):
-            g.output(f"d{name}", grad)
-        return g
+    def attention_long(seq: int, dim: int):
+        # a long, awkward sequence: many query and key tiles, a partial last tile,
+        # forward and gradients. head_dim 64: 64-row tiles; 96 and 128: 32-row tiles
+        # (at 128 on NVIDIA, 16-key forward and 8-row backward tiles); 100: zero-padded to 128.
+        def build():
+            from gptc.compiler.autodiff import gradients
+            g = Graph()
+            q, k, v = (g.param(n, (2, 3, seq, dim)) for n in "qkv")
+            r = g.input("r", (2, 3, seq, dim))
+            y = dsl.causal_attention(q, k, v)
+            g.output("y", y)
+            for name, grad in zip("qkv", gradients((y * r).sum(), [q, k, v])):
+                g.output(f"d{name}", grad)
+            return g
+        return build
 
-    return [("attention_grad", attention_grad, 1e-5), ("attention_long", attention_long, 1e-4), ("pointwise", pointwise, 1e-5), ("row", row, 1e-5), ("cross_entropy", cross_entropy, 1e-5),
+    return [("attention_grad", attention_grad, 1e-5), ("attention_long", attention_long(517, 64), 1e-4),
+            ("attention_d96", attention_long(301, 96), 1e-4), ("attention_d128", attention_long(517, 128), 1e-4),
+            ("attention_d100", attention_long(203, 100), 1e-4),
+            ("pointwise", pointwise, 1e-5), ("row", row, 1e-5), ("cross_entropy", cross_entropy, 1e-5),
             ("reduce", reduce, 1e-5), ("matmul", matmul, 1e-5), ("embedding", embedding, 1e-5),
             ("attention", attention, 1e-5)]
 
@@ -132,6 +139,8 @@ def test_kernel_family(device, name, build, tol, fuse):
     rng = np.random.default_rng()  # fresh inputs every run
     graph = build()
     feeds = random_feeds(graph, rng, {"t": 1003, "ids": 97})
+    if fuse and name.startswith("attention"):  # the flash kernels, not the generic fusion
+        assert {"attention"} <= {k.family for k in make_plan(graph, fuse).kernels}
     out, _, ref = run_both(device, graph, feeds, fuse)
     for key, value in ref["outputs"].items():
         assert rel_err(out[key], value) < tol, f"{name}/{key}: {rel_err(out[key], value):.2e}"
@@ -139,12 +148,21 @@ def test_kernel_family(device, name, build, tol, fuse):
 
 AWKWARD = gptc.Spec(gptc.ModelSpec(vocab_size=1003, seq_len=37, d_model=96, n_layers=3, n_heads=3, d_ff=200),
                     gptc.TrainSpec(batch_size=5, grad_clip=1.0))
+SPECS = {
+    "awkward": AWKWARD,
+    # head_dim 128: the flash kernels on strided views of the fused QKV projection
+    "head_dim128": gptc.Spec(gptc.ModelSpec(vocab_size=517, seq_len=45, d_model=256, n_layers=2, n_heads=2, d_ff=300),
+                             gptc.TrainSpec(batch_size=3)),
+    # no clipping (AdamW fed by the stored gradients), decay on every param, tied embeddings
+    "no_clip": gptc.Spec(replace(AWKWARD.model, tie_embeddings=True),
+                         replace(AWKWARD.train, grad_clip=0.0, decay="all")),
+}
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("spec_name", ["hipgpt", "awkward"])
+@pytest.mark.parametrize("spec_name", ["hipgpt", *SPECS])
 def test_training_step(device, spec_name, fuse):
-    spec = AWKWARD if spec_name == "awkward" else gptc.preset(spec_name)
+    spec = SPECS.get(spec_name) or gptc.preset(spec_name)
     graph = gptc.build_graph(spec, "train", expose_gradients=True)
     rng = np.random.default_rng()
     feeds = {**init_params(graph, int(rng.integers(1 << 30))),

@@ -149,3 +149,16 @@ def test_stability_max_costs_no_gradient_passes(composite):
     assert len(rows) == 1
     assert [plan.graph.op(n) for n in rows[0].nodes if plan.graph.op(n) in ("max", "sum")] == ["max", "sum", "sum"]
     assert "stop_gradient" not in {plan.graph.op(n) for n in plan.graph.nx.nodes}  # read through
+
+
+@pytest.mark.parametrize("d_model,heads", [(384, 4), (512, 4), (400, 5)], ids=["head_dim96", "head_dim128", "head_dim80"])
+def test_large_head_dims_stay_on_the_flash_path(d_model, heads):
+    """head_dim 96 and 128 (and 80, padded to 96) use the flash kernels, which never
+    store the S x S matrix, in training and in prefill."""
+    spec = gptc.Spec(gptc.ModelSpec(vocab_size=67, seq_len=13, d_model=d_model, n_layers=1, n_heads=heads, d_ff=32),
+                     gptc.TrainSpec(batch_size=2))
+    for mode, families in (("train", {"attention", "attention_bwd"}), ("prefill", {"attention"})):
+        plan = make_plan(gptc.build_graph(spec, mode), True)
+        assert families <= {k.family for k in plan.kernels}, mode
+        seq = spec.model.seq_len
+        assert not any(b.shape[-2:] == (seq, seq) for b in plan.buffers.values()), f"{mode} stores an S x S matrix"
