@@ -22,11 +22,16 @@ from gptc.spec import validate
 from gptc.target import parse_target
 
 TARGETS = ("cuda:sm_90", "hip:gfx90a")
-# No dimension a multiple of a tile: head_dim 16 and 13, d_ff 100 and 7, one layer and two.
+# No dimension a multiple of a tile: head_dim 16 and 13, d_ff 100 and 7, one layer and two;
+# head_dim 100 takes the flash kernels' large-head tiles, 136 the generic kernels.
 SIZES = (gptc.Spec(gptc.ModelSpec(vocab_size=517, seq_len=13, d_model=48, n_layers=2, n_heads=3, d_ff=100),
                    gptc.TrainSpec(batch_size=3)),
          gptc.Spec(gptc.ModelSpec(vocab_size=67, seq_len=5, d_model=26, n_layers=1, n_heads=2, d_ff=7),
-                   gptc.TrainSpec(batch_size=1)))
+                   gptc.TrainSpec(batch_size=1)),
+         gptc.Spec(gptc.ModelSpec(vocab_size=131, seq_len=11, d_model=200, n_layers=1, n_heads=2, d_ff=36),
+                   gptc.TrainSpec(batch_size=2)),
+         gptc.Spec(gptc.ModelSpec(vocab_size=29, seq_len=7, d_model=136, n_layers=1, n_heads=1, d_ff=9),
+                   gptc.TrainSpec(batch_size=2)))
 MODEL_OPTIONS = [dict(tie_embeddings=tie, bias=bias) for tie in (False, True) for bias in (True, False)]
 TRAIN_OPTIONS = [dict(grad_clip=clip, weight_decay=wd, decay=decay)
                  for clip in (1.0, 0.0) for wd, decay in ((0.1, "matrices"), (0.1, "all"), (0.0, "matrices"))]
