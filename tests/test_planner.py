@@ -129,6 +129,22 @@ def test_planning_leaves_the_graph_unchanged():
             assert _snapshot(graph) == before
 
 
+def test_planning_reads_through_stop_gradient():
+    """stop_gradient costs no kernel: its readers (one reading both it and its operand)
+    and outputs read the operand."""
+    g = gptc.Graph()
+    a = g.input("x", (3, 4)).exp()
+    prod = a * a.stop_gradient()
+    g.output("y", prod)
+    g.output("s", a.stop_gradient())
+    plan = make_plan(g, False)
+    pg = plan.graph
+    assert "stop_gradient" not in {pg.op(n) for n in pg.nx.nodes}
+    assert pg.inputs_of(prod.id) == (a.id, a.id) and pg.nx.edges[a.id, prod.id]["args"] == [0, 1]
+    assert pg.outputs["s"] == a.id
+    assert sorted(pg.op(n) for k in plan.kernels for n in k.nodes) == ["exp", "mul"]
+
+
 @pytest.mark.parametrize("composite", ["softmax", "cross_entropy"])
 def test_stability_max_costs_no_gradient_passes(composite):
     """The max that keeps softmax and cross-entropy stable is a constant to autodiff
