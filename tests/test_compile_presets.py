@@ -6,7 +6,10 @@ Repeated layers give byte-identical kernel code (the compiler never sees node id
 so each distinct kernel is compiled once. To keep CI fast, distinct kernels are
 compiled in batches: one translation unit holds several kernels, each in a namespace
 of its own, so every kernel's code goes through the target's compiler. A missing
-toolchain fails these tests (run .ci/install-compilers.sh), never skips them."""
+toolchain fails these tests (run .ci/install-compilers.sh), never skips them.
+The flash-attention kernels at head_dims above the presets' (80, 96, 128: tiles of
+their own) are compiled too; both compilers refuse a kernel whose static shared
+memory exceeds the arch's."""
 from __future__ import annotations
 
 import pytest
@@ -57,3 +60,21 @@ def test_every_kernel_compiles(kernel_codes, preset, target):
     symbols = set(codes[target].values())
     print(f"{preset} {target}: {len(distinct)} distinct kernels compiled ({count} rendered for all targets)")
     assert len(symbols) == len(distinct)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_attention_kernels_for_large_head_dims_compile(target):
+    from gptc.compiler.autodiff import gradients
+    codes = []
+    for dim in (80, 96, 128):
+        g = gptc.Graph()
+        q, k, v = (g.param(n, (2, 3, 45, dim)) for n in "qkv")
+        y = gptc.dsl.causal_attention(q, k, v)
+        g.output("y", y)
+        for name, grad in zip("qkv", gradients((y * g.input("r", y.shape)).sum(), [q, k, v])):
+            g.output(f"d{name}", grad)
+        kernels = [k for k in render_plan(make_plan(g, True), parse_target(target)) if k.family.startswith("attention")]
+        assert sorted(k.family for k in kernels) == ["attention", "attention_bwd"]
+        codes += [k.code[len(prelude()):] for k in kernels]
+    source = prelude() + "".join(f"namespace head_dim_{j} {{\n{code}}}\n" for j, code in enumerate(codes))
+    assert len(compile_many([(source, "attention_head_dims")], parse_target(target))[0]) > 0

@@ -6,7 +6,10 @@ gptc.compiler.autodiff.gradients and compares every float input's gradient with 
 differences of the loss, all run by the NumPy reference executor in float64.
 
 `test_every_differentiable_op_is_covered` fails when an op with a VJP is added to the
-registry without a case here that uses it.
+registry without a case here that uses it. An op through which no gradient flows
+(stop_gradient: its VJP gives None) is covered by a case that lists its input in
+`no_grad`, and by the composites that use it (softmax, cross-entropy), whose gradients
+do not depend on it in exact arithmetic.
 """
 from __future__ import annotations
 
@@ -236,6 +239,9 @@ case("copy-of-view", {"x": normal(3, 4, 5)})(
 
 case("cast-i32", {"x": grid(2, 3, offset=0.5), "y": normal(2, 3)}, no_grad=("x",))(
     lambda g, t: t["x"].cast("i32").cast("f32") * t["y"])
+# stop_gradient: its input gets no gradient through it (the other factor's is exact).
+case("stop_gradient", {"x": normal(3, 4), "y": normal(3, 4)}, no_grad=("x",))(
+    lambda g, t: t["x"].stop_gradient() * t["y"] + t["y"].exp())
 
 
 # ----- one tensor used several times -------------------------------------------------
@@ -347,6 +353,12 @@ def test_maximum_tie_goes_to_first_operand() -> None:
     build = lambda g, t: t["x"].maximum(t["y"])  # noqa: E731
     np.testing.assert_array_equal(_single_grad(build, {"x": x, "y": y}, "x"), [1, 0, 1])
     np.testing.assert_array_equal(_single_grad(build, {"x": x, "y": y}, "y"), [0, 1, 0])
+
+
+def test_stop_gradient_is_a_constant_to_autodiff() -> None:
+    """d/dx (sg(x) * x) = sg(x): only the direct use of x is differentiated."""
+    x = normal(3, 4)
+    np.testing.assert_array_equal(_single_grad(lambda g, t: t["x"].stop_gradient() * t["x"], {"x": x}, "x"), x)
 
 
 def test_bf16_cast_passes_the_gradient_rounded_to_bf16() -> None:

@@ -22,9 +22,12 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
     if loss.shape != ():
         raise ValueError(f"the loss must be a scalar, got {loss.type}")
     wrt_ids = [w.id for w in wrt]
+    # No gradient flows through stop_gradient: nodes that depend on a w only through one
+    # need no gradient (and no VJP is built for them).
+    flows = nx.subgraph_view(graph.nx, filter_node=lambda n: n in wrt_ids or graph.op(n) != "stop_gradient")
     needs_grad: set[int] = set(wrt_ids)
     for w in wrt_ids:
-        needs_grad |= nx.descendants(graph.nx, w)
+        needs_grad |= nx.descendants(flows, w)
     on_path = (nx.ancestors(graph.nx, loss.id) | {loss.id}) & needs_grad
 
     grads: dict[int, Tensor] = {loss.id: graph.const(1.0, loss.dtype)}

@@ -48,7 +48,8 @@ def layernorm(x: Tensor, gain: Tensor, bias: Tensor, eps: float = 1e-5) -> Tenso
 
 @composite
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    e = (x - x.max(axis, keepdims=True)).exp()
+    # The max only keeps exp in range: softmax does not depend on it, nor its gradient.
+    e = (x - x.max(axis, keepdims=True).stop_gradient()).exp()
     return e / e.sum(axis, keepdims=True)
 
 
@@ -69,7 +70,7 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     vocab = logits.shape[-1]
     rows = logits.reshape(-1, vocab)
     n = rows.shape[0]
-    top = rows.max(-1, keepdims=True)
+    top = rows.max(-1, keepdims=True).stop_gradient()  # log-sum-exp does not depend on it
     log_sum = (rows - top).exp().sum(-1, keepdims=True).log() + top
     picked = rows.graph.iota((n, vocab), 1).eq(targets.reshape(n, 1)).where(rows, 0.0).sum(-1, keepdims=True)
     return (log_sum - picked).mean()

@@ -134,6 +134,36 @@ class Graph:
         node["inputs"] = tuple(new if i == src else i for i in node["inputs"])
         return new
 
+    def bypass(self, nid: int) -> None:
+        """Remove the unary node `nid`: its users, and outputs and updates naming it, read
+        its operand instead."""
+        (src,) = self.inputs_of(nid)
+        for user in self.users(nid):
+            args = self.nx.edges[nid, user]["args"]
+            if self.nx.has_edge(src, user):
+                self.nx.edges[src, user]["args"] = sorted(self.nx.edges[src, user]["args"] + args)
+            else:
+                self.nx.add_edge(src, user, args=list(args))
+            node = self.node(user)
+            node["inputs"] = tuple(src if i == nid else i for i in node["inputs"])
+        for table in (self.outputs, self.updates):
+            for name, value in table.items():
+                if value == nid:
+                    table[name] = src
+        self.nx.remove_node(nid)
+
+    def copy(self) -> "Graph":
+        """An independent copy with the same node ids, for passes that change a graph.
+        Op attributes are shared: no pass changes them."""
+        new = Graph()
+        new.nx = self.nx.copy()  # fresh attribute dicts for every node and edge
+        for _, _, data in new.nx.edges(data=True):
+            data["args"] = list(data["args"])
+        new.inputs, new.params, new.states = dict(self.inputs), dict(self.params), dict(self.states)
+        new.outputs, new.updates = dict(self.outputs), dict(self.updates)
+        new._next_id, new._consts = self._next_id, dict(self._consts)
+        return new
+
     # ----- inspection ---------------------------------------------------------
     def input_bounds(self) -> dict[str, int]:
         """{name: bound} of the inputs whose ids must lie in [0, bound)."""
@@ -255,6 +285,10 @@ class Tensor:
     def rsqrt(self) -> "Tensor": return self._new("rsqrt", [self])
     def sin(self) -> "Tensor": return self._new("sin", [self])
     def cos(self) -> "Tensor": return self._new("cos", [self])
+
+    def stop_gradient(self) -> "Tensor":
+        """The same value, as a constant to autodiff."""
+        return self._new("stop_gradient", [self])
 
     def cast(self, dtype: str) -> "Tensor":
         return self if dtype == self.dtype else self._new("cast", [self], dtype=dtype)

@@ -20,6 +20,7 @@ from gptc.common import PACKAGE_DIR
 from gptc.target import Target
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.planner.attention import MAX_HEAD_DIM
 from gptc.compiler.planner.schedule import KernelPlan, Plan
 
 POINTWISE_THREADS = 256
@@ -443,6 +444,40 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     return grid, (threads, 1, 1), em
 
 
+def _attention_tiles(dim: int, target: Target):
+    """(dp, ri, rows, bk, bqk, bkq, forward floats, backward floats) of the attention
+    kernels for head_dim `dim`: dp is head_dim padded (with zeros) to whole 8-lane x
+    4-float groups; a thread owns ri rows of a tile of rows = 16 * ri (queries forward
+    and in the backward's queries half, keys in its keys half); the other side's tiles
+    are bk keys forward, bqk queries (keys half) and bkq keys (queries half), the largest
+    (up to 32, 16, 16) whose static shared memory fits the target's (48 KiB on NVIDIA
+    without opting in, 64 KiB LDS on AMD). Up to dp 64: 64 x 32 forward, 64 x 16
+    backward. Above, 32-row tiles: a backward half stages two row tiles (2 * rows * dp
+    floats) and keeps two accumulators (2 * ri * dp / 8 floats a thread); at dp 128 and
+    48 KiB the backward's other tiles shrink to 8."""
+    dp = ceil_div(dim, 32) * 32
+    ri = 4 if dp <= 64 else 2
+    rows = 16 * ri
+
+    def fwd(t: int) -> int:  # floats of the forward's Q; K, V; P with key tiles of t
+        return rows * dp + 2 * t * (dp + 4) + t * (rows + 4)
+
+    def keys(t: int) -> int:  # the keys half's K, V; Q, dO; P (then dS); row max, sum, delta
+        return 2 * rows * dp + 2 * t * (dp + 4) + t * (rows + 4) + 3 * t
+
+    def queries(t: int) -> int:  # the queries half's Q, dO; K, V; dS
+        return 2 * rows * dp + 2 * t * (dp + 4) + t * (rows + 4)
+
+    def largest(tiles: tuple[int, ...], floats) -> int:
+        fits = [t for t in tiles if floats(t) * 4 <= target.shared_mem]
+        assert fits, f"attention tiles for head_dim {dim} exceed the shared memory of {target.name}"
+        return fits[0]
+
+    bk, bqk, bkq = largest((32, 16, 8), fwd), largest((16, 8), keys), largest((16, 8), queries)
+    # The backward halves share one buffer; sizes in whole 16-byte vectors.
+    return dp, ri, rows, bk, bqk, bkq, ceil_div(fwd(bk), 4) * 4, ceil_div(max(keys(bqk), queries(bkq)), 4) * 4
+
+
 def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
     """Flash-style causal attention (FlashAttention-2 order, SIMT fp32): 128-thread
     blocks own tiles of queries (forward, dQ) or keys (dK, dV), stage the other side's
@@ -452,22 +487,15 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     a = kernel.attention
     em = Emitter(plan, kernel.nodes, args=args)
     *batch_shape, seq, dim = g.type(a.q).shape
-    assert dim <= 64, "the attention templates handle head_dim <= 64"
-    dp = 32 if dim <= 32 else 64  # head_dim padded (with zeros) to whole 8-lane x 4-float groups
+    assert dim <= MAX_HEAD_DIM, f"the attention templates handle head_dim <= {MAX_HEAD_DIM}"
     bhn = max(1, _size(tuple(batch_shape)))
-    # Tiles: forward 64 queries x 32 keys; backward keys half 64 keys x 16 queries,
-    # queries half 64 queries x 16 keys (fits the 48 KiB NVIDIA static limit at dp 64).
-    bq, bk, bkb, bqk, bqq, bkq = 64, 32, 64, 16, 64, 16
-    fwd_floats = bq * dp + 2 * bk * (dp + 4) + bk * (bq + 4)
-    keys_floats = 2 * bkb * dp + 2 * bqk * (dp + 4) + bqk * (bkb + 4) + 3 * bqk
-    queries_floats = 2 * bqq * dp + 2 * bkq * (dp + 4) + bkq * (bqq + 4)
-    bwd_floats = max(keys_floats, queries_floats)
-    fwd_floats, bwd_floats = ceil_div(fwd_floats, 4) * 4, ceil_div(bwd_floats, 4) * 4
-    assert max(fwd_floats, bwd_floats) * 4 <= target.shared_mem, "attention tiles exceed the shared memory"
+    dp, ri, rows, bk, bqk, bkq, fwd_floats, bwd_floats = _attention_tiles(dim, target)
+    bq = bkb = bqq = rows
     nqb, nkb = ceil_div(seq, bq), ceil_div(seq, bkb)
     batch_lines, z = _unravel_lines("bh", "z", tuple(batch_shape))
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
+               ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
                scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:

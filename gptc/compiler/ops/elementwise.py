@@ -51,6 +51,12 @@ _unary("cos", np.cos, lambda a, y, g, x: [-(g * x.sin())], "cosf({0})")
 register(OpDef("copy", ELEMENTWISE, infer=lambda ts, a: ts[0], reference=lambda xs, a, t, fd: xs[0].copy(),
                vjp=lambda a, y, g, x: [g], c_expr="{0}"))
 
+# Identity that no gradient flows through: autodiff treats its value as a constant (the
+# max that keeps softmax and log-sum-exp stable, whose gradient is zero in exact
+# arithmetic). The planner reads through it, so it never costs a kernel.
+register(OpDef("stop_gradient", ELEMENTWISE, infer=lambda ts, a: ts[0], reference=lambda xs, a, t, fd: xs[0],
+               vjp=lambda a, y, g, x: [None], c_expr="{0}"))
+
 _binary("add", np.add, lambda a, y, g, x0, x1: [g, g], "({0} + {1})")
 _binary("sub", np.subtract, lambda a, y, g, x0, x1: [g, -g], "({0} - {1})")
 _binary("mul", np.multiply, lambda a, y, g, x0, x1: [g * x1, g * x0], "({0} * {1})")

@@ -14,7 +14,12 @@ __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
 
 
 def make_plan(graph: Graph, fuse: bool = True) -> Plan:
-    """Fused (fuse=True) or unfused (one kernel per compute node) plan of `graph`."""
+    """Fused (fuse=True) or unfused (one kernel per compute node) plan of `graph`.
+    `graph` is left as it is: the plan holds its own copy (plan.graph), pruned and laid
+    out, with the same node ids plus the nodes planning adds."""
+    graph = graph.copy()
+    for nid in [n for n in graph.nx.nodes if graph.op(n) == "stop_gradient"]:
+        graph.bypass(nid)  # an identity once autodiff has run: no kernel computes it
     graph.prune()  # values nothing reads are not computed
     lay_out(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)

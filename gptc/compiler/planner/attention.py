@@ -17,7 +17,7 @@ from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
 
-MAX_HEAD_DIM = 64  # the kernels keep rows of head_dim floats per lane in shared memory
+MAX_HEAD_DIM = 128  # the kernels stage tiles of head_dim-float rows in shared memory (codegen's _attention_tiles)
 
 
 @dataclass

@@ -106,6 +106,11 @@ class Fuser:
         self.group_of: dict[int, int] = {}
         self.groups: list[Group] = []
         self.roots: set[int] = set(graph.roots())
+        # New values of params and states are written in place, which only pointwise
+        # kernels do safely (schedule._check_in_place), so row kernels and matmul
+        # epilogues never compute one: without gradient clipping, AdamW would otherwise
+        # join the epilogue of the weight-gradient matmul.
+        self.in_place: set[int] = set(graph.updates.values())
 
     def run(self) -> list[Group]:
         g = self.graph
@@ -276,6 +281,8 @@ class Fuser:
         """Row kernels hold nodes shaped like the row space (lead..., N) or its reduced
         form (lead..., 1), joined directly or by broadcasting (lead..., 1) over the row."""
         g = self.graph
+        if nodes & self.in_place:
+            return False
         reduced = space[:-1] + (1,)
         for n in nodes:
             kind = OPS[g.op(n)].kind
@@ -291,6 +298,8 @@ class Fuser:
 
     def _epilogue_legal(self, nodes: set[int], matmul: int) -> bool:
         g = self.graph
+        if nodes & self.in_place:
+            return False
         size = _size(g, matmul)
         if any(n != matmul and OPS[g.op(n)].kind not in (ELEMENTWISE, GATHER) for n in nodes):
             return False

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What one call on a GPU machine checks, from the repository root, results under $OUT:
+#   gpu-tests.txt   the GPU test suite (pytest -m gpu)
+#   dev.txt         the dev/ harness of every kernel family (check against NumPy, time variants)
+#   compare.md      gptc bench of this tree against a baseline tree, alternating (no regression)
+#   results.tgz     everything, logs included
+# Usage: bash benchmarks/gpu_session.sh [tests] [dev] [compare BASELINE_DIR BASELINE_COMMIT]
+# (default: tests and dev). Set GPTC_COMMIT to this tree's commit (a copy has no .git).
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT/all"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 GPTC_COMMIT=${GPTC_COMMIT:-unknown}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/all/gpu.txt" 2>&1
+steps=("$@")
+((${#steps[@]})) || steps=(tests dev)
+status=0
+i=0
+while ((i < ${#steps[@]})); do
+    case "${steps[i]}" in
+        tests)
+            python3 -m pytest -m gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/gpu-tests.txt" | tail -40
+            ((PIPESTATUS[0] == 0)) || status=1 ;;
+        dev)
+            for f in dev/*.py; do echo "== $f"; python3 "$f" || status=1; done 2>&1 | tee "$OUT/dev.txt" | tail -60 ;;
+        compare)
+            base=${steps[i + 1]}; base_commit=${steps[i + 2]}; i=$((i + 2))
+            python3 benchmarks/compare_commits.py --baseline "$base" --baseline-commit "$base_commit" \
+                --commit "$GPTC_COMMIT" --out "$OUT/all/compare" 2>&1 | tee "$OUT/all/compare-log.txt" | tail -20
+            cp "$OUT/all/compare/compare.md" "$OUT/compare.md" 2>/dev/null || status=1 ;;
+        *) echo "unknown step ${steps[i]}"; status=2 ;;
+    esac
+    i=$((i + 1))
+done
+cp "$OUT"/*.txt "$OUT"/*.md "$OUT/all/" 2>/dev/null
+tar -czf "$OUT/results.tgz" -C "$OUT" all
+exit $status
