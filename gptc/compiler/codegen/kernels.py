@@ -112,10 +112,10 @@ class _Part:
 
 
 def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
-                 mm_threads: int | None = None) -> _Part:
+                 mm_threads: int | None, tuning: dict) -> _Part:
     """The part of one planned kernel; `args` names buffers (shared by the kernels of
     one launch); `mm_threads` fixes a matmul's block size (a batched launch: one block
-    size for all parts)."""
+    size for all parts); `tuning` overrides the choices below (see `tunings`)."""
     g = plan.graph
     family = kernel.family
     ctx: dict = {}
@@ -134,16 +134,16 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
             value = em.value(updates, idx)
             offset = linearize((Var(f"(idx_t){row}"), idx[-1]), g.type(kernel.anchor).shape)
             body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[{emit(offset)}], {value});"]
-        threads = POINTWISE_THREADS
+        threads = tuning.get("threads", POINTWISE_THREADS)
         consts["count"] = count
         ctx.update(body=body)
         grid, block = _grid_1d(count, threads), (threads, 1, 1)
     elif family == "row":
-        grid, block, em = _row(plan, kernel, target, ctx, args)
+        grid, block, em = _row(plan, kernel, target, ctx, args, tuning)
     elif family == "reduce":
-        grid, block, em = _reduce(plan, kernel, target, ctx, args)
+        grid, block, em = _reduce(plan, kernel, target, ctx, args, tuning)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads)
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
     else:
@@ -152,14 +152,16 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
     return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts)
 
 
-def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> KernelSource:
+def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning: dict | None = None) -> KernelSource:
     """One launch: a kernel, or several independent kernels of one family batched
     into one grid (each gets a range of blocks; parts whose code differs only in the
-    buffers they touch, and the element count, share one device function)."""
+    buffers they touch, and the element count, share one device function). `tuning`
+    overrides the block size or tile the codegen would choose (one of `tunings`, for
+    the dev/ harness)."""
     g = plan.graph
     args: dict[int, str] = {}
     mm_threads = _mm_common_threads(plan, kernels, target) if len(kernels) > 1 and kernels[0].family == "matmul" else None
-    parts = [_render_part(plan, kernel, target, args, mm_threads) for kernel in kernels]
+    parts = [_render_part(plan, kernel, target, args, mm_threads, tuning or {}) for kernel in kernels]
     block = parts[0].block
     assert all(p.block == block for p in parts)
     assert len(parts) == 1 or all(p.grid[1] == p.grid[2] == 1 for p in parts), "parts use a 1-D grid (block_id)"
@@ -287,14 +289,14 @@ def _signature(head: str, params: list[str]) -> str:
     return "\n".join(names.wrap(params, f"{head}(", "    ")) + ")"
 
 
-def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
     g = plan.graph
     reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
     space = g.type(g.inputs_of(reduces[0])[0]).shape
     lead, row_len = space[:-1], space[-1]
     rows = max(1, _size(lead))
     wave = target.wavefront
-    tpr = wave if row_len <= 1024 else 256
+    tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
     special = {r: f"r{r}" for r in reduces}
     em = Emitter(plan, kernel.nodes, special, args)
@@ -323,7 +325,7 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
 
 
-def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
     g = plan.graph
     r = kernel.anchor
     attrs = g.node(r)["attrs"]
@@ -334,7 +336,8 @@ def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     out_shape = tuple(in_shape[a] for a in kept)
     outputs, reduced = max(1, _size(out_shape)), max(1, _size(tuple(in_shape[a] for a in axes)))
     leading = axes == tuple(range(len(axes)))
-    thread_per_output = leading and outputs >= 2048
+    thread_per_output = tuning.get("thread_per_output", leading and outputs >= 2048)
+    assert leading or not thread_per_output, "a thread per output walks leading axes only"
     em = Emitter(plan, kernel.nodes, {r: "acc"}, args)
     out_idx = unravel(var("o", outputs), out_shape)
     em.begin_block()
@@ -491,7 +494,7 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
 
 
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
-            threads: int | None = None):
+            threads: int | None = None, config: tuple | None = None):
     g = plan.graph
     mm = kernel.anchor
     a_in, b_in = g.inputs_of(mm)
@@ -515,7 +518,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         idx = unravel(element, g.type(r).shape)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
-    bm, bn, tm, tn, kg, bk, depth = _mm_config(m, n, k, batch, target, threads)
+    bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
     a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
@@ -594,6 +597,25 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     # for the queries half.
     return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
                  (bhn * (nkb + nqb), 1, 1), (128, 1, 1))
+
+
+def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
+    """The alternatives to the codegen's choice of block size or tile for `kernel`, as
+    `tuning` overrides for render_launch (the dev/ harness times them): pointwise and
+    scatter block sizes, threads per row, a thread or a block per reduced output, the
+    matmul configurations the target admits (attention tiles are fixed)."""
+    g = plan.graph
+    wave = target.wavefront
+    if kernel.family in ("pointwise", "scatter"):
+        return [{"threads": t} for t in (64, 128, 256, 512, 1024) if t % wave == 0]
+    if kernel.family == "row":
+        return [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
+    if kernel.family == "reduce":
+        axes = g.node(kernel.anchor)["attrs"]["axes"]
+        return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
+    if kernel.family == "matmul":
+        return [{"matmul": cfg} for cfg in _mm_menu(target)]
+    return []
 
 
 def render_plan(plan: Plan, target: Target) -> list[KernelSource]:

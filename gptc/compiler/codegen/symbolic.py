@@ -13,10 +13,12 @@ The constructors `add`, `mul`, `div`, `mod`, `minimum`, `maximum` apply these ru
 - (x / k) * k*c + (x % k) * c -> x * c and ((x / k) % m) * k*c + (x % k) * c ->
   (x % (k*m)) * c: an index unravelled and linearised again is the index itself;
 - (k*a + b) / k -> a + b / k and (k*a + b) % k -> b % k (a, b >= 0);
+  (d*a + b) / (d*m) -> a / m when 0 <= b < d;
   (x / a) / b -> x / (a*b); (x % (k*m)) / k -> (x / k) % m; (x % (k*m)) % k -> x % k;
 - x / k -> 0 and x % k -> x when 0 <= x < k; min and max of ordered operands."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -244,6 +246,11 @@ def div(e: Expr | int, k: int) -> Expr:
     split = _split(e, k)
     if split is not None:
         return add(split[0], div(split[1], k))
+    for d in sorted({math.gcd(k, c) for _, c in _terms(e)[0]} - {1, k}, reverse=True):
+        # e = d*a + b with 0 <= b < d: e / (d*m) = a / m (the row of a flat index)
+        terms, const = _terms(e)
+        if below(_sum([(t, c) for t, c in terms if c % d], const % d), d):
+            return div(_sum([(t, c // d) for t, c in terms if c % d == 0], const // d), k // d)
     return Div(e, k)
 
 
