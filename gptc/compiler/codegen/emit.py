@@ -2,14 +2,18 @@
 
 Values are computed in float (bf16 is converted on load and store), int or bool.
 Inside a kernel, a node it computes is emitted as a statement into the current block
-(`float v12_3 = ...;  // %12 mul  h.0/gelu`), cached by (node, index) so a value used
-twice is computed once; views become index arithmetic; nodes stored by other kernels
-and sources become loads from their buffers."""
+(`float v12 = ...;  // %12 mul h.0/gelu`), cached by (node, index) so a value used
+twice is computed once; views become index arithmetic (simplified expressions, see
+symbolic.py); nodes stored by other kernels and sources become loads from their
+buffers, cached by (buffer, offset): an element is loaded once per block, however many
+nodes or views read it."""
 from __future__ import annotations
 
 import math
 
-from gptc.compiler.codegen.indexing import Index, add, linearize, paren, view_index
+from gptc.compiler.codegen import names
+from gptc.compiler.codegen.indexing import Index, linearize, view_index
+from gptc.compiler.codegen.symbolic import ZERO, Expr, Var, add, atom, emit, in_range, maximum, minimum
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, VIEW
@@ -42,9 +46,10 @@ class Emitter:
         self.special = dict(special or {})
         self.lines: list[str] = []
         self.cache: dict[tuple[int, Index], str] = {}
+        self.loads: dict[tuple[int, Expr], str] = {}
         self.counter = 0
-        # buffer node -> kernel parameter name, in order of first use (shared by the
-        # kernels batched into one launch)
+        # buffer node -> kernel parameter (a placeholder, see names.py), in order of
+        # first use (shared by the kernels batched into one launch)
         self.args: dict[int, str] = {} if args is None else args
 
     # ----- blocks -------------------------------------------------------------
@@ -53,6 +58,7 @@ class Emitter:
         blocks are not visible in it."""
         self.lines = []
         self.cache = {}
+        self.loads = {}
 
     def take(self) -> list[str]:
         lines, self.lines = self.lines, []
@@ -60,25 +66,27 @@ class Emitter:
 
     # ----- buffers ------------------------------------------------------------
     def arg(self, nid: int) -> str:
-        # Positional names, so kernels that differ only in which buffers they read
-        # have identical code (and compile once).
         buf = self.plan.buffer_of(nid)
-        return self.args.setdefault(buf.node, f"p{len(self.args)}")
+        return self.args.setdefault(buf.node, names.arg(len(self.args)))
+
+    def offset(self, nid: int, index: Index) -> Expr:
+        buf = self.plan.buffer_of(nid)
+        return linearize(index, buf.shape) if buf.shape else ZERO
 
     def load(self, nid: int, index: Index) -> str:
+        """The local holding the element of `nid`'s buffer at `index` (loaded once)."""
         buf = self.plan.buffer_of(nid)
-        ptr = self.arg(nid)
-        offset = linearize(index, buf.shape) if buf.shape else "0"
-        raw = f"{ptr}[{offset}]"
-        return f"bf16_to_float({raw})" if buf.dtype == "bf16" else raw
+        key = (buf.node, self.offset(nid, index))
+        if key not in self.loads:
+            raw = f"{self.arg(nid)}[{emit(key[1])}]"
+            self.loads[key] = self._local(nid, f"bf16_to_float({raw})" if buf.dtype == "bf16" else raw)
+        return self.loads[key]
 
     def store(self, nid: int, index: Index, value: str) -> str:
         buf = self.plan.buffer_of(nid)
-        ptr = self.arg(nid)
-        offset = linearize(index, buf.shape) if buf.shape else "0"
         if buf.dtype == "bf16":
             value = f"float_to_bf16({value})"
-        return f"{ptr}[{offset}] = {value};"
+        return f"{self.arg(nid)}[{emit(self.offset(nid, index))}] = {value};"
 
     # ----- values -------------------------------------------------------------
     def value(self, nid: int, index: Index) -> str:
@@ -96,24 +104,29 @@ class Emitter:
             return c_literal(node["attrs"]["value"], dtype)
         if op == "iota":
             axis_index = index[node["attrs"]["axis"]]
-            return axis_index if dtype == "i32" else f"(({C_TYPE[dtype]}){paren(axis_index)})"
+            return emit(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
         if kind == VIEW:
             return self._view(nid, node, index)
         if nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
-            expr = self.load(nid, index)
+            name = self.load(nid, index)
         elif kind == ELEMENTWISE:
-            expr = self._elementwise(node, index)
+            name = self._local(nid, self._elementwise(node, index))
         elif kind == GATHER:
             table, ids = node["inputs"]
             row = self.value(ids, index[:-1])
-            expr = self.value(table, (row, index[-1]))
+            name = self.value(table, (Var(f"(idx_t){row}"), index[-1]))
         else:
             raise AssertionError(f"cannot inline {g.describe(nid)}")
+        self.cache[key] = name
+        return name
+
+    def _local(self, nid: int, expr: str) -> str:
+        """A new local holding `expr`, the value of node `nid`."""
+        node = self.graph.node(nid)
         name = f"v{self.counter}"
         self.counter += 1
-        where = f"  // %{nid} {op} {node['scope']}".rstrip()
-        self.lines.append(f"{C_TYPE[dtype]} {name} = {expr};{where}")
-        self.cache[key] = name
+        where = f"  // %{nid} {node['op']} {node['scope']}".rstrip()
+        self.lines.append(f"{C_TYPE[node['type'].dtype]} {name} = {unwrap(expr)};{where}")
         return name
 
     def _elementwise(self, node: dict, index: Index) -> str:
@@ -133,11 +146,26 @@ class Emitter:
         if node["op"] == "pad":
             ax, before = node["attrs"]["axis"], node["attrs"]["before"]
             n = in_shape[ax]
-            pos = paren(index[ax])
-            inside = f"({pos} >= {before} && {pos} < {before + n})"
+            inside = in_range(index[ax], before, before + n)
             # The clamped index keeps the (discarded) load in bounds.
-            clamped = f"min(max({add([pos, str(-before)])}, 0), {n - 1})"
-            inner = self.value(src, index[:ax] + (clamped,) + index[ax + 1:])
+            clamped = minimum(maximum(add(index[ax], -before), 0), n - 1)
             zero = c_literal(0.0, node["type"].dtype)
-            return f"({inside} ? {inner} : {zero})"
+            if inside == "false":
+                return zero
+            inner = self.value(src, index[:ax] + (clamped,) + index[ax + 1:])
+            if inside == "true":
+                return inner
+            return f"({f'({inside})' if '&&' in inside else inside} ? {inner} : {zero})"
         return self.value(src, view_index(node["op"], node["attrs"], in_shape, out_shape, index))
+
+
+def unwrap(expr: str) -> str:
+    """`expr` without brackets around all of it: (a + b) -> a + b, not (a) + (b)."""
+    while expr.startswith("(") and expr.endswith(")"):
+        depth = 0
+        for pos, ch in enumerate(expr):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0 and pos < len(expr) - 1:
+                return expr  # the first bracket closes before the end
+        expr = expr[1:-1]
+    return expr

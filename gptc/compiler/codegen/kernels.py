@@ -8,13 +8,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import jinja2
 
+from gptc.compiler.codegen import names
 from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter
-from gptc.compiler.codegen.indexing import ceil_div, unravel
+from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
+from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import strided
 from gptc.common import PACKAGE_DIR
 from gptc.target import Target
@@ -31,8 +34,9 @@ MAX_GRID = 65535 * 32
 class KernelSource:
     """A rendered kernel and how to launch it.
 
-    `source` is what a person reads (kernels/<name>.hip): it names the graph nodes on
-    every line. `code` is what the compiler gets: the same code without comments, its
+    `source` is what a person reads (kernels/<name>.hip): it names the graph nodes it
+    computes, and its parameters by their roles (names.py). `code` is what the compiler
+    gets: the same code without comments and with positional parameter names, its
     entry point `symbol` named by a hash of that code, so kernels that differ only in
     the graph nodes they came from (the same layer, repeated) compile once. `args` are
     the node ids of the buffers passed, in parameter order."""
@@ -80,13 +84,6 @@ def _index_type(plan: Plan, kernel: KernelPlan) -> str:
     return "long long" if max(sizes, default=0) >= 2**31 - 1 else "int"
 
 
-def _unravel_lines(var: str, prefix: str, shape: tuple[int, ...]) -> tuple[list[str], tuple[str, ...]]:
-    index = unravel(var, shape)
-    names = tuple(f"{prefix}{k}" for k in range(len(shape)))
-    lines = [f"const idx_t {nm} = {e};" for nm, e in zip(names, index)]
-    return lines, names
-
-
 def _store_lines(em: Emitter, roots: list[int], index_of) -> list[str]:
     lines = []
     for r in roots:
@@ -100,21 +97,35 @@ def _grid_1d(count: int, threads: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, threads), MAX_GRID)), 1, 1)
 
 
-def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
-                  mm_threads: int | None = None):
-    """[(title, body text, grid, block, pool floats)] of one planned kernel (the attention
-    backward has two parts: keys and queries); `args` names buffers (shared by the
-    kernels of one launch); `mm_threads` fixes a matmul's block size (a batched launch:
-    one block size for all parts). Pool floats: the shared memory the part takes from
-    the launch's pool gptc_smem (declared once per launch, sized to the largest part)."""
+@dataclass
+class _Part:
+    """One planned kernel's share of a launch: its body (parameters are placeholders,
+    see names.py), grid, block, the shared memory it takes from the launch's pool
+    gptc_smem (declared once per launch, sized to the largest part), and the values
+    its body names (the element count of a pointwise part: batched parts that differ
+    only in buffers and counts share one function)."""
+    title: str
+    text: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    pool_floats: int = 0
+    consts: dict[str, int] = field(default_factory=dict)
+
+
+def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
+                 mm_threads: int | None, tuning: dict) -> _Part:
+    """The part of one planned kernel; `args` names buffers (shared by the kernels of
+    one launch); `mm_threads` fixes a matmul's block size (a batched launch: one block
+    size for all parts); `tuning` overrides the choices below (see `tunings`)."""
     g = plan.graph
     family = kernel.family
     ctx: dict = {}
+    consts: dict[str, int] = {}
     if family in ("pointwise", "scatter"):
         em = Emitter(plan, kernel.nodes, args=args)
         shape = g.type(kernel.roots[0]).shape if family == "pointwise" else g.type(g.inputs_of(kernel.anchor)[1]).shape
         count = max(1, _size(shape))
-        unravel_lines, idx = _unravel_lines("i", "i", shape)
+        idx = unravel(var("i", count), shape)
         if family == "pointwise":
             stores = _store_lines(em, kernel.roots, lambda r: idx)
             body = em.take() + stores
@@ -122,63 +133,143 @@ def _render_parts(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int
             ids, updates = g.inputs_of(kernel.anchor)
             row = em.value(ids, idx[:-1])
             value = em.value(updates, idx)
-            body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[(idx_t){row} * {shape[-1]} + {idx[-1]}], {value});"]
-        threads = POINTWISE_THREADS
-        ctx.update(count=count, unravel=unravel_lines, body=body)
+            offset = linearize((Var(f"(idx_t){row}"), idx[-1]), g.type(kernel.anchor).shape)
+            body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[{emit(offset)}], {value});"]
+        threads = tuning.get("threads", POINTWISE_THREADS)
+        consts["count"] = count
+        ctx.update(body=body)
         grid, block = _grid_1d(count, threads), (threads, 1, 1)
     elif family == "row":
-        grid, block, em = _row(plan, kernel, target, ctx, args)
+        grid, block, em = _row(plan, kernel, target, ctx, args, tuning)
     elif family == "reduce":
-        grid, block, em = _reduce(plan, kernel, target, ctx, args)
+        grid, block, em = _reduce(plan, kernel, target, ctx, args, tuning)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads)
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"))
     elif family in ("attention", "attention_bwd"):
-        return [part + (0,) for part in _attention(plan, kernel, target, args)]
+        return _attention(plan, kernel, target, args)
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
-    return [(kernel.name, text, grid, block, ctx.get("smem_floats", 0))]
+    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts)
 
 
-def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target) -> KernelSource:
+def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning: dict | None = None) -> KernelSource:
     """One launch: a kernel, or several independent kernels of one family batched
-    into one grid (each gets a range of blocks)."""
+    into one grid (each gets a range of blocks; parts whose code differs only in the
+    buffers they touch, and the element count, share one device function). `tuning`
+    overrides the block size or tile the codegen would choose (one of `tunings`, for
+    the dev/ harness)."""
     g = plan.graph
     args: dict[int, str] = {}
-    parts, start, block, pool = [], 0, None, 0
     mm_threads = _mm_common_threads(plan, kernels, target) if len(kernels) > 1 and kernels[0].family == "matmul" else None
-    for kernel in kernels:
-        for title, text, grid, part_block, floats in _render_parts(plan, kernel, target, args, mm_threads):
-            assert block in (None, part_block)
-            assert grid[1] == grid[2] == 1, "parts use a 1-D grid (block_id)"
-            block = part_block
-            pool = max(pool, floats)
-            parts.append(dict(body=text, start=start, end=start + grid[0], title=title))
-            start += grid[0]
+    parts = [_render_part(plan, kernel, target, args, mm_threads, tuning or {}) for kernel in kernels]
+    block = parts[0].block
+    assert all(p.block == block for p in parts)
+    assert len(parts) == 1 or all(p.grid[1] == p.grid[2] == 1 for p in parts), "parts use a 1-D grid (block_id)"
+    pool = max(p.pool_floats for p in parts)
     assert pool * 4 <= target.shared_mem, "a part's shared memory exceeds the target's"
-    grid = (start, 1, 1) if len(parts) > 1 else grid
+    types = {ph: STORAGE_TYPE[plan.buffer_of(a).dtype] for a, ph in args.items()}
+    functions, calls, leader = _share(parts, types)
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + p.grid[0])
+    grid = (starts[-1], 1, 1) if len(parts) > 1 else parts[0].grid
     family = kernels[0].family
     name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
-    arg_ids = tuple(args)  # in parameter order
-    params = ", ".join(f"{STORAGE_TYPE[plan.buffer_of(a).dtype]}* {args[a]}" for a in arg_ids)
-    node_lines = []
-    for kernel in kernels:
-        if len(kernels) > 1:
-            node_lines.append(f"{kernel.name}:")
-        node_lines += [("* " if n in kernel.roots else "  ") + g.describe(n) for n in kernel.nodes]
-    node_lines += [f"{args[a]} = buffer of %{a} ({plan.buffer_of(a).role or plan.buffer_of(a).name})" for a in arg_ids]
     index_type = "long long" if any(_index_type(plan, k) == "long long" for k in kernels) else "int"
     template = _environment().get_template("kernel.hip.j2")
-    common = dict(family=family, target=target, index_type=index_type, parts=parts, pool_f4=(pool + 3) // 4,
-                  needs_reduce_helpers=family in ("row", "reduce"), block_threads=block[0], params=params)
-    code = _strip_comments(template.render(prelude="", name="KERNEL_SYMBOL", title="", node_lines=[], **common))
+
+    def render(symbol: str, mapping: dict[str, str], fn_args: list[dict[str, str]], title: str = "",
+               node_lines: Sequence[str] = (), with_prelude: bool = True) -> str:
+        """The launch's text, its placeholders named by `mapping` (and by `fn_args` inside
+        each function); those it does not name stay (the code)."""
+        fns = []
+        for f, local in zip(functions, fn_args):
+            head = f"__device__ __forceinline__ void {names.substitute(f['name'], mapping)}"
+            fns.append(dict(comment=f["comment"], body=names.substitute(f["body"], {**mapping, **local}),
+                            signature=_signature(head, [f"{t} {names.substitute(p, local)}" for t, p in f["params"]])))
+        blocks = []
+        for p, start, call in zip(parts, starts, calls):
+            if call is None:
+                body = names.substitute(p.text, mapping)
+            else:
+                fn, values = names.substitute(call[0], mapping), [names.substitute(v, mapping) for v in call[1]]
+                body = _signature(f"  {fn}", values) + ";\n"
+            blocks.append(dict(title=p.title, start=start, end=start + p.grid[0], inline=call is None,
+                               consts=p.consts, body=body))
+        params = [f"{types[ph]}* {names.substitute(ph, mapping)}" for ph in args.values()]
+        head = f'extern "C" __global__ void GPTC_LAUNCH_BOUNDS({block[0]}) {symbol}'
+        return template.render(prelude=prelude() if with_prelude else "", family=family, target=target,
+                               index_type=index_type, needs_reduce_helpers=family in ("row", "reduce"),
+                               pool_f4=(pool + 3) // 4, functions=fns, parts=blocks, title=title,
+                               signature=_signature(head, params), node_lines=node_lines)
+
+    code = _strip_comments(render("KERNEL_SYMBOL", {}, [{} for _ in functions], with_prelude=False))
     symbol = f"gptc_{family}_{hashlib.sha256(code.encode()).hexdigest()[:12]}"
     code = prelude() + code.replace("KERNEL_SYMBOL", symbol)
-    source = template.render(prelude=prelude(), name=symbol, title=name, node_lines=node_lines, **common)
+    # Role names for the source a person reads (the code keeps the placeholders).
+    avoid = names.taken_names(code[len(prelude()):], prelude())
+    taken = set(avoid)
+    mapping = {ph: names.unique(names.buffer_names(plan, a)[0], taken) for a, ph in args.items()}
+    mapping.update({f["name"]: names.unique(names.sanitize(f["title"]), taken) for f in functions})
+    node_of = {ph: a for a, ph in args.items()}
+    fn_args = []
+    for f in functions:  # a parameter is named by what the parts' buffers have in common
+        local = avoid | {mapping[f["name"]]}
+        fn_args.append({p: names.unique(names.agreed_name([names.buffer_names(plan, node_of[ph]) for ph in column]),
+                                        local) for p, column in zip(f["fargs"], f["columns"])})
+    node_lines = []
+    for k, kernel in enumerate(kernels):
+        if len(kernels) > 1:
+            node_lines.append(f"{kernel.name}:")
+        if leader[k] == k:
+            node_lines += [("* " if n in kernel.roots else "  ") + g.describe(n) for n in kernel.nodes]
+        else:
+            scopes = ", ".join(sorted({g.node(n)["scope"] or "-" for n in kernel.nodes}))
+            ids = [("*" if n in kernel.roots else "") + f"%{n}" for n in kernel.nodes]
+            node_lines += names.wrap(ids, f"  as {kernels[leader[k]].name} ({scopes}): ", "    ", 96)
+    node_lines += names.wrap([f"{mapping[ph]} = %{a}" for a, ph in args.items()], "parameters: ", "  ", 96)
+    source = render(symbol, mapping, fn_args, name, node_lines)
     nodes = [n for k in kernels for n in k.nodes]
     origin = f"{name}: " + "; ".join(g.describe(n) for n in nodes[:8]) + (" ..." if len(nodes) > 8 else "")
     zero_init = tuple(n for k in kernels for n in k.zero_init)
-    return KernelSource(name, family, source, code, symbol, grid, block, arg_ids, zero_init, origin)
+    return KernelSource(name, family, source, code, symbol, grid, block, tuple(args), zero_init, origin)
+
+
+def _share(parts: list[_Part], types: dict[str, str]):
+    """(functions, calls, leader) of a launch's parts: parts whose bodies are equal once
+    their buffers (and constants) are function parameters run one __forceinline__
+    device function (inlined: the same machine code as the bodies themselves).
+    calls[k] is part k's call, (function, arguments), or None where its body stays
+    inline; leader[k] the index of the first part with its code."""
+    groups: dict[tuple, list[int]] = {}
+    used_of, abstract_of = [], []
+    for part in parts:
+        used = list(dict.fromkeys(names.ARG.findall(part.text)))
+        abstract = names.substitute(part.text, {ph: names.farg(n) for n, ph in enumerate(used)})
+        used_of.append(used)
+        abstract_of.append(abstract)
+        key = (_strip_comments(abstract), tuple(types[ph] for ph in used), tuple(part.consts))
+        groups.setdefault(key, []).append(len(used_of) - 1)
+    functions, calls, leader = [], [None] * len(parts), list(range(len(parts)))
+    for members in groups.values():
+        first = members[0]
+        for k in members:
+            leader[k] = first
+        if len(members) == 1:
+            continue
+        fn = names.fn(len(functions))
+        fargs = [names.farg(n) for n in range(len(used_of[first]))]
+        params = [(f"{types[ph]}*", fa) for ph, fa in zip(used_of[first], fargs)]
+        params += [("idx_t", c) for c in parts[first].consts] + [("idx_t", "block_id"), ("idx_t", "grid_blocks")]
+        title = parts[first].title
+        functions.append(dict(name=fn, title=title, params=params, fargs=fargs, body=abstract_of[first],
+                              columns=list(zip(*[used_of[k] for k in members])),
+                              comment=f"{title}'s code, run by the {len(members)} parts of this launch that compute the "
+                                      f"same nodes\n// on other buffers (its comments name {title}'s nodes)."))
+        for k in members:
+            calls[k] = (fn, used_of[k] + [str(v) for v in parts[k].consts.values()] + ["block_id", "grid_blocks"])
+    return functions, calls, leader
 
 
 def _strip_comments(text: str) -> str:
@@ -194,20 +285,25 @@ def _size(shape) -> int:
     return n
 
 
-def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+def _signature(head: str, params: list[str]) -> str:
+    """`head(params)`, the parameters wrapped at 100 columns."""
+    return "\n".join(names.wrap(params, f"{head}(", "    ")) + ")"
+
+
+def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
     g = plan.graph
     reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
     space = g.type(g.inputs_of(reduces[0])[0]).shape
     lead, row_len = space[:-1], space[-1]
     rows = max(1, _size(lead))
     wave = target.wavefront
-    tpr = wave if row_len <= 1024 else 256
+    tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
     special = {r: f"r{r}" for r in reduces}
     em = Emitter(plan, kernel.nodes, special, args)
-    unravel_lines, lead_idx = _unravel_lines("row", "l", lead)
-    full_idx = lead_idx + ("j",)
-    row_idx = lead_idx + ("0",)
+    lead_idx = unravel(var("row", rows), lead)
+    full_idx = lead_idx + (var("j", row_len),)
+    row_idx = lead_idx + (ZERO,)
     stages = []
     for r in reduces:
         em.begin_block()
@@ -225,12 +321,12 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     em.begin_block()
     full_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == space], lambda r: full_idx)
     full_body = em.take() + full_body
-    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, unravel=unravel_lines,
-               stages=stages, row_body=row_body, full_body=full_body)
+    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, stages=stages,
+               row_body=row_body, full_body=full_body)
     return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
 
 
-def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str]):
+def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
     g = plan.graph
     r = kernel.anchor
     attrs = g.node(r)["attrs"]
@@ -241,25 +337,26 @@ def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     out_shape = tuple(in_shape[a] for a in kept)
     outputs, reduced = max(1, _size(out_shape)), max(1, _size(tuple(in_shape[a] for a in axes)))
     leading = axes == tuple(range(len(axes)))
-    thread_per_output = leading and outputs >= 2048
+    thread_per_output = tuning.get("thread_per_output", leading and outputs >= 2048)
+    assert leading or not thread_per_output, "a thread per output walks leading axes only"
     em = Emitter(plan, kernel.nodes, {r: "acc"}, args)
-    unravel_out, out_idx = _unravel_lines("o", "o", out_shape)
+    out_idx = unravel(var("o", outputs), out_shape)
     em.begin_block()
-    red_lines, red_idx = _unravel_lines("r", "q", tuple(in_shape[a] for a in axes))
-    full = [""] * len(in_shape)
+    red_idx = unravel(var("r", reduced), tuple(in_shape[a] for a in axes))
+    full = [ZERO] * len(in_shape)
     for a, e in zip(kept, out_idx):
         full[a] = e
     for a, e in zip(axes, red_idx):
         full[a] = e
     v = em.value(src, tuple(full))
     is_max = g.op(r) == "max"
-    body = red_lines + em.take()
+    body = em.take()
     em.begin_block()
     r_shape = g.type(r).shape
-    store_idx = tuple(full[a] if a in kept else "0" for a in range(len(in_shape))) if attrs["keepdims"] else out_idx
+    store_idx = tuple(full[a] if a in kept else ZERO for a in range(len(in_shape))) if attrs["keepdims"] else out_idx
     store = [em.store(r, store_idx if r_shape else (), "acc")]
     threads = 256
-    ctx.update(thread_per_output=thread_per_output, outputs=outputs, reduced=reduced, unravel_out=unravel_out,
+    ctx.update(thread_per_output=thread_per_output, outputs=outputs, reduced=reduced,
                init="-INFINITY" if is_max else "0.0f", combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}",
                body=body, store=store, is_max="true" if is_max else "false")
     grid = (ceil_div(outputs, threads), 1, 1) if thread_per_output else (outputs, 1, 1)
@@ -398,7 +495,7 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
 
 
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
-            threads: int | None = None):
+            threads: int | None = None, config: tuple | None = None):
     g = plan.graph
     mm = kernel.anchor
     a_in, b_in = g.inputs_of(mm)
@@ -410,22 +507,25 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
     a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
     # Batch offsets of A and B from the batch index (the block's tile along z).
-    batch_lines, batch_idx = _unravel_lines("batch", "z", batch_shape)
-    a_terms = [str(a_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, a_strides[:-2]) if s]
-    b_terms = [str(b_off)] + [f"{z} * {s}" for z, s in zip(batch_idx, b_strides[:-2]) if s]
-    batch_lines += [f"const idx_t a_base = {' + '.join(a_terms)};", f"const idx_t b_base = {' + '.join(b_terms)};"]
+    batch = max(1, _size(batch_shape))
+    batch_idx = unravel(var("batch", batch), batch_shape)
+    batch_lines = [f"const idx_t {name} = {emit(add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])]))};"
+                   for name, offset, strides in (("a_base", a_off, a_strides), ("b_base", b_off, b_strides))]
     em.begin_block()
     body = []
+    # The element of C at (batch, gm, gn) (the template's variables).
+    element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
     for r in kernel.roots:
-        lines, idx = _unravel_lines("i_lin", f"e{r}_", g.type(r).shape)
-        body += lines
+        idx = unravel(element, g.type(r).shape)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
-    batch = max(1, _size(batch_shape))
-    bm, bn, tm, tn, kg, bk, depth = _mm_config(m, n, k, batch, target, threads)
+    bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
     a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
+    # The staging loads' offsets from the template's row and column variables.
+    gm, gk, gn = Var("gm"), Var("gk"), Var("gn")
+    a_at, b_at = emit(add(mul(gm, a_sm), mul(gk, a_sk))), emit(add(mul(gk, b_sk), mul(gn, b_sn)))
     # Staging loads: consecutive threads walk the operand's contiguous dimension;
     # "k" reads runs of 8 along k (one 32-byte sector) from 4 rows per 32 threads.
     a_mode = "m" if a_sk != 1 and a_sm == 1 else "k"
@@ -436,7 +536,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                pa=bm + 4, pb=bn + 4, smem_floats=_mm_smem_floats(bm, bn, bk, kg),
                la=bm * bk // threads, lb=bn * bk // threads, a_mode=a_mode, b_mode=b_mode,
                check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
-               batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_sm=a_sm, a_sk=a_sk, b_sk=b_sk, b_sn=b_sn,
+               batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_at=a_at, b_at=b_at,
                body=body, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm))
     # A 1-D grid: block_id runs over the tiles, n fastest, then m, then the batch
     # (the order a (n, m, batch) grid would dispatch them).
@@ -478,7 +578,7 @@ def _attention_tiles(dim: int, target: Target):
     return dp, ri, rows, bk, bqk, bkq, ceil_div(fwd(bk), 4) * 4, ceil_div(max(keys(bqk), queries(bkq)), 4) * 4
 
 
-def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]):
+def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]) -> _Part:
     """Flash-style causal attention (FlashAttention-2 order, SIMT fp32): 128-thread
     blocks own tiles of queries (forward, dQ) or keys (dK, dV), stage the other side's
     tiles in shared memory and keep their accumulators in registers. The backward is
@@ -492,7 +592,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     dp, ri, rows, bk, bqk, bkq, fwd_floats, bwd_floats = _attention_tiles(dim, target)
     bq = bkb = bqq = rows
     nqb, nkb = ceil_div(seq, bq), ceil_div(seq, bkb)
-    batch_lines, z = _unravel_lines("bh", "z", tuple(batch_shape))
+    batch_lines: list[str] = []
+    z = unravel(var("bh", bhn), tuple(batch_shape))
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
@@ -502,8 +603,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         buf, offset, strides = _operand_layout(plan, nid)
         if transpose:
             strides = strides[:-2] + [strides[-1], strides[-2]]
-        terms = [str(offset)] + [f"{zi} * {st}" for zi, st in zip(z, strides[:-2]) if st]
-        batch_lines.append(f"const idx_t {name}_base = {' + '.join(terms)};")
+        base = add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])])
+        batch_lines.append(f"const idx_t {name}_base = {emit(base)};")
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
 
     operand("q", a.q)
@@ -516,14 +617,33 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(out=em.arg(a.out), store_stats=stats)
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
-        return [(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))]
+        return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
     ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(a.dq),
                dkt_ptr=em.arg(a.dk_t), dv_ptr=em.arg(a.dv))
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
     # for the queries half.
-    return [(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
-             (bhn * (nkb + nqb), 1, 1), (128, 1, 1))]
+    return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
+                 (bhn * (nkb + nqb), 1, 1), (128, 1, 1))
+
+
+def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
+    """The alternatives to the codegen's choice of block size or tile for `kernel`, as
+    `tuning` overrides for render_launch (the dev/ harness times them): pointwise and
+    scatter block sizes, threads per row, a thread or a block per reduced output, the
+    matmul configurations the target admits (attention tiles are fixed)."""
+    g = plan.graph
+    wave = target.wavefront
+    if kernel.family in ("pointwise", "scatter"):
+        return [{"threads": t} for t in (64, 128, 256, 512, 1024) if t % wave == 0]
+    if kernel.family == "row":
+        return [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
+    if kernel.family == "reduce":
+        axes = g.node(kernel.anchor)["attrs"]["axes"]
+        return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
+    if kernel.family == "matmul":
+        return [{"matmul": cfg} for cfg in _mm_menu(target)]
+    return []
 
 
 def render_plan(plan: Plan, target: Target) -> list[KernelSource]:
