@@ -21,11 +21,16 @@ while ((i < ${#steps[@]})); do
             python3 -m pytest -m gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/gpu-tests.txt" | tail -40
             ((PIPESTATUS[0] == 0)) || status=1 ;;
         dev)
-            for f in dev/*.py; do echo "== $f"; python3 "$f" || status=1; done 2>&1 | tee "$OUT/dev.txt" | tail -60 ;;
+            (failed=0
+             for family in pointwise row reduce matmul attention attention_bwd scatter; do
+                 echo "== dev/kernel.py --family $family"; python3 dev/kernel.py --family "$family" || failed=1
+             done; exit $failed) 2>&1 | tee "$OUT/dev.txt" | tail -60
+            ((PIPESTATUS[0] == 0)) || status=1 ;;
         compare)
             base=${steps[i + 1]}; base_commit=${steps[i + 2]}; i=$((i + 2))
             python3 benchmarks/compare_commits.py --baseline "$base" --baseline-commit "$base_commit" \
                 --commit "$GPTC_COMMIT" --out "$OUT/all/compare" 2>&1 | tee "$OUT/all/compare-log.txt" | tail -20
+            ((PIPESTATUS[0] == 0)) || status=1
             cp "$OUT/all/compare/compare.md" "$OUT/compare.md" 2>/dev/null || status=1 ;;
         *) echo "unknown step ${steps[i]}"; status=2 ;;
     esac
