@@ -250,7 +250,7 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     short = tmp_path / "short.txt"
     short.write_text("too short for a window of 33 tokens, twice over" * 4)
     code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", short, "--out", tmp_path / "a")
-    assert_one_line_error(code, err, "fewer than the 321 needed")
+    assert_one_line_error(code, err, "fewer than the 321 tokens needed")
     toml = tmp_path / "big-vocab.toml"
     toml.write_text("preset = 'tiny'\n[model]\nvocab_size = 100000\n")
     code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "b")
@@ -292,3 +292,34 @@ def test_real_ctrl_c(tmp_path, data_file):
     assert [r["step"] for r in trainer.read_metrics(run_dir)] == list(range(1, step + 1))
     result, _ = run(None, data_file, resume=run_dir, steps=step + 3)
     assert result.step == step + 3
+
+
+@pytest.fixture
+def deadline():
+    """deadline(seconds): fail the test (instead of hanging) if it runs longer."""
+    def on_alarm(signum, frame):
+        raise AssertionError("took too long")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    yield signal.alarm
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_min_corpus_tokens_is_the_fewest_that_split_allows(deadline):
+    from gptc.tools.data import min_corpus_tokens, split
+    for fraction in (0.1, 0.25, 0.5, 0.9):
+        for seq_len in range(1, 200):
+            n = min_corpus_tokens(seq_len, fraction)
+            ok = [min(len(part) for part in split(np.zeros(k), fraction)) >= seq_len + 1 for k in (n - 1, n)]
+            assert ok == [False, True], (fraction, seq_len, n)
+    deadline(5)
+    assert min_corpus_tokens(10**8) == 1_000_000_001  # 900,000,000 + 100,000,001
+
+
+def test_a_huge_seq_len_is_refused_before_tokenizing(tmp_path, data_file, capsys, deadline):
+    toml = tmp_path / "long.toml"
+    toml.write_text("preset = 'tiny'\n[model]\nseq_len = 100000000\n")
+    deadline(20)
+    code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "fewer than the 1,000,000,001 tokens needed")
+    assert "bytes (so at most as many tokens)" in err and not (tmp_path / "run").exists()

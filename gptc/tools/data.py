@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 from pathlib import Path
@@ -74,8 +75,13 @@ class Batches:
         return rows[:, :-1], rows[:, 1:]
 
 
+def _cut(n: int, validation_fraction: float) -> int:
+    """How many of n tokens go to training (the rest to validation)."""
+    return int(n * (1.0 - validation_fraction))
+
+
 def split(tokens: np.ndarray, validation_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    cut = int(len(tokens) * (1.0 - validation_fraction))
+    cut = _cut(len(tokens), validation_fraction)
     return tokens[:cut], tokens[cut:]
 
 
@@ -92,13 +98,30 @@ def validation_windows(tokens: np.ndarray, n_batches: int, batch: int, seq_len: 
 
 def min_corpus_tokens(seq_len: int, validation_fraction: float = 0.1) -> int:
     """The fewest tokens a corpus needs for one window of seq_len + 1 tokens in each
-    split (as `split` cuts)."""
-    n = seq_len + 1
-    while True:
-        cut = int(n * (1.0 - validation_fraction))
-        if cut >= seq_len + 1 and n - cut >= seq_len + 1:
-            return n
-        n += 1
+    split (as `split` cuts). Both splits grow with n, so a binary search finds it."""
+    window = seq_len + 1
+
+    def enough(n: int) -> bool:
+        cut = _cut(n, validation_fraction)
+        return cut >= window and n - cut >= window
+
+    # hi is enough: hi * min(f, 1 - f) >= window + 1, so each split gets at least window
+    lo, hi = window, (window + 1) * (1 + math.ceil(1 / min(validation_fraction, 1 - validation_fraction)))
+    while lo < hi:  # the smallest enough n in [lo, hi]
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
+
+
+def check_corpus_size(count: int, seq_len: int, validation_fraction: float, what: str = "tokens") -> None:
+    """Refuse a corpus of `count` tokens too short for one window in each split. Called
+    with the corpus's byte count before tokenizing (a token is at least one byte), so
+    that a huge seq_len is refused at once, and with its token count after."""
+    need = min_corpus_tokens(seq_len, validation_fraction)
+    if count < need:
+        raise DataError(f"the corpus has {count:,} {what}, fewer than the {need:,} tokens needed for one window of "
+                        f"{seq_len + 1:,} tokens in both the training and the validation split; give more text "
+                        "or lower model.seq_len")
 
 
 # ----- tokenization with a disk cache -----------------------------------------------------

@@ -46,8 +46,8 @@ from typing import Callable, TextIO
 import numpy as np
 
 from gptc.tools import checkpoint as ckpt
-from gptc.tools.data import (Batches, DataError, min_corpus_tokens, read_corpus, split, tokenize_corpus,
-                       validation_windows)
+from gptc.tools.data import (Batches, DataError, check_corpus_size, read_corpus, split, tokenize_corpus,
+                             validation_windows)
 from gptc.tools.plot import line_chart
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
@@ -275,14 +275,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     if checkpoint is not None and data_info.get("sha256") not in (None, corpus_sha):
         raise GptcError(f"cannot resume '{resume}': the data ({source}) differs from the text the run was trained on; "
                         f"pass the run's data with --data" + (f" ({data_info['path']})" if data_info.get("path") else ""))
+    check_corpus_size(len(text.encode("utf-8")), m.seq_len, VALIDATION_FRACTION, "bytes (so at most as many tokens)")
     started = time.perf_counter()
     tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
     how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
-    need = min_corpus_tokens(m.seq_len, VALIDATION_FRACTION)
-    if len(ids) < need:
-        raise DataError(f"the corpus has {len(ids)} tokens, fewer than the {need} needed for one window of "
-                        f"{m.seq_len + 1} tokens in both the training and the validation split; give more text "
-                        "or lower model.seq_len")
+    check_corpus_size(len(ids), m.seq_len, VALIDATION_FRACTION)
     if checkpoint is not None and checkpoint.tokenizer_json != tokenizer.to_json():
         raise ckpt.CheckpointError(f"cannot resume '{resume}': the run's tokenizer differs from the one trained on "
                                    "this data now (another gptc version?); start a new run")
