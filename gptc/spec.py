@@ -120,6 +120,15 @@ def validate(spec: Spec) -> Spec:
     for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
         if getattr(m, name) <= 0:
             raise SpecError(f"model.{name} must be positive, got {getattr(m, name)}")
+    # NumPy and the generated kernels index with 64-bit integers: no tensor may hold 2**63
+    # bytes. No machine comes near; this refuses absurd sizes (e.g. --batch 10**21) in
+    # one line instead of failing deep inside the graph builder.
+    b, s, e = t.batch_size, m.seq_len, m.d_model
+    largest = max(b * s * max(3 * e, m.d_ff, m.vocab_size), b * m.n_heads * s * s, m.vocab_size * e, s * e, e * m.d_ff)
+    if largest * 4 >= 2**63:
+        raise SpecError(f"the model is too large: one of its tensors would hold {largest:.2e} numbers, more than 64-bit "
+                        "offsets address; lower model.seq_len, model.d_model, model.d_ff, model.vocab_size or "
+                        "train.batch_size")
     if m.d_model % m.n_heads:
         raise SpecError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
@@ -175,7 +184,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     if expected == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        return _finite(where, value)
     if expected == "str":
         if not isinstance(value, str):
             raise SpecError(f"{where} must be a string, got {value!r}")
@@ -183,8 +192,15 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     if expected.startswith("tuple"):
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise SpecError(f"{where} must be a list of numbers, got {value!r}")
-        return tuple(float(v) for v in value)
+        return tuple(_finite(where, v) for v in value)
     raise AssertionError(f"unhandled field type {expected}")
+
+
+def _finite(where: str, value: int | float) -> float:
+    """value as a float; inf and nan (which TOML allows) are refused."""
+    if not math.isfinite(value):
+        raise SpecError(f"{where} must be finite, got {value}")
+    return float(value)
 
 
 def _apply(section: str, base: Any, values: dict) -> Any:

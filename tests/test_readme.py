@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -22,3 +23,36 @@ def test_custom_model_example_runs():
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in README.read_text()
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `$ gptc ...` line of the README's examples."""
+    return [shlex.split(line)[1:] for line in re.findall(r"^\$ (gptc .*)$", README.read_text(), re.M)]
+
+
+def test_every_readme_command_parses():
+    from gptc.tools.cli import build_parser
+    commands = readme_commands()
+    assert {c[0] for c in commands} >= {"demo", "train", "generate", "compile", "inspect", "plan"}
+    for argv in commands:
+        build_parser().parse_args(argv)  # exits (a failed test) on an unknown option or a bad value
+
+
+def test_the_demo_then_the_readme_generate_command(tmp_path, monkeypatch, capsys):
+    """`gptc demo` trains in runs/demo, where the README's `gptc generate --checkpoint
+    runs/demo ...` finds it; a second demo refuses to overwrite it."""
+    from gptc.tools.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--preset", "tiny", "--steps", "2", "--device", "cpu", "--num-tokens", "3"]) == 0
+    assert [p.name for p in (tmp_path / "runs" / "demo" / "checkpoints").iterdir()] == ["step-000002"]
+    generate = next(c for c in readme_commands() if c[0] == "generate" and "--top-p" not in c)
+    assert generate[generate.index("--checkpoint") + 1] == "runs/demo"
+    capsys.readouterr()
+    assert main(generate) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("KING HENRY.") and out.endswith("\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["demo", "--preset", "tiny", "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptc: error: 'runs/demo' holds an earlier run") and "\n" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

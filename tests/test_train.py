@@ -265,7 +265,7 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     assert_one_line_error(code, err, "has no checkpoints")
     code, _, err = cli(capsys, tmp_path, "--device", "cpu")
     assert_one_line_error(code, err, "not a bundle (no manifest.json)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-vocab.toml", "cache", "file.txt", "short.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-vocab.toml", "file.txt", "short.txt"]
 
 
 def test_real_ctrl_c(tmp_path, data_file):

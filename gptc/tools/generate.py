@@ -26,18 +26,28 @@ class SamplingParams:
     greedy: bool = False
     seed: int | None = None
 
-    def validate(self, vocab_size: int) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Refuse out-of-range values in one line; top-k is checked against `vocab_size`
+        when given (the tokenizer's, once a checkpoint is loaded)."""
         if self.num_tokens < 1:
             raise GptcError(f"--num-tokens must be at least 1, got {self.num_tokens}")
         if not self.temperature > 0:
             raise GptcError(f"--temp must be greater than 0, got {self.temperature} (use --greedy for argmax)")
-        if not 0 <= self.top_k <= vocab_size:
-            raise GptcError(f"--top-k must be between 0 (off) and the vocabulary size {vocab_size}, got {self.top_k}")
+        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+            raise GptcError(f"--top-k must be between 0 (off) and the vocabulary size"
+                            f"{f' {vocab_size}' if vocab_size is not None else ''}, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GptcError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise GptcError(f"--repetition-penalty must be greater than 0, got {self.repetition_penalty}")
+        if self.seed is not None and self.seed < 0:
+            raise GptcError(f"--seed must be 0 or more, got {self.seed}")
         return self
+
+
+def check_prompt(prompt: str) -> None:
+    if not prompt:
+        raise GptcError("the prompt is empty; give at least one character with --prompt")
 
 
 def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
@@ -135,15 +145,15 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
     log = log or (lambda line: print(line, file=sys.stderr))
+    check_prompt(prompt)
+    p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
-    p.validate(spec.model.vocab_size)
     try:
         tokenizer = Tokenizer.from_json(ckpt.tokenizer_json)
     except ValueError as e:
         raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
-    if not prompt:
-        raise GptcError("the prompt is empty; give at least one character with --prompt")
+    p.validate(tokenizer.vocab_size)
     ids = [int(t) for t in tokenizer.encode(prompt)]
     if len(ids) > spec.model.seq_len:
         log(f"warning: the prompt has {len(ids)} tokens, more than the context of {spec.model.seq_len}; "

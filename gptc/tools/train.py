@@ -45,6 +45,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
+from gptc.common import first_file_in
 from gptc.tools import checkpoint as ckpt
 from gptc.tools.data import (Batches, DataError, check_corpus_size, read_corpus, split, tokenize_corpus,
                              validation_windows)
@@ -121,21 +122,17 @@ def _duration(seconds: float) -> str:
 
 
 # ----- errors from the file system ------------------------------------------------------
-def _first_file_in(path: Path) -> Path | None:
-    """The first existing component of `path` that is not a directory."""
-    for p in [*reversed(path.parents), path]:
-        if p.exists() and not p.is_dir():
-            return p
-    return None
+def _not_a_directory(run_dir: Path) -> GptcError:
+    return GptcError(f"cannot use '{run_dir}' as the run directory: '{first_file_in(run_dir)}' is a file, "
+                     "not a directory; choose another --out")
 
 
 def _os_error(e: OSError, what: str, run_dir: Path | None = None, resumable: bool = False) -> GptcError:
     hint = f" and continue with: gptc train --resume {run_dir}" if resumable and run_dir else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return GptcError(f"no space left on the device while {what}; free some disk space{hint or ' and run again'}")
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) and run_dir is not None and _first_file_in(run_dir):
-        return GptcError(f"cannot use '{run_dir}' as the run directory: '{_first_file_in(run_dir)}' is a file, "
-                         "not a directory; choose another --out")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and run_dir is not None and first_file_in(run_dir):
+        return _not_a_directory(run_dir)
     reason = e.strerror or str(e)
     return GptcError(f"cannot write while {what}: {reason}" + (f" ({e.filename})" if e.filename else "")
                      + ("; choose another --out" if not hint else f"; fix it{hint}"))
@@ -182,6 +179,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     after saving a checkpoint."""
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
+    # Everything the caller gave is checked before anything is opened, read or built.
+    overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
+    if bundle is not None and spec is not None:
+        raise GptcError("give either a bundle or a spec/--preset, not both")
+    if spec is None and resume is None and bundle is None:
+        raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
+    if spec is not None:
+        spec = validate(replace(spec, train=replace(spec.train, **overrides)))
 
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
@@ -198,17 +203,15 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     runtime = None  # on a GPU: the steps of a bundle, sharing the parameters in device memory
     if bundle is not None:
-        if spec is not None:
-            raise GptcError("give either a bundle or a spec/--preset, not both")
         if dev is None:
             raise GptcError(f"a bundle runs on a GPU, and none is in use; use --device gpu, or train the bundle's "
                             f"spec on the CPU: gptc train {Path(bundle) / 'spec.toml'} --device cpu")
         from gptc.runtime.bundle import Bundle
         loaded = Bundle(bundle)
-        spec = loaded.spec
-        if batch is not None and batch != spec.train.batch_size:
-            raise GptcError(f"bundle '{bundle}' is compiled for batches of {spec.train.batch_size}; "
+        if batch is not None and batch != loaded.spec.train.batch_size:
+            raise GptcError(f"bundle '{bundle}' is compiled for batches of {loaded.spec.train.batch_size}; "
                             "compile it again for another --batch")
+        spec = validate(replace(loaded.spec, train=replace(loaded.spec.train, **overrides)))
         runtime = loaded.open(dev)
 
     # 2. spec (and the checkpoint to resume) ----------------------------------------------
@@ -219,10 +222,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         if out_dir is not None and Path(out_dir).resolve() != run_dir.resolve():
             raise GptcError(f"--out cannot differ from the run being resumed ({run_dir}); the run continues there")
         stored = checkpoint.spec
-        given = spec if spec is not None else stored
-        if spec is None:
-            given = replace(stored, train=replace(stored.train, **{k: v for k, v in
-                                                                  (("lr", lr), ("batch_size", batch)) if v is not None}))
+        given = spec if spec is not None else replace(stored, train=replace(stored.train, **overrides))
         why = _spec_mismatch(given, stored)
         if why:
             raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr or --batch "
@@ -232,10 +232,6 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             raise GptcError(f"the run is already at step {checkpoint.step}; give --steps greater than that to continue")
         spec = validate(replace(stored, train=replace(stored.train, steps=total)))
     else:
-        if spec is None:
-            raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
-        changes = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
-        spec = validate(replace(spec, train=replace(spec.train, **changes)))
         if out_dir is not None:
             run_dir = Path(out_dir)
         else:
@@ -244,20 +240,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                 if not run_dir.exists():
                     break
                 run_dir = base.with_name(f"{base.name}-{n}")
+        if first_file_in(run_dir):
+            raise _not_a_directory(run_dir)
+        if ckpt.list_checkpoints(run_dir):
+            raise GptcError(f"'{run_dir}' already holds a run with checkpoints; continue it with --resume {run_dir} "
+                            "or choose another --out")
     m, t = spec.model, spec.train
 
-    train_graph = build_graph(spec, "train")
-    n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
-    if dev is None and steps is None and checkpoint is None:
-        cap = cpu_step_cap(spec, n_params)
-        if t.steps > cap:
-            note(f"on the CPU, training {cap} steps instead of the spec's {t.steps} so that the run ends in a "
-                 "few minutes; pass --steps N to choose" + (" (this model is too large to train usefully on a "
-                                                          "CPU; use --device gpu)" if cap < 20 else ""))
-            spec = replace(spec, train=replace(t, steps=cap))
-            t = spec.train
-
-    # 3. data -----------------------------------------------------------------------------
+    # 3. data (read and checked here; tokenized below) -------------------------------------
     data_info = checkpoint.state.get("data", {}) if checkpoint is not None else {}
     if data is None and data_info.get("path"):
         data = data_info["path"]
@@ -276,6 +266,18 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         raise GptcError(f"cannot resume '{resume}': the data ({source}) differs from the text the run was trained on; "
                         f"pass the run's data with --data" + (f" ({data_info['path']})" if data_info.get("path") else ""))
     check_corpus_size(len(text.encode("utf-8")), m.seq_len, VALIDATION_FRACTION, "bytes (so at most as many tokens)")
+
+    train_graph = build_graph(spec, "train")
+    n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
+    if dev is None and steps is None and checkpoint is None:
+        cap = cpu_step_cap(spec, n_params)
+        if t.steps > cap:
+            note(f"on the CPU, training {cap} steps instead of the spec's {t.steps} so that the run ends in a "
+                 "few minutes; pass --steps N to choose" + (" (this model is too large to train usefully on a "
+                                                          "CPU; use --device gpu)" if cap < 20 else ""))
+            spec = replace(spec, train=replace(t, steps=cap))
+            t = spec.train
+
     started = time.perf_counter()
     tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
     how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
@@ -303,11 +305,6 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                     p.unlink(missing_ok=True)
 
     try:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise GptcError(f"cannot use '{run_dir}' as the run directory: it is a file; choose another --out")
-        if checkpoint is None and ckpt.list_checkpoints(run_dir):
-            raise GptcError(f"'{run_dir}' already holds a run with checkpoints; continue it with --resume {run_dir} "
-                            "or choose another --out")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             for fname, content in (("spec.toml", spec_to_toml(spec)), ("tokenizer.json", tokenizer.to_json())):
