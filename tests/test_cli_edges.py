@@ -66,6 +66,11 @@ def no_permission(name: str) -> Callable[[Path], None]:
     return lambda ckpt: os.chmod(ckpt / name, 0)
 
 
+def older_copy(ckpt: Path) -> None:
+    """Make the run's only checkpoint look like the second of two (step-000001 older)."""
+    shutil.copytree(ckpt, ckpt.with_name("step-000001"))
+
+
 NEEDS_NON_ROOT = (pytest.mark.skipif(ROOT_USER, reason="root reads files whatever their permissions"),)
 RUNTIME_HELPER = (pytest.mark.xfail(strict=True, reason="runtime helper"),)
 TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--data", "{data}"]
@@ -137,6 +142,11 @@ ROWS = [
     Row("train --resume", ["train", "--resume", "{run}", "--steps", "1", "--device", "cpu"], "already at step 2"),
     Row("train --resume", ["train", "--resume", "{run}", "--lr", "0.5", "--device", "cpu"],
         "train.lr is 0.5 in the given spec"),
+    Row("train --resume", ["train", "--resume", "{tmp}/r/checkpoints/step-000001", "--device", "cpu"],
+        "going on from it there would fork the run's history", prepare=copy_run("r", older_copy)),
+    Row("train --resume", ["train", "--resume", "{run}", "--out", "{run}/spec.toml", "--steps", "5", "--device", "cpu"],
+        "'{run}/spec.toml' is a file, not a directory"),
+    Row("train --resume", ["train", "--resume", "{run}", "--out", "{tmp}/fork", "--device", "cpu"], "already at step 2"),
     Row("train --resume", ["train", "--resume", "{tmp}/r", "--device", "cpu"], "truncated",
         prepare=copy_run("r", truncate("model.safetensors"))),
     Row("train --resume", ["train", "--resume", "{tmp}/r", "--device", "cpu"], "corrupt or truncated",

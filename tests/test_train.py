@@ -323,3 +323,48 @@ def test_a_huge_seq_len_is_refused_before_tokenizing(tmp_path, data_file, capsys
     code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "run")
     assert_one_line_error(code, err, "fewer than the 1,000,000,001 tokens needed")
     assert "bytes (so at most as many tokens)" in err and not (tmp_path / "run").exists()
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_an_older_checkpoint_is_an_explicit_fork(tmp_path, data_file, capsys):
+    spec = tiny(steps=40)  # checkpoints at 20, 30, 40 (keep 3)
+    straight, _ = run(spec, data_file, tmp_path / "run")
+    before = tree(tmp_path / "run")
+    older = tmp_path / "run" / "checkpoints" / "step-000030"
+    code, _, err = cli(capsys, "--resume", older, "--steps", 50, "--device", "cpu")
+    assert_one_line_error(code, err, f"is not the newest checkpoint of the run '{tmp_path / 'run'}' (step-000040 "
+                                     f"is); going on from it there would fork the run's history; fork it into a new "
+                                     f"run directory with: --resume {older} --out NEWDIR")
+    assert tree(tmp_path / "run") == before
+    forked, text = run(None, data_file, resume=older, out=tmp_path / "fork")
+    assert f"forking {older} (step 30) into the new run {tmp_path / 'fork'}" in text
+    assert forked.losses == straight.losses[30:]  # the fork retraces steps 31..40 exactly
+    assert losses_of(tmp_path / "fork") == losses_of(tmp_path / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "fork")] == [40]
+    assert tree(tmp_path / "run") == before
+    code, _, err = cli(capsys, "--resume", older, "--out", tmp_path / "fork", "--device", "cpu")
+    assert_one_line_error(code, err, "cannot fork into")
+
+
+def test_a_corrupt_newest_checkpoint_names_the_good_one_to_fork(tmp_path, data_file, capsys):
+    run(tiny(steps=40), data_file, tmp_path / "run")
+    _flip_last_byte(tmp_path / "run" / "checkpoints" / "step-000040" / "model.safetensors")
+    code, _, err = cli(capsys, "--resume", tmp_path / "run", "--steps", 50, "--device", "cpu")
+    good = tmp_path / "run" / "checkpoints" / "step-000030"
+    assert_one_line_error(code, err, f"does not match the sha256 recorded in state.json; to go on from the newest "
+                                     f"good checkpoint, fork it: --resume {good} --out NEWDIR")
+
+
+def test_pruning_never_deletes_a_good_checkpoint_for_a_corrupt_one(tmp_path, data_file):
+    kept = {}
+
+    def corrupt_20(step, record):
+        if step == 25:
+            _flip_last_byte(tmp_path / "run" / "checkpoints" / "step-000020" / "model.safetensors")
+        kept[step] = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
+    run(tiny(steps=40, keep_checkpoints=2), data_file, tmp_path / "run", on_step=corrupt_20)
+    assert kept[30] == [10, 20, 30]  # 20 fails its checksum: 10 is kept as the second good one
+    assert kept[40] == [30, 40]

@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train (auto: a GPU if there is one, else the CPU)")
     p.add_argument("--out", type=_nonempty, help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
                                  "(default: runs/NAME-DATE-TIME)")
-    p.add_argument("--resume", type=_nonempty, metavar="RUNDIR", help="continue the run in RUNDIR from its newest checkpoint "
-                                                      "(or from the checkpoint directory RUNDIR/checkpoints/step-N)")
+    p.add_argument("--resume", type=_nonempty, metavar="RUNDIR",
+                   help="continue the run in RUNDIR from its newest checkpoint; with --out NEWDIR, fork it (or an "
+                        "older checkpoint, RUNDIR/checkpoints/step-N) into a new run")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")

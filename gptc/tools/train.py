@@ -216,21 +216,22 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     # 2. spec (and the checkpoint to resume) ----------------------------------------------
     checkpoint = None
+    fork = False  # resuming a checkpoint into a new run directory (checkpoint.py: a run's history)
     if resume is not None:
-        checkpoint = ckpt.load_checkpoint(ckpt.find_checkpoint(resume))
-        run_dir = ckpt.run_dir_of(checkpoint.path)
-        if out_dir is not None and Path(out_dir).resolve() != run_dir.resolve():
-            raise GptcError(f"--out cannot differ from the run being resumed ({run_dir}); the run continues there")
+        checkpoint, run_dir = ckpt.resume_point(resume, out_dir)
+        fork = run_dir.resolve() != ckpt.run_dir_of(checkpoint.path).resolve()
         stored = checkpoint.spec
         given = spec if spec is not None else replace(stored, train=replace(stored.train, **overrides))
         why = _spec_mismatch(given, stored)
         if why:
             raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr or --batch "
-                            "(the run keeps its own spec), or start a new run with --out")
+                            "(the run keeps its own spec), or start a new run without --resume")
         total = steps if steps is not None else stored.train.steps
-        if total < checkpoint.step:
+        if total < checkpoint.step or (fork and total == checkpoint.step):
             raise GptcError(f"the run is already at step {checkpoint.step}; give --steps greater than that to continue")
         spec = validate(replace(stored, train=replace(stored.train, steps=total)))
+        if fork and first_file_in(run_dir):
+            raise _not_a_directory(run_dir)
     else:
         if out_dir is not None:
             run_dir = Path(out_dir)
@@ -296,8 +297,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     created = not run_dir.exists()
 
     def discard() -> None:
-        """Leave nothing behind from a new run that never started."""
-        if checkpoint is None:
+        """Leave nothing behind from a new run (or fork) that never started."""
+        if checkpoint is None or fork:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:
@@ -312,7 +313,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                 written.append(run_dir / fname)
             metrics_path = run_dir / "metrics.jsonl"
             if checkpoint is not None:  # drop the steps after the checkpoint (and a line cut by a crash)
-                kept = [r for r in read_metrics(run_dir) if r["step"] <= checkpoint.step]
+                kept = [r for r in read_metrics(ckpt.run_dir_of(checkpoint.path)) if r["step"] <= checkpoint.step]
                 ckpt.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             metrics = open(metrics_path, "a" if checkpoint is not None else "w", encoding="utf-8")
             written.append(metrics_path)
@@ -352,7 +353,9 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     param_names = sorted(train_graph.params)
 
     start = checkpoint.step if checkpoint is not None else 0
-    if checkpoint is not None:
+    if fork:
+        console.line(f"forking {checkpoint.path} (step {start}) into the new run {run_dir} ({t.steps} steps)")
+    elif checkpoint is not None:
         console.line(f"resuming {run_dir} from {checkpoint.path.name} (step {start} of {t.steps})")
         before = checkpoint.state.get("device")
         if before and before != device_name:
@@ -366,14 +369,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         return TrainResult(run_dir, start, checkpoint=checkpoint.path)
 
     # 6. the loop -------------------------------------------------------------------------
-    result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint else None)
+    result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint and not fork else None)
     extra = {"data": {"path": str(Path(data).resolve()) if data is not None else None, "sha256": corpus_sha,
                       "tokens": int(len(ids))}, "device": device_name}
     width = len(str(t.steps))
     every = max(1, (t.steps - start) // 20)
     times: deque[float] = deque(maxlen=50)
     last_print = 0.0
-    last_saved = start if checkpoint is not None else -1
+    last_saved = start if checkpoint is not None and not fork else -1
     tokens_per_step = t.batch_size * m.seq_len
 
     def save(step: int) -> Path:
