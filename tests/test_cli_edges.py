@@ -18,6 +18,9 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -352,3 +355,24 @@ def test_edge(row: Row, tmp_path, monkeypatch, capsys, data_file, finished_run):
     assert fill(row.error) in lines[0]
     assert code == row.code
     assert snapshot(tmp_path, finished_run) == before, "a refused command wrote or changed files"
+
+
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "gptc: interrupted"),
+                                              (signal.SIGTERM, 143, "gptc: terminated")])
+def test_a_signal_stops_generate_cleanly(finished_run, signum, code, said):
+    """`gptc generate` has no cap on --num-tokens; Ctrl-C or SIGTERM stops it: the text
+    ends its line, one line on stderr, status 128 + the signal, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptc", "generate", "--checkpoint", str(finished_run), "--prompt",
+                             "Once", "--num-tokens", str(10**12), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first = proc.stdout.read(len("Once") + 2)  # the prompt and the first tokens are streamed
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert first.startswith(b"Once") and proc.returncode == code, err
+    assert (first + out).endswith(b"\n") and b"Traceback" not in err
+    assert err.decode().strip().splitlines()[-1] == said

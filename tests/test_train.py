@@ -268,9 +268,11 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big-vocab.toml", "file.txt", "short.txt"]
 
 
-def test_real_ctrl_c(tmp_path, data_file):
-    """SIGINT to `gptc train`: the step finishes, a checkpoint is saved, exit 130, and
-    the run resumes from it."""
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "Ctrl-C: saving a checkpoint after this step"),
+                                              (signal.SIGTERM, 143, "SIGTERM: saving a checkpoint after this step")])
+def test_real_ctrl_c_and_sigterm(tmp_path, data_file, signum, code, said):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `docker stop`) to `gptc train`: the step
+    finishes, a checkpoint is saved, exit 128 + the signal, and the run resumes from it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPTC_CACHE_DIR": str(tmp_path / "cache")}
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "gptc", "train", "--preset", "tiny", "--device", "cpu",
@@ -281,12 +283,12 @@ def test_real_ctrl_c(tmp_path, data_file):
             if line.startswith("step"):
                 break
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "saving a checkpoint after this step" in err
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and said in err
     step = ckpt.list_checkpoints(run_dir)[-1][0]
     assert f"interrupted at step {step}: saved" in out and "--resume" in out
     assert [r["step"] for r in trainer.read_metrics(run_dir)] == list(range(1, step + 1))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -231,16 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `docker stop` send), raised where Ctrl-C raises
+    KeyboardInterrupt, so that every command stops the same way: the trainer saves a
+    checkpoint (it handles both signals itself while it trains), generate ends its line."""
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status: 0, 2 for bad input, 128 + the signal number when
+    stopped by SIGINT (130) or SIGTERM (143)."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args.run(args)
     except GptcError as e:
         print(f"gptc: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gptc: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"gptc: {'interrupted' if signum == signal.SIGINT else 'terminated'}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

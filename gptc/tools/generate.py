@@ -168,22 +168,25 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
         model = gpu_model(runtime)
     log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}")
     stream = tokenizer.stream_decoder()
-    pieces = [prompt]
-    out.write(prompt)
-    out.flush()
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        out.write(text)
+        out.flush()
+
+    emit(prompt)
     try:
         for token in generate_tokens(model, ids, p):
-            text = stream.feed(token)
-            pieces.append(text)
-            out.write(text)
+            emit(stream.feed(token))
+        emit(stream.flush())
+    finally:  # also when Ctrl-C or SIGTERM stops it: the text ends its line
+        try:
+            if runtime is not None:
+                runtime.close()
+        finally:
+            out.write("\n")
             out.flush()
-        tail = stream.flush()
-        pieces.append(tail)
-        out.write(tail + "\n")
-        out.flush()
-    finally:
-        if runtime is not None:
-            runtime.close()
     return "".join(pieces)
 
 

@@ -23,8 +23,9 @@ state, so a run that was stopped and resumed computes the same losses as one tha
 never stopped (bit for bit on the CPU). The learning-rate schedule depends on
 train.steps: raising --steps on resume continues with the schedule of the new total.
 
-Ctrl-C: the first one lets the current step finish, saves a checkpoint at that step
-and exits with status 130; a second one quits at once without saving.
+Ctrl-C (SIGINT) and SIGTERM (what schedulers and `docker stop` send): the first one
+lets the current step finish, saves a checkpoint at that step and exits with status 130
+(SIGINT) or 143 (SIGTERM); a second one quits at once without saving.
 """
 from __future__ import annotations
 
@@ -59,12 +60,16 @@ CPU_STEP_BUDGET_FLOP = 4e12
 VALIDATION_FRACTION = 0.1
 
 
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C; `checkpoint` is where it was saved (None: not saved)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path):
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM (`signum`); `checkpoint` is where it was saved
+    (None: not saved)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+        self.step, self.checkpoint, self.run_dir, self.signum = step, checkpoint, run_dir, signum
 
 
 @dataclass
@@ -397,28 +402,27 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         losses = [float(eval_sess.run({"tokens": x, "targets": y})["loss"]) for x, y in val_batches]
         return float(np.mean(losses))
 
-    interrupt = {"requested": False, "hard": False}
+    interrupt = {"signum": 0, "hard": False}  # the first stop signal received, and whether a second came
 
-    def on_sigint(signum, frame):
-        if interrupt["requested"]:
+    def on_signal(signum, frame):
+        if interrupt["signum"]:
             interrupt["hard"] = True
             raise KeyboardInterrupt
-        interrupt["requested"] = True
+        interrupt["signum"] = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         try:
-            os.write(sys.__stderr__.fileno(), b"\ngptc: Ctrl-C: saving a checkpoint after this step "
-                                             b"(press Ctrl-C again to quit without saving)\n")
+            os.write(sys.__stderr__.fileno(), f"\ngptc: {what}: saving a checkpoint after this step (another "
+                                              f"{what} quits without saving)\n".encode())
         except (OSError, AttributeError, ValueError):
             pass
 
     handler_installed = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if handler_installed else None
-    if previous is None:  # a handler not installed from Python
-        previous = signal.default_int_handler
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS} if handler_installed else {}
     done, in_step = start, False
     run_started = time.perf_counter()
     try:
         for step in range(start, t.steps):
-            if interrupt["requested"]:
+            if interrupt["signum"]:
                 raise KeyboardInterrupt
             in_step = True
             began = time.perf_counter()
@@ -464,21 +468,23 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             if on_step is not None:
                 on_step(done, record)
         result.step = done
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         console.end()
+        signum = interrupt["signum"] or getattr(e, "signum", signal.SIGINT)
         if interrupt["hard"] or in_step:
             newest = ckpt.list_checkpoints(run_dir)
             console.line(f"interrupted during step {done + 1}; not saved"
                          + (f" (newest checkpoint: {newest[-1][1]})" if newest else ""))
-            raise Interrupted(done, None, run_dir) from None
+            raise Interrupted(done, None, run_dir, signum) from None
         path = save(done) if last_saved != done else result.checkpoint
         metrics.close()
         write_plot(run_dir, name, device_name, console)
         console.line(f"interrupted at step {done}: saved {path}; continue with: gptc train --resume {run_dir}")
-        raise Interrupted(done, path, run_dir) from None
+        raise Interrupted(done, path, run_dir, signum) from None
     finally:
-        if handler_installed:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():  # None: a handler not installed from Python
+            signal.signal(sig, handler if handler is not None else
+                          {signal.SIGINT: signal.default_int_handler}.get(sig, signal.SIG_DFL))
         metrics.close()
         if runtime is not None:
             runtime.close()
