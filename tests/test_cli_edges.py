@@ -132,6 +132,8 @@ ROWS = [
     Row("train --batch", [*TRAIN, "--batch", "-1"], "train.batch_size must be positive, got -1"),
     Row("train --batch", [*TRAIN, "--batch", "x"], "argument --batch: invalid int value: 'x'"),
     Row("train --batch", [*TRAIN, "--batch", str(10**21)], "the model is too large"),
+    Row("train --batch", [*TRAIN, "--batch", str(10**9)], "one training step of tiny (batch 1000000000 x seq_len 32) "
+        "needs about 1,706,600.2 GiB on the CPU"),
     Row("train --device", [*TRAIN, "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     Row("train --out", [*TRAIN, "--out", "{tmp}/file"], "'{tmp}/file' is a file, not a directory",
         files={"file": b"x"}),
@@ -376,3 +378,18 @@ def test_a_signal_stops_generate_cleanly(finished_run, signum, code, said):
     assert first.startswith(b"Once") and proc.returncode == code, err
     assert (first + out).endswith(b"\n") and b"Traceback" not in err
     assert err.decode().strip().splitlines()[-1] == said
+
+
+def test_out_of_memory_anywhere_is_one_line(tmp_path, monkeypatch, capsys, data_file):
+    """Out of memory outside the steps (which say what was too big), e.g. reading a corpus."""
+    from gptc.tools import train
+
+    def no_memory(path):
+        raise MemoryError
+    monkeypatch.setattr(train, "read_corpus", no_memory)
+    monkeypatch.chdir(tmp_path)
+    assert main(TRAIN[:-1] + [str(data_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("gptc: error: out of memory in gptc train; give it less to hold (a smaller corpus, --batch or "
+                   "model.seq_len) or more memory\n")
+    assert not list(tmp_path.iterdir())

@@ -83,3 +83,25 @@ def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path,
     assert again == text
     with pytest.raises(GptcError, match="prompt is empty"):
         run_generate(str(result.run_dir), "", SamplingParams(num_tokens=1), "cpu", out=io.StringIO(), log=lambda l: None)
+
+
+def test_running_out_of_memory_while_sampling_is_one_line(tmp_path, monkeypatch):
+    import io
+    from dataclasses import replace
+
+    from gptc.runtime.reference import ReferenceExecutor
+    from gptc.tools.generate import run_generate
+    from gptc.tools.train import train
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 200)
+    spec = gptc.preset("tiny")
+    spec = replace(spec, train=replace(spec.train, steps=2, checkpoint_interval=2, eval_interval=2, eval_batches=1))
+    train(spec, str(data), device="cpu", out_dir=tmp_path / "run", stdout=io.StringIO())
+
+    def no_memory(self, inputs):
+        raise MemoryError
+    monkeypatch.setattr(ReferenceExecutor, "run", no_memory)
+    with pytest.raises(GptcError, match=r"^sampling with a context of 32 tokens needs about .* GiB on the CPU .*, and "
+                                        r"ran out of memory; sample on a GPU \(--device gpu\)$"):
+        run_generate(str(tmp_path / "run"), "x", SamplingParams(num_tokens=3), "cpu", out=io.StringIO(),
+                     log=lambda line: None)

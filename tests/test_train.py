@@ -370,3 +370,37 @@ def test_pruning_never_deletes_a_good_checkpoint_for_a_corrupt_one(tmp_path, dat
     run(tiny(steps=40, keep_checkpoints=2), data_file, tmp_path / "run", on_step=corrupt_20)
     assert kept[30] == [10, 20, 30]  # 20 fails its checksum: 10 is kept as the second good one
     assert kept[40] == [30, 40]
+
+
+def test_a_step_too_large_for_the_memory_is_refused_at_once(tmp_path):
+    """seq_len 4096 under a 3 GiB limit (ulimit -v): refused before any work, in one line
+    naming what was too big and what to do (it ended in a NumPy traceback)."""
+    import resource
+
+    from gptc.tools.device import memory_limit
+    toml = tmp_path / "long.toml"
+    toml.write_text("preset = 'tiny'\n[model]\nseq_len = 4096\n")
+    limit = 3 * 2**30
+    result = subprocess.run([sys.executable, "-m", "gptc", "train", str(toml), "--device", "cpu", "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("gptc: error: one training step of long (batch 8 x seq_len 4096) needs about "
+                                     "41.8 GiB on the CPU (NumPy reference executor; its largest tensor 1.0 GiB), "
+                                     f"more than the {min(limit, memory_limit()) / 2**30:,.1f} GiB this process may "
+                                     "use; lower --batch or model.seq_len, "
+                                     "or train on a GPU (--device gpu)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, data_file, capsys, monkeypatch):
+    from gptc.runtime.reference import ReferenceExecutor
+
+    def no_memory(self, inputs):
+        raise MemoryError
+    monkeypatch.setattr(ReferenceExecutor, "run", no_memory)
+    code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "one training step of tiny (batch 8 x seq_len 32) needs about 0.0 GiB on the "
+                                     "CPU (NumPy reference executor; its largest tensor 0.0 GiB), and ran out of memory")
+    assert not (tmp_path / "run").exists()

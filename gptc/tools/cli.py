@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     except GptcError as e:
         print(f"gptc: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:  # the trainer and the sampler say what was too big; this is for the rest
+        print(f"gptc: error: out of memory in gptc {args.command}; give it less to hold (a smaller corpus, "
+              "--batch or model.seq_len) or more memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"gptc: {'interrupted' if signum == signal.SIGINT else 'terminated'}", file=sys.stderr)

@@ -141,7 +141,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     import sys
 
     from gptc.tools.checkpoint import find_checkpoint, load_checkpoint
-    from gptc.tools.device import resolve_device
+    from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
     log = log or (lambda line: print(line, file=sys.stderr))
@@ -160,8 +160,11 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
             f"the model sees its last {spec.model.seq_len}")
     device = resolve_device(device_name)
     runtime = None
+    memory_what = f"sampling with a context of {spec.model.seq_len} tokens"
+    memory_advice = "sample on a GPU (--device gpu)"
     if device is None:
         model = cpu_model(spec, ckpt.params)
+        check_cpu_memory(model.prefill_step.graph, memory_what, memory_advice)
     else:
         from gptc.runtime.bundle import cached_bundle
         runtime = cached_bundle(spec, device, log).open(device, ckpt.params)
@@ -180,6 +183,10 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
         for token in generate_tokens(model, ids, p):
             emit(stream.feed(token))
         emit(stream.flush())
+    except MemoryError as e:
+        if device is not None:
+            raise
+        raise cpu_memory_error(model.prefill_step.graph, memory_what, memory_advice, ran_out=True) from None
     finally:  # also when Ctrl-C or SIGTERM stops it: the text ends its line
         try:
             if runtime is not None:

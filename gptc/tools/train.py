@@ -195,7 +195,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
-    from gptc.tools.device import resolve_device
+    from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
     dev = resolve_device(device)
     if dev is None:
         where = "cpu (no GPU found)" if device == "auto" else "cpu"
@@ -283,6 +283,13 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                                                           "CPU; use --device gpu)" if cap < 20 else ""))
             spec = replace(spec, train=replace(t, steps=cap))
             t = spec.train
+    memory_what = f"one training step of {name} (batch {t.batch_size} x seq_len {m.seq_len})"
+    memory_advice = "lower --batch or model.seq_len, or train on a GPU (--device gpu)"
+    if dev is None:
+        check_cpu_memory(train_graph, memory_what, memory_advice)
+
+    def out_of_memory(e: MemoryError) -> BaseException:
+        return cpu_memory_error(train_graph, memory_what, memory_advice, ran_out=True) if dev is None else e
 
     started = time.perf_counter()
     tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
@@ -351,9 +358,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         if checkpoint is not None:
             train_sess.write(checkpoint.optimizer)
             batches.state = checkpoint.rng_state
-    except BaseException:
+    except BaseException as e:
         metrics.close()
         discard()
+        if isinstance(e, MemoryError):
+            raise out_of_memory(e) from None
         raise
     param_names = sorted(train_graph.params)
 
@@ -468,6 +477,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             if on_step is not None:
                 on_step(done, record)
         result.step = done
+    except MemoryError as e:
+        if done == start:  # a new run (or fork) that never finished a step leaves nothing behind
+            metrics.close()
+            discard()
+        raise out_of_memory(e) from None
     except KeyboardInterrupt as e:
         console.end()
         signum = interrupt["signum"] or getattr(e, "signum", signal.SIGINT)
