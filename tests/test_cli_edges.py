@@ -134,6 +134,13 @@ ROWS = [
     Row("train --batch", [*TRAIN, "--batch", str(10**21)], "the model is too large"),
     Row("train --batch", [*TRAIN, "--batch", str(10**9)], "one training step of tiny (batch 1000000000 x seq_len 32) "
         "needs about 1,706,600.2 GiB on the CPU"),
+    Row("train --vocab-size", [*TRAIN, "--vocab-size", "0"], "model.vocab_size must be positive, got 0"),
+    Row("train --vocab-size", [*TRAIN, "--vocab-size", "-1"], "model.vocab_size must be positive, got -1"),
+    Row("train --vocab-size", [*TRAIN, "--vocab-size", "255"], "byte-level BPE needs model.vocab_size >= 256, got 255"),
+    Row("train --vocab-size", [*TRAIN, "--vocab-size", "5e3"], "argument --vocab-size: invalid int value: '5e3'"),
+    Row("train --vocab-size", [*TRAIN, "--vocab-size", str(10**20)], "the model is too large"),
+    Row("train --vocab-size", ["train", "--resume", "{run}", "--vocab-size", "300", "--steps", "3", "--device", "cpu"],
+        "model.vocab_size is 300 in the given spec but 256 in the run"),
     Row("train --device", [*TRAIN, "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     Row("train --out", [*TRAIN, "--out", "{tmp}/file"], "'{tmp}/file' is a file, not a directory",
         files={"file": b"x"}),

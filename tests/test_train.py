@@ -251,10 +251,6 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     short.write_text("too short for a window of 33 tokens, twice over" * 4)
     code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", short, "--out", tmp_path / "a")
     assert_one_line_error(code, err, "fewer than the 321 tokens needed")
-    toml = tmp_path / "big-vocab.toml"
-    toml.write_text("preset = 'tiny'\n[model]\nvocab_size = 100000\n")
-    code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "b")
-    assert_one_line_error(code, err, "lower model.vocab_size")
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--out", a_file / "run")
@@ -265,7 +261,7 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     assert_one_line_error(code, err, "has no checkpoints")
     code, _, err = cli(capsys, tmp_path, "--device", "cpu")
     assert_one_line_error(code, err, "not a bundle (no manifest.json)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-vocab.toml", "file.txt", "short.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "short.txt"]
 
 
 @pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "Ctrl-C: saving a checkpoint after this step"),
@@ -404,3 +400,21 @@ def test_running_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, data_fil
     assert_one_line_error(code, err, "one training step of tiny (batch 8 x seq_len 32) needs about 0.0 GiB on the "
                                      "CPU (NumPy reference executor; its largest tensor 0.0 GiB), and ran out of memory")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_vocabulary_larger_than_the_corpus_yields(tmp_path, data_file, capsys):
+    """The tokenizer learns what the corpus yields; the model keeps its vocab_size rows
+    (gpt2's 50,257 on the bundled corpus's 36,874 tokens used to be refused)."""
+    code, out, err = cli(capsys, "--preset", "tiny", "--vocab-size", 20000, "--device", "cpu", "--data", data_file,
+                         "--steps", 2, "--out", tmp_path / "run")
+    assert code == 0, err
+    from gptc.tools.tokenizer import Tokenizer
+    tokens = Tokenizer.load(tmp_path / "run" / "tokenizer.json").vocab_size
+    assert 256 < tokens < 20000
+    assert (f"note: the tokenizer has {tokens:,} tokens (all this corpus yields); the model's 20,000 embedding rows "
+            "stay (the rest are never used)") in out
+    assert f"(BPE vocabulary {tokens}, " in out
+    c = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002")
+    assert c.spec.model.vocab_size == 20000 and c.params["wte"].shape == (20000, 32)
+    code, _, err = cli(capsys, "--resume", tmp_path / "run", "--vocab-size", 300, "--steps", 3, "--device", "cpu")
+    assert_one_line_error(code, err, "model.vocab_size is 300 in the given spec but 20000 in the run")

@@ -50,7 +50,10 @@ def _spec_from_args(args: argparse.Namespace) -> Spec:
         value = getattr(args, name, None)
         if value is not None:
             train = replace(train, **{"batch_size" if name == "batch" else name: value})
-    return validate(replace(spec, train=train))
+    model = spec.model
+    if getattr(args, "vocab_size", None) is not None:
+        model = replace(model, vocab_size=args.vocab_size)
+    return validate(replace(spec, model=model, train=train))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -70,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
                            else os.path.basename(os.path.normpath(args.resume)) if args.resume else "hipgpt")
     train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
-          lr=args.lr, batch=args.batch, name=name, bundle=bundle)
+          lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "minutes of work)")
     p.add_argument("--lr", type=_finite_float, help="peak learning rate")
     p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--vocab-size", type=int, help="model.vocab_size: the tokenizer's vocabulary and the model's "
+                                                  "embedding rows (e.g. smaller than a preset's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="where to train (auto: a GPU if there is one, else the CPU)")
     p.add_argument("--out", type=_nonempty, help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "

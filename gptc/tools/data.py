@@ -147,9 +147,9 @@ def _read_cache(entry: Path, vocab_size: int):
         ids = np.load(entry / "tokens.npy", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if tok.vocab_size != vocab_size or ids.dtype != np.int32 or ids.ndim != 1:
+    if tok.vocab_size > vocab_size or ids.dtype != np.int32 or ids.ndim != 1:
         return None
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= tok.vocab_size):
         return None
     return tok, ids
 
@@ -175,9 +175,10 @@ def _write_cache(entry: Path, tok, ids: np.ndarray) -> None:
 def tokenize_corpus(text: str, vocab_size: int, cache_dir: Path | None | str = "default",
                     warn=None) -> tuple[object, np.ndarray, bool]:
     """(tokenizer, int32 token ids, whether they came from the cache) for `text`: a
-    byte-level BPE trained on `text` up to `vocab_size` tokens. `cache_dir` None turns
-    the cache off; "default" is corpus_cache_dir(). `warn(message)` hears about a cache
-    that could not be written."""
+    byte-level BPE trained on `text` up to `vocab_size` tokens, fewer when the text runs
+    out of pairs to merge (a model may have more embedding rows than its tokenizer has
+    tokens). `cache_dir` None turns the cache off; "default" is corpus_cache_dir().
+    `warn(message)` hears about a cache that could not be written."""
     from gptc.tools.tokenizer import Tokenizer
     if vocab_size < 256:
         raise DataError(f"byte-level BPE needs model.vocab_size >= 256, got {vocab_size}")
@@ -187,12 +188,7 @@ def tokenize_corpus(text: str, vocab_size: int, cache_dir: Path | None | str = "
         hit = _read_cache(entry, vocab_size)
         if hit is not None:
             return hit[0], hit[1], True
-    try:
-        tok = Tokenizer.train(text, vocab_size)
-    except ValueError as e:
-        n = str(e).split("yield only ")[-1].split(" tokens")[0] if "yield only" in str(e) else "?"
-        raise DataError(f"the corpus is too small for model.vocab_size = {vocab_size}: it yields only {n} "
-                        f"distinct tokens; lower model.vocab_size (to at most {n}) or give more text") from None
+    tok = Tokenizer.train(text, vocab_size, at_most=True)
     ids = tok.encode(text)
     if entry is not None:
         try:

@@ -113,16 +113,20 @@ def gpu_model(runtime) -> Model:
     return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None)
 
 
-def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True) -> Iterator[int]:
-    """Yield `p.num_tokens` new tokens after `prompt` (at least one token)."""
+def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,
+                    vocab_size: int | None = None) -> Iterator[int]:
+    """Yield `p.num_tokens` new tokens after `prompt` (at least one token), all below
+    `vocab_size` (default: the model's): a model may have more embedding rows than its
+    tokenizer has tokens, and the rows past the tokenizer's are never sampled."""
     s = model.spec.model.seq_len
+    n = model.spec.model.vocab_size if vocab_size is None else vocab_size
     rng = np.random.default_rng(p.seed)
     tokens = list(prompt)
     if not tokens:
         raise GptcError("the prompt is empty; give at least one character")
     logits = model.prefill(tokens[-s:]) if use_cache else model.full(tokens)
     for _ in range(p.num_tokens):
-        nxt = choose(logits, tokens, p, rng)
+        nxt = choose(logits[:n], tokens, p, rng)
         tokens.append(nxt)
         yield nxt
         if not use_cache:
@@ -180,7 +184,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
 
     emit(prompt)
     try:
-        for token in generate_tokens(model, ids, p):
+        for token in generate_tokens(model, ids, p, vocab_size=tokenizer.vocab_size):
             emit(stream.feed(token))
         emit(stream.flush())
     except MemoryError as e:

@@ -8,7 +8,9 @@ One run, in order:
 2. spec: the given one, or, with --resume, the one stored in the checkpoint (a given
    spec must match it in everything but train.steps, which may be raised).
 3. data: the corpus (--data FILE or the bundled one) is tokenized by a BPE trained on
-   it up to model.vocab_size (cached on disk, see gptc/tools/data.py), split 90/10 into
+   it up to model.vocab_size (fewer when the corpus yields fewer tokens: the model
+   keeps its model.vocab_size embedding rows, the rest are never used; cached on disk,
+   see gptc/tools/data.py), split 90/10 into
    training and validation tokens; training windows are drawn by a generator seeded
    with train.seed, validation uses the same evenly spread windows at every eval.
 4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
@@ -174,24 +176,30 @@ def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
 # ----- the trainer ------------------------------------------------------------------------
 def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
-          batch: int | None = None, name: str = "run", bundle: str | os.PathLike | None = None,
+          batch: int | None = None, vocab_size: int | None = None, name: str = "run",
+          bundle: str | os.PathLike | None = None,
           stdout: TextIO | None = None, tty: bool | None = None,
           on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
-    spec is used). `steps`, `lr`, `batch` are the user's explicit overrides (None: not
-    given). `on_step(step, record)` is called after every completed step (tests raise
+    spec is used). `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides
+    (None: not given). `on_step(step, record)` is called after every completed step (tests raise
     KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C,
     after saving a checkpoint."""
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
     # Everything the caller gave is checked before anything is opened, read or built.
     overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
+
+    def overridden(s: Spec) -> Spec:
+        model = s.model if vocab_size is None else replace(s.model, vocab_size=vocab_size)
+        return replace(s, model=model, train=replace(s.train, **overrides))
+
     if bundle is not None and spec is not None:
         raise GptcError("give either a bundle or a spec/--preset, not both")
     if spec is None and resume is None and bundle is None:
         raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
     if spec is not None:
-        spec = validate(replace(spec, train=replace(spec.train, **overrides)))
+        spec = validate(overridden(spec))
 
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
@@ -213,10 +221,12 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                             f"spec on the CPU: gptc train {Path(bundle) / 'spec.toml'} --device cpu")
         from gptc.runtime.bundle import Bundle
         loaded = Bundle(bundle)
-        if batch is not None and batch != loaded.spec.train.batch_size:
-            raise GptcError(f"bundle '{bundle}' is compiled for batches of {loaded.spec.train.batch_size}; "
-                            "compile it again for another --batch")
-        spec = validate(replace(loaded.spec, train=replace(loaded.spec.train, **overrides)))
+        for option, value, compiled in (("--batch", batch, loaded.spec.train.batch_size),
+                                        ("--vocab-size", vocab_size, loaded.spec.model.vocab_size)):
+            if value is not None and value != compiled:
+                raise GptcError(f"bundle '{bundle}' is compiled for {option} {compiled}; compile it again for "
+                                f"another {option}")
+        spec = validate(overridden(loaded.spec))
         runtime = loaded.open(dev)
 
     # 2. spec (and the checkpoint to resume) ----------------------------------------------
@@ -226,11 +236,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         checkpoint, run_dir = ckpt.resume_point(resume, out_dir)
         fork = run_dir.resolve() != ckpt.run_dir_of(checkpoint.path).resolve()
         stored = checkpoint.spec
-        given = spec if spec is not None else replace(stored, train=replace(stored.train, **overrides))
+        given = spec if spec is not None else overridden(stored)
         why = _spec_mismatch(given, stored)
         if why:
-            raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr or --batch "
-                            "(the run keeps its own spec), or start a new run without --resume")
+            raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr, --batch or "
+                            "--vocab-size (the run keeps its own spec), or start a new run without --resume")
         total = steps if steps is not None else stored.train.steps
         if total < checkpoint.step or (fork and total == checkpoint.step):
             raise GptcError(f"the run is already at step {checkpoint.step}; give --steps greater than that to continue")
@@ -301,8 +311,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     train_ids, val_ids = split(ids, VALIDATION_FRACTION)
     batches = Batches(train_ids, t.batch_size, m.seq_len, t.seed, name="training split")
     val_batches = validation_windows(val_ids, t.eval_batches, t.batch_size, m.seq_len)
-    console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary {m.vocab_size}, "
-                 f"{how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
+    console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary "
+                 f"{tokenizer.vocab_size}, {how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
+    if tokenizer.vocab_size < m.vocab_size:
+        note(f"the tokenizer has {tokenizer.vocab_size:,} tokens (all this corpus yields); the model's "
+             f"{m.vocab_size:,} embedding rows stay (the rest are never used)")
 
     # 4. run directory --------------------------------------------------------------------
     written: list[Path] = []
