@@ -20,9 +20,31 @@ def test_custom_model_example_runs():
     assert loss < 1.0, out.getvalue()
 
 
+VENV = "python3 -m venv .venv && . .venv/bin/activate && "
+CI_TAIL = "bash .ci/install-compilers.sh && python3 -m pip install -q -e '.[test]' && python3 -m pytest -q"
+
+
+def two_commands() -> list[str]:
+    """The command lines of the README's first sh block (comments dropped)."""
+    block = re.search(r"```sh\n(.*?)```", README.read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_two_commands_install_into_a_virtual_environment():
+    """Debian's and Ubuntu's own Python refuse `pip install` outside a virtual environment
+    (PEP 668): both commands make and activate .venv before anything is installed, and the
+    README says that Debian needs python3-venv for it."""
+    main_job, tests = two_commands()
+    assert main_job == VENV + "pip install -e '.[cuda]' && gptc demo"
+    assert tests == VENV + CI_TAIL
+    assert "sudo apt-get install python3-venv" in README.read_text()
+
+
 def test_readme_test_command_is_what_ci_runs():
-    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci in README.read_text()
+    lines = (README.parent / ".ci" / "run").read_text().strip().splitlines()
+    marker = lines.index("# --- the README's test command, verbatim ---")
+    assert lines[marker + 1:] == [two_commands()[1]]
+    assert lines[marker + 1].endswith(CI_TAIL)
 
 
 def readme_commands() -> list[list[str]]:
