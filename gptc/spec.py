@@ -149,6 +149,8 @@ def validate(spec: Spec) -> Spec:
     for name in ("eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise SpecError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.seed < 0:
+        raise SpecError(f"train.seed must be 0 or more, got {t.seed}")
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         raise SpecError(f"train.lr must be positive and train.min_lr in [0, lr], got lr={t.lr}, min_lr={t.min_lr}")
     if t.warmup < 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
@@ -227,12 +229,16 @@ def spec_from_dict(data: dict) -> Spec:
 
 def load_spec(path: str | os.PathLike) -> Spec:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SpecError(f"spec file '{path}' does not exist")
+    if not p.is_file():
+        raise SpecError(f"spec file '{path}' is not a file")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"spec file '{path}' is not valid TOML: {e}") from None
+    except OSError as e:
+        raise SpecError(f"cannot read spec file '{path}': {e.strerror}") from None
     return spec_from_dict(data)
 
 

@@ -69,6 +69,14 @@ def no_permission(name: str) -> Callable[[Path], None]:
     return lambda ckpt: os.chmod(ckpt / name, 0)
 
 
+def without_wpe(tmp: Path, run: Path) -> None:
+    """A checkpoint whose checksums hold but whose tensors do not fit its spec."""
+    from gptc.tools import checkpoint as ckpt
+    c = ckpt.load_checkpoint(run / "checkpoints" / "step-000002")
+    params = {k: v for k, v in c.params.items() if k != "wpe"}
+    ckpt.save_checkpoint(tmp / "other", c.step, params, c.optimizer, c.rng_state, c.spec, c.tokenizer_json)
+
+
 def older_copy(ckpt: Path) -> None:
     """Make the run's only checkpoint look like the second of two (step-000001 older)."""
     shutil.copytree(ckpt, ckpt.with_name("step-000001"))
@@ -80,7 +88,8 @@ TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--data", "{data}"]
 GENERATE = ["generate", "--checkpoint", "{run}", "--prompt", "x", "--device", "cpu"]
 SPEC_FILES = {"bad.toml": b"[model\nd_model = 3", "binary.toml": b"\x00\xff\xfe" * 50,
               "wrong.toml": b"[model]\nd_model = 'wide'\n", "inf.toml": b"[train]\nlr = inf\n",
-              "unknown.toml": b"[model]\nd_modle = 64\n"}
+              "unknown.toml": b"[model]\nd_modle = 64\n", "seed.toml": b"preset = 'tiny'\n[train]\nseed = -1\n"}
+NOT_UTF8 = b"a\xff".decode("utf-8", "surrogateescape")  # how Python passes bytes that are not UTF-8 in argv
 
 ROWS = [
     # ---- gptc ------------------------------------------------------------------------------
@@ -96,6 +105,8 @@ ROWS = [
     Row("train spec", ["train", "{tmp}/inf.toml", "--device", "cpu"], "train.lr must be finite, got inf",
         files=SPEC_FILES),
     Row("train spec", ["train", "{tmp}/unknown.toml", "--device", "cpu"], "unknown option 'd_modle' in [model]",
+        files=SPEC_FILES),
+    Row("train spec", ["train", "{tmp}/seed.toml", "--device", "cpu"], "train.seed must be 0 or more, got -1",
         files=SPEC_FILES),
     Row("train spec", ["train", "{tmp}", "--device", "cpu"], "is a directory but not a bundle"),
     Row("train spec", ["train", "{tmp}/bad.toml", "--preset", "tiny"], "either a spec file or --preset, not both",
@@ -186,6 +197,7 @@ ROWS = [
         files={"file": b"x"}),
     Row("demo --out", ["demo", "--out", "{run}", "--device", "cpu"], "holds an earlier run"),
     Row("demo --prompt", ["demo", "--prompt", "", "--device", "cpu"], "the prompt is empty"),
+    Row("demo --prompt", ["demo", "--prompt", NOT_UTF8, "--device", "cpu"], "the prompt is not valid UTF-8"),
     Row("demo --num-tokens", ["demo", "--num-tokens", "0", "--device", "cpu"], "--num-tokens must be at least 1, got 0"),
     Row("demo --num-tokens", ["demo", "--num-tokens", "-3", "--device", "cpu"], "--num-tokens must be at least 1"),
     Row("demo --num-tokens", ["demo", "--num-tokens", "1e3"], "argument --num-tokens: invalid int value: '1e3'"),
@@ -224,7 +236,11 @@ ROWS = [
     Row("generate --checkpoint", ["generate", "--checkpoint", "{tmp}/r", "--prompt", "x", "--device", "cpu"],
         "is not a gptc checkpoint", prepare=copy_run("r", write("state.json", b'"state"'))),
     Row("generate --prompt", ["generate", "--checkpoint", "{run}", "--prompt", ""], "the prompt is empty"),
+    Row("generate --prompt", ["generate", "--checkpoint", "{run}", "--prompt", NOT_UTF8],
+        "the prompt is not valid UTF-8 (character 2)"),
     Row("generate --prompt", ["generate", "--checkpoint", "{run}"], "required: --prompt"),
+    Row("generate --checkpoint", ["generate", "--checkpoint", "{tmp}/other", "--prompt", "x", "--device", "cpu"],
+        "does not match the model: model.safetensors lacks 'wpe'", prepare=lambda tmp, run: without_wpe(tmp, run)),
     Row("generate --num-tokens", [*GENERATE, "--num-tokens", "0"], "--num-tokens must be at least 1, got 0"),
     Row("generate --num-tokens", [*GENERATE, "--num-tokens", "-1"], "--num-tokens must be at least 1, got -1"),
     Row("generate --num-tokens", [*GENERATE, "--num-tokens", "lots"], "invalid int value: 'lots'"),
@@ -266,6 +282,7 @@ ROWS = [
 
     # ---- plan --------------------------------------------------------------------------------
     Row("plan spec", ["plan", "{tmp}/none.toml"], "does not exist"),
+    Row("plan spec", ["plan", "{tmp}"], "spec file '{tmp}' is not a file"),
     Row("plan spec", ["plan", "{tmp}/wrong.toml"], "model.d_model must be an integer", files=SPEC_FILES),
     Row("plan --preset", ["plan", "--preset", "gpt5"], "unknown preset 'gpt5'"),
     Row("plan --mode", ["plan", "--mode", "decode"], "argument --mode: invalid choice: 'decode'"),
@@ -400,3 +417,54 @@ def test_out_of_memory_anywhere_is_one_line(tmp_path, monkeypatch, capsys, data_
     assert err == ("gptc: error: out of memory in gptc train; give it less to hold (a smaller corpus, --batch or "
                    "model.seq_len) or more memory\n")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_reader_that_goes_away_stops_output_quietly(finished_run):
+    """`gptc generate ... | head -c 10`: no BrokenPipeError traceback, status 141 (SIGPIPE)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptc", "generate", "--checkpoint", str(finished_run), "--prompt",
+                             "Once", "--num-tokens", str(10**12), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        proc.stdout.read(10)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141 and b"Traceback" not in err, err
+    assert err.decode().strip().splitlines() == ["generating on cpu (NumPy reference executor) from step 2"]
+
+
+@pytest.mark.parametrize("argv,unreadable,error", [
+    (TRAIN[:-1] + ["{data}"], "{data}", "cannot read data file '{data}': Permission denied"),
+    (["train", "{tmp}/spec.toml", "--device", "cpu"], "{tmp}/spec.toml",
+     "cannot read spec file '{tmp}/spec.toml': Permission denied"),
+    (["train", "--resume", "{run}", "--steps", "3", "--device", "cpu"], "{ckpt}/state.json",
+     "cannot read '{ckpt}/state.json': Permission denied"),
+    (["train", "--resume", "{run}", "--steps", "3", "--device", "cpu"], "{ckpt}/model.safetensors",
+     "cannot read '{ckpt}/model.safetensors': Permission denied"),
+    (GENERATE, "{ckpt}/tokenizer.json", "cannot read '{ckpt}/tokenizer.json': Permission denied"),
+])
+def test_unreadable_files_are_one_line_errors(argv, unreadable, error, tmp_path, monkeypatch, capsys, data_file,
+                                              finished_run):
+    """A file gptc may not read (mode 000 for another user; simulated, since root reads anything)."""
+    import builtins
+    import io
+    fill = lambda s: s.format(tmp=tmp_path, data=data_file, run=finished_run,  # noqa: E731
+                              ckpt=finished_run / "checkpoints" / "step-000002")
+    (tmp_path / "spec.toml").write_text("preset = 'tiny'\n")
+    denied, real_open = os.path.abspath(fill(unreadable)), builtins.open
+
+    def open_unless_denied(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == denied:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", open_unless_denied)
+    monkeypatch.setattr(io, "open", open_unless_denied)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path, finished_run)
+    code = main([fill(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"gptc: error: {fill(error)}\n"
+    assert snapshot(tmp_path, finished_run) == before

@@ -393,6 +393,22 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, state["step"], spec, params, optimizer, state["rng"], state, tokenizer_json)
 
 
+def check_tensors(tensors: Mapping[str, np.ndarray], names: Mapping[str, int], graph: Any, what: str,
+                  where: Path) -> None:
+    """Refuse a checkpoint whose tensors (of file `what`) are not exactly the graph's
+    `names` (its params or states: name -> node) with their shapes."""
+    missing = sorted(set(names) - set(tensors))
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        detail = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
+        raise CheckpointError(f"checkpoint '{where}' does not match the model: {what} {detail}")
+    for name, nid in names.items():
+        shape = tuple(graph.type(nid).shape)
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"checkpoint '{where}' does not match the model: '{name}' has shape "
+                                  f"{tuple(tensors[name].shape)}, the model needs {shape}")
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory `--resume PATH` names: PATH itself if it is one (holds
     state.json), else the newest checkpoint of the run directory PATH."""

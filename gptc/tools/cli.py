@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -57,7 +58,6 @@ def _spec_from_args(args: argparse.Namespace) -> Spec:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    import os
     from gptc.tools.train import train
     bundle = None
     if args.spec and os.path.isdir(args.spec):
@@ -260,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     except GptcError as e:
         print(f"gptc: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`gptc generate ... | head`): stop quietly, like SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush is quiet too
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except MemoryError:  # the trainer and the sampler say what was too big; this is for the rest
         print(f"gptc: error: out of memory in gptc {args.command}; give it less to hold (a smaller corpus, "
               "--batch or model.seq_len) or more memory", file=sys.stderr)

@@ -34,7 +34,10 @@ def read_corpus(path: str | os.PathLike) -> str:
         raise DataError(f"data file '{path}' does not exist")
     if not p.is_file():
         raise DataError(f"data path '{path}' is not a file")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file '{path}': {e.strerror}") from None
     if not raw.strip():
         raise DataError(f"data file '{path}' is empty; give a UTF-8 text file")
     if b"\x00" in raw[:65536]:

@@ -48,6 +48,10 @@ class SamplingParams:
 def check_prompt(prompt: str) -> None:
     if not prompt:
         raise GptcError("the prompt is empty; give at least one character with --prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 on the command line arrive as surrogates
+        raise GptcError(f"the prompt is not valid UTF-8 (character {e.start + 1}); give it as UTF-8 text") from None
 
 
 def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
@@ -144,7 +148,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     keeps its last seq_len tokens, with a warning."""
     import sys
 
-    from gptc.tools.checkpoint import find_checkpoint, load_checkpoint
+    from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
     from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
@@ -153,6 +157,8 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
+    decode_graph = build_graph(spec, "decode", 1)
+    check_tensors(ckpt.params, decode_graph.params, decode_graph, MODEL_FILE, ckpt.path)
     try:
         tokenizer = Tokenizer.from_json(ckpt.tokenizer_json)
     except ValueError as e:

@@ -353,10 +353,9 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         params = init_params(train_graph, t.seed)
         state_names = sorted(train_graph.states)
         if checkpoint is not None:
-            _check_tensors(checkpoint.params, {n: train_graph.type(i).shape for n, i in train_graph.params.items()},
-                           "model.safetensors", checkpoint.path)
-            _check_tensors(checkpoint.optimizer, {n: train_graph.type(i).shape for n, i in train_graph.states.items()},
-                           "optimizer.safetensors", checkpoint.path)
+            ckpt.check_tensors(checkpoint.params, train_graph.params, train_graph, ckpt.MODEL_FILE, checkpoint.path)
+            ckpt.check_tensors(checkpoint.optimizer, train_graph.states, train_graph, ckpt.OPTIMIZER_FILE,
+                               checkpoint.path)
             params = checkpoint.params
         if runtime is None and dev is not None:
             from gptc.runtime.bundle import cached_bundle
@@ -535,18 +534,6 @@ def _read_lines(path: Path) -> list[str]:
         return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except FileNotFoundError:
         return []
-
-
-def _check_tensors(tensors: dict, shapes: dict, what: str, where: Path) -> None:
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        detail = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
-        raise ckpt.CheckpointError(f"checkpoint '{where}' does not match the model: {what} {detail}")
-    for n, shape in shapes.items():
-        if tuple(tensors[n].shape) != tuple(shape):
-            raise ckpt.CheckpointError(f"checkpoint '{where}' does not match the model: '{n}' has shape "
-                                       f"{tuple(tensors[n].shape)}, the model needs {tuple(shape)}")
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
