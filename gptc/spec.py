@@ -102,7 +102,7 @@ PRESETS: dict[str, Spec] = {
 
 
 def preset(name: str) -> Spec:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise SpecError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
 
@@ -216,6 +216,8 @@ def _apply(section: str, base: Any, values: dict) -> Any:
 
 
 def spec_from_dict(data: dict) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec is a table of 'preset', [model] and [train], not {type(data).__name__}")
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:
         raise SpecError(f"unknown section '{sorted(unknown)[0]}'; a spec has 'preset', [model] and [train]")

@@ -15,6 +15,7 @@ are written and `prepare(tmp, run)` may build damaged copies of the run."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -77,6 +78,14 @@ def without_wpe(tmp: Path, run: Path) -> None:
     ckpt.save_checkpoint(tmp / "other", c.step, params, c.optimizer, c.rng_state, c.spec, c.tokenizer_json)
 
 
+def edit_state(**changes) -> Callable[[Path], None]:
+    """Damage a checkpoint's state.json (not covered by its checksums) with valid JSON of the wrong content."""
+    def damage(ckpt: Path) -> None:
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, **changes}))
+    return damage
+
+
 def older_copy(ckpt: Path) -> None:
     """Make the run's only checkpoint look like the second of two (step-000001 older)."""
     shutil.copytree(ckpt, ckpt.with_name("step-000001"))
@@ -88,7 +97,8 @@ TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--data", "{data}"]
 GENERATE = ["generate", "--checkpoint", "{run}", "--prompt", "x", "--device", "cpu"]
 SPEC_FILES = {"bad.toml": b"[model\nd_model = 3", "binary.toml": b"\x00\xff\xfe" * 50,
               "wrong.toml": b"[model]\nd_model = 'wide'\n", "inf.toml": b"[train]\nlr = inf\n",
-              "unknown.toml": b"[model]\nd_modle = 64\n", "seed.toml": b"preset = 'tiny'\n[train]\nseed = -1\n"}
+              "unknown.toml": b"[model]\nd_modle = 64\n", "seed.toml": b"preset = 'tiny'\n[train]\nseed = -1\n",
+              "list.toml": b"preset = ['tiny']\n"}
 NOT_UTF8 = b"a\xff".decode("utf-8", "surrogateescape")  # how Python passes bytes that are not UTF-8 in argv
 
 ROWS = [
@@ -108,6 +118,7 @@ ROWS = [
         files=SPEC_FILES),
     Row("train spec", ["train", "{tmp}/seed.toml", "--device", "cpu"], "train.seed must be 0 or more, got -1",
         files=SPEC_FILES),
+    Row("train spec", ["train", "{tmp}/list.toml", "--device", "cpu"], "unknown preset '['tiny']'", files=SPEC_FILES),
     Row("train spec", ["train", "{tmp}", "--device", "cpu"], "is a directory but not a bundle"),
     Row("train spec", ["train", "{tmp}/bad.toml", "--preset", "tiny"], "either a spec file or --preset, not both",
         files=SPEC_FILES),
@@ -182,6 +193,20 @@ ROWS = [
         prepare=copy_run("r", write("state.json", b"[1, 2]"))),
     Row("train --resume", ["train", "--resume", "{tmp}/r", "--device", "cpu"], "lacks step, rng or files",
         prepare=copy_run("r", write("state.json", b'{"format": "gptc-checkpoint", "version": 1, "step": -2}'))),
+    Row("train --resume", ["train", "--resume", "{tmp}/r", "--steps", "3", "--device", "cpu"],
+        "state.json has an invalid 'data' or 'device'", prepare=copy_run("r", edit_state(data={"path": 3}))),
+    Row("train --resume", ["train", "--resume", "{tmp}/r", "--steps", "3", "--device", "cpu"],
+        "state.json has an invalid 'data' or 'device'", prepare=copy_run("r", edit_state(data=[1]))),
+    Row("train --resume", ["train", "--resume", "{tmp}/r", "--steps", "3", "--device", "cpu"],
+        "state.json has an invalid 'data' or 'device'", prepare=copy_run("r", edit_state(device=7))),
+    Row("train --resume", ["train", "--resume", "{tmp}/r", "--steps", "3", "--device", "cpu"],
+        "holds an invalid spec: a spec is a table of 'preset', [model] and [train], not list",
+        prepare=copy_run("r", edit_state(spec=[]))),
+    Row("train --resume", ["train", "--resume", "{tmp}/r", "--steps", "3", "--device", "cpu"],
+        "holds an invalid spec: model.d_model must be an integer", prepare=copy_run("r", edit_state(
+            spec={"model": {"d_model": "x"}}))),
+    Row("train --resume", ["train", "--resume", "{tmp}/r", "--steps", "3", "--device", "cpu"],
+        "invalid data generator state", prepare=copy_run("r", edit_state(rng={"bit_generator": "PCG64", "state": 5}))),
     Row("train --resume", ["train", "--resume", "{tmp}/r", "--device", "cpu"], "does not match the sha256",
         prepare=copy_run("r", write("tokenizer.json", b"{}"))),
     Row("train --resume", ["train", "--resume", "{tmp}/r", "--device", "cpu"], "cannot read",

@@ -345,6 +345,11 @@ def _read_state(path: Path) -> dict:
     for name in (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE):
         if name not in files:
             raise CheckpointError(f"{where} is corrupt: {STATE_FILE} lists no sha256 for {name}")
+    # What the trainer writes besides (extra): the data it read and the device it ran on.
+    data = state.get("data", {})
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), (str, type(None))) for k in ("path", "sha256"))
+            and isinstance(state.get("device", ""), str)):
+        raise CheckpointError(f"{where} is corrupt: {STATE_FILE} has an invalid 'data' or 'device'")
     return state
 
 

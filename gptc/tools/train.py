@@ -310,6 +310,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                                    "this data now (another gptc version?); start a new run")
     train_ids, val_ids = split(ids, VALIDATION_FRACTION)
     batches = Batches(train_ids, t.batch_size, m.seq_len, t.seed, name="training split")
+    if checkpoint is not None:
+        batches.state = checkpoint.rng_state
     val_batches = validation_windows(val_ids, t.eval_batches, t.batch_size, m.seq_len)
     console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary "
                  f"{tokenizer.vocab_size}, {how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
@@ -369,7 +371,6 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             eval_sess = ReferenceExecutor(build_graph(spec, "eval"), params)
         if checkpoint is not None:
             train_sess.write(checkpoint.optimizer)
-            batches.state = checkpoint.rng_state
     except BaseException as e:
         metrics.close()
         discard()
