@@ -126,9 +126,9 @@ def validate(spec: Spec) -> Spec:
     b, s, e = t.batch_size, m.seq_len, m.d_model
     largest = max(b * s * max(3 * e, m.d_ff, m.vocab_size), b * m.n_heads * s * s, m.vocab_size * e, s * e, e * m.d_ff)
     if largest * 4 >= 2**63:
-        raise SpecError(f"the model is too large: one of its tensors would hold {largest:.2e} numbers, more than 64-bit "
-                        "offsets address; lower model.seq_len, model.d_model, model.d_ff, model.vocab_size or "
-                        "train.batch_size")
+        raise SpecError(f"the model is too large: one of its tensors would hold {largest:.2e} numbers, more than "
+                        "64-bit offsets address; lower model.seq_len, model.d_model, model.d_ff, model.vocab_size "
+                        "or train.batch_size")
     if m.d_model % m.n_heads:
         raise SpecError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):

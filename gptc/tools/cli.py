@@ -129,7 +129,7 @@ def _cmd_compile(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     from gptc.tools.generate import SamplingParams, run_generate
     params = SamplingParams(num_tokens=args.num_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed).validate()
+                            repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
     run_generate(args.checkpoint, args.prompt, params, args.device)
 
 
@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a text file")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
     p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
-    p.add_argument("--data", type=_nonempty, help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
+    p.add_argument("--data", type=_nonempty,
+                   help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
     p.add_argument("--steps", type=int, help="number of optimizer steps (on the CPU the default is capped to a few "
                                              "minutes of work)")
     p.add_argument("--lr", type=_finite_float, help="peak learning rate")
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "embedding rows (e.g. smaller than a preset's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="where to train (auto: a GPU if there is one, else the CPU)")
-    p.add_argument("--out", type=_nonempty, help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
+    p.add_argument("--out", type=_nonempty,
+                   help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
                                  "(default: runs/NAME-DATE-TIME)")
     p.add_argument("--resume", type=_nonempty, metavar="RUNDIR",
                    help="continue the run in RUNDIR from its newest checkpoint; with --out NEWDIR, fork it (or an "
@@ -180,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")
     p.add_argument("--preset", type=_nonempty, default="hipgpt", help="the model (default hipgpt)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where to run (auto: GPU if present)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer on a CPU)")
     p.add_argument("--out", type=_nonempty, help=f"run directory (default {DEMO_DIR}; one that holds a run is refused)")
     p.add_argument("--prompt", default="ROMEO:", help="the text the sample continues")
@@ -191,29 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
     p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
     p.add_argument("-o", "--output", type=_nonempty, required=True, help="the bundle directory to write")
-    p.add_argument("--target", type=_nonempty, default="auto", help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
+    p.add_argument("--target", type=_nonempty, default="auto",
+                   help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
     p.add_argument("--no-fuse", action="store_true", help="one kernel per primitive op (the benchmark baseline)")
     p.add_argument("--batch", type=int, help="sequences per training step")
     p.add_argument("--seq-len", type=int, help="context length")
     p.set_defaults(run=_cmd_compile)
 
     p = sub.add_parser("generate", help="sample text from a trained checkpoint (prefill, then KV-cache decode)")
-    p.add_argument("--checkpoint", type=_nonempty, required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--checkpoint", type=_nonempty, required=True,
+                   help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temp", type=_finite_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=_finite_float, default=1.0, help="nucleus sampling: smallest set with this probability (0, 1]")
+    p.add_argument("--top-p", type=_finite_float, default=1.0,
+                   help="nucleus sampling: smallest set with this probability (0, 1]")
     p.add_argument("--repetition-penalty", type=_finite_float, default=1.0, help="> 1 discourages repeating tokens")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, help="random seed (>= 0): same seed, same text")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where to run (auto: GPU if present)")
     p.set_defaults(run=_cmd_generate)
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
     p.add_argument("bundle", type=_nonempty, help="a bundle directory (from gptc compile)")
     p.add_argument("--step", default="train", choices=["train", "eval", "prefill", "decode"], help="which step")
-    p.add_argument("--dot", type=_nonempty, help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
+    p.add_argument("--dot", type=_nonempty,
+                   help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
@@ -224,13 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_plan)
 
     p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
-    p.add_argument("--preset", type=_nonempty, metavar="NAME|SPEC", help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
+    p.add_argument("--preset", type=_nonempty, metavar="NAME|SPEC",
+                   help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
     p.add_argument("--what", type=_nonempty, metavar="LIST", help="train,infer (default both)")
     p.add_argument("--compare", type=_nonempty, metavar="LIST",
                    help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "
                         "are skipped where PyTorch is not installed)")
-    p.add_argument("--out", type=_nonempty, metavar="DIR", help="where bench.json, bench.md and bench.png go (default runs/bench)")
+    p.add_argument("--out", type=_nonempty, metavar="DIR",
+                   help="where bench.json, bench.md and bench.png go (default runs/bench)")
     p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")

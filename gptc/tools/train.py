@@ -182,9 +182,9 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
           on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
     spec is used). `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides
-    (None: not given). `on_step(step, record)` is called after every completed step (tests raise
-    KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C,
-    after saving a checkpoint."""
+    (None: not given). `on_step(step, record)` is called after every completed step (tests
+    raise KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C
+    or SIGTERM, after saving a checkpoint."""
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
     # Everything the caller gave is checked before anything is opened, read or built.
