@@ -78,3 +78,15 @@ def test_the_demo_then_the_readme_generate_command(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptc: error: 'runs/demo' holds an earlier run") and "\n" not in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_readme_errors_are_what_gptc_prints(tmp_path, monkeypatch, capsys):
+    """Each `$ gptc ...` example the README follows with a `gptc: error: ...` line prints
+    exactly that line (and exits 2)."""
+    from gptc.tools.cli import main
+    examples = re.findall(r"^\$ gptc (.*)\n(gptc: error: .*)$", README.read_text(), re.M)
+    assert examples
+    monkeypatch.chdir(tmp_path)
+    for command, error in examples:
+        assert main(shlex.split(command)) == 2
+        assert capsys.readouterr().err == error + "\n"
