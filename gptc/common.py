@@ -43,3 +43,13 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(tmp, 0o777 & ~UMASK)
     return tmp
+
+
+def first_file_in(path: str | os.PathLike) -> Path | None:
+    """The first existing component of `path` that is not a directory (None: there is
+    none, so the directory `path` can be made)."""
+    p = Path(path)
+    for part in (*reversed(p.parents), p):
+        if part.exists() and not part.is_dir():
+            return part
+    return None

@@ -102,7 +102,7 @@ PRESETS: dict[str, Spec] = {
 
 
 def preset(name: str) -> Spec:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise SpecError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
 
@@ -120,6 +120,15 @@ def validate(spec: Spec) -> Spec:
     for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
         if getattr(m, name) <= 0:
             raise SpecError(f"model.{name} must be positive, got {getattr(m, name)}")
+    # NumPy and the generated kernels index with 64-bit integers: no tensor may hold 2**63
+    # bytes. No machine comes near; this refuses absurd sizes (e.g. --batch 10**21) in
+    # one line instead of failing deep inside the graph builder.
+    b, s, e = t.batch_size, m.seq_len, m.d_model
+    largest = max(b * s * max(3 * e, m.d_ff, m.vocab_size), b * m.n_heads * s * s, m.vocab_size * e, s * e, e * m.d_ff)
+    if largest * 4 >= 2**63:
+        raise SpecError(f"the model is too large: one of its tensors would hold {largest:.2e} numbers, more than "
+                        "64-bit offsets address; lower model.seq_len, model.d_model, model.d_ff, model.vocab_size "
+                        "or train.batch_size")
     if m.d_model % m.n_heads:
         raise SpecError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
@@ -140,6 +149,8 @@ def validate(spec: Spec) -> Spec:
     for name in ("eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise SpecError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.seed < 0:
+        raise SpecError(f"train.seed must be 0 or more, got {t.seed}")
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         raise SpecError(f"train.lr must be positive and train.min_lr in [0, lr], got lr={t.lr}, min_lr={t.min_lr}")
     if t.warmup < 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
@@ -175,7 +186,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     if expected == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        return _finite(where, value)
     if expected == "str":
         if not isinstance(value, str):
             raise SpecError(f"{where} must be a string, got {value!r}")
@@ -183,8 +194,15 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     if expected.startswith("tuple"):
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise SpecError(f"{where} must be a list of numbers, got {value!r}")
-        return tuple(float(v) for v in value)
+        return tuple(_finite(where, v) for v in value)
     raise AssertionError(f"unhandled field type {expected}")
+
+
+def _finite(where: str, value: int | float) -> float:
+    """value as a float; inf and nan (which TOML allows) are refused."""
+    if not math.isfinite(value):
+        raise SpecError(f"{where} must be finite, got {value}")
+    return float(value)
 
 
 def _apply(section: str, base: Any, values: dict) -> Any:
@@ -198,6 +216,8 @@ def _apply(section: str, base: Any, values: dict) -> Any:
 
 
 def spec_from_dict(data: dict) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec is a table of 'preset', [model] and [train], not {type(data).__name__}")
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:
         raise SpecError(f"unknown section '{sorted(unknown)[0]}'; a spec has 'preset', [model] and [train]")
@@ -211,12 +231,16 @@ def spec_from_dict(data: dict) -> Spec:
 
 def load_spec(path: str | os.PathLike) -> Spec:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SpecError(f"spec file '{path}' does not exist")
+    if not p.is_file():
+        raise SpecError(f"spec file '{path}' is not a file")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"spec file '{path}' is not valid TOML: {e}") from None
+    except OSError as e:
+        raise SpecError(f"cannot read spec file '{path}': {e.strerror}") from None
     return spec_from_dict(data)
 
 

@@ -1,7 +1,7 @@
-"""Shared test fixtures and checks: the GPU device, a seeded random generator whose seed a
-failing test reports, the relative error and the update check of the GPU tests, and a
-hand-written kernel that exercises the prelude (bf16, warp shuffles, math built-ins,
-INFINITY, int64_t)."""
+"""Shared test fixtures and checks: gptc's cache in a temporary directory for the whole
+run, the GPU device, a seeded random generator whose seed a failing test reports, the
+relative error and the update check of the GPU tests, and a hand-written kernel that
+exercises the prelude (bf16, warp shuffles, math built-ins, INFINITY, int64_t)."""
 from __future__ import annotations
 
 import os
@@ -47,6 +47,22 @@ row_logsumexp(const bf16* __restrict__ x, float* __restrict__ out, bf16* __restr
   }
 }
 """
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory):
+    """$GPTC_CACHE_DIR for the whole run (subprocesses inherit it): a session temporary
+    directory, so tests never write into the user's ~/.cache/gptc; a GPTC_CACHE_DIR the
+    developer set (e.g. a warm kernel cache) is kept. The ROCm bridge directory that
+    .ci/install-compilers.sh makes is found through GPTC_ROCM_BRIDGE (default
+    ~/.cache/gptc/rocm-bridge), not through GPTC_CACHE_DIR, so hiprtc keeps working."""
+    if os.environ.get("GPTC_CACHE_DIR"):
+        yield Path(os.environ["GPTC_CACHE_DIR"])
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("gptc-cache")
+        mp.setenv("GPTC_CACHE_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="module")

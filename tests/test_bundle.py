@@ -202,7 +202,7 @@ def _damage(manifest: dict, how: str) -> object:
     ("an unknown buffer", "steps.train names buffer 'nowhere'"),
     ("a code object missing", "which has no code object"),
     ("the target missing", "target is missing"),
-    ("a list", "made by gptc None"),
+    ("a list", "is damaged: it should be an object"),
 ])
 def test_damaged_manifest_is_one_line(bundle_dir, tmp_path, how, expected):
     out, _ = bundle_dir

@@ -201,3 +201,42 @@ def test_find_checkpoint_errors(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step-000009-x").mkdir(parents=True)  # a save in progress is no checkpoint
     with pytest.raises(CheckpointError, match="has no checkpoints"):
         ckpt.find_checkpoint(tmp_path)
+
+
+def test_pruning_keeps_good_checkpoints_before_corrupt_ones(tmp_path):
+    save(tmp_path, 10, keep=2)
+    save(tmp_path, 20, keep=2)
+    _flip_a_byte(tmp_path / "checkpoints" / "step-000020" / "model.safetensors")
+    save(tmp_path, 30, keep=2)  # 30 and 10 are the two newest good ones; 20 stays, for the user to look at
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 20, 30]
+    save(tmp_path, 40, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [30, 40]
+
+
+def test_resume_point_continues_only_the_newest_in_place(tmp_path):
+    for step in (10, 20, 30):
+        save(tmp_path, step)
+    older = tmp_path / "checkpoints" / "step-000020"
+    assert ckpt.resume_point(tmp_path)[0].step == 30
+    assert ckpt.resume_point(tmp_path / "checkpoints" / "step-000030")[1] == tmp_path
+    with pytest.raises(CheckpointError, match=r"not the newest checkpoint .* \(step-000030 is\); .*fork the run's "
+                                              rf"history; .* --resume {older} --out NEWDIR"):
+        ckpt.resume_point(older)
+    with pytest.raises(CheckpointError, match="fork the run's history"):
+        ckpt.resume_point(older, tmp_path)
+    checkpoint, target = ckpt.resume_point(older, tmp_path / "fork")
+    assert checkpoint.step == 20 and target == tmp_path / "fork" and not target.exists()
+    save(tmp_path / "fork", 25)
+    with pytest.raises(CheckpointError, match="cannot fork into .* already holds a run"):
+        ckpt.resume_point(older, tmp_path / "fork")
+    _flip_a_byte(tmp_path / "checkpoints" / "step-000030" / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match=r"step-000030' is corrupt: optimizer.safetensors does not match the "
+                                              rf"sha256 .*; to go on from the newest good checkpoint, fork it: "
+                                              rf"--resume {older} --out NEWDIR"):
+        ckpt.resume_point(tmp_path)
+
+
+def _flip_a_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))

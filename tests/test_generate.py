@@ -93,3 +93,50 @@ def test_generate_from_a_checkpoint_streams_and_warns_on_a_long_prompt(tmp_path,
     assert "Traceback" not in err
     assert err.splitlines()[-1] == (f"gptc: error: tokens: id {spec.model.vocab_size + 5} at [0, 1] is outside "
                                     f"[0, {spec.model.vocab_size})")
+
+def test_running_out_of_memory_while_sampling_is_one_line(tmp_path, monkeypatch):
+    import io
+    from dataclasses import replace
+
+    from gptc.runtime.reference import ReferenceExecutor
+    from gptc.tools.generate import run_generate
+    from gptc.tools.train import train
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 200)
+    spec = gptc.preset("tiny")
+    spec = replace(spec, train=replace(spec.train, steps=2, checkpoint_interval=2, eval_interval=2, eval_batches=1))
+    train(spec, str(data), device="cpu", out_dir=tmp_path / "run", stdout=io.StringIO())
+
+    def no_memory(self, inputs):
+        raise MemoryError
+    monkeypatch.setattr(ReferenceExecutor, "run", no_memory)
+    with pytest.raises(GptcError, match=r"^sampling with a context of 32 tokens needs about .* GiB on the CPU .*, and "
+                                        r"ran out of memory; sample on a GPU \(--device gpu\)$"):
+        run_generate(str(tmp_path / "run"), "x", SamplingParams(num_tokens=3), "cpu", out=io.StringIO(),
+                     log=lambda line: None)
+
+
+def test_rows_past_the_tokenizer_are_never_sampled(tmp_path):
+    """A model with more embedding rows than its tokenizer has tokens: even when those
+    rows' logits are the largest, sampling stays inside the tokenizer's vocabulary."""
+    import io
+    from dataclasses import replace
+
+    from gptc.tools import checkpoint as ckpt
+    from gptc.tools.generate import run_generate
+    from gptc.tools.tokenizer import Tokenizer
+    from gptc.tools.train import train
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 200)
+    spec = gptc.preset("tiny")
+    spec = replace(spec, model=replace(spec.model, vocab_size=400),
+                   train=replace(spec.train, steps=2, checkpoint_interval=2, eval_interval=2, eval_batches=1))
+    train(spec, str(data), device="cpu", out_dir=tmp_path / "run", stdout=io.StringIO())
+    c = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002")
+    n = Tokenizer.from_json(c.tokenizer_json).vocab_size
+    assert n < 400
+    c.params["lm_head.bias"][n:] = 100.0  # the padded rows win every argmax and nearly all probability
+    ckpt.save_checkpoint(tmp_path / "edited", 2, c.params, c.optimizer, c.rng_state, c.spec, c.tokenizer_json)
+    for params in (SamplingParams(num_tokens=20, greedy=True), SamplingParams(num_tokens=20, top_k=0, seed=1)):
+        text = run_generate(str(tmp_path / "edited"), "To be", params, "cpu", out=io.StringIO(), log=lambda l: None)
+        assert text.startswith("To be") and len(text) > len("To be")

@@ -269,3 +269,33 @@ def test_lr_schedule() -> None:
     assert lr_at(t, 500) == pytest.approx(0.1)
     assert lr_at(replace(t, schedule="constant"), 50) == 1.0
     assert lr_at(replace(t, warmup=0), 0) == pytest.approx(1.0)
+
+
+FLOAT_FIELDS = [(section, f.name) for section, cls in (("model", ModelSpec), ("train", TrainSpec))
+                for f in dataclasses.fields(cls) if f.type in ("float", "tuple[float, float]")]
+
+
+def test_every_float_field_is_listed() -> None:
+    assert ("train", "lr") in FLOAT_FIELDS and ("train", "betas") in FLOAT_FIELDS and len(FLOAT_FIELDS) >= 9
+
+
+@pytest.mark.parametrize("section, name", FLOAT_FIELDS)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_numbers_are_refused(tmp_path, section: str, name: str, bad: float) -> None:
+    base = Spec()
+    value = (0.9, bad) if name == "betas" else bad
+    spec = dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **{name: value})})
+    with pytest.raises(SpecError, match=rf"{section}\.{name} must be finite, got .*(inf|nan)"):
+        validate(spec)
+    text = {math.inf: "inf", -math.inf: "-inf"}.get(bad, "nan")
+    path = tmp_path / "spec.toml"
+    path.write_text(f"[{section}]\n{name} = {'[0.9, ' + text + ']' if name == 'betas' else text}\n")
+    with pytest.raises(SpecError, match=rf"{section}\.{name} must be finite"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("spec", [train(batch_size=10**21), model(seq_len=10**12), model(vocab_size=10**20),
+                                  model(d_model=2 * 10**18, n_heads=2), model(d_ff=10**19)])
+def test_absurd_sizes_are_refused(spec: Spec) -> None:
+    with pytest.raises(SpecError, match="too large: one of its tensors would hold .* more than 64-bit"):
+        validate(spec)

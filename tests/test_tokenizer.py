@@ -295,6 +295,11 @@ def test_too_small_corpus():
         Tokenizer.train("hello", 261)
 
 
+def test_at_most_stops_where_the_text_runs_out_of_pairs():
+    assert Tokenizer.train("hello", 1000, at_most=True) == Tokenizer.train("hello", 260)
+    assert Tokenizer.train("hello hello", 258, at_most=True).vocab_size == 258
+
+
 def test_vocab_size_below_bytes():
     with pytest.raises(ValueError, match=">= 256"):
         Tokenizer.train("some text", 255)

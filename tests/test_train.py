@@ -250,11 +250,7 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     short = tmp_path / "short.txt"
     short.write_text("too short for a window of 33 tokens, twice over" * 4)
     code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", short, "--out", tmp_path / "a")
-    assert_one_line_error(code, err, "fewer than the 321 needed")
-    toml = tmp_path / "big-vocab.toml"
-    toml.write_text("preset = 'tiny'\n[model]\nvocab_size = 100000\n")
-    code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "b")
-    assert_one_line_error(code, err, "lower model.vocab_size")
+    assert_one_line_error(code, err, "fewer than the 321 tokens needed")
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--out", a_file / "run")
@@ -265,12 +261,14 @@ def test_cli_bad_input(tmp_path, data_file, capsys):
     assert_one_line_error(code, err, "has no checkpoints")
     code, _, err = cli(capsys, tmp_path, "--device", "cpu")
     assert_one_line_error(code, err, "not a bundle (no manifest.json)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-vocab.toml", "cache", "file.txt", "short.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "short.txt"]
 
 
-def test_real_ctrl_c(tmp_path, data_file):
-    """SIGINT to `gptc train`: the step finishes, a checkpoint is saved, exit 130, and
-    the run resumes from it."""
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "Ctrl-C: saving a checkpoint after this step"),
+                                              (signal.SIGTERM, 143, "SIGTERM: saving a checkpoint after this step")])
+def test_real_ctrl_c_and_sigterm(tmp_path, data_file, signum, code, said):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `docker stop`) to `gptc train`: the step
+    finishes, a checkpoint is saved, exit 128 + the signal, and the run resumes from it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPTC_CACHE_DIR": str(tmp_path / "cache")}
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "gptc", "train", "--preset", "tiny", "--device", "cpu",
@@ -281,14 +279,143 @@ def test_real_ctrl_c(tmp_path, data_file):
             if line.startswith("step"):
                 break
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "saving a checkpoint after this step" in err
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and said in err
     step = ckpt.list_checkpoints(run_dir)[-1][0]
     assert f"interrupted at step {step}: saved" in out and "--resume" in out
     assert [r["step"] for r in trainer.read_metrics(run_dir)] == list(range(1, step + 1))
     result, _ = run(None, data_file, resume=run_dir, steps=step + 3)
     assert result.step == step + 3
+
+
+@pytest.fixture
+def deadline():
+    """deadline(seconds): fail the test (instead of hanging) if it runs longer."""
+    def on_alarm(signum, frame):
+        raise AssertionError("took too long")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    yield signal.alarm
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_min_corpus_tokens_is_the_fewest_that_split_allows(deadline):
+    from gptc.tools.data import min_corpus_tokens, split
+    for fraction in (0.1, 0.25, 0.5, 0.9):
+        for seq_len in range(1, 200):
+            n = min_corpus_tokens(seq_len, fraction)
+            ok = [min(len(part) for part in split(np.zeros(k), fraction)) >= seq_len + 1 for k in (n - 1, n)]
+            assert ok == [False, True], (fraction, seq_len, n)
+    deadline(5)
+    assert min_corpus_tokens(10**8) == 1_000_000_001  # 900,000,000 + 100,000,001
+
+
+def test_a_huge_seq_len_is_refused_before_tokenizing(tmp_path, data_file, capsys, deadline):
+    toml = tmp_path / "long.toml"
+    toml.write_text("preset = 'tiny'\n[model]\nseq_len = 100000000\n")
+    deadline(20)
+    code, _, err = cli(capsys, toml, "--device", "cpu", "--data", data_file, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "fewer than the 1,000,000,001 tokens needed")
+    assert "bytes (so at most as many tokens)" in err and not (tmp_path / "run").exists()
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_an_older_checkpoint_is_an_explicit_fork(tmp_path, data_file, capsys):
+    spec = tiny(steps=40)  # checkpoints at 20, 30, 40 (keep 3)
+    straight, _ = run(spec, data_file, tmp_path / "run")
+    before = tree(tmp_path / "run")
+    older = tmp_path / "run" / "checkpoints" / "step-000030"
+    code, _, err = cli(capsys, "--resume", older, "--steps", 50, "--device", "cpu")
+    assert_one_line_error(code, err, f"is not the newest checkpoint of the run '{tmp_path / 'run'}' (step-000040 "
+                                     f"is); going on from it there would fork the run's history; fork it into a new "
+                                     f"run directory with: --resume {older} --out NEWDIR")
+    assert tree(tmp_path / "run") == before
+    forked, text = run(None, data_file, resume=older, out=tmp_path / "fork")
+    assert f"forking {older} (step 30) into the new run {tmp_path / 'fork'}" in text
+    assert forked.losses == straight.losses[30:]  # the fork retraces steps 31..40 exactly
+    assert losses_of(tmp_path / "fork") == losses_of(tmp_path / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "fork")] == [40]
+    assert tree(tmp_path / "run") == before
+    code, _, err = cli(capsys, "--resume", older, "--out", tmp_path / "fork", "--device", "cpu")
+    assert_one_line_error(code, err, "cannot fork into")
+
+
+def test_a_corrupt_newest_checkpoint_names_the_good_one_to_fork(tmp_path, data_file, capsys):
+    run(tiny(steps=40), data_file, tmp_path / "run")
+    _flip_last_byte(tmp_path / "run" / "checkpoints" / "step-000040" / "model.safetensors")
+    code, _, err = cli(capsys, "--resume", tmp_path / "run", "--steps", 50, "--device", "cpu")
+    good = tmp_path / "run" / "checkpoints" / "step-000030"
+    assert_one_line_error(code, err, f"does not match the sha256 recorded in state.json; to go on from the newest "
+                                     f"good checkpoint, fork it: --resume {good} --out NEWDIR")
+
+
+def test_pruning_never_deletes_a_good_checkpoint_for_a_corrupt_one(tmp_path, data_file):
+    kept = {}
+
+    def corrupt_20(step, record):
+        if step == 25:
+            _flip_last_byte(tmp_path / "run" / "checkpoints" / "step-000020" / "model.safetensors")
+        kept[step] = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
+    run(tiny(steps=40, keep_checkpoints=2), data_file, tmp_path / "run", on_step=corrupt_20)
+    assert kept[30] == [10, 20, 30]  # 20 fails its checksum: 10 is kept as the second good one
+    assert kept[40] == [30, 40]
+
+
+def test_a_step_too_large_for_the_memory_is_refused_at_once(tmp_path):
+    """seq_len 4096 under a 3 GiB limit (ulimit -v): refused before any work, in one line
+    naming what was too big and what to do (it ended in a NumPy traceback)."""
+    import resource
+
+    from gptc.tools.device import memory_limit
+    toml = tmp_path / "long.toml"
+    toml.write_text("preset = 'tiny'\n[model]\nseq_len = 4096\n")
+    limit = 3 * 2**30
+    result = subprocess.run([sys.executable, "-m", "gptc", "train", str(toml), "--device", "cpu", "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    import re
+    assert re.fullmatch(r"gptc: error: one training step of long \(batch 8 x seq_len 4096\) needs about "
+                        r"[\d.]+ GiB on the CPU \(NumPy reference executor; its largest tensor 1\.0 GiB\), "
+                        + re.escape(f"more than the {min(limit, memory_limit()) / 2**30:,.1f} GiB this process may "
+                                    "use; lower --batch or model.seq_len, or train on a GPU (--device gpu)"),
+                        result.stderr.strip()), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, data_file, capsys, monkeypatch):
+    from gptc.runtime.reference import ReferenceExecutor
+
+    def no_memory(self, inputs):
+        raise MemoryError
+    monkeypatch.setattr(ReferenceExecutor, "run", no_memory)
+    code, _, err = cli(capsys, "--preset", "tiny", "--device", "cpu", "--data", data_file, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "one training step of tiny (batch 8 x seq_len 32) needs about 0.0 GiB on the "
+                                     "CPU (NumPy reference executor; its largest tensor 0.0 GiB), and ran out of memory")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_vocabulary_larger_than_the_corpus_yields(tmp_path, data_file, capsys):
+    """The tokenizer learns what the corpus yields; the model keeps its vocab_size rows
+    (gpt2's 50,257 on the bundled corpus's 36,874 tokens used to be refused)."""
+    code, out, err = cli(capsys, "--preset", "tiny", "--vocab-size", 20000, "--device", "cpu", "--data", data_file,
+                         "--steps", 2, "--out", tmp_path / "run")
+    assert code == 0, err
+    from gptc.tools.tokenizer import Tokenizer
+    tokens = Tokenizer.load(tmp_path / "run" / "tokenizer.json").vocab_size
+    assert 256 < tokens < 20000
+    assert (f"note: the tokenizer has {tokens:,} tokens (all this corpus yields); the model's 20,000 embedding rows "
+            "stay (the rest are never used)") in out
+    assert f"(BPE vocabulary {tokens}, " in out
+    c = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002")
+    assert c.spec.model.vocab_size == 20000 and c.params["wte"].shape == (20000, 32)
+    code, _, err = cli(capsys, "--resume", tmp_path / "run", "--vocab-size", 300, "--steps", 3, "--device", "cpu")
+    assert_one_line_error(code, err, "model.vocab_size is 300 in the given spec but 20000 in the run")

@@ -204,9 +204,12 @@ class Bundle:
             self.manifest = json.loads(manifest_path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise BundleError(f"the manifest of bundle '{path}' is corrupt; compile the bundle again") from None
-        versions = self.manifest.get("versions") if isinstance(self.manifest, dict) else None
+        if not isinstance(self.manifest, dict):
+            raise BundleError(f"the manifest of bundle '{path}' is damaged: it should be an object; "
+                              "compile the bundle again")
+        versions = self.manifest.get("versions")
         version = versions.get("gptc") if isinstance(versions, dict) else None
-        form = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+        form = self.manifest.get("format")
         if form != FORMAT or version != VERSION:
             raise BundleError(f"bundle '{path}' was made by gptc {version} (bundle format {form}), this is gptc "
                               f"{VERSION} (format {FORMAT}); compile it again with this version")

@@ -20,6 +20,15 @@ A checkpoint is written into a hidden temporary directory next to its final plac
 crash or a full disk never leaves a half checkpoint under a `step-*` name; leftover
 temporary directories are removed by the next save.
 
+A run's history is its checkpoints in step order, and a run goes on only from its
+newest one: `--resume RUNDIR` continues the newest in RUNDIR. Continuing an older
+checkpoint would fork the history (the newest would then be a step of another line of
+training), so it needs a new run directory, named explicitly: `--resume
+RUNDIR/checkpoints/step-000100 --out NEWDIR` (see resume_point). Pruning keeps the
+newest train.keep_checkpoints checkpoints that pass their checksums; one that fails
+them is left in place but not counted, so a good checkpoint is never deleted in favour
+of a corrupt one.
+
 Tensor names in model.safetensors are gptc's parameter names, which follow GPT-2's
 checkpoints; every tensor is float32 ("F32"), row-major. With E = d_model,
 F = d_ff, V = vocab_size, S = seq_len and l = 0 .. n_layers-1:
@@ -271,9 +280,34 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, params: Mapping[str, 
         raise
     _fsync_dir(root)
     if keep is not None:
-        for _, old_path in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old_path, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
     return final
+
+
+_verified: dict[Path, tuple] = {}  # checkpoint -> the stat of its files when it last passed verify_checkpoint
+
+
+def _passes(path: Path) -> bool:
+    """Whether a checkpoint passes verify_checkpoint; not hashed again while its files are unchanged."""
+    try:
+        signature = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()))
+        if _verified.get(path) != signature:
+            verify_checkpoint(path)
+            _verified[path] = signature
+        return True
+    except (CheckpointError, OSError):
+        return False
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete the checkpoints older than the newest `keep` that pass their checksums. One
+    that fails them is not counted, and is left for the user to look at."""
+    good = 0
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if good >= keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif _passes(path):
+            good += 1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -289,10 +323,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify one checkpoint directory: structure of both safetensors files,
-    the sha256 of every file against state.json, and the stored spec."""
-    path = Path(path)
+def _read_state(path: Path) -> dict:
+    """The checked state.json of a checkpoint directory."""
     where = f"checkpoint '{path}'"
     state_path = path / STATE_FILE
     if not state_path.is_file():
@@ -301,6 +333,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise CheckpointError(f"{where} is corrupt: {STATE_FILE} is not valid JSON") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read '{state_path}': {e.strerror}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a gptc checkpoint ({STATE_FILE} has no format '{FORMAT}')")
     if state.get("version") != FORMAT_VERSION:
@@ -311,6 +345,41 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for name in (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE):
         if name not in files:
             raise CheckpointError(f"{where} is corrupt: {STATE_FILE} lists no sha256 for {name}")
+    # What the trainer writes besides (extra): the data it read and the device it ran on.
+    data = state.get("data", {})
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), (str, type(None))) for k in ("path", "sha256"))
+            and isinstance(state.get("device", ""), str)):
+        raise CheckpointError(f"{where} is corrupt: {STATE_FILE} has an invalid 'data' or 'device'")
+    return state
+
+
+def _check_digests(path: Path, files: dict) -> None:
+    for name in (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE):
+        digest = files[name]
+        try:
+            actual = _sha256(path / name)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: {name} is missing") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read '{path / name}': {e.strerror}") from None
+        if actual != digest:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt: {name} does not match the sha256 recorded in "
+                                  f"{STATE_FILE}")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check a checkpoint directory's state.json and the sha256 of every file it lists
+    (without parsing the tensors); CheckpointError says what is wrong."""
+    path = Path(path)
+    _check_digests(path, _read_state(path)["files"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify one checkpoint directory: structure of both safetensors files,
+    the sha256 of every file against state.json, and the stored spec."""
+    path = Path(path)
+    where = f"checkpoint '{path}'"
+    state = _read_state(path)
     params = load_safetensors(path / MODEL_FILE)
     optimizer = load_safetensors(path / OPTIMIZER_FILE)
     try:
@@ -319,14 +388,30 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{where} is incomplete: {TOKENIZER_FILE} is missing") from None
     except UnicodeDecodeError:
         raise CheckpointError(f"{where} is corrupt: {TOKENIZER_FILE} is not UTF-8") from None
-    for name, digest in files.items():
-        if _sha256(path / name) != digest:
-            raise CheckpointError(f"{where} is corrupt: {name} does not match the sha256 recorded in {STATE_FILE}")
+    except OSError as e:
+        raise CheckpointError(f"cannot read '{path / TOKENIZER_FILE}': {e.strerror}") from None
+    _check_digests(path, state["files"])
     try:
         spec = spec_from_dict(state.get("spec"))
     except (SpecError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{where} holds an invalid spec: {e}") from None
-    return Checkpoint(path, step, spec, params, optimizer, state["rng"], state, tokenizer_json)
+    return Checkpoint(path, state["step"], spec, params, optimizer, state["rng"], state, tokenizer_json)
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], names: Mapping[str, int], graph: Any, what: str,
+                  where: Path) -> None:
+    """Refuse a checkpoint whose tensors (of file `what`) are not exactly the graph's
+    `names` (its params or states: name -> node) with their shapes."""
+    missing = sorted(set(names) - set(tensors))
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        detail = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
+        raise CheckpointError(f"checkpoint '{where}' does not match the model: {what} {detail}")
+    for name, nid in names.items():
+        shape = tuple(graph.type(nid).shape)
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"checkpoint '{where}' does not match the model: '{name}' has shape "
+                                  f"{tuple(tensors[name].shape)}, the model needs {shape}")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -343,6 +428,34 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if not found:
         raise CheckpointError(f"'{path}' has no checkpoints to resume from (expected {path}/{CHECKPOINTS}/step-*)")
     return found[-1][1]
+
+
+def resume_point(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[Checkpoint, Path]:
+    """(the checkpoint `--resume PATH [--out OUT]` continues, the run directory it goes on
+    in). In place (no OUT, or OUT is the checkpoint's run) only the run's newest checkpoint
+    continues; an older one is a fork, which needs a new run directory OUT. When the
+    checkpoint is damaged, the error names the newest good one to fork from."""
+    found = find_checkpoint(path)
+    source = run_dir_of(found)
+    target = Path(out_dir) if out_dir is not None else source
+    history = list_checkpoints(source)
+    fork = target.resolve() != source.resolve()
+    if not fork and history and history[-1][1].resolve() != found.resolve():
+        raise CheckpointError(f"'{found}' is not the newest checkpoint of the run '{source}' ({history[-1][1].name} "
+                              f"is); going on from it there would fork the run's history; fork it into a new run "
+                              f"directory with: --resume {found} --out NEWDIR")
+    if fork and list_checkpoints(target):
+        raise CheckpointError(f"cannot fork into '{target}': it already holds a run with checkpoints; "
+                              "choose another --out")
+    try:
+        return load_checkpoint(found), target
+    except CheckpointError as e:
+        at = next((step for step, p in history if p.resolve() == found.resolve()), -1)
+        older = [p for step, p in reversed(history) if step < at and _passes(p)]
+        if not older:
+            raise
+        raise CheckpointError(f"{e}; to go on from the newest good checkpoint, fork it: --resume {older[0]} "
+                              "--out NEWDIR") from None
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:

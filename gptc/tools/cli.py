@@ -2,11 +2,44 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
-from pathlib import Path
+import threading
 from dataclasses import replace
+from pathlib import Path
+from typing import NoReturn
 
+from gptc.common import first_file_in
 from gptc.spec import GptcError, Spec, load_spec, preset, validate
+
+DEMO_DIR = Path("runs") / "demo"  # where `gptc demo` trains, so that the README's commands run as printed
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with gptc's errors: one line, `gptc: error: ...`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gptc: error: {message} (see: {self.prog} --help)\n")
+
+
+def _nonempty(text: str) -> str:
+    """A command-line name or path; an empty one (e.g. from an unset shell variable) is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _finite_float(text: str) -> float:
+    """A command-line number; inf and nan are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return value
 
 
 def _spec_from_args(args: argparse.Namespace) -> Spec:
@@ -18,11 +51,13 @@ def _spec_from_args(args: argparse.Namespace) -> Spec:
         value = getattr(args, name, None)
         if value is not None:
             train = replace(train, **{"batch_size" if name == "batch" else name: value})
-    return validate(replace(spec, train=train))
+    model = spec.model
+    if getattr(args, "vocab_size", None) is not None:
+        model = replace(model, vocab_size=args.vocab_size)
+    return validate(replace(spec, model=model, train=train))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    import os
     from gptc.tools.train import train
     bundle = None
     if args.spec and os.path.isdir(args.spec):
@@ -38,19 +73,27 @@ def _cmd_train(args: argparse.Namespace) -> None:
     name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
                            else os.path.basename(os.path.normpath(args.resume)) if args.resume else "hipgpt")
     train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
-          lr=args.lr, batch=args.batch, name=name, bundle=bundle)
+          lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     """The main job: compile the default model, train it on the bundled corpus on the
-    best device here, and print a sample."""
-    from gptc.tools.generate import SamplingParams, run_generate
+    best device here, and print a sample. It trains in runs/demo (or --out); a directory
+    that holds an earlier run is refused, never overwritten."""
+    from gptc.tools.checkpoint import list_checkpoints
+    from gptc.tools.generate import SamplingParams, check_prompt, run_generate
     from gptc.tools.train import train
-    result = train(preset(args.preset), None, device=args.device, out_dir=args.out, steps=args.steps,
-                   name=f"demo-{args.preset}")
+    sampling = SamplingParams(num_tokens=args.num_tokens, temperature=0.8, top_k=40, seed=0).validate()
+    check_prompt(args.prompt)
+    spec = preset(args.preset)
+    out = Path(args.out) if args.out else DEMO_DIR
+    if list_checkpoints(out):
+        raise GptcError(f"'{out}' holds an earlier run, which the demo does not overwrite; sample from it with: "
+                        f"gptc generate --checkpoint {out} --prompt TEXT; or run the demo again with --out DIR "
+                        f"(or after deleting '{out}')")
+    result = train(spec, None, device=args.device, out_dir=out, steps=args.steps, name=f"demo-{args.preset}")
     print(f"\nsample ({args.num_tokens} tokens, temperature 0.8, top-k 40, seed 0):")
-    run_generate(str(result.run_dir), args.prompt,
-                 SamplingParams(num_tokens=args.num_tokens, temperature=0.8, top_k=40, seed=0), args.device)
+    run_generate(str(result.run_dir), args.prompt, sampling, args.device)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -93,6 +136,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from gptc.tools.inspect import inspect_bundle
+    if args.dot is not None and not Path(args.dot).resolve().parent.is_dir():
+        raise GptcError(f"cannot write --dot '{args.dot}': the directory '{Path(args.dot).parent}' does not exist")
     inspect_bundle(args.bundle, args.step, args.dot)
 
 
@@ -102,84 +147,101 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     spec, name = resolve_spec(args.preset, args.batch)
     if args.repeats is not None and args.repeats < 1:
         raise GptcError("--repeats must be at least 1")
+    out = args.out or "runs/bench"
+    if first_file_in(out):
+        raise GptcError(f"cannot use '{out}' as the output directory: '{first_file_in(out)}' is a file, not a "
+                        "directory; choose another --out")
     cfg = BenchConfig(spec, name, parse_list(args.what, WHATS, "what"), parse_list(args.compare, COMPARES, "compare"),
                       repeats=args.repeats or 20, per_kernel=not args.no_kernels)
-    bench_main(cfg, args.out or "runs/bench", args.device)
+    bench_main(cfg, out, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptc", description="Compile GPT models into fused GPU kernels, train and sample.")
+    parser = _Parser(prog="gptc", description="Compile GPT models into fused GPU kernels, train and sample.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a text file")
-    p.add_argument("spec", nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
-    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
-    p.add_argument("--data", help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
+    p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
+    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--data", type=_nonempty,
+                   help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
     p.add_argument("--steps", type=int, help="number of optimizer steps (on the CPU the default is capped to a few "
                                              "minutes of work)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--lr", type=_finite_float, help="peak learning rate")
     p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--vocab-size", type=int, help="model.vocab_size: the tokenizer's vocabulary and the model's "
+                                                  "embedding rows (e.g. smaller than a preset's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="where to train (auto: a GPU if there is one, else the CPU)")
-    p.add_argument("--out", help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
+    p.add_argument("--out", type=_nonempty,
+                   help="run directory: spec, tokenizer, metrics.jsonl, loss.png, checkpoints/ "
                                  "(default: runs/NAME-DATE-TIME)")
-    p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR from its newest checkpoint "
-                                                      "(or from the checkpoint directory RUNDIR/checkpoints/step-N)")
+    p.add_argument("--resume", type=_nonempty, metavar="RUNDIR",
+                   help="continue the run in RUNDIR from its newest checkpoint; with --out NEWDIR, fork it (or an "
+                        "older checkpoint, RUNDIR/checkpoints/step-N) into a new run")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")
-    p.add_argument("--preset", default="hipgpt", help="the model (default hipgpt)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.add_argument("--preset", type=_nonempty, default="hipgpt", help="the model (default hipgpt)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where to run (auto: GPU if present)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer on a CPU)")
-    p.add_argument("--out", help="run directory (default runs/demo-<preset>-<time>)")
+    p.add_argument("--out", type=_nonempty, help=f"run directory (default {DEMO_DIR}; one that holds a run is refused)")
     p.add_argument("--prompt", default="ROMEO:", help="the text the sample continues")
     p.add_argument("--num-tokens", type=int, default=100, help="tokens to sample")
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("compile", help="compile a model into a kernel bundle")
-    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
-    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
-    p.add_argument("-o", "--output", required=True, help="the bundle directory to write")
-    p.add_argument("--target", default="auto", help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
+    p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("-o", "--output", type=_nonempty, required=True, help="the bundle directory to write")
+    p.add_argument("--target", type=_nonempty, default="auto",
+                   help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
     p.add_argument("--no-fuse", action="store_true", help="one kernel per primitive op (the benchmark baseline)")
     p.add_argument("--batch", type=int, help="sequences per training step")
     p.add_argument("--seq-len", type=int, help="context length")
     p.set_defaults(run=_cmd_compile)
 
     p = sub.add_parser("generate", help="sample text from a trained checkpoint (prefill, then KV-cache decode)")
-    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--checkpoint", type=_nonempty, required=True,
+                   help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
-    p.add_argument("--temp", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--temp", type=_finite_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability (0, 1]")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--top-p", type=_finite_float, default=1.0,
+                   help="nucleus sampling: smallest set with this probability (0, 1]")
+    p.add_argument("--repetition-penalty", type=_finite_float, default=1.0, help="> 1 discourages repeating tokens")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, help="random seed: same seed, same text")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run (auto: GPU if present)")
+    p.add_argument("--seed", type=int, help="random seed (>= 0): same seed, same text")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where to run (auto: GPU if present)")
     p.set_defaults(run=_cmd_generate)
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
-    p.add_argument("bundle", help="a bundle directory (from gptc compile)")
+    p.add_argument("bundle", type=_nonempty, help="a bundle directory (from gptc compile)")
     p.add_argument("--step", default="train", choices=["train", "eval", "prefill", "decode"], help="which step")
-    p.add_argument("--dot", help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
+    p.add_argument("--dot", type=_nonempty,
+                   help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
-    p.add_argument("spec", nargs="?", help="a spec TOML file (or use --preset)")
-    p.add_argument("--preset", help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
+    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
     p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.set_defaults(run=_cmd_plan)
 
     p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
-    p.add_argument("--preset", metavar="NAME|SPEC", help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
+    p.add_argument("--preset", type=_nonempty, metavar="NAME|SPEC",
+                   help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
-    p.add_argument("--what", metavar="LIST", help="train,infer (default both)")
-    p.add_argument("--compare", metavar="LIST",
+    p.add_argument("--what", type=_nonempty, metavar="LIST", help="train,infer (default both)")
+    p.add_argument("--compare", type=_nonempty, metavar="LIST",
                    help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "
                         "are skipped where PyTorch is not installed)")
-    p.add_argument("--out", metavar="DIR", help="where bench.json, bench.md and bench.png go (default runs/bench)")
+    p.add_argument("--out", type=_nonempty, metavar="DIR",
+                   help="where bench.json, bench.md and bench.png go (default runs/bench)")
     p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")
@@ -187,16 +249,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `docker stop` send), raised where Ctrl-C raises
+    KeyboardInterrupt, so that every command stops the same way: the trainer saves a
+    checkpoint (it handles both signals itself while it trains), generate ends its line."""
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status: 0, 2 for bad input, 128 + the signal number when
+    stopped by SIGINT (130) or SIGTERM (143)."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args.run(args)
     except GptcError as e:
         print(f"gptc: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gptc: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # the reader went away (`gptc generate ... | head`): stop quietly, like SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush is quiet too
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    except MemoryError:  # the trainer and the sampler say what was too big; this is for the rest
+        print(f"gptc: error: out of memory in gptc {args.command}; give it less to hold (a smaller corpus, "
+              "--batch or model.seq_len) or more memory", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"gptc: {'interrupted' if signum == signal.SIGINT else 'terminated'}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,7 +34,10 @@ def read_corpus(path: str | os.PathLike) -> str:
         raise DataError(f"data file '{path}' does not exist")
     if not p.is_file():
         raise DataError(f"data path '{path}' is not a file")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file '{path}': {e.strerror}") from None
     if not raw.strip():
         raise DataError(f"data file '{path}' is empty; give a UTF-8 text file")
     if b"\x00" in raw[:65536]:
@@ -74,8 +78,13 @@ class Batches:
         return rows[:, :-1], rows[:, 1:]
 
 
+def _cut(n: int, validation_fraction: float) -> int:
+    """How many of n tokens go to training (the rest to validation)."""
+    return int(n * (1.0 - validation_fraction))
+
+
 def split(tokens: np.ndarray, validation_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    cut = int(len(tokens) * (1.0 - validation_fraction))
+    cut = _cut(len(tokens), validation_fraction)
     return tokens[:cut], tokens[cut:]
 
 
@@ -92,13 +101,30 @@ def validation_windows(tokens: np.ndarray, n_batches: int, batch: int, seq_len: 
 
 def min_corpus_tokens(seq_len: int, validation_fraction: float = 0.1) -> int:
     """The fewest tokens a corpus needs for one window of seq_len + 1 tokens in each
-    split (as `split` cuts)."""
-    n = seq_len + 1
-    while True:
-        cut = int(n * (1.0 - validation_fraction))
-        if cut >= seq_len + 1 and n - cut >= seq_len + 1:
-            return n
-        n += 1
+    split (as `split` cuts). Both splits grow with n, so a binary search finds it."""
+    window = seq_len + 1
+
+    def enough(n: int) -> bool:
+        cut = _cut(n, validation_fraction)
+        return cut >= window and n - cut >= window
+
+    # hi is enough: hi * min(f, 1 - f) >= window + 1, so each split gets at least window
+    lo, hi = window, (window + 1) * (1 + math.ceil(1 / min(validation_fraction, 1 - validation_fraction)))
+    while lo < hi:  # the smallest enough n in [lo, hi]
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
+
+
+def check_corpus_size(count: int, seq_len: int, validation_fraction: float, what: str = "tokens") -> None:
+    """Refuse a corpus of `count` tokens too short for one window in each split. Called
+    with the corpus's byte count before tokenizing (a token is at least one byte), so
+    that a huge seq_len is refused at once, and with its token count after."""
+    need = min_corpus_tokens(seq_len, validation_fraction)
+    if count < need:
+        raise DataError(f"the corpus has {count:,} {what}, fewer than the {need:,} tokens needed for one window of "
+                        f"{seq_len + 1:,} tokens in both the training and the validation split; give more text "
+                        "or lower model.seq_len")
 
 
 # ----- tokenization with a disk cache -----------------------------------------------------
@@ -124,9 +150,9 @@ def _read_cache(entry: Path, vocab_size: int):
         ids = np.load(entry / "tokens.npy", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if tok.vocab_size != vocab_size or ids.dtype != np.int32 or ids.ndim != 1:
+    if tok.vocab_size > vocab_size or ids.dtype != np.int32 or ids.ndim != 1:
         return None
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= tok.vocab_size):
         return None
     return tok, ids
 
@@ -152,9 +178,10 @@ def _write_cache(entry: Path, tok, ids: np.ndarray) -> None:
 def tokenize_corpus(text: str, vocab_size: int, cache_dir: Path | None | str = "default",
                     warn=None) -> tuple[object, np.ndarray, bool]:
     """(tokenizer, int32 token ids, whether they came from the cache) for `text`: a
-    byte-level BPE trained on `text` up to `vocab_size` tokens. `cache_dir` None turns
-    the cache off; "default" is corpus_cache_dir(). `warn(message)` hears about a cache
-    that could not be written."""
+    byte-level BPE trained on `text` up to `vocab_size` tokens, fewer when the text runs
+    out of pairs to merge (a model may have more embedding rows than its tokenizer has
+    tokens). `cache_dir` None turns the cache off; "default" is corpus_cache_dir().
+    `warn(message)` hears about a cache that could not be written."""
     from gptc.tools.tokenizer import Tokenizer
     if vocab_size < 256:
         raise DataError(f"byte-level BPE needs model.vocab_size >= 256, got {vocab_size}")
@@ -164,12 +191,7 @@ def tokenize_corpus(text: str, vocab_size: int, cache_dir: Path | None | str = "
         hit = _read_cache(entry, vocab_size)
         if hit is not None:
             return hit[0], hit[1], True
-    try:
-        tok = Tokenizer.train(text, vocab_size)
-    except ValueError as e:
-        n = str(e).split("yield only ")[-1].split(" tokens")[0] if "yield only" in str(e) else "?"
-        raise DataError(f"the corpus is too small for model.vocab_size = {vocab_size}: it yields only {n} "
-                        f"distinct tokens; lower model.vocab_size (to at most {n}) or give more text") from None
+    tok = Tokenizer.train(text, vocab_size, at_most=True)
     ids = tok.encode(text)
     if entry is not None:
         try:

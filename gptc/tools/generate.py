@@ -26,18 +26,32 @@ class SamplingParams:
     greedy: bool = False
     seed: int | None = None
 
-    def validate(self, vocab_size: int) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Refuse out-of-range values in one line; top-k is checked against `vocab_size`
+        when given (the tokenizer's, once a checkpoint is loaded)."""
         if self.num_tokens < 1:
             raise GptcError(f"--num-tokens must be at least 1, got {self.num_tokens}")
         if not self.temperature > 0:
             raise GptcError(f"--temp must be greater than 0, got {self.temperature} (use --greedy for argmax)")
-        if not 0 <= self.top_k <= vocab_size:
-            raise GptcError(f"--top-k must be between 0 (off) and the vocabulary size {vocab_size}, got {self.top_k}")
+        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+            raise GptcError(f"--top-k must be between 0 (off) and the vocabulary size"
+                            f"{f' {vocab_size}' if vocab_size is not None else ''}, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GptcError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise GptcError(f"--repetition-penalty must be greater than 0, got {self.repetition_penalty}")
+        if self.seed is not None and self.seed < 0:
+            raise GptcError(f"--seed must be 0 or more, got {self.seed}")
         return self
+
+
+def check_prompt(prompt: str) -> None:
+    if not prompt:
+        raise GptcError("the prompt is empty; give at least one character with --prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 on the command line arrive as surrogates
+        raise GptcError(f"the prompt is not valid UTF-8 (character {e.start + 1}); give it as UTF-8 text") from None
 
 
 def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
@@ -103,16 +117,20 @@ def gpu_model(runtime) -> Model:
     return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None)
 
 
-def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True) -> Iterator[int]:
-    """Yield `p.num_tokens` new tokens after `prompt` (at least one token)."""
+def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,
+                    vocab_size: int | None = None) -> Iterator[int]:
+    """Yield `p.num_tokens` new tokens after `prompt` (at least one token), all below
+    `vocab_size` (default: the model's): a model may have more embedding rows than its
+    tokenizer has tokens, and the rows past the tokenizer's are never sampled."""
     s = model.spec.model.seq_len
+    n = model.spec.model.vocab_size if vocab_size is None else vocab_size
     rng = np.random.default_rng(p.seed)
     tokens = list(prompt)
     if not tokens:
         raise GptcError("the prompt is empty; give at least one character")
     logits = model.prefill(tokens[-s:]) if use_cache else model.full(tokens)
     for _ in range(p.num_tokens):
-        nxt = choose(logits, tokens, p, rng)
+        nxt = choose(logits[:n], tokens, p, rng)
         tokens.append(nxt)
         yield nxt
         if not use_cache:
@@ -130,50 +148,62 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     keeps its last seq_len tokens, with a warning."""
     import sys
 
-    from gptc.tools.checkpoint import find_checkpoint, load_checkpoint
-    from gptc.tools.device import resolve_device
+    from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
+    from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
     log = log or (lambda line: print(line, file=sys.stderr))
+    check_prompt(prompt)
+    p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
-    p.validate(spec.model.vocab_size)
+    decode_graph = build_graph(spec, "decode", 1)
+    check_tensors(ckpt.params, decode_graph.params, decode_graph, MODEL_FILE, ckpt.path)
     try:
         tokenizer = Tokenizer.from_json(ckpt.tokenizer_json)
     except ValueError as e:
         raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
-    if not prompt:
-        raise GptcError("the prompt is empty; give at least one character with --prompt")
+    p.validate(tokenizer.vocab_size)
     ids = [int(t) for t in tokenizer.encode(prompt)]
     if len(ids) > spec.model.seq_len:
         log(f"warning: the prompt has {len(ids)} tokens, more than the context of {spec.model.seq_len}; "
             f"the model sees its last {spec.model.seq_len}")
     device = resolve_device(device_name)
     runtime = None
+    memory_what = f"sampling with a context of {spec.model.seq_len} tokens"
+    memory_advice = "sample on a GPU (--device gpu)"
     if device is None:
         model = cpu_model(spec, ckpt.params)
+        check_cpu_memory(model.prefill_step.graph, memory_what, memory_advice)
     else:
         from gptc.runtime.bundle import cached_bundle
         runtime = cached_bundle(spec, device, log).open(device, ckpt.params)
         model = gpu_model(runtime)
     log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}")
     stream = tokenizer.stream_decoder()
-    pieces = [prompt]
-    out.write(prompt)
-    out.flush()
-    try:
-        for token in generate_tokens(model, ids, p):
-            text = stream.feed(token)
-            pieces.append(text)
-            out.write(text)
-            out.flush()
-        tail = stream.flush()
-        pieces.append(tail)
-        out.write(tail + "\n")
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        out.write(text)
         out.flush()
-    finally:
-        if runtime is not None:
-            runtime.close()
+
+    emit(prompt)
+    try:
+        for token in generate_tokens(model, ids, p, vocab_size=tokenizer.vocab_size):
+            emit(stream.feed(token))
+        emit(stream.flush())
+    except MemoryError as e:
+        if device is not None:
+            raise
+        raise cpu_memory_error(model.prefill_step.graph, memory_what, memory_advice, ran_out=True) from None
+    finally:  # also when Ctrl-C or SIGTERM stops it: the text ends its line
+        try:
+            if runtime is not None:
+                runtime.close()
+        finally:
+            out.write("\n")
+            out.flush()
     return "".join(pieces)
 
 

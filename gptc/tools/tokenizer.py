@@ -119,8 +119,10 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- training
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "Tokenizer":
-        """Learn merges on `text` until the vocabulary has exactly `vocab_size` tokens."""
+    def train(cls, text: str, vocab_size: int, at_most: bool = False) -> "Tokenizer":
+        """Learn merges on `text` until the vocabulary has exactly `vocab_size` tokens;
+        with at_most=True, a text that runs out of pairs to merge first gives a smaller
+        vocabulary instead of a ValueError."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
@@ -132,7 +134,7 @@ class Tokenizer:
             )
         n_merges = vocab_size - N_BYTES
         merges = _learn_merges(text, n_merges) if n_merges else []
-        if len(merges) < n_merges:
+        if len(merges) < n_merges and not at_most:
             raise ValueError(
                 f"corpus too small for vocab_size={vocab_size}: its {len(text)} characters yield only "
                 f"{N_BYTES + len(merges)} tokens; lower vocab_size to at most {N_BYTES + len(merges)} or give more text"

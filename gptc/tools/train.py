@@ -8,7 +8,9 @@ One run, in order:
 2. spec: the given one, or, with --resume, the one stored in the checkpoint (a given
    spec must match it in everything but train.steps, which may be raised).
 3. data: the corpus (--data FILE or the bundled one) is tokenized by a BPE trained on
-   it up to model.vocab_size (cached on disk, see gptc/tools/data.py), split 90/10 into
+   it up to model.vocab_size (fewer when the corpus yields fewer tokens: the model
+   keeps its model.vocab_size embedding rows, the rest are never used; cached on disk,
+   see gptc/tools/data.py), split 90/10 into
    training and validation tokens; training windows are drawn by a generator seeded
    with train.seed, validation uses the same evenly spread windows at every eval.
 4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
@@ -23,8 +25,9 @@ state, so a run that was stopped and resumed computes the same losses as one tha
 never stopped (bit for bit on the CPU). The learning-rate schedule depends on
 train.steps: raising --steps on resume continues with the schedule of the new total.
 
-Ctrl-C: the first one lets the current step finish, saves a checkpoint at that step
-and exits with status 130; a second one quits at once without saving.
+Ctrl-C (SIGINT) and SIGTERM (what schedulers and `docker stop` send): the first one
+lets the current step finish, saves a checkpoint at that step and exits with status 130
+(SIGINT) or 143 (SIGTERM); a second one quits at once without saving.
 """
 from __future__ import annotations
 
@@ -45,9 +48,10 @@ from typing import Callable, TextIO
 
 import numpy as np
 
+from gptc.common import first_file_in
 from gptc.tools import checkpoint as ckpt
-from gptc.tools.data import (Batches, DataError, min_corpus_tokens, read_corpus, split, tokenize_corpus,
-                       validation_windows)
+from gptc.tools.data import (Batches, DataError, check_corpus_size, read_corpus, split, tokenize_corpus,
+                             validation_windows)
 from gptc.tools.plot import line_chart
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
@@ -58,12 +62,16 @@ CPU_STEP_BUDGET_FLOP = 4e12
 VALIDATION_FRACTION = 0.1
 
 
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C; `checkpoint` is where it was saved (None: not saved)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path):
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM (`signum`); `checkpoint` is where it was saved
+    (None: not saved)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+        self.step, self.checkpoint, self.run_dir, self.signum = step, checkpoint, run_dir, signum
 
 
 @dataclass
@@ -121,21 +129,17 @@ def _duration(seconds: float) -> str:
 
 
 # ----- errors from the file system ------------------------------------------------------
-def _first_file_in(path: Path) -> Path | None:
-    """The first existing component of `path` that is not a directory."""
-    for p in [*reversed(path.parents), path]:
-        if p.exists() and not p.is_dir():
-            return p
-    return None
+def _not_a_directory(run_dir: Path) -> GptcError:
+    return GptcError(f"cannot use '{run_dir}' as the run directory: '{first_file_in(run_dir)}' is a file, "
+                     "not a directory; choose another --out")
 
 
 def _os_error(e: OSError, what: str, run_dir: Path | None = None, resumable: bool = False) -> GptcError:
     hint = f" and continue with: gptc train --resume {run_dir}" if resumable and run_dir else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return GptcError(f"no space left on the device while {what}; free some disk space{hint or ' and run again'}")
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) and run_dir is not None and _first_file_in(run_dir):
-        return GptcError(f"cannot use '{run_dir}' as the run directory: '{_first_file_in(run_dir)}' is a file, "
-                         "not a directory; choose another --out")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and run_dir is not None and first_file_in(run_dir):
+        return _not_a_directory(run_dir)
     reason = e.strerror or str(e)
     return GptcError(f"cannot write while {what}: {reason}" + (f" ({e.filename})" if e.filename else "")
                      + ("; choose another --out" if not hint else f"; fix it{hint}"))
@@ -172,20 +176,34 @@ def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
 # ----- the trainer ------------------------------------------------------------------------
 def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
-          batch: int | None = None, name: str = "run", bundle: str | os.PathLike | None = None,
+          batch: int | None = None, vocab_size: int | None = None, name: str = "run",
+          bundle: str | os.PathLike | None = None,
           stdout: TextIO | None = None, tty: bool | None = None,
           on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
-    spec is used). `steps`, `lr`, `batch` are the user's explicit overrides (None: not
-    given). `on_step(step, record)` is called after every completed step (tests raise
-    KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C,
-    after saving a checkpoint."""
+    spec is used). `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides
+    (None: not given). `on_step(step, record)` is called after every completed step (tests
+    raise KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C
+    or SIGTERM, after saving a checkpoint."""
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
+    # Everything the caller gave is checked before anything is opened, read or built.
+    overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
+
+    def overridden(s: Spec) -> Spec:
+        model = s.model if vocab_size is None else replace(s.model, vocab_size=vocab_size)
+        return replace(s, model=model, train=replace(s.train, **overrides))
+
+    if bundle is not None and spec is not None:
+        raise GptcError("give either a bundle or a spec/--preset, not both")
+    if spec is None and resume is None and bundle is None:
+        raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
+    if spec is not None:
+        spec = validate(overridden(spec))
 
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
-    from gptc.tools.device import resolve_device
+    from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
     dev = resolve_device(device)
     if dev is None:
         where = "cpu (no GPU found)" if device == "auto" else "cpu"
@@ -198,44 +216,38 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     runtime = None  # on a GPU: the steps of a bundle, sharing the parameters in device memory
     if bundle is not None:
-        if spec is not None:
-            raise GptcError("give either a bundle or a spec/--preset, not both")
         if dev is None:
             raise GptcError(f"a bundle runs on a GPU, and none is in use; use --device gpu, or train the bundle's "
                             f"spec on the CPU: gptc train {Path(bundle) / 'spec.toml'} --device cpu")
         from gptc.runtime.bundle import Bundle
         loaded = Bundle(bundle)
-        spec = loaded.spec
-        if batch is not None and batch != spec.train.batch_size:
-            raise GptcError(f"bundle '{bundle}' is compiled for batches of {spec.train.batch_size}; "
-                            "compile it again for another --batch")
+        for option, value, compiled in (("--batch", batch, loaded.spec.train.batch_size),
+                                        ("--vocab-size", vocab_size, loaded.spec.model.vocab_size)):
+            if value is not None and value != compiled:
+                raise GptcError(f"bundle '{bundle}' is compiled for {option} {compiled}; compile it again for "
+                                f"another {option}")
+        spec = validate(overridden(loaded.spec))
         runtime = loaded.open(dev)
 
     # 2. spec (and the checkpoint to resume) ----------------------------------------------
     checkpoint = None
+    fork = False  # resuming a checkpoint into a new run directory (checkpoint.py: a run's history)
     if resume is not None:
-        checkpoint = ckpt.load_checkpoint(ckpt.find_checkpoint(resume))
-        run_dir = ckpt.run_dir_of(checkpoint.path)
-        if out_dir is not None and Path(out_dir).resolve() != run_dir.resolve():
-            raise GptcError(f"--out cannot differ from the run being resumed ({run_dir}); the run continues there")
+        checkpoint, run_dir = ckpt.resume_point(resume, out_dir)
+        fork = run_dir.resolve() != ckpt.run_dir_of(checkpoint.path).resolve()
         stored = checkpoint.spec
-        given = spec if spec is not None else stored
-        if spec is None:
-            given = replace(stored, train=replace(stored.train, **{k: v for k, v in
-                                                                  (("lr", lr), ("batch_size", batch)) if v is not None}))
+        given = spec if spec is not None else overridden(stored)
         why = _spec_mismatch(given, stored)
         if why:
-            raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr or --batch "
-                            "(the run keeps its own spec), or start a new run with --out")
+            raise GptcError(f"cannot resume '{resume}': {why}; resume without a spec, --preset, --lr, --batch or "
+                            "--vocab-size (the run keeps its own spec), or start a new run without --resume")
         total = steps if steps is not None else stored.train.steps
-        if total < checkpoint.step:
+        if total < checkpoint.step or (fork and total == checkpoint.step):
             raise GptcError(f"the run is already at step {checkpoint.step}; give --steps greater than that to continue")
         spec = validate(replace(stored, train=replace(stored.train, steps=total)))
+        if fork and first_file_in(run_dir):
+            raise _not_a_directory(run_dir)
     else:
-        if spec is None:
-            raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
-        changes = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
-        spec = validate(replace(spec, train=replace(spec.train, **changes)))
         if out_dir is not None:
             run_dir = Path(out_dir)
         else:
@@ -244,20 +256,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                 if not run_dir.exists():
                     break
                 run_dir = base.with_name(f"{base.name}-{n}")
+        if first_file_in(run_dir):
+            raise _not_a_directory(run_dir)
+        if ckpt.list_checkpoints(run_dir):
+            raise GptcError(f"'{run_dir}' already holds a run with checkpoints; continue it with --resume {run_dir} "
+                            "or choose another --out")
     m, t = spec.model, spec.train
 
-    train_graph = build_graph(spec, "train")
-    n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
-    if dev is None and steps is None and checkpoint is None:
-        cap = cpu_step_cap(spec, n_params)
-        if t.steps > cap:
-            note(f"on the CPU, training {cap} steps instead of the spec's {t.steps} so that the run ends in a "
-                 "few minutes; pass --steps N to choose" + (" (this model is too large to train usefully on a "
-                                                          "CPU; use --device gpu)" if cap < 20 else ""))
-            spec = replace(spec, train=replace(t, steps=cap))
-            t = spec.train
-
-    # 3. data -----------------------------------------------------------------------------
+    # 3. data (read and checked here; tokenized below) -------------------------------------
     data_info = checkpoint.state.get("data", {}) if checkpoint is not None else {}
     if data is None and data_info.get("path"):
         data = data_info["path"]
@@ -275,30 +281,51 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     if checkpoint is not None and data_info.get("sha256") not in (None, corpus_sha):
         raise GptcError(f"cannot resume '{resume}': the data ({source}) differs from the text the run was trained on; "
                         f"pass the run's data with --data" + (f" ({data_info['path']})" if data_info.get("path") else ""))
+    check_corpus_size(len(text.encode("utf-8")), m.seq_len, VALIDATION_FRACTION, "bytes (so at most as many tokens)")
+
+    train_graph = build_graph(spec, "train")
+    n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
+    if dev is None and steps is None and checkpoint is None:
+        cap = cpu_step_cap(spec, n_params)
+        if t.steps > cap:
+            note(f"on the CPU, training {cap} steps instead of the spec's {t.steps} so that the run ends in a "
+                 "few minutes; pass --steps N to choose" + (" (this model is too large to train usefully on a "
+                                                          "CPU; use --device gpu)" if cap < 20 else ""))
+            spec = replace(spec, train=replace(t, steps=cap))
+            t = spec.train
+    memory_what = f"one training step of {name} (batch {t.batch_size} x seq_len {m.seq_len})"
+    memory_advice = "lower --batch or model.seq_len, or train on a GPU (--device gpu)"
+    if dev is None:
+        check_cpu_memory(train_graph, memory_what, memory_advice)
+
+    def out_of_memory(e: MemoryError) -> BaseException:
+        return cpu_memory_error(train_graph, memory_what, memory_advice, ran_out=True) if dev is None else e
+
     started = time.perf_counter()
     tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
     how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
-    need = min_corpus_tokens(m.seq_len, VALIDATION_FRACTION)
-    if len(ids) < need:
-        raise DataError(f"the corpus has {len(ids)} tokens, fewer than the {need} needed for one window of "
-                        f"{m.seq_len + 1} tokens in both the training and the validation split; give more text "
-                        "or lower model.seq_len")
+    check_corpus_size(len(ids), m.seq_len, VALIDATION_FRACTION)
     if checkpoint is not None and checkpoint.tokenizer_json != tokenizer.to_json():
         raise ckpt.CheckpointError(f"cannot resume '{resume}': the run's tokenizer differs from the one trained on "
                                    "this data now (another gptc version?); start a new run")
     train_ids, val_ids = split(ids, VALIDATION_FRACTION)
     batches = Batches(train_ids, t.batch_size, m.seq_len, t.seed, name="training split")
+    if checkpoint is not None:
+        batches.state = checkpoint.rng_state
     val_batches = validation_windows(val_ids, t.eval_batches, t.batch_size, m.seq_len)
-    console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary {m.vocab_size}, "
-                 f"{how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
+    console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary "
+                 f"{tokenizer.vocab_size}, {how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
+    if tokenizer.vocab_size < m.vocab_size:
+        note(f"the tokenizer has {tokenizer.vocab_size:,} tokens (all this corpus yields); the model's "
+             f"{m.vocab_size:,} embedding rows stay (the rest are never used)")
 
     # 4. run directory --------------------------------------------------------------------
     written: list[Path] = []
     created = not run_dir.exists()
 
     def discard() -> None:
-        """Leave nothing behind from a new run that never started."""
-        if checkpoint is None:
+        """Leave nothing behind from a new run (or fork) that never started."""
+        if checkpoint is None or fork:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:
@@ -306,11 +333,6 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                     p.unlink(missing_ok=True)
 
     try:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise GptcError(f"cannot use '{run_dir}' as the run directory: it is a file; choose another --out")
-        if checkpoint is None and ckpt.list_checkpoints(run_dir):
-            raise GptcError(f"'{run_dir}' already holds a run with checkpoints; continue it with --resume {run_dir} "
-                            "or choose another --out")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             for fname, content in (("spec.toml", spec_to_toml(spec)), ("tokenizer.json", tokenizer.to_json())):
@@ -318,7 +340,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                 written.append(run_dir / fname)
             metrics_path = run_dir / "metrics.jsonl"
             if checkpoint is not None:  # drop the steps after the checkpoint (and a line cut by a crash)
-                kept = [r for r in read_metrics(run_dir) if r["step"] <= checkpoint.step]
+                kept = [r for r in read_metrics(ckpt.run_dir_of(checkpoint.path)) if r["step"] <= checkpoint.step]
                 ckpt.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             metrics = open(metrics_path, "a" if checkpoint is not None else "w", encoding="utf-8")
             written.append(metrics_path)
@@ -333,10 +355,9 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         params = init_params(train_graph, t.seed)
         state_names = sorted(train_graph.states)
         if checkpoint is not None:
-            _check_tensors(checkpoint.params, {n: train_graph.type(i).shape for n, i in train_graph.params.items()},
-                           "model.safetensors", checkpoint.path)
-            _check_tensors(checkpoint.optimizer, {n: train_graph.type(i).shape for n, i in train_graph.states.items()},
-                           "optimizer.safetensors", checkpoint.path)
+            ckpt.check_tensors(checkpoint.params, train_graph.params, train_graph, ckpt.MODEL_FILE, checkpoint.path)
+            ckpt.check_tensors(checkpoint.optimizer, train_graph.states, train_graph, ckpt.OPTIMIZER_FILE,
+                               checkpoint.path)
             params = checkpoint.params
         if runtime is None and dev is not None:
             from gptc.runtime.bundle import cached_bundle
@@ -350,15 +371,18 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             eval_sess = ReferenceExecutor(build_graph(spec, "eval"), params)
         if checkpoint is not None:
             train_sess.write(checkpoint.optimizer)
-            batches.state = checkpoint.rng_state
-    except BaseException:
+    except BaseException as e:
         metrics.close()
         discard()
+        if isinstance(e, MemoryError):
+            raise out_of_memory(e) from None
         raise
     param_names = sorted(train_graph.params)
 
     start = checkpoint.step if checkpoint is not None else 0
-    if checkpoint is not None:
+    if fork:
+        console.line(f"forking {checkpoint.path} (step {start}) into the new run {run_dir} ({t.steps} steps)")
+    elif checkpoint is not None:
         console.line(f"resuming {run_dir} from {checkpoint.path.name} (step {start} of {t.steps})")
         before = checkpoint.state.get("device")
         if before and before != device_name:
@@ -372,14 +396,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         return TrainResult(run_dir, start, checkpoint=checkpoint.path)
 
     # 6. the loop -------------------------------------------------------------------------
-    result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint else None)
+    result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint and not fork else None)
     extra = {"data": {"path": str(Path(data).resolve()) if data is not None else None, "sha256": corpus_sha,
                       "tokens": int(len(ids))}, "device": device_name}
     width = len(str(t.steps))
     every = max(1, (t.steps - start) // 20)
     times: deque[float] = deque(maxlen=50)
     last_print = 0.0
-    last_saved = start if checkpoint is not None else -1
+    last_saved = start if checkpoint is not None and not fork else -1
     tokens_per_step = t.batch_size * m.seq_len
 
     def save(step: int) -> Path:
@@ -400,28 +424,27 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         losses = [float(eval_sess.run({"tokens": x, "targets": y})["loss"]) for x, y in val_batches]
         return float(np.mean(losses))
 
-    interrupt = {"requested": False, "hard": False}
+    interrupt = {"signum": 0, "hard": False}  # the first stop signal received, and whether a second came
 
-    def on_sigint(signum, frame):
-        if interrupt["requested"]:
+    def on_signal(signum, frame):
+        if interrupt["signum"]:
             interrupt["hard"] = True
             raise KeyboardInterrupt
-        interrupt["requested"] = True
+        interrupt["signum"] = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         try:
-            os.write(sys.__stderr__.fileno(), b"\ngptc: Ctrl-C: saving a checkpoint after this step "
-                                             b"(press Ctrl-C again to quit without saving)\n")
+            os.write(sys.__stderr__.fileno(), f"\ngptc: {what}: saving a checkpoint after this step (another "
+                                              f"{what} quits without saving)\n".encode())
         except (OSError, AttributeError, ValueError):
             pass
 
     handler_installed = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if handler_installed else None
-    if previous is None:  # a handler not installed from Python
-        previous = signal.default_int_handler
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS} if handler_installed else {}
     done, in_step = start, False
     run_started = time.perf_counter()
     try:
         for step in range(start, t.steps):
-            if interrupt["requested"]:
+            if interrupt["signum"]:
                 raise KeyboardInterrupt
             in_step = True
             began = time.perf_counter()
@@ -467,21 +490,28 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             if on_step is not None:
                 on_step(done, record)
         result.step = done
-    except KeyboardInterrupt:
+    except MemoryError as e:
+        if done == start:  # a new run (or fork) that never finished a step leaves nothing behind
+            metrics.close()
+            discard()
+        raise out_of_memory(e) from None
+    except KeyboardInterrupt as e:
         console.end()
+        signum = interrupt["signum"] or getattr(e, "signum", signal.SIGINT)
         if interrupt["hard"] or in_step:
             newest = ckpt.list_checkpoints(run_dir)
             console.line(f"interrupted during step {done + 1}; not saved"
                          + (f" (newest checkpoint: {newest[-1][1]})" if newest else ""))
-            raise Interrupted(done, None, run_dir) from None
+            raise Interrupted(done, None, run_dir, signum) from None
         path = save(done) if last_saved != done else result.checkpoint
         metrics.close()
         write_plot(run_dir, name, device_name, console)
         console.line(f"interrupted at step {done}: saved {path}; continue with: gptc train --resume {run_dir}")
-        raise Interrupted(done, path, run_dir) from None
+        raise Interrupted(done, path, run_dir, signum) from None
     finally:
-        if handler_installed:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():  # None: a handler not installed from Python
+            signal.signal(sig, handler if handler is not None else
+                          {signal.SIGINT: signal.default_int_handler}.get(sig, signal.SIG_DFL))
         metrics.close()
         if runtime is not None:
             runtime.close()
@@ -505,18 +535,6 @@ def _read_lines(path: Path) -> list[str]:
         return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except FileNotFoundError:
         return []
-
-
-def _check_tensors(tensors: dict, shapes: dict, what: str, where: Path) -> None:
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        detail = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
-        raise ckpt.CheckpointError(f"checkpoint '{where}' does not match the model: {what} {detail}")
-    for n, shape in shapes.items():
-        if tuple(tensors[n].shape) != tuple(shape):
-            raise ckpt.CheckpointError(f"checkpoint '{where}' does not match the model: '{n}' has shape "
-                                       f"{tuple(tensors[n].shape)}, the model needs {tuple(shape)}")
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
