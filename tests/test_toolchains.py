@@ -256,3 +256,23 @@ def test_device_discovery_never_raises():
         dev.close()
     with pytest.raises(ValueError):
         open_device("tpu")
+
+
+def test_an_unusable_cache_warns_once_per_kind_in_one_line(tmp_path):
+    """A kernel cache at a path that is a file: every kernel compiles, and the user is
+    told once that the cache cannot be read and once that it cannot be written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("x")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "gptc", "compile", "--preset", "tiny", "-o", str(tmp_path / "b"),
+                             "--target", "cuda:sm_90"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(root), "GPTC_CACHE_DIR": str(not_a_dir)})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line]
+    assert len(warnings) == 2, result.stderr
+    assert warnings[0].startswith("gptc: warning: gptc kernel cache: cannot read ")
+    assert warnings[1].startswith("gptc: warning: gptc kernel cache: cannot write ")

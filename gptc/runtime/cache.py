@@ -20,7 +20,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from gptc.common import write_atomic
 
@@ -66,6 +66,13 @@ class KernelCache:
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self._warned: set[str] = set()
+
+    def _warn(self, kind: str, message: str) -> None:
+        """One warning per kind of trouble: an unusable cache would otherwise warn per kernel."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"gptc kernel cache: {message}", RuntimeWarning, stacklevel=3)
 
     @property
     def enabled(self) -> bool:
@@ -86,15 +93,14 @@ class KernelCache:
             self.misses += 1
             return None
         except OSError as e:  # unreadable: treat as a miss, let put() try to replace it
-            warnings.warn(f"gptc kernel cache: cannot read {p}: {e}", RuntimeWarning, stacklevel=2)
+            self._warn("read", f"cannot read {p}: {e} (kernels compile without the cache)")
             self.misses += 1
             return None
         payload = _unpack(blob)
         if payload is None:
             self.corrupt += 1
             self.misses += 1
-            warnings.warn(f"gptc kernel cache: corrupt entry {p} deleted; recompiling",
-                          RuntimeWarning, stacklevel=2)
+            self._warn("corrupt", f"corrupt entry {p} deleted; recompiling")
             try:
                 p.unlink()
             except OSError:
@@ -112,16 +118,7 @@ class KernelCache:
             p.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(p, _HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload)) + payload)
         except OSError as e:
-            warnings.warn(f"gptc kernel cache: cannot write {p}: {e}", RuntimeWarning, stacklevel=2)
-
-    def get_or_compile(self, source: str, arch: str, compiler: str, options: Sequence[str],
-                       compile_fn: Callable[[], bytes]) -> bytes:
-        key = cache_key(source, arch, compiler, options)
-        code = self.get(key)
-        if code is None:
-            code = compile_fn()
-            self.put(key, code)
-        return code
+            self._warn("write", f"cannot write {p}: {e} (compiled kernels are not kept)")
 
 
 def _unpack(blob: bytes) -> bytes | None:

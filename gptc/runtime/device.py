@@ -277,11 +277,19 @@ def compile_for_target(source: str, name: str, target: Target | str, options: Se
     target = _as_target(target)
     driver = driver_for(target.vendor)
     driver.validate_arch(target.arch)
-    opts = full_options(target, options)
     cache = default_cache() if cache is None else cache
-    return cache.get_or_compile(
-        source, target.arch, driver.compiler_id(), opts,
-        lambda: driver.compile_source(source, name, target.arch, opts, origin))
+    code = cache.get(cache_key(source, target.arch, driver.compiler_id(), full_options(target, options)))
+    return code if code is not None else _compile_and_store(KernelSource(source, name, tuple(options), origin),
+                                                            target, cache)
+
+
+def _compile_and_store(k: "KernelSource", target: Target, cache: KernelCache) -> bytes:
+    """Compile one kernel that the cache does not hold, and store it there."""
+    driver = driver_for(target.vendor)
+    opts = full_options(target, k.options)
+    code = driver.compile_source(k.source, k.name, target.arch, opts, k.origin)
+    cache.put(cache_key(k.source, target.arch, driver.compiler_id(), opts), code)
+    return code
 
 
 MIN_KERNELS_PER_PROCESS = 8
@@ -331,14 +339,14 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
     if jobs == 1:
         for done, i in enumerate(misses, 1):
             k = ks[i]
-            results[i] = compile_for_target(k.source, k.name, target, k.options, k.origin, cache)
+            results[i] = _compile_and_store(k, target, cache)
             report(done, len(misses))
         return results  # type: ignore[return-value]
 
     if driver.thread_safe:
         pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(
             jobs, thread_name_prefix="gptc-compile")
-        submit = lambda k: pool.submit(compile_for_target, k.source, k.name, target, k.options, k.origin, cache)  # noqa: E731
+        submit = lambda k: pool.submit(_compile_and_store, k, target, cache)  # noqa: E731
     else:
         import multiprocessing
 
@@ -356,7 +364,7 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
 
 def _compile_in_worker(k: KernelSource, target: dict, cache_root: str | None) -> bytes:
     """compile_many's worker process: compiles one kernel, stores it in the shared cache."""
-    return compile_for_target(k.source, k.name, Target(**target), k.options, k.origin, KernelCache(cache_root))
+    return _compile_and_store(k, Target(**target), KernelCache(cache_root))
 
 
 def compiler_available(vendor: str) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status: 0, 2 for bad input, 128 + the signal number when
     stopped by SIGINT (130) or SIGTERM (143)."""
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_: f"gptc: warning: {message}\n"  # one line, no source excerpt
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
