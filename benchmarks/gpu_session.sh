@@ -3,8 +3,9 @@
 #   gpu-tests.txt   the GPU test suite (pytest -m gpu)
 #   dev.txt         the dev/ harness of every kernel family (check against NumPy, time variants)
 #   compare.md      gptc bench of this tree against a baseline tree, alternating (no regression)
+#   demo.txt        the main job, `gptc demo --device gpu` (compile, train, sample)
 #   results.tgz     everything, logs included
-# Usage: bash benchmarks/gpu_session.sh [tests] [dev] [compare BASELINE_DIR BASELINE_COMMIT]
+# Usage: bash benchmarks/gpu_session.sh [tests] [dev] [demo] [compare BASELINE_DIR BASELINE_COMMIT]
 # (default: tests and dev). Set GPTC_COMMIT to this tree's commit (a copy has no .git).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -25,6 +26,10 @@ while ((i < ${#steps[@]})); do
              for family in pointwise row reduce matmul attention attention_bwd scatter; do
                  echo "== dev/kernel.py --family $family"; python3 dev/kernel.py --family "$family" || failed=1
              done; exit $failed) 2>&1 | tee "$OUT/dev.txt" | tail -60
+            ((PIPESTATUS[0] == 0)) || status=1 ;;
+        demo)
+            rm -rf "$OUT/all/demo"
+            python3 -m gptc demo --device gpu --out "$OUT/all/demo" 2>&1 | tee "$OUT/demo.txt" | tail -25
             ((PIPESTATUS[0] == 0)) || status=1 ;;
         compare)
             base=${steps[i + 1]}; base_commit=${steps[i + 2]}; i=$((i + 2))

@@ -18,8 +18,8 @@ import functools
 import threading
 from typing import Any, Callable, Sequence
 
-from gptc.runtime.drivers import (INSTALL_HINT, CompileError, DriverError, DriverTable, ToolchainMissingError,
-                                  error_text, unpack)
+from gptc.runtime.drivers import (INSTALL_HINT, DriverError, DriverTable, RuntimeCompiler, ToolchainMissingError,
+                                  compile_program, error_text, unpack)
 
 THREAD_SAFE = True  # NVRTC: concurrent calls on distinct programs are safe
 DEFAULT_SHARED_LIMIT = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
@@ -120,32 +120,12 @@ def validate_arch(arch: str) -> None:
 def compile_source(source: str, name: str, arch: str, options: Sequence[str], origin: str = "") -> bytes:
     """Compile with NVRTC to a cubin for arch (sm_XX). Uncached: use compile_for_target."""
     _, nvrtc = _bindings()
-    opts = [f"-arch={arch}", *options]
-    prog = _check_rtc(_nvrtc_call(nvrtc.nvrtcCreateProgram, source.encode(), f"{name}.cu".encode(), 0, [], []),
-                      "nvrtcCreateProgram")
-    try:
-        bopts = [o.encode() for o in opts]
-        err, = nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts)
-        log = _program_log(prog)
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise CompileError(name, log or f"{getattr(err, 'name', err)}", origin=origin, compiler=compiler_id(),
-                               arch=arch, options=opts, source=source)
-        size = _check_rtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        code = b" " * size
-        _check_rtc(nvrtc.nvrtcGetCUBIN(prog, code), "nvrtcGetCUBIN")
-        return bytes(code)
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-
-
-def _program_log(prog) -> str:
-    _, nvrtc = _bindings()
-    n = _check_rtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-    if n <= 1:
-        return ""
-    buf = b" " * n
-    _check_rtc(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
-    return buf.rstrip(b"\0").decode(errors="replace")
+    rtc = RuntimeCompiler("nvrtc", nvrtc.nvrtcResult.NVRTC_SUCCESS,
+                          functools.partial(_nvrtc_call, nvrtc.nvrtcCreateProgram), nvrtc.nvrtcCompileProgram,
+                          nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, nvrtc.nvrtcGetCUBINSize,
+                          nvrtc.nvrtcGetCUBIN, nvrtc.nvrtcDestroyProgram)
+    return compile_program(rtc, source, f"{name}.cu", [f"-arch={arch}", *options], name=name, arch=arch,
+                           compiler=compiler_id(), origin=origin)
 
 
 # ------------------------------------------------------------------------- devices

@@ -93,6 +93,47 @@ def unpack(result: Any, success: Any, what: str, describe: Callable[[Any], str] 
     return rest[0] if len(rest) == 1 else rest
 
 
+# ------------------------------------------------------------------- run-time compilers
+
+@dataclass(frozen=True)
+class RuntimeCompiler:
+    """The calls of NVRTC or hiprtc that compile one program, as the bindings name them
+    (each returns (error, *outputs); `success` is the error of a call that worked)."""
+    name: str                 # "nvrtc" | "hiprtc", for messages
+    success: Any
+    create: Callable          # (source, file name, 0, [], []) -> program
+    compile: Callable         # (program, n, options) -> ()
+    log_size: Callable        # (program) -> bytes of the log, its NUL included
+    log: Callable             # (program, buffer)
+    code_size: Callable       # (program) -> bytes of the code object
+    code: Callable            # (program, buffer)
+    destroy: Callable         # (program)
+
+
+def compile_program(rtc: RuntimeCompiler, source: str, file_name: str, options: Sequence[str], *,
+                    name: str, arch: str, compiler: str, origin: str) -> bytes:
+    """Compile `source` to a code object; CompileError with the log and the source lines it names."""
+    check = lambda result, what: unpack(result, rtc.success, f"{rtc.name} {what}")  # noqa: E731
+    program = check(rtc.create(source.encode(), file_name.encode(), 0, [], []), "create")
+    try:
+        encoded = [o.encode() for o in options]
+        err, = rtc.compile(program, len(encoded), encoded)
+        size = check(rtc.log_size(program), "log size")
+        log = b""
+        if size > 1:
+            buf = bytearray(size)
+            check(rtc.log(program, buf), "log")
+            log = bytes(buf).rstrip(b"\0")
+        if err != rtc.success:
+            raise CompileError(name, log.decode(errors="replace") or error_name(err), origin=origin,
+                               compiler=compiler, arch=arch, options=options, source=source)
+        code = bytearray(check(rtc.code_size(program), "code size"))
+        check(rtc.code(program, code), "code")
+        return bytes(code)
+    finally:
+        rtc.destroy(program)
+
+
 # ---------------------------------------------------------------------- kernel args
 
 ARG_KINDS: dict[str, type] = {

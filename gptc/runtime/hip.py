@@ -28,8 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from gptc.runtime.drivers import (INSTALL_HINT, CompileError, DriverError, DriverTable, ToolchainMissingError,
-                                  error_text, unpack)
+from gptc.runtime.drivers import (INSTALL_HINT, DriverError, DriverTable, RuntimeCompiler, ToolchainMissingError,
+                                  compile_program, error_text, unpack)
 
 THREAD_SAFE = False  # hiprtc 5.2: concurrent compiles in one process abort or segfault
 BRIDGE_DIR = Path(os.environ.get("GPTC_ROCM_BRIDGE", "~/.cache/gptc/rocm-bridge")).expanduser()
@@ -149,32 +149,12 @@ def compile_source(source: str, name: str, arch: str, options: Sequence[str], or
 
 def _compile_locked(source: str, name: str, arch: str, options: Sequence[str], origin: str) -> bytes:
     _, hiprtc = _bindings()
-    opts = [f"--offload-arch={arch}", "-O3", *options]
-    prog = _check_rtc(_hiprtc_call(hiprtc.hiprtcCreateProgram, source.encode(), f"{name}.hip".encode(), 0, [], []),
-                      "hiprtcCreateProgram")
-    try:
-        bopts = [o.encode() for o in opts]
-        err, = hiprtc.hiprtcCompileProgram(prog, len(bopts), bopts)
-        log = _program_log(prog)
-        if err != hiprtc.hiprtcResult.HIPRTC_SUCCESS:
-            raise CompileError(name, log or f"{getattr(err, 'name', err)}", origin=origin, compiler=compiler_id(),
-                               arch=arch, options=opts, source=source)
-        size = _check_rtc(hiprtc.hiprtcGetCodeSize(prog), "hiprtcGetCodeSize")
-        code = bytearray(size)
-        _check_rtc(hiprtc.hiprtcGetCode(prog, code), "hiprtcGetCode")
-        return bytes(code)
-    finally:
-        hiprtc.hiprtcDestroyProgram(prog.createRef())
-
-
-def _program_log(prog) -> str:
-    _, hiprtc = _bindings()
-    n = _check_rtc(hiprtc.hiprtcGetProgramLogSize(prog), "hiprtcGetProgramLogSize")
-    if n <= 1:
-        return ""
-    buf = bytearray(n)
-    _check_rtc(hiprtc.hiprtcGetProgramLog(prog, buf), "hiprtcGetProgramLog")
-    return bytes(buf).rstrip(b"\0").decode(errors="replace")
+    rtc = RuntimeCompiler("hiprtc", hiprtc.hiprtcResult.HIPRTC_SUCCESS,
+                          functools.partial(_hiprtc_call, hiprtc.hiprtcCreateProgram), hiprtc.hiprtcCompileProgram,
+                          hiprtc.hiprtcGetProgramLogSize, hiprtc.hiprtcGetProgramLog, hiprtc.hiprtcGetCodeSize,
+                          hiprtc.hiprtcGetCode, lambda program: hiprtc.hiprtcDestroyProgram(program.createRef()))
+    return compile_program(rtc, source, f"{name}.hip", [f"--offload-arch={arch}", "-O3", *options], name=name,
+                           arch=arch, compiler=compiler_id(), origin=origin)
 
 
 # ------------------------------------------------------------------------- devices

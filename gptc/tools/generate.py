@@ -193,7 +193,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
         for token in generate_tokens(model, ids, p, vocab_size=tokenizer.vocab_size):
             emit(stream.feed(token))
         emit(stream.flush())
-    except MemoryError as e:
+    except MemoryError:
         if device is not None:
             raise
         raise cpu_memory_error(model.prefill_step.graph, memory_what, memory_advice, ran_out=True) from None
