@@ -20,7 +20,7 @@ def test_custom_model_example_runs():
     assert loss < 1.0, out.getvalue()
 
 
-VENV = "python3 -m venv .venv && . .venv/bin/activate && "
+VENV = "bash .ci/venv.sh && . .venv/bin/activate && "
 CI_TAIL = "bash .ci/install-compilers.sh && python3 -m pip install -q -e '.[test]' && python3 -m pytest -q"
 
 
@@ -33,11 +33,11 @@ def two_commands() -> list[str]:
 def test_the_two_commands_install_into_a_virtual_environment():
     """Debian's and Ubuntu's own Python refuse `pip install` outside a virtual environment
     (PEP 668): both commands make and activate .venv before anything is installed, and the
-    README says that Debian needs python3-venv for it."""
+    venv script installs python3-venv, which Debian needs for it, when it is missing."""
     main_job, tests = two_commands()
     assert main_job == VENV + "pip install -e '.[cuda]' && gptc demo"
     assert tests == VENV + CI_TAIL
-    assert "sudo apt-get install python3-venv" in README.read_text()
+    assert "python3-venv" in (README.parent / ".ci" / "venv.sh").read_text()
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -90,3 +90,36 @@ def test_the_readme_errors_are_what_gptc_prints(tmp_path, monkeypatch, capsys):
     for command, error in examples:
         assert main(shlex.split(command)) == 2
         assert capsys.readouterr().err == error + "\n"
+
+
+def test_venv_script_installs_python3_venv_when_it_is_missing(tmp_path):
+    """A Python whose `-m venv` fails (Debian without python3-venv): the script installs
+    the package with apt-get, then makes .venv; a second run keeps it."""
+    import os
+    import shutil
+    import subprocess
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(README.parent / ".ci" / "venv.sh", repo / ".ci" / "venv.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    stubs = {  # apt-get records its arguments and 'installs' venv support; python3 needs it
+        "apt-get": f'#!/bin/sh\necho "$@" >> {log}\ntouch {tmp_path}/venv-installed\n',
+        "python3": f'#!/bin/sh\nif [ "$1" = "-c" ]; then echo 3.11; exit 0; fi\n'
+                   f'[ -e {tmp_path}/venv-installed ] || exit 1\nmkdir -p .venv/bin && touch .venv/bin/python && '
+                   'chmod +x .venv/bin/python\n',
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": "python3"}
+    if os.geteuid() != 0:
+        (bin_dir / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
+        (bin_dir / "sudo").chmod(0o755)
+    for _ in range(2):
+        result = subprocess.run(["bash", str(repo / ".ci" / "venv.sh")], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    assert (repo / ".venv" / "bin" / "python").exists()
+    calls = log.read_text().splitlines()
+    assert calls[0] == "update -qq" and "python3-venv python3.11-venv" in calls[1] and len(calls) == 2
