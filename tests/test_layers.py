@@ -103,3 +103,43 @@ def test_floors_detect_an_upward_import():
     # the check itself can fail: the planner reaching into codegen is upward
     assert floor_of("gptc.compiler.codegen.kernels") > floor_of("gptc.compiler.planner.fusion")
     assert floor_of("gptc.tools.train") > floor_of("gptc.runtime.device") > floor_of("gptc.compiler.ir")
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Top-level packages `path` imports outside any function (inside try/except too):
+    what `import gptc...` needs installed."""
+    found = set()
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = list(tree.body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, (ast.Try, ast.If)):  # try: import tomllib / except: import tomli
+            nodes += node.body + node.orelse + getattr(node, "finalbody", [])
+            nodes += [n for h in getattr(node, "handlers", []) for n in h.body]
+    return found
+
+
+IMPORT_NAME = {"cuda_bindings": "cuda", "hip_python": "hip", "nvidia_cuda_nvrtc": "nvidia"}
+
+
+def test_every_module_level_import_is_a_declared_dependency():
+    """`import gptc` must work wherever pip installed gptc: a third-party package imported
+    at module level is in pyproject's dependencies (tomli, for Python 3.10, was not)."""
+    import re
+    import sys
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda specs: {re.split(r"[<>=!;\[ ]", d)[0].strip().lower().replace("-", "_") for d in specs}  # noqa: E731
+    declared = names(project["dependencies"])
+    # what the extras install, by import name: modules that import these are imported lazily
+    optional = {IMPORT_NAME.get(n, n) for extra in project["optional-dependencies"].values() for n in names(extra)}
+    # Python 3.10's standard library has no tomllib: that name needs the tomli backport
+    stdlib = set(sys.stdlib_module_names) - {"tomllib"}
+    imported = set().union(*(module_level_imports(p) for p in PACKAGE.rglob("*.py")))
+    third_party = {m for m in imported if m not in stdlib and m not in ("gptc", "__future__")}
+    missing = sorted(m for m in third_party - declared - optional if m != "tomllib")
+    assert not missing, f"imported by gptc at module level but not declared in pyproject.toml: {missing}"
+    assert "tomli" in declared
