@@ -9,7 +9,7 @@ it names). Arguments must be refused before any expensive work, so the whole tab
 takes seconds. test_every_argument_has_a_row walks the argparse parser and fails when
 an argument (a new option, say) has no row.
 
-Placeholders in argv: {data} a small UTF-8 text, {run} a finished tiny run (2 steps;
+Placeholders in argv and errors: {data} a small UTF-8 text, {run} a finished tiny run (2 steps;
 {ckpt} its checkpoint), {tmp} the row's own directory, where `files` (name -> bytes)
 are written and `prepare(tmp, run)` may build damaged copies of the run."""
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from gptc.tools.cli import build_parser, main
@@ -91,9 +92,57 @@ def older_copy(ckpt: Path) -> None:
     shutil.copytree(ckpt, ckpt.with_name("step-000001"))
 
 
+HF_CONFIG = {"model_type": "gpt2", "vocab_size": 300, "n_positions": 16, "n_embd": 32, "n_layer": 1, "n_head": 2}
+
+
+def hf_dir(config: dict | None = None, edit: Callable[[dict], None] | None = None, tokenizer: bool = True,
+           bf16: bool = False) -> Callable[[Path, Path], None]:
+    """A `prepare` that writes {tmp}/hf, a tiny GPT-2 in the layout transformers' save_pretrained
+    writes (config.json, model.safetensors; tokenizer.json: the finished run's, 256 tokens),
+    changed: config.json's keys updated with `config`, the tensors by `edit(tensors)`."""
+    def prepare(tmp: Path, run: Path) -> None:
+        from safetensors.numpy import save_file
+        d = tmp / "hf"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**HF_CONFIG, **(config or {})}))
+        e, shapes = 32, {"wte.weight": (300, 32), "wpe.weight": (16, 32), "ln_f.weight": (32,), "ln_f.bias": (32,)}
+        for name, shape in (("ln_1.weight", (e,)), ("ln_1.bias", (e,)), ("attn.c_attn.weight", (e, 3 * e)),
+                            ("attn.c_attn.bias", (3 * e,)), ("attn.c_proj.weight", (e, e)), ("attn.c_proj.bias", (e,)),
+                            ("ln_2.weight", (e,)), ("ln_2.bias", (e,)), ("mlp.c_fc.weight", (e, 4 * e)),
+                            ("mlp.c_fc.bias", (4 * e,)), ("mlp.c_proj.weight", (4 * e, e)), ("mlp.c_proj.bias", (e,))):
+            shapes[f"h.0.{name}"] = shape
+        tensors = {f"transformer.{k}": np.full(s, 0.01, np.float32) for k, s in shapes.items()}
+        if edit is not None:
+            edit(tensors)
+        if bf16:
+            import torch
+            from safetensors.torch import save_file as save_torch
+            save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()},
+                       str(d / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer:
+            shutil.copy(run / "tokenizer.json", d / "tokenizer.json")
+    return prepare
+
+
+def hf_files(files: dict[str, bytes | None]) -> Callable[[Path, Path], None]:
+    """hf_dir() with some of its files replaced (None: removed)."""
+    def prepare(tmp: Path, run: Path) -> None:
+        hf_dir()(tmp, run)
+        for name, content in files.items():
+            if content is None:
+                (tmp / "hf" / name).unlink()
+            else:
+                (tmp / "hf" / name).write_bytes(content)
+    return prepare
+
+
 NEEDS_NON_ROOT = (pytest.mark.skipif(ROOT_USER, reason="root reads files whatever their permissions"),)
 TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--data", "{data}"]
 GENERATE = ["generate", "--checkpoint", "{run}", "--prompt", "x", "--device", "cpu"]
+INIT = ["train", "--device", "cpu", "--data", "{data}", "--init-from"]
+EXPORT = ["export", "{run}", "-o", "{tmp}/hf"]
 SPEC_FILES = {"bad.toml": b"[model\nd_model = 3", "binary.toml": b"\x00\xff\xfe" * 50,
               "wrong.toml": b"[model]\nd_model = 'wide'\n", "inf.toml": b"[train]\nlr = inf\n",
               "unknown.toml": b"[model]\nd_modle = 64\n", "seed.toml": b"preset = 'tiny'\n[train]\nseed = -1\n",
@@ -210,6 +259,59 @@ ROWS = [
         prepare=copy_run("r", write("tokenizer.json", b"{}"))),
     Row("train --resume", ["train", "--resume", "{tmp}/r", "--device", "cpu"], "cannot read",
         prepare=copy_run("r", no_permission("model.safetensors")), marks=NEEDS_NON_ROOT),
+    Row("train --init-from", [*INIT, ""], "argument --init-from: must not be empty"),
+    Row("train --init-from", [*INIT, "{tmp}/none"], "'{tmp}/none' does not exist"),
+    Row("train --init-from", [*INIT, "{tmp}/file"], "'{tmp}/file' is not a directory", files={"file": b"x"}),
+    Row("train --init-from", [*INIT, "{tmp}"], "'{tmp}' is not a Hugging Face model directory: it has no config.json"),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/config.json' is not valid JSON",
+        prepare=hf_files({"config.json": b'{"model_type": '})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/config.json' is not a JSON object",
+        prepare=hf_files({"config.json": b"[]"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "has model_type \"llama\"; gptc reads 'gpt2' (GPT2LMHeadModel) "
+        "models", prepare=hf_dir({"model_type": "llama"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/config.json': n_embd must be an integer, got \"32\"",
+        prepare=hf_dir({"n_embd": "32"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "layer_norm_epsilon must be a finite number, got null",
+        prepare=hf_dir({"layer_norm_epsilon": None})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "activation_function 'relu' is not GELU's tanh approximation",
+        prepare=hf_dir({"activation_function": "relu"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "gptc does not build attention scaled by the inverse layer index",
+        prepare=hf_dir({"scale_attn_by_inverse_layer_idx": True})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "scale_attn_weights = false: gptc does not build attention "
+        "without the 1/sqrt(head_dim) scale", prepare=hf_dir({"scale_attn_weights": False})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "gptc does not build cross attention",
+        prepare=hf_dir({"add_cross_attention": True})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "gives a model gptc cannot build: model.d_model (32) must be "
+        "divisible by model.n_heads (3)", prepare=hf_dir({"n_head": 3})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf' has no tokenizer.json, and gptc trains a pretrained "
+        "model with its own tokenizer", prepare=hf_dir(tokenizer=False)),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "cannot use the tokenizer of '{tmp}/hf'",
+        prepare=hf_files({"tokenizer.json": b'{"model": {"type": "BPE"}}'})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "has 256 tokens, more than the model's vocab_size 200",
+        prepare=hf_dir({"vocab_size": 200})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "has no model.safetensors (gptc reads safetensors, not "
+        "pytorch_model.bin", prepare=hf_files({"model.safetensors": None, "pytorch_model.bin": b"PK"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/model.safetensors' is not a readable safetensors file",
+        prepare=hf_files({"model.safetensors": b"\x08" + b"\x00" * 7 + b"{}"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/model.safetensors.index.json' has no weight_map",
+        prepare=hf_files({"model.safetensors": None, "model.safetensors.index.json": b'{"metadata": {}}'})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/model-00002-of-00002.safetensors' is missing",
+        prepare=hf_files({"model.safetensors": None, "model.safetensors.index.json": json.dumps({"weight_map": {
+            "transformer.wte.weight": "model-00002-of-00002.safetensors"}}).encode()})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "the weights in '{tmp}/hf' lack 'transformer.ln_f.bias'",
+        prepare=hf_dir(edit=lambda t: t.pop("transformer.ln_f.bias"))),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "the weights in '{tmp}/hf' hold a tensor GPT2LMHeadModel has no "
+        "place for: 'score.weight'", prepare=hf_dir(edit=lambda t: t.update({"score.weight": np.zeros((2, 32))}))),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "'transformer.wpe.weight' has shape (8, 32), config.json's model "
+        "needs (16, 32)", prepare=hf_dir(edit=lambda t: t.update({"transformer.wpe.weight": np.zeros((8, 32))}))),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "tensor 'transformer.wte.weight' of '{tmp}/hf/model.safetensors' "
+        "holds values that are not finite", prepare=hf_dir(edit=lambda t: t["transformer.wte.weight"].fill(np.nan))),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "of '{tmp}/hf/model.safetensors' is BF16; gptc reads F32, F16, F64",
+        prepare=hf_dir(bf16=True)),
+    Row("train --init-from", [*INIT, "{tmp}/hf", "--resume", "{run}"], "give it without --resume"),
+    Row("train --init-from", [*INIT, "{tmp}/hf", "--vocab-size", "300"], "give it without --vocab-size"),
+    Row("train --init-from", ["train", "{tmp}/b", *INIT[1:], "{tmp}/hf"], "give it without a bundle",
+        files={"b/manifest.json": b"{}"}),
 
     # ---- demo --------------------------------------------------------------------------------
     Row("demo --preset", ["demo", "--preset", "gpt5", "--device", "cpu"], "unknown preset 'gpt5'"),
@@ -289,6 +391,29 @@ ROWS = [
     Row("generate --seed", [*GENERATE, "--seed", "-1"], "--seed must be 0 or more, got -1"),
     Row("generate --seed", [*GENERATE, "--seed", "0x10"], "argument --seed: invalid int value: '0x10'"),
     Row("generate --device", [*GENERATE, "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+
+    # ---- export ------------------------------------------------------------------------------
+    Row("export path", ["export", "-o", "{tmp}/hf"], "the following arguments are required: RUNDIR"),
+    Row("export path", ["export", "", "-o", "{tmp}/hf"], "argument RUNDIR: must not be empty"),
+    Row("export path", ["export", "{tmp}/none", "-o", "{tmp}/hf"], "run directory '{tmp}/none' does not exist"),
+    Row("export path", ["export", "{tmp}/file", "-o", "{tmp}/hf"], "is not a run directory", files={"file": b"x"}),
+    Row("export path", ["export", "{tmp}", "-o", "{tmp}/hf"], "has no checkpoints"),
+    Row("export path", ["export", "{tmp}/r", "-o", "{tmp}/hf"], "truncated",
+        prepare=copy_run("r", truncate("model.safetensors"))),
+    Row("export path", ["export", "{tmp}/r", "-o", "{tmp}/hf"], "does not match the sha256",
+        prepare=copy_run("r", write("tokenizer.json", b"{}"))),
+    Row("export path", ["export", "{tmp}/other", "-o", "{tmp}/hf"],
+        "does not match the model: model.safetensors lacks 'wpe'", prepare=lambda tmp, run: without_wpe(tmp, run)),
+    Row("export path", EXPORT, "cannot export '{ckpt}': its lm_head.bias is not zero"),
+    Row("export --output", ["export", "{run}"], "the following arguments are required: -o/--output"),
+    Row("export --output", ["export", "{run}", "-o", ""], "argument -o/--output: must not be empty"),
+    Row("export --output", ["export", "{run}", "-o", "{tmp}/file"], "'{tmp}/file' exists and is not a directory",
+        files={"file": b"x"}),
+    Row("export --output", ["export", "{run}", "-o", "{tmp}/file/hf"], "cannot create '{tmp}/file/hf': "
+        "'{tmp}/file' is a file", files={"file": b"x"}),
+    Row("export --output", ["export", "{run}", "-o", "{tmp}/hf"], "'{tmp}/hf' is not empty; choose a new or empty "
+        "directory", files={"hf/config.json": b"{}"}),
+    Row("export --format", [*EXPORT, "--format", "gguf"], "argument --format: invalid choice: 'gguf'"),
 
     # ---- inspect -----------------------------------------------------------------------------
     Row("inspect bundle", ["inspect"], "the following arguments are required: bundle"),
@@ -387,7 +512,8 @@ def test_edge(row: Row, tmp_path, monkeypatch, capsys, data_file, finished_run):
         (tmp / name).write_bytes(content)
     if row.prepare is not None:
         row.prepare(tmp, finished_run)
-    fill = lambda s: s.format(tmp=tmp, data=data_file, run=finished_run)  # noqa: E731
+    fill = lambda s: s.format(tmp=tmp, data=data_file, run=finished_run,  # noqa: E731
+                              ckpt=finished_run / "checkpoints" / "step-000002")
     monkeypatch.chdir(work)
     before = snapshot(tmp_path, finished_run)
     capsys.readouterr()

@@ -71,10 +71,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     # With --resume (or a bundle) and no spec, the run's (the bundle's) own spec is used.
     given = bool(args.spec or args.preset) and bundle is None
     spec = _spec_from_args(args) if given or not (args.resume or bundle) else None
+    origin = args.resume or args.init_from
     name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
-                           else os.path.basename(os.path.normpath(args.resume)) if args.resume else "hipgpt")
+                           else os.path.basename(os.path.normpath(origin)) if origin else "hipgpt")
     train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
-          lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle)
+          lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle,
+          init_from=args.init_from)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from gptc.tools.hf import export_hf  # --format has one choice today, hf (argparse refuses others)
+    export_hf(args.path, args.output)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -180,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=_nonempty, metavar="RUNDIR",
                    help="continue the run in RUNDIR from its newest checkpoint; with --out NEWDIR, fork it (or an "
                         "older checkpoint, RUNDIR/checkpoints/step-N) into a new run")
+    p.add_argument("--init-from", type=_nonempty, metavar="HFDIR",
+                   help="start from a Hugging Face GPT-2 model saved by save_pretrained (config.json, "
+                        "model.safetensors, tokenizer.json): its model, weights and tokenizer; a spec file or "
+                        "--preset gives only the train section")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")
@@ -218,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="where to run (auto: GPU if present)")
     p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers model directory")
+    p.add_argument("path", type=_nonempty, metavar="RUNDIR",
+                   help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("-o", "--output", type=_nonempty, required=True, metavar="DIR",
+                   help="the directory to write (new or empty): config.json, model.safetensors, tokenizer.json, "
+                        "tokenizer_config.json")
+    p.add_argument("--format", default="hf", choices=["hf"],
+                   help="hf: a transformers model directory (GPT2LMHeadModel)")
+    p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
     p.add_argument("bundle", type=_nonempty, help="a bundle directory (from gptc compile)")

@@ -6,11 +6,15 @@ One run, in order:
    (--steps) is capped to about CPU_STEP_BUDGET_FLOP of work (a few minutes), and
    says so.
 2. spec: the given one, or, with --resume, the one stored in the checkpoint (a given
-   spec must match it in everything but train.steps, which may be raised).
+   spec must match it in everything but train.steps, which may be raised). With
+   --init-from HFDIR (a transformers model directory, gptc/tools/hf.py), the model
+   section and the initial weights come from HFDIR and the train section from the
+   given spec (or the defaults).
 3. data: the corpus (--data FILE or the bundled one) is tokenized by a BPE trained on
    it up to model.vocab_size (fewer when the corpus yields fewer tokens: the model
    keeps its model.vocab_size embedding rows, the rest are never used; cached on disk,
-   see gptc/tools/data.py), split 90/10 into
+   see gptc/tools/data.py), or, in a run started with --init-from, by the pretrained
+   model's tokenizer (resumed: the checkpoint's copy of it); then split 90/10 into
    training and validation tokens; training windows are drawn by a generator seeded
    with train.seed, validation uses the same evenly spread windows at every eval.
 4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
@@ -177,14 +181,16 @@ def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
 def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
           batch: int | None = None, vocab_size: int | None = None, name: str = "run",
-          bundle: str | os.PathLike | None = None,
+          bundle: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
           stdout: TextIO | None = None, tty: bool | None = None,
           on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
-    spec is used). `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides
-    (None: not given). `on_step(step, record)` is called after every completed step (tests
-    raise KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C
-    or SIGTERM, after saving a checkpoint."""
+    spec is used) or `init_from` (a transformers model directory to start from: its model,
+    weights and tokenizer; `spec` then gives only the train section, default TrainSpec).
+    `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides (None: not
+    given). `on_step(step, record)` is called after every completed step (tests raise
+    KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C or
+    SIGTERM, after saving a checkpoint."""
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
     # Everything the caller gave is checked before anything is opened, read or built.
@@ -196,6 +202,12 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     if bundle is not None and spec is not None:
         raise GptcError("give either a bundle or a spec/--preset, not both")
+    if init_from is not None:
+        for given, what in ((resume, "--resume"), (bundle, "a bundle"), (vocab_size, "--vocab-size")):
+            if given is not None:
+                raise GptcError(f"--init-from starts a new run with the pretrained model's own spec and vocabulary; "
+                                f"give it without {what}")
+        spec = spec if spec is not None else Spec()
     if spec is None and resume is None and bundle is None:
         raise GptcError("give a spec file or --preset (or --resume RUNDIR)")
     if spec is not None:
@@ -229,7 +241,13 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         spec = validate(overridden(loaded.spec))
         runtime = loaded.open(dev)
 
-    # 2. spec (and the checkpoint to resume) ----------------------------------------------
+    # 2. spec (and the checkpoint to resume, or the pretrained model to start from) ---------
+    pretrained = None
+    if init_from is not None:
+        from gptc.tools.hf import load_pretrained
+        pretrained = load_pretrained(init_from, note)
+        spec = validate(replace(spec, model=pretrained.model))
+        console.line(f"init: {init_from}: {pretrained.describe()}")
     checkpoint = None
     fork = False  # resuming a checkpoint into a new run directory (checkpoint.py: a run's history)
     if resume is not None:
@@ -301,13 +319,23 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     def out_of_memory(e: MemoryError) -> BaseException:
         return cpu_memory_error(train_graph, memory_what, memory_advice, ran_out=True) if dev is None else e
 
+    # A run started from a pretrained model keeps its tokenizer; others train one on the data.
+    init_origin = str(Path(init_from).resolve()) if init_from is not None else (
+        checkpoint.state.get("init_from") if checkpoint is not None else None)
+    if init_origin is not None and not isinstance(init_origin, str):
+        raise ckpt.CheckpointError(f"checkpoint '{checkpoint.path}' is corrupt: state.json has an invalid 'init_from'")
     started = time.perf_counter()
-    tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
-    how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
+    if init_origin is not None:
+        tokenizer = pretrained.tokenizer if pretrained is not None else _checkpoint_tokenizer(checkpoint)
+        ids = tokenizer.encode(text)
+        how = f"the pretrained model's tokenizer, tokenized in {time.perf_counter() - started:.1f}s"
+    else:
+        tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
+        how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
+        if checkpoint is not None and checkpoint.tokenizer_json != tokenizer.to_json():
+            raise ckpt.CheckpointError(f"cannot resume '{resume}': the run's tokenizer differs from the one trained "
+                                       "on this data now (another gptc version?); start a new run")
     check_corpus_size(len(ids), m.seq_len, VALIDATION_FRACTION)
-    if checkpoint is not None and checkpoint.tokenizer_json != tokenizer.to_json():
-        raise ckpt.CheckpointError(f"cannot resume '{resume}': the run's tokenizer differs from the one trained on "
-                                   "this data now (another gptc version?); start a new run")
     train_ids, val_ids = split(ids, VALIDATION_FRACTION)
     batches = Batches(train_ids, t.batch_size, m.seq_len, t.seed, name="training split")
     if checkpoint is not None:
@@ -315,7 +343,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     val_batches = validation_windows(val_ids, t.eval_batches, t.batch_size, m.seq_len)
     console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary "
                  f"{tokenizer.vocab_size}, {how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
-    if tokenizer.vocab_size < m.vocab_size:
+    if tokenizer.vocab_size < m.vocab_size and init_origin is None:
         note(f"the tokenizer has {tokenizer.vocab_size:,} tokens (all this corpus yields); the model's "
              f"{m.vocab_size:,} embedding rows stay (the rest are never used)")
 
@@ -359,6 +387,10 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             ckpt.check_tensors(checkpoint.optimizer, train_graph.states, train_graph, ckpt.OPTIMIZER_FILE,
                                checkpoint.path)
             params = checkpoint.params
+        elif pretrained is not None:
+            ckpt.check_tensors(pretrained.params, train_graph.params, train_graph, "the pretrained weights",
+                               pretrained.path)
+            params = pretrained.params
         if runtime is None and dev is not None:
             from gptc.runtime.bundle import cached_bundle
             runtime = cached_bundle(spec, dev, note).open(dev)
@@ -399,6 +431,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint and not fork else None)
     extra = {"data": {"path": str(Path(data).resolve()) if data is not None else None, "sha256": corpus_sha,
                       "tokens": int(len(ids))}, "device": device_name}
+    if init_origin is not None:
+        extra["init_from"] = init_origin
     width = len(str(t.steps))
     every = max(1, (t.steps - start) // 20)
     times: deque[float] = deque(maxlen=50)
@@ -528,6 +562,15 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     console.line(summary)
     console.line(f"saved: {result.checkpoint}, {run_dir / 'metrics.jsonl'}" + (f", {plot}" if plot else ""))
     return result
+
+
+def _checkpoint_tokenizer(checkpoint: ckpt.Checkpoint):
+    """The tokenizer a checkpoint holds (resuming a run whose tokenizer came with its model)."""
+    from gptc.tools.tokenizer import Tokenizer
+    try:
+        return Tokenizer.from_json(checkpoint.tokenizer_json)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint '{checkpoint.path}': {e}") from None
 
 
 def _read_lines(path: Path) -> list[str]:

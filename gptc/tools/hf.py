@@ -1,0 +1,420 @@
+"""Hugging Face interop: `gptc export --format hf` and `gptc train --init-from HFDIR`.
+
+A Hugging Face model directory is what transformers' `save_pretrained` writes:
+config.json, the weights in model.safetensors (or in shards that
+model.safetensors.index.json lists) and, for the tokenizer, tokenizer.json with
+tokenizer_config.json.
+
+Each model family gptc builds maps onto one transformers class through a Layout: the
+class and its config.json both ways, and a table of tensor names (gptc's name, the
+class's name, and whether the class stores it transposed). Today's family is GPT-2's,
+and gptc's parameters already carry GPT-2's names in its Conv1D (in, out) layout, so
+the table is a rename under `transformer.`, except lm_head.weight, which
+GPT2LMHeadModel keeps in a torch.nn.Linear, (out, in). The LLaMA-style options (RoPE,
+RMSNorm, SwiGLU, grouped-query attention, no biases) will become a second Layout for
+LlamaForCausalLM (model_type "llama": model.embed_tokens, model.layers.N.self_attn.
+q_proj/k_proj/v_proj/o_proj, mlp.gate_proj/up_proj/down_proj, input_layernorm,
+post_attention_layernorm, model.norm, lm_head; every Linear transposed; RoPE's pairing
+of dimensions to check against transformers' rotate_half) once gptc builds them.
+
+What a class cannot express is refused in one line, never approximated:
+- gptc's lm_head has a bias when model.bias = true (tied or not); GPT2LMHeadModel's
+  lm_head has none, so a checkpoint whose lm_head.bias is not all zeros is refused.
+  (gptc has no option for a bias-free lm_head alone; with model.bias = false no layer
+  has a bias, and GPT2LMHeadModel gets zero biases: the same function.)
+- from config.json: an activation other than GELU's tanh approximation, attention
+  without the 1/sqrt(head_dim) scale or scaled by the inverse layer index, cross
+  attention. Dropout (GPT-2's configs say 0.1) is a training choice, not part of the
+  function: gptc trains without it, and says so.
+Reading, the tensors transformers does not load as parameters are skipped: the causal
+mask buffers `attn.bias` and `attn.masked_bias` that older versions saved, and a tied
+model's lm_head.weight (transformers ties it to wte). Weights in float16 or float64 are
+read as float32; other dtypes (bfloat16) are refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
+
+from gptc.common import first_file_in, make_temp_dir, write_atomic
+from gptc.models import build_graph
+from gptc.spec import CHOICES, GptcError, ModelSpec, Spec, SpecError, validate
+from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
+from gptc.tools.tokenizer import TOKENIZER_FILE, Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+READ_DTYPES = ("F32", "F16", "F64")  # safetensors dtypes read (as float32)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a layout's table of names."""
+    gptc: str                # gptc's parameter name
+    hf: str | None           # the transformers class's tensor name; None: the class has no such tensor (it must be 0)
+    transpose: bool = False  # the class stores it (out, in) where gptc stores (in, out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one family of gptc models is written as one transformers class."""
+    architecture: str                                   # the transformers class
+    model_type: str                                     # config.json's model_type
+    base: str                                           # the base model's prefix ("transformer.")
+    heads: tuple[str, ...]                              # prefixes of the names outside the base model
+    defaults: dict[str, Any]                            # the class's config defaults, for keys config.json lacks
+    fits: Callable[[ModelSpec], str | None]             # why a spec does not fit the class (None: it fits)
+    write_config: Callable[[ModelSpec], dict]           # spec -> config.json
+    # config.json -> spec, given get(key, type) (config.json's value, type-checked) and note(text)
+    read_config: Callable[[Callable[[str, type], Any], Callable[[str], None]], ModelSpec]
+    table: Callable[[ModelSpec], list[Entry]]           # the table of names
+    skipped: Callable[[str, ModelSpec], bool]           # a stored tensor the class does not load as a parameter
+
+
+# ----- GPT-2 ---------------------------------------------------------------------------------
+_GPT2_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+               "mlp.c_proj.weight", "mlp.c_proj.bias")
+_GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")  # transformers' names for GELU's tanh approximation
+_GPT2_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def _gpt2_fits(m: ModelSpec) -> str | None:
+    for option in ("norm", "pos", "ffn", "attention"):
+        if getattr(m, option) != CHOICES[option][0]:
+            return f"model.{option} = '{getattr(m, option)}'"
+    if m.n_kv_heads not in (0, m.n_heads):
+        return f"model.n_kv_heads = {m.n_kv_heads}"
+    return None
+
+
+def _gpt2_config(m: ModelSpec) -> dict:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
+            "n_positions": m.seq_len, "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
+            "n_inner": m.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
+            "initializer_range": m.init_std, "resid_pdrop": m.dropout, "embd_pdrop": m.dropout,
+            "attn_pdrop": m.dropout, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": m.tie_embeddings,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+
+
+def _gpt2_spec(get: Callable[[str, type], Any], note: Callable[[str], None]) -> ModelSpec:
+    activation = get("activation_function", str)
+    if activation not in _GPT2_GELU:
+        raise GptcError(f"activation_function '{activation}' is not GELU's tanh approximation, which gptc builds "
+                        f"({' or '.join(_GPT2_GELU)})")
+    for key, want, what in (("scale_attn_weights", True, "attention without the 1/sqrt(head_dim) scale"),
+                            ("scale_attn_by_inverse_layer_idx", False, "attention scaled by the inverse layer index"),
+                            ("add_cross_attention", False, "cross attention")):
+        if get(key, bool) != want:
+            raise GptcError(f"{key} = {str(not want).lower()}: gptc does not build {what}")
+    dropout = {key: get(key, float) for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if any(dropout.values()):
+        note(f"config.json's dropout ({', '.join(f'{k} {v:g}' for k, v in dropout.items())}) is not used: "
+             "gptc trains without dropout")
+    n_embd, n_inner = get("n_embd", int), get("n_inner", int)
+    return ModelSpec(vocab_size=get("vocab_size", int), seq_len=get("n_positions", int), d_model=n_embd,
+                     n_layers=get("n_layer", int), n_heads=get("n_head", int),
+                     d_ff=4 * n_embd if n_inner is None else n_inner, tie_embeddings=get("tie_word_embeddings", bool),
+                     bias=True, init_std=get("initializer_range", float), norm_eps=get("layer_norm_epsilon", float))
+
+
+def _gpt2_table(m: ModelSpec) -> list[Entry]:
+    names = ["wte", "wpe", *(f"h.{layer}.{p}" for layer in range(m.n_layers) for p in _GPT2_BLOCK),
+             "ln_f.weight", "ln_f.bias"]
+    table = [Entry(n, f"transformer.{n}.weight" if n in ("wte", "wpe") else f"transformer.{n}") for n in names]
+    if not m.tie_embeddings:
+        table.append(Entry("lm_head.weight", "lm_head.weight", transpose=True))
+    return table + [Entry("lm_head.bias", None)]
+
+
+_GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                  "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
+                  "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+                  "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+                  "tie_word_embeddings": True}
+
+GPT2 = Layout(architecture="GPT2LMHeadModel", model_type="gpt2", base="transformer.", heads=("lm_head.",),
+              defaults=_GPT2_DEFAULTS, fits=_gpt2_fits, write_config=_gpt2_config, read_config=_gpt2_spec,
+              table=_gpt2_table,
+              skipped=lambda name, m: bool(_GPT2_BUFFER.fullmatch(name))
+              or (m.tie_embeddings and name == "lm_head.weight"))
+LAYOUTS = {layout.model_type: layout for layout in (GPT2,)}
+
+
+def layout_of(m: ModelSpec) -> Layout:
+    """The layout a gptc model is exported with; GptcError when no class fits it."""
+    reasons = []
+    for layout in LAYOUTS.values():
+        reason = layout.fits(m)
+        if reason is None:
+            return layout
+        reasons.append(f"{layout.architecture} has no {reason}")
+    raise GptcError(f"no transformers class fits this model yet: {'; '.join(reasons)}")
+
+
+def param_shapes(m: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of the gptc model `m`."""
+    graph = build_graph(Spec(model=m), "infer", batch=1)
+    return {name: tuple(graph.type(nid).shape) for name, nid in graph.params.items()}
+
+
+# ----- export ----------------------------------------------------------------------------------
+def to_hf(layout: Layout, m: ModelSpec, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The class's tensors for gptc's parameters `params` of model `m`. A bias gptc's
+    model lacks (model.bias = false) is written as zeros; a gptc tensor the class has no
+    place for must be all zeros, else GptcError."""
+    full = param_shapes(replace(m, bias=True))  # the model with every bias, as the class has them
+    tensors = {}
+    for entry in layout.table(m):
+        value = params.get(entry.gptc)
+        if entry.hf is None:
+            if value is not None and np.any(value != 0):
+                raise GptcError(f"its {entry.gptc} is not zero (largest |value| {float(np.abs(value).max()):.3g}) "
+                                f"and {layout.architecture} has no such tensor (gptc has no option to leave it out "
+                                "alone; models trained with model.bias = false export exactly)")
+            continue
+        value = np.zeros(full[entry.gptc], np.float32) if value is None else value
+        tensors[entry.hf] = np.ascontiguousarray(value.T if entry.transpose else value, dtype=np.float32)
+    return tensors
+
+
+def tokenizer_config(m: ModelSpec) -> dict:
+    """tokenizer_config.json: transformers' fast tokenizer over tokenizer.json (no special tokens: gptc has none)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m.seq_len,
+            "clean_up_tokenization_spaces": False}
+
+
+def check_export_dir(out: Path) -> None:
+    """Refuse, before any work, an output directory that holds anything or cannot be made."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise GptcError(f"'{out}' exists and is not a directory; choose a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise GptcError(f"'{out}' is not empty; choose a new or empty directory")
+    blocker = first_file_in(out.absolute().parent)
+    if blocker is not None:
+        raise GptcError(f"cannot create '{out}': '{blocker}' is a file")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GptcError(f"cannot create '{out}': no permission to write in '{parent}'")
+
+
+def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
+    """`gptc export PATH -o OUT --format hf`: the checkpoint PATH names (a checkpoint
+    directory, or a run directory's newest) as a transformers model directory OUT:
+    config.json, model.safetensors, tokenizer.json (the checkpoint's, as is) and
+    tokenizer_config.json. OUT is written whole or not at all."""
+    out = Path(out_dir)
+    check_export_dir(out)
+    checkpoint = load_checkpoint(find_checkpoint(path))
+    m = checkpoint.spec.model
+    layout = layout_of(m)
+    graph = build_graph(checkpoint.spec, "infer", batch=1)
+    check_tensors(checkpoint.params, graph.params, graph, MODEL_FILE, checkpoint.path)
+    try:
+        tensors = to_hf(layout, m, checkpoint.params)
+    except GptcError as e:
+        raise GptcError(f"cannot export '{checkpoint.path}': {e}") from None
+    files = {CONFIG_FILE: json.dumps(layout.write_config(m), indent=2) + "\n",
+             WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),  # transformers reads only "pt"-format files
+             TOKENIZER_FILE: checkpoint.tokenizer_json,
+             TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config(m), indent=2) + "\n"}
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out.absolute().parent, f".tmp-{out.name}-")
+        try:
+            for name, content in files.items():
+                write_atomic(tmp / name, content)
+            os.replace(tmp, out)  # onto nothing, or onto an empty directory
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as e:
+        raise GptcError(f"cannot write '{out}': {e.strerror or e}") from None
+    n_params = sum(t.size for t in tensors.values())
+    log(f"exported {checkpoint.path} (step {checkpoint.step}) as {layout.architecture} to {out}: "
+        f"{', '.join(files)} ({n_params:,} parameters)")
+    log(f"load it with: transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    return out
+
+
+# ----- import ----------------------------------------------------------------------------------
+@dataclass
+class Pretrained:
+    """A transformers model directory read as a gptc model."""
+    path: Path
+    layout: Layout
+    model: ModelSpec
+    params: dict[str, np.ndarray]
+    tokenizer: Tokenizer
+
+    def describe(self) -> str:
+        m = self.model
+        return (f"{self.layout.architecture}, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff "
+                f"{m.d_ff}, context {m.seq_len}, vocabulary {m.vocab_size}, "
+                f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise GptcError(f"'{path}' is not valid JSON ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise GptcError(f"cannot read '{path}': {e.strerror}") from None
+
+
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+
+
+def _config_getter(config: dict, defaults: dict) -> Callable[[str, type], Any]:
+    """get(key, kind): config.json's value for key (the class's default when absent) if
+    it is of that kind (or null where the default is null), else GptcError."""
+    def get(key: str, kind: type) -> Any:
+        value = config.get(key, defaults[key])
+        if value is None and defaults[key] is None:
+            return None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind or (kind is float and not math.isfinite(value)):
+            raise GptcError(f"{key} must be {_KINDS[kind]}, got {json.dumps(value)}")
+        return value
+    return get
+
+
+def _read_config(d: Path, note: Callable[[str], None]) -> tuple[Layout, ModelSpec]:
+    path = d / CONFIG_FILE
+    if not path.is_file():
+        raise GptcError(f"'{d}' is not a Hugging Face model directory: it has no {CONFIG_FILE}")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise GptcError(f"'{path}' is not a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in LAYOUTS:
+        known = ", ".join(f"'{t}' ({layout.architecture})" for t, layout in LAYOUTS.items())
+        raise GptcError(f"'{path}' has model_type {json.dumps(model_type)}; gptc reads {known} models")
+    layout = LAYOUTS[model_type]
+    try:
+        m = layout.read_config(_config_getter(config, layout.defaults), note)
+        validate(Spec(model=m))
+    except SpecError as e:
+        raise GptcError(f"'{path}' gives a model gptc cannot build: {e}") from None
+    except GptcError as e:
+        raise GptcError(f"'{path}': {e}") from None
+    return layout, m
+
+
+def _read_tokenizer(d: Path, m: ModelSpec) -> Tokenizer:
+    path = d / TOKENIZER_FILE
+    if not path.is_file():
+        raise GptcError(f"'{d}' has no {TOKENIZER_FILE}, and gptc trains a pretrained model with its own "
+                        f"tokenizer: save it there (a fast tokenizer's save_pretrained('{d}') writes {TOKENIZER_FILE})")
+    try:
+        tokenizer = Tokenizer.load(path)
+    except ValueError as e:
+        raise GptcError(f"cannot use the tokenizer of '{d}': {e}") from None
+    except OSError as e:
+        raise GptcError(f"cannot read '{path}': {e.strerror}") from None
+    if tokenizer.vocab_size > m.vocab_size:
+        raise GptcError(f"the tokenizer of '{d}' has {tokenizer.vocab_size:,} tokens, more than the model's "
+                        f"vocab_size {m.vocab_size:,}")
+    return tokenizer
+
+
+def _weight_files(d: Path) -> list[Path]:
+    if (d / WEIGHTS_FILE).is_file():
+        return [d / WEIGHTS_FILE]
+    if (d / WEIGHTS_INDEX).is_file():
+        index = _read_json(d / WEIGHTS_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+            raise GptcError(f"'{d / WEIGHTS_INDEX}' has no weight_map of tensor names to files")
+        return [d / f for f in sorted(set(weight_map.values()))]
+    other = next((f for f in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if (d / f).exists()), None)
+    raise GptcError(f"'{d}' has no {WEIGHTS_FILE}" + (f" (gptc reads safetensors, not {other}; save the model with "
+                                                      "save_pretrained, which writes safetensors)" if other else ""))
+
+
+def _read_weights(d: Path, layout: Layout, m: ModelSpec) -> dict[str, np.ndarray]:
+    """The stored tensors the class loads as parameters, as float32, under the class's
+    names (a base model saved alone, whose names lack the `base` prefix, gets it)."""
+    stored = []  # (file, name, dtype, value: None when the dtype is not read)
+    for path in _weight_files(d):
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    stored.append((path, key, dtype, f.get_tensor(key) if dtype in READ_DTYPES else None))
+        except FileNotFoundError:
+            raise GptcError(f"'{path}' is missing") from None
+        except (SafetensorError, OSError) as e:
+            raise GptcError(f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    base_alone = not any(key.startswith(layout.base) for _, key, _, _ in stored)
+    tensors = {}
+    for path, key, dtype, value in stored:
+        name = layout.base + key if base_alone and not key.startswith(layout.heads) else key
+        if layout.skipped(name, m):
+            continue
+        if value is None:
+            raise GptcError(f"tensor '{key}' of '{path}' is {dtype}; gptc reads {', '.join(READ_DTYPES)} weights "
+                            "(save the model in float32: model.float().save_pretrained(DIR))")
+        if not np.isfinite(value).all():
+            raise GptcError(f"tensor '{key}' of '{path}' holds values that are not finite")
+        tensors[name] = value.astype(np.float32, copy=False)
+    return tensors
+
+
+def from_hf(layout: Layout, m: ModelSpec, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """gptc's parameters of model `m` from the class's tensors; a tensor gptc has that
+    the class lacks (the lm_head bias) starts at zero."""
+    shapes = param_shapes(m)
+    table = layout.table(m)
+    known = {e.hf for e in table if e.hf}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise GptcError(f"{where} hold a tensor {layout.architecture} has no place for: '{unknown[0]}'")
+    params = {}
+    for entry in table:
+        shape = shapes[entry.gptc]
+        if entry.hf is None:
+            params[entry.gptc] = np.zeros(shape, np.float32)
+            continue
+        if entry.hf not in tensors:
+            raise GptcError(f"{where} lack '{entry.hf}'")
+        value, want = tensors[entry.hf], shape[::-1] if entry.transpose else shape
+        if value.shape != want:
+            raise GptcError(f"{where}: '{entry.hf}' has shape {value.shape}, config.json's model needs {want}")
+        params[entry.gptc] = np.ascontiguousarray(value.T if entry.transpose else value)
+    return params
+
+
+def load_pretrained(path: str | os.PathLike, note: Callable[[str], None] = lambda text: None) -> Pretrained:
+    """Read a transformers model directory (save_pretrained's) as a gptc model: the spec
+    from config.json, the weights, and the tokenizer (tokenizer.json, required). Refuses
+    in one line what gptc cannot build. `note(text)` hears what is not carried over."""
+    d = Path(path)
+    if not d.exists():
+        raise GptcError(f"'{path}' does not exist")
+    if not d.is_dir():
+        raise GptcError(f"'{path}' is not a directory (give a Hugging Face model directory)")
+    notes: list[str] = []
+    layout, m = _read_config(d, notes.append)  # noted only once the whole directory is read
+    tokenizer = _read_tokenizer(d, m)
+    params = from_hf(layout, m, _read_weights(d, layout, m), f"the weights in '{d}'")
+    for text in notes:
+        note(text)
+    return Pretrained(d, layout, m, params, tokenizer)
