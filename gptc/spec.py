@@ -52,6 +52,7 @@ class ModelSpec:
     attention: str = "causal"
     tie_embeddings: bool = False
     bias: bool = True
+    lm_head_bias: bool = True   # the output projection's bias (with bias = true); GPT-2's has none
     dropout: float = 0.0
     init_std: float = 0.02
     norm_eps: float = 1e-5

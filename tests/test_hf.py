@@ -117,8 +117,8 @@ def test_a_lm_head_bias_is_refused(tmp_path, tokenizer, capsys):
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == (
         f"gptc: error: cannot export '{tmp_path / 'run' / 'checkpoints' / 'step-000008'}': its lm_head.bias is not "
-        "zero (largest |value| 0.25) and GPT2LMHeadModel has no such tensor (gptc has no option to leave it out "
-        "alone; models trained with model.bias = false export exactly)\n")
+        "zero (largest |value| 0.25) and GPT2LMHeadModel has no such tensor (train with model.lm_head_bias = "
+        "false to export)\n")
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
@@ -165,7 +165,7 @@ def test_init_from_reads_the_weights_exactly(tie, tmp_path, tokenizer):
         (32, 2, 2, 128, 16, VOCAB, tie, True)
     assert np.array_equal(pretrained.params["h.1.attn.c_attn.weight"], state["transformer.h.1.attn.c_attn.weight"])
     assert np.array_equal(pretrained.params["wte"], state["transformer.wte.weight"])
-    assert not pretrained.params["lm_head.bias"].any()
+    assert "lm_head.bias" not in pretrained.params and not m.lm_head_bias  # GPT-2 has none: it exports back
     if not tie:
         assert np.array_equal(pretrained.params["lm_head.weight"], state["lm_head.weight"].T)
     assert pretrained.tokenizer == tokenizer
@@ -205,7 +205,7 @@ def test_export_then_init_from_is_the_same_model(tmp_path, tokenizer):
     checkpoint = gptc_run(tmp_path / "run", SPECS["no-bias"], tokenizer)
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "hf")]) == 0
     pretrained = load_pretrained(tmp_path / "hf")
-    assert pretrained.model == replace(checkpoint.spec.model, bias=True)  # the biases are zeros
+    assert pretrained.model == replace(checkpoint.spec.model, bias=True, lm_head_bias=False)  # the biases are zeros
     for name, value in pretrained.params.items():
         assert np.array_equal(value, checkpoint.params.get(name, np.zeros_like(value))), name
 
@@ -248,6 +248,12 @@ def test_train_init_from_starts_at_the_models_loss_and_trains(tmp_path, tokenize
     x, y = Batches(train_ids, 4, 16, 5).next()
     after = ReferenceExecutor(build_graph(eval_spec, "eval"), trained.params).run({"tokens": x, "targets": y})["loss"]
     assert float(after) < hf_loss - 0.1  # three AdamW steps at lr 1e-2 lower the loss
+
+    # the fine-tuned model has no lm_head bias (GPT-2 has none), so it exports back exactly
+    assert main(["export", "run", "-o", "back"]) == 0
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    probe = tokens(2, 16)
+    assert rel_err(hf_logits(back, probe), gptc_logits(trained.spec, trained.params, probe)) < 1e-5
 
 
 def test_a_run_started_from_a_pretrained_model_resumes_exactly(tmp_path, tokenizer, monkeypatch, capsys):

@@ -94,7 +94,7 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend = causal,
     x = _norm(g, x, "ln_f", m)
     with g.scope("lm_head"):
         w = wte.T if m.tie_embeddings else g.param("lm_head.weight", (m.d_model, m.vocab_size), std=m.init_std)
-        b = g.param("lm_head.bias", (m.vocab_size,), init="zeros") if m.bias else None
+        b = g.param("lm_head.bias", (m.vocab_size,), init="zeros") if m.bias and m.lm_head_bias else None
         return dsl.linear(x, w, b)
 
 

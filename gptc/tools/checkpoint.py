@@ -48,7 +48,7 @@ F = d_ff, V = vocab_size, S = seq_len and l = 0 .. n_layers-1:
     h.l.mlp.c_proj.bias     (E,)
     ln_f.weight/.bias       (E,)       final LayerNorm
     lm_head.weight          (E, V)     output projection, absent with tie_embeddings (wte.T is used)
-    lm_head.bias            (V,)       absent with bias = false (as are all biases)
+    lm_head.bias            (V,)       absent with bias = false (as are all biases) or lm_head_bias = false
 
 Weights are stored (in, out), as in the original GPT-2 (TensorFlow / Hugging Face
 Conv1D) checkpoints, not (out, in) as torch.nn.Linear stores them.

@@ -18,10 +18,12 @@ post_attention_layernorm, model.norm, lm_head; every Linear transposed; RoPE's p
 of dimensions to check against transformers' rotate_half) once gptc builds them.
 
 What a class cannot express is refused in one line, never approximated:
-- gptc's lm_head has a bias when model.bias = true (tied or not); GPT2LMHeadModel's
-  lm_head has none, so a checkpoint whose lm_head.bias is not all zeros is refused.
-  (gptc has no option for a bias-free lm_head alone; with model.bias = false no layer
-  has a bias, and GPT2LMHeadModel gets zero biases: the same function.)
+- gptc's lm_head has a bias when model.bias and model.lm_head_bias are true (the
+  default); GPT2LMHeadModel's lm_head has none, so a checkpoint whose lm_head.bias is
+  not all zeros is refused: train with model.lm_head_bias = false to export. A model
+  read with --init-from gets lm_head_bias = false, so it exports back. (With
+  model.bias = false no layer has a bias, and GPT2LMHeadModel gets zero biases: the
+  same function.)
 - from config.json: an activation other than GELU's tanh approximation, attention
   without the 1/sqrt(head_dim) scale or scaled by the inverse layer index, cross
   attention. Dropout (GPT-2's configs say 0.1) is a training choice, not part of the
@@ -128,7 +130,8 @@ def _gpt2_spec(get: Callable[[str, type], Any], note: Callable[[str], None]) -> 
     return ModelSpec(vocab_size=get("vocab_size", int), seq_len=get("n_positions", int), d_model=n_embd,
                      n_layers=get("n_layer", int), n_heads=get("n_head", int),
                      d_ff=4 * n_embd if n_inner is None else n_inner, tie_embeddings=get("tie_word_embeddings", bool),
-                     bias=True, init_std=get("initializer_range", float), norm_eps=get("layer_norm_epsilon", float))
+                     bias=True, lm_head_bias=False, init_std=get("initializer_range", float),
+                     norm_eps=get("layer_norm_epsilon", float))
 
 
 def _gpt2_table(m: ModelSpec) -> list[Entry]:
@@ -183,8 +186,8 @@ def to_hf(layout: Layout, m: ModelSpec, params: dict[str, np.ndarray]) -> dict[s
         if entry.hf is None:
             if value is not None and np.any(value != 0):
                 raise GptcError(f"its {entry.gptc} is not zero (largest |value| {float(np.abs(value).max()):.3g}) "
-                                f"and {layout.architecture} has no such tensor (gptc has no option to leave it out "
-                                "alone; models trained with model.bias = false export exactly)")
+                                f"and {layout.architecture} has no such tensor (train with model.lm_head_bias = "
+                                "false to export)")
             continue
         value = np.zeros(full[entry.gptc], np.float32) if value is None else value
         tensors[entry.hf] = np.ascontiguousarray(value.T if entry.transpose else value, dtype=np.float32)
@@ -380,7 +383,7 @@ def _read_weights(d: Path, layout: Layout, m: ModelSpec) -> dict[str, np.ndarray
 
 def from_hf(layout: Layout, m: ModelSpec, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
     """gptc's parameters of model `m` from the class's tensors; a tensor gptc has that
-    the class lacks (the lm_head bias) starts at zero."""
+    the class lacks (the lm_head bias, when model.lm_head_bias) starts at zero."""
     shapes = param_shapes(m)
     table = layout.table(m)
     known = {e.hf for e in table if e.hf}
@@ -389,6 +392,8 @@ def from_hf(layout: Layout, m: ModelSpec, tensors: dict[str, np.ndarray], where:
         raise GptcError(f"{where} hold a tensor {layout.architecture} has no place for: '{unknown[0]}'")
     params = {}
     for entry in table:
+        if entry.gptc not in shapes:  # a tensor neither has (lm_head.bias with lm_head_bias = false)
+            continue
         shape = shapes[entry.gptc]
         if entry.hf is None:
             params[entry.gptc] = np.zeros(shape, np.float32)

@@ -100,8 +100,9 @@ class TorchGPT(nn.Module):
         self.wpe = nn.Parameter(torch.empty(m.seq_len, m.d_model))
         self.h = nn.ModuleList(Block(m) for _ in range(m.n_layers))
         self.ln_f = LayerNorm(m.d_model, m.norm_eps)
-        self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, m.bias)
-        if m.tie_embeddings and m.bias:
+        out_bias = m.bias and m.lm_head_bias
+        self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, out_bias)
+        if m.tie_embeddings and out_bias:
             self.lm_head_bias = nn.Parameter(torch.empty(m.vocab_size))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
