@@ -7,7 +7,7 @@ Layout of a run directory (`gptc train --out RUNDIR`)::
       spec.toml                 the spec the run trains (steps included)
       tokenizer.json            the BPE tokenizer of the run (gptc/tools/tokenizer.py format)
       metrics.jsonl             one JSON object per step (eval steps add val_loss, val_ppl)
-      loss.png                  training and validation loss, written at the end
+      loss.png                  training and validation loss and the learning rate, written at the end
       checkpoints/
         step-000500/            one directory per checkpoint, the last train.keep_checkpoints kept
           model.safetensors     the parameters
