@@ -7,9 +7,10 @@ with the ceilings measured once at the start of the run.
     PYTHONPATH=. python3 benchmarks/run_all.py --out DIR [--configs hipgpt-b32,hipgpt-b256,mid-b16]
                                                [--repeats N] [--no-kernels] [--tar FILE]
 
-Writes DIR/<config>/bench.{json,md,png} and DIR/summary.md (one table over all
-configurations), after every configuration, so a run stopped early keeps what it
-finished; --tar FILE packs DIR into FILE after each configuration too. Copy DIR to
+Writes DIR/<config>/bench.{json,md,png}, DIR/<config>/roofline.png (not with
+--no-kernels) and DIR/summary.md (one table over all configurations), after every
+configuration, so a run stopped early keeps what it finished; --tar FILE packs DIR
+into FILE after each configuration too. Copy DIR to
 benchmarks/results/<gpu>-<date>-<commit>/ to publish it (gptc.tools.bench.report.results_dir_name
 gives that name; DIR/summary.md names it as well). Set GPTC_COMMIT where the tree
 has no .git (a copy on a device machine)."""
@@ -45,7 +46,8 @@ def summary_markdown(results: dict[str, dict]) -> str:
              report.headline(first), "",
              f"Results folder name: `{report.results_dir_name(m['gpu'], m['date'], m['commit'])}`. "
              "Each configuration's folder holds bench.md (the full tables, per-kernel rooflines included), "
-             "bench.json (every number) and bench.png.", "",
+             "bench.json (every number), bench.png (tokens/s) and roofline.png (every timed launch against the "
+             "ceilings).", "",
              "## Ceilings", "", report.table(["ceiling", "value", "how"], report.ceiling_lines(first), "lrl", markdown=True), "",
              "## Tokens per second", ""]
     frameworks = list(FRAMEWORKS)

@@ -1,11 +1,13 @@
 """Shared test fixtures and checks: gptc's cache in a temporary directory for the whole
 run, the GPU device, a seeded random generator whose seed a failing test reports, the
-relative error and the update check of the GPU tests, and a hand-written kernel that
-exercises the prelude (bf16, warp shuffles, math built-ins, INFINITY, int64_t)."""
+relative error and the update check of the GPU tests, a hand-written kernel that
+exercises the prelude (bf16, warp shuffles, math built-ins, INFINITY, int64_t), and the
+size of a PNG file."""
 from __future__ import annotations
 
 import os
 import secrets
+import struct
 from pathlib import Path
 from typing import Mapping
 
@@ -110,3 +112,13 @@ def update_errors(old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
         expected = np.asarray(want, np.float32).astype(np.float64) - before
         errors[name] = rel_err(np.asarray(new[name], np.float64) - before, expected)
     return errors
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file, after checking its signature and that its first
+    chunk is the header (IHDR)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG file"
+    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
+    assert kind == b"IHDR" and length == 13, f"{path} does not start with an IHDR chunk"
+    return width, height

@@ -1,7 +1,7 @@
 """`gptc bench` without a GPU: the one-line refusal, and every part that needs no GPU
-(statistics, timing loop, roofline rows, tables, JSON/Markdown/PNG writing with fake
-timings, spec resolution, provenance), plus the PyTorch model against gptc's
-reference executor on the CPU."""
+(statistics, timing loop, roofline rows, tables, JSON/Markdown writing and the two
+figures with fake timings, with and without matplotlib, spec resolution, provenance),
+plus the PyTorch model against gptc's reference executor on the CPU."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ from gptc.compiler.planner.cost import plan_costs
 from gptc.models import build_graph, init_params
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, preset
+from conftest import png_size
 
 
 # ----- no GPU ------------------------------------------------------------------------
@@ -204,8 +205,63 @@ def test_write_outputs(tmp_path):
     assert "NVIDIA H100 80GB HBM3 (cuda:sm_90) · 2026-11-21 · gptc abc1234" in md
     assert "| torch.compile + CUDA graph | 1.05 |" in md
     assert "measured in isolation" in md and "## Kernels: train unfused" in md
-    png = tmp_path / "out" / "bench.png"
-    assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert names == ["bench.json", "bench.md", "bench.png", "roofline.png"]
+    assert png_size(tmp_path / "out" / "bench.png") == (1000, 560)
+    assert png_size(tmp_path / "out" / "roofline.png") == (1240, 1000)  # 2 x 2 panels
+
+
+def test_throughput_figure_bars():
+    result = fake_result()
+    labels, groups = report.chart_groups(result)
+    ax, = report.throughput_figure(result).axes
+    assert ax.get_title() == "hipgpt b32 fp32 - H100 80GB HBM3 - 2026-11-21 - gptc abc1234"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["training step", "inference forward"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(groups) == list(config.FRAMEWORKS.values())
+    heights = [bar.get_height() for container in ax.containers for bar in container]
+    assert heights == pytest.approx([v for values in groups.values() for v in values])
+    assert "million tokens/s" in ax.get_ylabel()
+
+
+def test_roofline_figure_points_and_ceilings():
+    result = fake_result()
+    figure = report.roofline_figure(result)
+    without_flops = {key: sum(r["flops"] == 0 for r in plan["rows"]) for key, plan in result["plans"].items()}
+    assert all(without_flops.values())  # copies and gathers: no FLOPs, no place on a log axis
+    assert [ax.get_title() for ax in figure.axes] == [
+        f"{key}: {len(plan['rows']) - without_flops[key]} launches ({without_flops[key]} not shown: no FLOPs or no time)"
+        for key, plan in result["plans"].items()]
+    ax = figure.axes[0]  # train fused
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    bandwidth, roof = ax.get_lines()
+    x_lo, x_hi = ax.get_xlim()
+    assert list(bandwidth.get_xdata()) == pytest.approx([x_lo, 50e12 / 3e12])
+    assert list(bandwidth.get_ydata()) == pytest.approx([3e12 * x_lo, 50e12])
+    assert list(roof.get_xdata()) == pytest.approx([50e12 / 3e12, x_hi]) and list(roof.get_ydata()) == [50e12] * 2
+    rows = report.roofline_rows(result["plans"]["train fused"]["rows"])
+    for points in ax.collections:
+        family = [r for r in rows if r["family"] == points.get_label()]
+        expected = [(r["flops"] / r["bytes"], r["flops"] / r["ms"] * 1e3) for r in family]
+        np.testing.assert_allclose(points.get_offsets(), expected, rtol=1e-12)
+    assert sorted(p.get_label() for p in ax.collections) == sorted({r["family"] for r in rows})
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[:2] == ["copy bandwidth 3.00 TB/s", "fp32 matrix product 50.0 TFLOP/s"]
+    assert set(legend[2:]) == {r["family"] for plan in result["plans"].values() for r in report.roofline_rows(plan["rows"])}
+
+
+def test_no_roofline_without_timed_launches(tmp_path):
+    result = fake_result(what=("infer",))
+    result["plans"] = {}  # --no-kernels
+    paths = report.write_outputs(result, tmp_path, log=lambda s: None)
+    assert [p.name for p in paths] == ["bench.json", "bench.md", "bench.png"]
+
+
+def test_without_matplotlib_the_numbers_are_still_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    lines = []
+    paths = report.write_outputs(fake_result(), tmp_path, log=lines.append)
+    assert [p.name for p in paths] == ["bench.json", "bench.md"]
+    assert lines == ["note: matplotlib is not installed; no plot written (pip install matplotlib)"]
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_chart_groups_skip_missing():

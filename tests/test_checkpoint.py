@@ -1,11 +1,13 @@
-"""safetensors files written and read by gptc.tools.checkpoint, and by the real `safetensors`
-package (in the test extra; gptc itself does not depend on it), corruption and truncation
-detection, and checkpoint directories: atomic saves, keep-last-K, verification."""
+"""safetensors files written and read through the `safetensors` package (and files written
+by gptc's own writer before it), corruption and truncation as one-line errors, and
+checkpoint directories: atomic saves, keep-last-K, verification."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +15,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from gptc.tools import checkpoint as ckpt
-from gptc.tools.checkpoint import CheckpointError, load_safetensors, parse_safetensors, safetensors_bytes, save_safetensors
+from gptc.tools.checkpoint import CheckpointError, load_safetensors, save_safetensors
 from gptc.models import build_graph, init_params
 from gptc.spec import preset
+
+DATA = Path(__file__).parent / "data"
 
 
 def tensors():
@@ -26,26 +30,26 @@ def tensors():
         "scalar": np.float32(3.5).reshape(()),
         "empty": np.zeros((0, 4), np.float32),
         "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "transposed": np.arange(12, dtype=np.float32).reshape(3, 4).T,  # a view, not contiguous
     }
+
+
+def metadata_of(path) -> dict:
+    with safe_open(str(path), framework="np") as f:
+        return f.metadata()
 
 
 def test_round_trip(tmp_path):
     path = tmp_path / "t.safetensors"
-    digest = save_safetensors(path, tensors(), {"format": "gptc"})
-    loaded, meta = load_safetensors(path, with_metadata=True)
-    assert meta == {"format": "gptc"}
+    digest = save_safetensors(path, tensors(), {"format": "gptc", "step": "3"})
+    loaded = load_safetensors(path)
     assert set(loaded) == set(tensors())
     for name, value in tensors().items():
-        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape
+        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape, name
         np.testing.assert_array_equal(loaded[name], value)
-    assert safetensors_bytes(tensors(), {"format": "gptc"}) == path.read_bytes()  # deterministic
-    import hashlib
+        assert loaded[name].flags.writeable
+    assert metadata_of(path) == {"format": "gptc", "step": "3"}
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
-    assert n % 8 == 0
-    header = json.loads(path.read_bytes()[8:8 + n])
-    assert header["wte"] == {"dtype": "F32", "shape": [7, 5], "data_offsets": header["wte"]["data_offsets"]}
-    assert np.asarray(loaded["wte"]).flags.writeable
 
 
 def test_readable_by_the_safetensors_package(tmp_path):
@@ -58,9 +62,8 @@ def test_readable_by_the_safetensors_package(tmp_path):
         np.testing.assert_array_equal(theirs[name], value)
     other = tmp_path / "theirs.safetensors"
     save_file({"a": np.ones((3, 2), np.float32), "b": np.arange(4, dtype=np.int64)}, str(other),
-                 metadata={"k": "v"})
-    loaded, meta = load_safetensors(other, with_metadata=True)
-    assert meta == {"k": "v"}
+              metadata={"k": "v"})
+    loaded = load_safetensors(other)
     np.testing.assert_array_equal(loaded["a"], np.ones((3, 2), np.float32))
     np.testing.assert_array_equal(loaded["b"], np.arange(4))
 
@@ -79,8 +82,25 @@ def test_checkpoint_files_load_with_the_safetensors_package(tmp_path):
         for key, value in expected.items():
             assert theirs[key].dtype == np.float32 and theirs[key].shape == value.shape, key
             np.testing.assert_array_equal(theirs[key], value)
-        with safe_open(str(path / name), framework="np") as f:
-            assert f.metadata() == {"format": ckpt.FORMAT, "step": "7"}
+        assert metadata_of(path / name) == {"format": ckpt.FORMAT, "step": "7"}
+
+
+def test_files_of_gptcs_own_old_writer_still_load():
+    """tests/data holds a file and a checkpoint written by the hand-written safetensors
+    writer gptc had before it used the `safetensors` package."""
+    old = load_safetensors(DATA / "old-writer.safetensors")
+    expected = {"wte": np.arange(12, dtype=np.float32).reshape(4, 3) / 8,
+                "h.0.ln_1.bias": np.array([-1.5, 0.25, 3.0], np.float32), "scalar": np.asarray(np.float32(3.5)),
+                "empty": np.zeros((0, 4), np.float32), "ids": np.arange(6, dtype=np.int32).reshape(2, 3)}
+    assert set(old) == set(expected)
+    for name, value in expected.items():
+        assert old[name].dtype == value.dtype and old[name].shape == value.shape, name
+        np.testing.assert_array_equal(old[name], value)
+    assert metadata_of(DATA / "old-writer.safetensors") == {"format": ckpt.FORMAT, "step": "7"}
+    c = ckpt.load_checkpoint(ckpt.find_checkpoint(DATA / "old-run"))
+    assert c.step == 7 and c.spec == preset("tiny") and c.tokenizer_json == '{"x": 1}\n'
+    np.testing.assert_array_equal(c.params["w"], np.arange(6, dtype=np.float32).reshape(2, 3) / 4)
+    np.testing.assert_array_equal(c.optimizer["v.b"], np.array([3.0, 0.0, 2.5], np.float32))
 
 
 def _header(entries, body=b"", pad=True):
@@ -90,37 +110,54 @@ def _header(entries, body=b"", pad=True):
     return struct.pack("<Q", len(text)) + text + body
 
 
-@pytest.mark.parametrize("data,expected", [
-    (b"", "shorter than the 8-byte header length"),
-    (b"\x10\x00\x00", "shorter than the 8-byte header length"),
-    (struct.pack("<Q", 1 << 40) + b"{}", "implausible"),
-    (struct.pack("<Q", 64) + b"{}", "the header needs 64 bytes"),
-    (struct.pack("<Q", 4) + b"{no}", "not valid JSON"),
-    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
-    (_header({"a": {"dtype": "F32", "shape": [2]}}), "lacks dtype, shape or data_offsets"),
-    (_header({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "unknown dtype"),
-    (_header({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)), "invalid shape"),
-    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8)), "invalid data_offsets"),
-    (_header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)), "its dtype and shape need 12"),
-    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "gap or overlap"),
-    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "gap or overlap"),
-    (_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(10)), "(truncated)"),
-    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(9)), "1 unexpected bytes"),
-    (_header({"__metadata__": {"a": 1}}), "not a map of strings"),
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\x10\x00\x00",
+    struct.pack("<Q", 1 << 40) + b"{}",
+    struct.pack("<Q", 64) + b"{}",
+    struct.pack("<Q", 4) + b"{no}",
+    struct.pack("<Q", 2) + b"[]",
+    struct.pack("<Q", 2) + b"\xff\xfe",
+    b"garbage, not a safetensors file at all",
+    _header({"a": {"dtype": "F32", "shape": [2]}}),
+    _header({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+    _header({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)),
+    _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8)),
+    _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+    _header({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, bytes(8)),
+    _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+    _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+    _header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(10)),
+    _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(9)),
+    _header({"__metadata__": {"a": 1}}),
 ])
-def test_corrupt_files_are_one_line_errors(data, expected):
+def test_corrupt_files_are_one_line_errors(tmp_path, data):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data)
     with pytest.raises(CheckpointError) as info:
-        parse_safetensors(data, "'x.safetensors'")
+        load_safetensors(path)
     message = str(info.value)
-    assert expected in message and "\n" not in message and message.startswith("'x.safetensors' is corrupt")
+    assert message.startswith(f"'{path}' is corrupt or truncated (") and "\n" not in message
+
+
+def test_a_dtype_numpy_lacks_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(_header({"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)))
+    with pytest.raises(CheckpointError, match=r"^'.*bf16.safetensors' holds a tensor of dtype BF16, which NumPy "
+                                              r"cannot hold$"):
+        load_safetensors(path)
 
 
 def test_every_truncation_is_detected(tmp_path):
-    data = safetensors_bytes({"a": np.arange(6, dtype=np.float32), "b": np.ones((2, 2), np.float32)})
+    whole = tmp_path / "whole.safetensors"
+    save_safetensors(whole, {"a": np.arange(6, dtype=np.float32), "b": np.ones((2, 2), np.float32)}, {"step": "1"})
+    data = whole.read_bytes()
+    cut_file = tmp_path / "cut.safetensors"
     for cut in range(len(data)):
-        with pytest.raises(CheckpointError):
-            parse_safetensors(data[:cut])
+        cut_file.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="is corrupt or truncated"):
+            load_safetensors(cut_file)
     with pytest.raises(CheckpointError, match="is missing"):
         load_safetensors(tmp_path / "nope.safetensors")
 

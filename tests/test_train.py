@@ -1,6 +1,6 @@
 """The trainer on the CPU: loss falls, exact resume after Ctrl-C, run files, keep-last-K,
-tokenization cache, the CPU step cap, and bad input (one line, no traceback, nothing left
-behind)."""
+tokenization cache, the CPU step cap, the loss plot (with and without matplotlib), and
+bad input (one line, no traceback, nothing left behind)."""
 from __future__ import annotations
 
 import errno
@@ -21,6 +21,7 @@ from gptc.tools import checkpoint as ckpt
 from gptc.tools import train as trainer
 from gptc.tools.cli import main
 from gptc.spec import GptcError, preset
+from conftest import png_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +76,8 @@ def test_loss_falls_and_run_files(tmp_path, data_file):
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [40, 80, 100]
     assert all(abs(r["val_ppl"] - np.exp(r["val_loss"])) < 1e-6 * r["val_ppl"] for r in evals)
-    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_size(run_dir / "loss.png") == (900, 640)
+    assert f"saved: {run_dir / 'checkpoints' / 'step-000100'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'loss.png'}" in text
     assert (run_dir / "spec.toml").is_file()
     from gptc.tools.tokenizer import Tokenizer
     assert Tokenizer.load(run_dir / "tokenizer.json").vocab_size == 256
@@ -85,6 +87,35 @@ def test_loss_falls_and_run_files(tmp_path, data_file):
     assert set(c.optimizer) == {f"{k}.{n}" for n in c.params for k in "mv"}
     assert "wte" in c.params and c.params["wte"].shape == (256, 32)
     assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+
+def test_loss_figure_shows_the_metrics():
+    records = [{"step": s, "loss": 9.0 - s / 10, "lr": 1e-3 * min(s, 5) / 5} for s in range(1, 21)]
+    for r in records[9::10]:
+        r["val_loss"] = r["loss"] + 0.5
+    figure = trainer.loss_figure(records, "run-1: tiny on cpu")
+    loss_ax, lr_ax = figure.axes
+    assert figure.get_suptitle() == "run-1: tiny on cpu"
+    train, val = loss_ax.get_lines()
+    assert list(train.get_xdata()) == list(range(1, 21)) and list(train.get_ydata()) == [r["loss"] for r in records]
+    assert list(val.get_xdata()) == [10, 20] and list(val.get_ydata()) == [8.5, 7.5]
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["training loss (each step's batch)",
+                                                                        "validation loss"]
+    (lr,) = lr_ax.get_lines()
+    assert list(lr.get_ydata()) == [r["lr"] for r in records]
+    assert loss_ax.get_ylabel().startswith("loss") and lr_ax.get_ylabel() == "learning rate"
+    assert lr_ax.get_xlabel() == "step"
+
+
+def test_without_matplotlib_the_run_finishes_without_a_plot(tmp_path, data_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    result, text = run(tiny(steps=3, eval_interval=3, checkpoint_interval=3), data_file, tmp_path / "run")
+    assert result.step == 3
+    notes = [line for line in text.splitlines() if line.startswith("note:")]
+    assert notes == ["note: matplotlib is not installed; no plot written (pip install matplotlib)"]
+    assert not (tmp_path / "run" / "loss.png").exists()
+    assert [r["step"] for r in trainer.read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert text.rstrip().endswith(f"saved: {result.checkpoint}, {tmp_path / 'run' / 'metrics.jsonl'}")
 
 
 def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, data_file):

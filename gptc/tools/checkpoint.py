@@ -1,5 +1,5 @@
-"""Checkpoints: safetensors files written and read without the `safetensors` package,
-and run directories that resume exactly.
+"""Checkpoints: safetensors files (through the `safetensors` package) and run
+directories that resume exactly.
 
 Layout of a run directory (`gptc train --out RUNDIR`)::
 
@@ -7,7 +7,7 @@ Layout of a run directory (`gptc train --out RUNDIR`)::
       spec.toml                 the spec the run trains (steps included)
       tokenizer.json            the BPE tokenizer of the run (gptc/tools/tokenizer.py format)
       metrics.jsonl             one JSON object per step (eval steps add val_loss, val_ppl)
-      loss.png                  training and validation loss, written at the end
+      loss.png                  training and validation loss and the learning rate, written at the end
       checkpoints/
         step-000500/            one directory per checkpoint, the last train.keep_checkpoints kept
           model.safetensors     the parameters
@@ -53,14 +53,15 @@ F = d_ff, V = vocab_size, S = seq_len and l = 0 .. n_layers-1:
 Weights are stored (in, out), as in the original GPT-2 (TensorFlow / Hugging Face
 Conv1D) checkpoints, not (out, in) as torch.nn.Linear stores them.
 
-The safetensors format (https://github.com/huggingface/safetensors): an 8-byte
-little-endian unsigned header length N, N bytes of JSON
-{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__":
-{str: str}} padded with spaces to a multiple of 8, then the raw little-endian tensor
-bytes; offsets are relative to the end of the header, and the tensors tile the data
-exactly. Files written here load with `safetensors.numpy.load_file` and
-`safetensors.torch.load_file`; the reader checks every offset and size and reports a
-corrupt or truncated file in one line.
+Both files are written and read by the `safetensors` package
+(https://github.com/huggingface/safetensors), with metadata {"format": "gptc-checkpoint",
+"step": "N"}, so they load anywhere safetensors does (`safetensors.numpy.load_file`,
+`safetensors.torch.load_file`). gptc adds its own checks on top: the sha256 of every file
+in state.json, the tensor names and shapes against the model (check_tensors), and a
+one-line CheckpointError for a file that is missing, unreadable, corrupt or truncated.
+Two saves of the same tensors may differ in the order of the metadata keys (the
+package writes them from a hash map, safetensors issue #584), which is why a file is
+checked against the sha256 recorded when it was written, never against a new save.
 """
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ import json
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
 
 from gptc.common import VERSION, make_temp_dir, write_atomic
 from gptc.spec import GptcError, Spec, SpecError, spec_from_dict
@@ -88,116 +90,37 @@ STATE_FILE = "state.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
-
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-_NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
 class CheckpointError(GptcError):
     """A checkpoint or safetensors file that cannot be used (one-line message)."""
 
 
-def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The bytes of a safetensors file holding `tensors` (written in name order)."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        if name == "__metadata__":
-            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
-        array = np.asarray(tensors[name])
-        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        if dtype not in _NAMES:
-            raise ValueError(f"tensor '{name}' has dtype {array.dtype}, which safetensors files here do not hold")
-        raw = np.ascontiguousarray(array, dtype=dtype).tobytes()
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
-
-
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                      metadata: Mapping[str, str] | None = None) -> str:
     """Write a safetensors file atomically; return the sha256 of its bytes."""
-    data = safetensors_bytes(tensors, metadata)
+    # safetensors (0.8) copies each array's memory as it lies, so a view (a transpose) must be made contiguous
+    arrays = {name: np.asarray(t, order="C") for name, t in tensors.items()}
+    data = safetensors.numpy.save(arrays, dict(metadata) if metadata else None)
     write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def parse_safetensors(data: bytes, where: str = "safetensors data") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of the bytes of a safetensors file, after checking the header
-    and that every tensor's offsets match its dtype and shape and tile the data."""
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{where} is corrupt or truncated: {why}")
-
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER:
-        raise bad(f"header length {n} is implausible")
-    if 8 + n > len(data):
-        raise bad(f"the header needs {n} bytes, the file has {len(data) - 8} after the length")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise bad("__metadata__ is not a map of strings")
-    body = memoryview(data)[8 + n:]
-    spans = []
-    for name, info in header.items():
-        if not (isinstance(info, dict) and set(info) >= {"dtype", "shape", "data_offsets"}):
-            raise bad(f"entry '{name}' lacks dtype, shape or data_offsets")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
-            raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise bad(f"tensor '{name}' has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor '{name}' has invalid data_offsets {offsets!r}")
-        size = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != size:
-            raise bad(f"tensor '{name}' spans {offsets[1] - offsets[0]} bytes, its dtype and shape need {size}")
-        spans.append((offsets[0], offsets[1], name))
-    spans.sort()
-    end = 0
-    for begin, stop, name in spans:
-        if begin != end:
-            raise bad(f"tensor '{name}' starts at byte {begin}, expected {end} (gap or overlap)")
-        end = stop
-    if end > len(body):
-        raise bad(f"the header describes {end} bytes of tensor data, the file holds {len(body)} (truncated)")
-    if end < len(body):
-        raise bad(f"{len(body) - end} unexpected bytes after the tensor data")
-    tensors = {}
-    for begin, stop, name in spans:
-        info = header[name]
-        tensors[name] = np.frombuffer(body[begin:stop], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
-    return tensors, metadata
-
-
-def load_safetensors(path: str | os.PathLike, with_metadata: bool = False):
-    """The tensors of a safetensors file (and its metadata with with_metadata=True)."""
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file; CheckpointError (one line) when the file is
+    missing, unreadable, corrupt or truncated, or holds a dtype NumPy lacks."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"'{path}' is missing") from None
     except OSError as e:
         raise CheckpointError(f"cannot read '{path}': {e.strerror}") from None
-    tensors, metadata = parse_safetensors(data, f"'{path}'")
-    return (tensors, metadata) if with_metadata else tensors
+    try:
+        return safetensors.numpy.load(data)
+    except SafetensorError as e:
+        raise CheckpointError(f"'{path}' is corrupt or truncated ({' '.join(str(e).split())})") from None
+    except KeyError as e:  # safetensors.numpy has no NumPy type for this dtype (BF16, F8_*)
+        raise CheckpointError(f"'{path}' holds a tensor of dtype {e.args[0]}, which NumPy cannot hold") from None
 
 
 # ----- checkpoints ------------------------------------------------------------------------

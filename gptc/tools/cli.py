@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "
                         "are skipped where PyTorch is not installed)")
     p.add_argument("--out", type=_nonempty, metavar="DIR",
-                   help="where bench.json, bench.md and bench.png go (default runs/bench)")
+                   help="where bench.json, bench.md, bench.png and roofline.png go (default runs/bench)")
     p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")

@@ -20,7 +20,8 @@ One run, in order:
 4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
    tokenizer.json, metrics.jsonl, checkpoints/step-NNNNNN/ every
    train.checkpoint_interval steps and at the end (the last train.keep_checkpoints
-   kept), loss.png at the end.
+   kept), loss.png at the end (loss and learning rate, through matplotlib; without it,
+   a one-line note says that no plot was written).
 5. the loop: one training-graph step per batch (lr from the schedule, 1-based step),
    a live progress line, validation loss every train.eval_interval steps and at the end.
 
@@ -48,7 +49,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
 import numpy as np
 
@@ -56,9 +57,12 @@ from gptc.common import first_file_in
 from gptc.tools import checkpoint as ckpt
 from gptc.tools.data import (Batches, DataError, check_corpus_size, read_corpus, split, tokenize_corpus,
                              validation_windows)
-from gptc.tools.plot import line_chart
+from gptc.tools.figure import PlotUnavailable, new_figure, save_png
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Work a CPU run does when the user gave no --steps: about 3 minutes at 25 GFLOP/s, which
 # the NumPy executor reaches on a laptop (hipgpt: ~400 steps).
@@ -593,17 +597,41 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return records
 
 
-def write_plot(run_dir: Path, name: str, device_name: str, console: Console) -> Path | None:
-    """RUNDIR/loss.png from metrics.jsonl (every step of the run, resumed parts included)."""
-    records = read_metrics(run_dir)
-    series = {"train": ([r["step"] for r in records], [r["loss"] for r in records])}
+def loss_figure(records: Sequence[dict], title: str) -> Figure:
+    """Two panels over the steps of metrics.jsonl records: the training loss (and the
+    validation loss at the eval steps) above, the learning rate below."""
+    figure = new_figure(900, 640)
+    loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    figure.suptitle(title)
+    loss_ax.plot([r["step"] for r in records], [r["loss"] for r in records], color="C0", linewidth=0.8,
+                 label="training loss (each step's batch)")
     evals = [r for r in records if "val_loss" in r]
     if evals:
-        series["validation"] = ([r["step"] for r in evals], [r["val_loss"] for r in evals])
-    path = run_dir / "loss.png"
-    try:
-        line_chart(path, series, f"gptc train {name} on {device_name}", "step", "loss")
-    except (OSError, GptcError, ValueError) as e:
-        console.line(f"note: loss.png not written ({e})")
+        loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="C1", markersize=4,
+                     label="validation loss")
+    loss_ax.set_ylabel("loss (cross-entropy, nats)")
+    loss_ax.legend()
+    rates = [r for r in records if "lr" in r]
+    lr_ax.plot([r["step"] for r in rates], [r["lr"] for r in rates], color="C2")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("step")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in (loss_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def write_plot(run_dir: Path, name: str, device_name: str, console: Console) -> Path | None:
+    """RUNDIR/loss.png from metrics.jsonl (every step of the run, resumed parts included);
+    None, after a one-line note when something stood in the way, when none is written."""
+    records = read_metrics(run_dir)
+    if not records:
         return None
-    return path
+    try:
+        figure = loss_figure(records, f"{run_dir.name}: {name} on {device_name}")
+        return save_png(figure, run_dir / "loss.png")
+    except PlotUnavailable as e:
+        console.line(f"note: {e}")
+    except OSError as e:
+        console.line(f"note: loss.png not written ({e.strerror or e})")
+    return None

@@ -24,7 +24,7 @@ What one run does:
    the same weights and batch, in eager mode, torch.compile, and torch.compile with
    the whole step (forward, backward, clipping, AdamW) captured in one CUDA graph,
    timed the same way, with the loss each computed;
-5. bench.json, bench.md and bench.png under --out, and a compact table printed last
+5. bench.json, bench.md, bench.png and roofline.png under --out, and a compact table printed last
    (report.py).
 
 Every figure names the GPU, the date and the gptc commit."""
@@ -127,7 +127,7 @@ def open_bench_device(kind: str = "auto"):
 
 def bench_main(cfg: BenchConfig, out_dir: str | os.PathLike, device_kind: str = "auto",
                log: Callable[[str], None] = print) -> dict:
-    """`gptc bench`: run, write DIR/bench.{json,md,png}, print the compact table last."""
+    """`gptc bench`: run, write DIR/bench.{json,md,png} and DIR/roofline.png, print the compact table last."""
     device = open_bench_device(device_kind)
     try:
         result = run_bench(cfg, device, log)

@@ -1,6 +1,8 @@
 """Everything `gptc bench` writes, from a result dict (what bench.json holds) and
 nothing else: provenance (GPU, date, commit), per-kernel roofline rows, text and
-Markdown tables, bench.md, the compact summary printed last, and the bar chart."""
+Markdown tables, bench.md, the compact summary printed last, and two figures (through
+matplotlib; without it, a one-line note and no figure): bench.png, tokens/s by
+framework, and roofline.png, every measured launch against the run's ceilings."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +14,7 @@ import re
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -20,6 +22,10 @@ from gptc.common import PACKAGE_DIR
 from gptc.compiler.planner.cost import KernelCost, bound, floor_seconds
 from gptc.spec import GptcError
 from gptc.tools.bench.config import FRAMEWORKS, KERNEL_LAUNCHES, KERNEL_REPLAYS, WHAT_LABEL
+from gptc.tools.figure import PlotUnavailable, new_figure, save_png
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TOP_KERNELS = 12
 
@@ -337,10 +343,11 @@ def render_summary(result: dict) -> str:
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- files and chart
+# ----------------------------------------------------------------------------- files and figures
 
 def write_outputs(result: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:
-    """DIR/bench.json, DIR/bench.md and DIR/bench.png (tokens/s by framework)."""
+    """DIR/bench.json, DIR/bench.md, DIR/bench.png (tokens/s by framework) and, when
+    launches were timed, DIR/roofline.png."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -353,10 +360,17 @@ def write_outputs(result: dict, out_dir: str | os.PathLike, log: Callable[[str],
     path = out / "bench.md"
     path.write_text(render_markdown(result))
     written.append(path)
-    try:
-        written.append(write_chart(result, out / "bench.png"))
-    except Exception as e:  # a chart must never lose the numbers
-        log(f"gptc bench: no chart written ({type(e).__name__}: {e})")
+    figures = {"bench.png": throughput_figure}
+    if roofline_plans(result):
+        figures["roofline.png"] = roofline_figure
+    for name, draw in figures.items():
+        try:
+            written.append(save_png(draw(result), out / name))
+        except PlotUnavailable as e:
+            log(f"note: {e}")
+            break
+        except Exception as e:  # a figure must never lose the numbers
+            log(f"gptc bench: {name} not written ({type(e).__name__}: {e})")
     return written
 
 
@@ -385,12 +399,97 @@ def chart_title(result: dict) -> str:
     return f"{m['config']} b{m['batch']} {m['precision']} - {gpu_short(m['gpu'])} - {m['date']} - gptc {m['commit']}"
 
 
-def write_chart(result: dict, path: Path) -> Path:
-    from gptc.tools.plot import bar_chart
+def throughput_figure(result: dict) -> Figure:
+    """Bars of million tokens/s: one group per step kind, one bar per framework, each
+    bar labelled with its value."""
     labels, groups = chart_groups(result)
-    bar_chart(path, labels, groups, title=chart_title(result),
-              ylabel=f"million tokens/s, {result['meta']['model_summary']} (higher is better)", width=1000)
-    return path
+    figure = new_figure(1000, 560)
+    ax = figure.add_subplot()
+    width = 0.8 / max(len(groups), 1)
+    for i, (framework, values) in enumerate(groups.items()):
+        x = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(x, values, width, label=framework, color=f"C{i}")
+        ax.bar_label(bars, [fmt_num(v) if math.isfinite(v) else "" for v in values], padding=2, fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(f"million tokens/s, {result['meta']['model_summary']} (higher is better)")
+    ax.set_title(chart_title(result))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend()
+    return figure
+
+
+def roofline_rows(rows: Sequence[dict]) -> list[dict]:
+    """The launches a log-log roofline can place: FLOPs, bytes and measured time all
+    positive (a pure copy or gather has no FLOPs)."""
+    return [r for r in rows if r["flops"] > 0 and r["bytes"] > 0 and 0 < r["ms"] < math.inf]
+
+
+def roofline_plans(result: dict) -> dict[str, list[dict]]:
+    """Plan key ('train fused', ...) -> its roofline_rows, for the plans that have some."""
+    plans = {key: roofline_rows(plan.get("rows", [])) for key, plan in result["plans"].items()}
+    return {key: rows for key, rows in plans.items() if rows}
+
+
+def roofline_point(row: dict) -> tuple[float, float]:
+    """(arithmetic intensity in FLOPs per byte, achieved FLOP/s) of a kernel row."""
+    return row["flops"] / row["bytes"], row["flops"] / (row["ms"] / 1e3)
+
+
+def roofline_figure(result: dict) -> Figure:
+    """One log-log panel per timed plan: each launch at its arithmetic intensity and
+    achieved FLOP/s, coloured by kernel family, marker area by its share of the plan's
+    kernel time, the slowest named; under the two ceilings measured in the run: the
+    copy bandwidth (FLOP/s = bandwidth x intensity) up to the ridge point and the fp32
+    matrix-product rate after it."""
+    plans = roofline_plans(result)
+    columns = min(len(plans), 2)
+    grid_rows = math.ceil(len(plans) / columns)
+    figure = new_figure(max(620 * columns, 900), 500 * grid_rows + 100 * (grid_rows == 1))  # room for the titles
+    from matplotlib.collections import PathCollection
+    from matplotlib.ticker import EngFormatter
+    bandwidth, rate = result["ceilings"]["copy_bytes_per_s"], result["ceilings"]["gemm_flops_per_s"]
+    ridge = rate / bandwidth
+    intensities = [roofline_point(r)[0] for rows in plans.values() for r in rows]
+    x_lo, x_hi = min(min(intensities), ridge) / 3, max(max(intensities), ridge) * 3
+    families = sorted({r["family"] for rows in plans.values() for r in rows})  # one colour each, in every panel
+    axes = figure.subplots(grid_rows, columns, squeeze=False, sharex=True, sharey=True)
+    figure.suptitle(f"roofline: {chart_title(result)}\nmarker area: share of the plan's kernel time "
+                    "(each launch timed in isolation)")
+    legend = {}  # label -> handle, over all panels (a family may be missing from some)
+    for ax, (key, rows) in zip(axes.flat, plans.items()):
+        ax.plot([x_lo, ridge], [bandwidth * x_lo, rate], color="0.3",
+                label=f"copy bandwidth {fmt_num(bandwidth / 1e12)} TB/s")
+        ax.plot([ridge, x_hi], [rate, rate], color="0.3", linestyle="--",
+                label=f"fp32 matrix product {fmt_num(rate / 1e12)} TFLOP/s")
+        total_ms = sum(r["ms"] for r in rows)
+        for i, family in enumerate(families):
+            points = [r for r in rows if r["family"] == family]
+            if points:
+                x, y = zip(*map(roofline_point, points))
+                ax.scatter(x, y, s=[10 + 400 * r["ms"] / total_ms for r in points], color=f"C{i}", alpha=0.7,
+                           edgecolors="none", label=family)
+        slowest = max(rows, key=lambda r: r["ms"])
+        ax.annotate(f"slowest: {slowest['kernel']}", roofline_point(slowest), xytext=(-8, -16), fontsize=8,
+                    textcoords="offset points", ha="right", arrowprops={"arrowstyle": "-", "color": "0.4"})
+        hidden = len(result["plans"][key]["rows"]) - len(rows)
+        ax.set_title(f"{key}: {len(rows)} launches" + (f" ({hidden} not shown: no FLOPs or no time)" if hidden else ""),
+                     fontsize=10)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(x_lo, x_hi)
+        ax.yaxis.set_major_formatter(EngFormatter(unit="FLOP/s"))
+        ax.grid(alpha=0.3)
+        legend.update((label, handle) for handle, label in zip(*ax.get_legend_handles_labels()))
+    for ax in axes[-1]:
+        ax.set_xlabel("arithmetic intensity (FLOPs per byte moved)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("achieved FLOP/s")
+    for handle in figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=5,
+                                fontsize=9).legend_handles:
+        if isinstance(handle, PathCollection):  # one marker size for every family in the legend
+            handle.set_sizes([30])
+    return figure
 
 
 def _json_default(o):
