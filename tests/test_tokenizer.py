@@ -292,22 +292,25 @@ def test_stream_decoder_holds_partial_characters():
     assert dec.feed(np.array([ids[b] for b in "é".encode()], dtype=np.int32)) == "é"
 
 
-def test_added_tokens_round_trip():
+def test_added_tokens_round_trip(monkeypatch):
     """A tokenizers file with special tokens (GPT-2's has <|endoftext|>) loads, and they
-    decode to their text, through decode and the stream decoder alike."""
+    decode to their text, through decode and the stream decoder alike; encoding in pieces
+    gives tokenizers' ids of the whole text."""
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
     hf.train_from_iterator([SAMPLE], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "é\n"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=300, special_tokens=["<|endoftext|>", "€uro"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     t = Tokenizer.from_json(hf.to_str())
-    assert t.vocab_size == 300 and t.token_bytes(0) == b"<|endoftext|>" and t.token_bytes(1) == "é\n".encode()
-    s = "one<|endoftext|>two é\n three"
+    assert t.vocab_size == 300 and t.token_bytes(0) == b"<|endoftext|>" and t.token_bytes(1) == "€uro".encode()
+    s = "one<|endoftext|>two €uro three\n<|endoftext|> x<|endoftext|>\n"
     ids = t.encode(s)
     assert 0 in ids and 1 in ids and t.decode(ids) == s
     dec = t.stream_decoder()
     assert "".join(dec.feed(i) for i in ids) + dec.flush() == s
+    monkeypatch.setattr(tokenizer_module, "CHUNK", 1)
+    assert t.encode(s).tolist() == ids.tolist() == hf.encode(s, add_special_tokens=False).ids
 
 
 # ---------------------------------------------------------------------- train
@@ -454,8 +457,9 @@ OLD_FORMAT = b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1"
         (_edit(**{"model/type": "WordLevel", "model/unk_token": "a"}), "its model is WordLevel, not BPE"),
         (_edit(**{"model/dropout": 0.5}), "dropout"),
         (_edit(normalizer={"type": "NFC"}), "it has a normalizer"),
-        (_edit(**{"pre_tokenizer/add_prefix_space": True}), "not ByteLevel without a prefix space"),
-        (_edit(pre_tokenizer={"type": "Whitespace"}), "not ByteLevel without a prefix space"),
+        (_edit(**{"pre_tokenizer/add_prefix_space": True}), "not ByteLevel with GPT-2's regex and without a prefix"),
+        (_edit(**{"pre_tokenizer/use_regex": False}), "not ByteLevel with GPT-2's regex and without a prefix"),
+        (_edit(pre_tokenizer={"type": "Whitespace"}), "not ByteLevel with GPT-2's regex and without a prefix"),
         (_edit(decoder=None), "its decoder is not ByteLevel"),
         (_edit(truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}),
          "it truncates or pads"),
@@ -463,6 +467,12 @@ OLD_FORMAT = b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1"
         (_edit(added_tokens=[{"id": 0, "content": "é!", "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True}]),
          "('é!') does not decode to its own text"),
+        (_edit(added_tokens=[{"id": 0, "content": "<|end of text|>", "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}]),
+         "('<|end of text|>') holds or strips spaces, or is single_word"),
+        (_edit(added_tokens=[{"id": 0, "content": "<|eot|>", "single_word": False, "lstrip": False, "rstrip": True,
+                              "normalized": False, "special": True}]),
+         "('<|eot|>') holds or strips spaces, or is single_word"),
         (_edit(**{"model/vocab/Ā": _DELETE}), "its token ids are not 0..n-1"),
         (_without_a_byte_token, "1 of the 256 byte tokens are missing"),
         (_edit(**{"model/merges": [["x", "not-a-token"]]}), "not a tokenizers file"),
