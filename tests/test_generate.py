@@ -140,3 +140,27 @@ def test_rows_past_the_tokenizer_are_never_sampled(tmp_path):
     for params in (SamplingParams(num_tokens=20, greedy=True), SamplingParams(num_tokens=20, top_k=0, seed=1)):
         text = run_generate(str(tmp_path / "edited"), "To be", params, "cpu", out=io.StringIO(), log=lambda l: None)
         assert text.startswith("To be") and len(text) > len("To be")
+
+
+def test_a_checkpoint_of_the_former_tokenizer_is_refused_in_one_line(tmp_path, capsys):
+    """gptc's former hand-written BPE wrote its own tokenizer.json format: generating from
+    such a checkpoint says so in one line (its pre-tokenizer cannot be carried over)."""
+    import io
+    from dataclasses import replace
+
+    from gptc.tools import checkpoint as ckpt
+    from gptc.tools.cli import main
+    from gptc.tools.train import train
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 200)
+    spec = gptc.preset("tiny")
+    spec = replace(spec, train=replace(spec.train, steps=2, checkpoint_interval=2, eval_interval=2, eval_batches=1))
+    train(spec, str(data), device="cpu", out_dir=tmp_path / "run", stdout=io.StringIO())
+    c = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002")
+    old = '{\n"format": "gptc-bpe",\n"version": 1,\n"pretokenizer": "gptc-re-v1",\n"vocab_size": 256,\n"merges": []\n}\n'
+    ckpt.save_checkpoint(tmp_path / "old", 2, c.params, c.optimizer, c.rng_state, c.spec, old)
+    assert main(["generate", "--checkpoint", str(tmp_path / "old"), "--prompt", "To be", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptc: error: checkpoint '{tmp_path / 'old'}': invalid tokenizer: it is a file of gptc's former hand-written "
+        "BPE (format 'gptc-bpe'), which this gptc no longer reads (its pre-tokenizer differs from GPT-2's); train "
+        "the run again\n")

@@ -7,14 +7,19 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import tokenizers
+from tokenizers import pre_tokenizers
+
+import gptc.tools.tokenizer as tokenizer_module
 from gptc.tools.corpus import default_corpus_path, default_corpus_text
-from gptc.tools.tokenizer import MAX_PIECE, StreamDecoder, Tokenizer, pretokenize
+from gptc.tools.tokenizer import _BYTE_CHARS, _CHAR_BYTE, StreamDecoder, Tokenizer, _chunks
 
 # Unicode ranges the random strings draw from: (first, last) code points, inclusive.
 RANGES = [
@@ -80,39 +85,63 @@ def tok(small_text: str) -> Tokenizer:
     return Tokenizer.train(small_text, 600)
 
 
-# ----------------------------------------------------------------- pre-tokens
-def test_pretokenize_covers_everything():
-    rng = np.random.default_rng(1)
+def hf_pieces(text: str) -> list[str]:
+    """The pre-tokens of tokenizers' ByteLevel pre-tokenizer, in byte characters."""
+    return [p for p, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)]
+
+
+def merges_of(t: Tokenizer) -> list[tuple[str, str]]:
+    return [tuple(m) for m in json.loads(t.to_json())["model"]["merges"]]
+
+
+def byte_ids(t: Tokenizer) -> dict[int, int]:
+    """byte -> id of its token"""
+    return {t.token_bytes(i)[0]: i for i in range(t.vocab_size) if len(t.token_bytes(i)) == 1}
+
+
+# ----------------------------------------------------------- layout, byte map
+def test_byte_characters_are_gpt2s():
+    assert sorted(_BYTE_CHARS) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    # every byte that occurs in UTF-8 (all but C0, C1, F5..FF) maps as tokenizers maps it
+    chars = [chr(c) for c in range(0x7FF)] + [chr(c) for c in range(0x800, 0x10000, 61) if not 0xD800 <= c < 0xE000]
+    chars += [chr(c) for c in range(0x10000, 0x110000, 4099)]
+    seen = set()
+    for ch in chars:
+        data = ch.encode("utf-8")
+        seen.update(data)
+        assert "".join(hf_pieces(ch)) == "".join(_BYTE_CHARS[b] for b in data)
+    assert seen == set(range(256)) - {0xC0, 0xC1, *range(0xF5, 0x100)}
+
+
+def test_python_whitespace_covers_tokenizers_whitespace():
+    """_BOUNDARY relies on it: a character tokenizers' regex takes for a space (two of
+    them between letters are two pre-tokens) is whitespace to Python's re."""
+    code_points = [*range(0xD800), *range(0xE000, 0x10000), *range(0x10000, 0x110000, 97)]
+    spaces = [c for c in map(chr, code_points) if len(hf_pieces(f"a{c}{c}a")) == 4]
+    assert len(spaces) >= 20 and all(re.fullmatch(r"\s", c) for c in spaces)
+
+
+def test_boundaries_are_pre_token_boundaries():
+    """Encoding the pieces of _chunks gives the ids of the whole text, whatever the piece size."""
+    hf = tokenizers.Tokenizer.from_str(Tokenizer.train(SAMPLE * 3 + "a b\nc  d \n e", 400).to_json())
+    rng = np.random.default_rng(4)
     for _ in range(200):
-        s = random_text(rng, int(rng.integers(0, 80)))
-        assert "".join(pretokenize(s)) == s
-    assert "".join(pretokenize(SAMPLE)) == SAMPLE
-
-
-def test_pretokenize_gpt2_style():
-    assert pretokenize("Hello world") == ["Hello", " world"]
-    assert pretokenize("don't we'll I'M") == ["don", "'t", " we", "'ll", " I", "'M"]
-    assert pretokenize("abc123 456") == ["abc", "123", " 456"]
-    assert pretokenize("a   b") == ["a", "  ", " b"]
-    assert pretokenize("hi!!! ...") == ["hi", "!!!", " ..."]
-    assert pretokenize("end.\n\nNext") == ["end", ".", "\n\n", "Next"]
-    assert pretokenize("x  \n") == ["x", "  \n"]
-
-
-def test_pretokenize_caps_piece_length():
-    s = "a" * 300 + " " * 1000 + "b" + " " * 200 + "\n" * 500 + "1" * 1000 + "!" * 999
-    pieces = pretokenize(s)
-    assert "".join(pieces) == s
-    assert max(len(p) for p in pieces) <= 2 * MAX_PIECE
+        s = random_text(rng, int(rng.integers(0, 120)))
+        whole = hf.encode(s, add_special_tokens=False).ids
+        for size in (1, 3, 17):
+            pieces = list(_chunks(s, size))
+            assert "".join(pieces) == s
+            assert [i for p in pieces for i in hf.encode(p, add_special_tokens=False).ids] == whole
 
 
 # ------------------------------------------------------------------ round trip
 def test_byte_tokenizer_round_trip():
-    t = Tokenizer()
-    assert t.vocab_size == 256
+    t = Tokenizer.train(SAMPLE, 256)
+    assert t.vocab_size == 256 and merges_of(t) == []
+    assert sorted(t.token_bytes(i) for i in range(256)) == [bytes([b]) for b in range(256)]
     ids = t.encode(SAMPLE)
     assert ids.dtype == np.int32
-    assert ids.tolist() == list(SAMPLE.encode("utf-8"))
+    assert [t.token_bytes(i) for i in ids] == [bytes([b]) for b in SAMPLE.encode("utf-8")]
     assert t.decode(ids) == SAMPLE
 
 
@@ -147,7 +176,8 @@ def _not_utf8(b: bytes) -> bool:
 
 
 def test_round_trip_edge_cases(tok: Tokenizer):
-    for s in ["", " ", "\n", "\t\t", " " * 1000, "a" * 5000, "\x00\x01\x7f", "\ufeffBOM", "\U0010ffff", SAMPLE]:
+    for s in ["", " ", "\n", "\t\t", " " * 1000, "a" * 5000, "\x00\x01\x7f", "\ufeffBOM", "\U0010ffff", SAMPLE,
+              "x" * 300_000 + " y\n" * 3]:
         assert tok.decode(tok.encode(s)) == s
 
 
@@ -157,46 +187,78 @@ def test_encode_compresses(tok: Tokenizer, small_text: str):
     assert tok.decode(ids) == small_text
 
 
-def _apply_merges(piece: str, merges) -> list[int]:
-    ids = list(piece.encode("utf-8"))
-    for k, pair in enumerate(merges):
-        out, i = [], 0
-        while i < len(ids):
-            if i < len(ids) - 1 and (ids[i], ids[i + 1]) == pair:
-                out.append(256 + k)
-                i += 2
-            else:
-                out.append(ids[i])
-                i += 1
-        ids = out
-    return ids
+def _merge(symbols, pair: tuple[str, str]) -> list[str]:
+    """`symbols` with every occurrence of `pair`, left to right, joined into one symbol."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def _apply_merges(piece: str, merges) -> list[str]:
+    symbols = list(piece)
+    for pair in merges:
+        symbols = _merge(symbols, pair)
+    return symbols
 
 
 def test_encoding_applies_merges_in_order(tok: Tokenizer, small_text: str):
-    # rank-based encoding equals applying every merge, in training order, to each piece
+    # encoding equals applying every merge, in training order, to each pre-token
     rng = np.random.default_rng(2)
-    pieces = sorted(set(pretokenize(small_text)))
-    pieces += pretokenize(random_text(rng, 300)) + ["aaaaaaa", " " * 9, "abababab"]
+    vocab = json.loads(tok.to_json())["model"]["vocab"]
+    pieces = sorted(set(hf_pieces(small_text)))
+    pieces += hf_pieces(random_text(rng, 300)) + ["aaaaaaa", "Ġ" * 9, "abababab"]
+    merges = merges_of(tok)
     for piece in pieces[::3]:
-        assert tok.encode(piece).tolist() == _apply_merges(piece, tok.merges)
+        text = bytes(_CHAR_BYTE[c] for c in piece).decode("utf-8")
+        assert tok.encode(text).tolist() == [vocab[s] for s in _apply_merges(piece, merges)]
+
+
+def test_a_standard_tokenizers_file(tok: Tokenizer, tmp_path: Path):
+    path = tok.save(tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    for s in (SAMPLE, "", "naïve 😀\n\n  x"):
+        ids = hf.encode(s).ids
+        assert ids == tok.encode(s).tolist()
+        assert hf.decode(ids) == s
+
+
+def test_transformers_loads_it(tok: Tokenizer, tmp_path: Path):
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tok.save(tmp_path)))
+    assert len(fast) == tok.vocab_size
+    ids = fast.encode(SAMPLE)
+    assert ids == tok.encode(SAMPLE).tolist()
+    assert fast.decode(ids, clean_up_tokenization_spaces=False) == SAMPLE
 
 
 # --------------------------------------------------------------------- decode
 def test_decode_any_ids(tok: Tokenizer):
     rng = np.random.default_rng(3)
-    for _ in range(50):
+    for _ in range(200):
         ids = rng.integers(0, tok.vocab_size, size=int(rng.integers(0, 64)))
         s = tok.decode(ids)
         assert isinstance(s, str)
-        assert s == tok.decode_bytes(ids).decode("utf-8", errors="replace")
+        assert s == b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def test_decode_rejects_out_of_range(tok: Tokenizer):
+def test_decode_rejects_bad_ids(tok: Tokenizer):
     for bad in ([tok.vocab_size], [-1], [1, 2, 10**9]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             tok.decode(bad)
     with pytest.raises(ValueError):
         tok.decode(np.array([-1], dtype=np.int32))
+    with pytest.raises(ValueError, match="1-D"):
+        tok.decode([[1, 2]])
+    with pytest.raises(TypeError, match="integers"):
+        tok.decode([1.5])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.token_bytes(tok.vocab_size)
 
 
 def test_stream_decoder_matches_decode(tok: Tokenizer):
@@ -219,67 +281,91 @@ def test_stream_decoder_matches_decode(tok: Tokenizer):
 
 
 def test_stream_decoder_holds_partial_characters():
-    t = Tokenizer()
+    t = Tokenizer.train("", 256)
+    ids = byte_ids(t)
     dec = t.stream_decoder()
     emoji = "😀".encode("utf-8")
-    assert [dec.feed(b) for b in emoji] == ["", "", "", "😀"]
-    assert dec.feed(list(b"ok")) == "ok"
-    assert dec.feed(emoji[0]) == ""
+    assert [dec.feed(ids[b]) for b in emoji] == ["", "", "", "😀"]
+    assert dec.feed([ids[b] for b in b"ok"]) == "ok"
+    assert dec.feed(ids[emoji[0]]) == ""
     assert dec.flush() == "\ufffd"
-    assert dec.feed(np.array(list("é".encode()), dtype=np.int32)) == "é"
+    assert dec.feed(np.array([ids[b] for b in "é".encode()], dtype=np.int32)) == "é"
+
+
+def test_added_tokens_round_trip(monkeypatch):
+    """A tokenizers file with special tokens (GPT-2's has <|endoftext|>) loads, and they
+    decode to their text, through decode and the stream decoder alike; encoding in pieces
+    gives tokenizers' ids of the whole text."""
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.train_from_iterator([SAMPLE], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "€uro"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    t = Tokenizer.from_json(hf.to_str())
+    assert t.vocab_size == 300 and t.token_bytes(0) == b"<|endoftext|>" and t.token_bytes(1) == "€uro".encode()
+    s = "one<|endoftext|>two €uro three\n<|endoftext|> x<|endoftext|>\n"
+    ids = t.encode(s)
+    assert 0 in ids and 1 in ids and t.decode(ids) == s
+    dec = t.stream_decoder()
+    assert "".join(dec.feed(i) for i in ids) + dec.flush() == s
+    monkeypatch.setattr(tokenizer_module, "CHUNK", 1)
+    assert t.encode(s).tolist() == ids.tolist() == hf.encode(s, add_special_tokens=False).ids
 
 
 # ---------------------------------------------------------------------- train
 def test_vocab_size_exact(small_text: str):
     for vs in (256, 257, 300, 777):
         t = Tokenizer.train(small_text, vs)
-        assert t.vocab_size == vs == len(t)
-        assert len(t.merges) == vs - 256
+        assert t.vocab_size == vs
         assert len({t.token_bytes(i) for i in range(vs)}) == vs  # no duplicate tokens
 
 
 def test_deterministic(small_text: str):
     a = Tokenizer.train(small_text, 700)
     b = Tokenizer.train(small_text, 700)
-    assert a.merges == b.merges
-    assert a.to_json() == b.to_json()
+    assert a == b and a.to_json() == b.to_json()
+    assert Tokenizer.from_json(a.to_json()).to_json() == a.to_json()  # the file is canonical
     # a prefix of the merges is the tokenizer trained to a smaller size
     c = Tokenizer.train(small_text, 500)
-    assert a.merges[:244] == c.merges
+    assert merges_of(a)[:244] == merges_of(c)
 
 
-def _naive_merges(text: str, n: int) -> list[tuple[int, int]]:
-    words = Counter(tuple(p.encode("utf-8")) for p in pretokenize(text))
-    merges = []
-    for k in range(n):
+def test_training_is_bpe():
+    """Each merge joins a most frequent pair of adjacent symbols within the pre-tokens
+    (ties may go either way), and training stops only when no pair is left."""
+    rng = np.random.default_rng(5)
+    text = SAMPLE * 3 + "aaaaaaa aaaa aaa abababab " * 5 + "".join(random_text(rng, 30) for _ in range(30))
+    words = Counter(tuple(p) for p in hf_pieces(text))
+    t = Tokenizer.train(text, 100_000, at_most=True)
+    for a, b in merges_of(t):
         pairs: Counter = Counter()
         for w, f in words.items():
             for p in zip(w, w[1:]):
                 pairs[p] += f
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        new_id = 256 + k
-        nxt: Counter = Counter()
-        for w, f in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i < len(w) - 1 and (w[i], w[i + 1]) == best:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            nxt[tuple(out)] += f
-        words = nxt
-    return merges
+        assert pairs[(a, b)] == max(pairs.values())
+        words = Counter({tuple(_merge(w, (a, b))): f for w, f in words.items()})
+    assert all(len(w) == 1 for w in words)
 
 
-def test_matches_naive_bpe():
-    rng = np.random.default_rng(5)
-    text = SAMPLE * 3 + "aaaaaaa aaaa aaa abababab " * 5 + "".join(random_text(rng, 30) for _ in range(30))
-    assert Tokenizer.train(text, 256 + 150).merges == _naive_merges(text, 150)
+def test_training_in_pieces_equals_training_on_the_whole_text(small_text: str, monkeypatch):
+    whole = tokenizers.Tokenizer(tokenizers.models.BPE())
+    whole.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    whole.decoder = tokenizers.decoders.ByteLevel()
+    whole.train_from_iterator([small_text], tokenizers.trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    monkeypatch.setattr(tokenizer_module, "CHUNK", 100)
+    assert Tokenizer.train(small_text, 600).to_json() == whole.to_str()
+
+
+def test_long_runs_train_fast():
+    """Runs of one character class are cut for training (tokenizers' trainer takes time
+    quadratic in a word's length): a 300,000-letter word trains in well under a second."""
+    text = "a" * 300_000 + " " * 300_000 + "ab" * 100_000 + " end\n"
+    started = time.perf_counter()
+    t = Tokenizer.train(text, 300, at_most=True)
+    assert time.perf_counter() - started < 10  # about 25 s uncut
+    assert t.vocab_size > 256 and t.decode(t.encode(text)) == text
 
 
 def test_too_small_corpus():
@@ -300,11 +386,15 @@ def test_at_most_stops_where_the_text_runs_out_of_pairs():
     assert Tokenizer.train("hello hello", 258, at_most=True).vocab_size == 258
 
 
-def test_vocab_size_below_bytes():
+def test_bad_arguments():
     with pytest.raises(ValueError, match=">= 256"):
         Tokenizer.train("some text", 255)
     with pytest.raises(TypeError):
         Tokenizer.train("some text", 300.0)
+    with pytest.raises(TypeError):
+        Tokenizer.train(b"bytes", 300)
+    with pytest.raises(TypeError):
+        Tokenizer.train("", 256).encode(b"bytes")
 
 
 # ---------------------------------------------------------------- save / load
@@ -312,10 +402,10 @@ def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path):
     p = tok.save(tmp_path)
     assert p == tmp_path / "tokenizer.json"
     obj = json.loads(p.read_text())
-    assert obj["version"] == 1 and obj["vocab_size"] == tok.vocab_size
-    assert obj["merges"] == [list(m) for m in tok.merges]
+    assert obj["model"]["type"] == "BPE" and len(obj["model"]["vocab"]) == tok.vocab_size
+    assert obj["added_tokens"] == [] and obj["normalizer"] is None
     t2 = Tokenizer.load(tmp_path)
-    assert t2 == tok and t2.merges == tok.merges
+    assert t2 == tok and t2.vocab_size == tok.vocab_size
     t3 = Tokenizer.load(p)
     assert t3.encode(SAMPLE).tolist() == tok.encode(SAMPLE).tolist()
     # deterministic bytes, and no temporary files left behind
@@ -323,39 +413,83 @@ def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path):
     assert q.read_bytes() == p.read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["again.json", "tokenizer.json"]
     # overwriting works (os.replace)
-    Tokenizer().save(p)
+    Tokenizer.train("", 256).save(p)
     assert Tokenizer.load(p).vocab_size == 256
 
 
+def _edit(**edits):
+    """A change to a valid tokenizer.json: key paths separated by '/', value None deletes."""
+    def apply(obj: dict) -> dict:
+        for path, value in edits.items():
+            *parents, key = path.split("/")
+            node = obj
+            for k in parents:
+                node = node[k]
+            if value is _DELETE:
+                del node[key]
+            else:
+                node[key] = value
+        return obj
+    return apply
+
+
+_DELETE = object()
+
+
+def _without_a_byte_token(obj: dict) -> dict:
+    """The token for byte 0 replaced by the last learned token (ids stay 0..n-1)."""
+    vocab = obj["model"]["vocab"]
+    free = vocab.pop("Ā")
+    vocab[max(vocab, key=vocab.get)] = free
+    return obj
+OLD_FORMAT = b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 257, "merges": [[1, 2]]}'
+
+
 @pytest.mark.parametrize(
-    "content",
+    "content, message",
     [
-        b"",
-        b"not json",
-        b"\xff\xfe\x00garbage",
-        b"[]",
-        b'{"format": "gptc-bpe"}',
-        b'{"format": "other", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 256, "merges": []}',
-        b'{"format": "gptc-bpe", "version": 2, "pretokenizer": "gptc-re-v1", "vocab_size": 256, "merges": []}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "x", "vocab_size": 256, "merges": []}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 258, "merges": [[1, 2]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 257, "merges": [[1, 256]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 257, "merges": [[1, -1]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 257, "merges": [[1]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 257, "merges": [[1, "2"]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 257, "merges": [[1, true]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 258, "merges": [[1, 2], [1, 2]]}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": "256", "merges": []}',
-        b'{"format": "gptc-bpe", "version": 1, "pretokenizer": "gptc-re-v1", "vocab_size": 256, "merges": {}}',
+        (b"", "invalid JSON"),
+        (b"not json", "invalid JSON"),
+        (b"\xff\xfe\x00garbage", "not UTF-8"),
+        (b"[]", "not a tokenizers file"),
+        (b"{}", "not a tokenizers file"),
+        (OLD_FORMAT, "former hand-written BPE (format 'gptc-bpe'), which this gptc no longer reads"),
+        (_edit(**{"model/type": "WordLevel", "model/unk_token": "a"}), "its model is WordLevel, not BPE"),
+        (_edit(**{"model/dropout": 0.5}), "dropout"),
+        (_edit(normalizer={"type": "NFC"}), "it has a normalizer"),
+        (_edit(**{"pre_tokenizer/add_prefix_space": True}), "not ByteLevel with GPT-2's regex and without a prefix"),
+        (_edit(**{"pre_tokenizer/use_regex": False}), "not ByteLevel with GPT-2's regex and without a prefix"),
+        (_edit(pre_tokenizer={"type": "Whitespace"}), "not ByteLevel with GPT-2's regex and without a prefix"),
+        (_edit(decoder=None), "its decoder is not ByteLevel"),
+        (_edit(truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}),
+         "it truncates or pads"),
+        (_edit(**{"model/vocab/Ā": 10**6}), "its token ids are not 0..n-1"),
+        (_edit(added_tokens=[{"id": 0, "content": "é!", "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}]),
+         "('é!') does not decode to its own text"),
+        (_edit(added_tokens=[{"id": 0, "content": "<|end of text|>", "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}]),
+         "('<|end of text|>') holds or strips spaces, or is single_word"),
+        (_edit(added_tokens=[{"id": 0, "content": "<|eot|>", "single_word": False, "lstrip": False, "rstrip": True,
+                              "normalized": False, "special": True}]),
+         "('<|eot|>') holds or strips spaces, or is single_word"),
+        (_edit(**{"model/vocab/Ā": _DELETE}), "its token ids are not 0..n-1"),
+        (_without_a_byte_token, "1 of the 256 byte tokens are missing"),
+        (_edit(**{"model/merges": [["x", "not-a-token"]]}), "not a tokenizers file"),
+        (_edit(**{"model/vocab": "x"}), "not a tokenizers file"),
     ],
 )
-def test_load_rejects_invalid(tmp_path: Path, content: bytes):
+def test_load_rejects_invalid(tok: Tokenizer, tmp_path: Path, content, message: str):
+    if callable(content):
+        content = json.dumps(content(json.loads(tok.to_json()))).encode()
     p = tmp_path / "tokenizer.json"
     p.write_bytes(content)
     with pytest.raises(ValueError) as e:
         Tokenizer.load(p)
     msg = str(e.value)
-    assert "\n" not in msg and str(p) in msg
+    assert "\n" not in msg and msg.startswith(f"{p}: ") and message in msg
+    with pytest.raises(ValueError, match="^invalid tokenizer: "):
+        Tokenizer.from_json(content.decode("utf-8", errors="replace"))
 
 
 def test_load_rejects_truncated(tok: Tokenizer, tmp_path: Path):
@@ -371,10 +505,13 @@ def test_load_missing_file(tmp_path: Path):
         Tokenizer.load(tmp_path / "nope.json")
 
 
-def test_constructor_validates_merges():
-    with pytest.raises(ValueError):
-        Tokenizer([(0, 300)])
-    assert Tokenizer([(104, 105)]).encode("hi").tolist() == [256]
+def test_the_corpus_cache_key_names_the_tokenizer_implementation(monkeypatch):
+    from gptc.tools.data import corpus_key
+    assert tokenizers.__version__ in tokenizer_module.TRAINER_ID
+    key = corpus_key(SAMPLE, 300)
+    assert corpus_key(SAMPLE, 301) != key
+    monkeypatch.setattr(tokenizer_module, "TRAINER_ID", tokenizer_module.TRAINER_ID + "x")
+    assert corpus_key(SAMPLE, 300) != key
 
 
 # ----------------------------------------------------------------- the corpus

@@ -3,11 +3,12 @@ it into training and validation tokens, sampling random windows.
 
 Tokenization cache: the BPE tokenizer trained on a corpus and the corpus's token ids
 are stored under $GPTC_CACHE_DIR/corpus/<key>/ (default ~/.cache/gptc/corpus/; set
-GPTC_CACHE_DIR=off to disable), where key = sha256 of (tokenizer format, version and
-pre-tokenizer, vocab_size, corpus bytes). An entry is a directory holding
-tokenizer.json and tokens.npy (int32), written into a temporary directory and renamed
-into place, so readers see a whole entry or none. A cache that cannot be written
-(read-only, full disk) only costs the next run the tokenization time."""
+GPTC_CACHE_DIR=off to disable), where key = sha256 of (gptc.tools.tokenizer.TRAINER_ID,
+which names gptc's training recipe and the version of `tokenizers`; vocab_size; corpus
+bytes). An entry is a directory holding tokenizer.json and tokens.npy (int32), written
+into a temporary directory and renamed into place, so readers see a whole entry or none.
+A cache that cannot be written (read-only, full disk) only costs the next run the
+tokenization time."""
 from __future__ import annotations
 
 import hashlib
@@ -136,9 +137,9 @@ def corpus_cache_dir() -> Path | None:
 
 
 def corpus_key(text: str, vocab_size: int) -> str:
-    from gptc.tools.tokenizer import FORMAT, FORMAT_VERSION, PRETOKENIZER
+    from gptc.tools.tokenizer import TRAINER_ID
     h = hashlib.sha256()
-    h.update(f"{FORMAT}/{FORMAT_VERSION}/{PRETOKENIZER}/vocab={vocab_size}\0".encode())
+    h.update(f"{TRAINER_ID}/vocab={vocab_size}\0".encode())
     h.update(text.encode("utf-8"))
     return h.hexdigest()
 
