@@ -1,5 +1,5 @@
 """Training data: finding it (files, directories, globs), reading text, opening token
-shards (llm.c's .bin format, memory-mapped: gptc/tools/shards.py), tokenizing text
+shards (llm.c's .bin format: gptc/tools/shards.py), tokenizing text
 (with a disk cache), splitting training from validation tokens, drawing windows.
 
 What `gptc train --data ARG` reads (open_data): a text file, a directory or glob of text
@@ -8,8 +8,8 @@ files (read whole and tokenized, as one text), a directory written by `gptc prep
 of them). Validation: the shards named *_val_* (llm.c's names), else the last
 VALIDATION_FRACTION of the tokens (of a text, or of the shards in order).
 
-Windows are drawn from shards without loading them: a shard is memory-mapped, and a
-window is a slice of it, so only the pages of the drawn windows are read. A window never
+Windows are drawn from shards without loading them: each window drawn is read alone
+(one small read), so memory stays flat whatever the size of the shards. A window never
 crosses from one shard into the next. Token ids are checked against the tokenizer's
 vocabulary in every window drawn (so a shard made with another tokenizer is refused when
 first met, without reading whole shards up front).
@@ -139,7 +139,7 @@ def decode_utf8(raw: bytes, path: str | os.PathLike, offset: int = 0) -> str:
 
 # ----- what training reads --------------------------------------------------------------
 class Part(NamedTuple):
-    """Tokens to draw windows from (an array, or a memory-mapped shard), what to call them,
+    """Tokens to draw windows from (an array, or a shard's TokenFile), what to call them,
     and where they start in it (for messages)."""
     name: str
     tokens: np.ndarray
@@ -169,7 +169,7 @@ def open_data(arg: str | None) -> TextData | ShardData:
     """The data `gptc train --data ARG` names: the bundled corpus (None), a text file, a
     directory or glob of text files, a directory written by `gptc prepare`, or token
     shards (.bin files, a directory or glob of them). Texts are read; shards are only
-    opened (memory-mapped) after their headers are checked."""
+    opened (nothing read but their headers)."""
     if arg is None:
         from gptc.tools.corpus import default_corpus_text
         text = default_corpus_text()
@@ -287,8 +287,8 @@ def load_tokenizer(path: str | os.PathLike):
 
 class Windows:
     """Every window of seq_len + 1 consecutive tokens inside one part, numbered part
-    after part. rows(indices) reads only those windows (of a memory-mapped shard: only
-    their pages) and checks their ids against the tokenizer's vocabulary."""
+    after part. rows(indices) reads only those windows (from a shard: one read each) and
+    checks their ids against the tokenizer's vocabulary."""
 
     def __init__(self, parts: Sequence[Part], seq_len: int, vocab_size: int, what: str) -> None:
         self.parts, self.seq_len, self.vocab_size = list(parts), seq_len, vocab_size
@@ -305,8 +305,8 @@ class Windows:
         """The windows `indices` (each in [0, count)) as int32 rows of seq_len + 1 tokens."""
         which = np.searchsorted(self.ends, indices, side="right")
         starts = indices - (self.ends[which] - self.counts[which])
-        rows = np.stack([self.parts[k].tokens[s:s + self.seq_len + 1] for k, s in zip(which.tolist(),
-                                                                                     starts.tolist())])
+        rows = np.stack([np.asarray(self.parts[k].tokens[s:s + self.seq_len + 1])
+                         for k, s in zip(which.tolist(), starts.tolist())])
         bad = rows >= self.vocab_size
         if bad.any():
             r, c = (int(i) for i in np.argwhere(bad)[0])

@@ -1,6 +1,6 @@
 """`gptc prepare`: text in (files, directories, globs), a tokenizer and token shards out,
-so that a corpus of any size trains with flat memory (gptc/tools/data.py memory-maps the
-shards).
+so that a corpus of any size trains with flat memory (gptc/tools/data.py reads the shards
+a window at a time).
 
 DIR after `gptc prepare DATA... -o DIR`:
 
@@ -347,9 +347,8 @@ def _name_shards(parts: list[Path], directory: Path, name: str, shard_tokens: in
         for path, begin, end in ((val_path, 0, n_val), (directory / "part_first_rest.bin", n_val, counts[0])):
             writer = ShardWriter(path, first.dtype)
             for at in range(begin, end, COPY_TOKENS):
-                writer.write(first[at:min(at + COPY_TOKENS, end)])
+                writer.write(np.asarray(first[at:min(at + COPY_TOKENS, end)]))
             writer.finish()
-        del first
         parts[0].unlink()
         train_paths.append((directory / "part_first_rest.bin", counts[0] - n_val))
     train_paths += list(zip(parts[1:], counts[1:]))

@@ -12,7 +12,6 @@ llm.c, a shard holds fewer than 2**31 tokens (the count is an int32).
 """
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 import numpy as np
@@ -80,10 +79,9 @@ class ShardWriter:
             f.write(header_bytes(self.count, self.dtype))
 
 
-def open_shard(path: str | os.PathLike) -> np.ndarray:
-    """The tokens of a shard, memory-mapped (read-only; nothing is read until used: a
-    slice reads only its pages), after checking its header against its size. ShardError
-    for anything unusable."""
+def open_shard(path: str | os.PathLike) -> "TokenFile":
+    """The tokens of a shard, to be read a slice at a time (nothing is read yet), after
+    checking its header against its size. ShardError for anything unusable."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -112,10 +110,39 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
                          f"the file has {size:,} bytes")
     if size > need:
         raise ShardError(f"token shard '{path}' has {size - need:,} unexpected bytes after its {count:,} tokens")
-    with open(p, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mapped, "madvise"):
-        # Windows are drawn at random: without this, every page fault reads ahead, and a
-        # batch of windows from a shard that is not in the page cache costs 300x more.
-        mapped.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(mapped, dtype=dtype, count=count, offset=HEADER_BYTES)
+    return TokenFile(p, dtype, 0, count)
+
+
+class TokenFile:
+    """The tokens [start, stop) of a shard, read only when asked for: slicing gives another
+    TokenFile (nothing read), np.asarray() reads its tokens with one os.pread.
+
+    Why not a memory map: drawing a window from an mmap maps whole page-cache folios
+    into the process (2 MiB per window on Linux 6.x, whose page cache holds large
+    folios), so a run's resident memory grows towards the size of the corpus; and
+    without MADV_RANDOM each fault reads ahead. A read of the window alone costs one
+    system call (about the same as a page fault) and keeps memory flat."""
+
+    def __init__(self, path: Path, dtype: np.dtype, start: int, stop: int) -> None:
+        self.path, self.dtype, self.start, self.stop = path, np.dtype(dtype), start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: slice) -> "TokenFile":
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a TokenFile takes only slices with step 1")
+        begin, end, _ = key.indices(len(self))
+        return TokenFile(self.path, self.dtype, self.start + begin, self.start + max(begin, end))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        n_bytes = len(self) * self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, n_bytes, HEADER_BYTES + self.start * self.dtype.itemsize)
+        finally:
+            os.close(fd)
+        if len(raw) != n_bytes:
+            raise ShardError(f"token shard '{self.path}' changed while in use (it is shorter than its header says)")
+        tokens = np.frombuffer(raw, self.dtype)
+        return tokens if dtype is None else tokens.astype(dtype)

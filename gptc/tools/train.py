@@ -12,9 +12,9 @@ One run, in order:
    it up to model.vocab_size (fewer when the corpus yields fewer tokens: the model
    keeps its model.vocab_size embedding rows, the rest are never used; cached on disk)
    and split 90/10 into training and validation tokens. Token shards (a `gptc prepare`
-   directory, or llm.c .bin files) are memory-mapped, with the tokenizer beside them (or
-   --tokenizer; resuming, the run's); model.vocab_size grows to the tokenizer's
-   vocabulary unless --vocab-size was given. Validation: the *_val_* shards, else the
+   directory, or llm.c .bin files) are read a window at a time, with the tokenizer
+   beside them (or --tokenizer; resuming, the run's); model.vocab_size grows to the
+   tokenizer's vocabulary unless --vocab-size was given. Validation: the *_val_* shards, else the
    last 10% of the tokens. Training windows are drawn by a generator seeded with
    train.seed, validation uses the same evenly spread windows at every eval.
 4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
@@ -318,7 +318,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     else:
         tok, n_tokens = given, sum(len(p.tokens) for p in source.opened)
         console.line(f"data: {source.source}{' (gptc prepare)' if source.prepared else ''}, {_shards_summary(source)}"
-                     f", memory-mapped; BPE vocabulary {tok.vocab_size} of {tokenizer_name}")
+                     f", read a window at a time; BPE vocabulary {tok.vocab_size} of {tokenizer_name}")
     batches = Batches(train_windows, t.batch_size, t.seed)
     if checkpoint is not None:
         batches.state = checkpoint.rng_state
