@@ -17,6 +17,7 @@ import pytest
 
 from conftest import llmc_datafile
 from gptc.spec import preset
+from gptc.tools.corpus import default_corpus_text
 from gptc.tools import prepare as prep
 from gptc.tools import train as trainer
 from gptc.tools.cli import main
@@ -34,10 +35,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> Path:
-    """A directory of text: two files in a subdirectory, a binary file and a hidden one."""
+    """A directory of text: a file, two in a subdirectory (one binary) and a hidden one."""
     root = tmp_path_factory.mktemp("texts")
     (root / "sub").mkdir()
-    (root / "a.txt").write_text((ROOT / "README.md").read_text())
+    (root / "a.txt").write_text(default_corpus_text()[:30_000])
     (root / "sub" / "b.md").write_text((ROOT / "gptc" / "compiler" / "dsl.py").read_text()
                                        + "caf\u00e9 na\u00efve \u2014 \U0001f600\n" * 50)
     (root / "sub" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 100)
@@ -111,15 +112,16 @@ def test_prepare_a_file(tmp_path, texts, tokenizer, monkeypatch):
     (tmp_path / "tok.json").write_text(tokenizer.to_json())
     out = io.StringIO()
     manifest = prep.prepare([str(texts / "a.txt")], tmp_path / "d", tokenizer=tmp_path / "tok.json",
-                            shard_tokens=2000, jobs=2, stdout=out)
+                            shard_tokens=4000, jobs=2, stdout=out)
     whole = tokenizer.encode((texts / "a.txt").read_text())
     val, train = shard_tokens(tmp_path / "d")
     assert np.array_equal(np.concatenate([val, train]), whole)
-    assert len(val) == len(whole) // 10
+    assert len(val) == len(whole) // 10 < 4000
     shards = manifest["shards"]
     assert shards[0] == {"file": "d_val_000000.bin", "split": "val", "tokens": len(val)}
     assert [s["file"] for s in shards[1:]] == [f"d_train_{i:06d}.bin" for i in range(1, len(shards))]
-    assert shards[1]["tokens"] == 2000 - len(val) and all(s["tokens"] == 2000 for s in shards[2:-1])
+    assert shards[1]["tokens"] == 4000 - len(val) and all(s["tokens"] == 4000 for s in shards[2:-1])
+    assert len(shards) > 3
     assert manifest["tokens"] == {"total": len(whole), "train": len(train), "val": len(val)}
     assert manifest["sources"] == [{"path": str(texts / "a.txt"), "bytes": (texts / "a.txt").stat().st_size,
                                     "tokens": len(whole)}]

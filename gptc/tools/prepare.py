@@ -165,33 +165,43 @@ def _size(path: Path) -> int:
 
 
 def _train_tokenizer(texts: list[Path], sizes: list[int], vocab_size: int, console: Console):
-    """(a BPE trained on a sample of the data, the sample's size in bytes)."""
+    """(a BPE trained on a sample of the data, the sample's size in bytes). It trains in a
+    process of its own, so that the memory training takes is given back when it ends."""
     from gptc.tools.tokenizer import Tokenizer
-    sample = _sample(texts, sizes)
-    n_bytes = len(sample.encode("utf-8"))
-    console.line(f"tokenizer: training a BPE of up to {vocab_size:,} tokens on {n_bytes / 1e6:,.1f} MB "
-                 + ("(all the data)" if sum(sizes) <= TOKENIZER_SAMPLE_BYTES else "sampled evenly from the data"))
+    whole = sum(sizes) <= TOKENIZER_SAMPLE_BYTES
+    console.line(f"tokenizer: training a BPE of up to {vocab_size:,} tokens on "
+                 + ("all the data" if whole else f"{TOKENIZER_SAMPLE_BYTES / 1e6:,.1f} MB sampled evenly from the data"))
     started = time.perf_counter()
-    tok = Tokenizer.train(sample, vocab_size, at_most=True)
+    with ProcessPoolExecutor(1) as pool:
+        tok_json, n_bytes = pool.submit(_trained, texts, sizes, vocab_size, TOKENIZER_SAMPLE_BYTES,
+                                        SAMPLE_PIECE_BYTES).result()
+    tok = Tokenizer.from_json(tok_json)
     console.line(f"tokenizer: {tok.vocab_size:,} tokens" + (" (all this sample yields)" if tok.vocab_size < vocab_size
-                                                            else "") + f", trained in {time.perf_counter() - started:.1f}s")
+                                                            else "")
+                 + f", trained on {n_bytes / 1e6:,.1f} MB in {time.perf_counter() - started:.1f}s")
     return tok, n_bytes
 
 
-def _sample(texts: list[Path], sizes: list[int]) -> str:
-    """The whole data if it fits TOKENIZER_SAMPLE_BYTES, else that many bytes in pieces of
-    SAMPLE_PIECE_BYTES at evenly spaced places, each cut to whole lines."""
+def _trained(texts: list[Path], sizes: list[int], vocab_size: int, budget: int, piece: int) -> tuple[str, int]:
+    """(the JSON of a BPE trained on a sample of the data, the sample's size in bytes)."""
+    from gptc.tools.tokenizer import Tokenizer
+    sample = _sample(texts, sizes, budget, piece)
+    return Tokenizer.train(sample, vocab_size, at_most=True).to_json(), len(sample.encode("utf-8"))
+
+
+def _sample(texts: list[Path], sizes: list[int], budget: int, piece: int) -> str:
+    """The whole data if it fits `budget` bytes, else that many bytes in pieces of `piece`
+    bytes at evenly spaced places, each cut to whole lines."""
     total = sum(sizes)
-    if total <= TOKENIZER_SAMPLE_BYTES:
+    if total <= budget:
         return "".join(decode_utf8(p.read_bytes(), p) for p in texts)
-    n = TOKENIZER_SAMPLE_BYTES // SAMPLE_PIECE_BYTES
     starts, ends = np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)
     pieces = []
-    for at in np.linspace(0, total - SAMPLE_PIECE_BYTES, n).astype(np.int64).tolist():
+    for at in np.linspace(0, total - piece, budget // piece).astype(np.int64).tolist():
         k = int(np.searchsorted(ends, at, side="right"))
         with open(texts[k], "rb") as f:
             f.seek(at - int(starts[k]))
-            raw = f.read(SAMPLE_PIECE_BYTES)
+            raw = f.read(piece)
         first, last = raw.find(b"\n"), raw.rfind(b"\n")
         pieces.append(raw[first + 1:last + 1].decode("utf-8", errors="replace") if 0 <= first < last
                       else raw.decode("utf-8", errors="replace"))
@@ -298,7 +308,7 @@ def _encode_all(texts: list[Path], sizes: list[int], tokenizer_json: str, dtype:
         done_bytes += n_bytes
         done_tokens += len(ids)
         now = time.perf_counter()
-        if now - last >= (0.5 if console.tty else 10.0) or done_bytes == total:
+        if now - last >= (0.5 if console.tty else 10.0):
             last = now
             rate = done_bytes / max(now - started, 1e-9)
             text = (f"tokenizing: {done_bytes / 1e6:,.1f} of {total / 1e6:,.1f} MB ({100 * done_bytes / total:.0f}%), "
@@ -319,10 +329,10 @@ def _encode_all(texts: list[Path], sizes: list[int], tokenizer_json: str, dtype:
             while pending:
                 collect()
         except BaseException:
+            console.end()  # an error message starts on a line of its own
             pool.shutdown(cancel_futures=True)  # the chunks being encoded finish, the rest never start
             raise
     shards.finish()
-    console.end()
     elapsed = time.perf_counter() - started
     console.line(f"tokenized {total / 1e6:,.1f} MB into {done_tokens:,} tokens in {duration(elapsed)} "
                  f"({total / 1e6 / max(elapsed, 1e-9):.1f} MB/s, {jobs} job{'s' * (jobs != 1)})")
