@@ -9,6 +9,10 @@ import io
 import json
 import os
 import resource
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,3 +311,37 @@ def test_token_ids_outside_the_vocabulary_stop_training_in_one_line(tmp_path, ca
                                   "--steps", "2", "--out", tmp_path / "run"])
     assert f"token shard '{tmp_path / 'd' / 'x_train_000001.bin'}' holds the token id 4,000" in err
     assert "outside the tokenizer's vocabulary of 256 tokens" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "gptc: interrupted"),
+                                              (signal.SIGTERM, 143, "gptc: terminated")])
+def test_a_signal_stops_prepare_cleanly(tmp_path, signum, code, said):
+    """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM while the
+    workers encode: one line, status 128 + the signal, no output directory, no temporary
+    files, no process left."""
+    (tmp_path / "big.txt").write_text(default_corpus_text() * 30)  # 90 MB: encoding takes seconds
+    (tmp_path / "tok.json").write_text(Tokenizer().to_json())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptc", "prepare", str(tmp_path / "big.txt"), "-o",
+                             str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("tokenizer:"):
+                break
+        time.sleep(0.5)
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and err.strip() == said, err
+    assert "tokenized" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "tok.json"]
+    assert not [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _session(pid) == proc.pid]
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:  # gone
+        return None
