@@ -189,6 +189,8 @@ ROWS = [
         prepare=prepared(damage=lambda p: (p / "prepare.json").write_text('{"format": '))),
     Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "'{tmp}/p/prepare.json' is not a gptc prepare manifest",
         prepare=prepared(damage=lambda p: (p / "prepare.json").write_text('{"format": "gptc-prepared-data"}'))),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "'{tmp}/p/prepare.json' is not a gptc prepare manifest",
+        prepare=prepared(damage=lambda p: (p / "prepare.json").write_text("[1]"))),
     Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "but '{tmp}/p/prepare.json' says", prepare=prepared(
         damage=edit_manifest)),
     Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "token shard '{tmp}/p/p_train_000001.bin' does not exist",

@@ -151,11 +151,13 @@ def test_prepare_a_directory_and_a_glob(tmp_path, texts, tokenizer, monkeypatch)
     assert [s["path"] for s in manifest["sources"]] == [str(f) for f in files]
     assert manifest["skipped"] == [str(texts / "sub" / "image.png")]
     val, train = shard_tokens(tmp_path / "dir")
-    assert np.array_equal(np.concatenate([val, train]), np.concatenate([tokenizer.encode(f.read_text()) for f in files]))
+    each = [tokenizer.encode(f.read_text()) for f in files]
+    assert np.array_equal(np.concatenate([val, train]), np.concatenate(each))
     assert tokenizer.decode(np.concatenate([val, train])) == "".join(f.read_text() for f in files)
     prep.prepare([str(texts / "**" / "*.*")], tmp_path / "glob", jobs=2, **kw)
     for name in ("val_000000", "train_000001"):
-        assert (tmp_path / "dir" / f"dir_{name}.bin").read_bytes() == (tmp_path / "glob" / f"glob_{name}.bin").read_bytes()
+        dir_shard, glob_shard = tmp_path / "dir" / f"dir_{name}.bin", tmp_path / "glob" / f"glob_{name}.bin"
+        assert dir_shard.read_bytes() == glob_shard.read_bytes()
 
 
 def test_prepare_trains_a_tokenizer_on_a_sample(tmp_path, texts, monkeypatch, capsys):
@@ -171,13 +173,14 @@ def test_prepare_trains_a_tokenizer_on_a_sample(tmp_path, texts, monkeypatch, ca
     assert manifest["tokenizer"]["vocab_size"] == 280 and manifest["tokenizer"]["trained_on_bytes"] <= 8192
     tok = Tokenizer.from_json((tmp_path / "d" / "tokenizer.json").read_text())
     val, train = shard_tokens(tmp_path / "d")
-    assert tok.decode(np.concatenate([val, train])) == (texts / "a.txt").read_text() + (texts / "sub" / "b.md").read_text()
+    texts_read = (texts / "a.txt").read_text() + (texts / "sub" / "b.md").read_text()
+    assert tok.decode(np.concatenate([val, train])) == texts_read
 
 
 def test_cut_points():
     assert prep.cut_point(b"one\ntwo\n three\nfour  \nfive") == len(b"one\ntwo\n three\n")
     assert prep.cut_point(b"one\n\ntwo") == len(b"one\n\n")  # no line break between visible characters
-    assert prep.cut_point("na\u00efve caf\u00e9".encode()) == len("na\u00efve caf".encode())  # before the last character
+    assert prep.cut_point("na\u00efve caf\u00e9".encode()) == len("na\u00efve caf".encode())  # before the last one
     assert prep.cut_point(b"abc") == 2
 
 

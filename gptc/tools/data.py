@@ -33,13 +33,16 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
 from gptc.common import make_temp_dir, write_atomic
 from gptc.spec import GptcError
-from gptc.tools.shards import is_shard, open_shard
+from gptc.tools.shards import TokenFile, is_shard, open_shard
+
+if TYPE_CHECKING:
+    from gptc.tools.tokenizer import Tokenizer
 
 
 class DataError(GptcError):
@@ -142,7 +145,7 @@ class Part(NamedTuple):
     """Tokens to draw windows from (an array, or a shard's TokenFile), what to call them,
     and where they start in it (for messages)."""
     name: str
-    tokens: np.ndarray
+    tokens: np.ndarray | TokenFile
     start: int = 0
 
 
@@ -205,7 +208,8 @@ def open_prepared(directory: Path) -> ShardData:
         raise DataError(f"'{where}' is not valid JSON; prepare the data again") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-    if (manifest.get("format") != PREPARED_FORMAT or not isinstance(shards, list) or not shards
+    if (not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT or not isinstance(shards, list)
+            or not shards
             or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and s.get("split") in ("train", "val")
                        and isinstance(s.get("tokens"), int) for s in shards)
             or not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("sha256"), str))):
@@ -223,7 +227,7 @@ def open_prepared(directory: Path) -> ShardData:
                         f"{e.strerror}") from None
     if digest != tokenizer["sha256"]:
         raise DataError(f"'{directory / TOKENIZER_FILE}' is not the tokenizer the data was prepared with (its sha256 "
-                        f"differs from {where}'s); prepare the data again")
+                        f"is not the one in '{where}'); prepare the data again")
     return data
 
 
@@ -264,7 +268,7 @@ def split_parts(parts: Sequence[Part], fraction: float) -> tuple[list[Part], lis
     return head, tail
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer in a tokenizer.json file (or a directory holding one: a run or a
     prepared data directory), with one-line errors."""
     from gptc.tools.tokenizer import Tokenizer
@@ -311,9 +315,10 @@ class Windows:
         if bad.any():
             r, c = (int(i) for i in np.argwhere(bad)[0])
             part = self.parts[int(which[r])]
-            raise DataError(f"{part.name} holds the token id {int(rows[r, c]):,} (token {part.start + int(starts[r]) + c:,}),"
-                            f" outside the tokenizer's vocabulary of {self.vocab_size:,} tokens; give the tokenizer "
-                            "the data was made with (--tokenizer FILE)")
+            position = part.start + int(starts[r]) + c
+            raise DataError(f"{part.name} holds the token id {int(rows[r, c]):,} (token {position:,}), outside the "
+                            f"tokenizer's vocabulary of {self.vocab_size:,} tokens; give the tokenizer the data was "
+                            "made with (--tokenizer FILE)")
         return rows.astype(np.int32)
 
 

@@ -169,8 +169,8 @@ def _train_tokenizer(texts: list[Path], sizes: list[int], vocab_size: int, conso
     process of its own, so that the memory training takes is given back when it ends."""
     from gptc.tools.tokenizer import Tokenizer
     whole = sum(sizes) <= TOKENIZER_SAMPLE_BYTES
-    console.line(f"tokenizer: training a BPE of up to {vocab_size:,} tokens on "
-                 + ("all the data" if whole else f"{TOKENIZER_SAMPLE_BYTES / 1e6:,.1f} MB sampled evenly from the data"))
+    what = "all the data" if whole else f"{TOKENIZER_SAMPLE_BYTES / 1e6:,.1f} MB sampled evenly from the data"
+    console.line(f"tokenizer: training a BPE of up to {vocab_size:,} tokens on {what}")
     started = time.perf_counter()
     with ProcessPoolExecutor(1) as pool:
         tok_json, n_bytes = pool.submit(_trained, texts, sizes, vocab_size, TOKENIZER_SAMPLE_BYTES,

@@ -94,7 +94,8 @@ def open_shard(path: str | os.PathLike) -> "TokenFile":
     except OSError as e:
         raise ShardError(f"cannot read token shard '{path}': {e.strerror}") from None
     if len(raw) < HEADER_BYTES:
-        raise ShardError(f"'{path}' is not a token shard: {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise ShardError(f"'{path}' is not a token shard: {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte "
+                         "header")
     magic, version, count = (int(x) for x in np.frombuffer(raw, "<i4")[:3])
     if magic not in _BY_MAGIC:
         raise ShardError(f"'{path}' is not a token shard: its magic is {magic}, llm.c's are 20240520 (uint16 tokens) "
