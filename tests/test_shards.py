@@ -30,6 +30,7 @@ from gptc.tools.shards import HEADER_BYTES, ShardWriter, open_shard, token_dtype
 from gptc.tools.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+BYTES = Tokenizer.train("bytes", 256)  # the byte vocabulary of the tiny preset (no merges)
 
 
 @pytest.fixture(autouse=True)
@@ -95,11 +96,11 @@ def test_files_written_by_llmc_train_in_gptc(tmp_path, model_desc, capsys):
     """A fineweb-style directory written by (a reference of) llm.c's writer, uint16 or
     uint32, trains with a tokenizer given on the command line."""
     text = (ROOT / "README.md").read_text()
-    ids = Tokenizer().encode(text)  # the byte vocabulary of the tiny preset
+    ids = BYTES.encode(text)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "web_val_000000.bin").write_bytes(llmc_datafile(ids[:2000], model_desc))
     (tmp_path / "data" / "web_train_000001.bin").write_bytes(llmc_datafile(ids[2000:], model_desc))
-    (tmp_path / "tok.json").write_text(Tokenizer().to_json())
+    (tmp_path / "tok.json").write_text(BYTES.to_json())
     assert main(["train", "--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "data"), "--tokenizer",
                  str(tmp_path / "tok.json"), "--steps", "3", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
@@ -131,7 +132,7 @@ def test_prepare_a_file(tmp_path, texts, tokenizer, monkeypatch):
                                     "tokens": len(whole)}]
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 300
     assert json.loads((tmp_path / "d" / "prepare.json").read_text()) == manifest
-    assert Tokenizer.from_json((tmp_path / "d" / "tokenizer.json").read_text()) == tokenizer
+    assert (tmp_path / "d" / "tokenizer.json").read_text() == tokenizer.to_json()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "tok.json"]  # no temporary directory left
     lines = out.getvalue().splitlines()
     assert lines[0] == f"data: 1 text file, {(texts / 'a.txt').stat().st_size / 1e6:.1f} MB"
@@ -195,7 +196,7 @@ def tiny(**train):
 def prepared(tmp_path_factory, texts) -> Path:
     """The README and dsl.py prepared with the byte tokenizer, in shards of 8,000 tokens."""
     root = tmp_path_factory.mktemp("prepared")
-    (root / "tok.json").write_text(Tokenizer().to_json())
+    (root / "tok.json").write_text(BYTES.to_json())
     prep.prepare([str(texts)], root / "data", tokenizer=root / "tok.json", shard_tokens=8000, jobs=1,
                  stdout=io.StringIO())
     return root / "data"
@@ -291,7 +292,7 @@ def test_bad_text_deep_in_a_file_leaves_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(prep, "CHUNK_BYTES", 1000)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.txt").write_bytes(b"fine text\n" * 500 + "caf\u00e9".encode("latin-1"))
-    (tmp_path / "tok.json").write_text(Tokenizer().to_json())
+    (tmp_path / "tok.json").write_text(BYTES.to_json())
     err = one_line_error(capsys, ["prepare", tmp_path / "in", "-o", tmp_path / "new" / "out", "--tokenizer",
                                   tmp_path / "tok.json"])
     assert f"'{tmp_path / 'in' / 'bad.txt'}' is not valid UTF-8 (byte 5003)" in err
@@ -305,11 +306,11 @@ def test_bad_text_deep_in_a_file_leaves_nothing(tmp_path, capsys, monkeypatch):
 def test_token_ids_outside_the_vocabulary_stop_training_in_one_line(tmp_path, capsys):
     """A training shard made with a larger vocabulary: refused at the first window that holds
     such an id, and a new run that never finished a step leaves no run directory."""
-    ids = Tokenizer().encode((ROOT / "README.md").read_text())
+    ids = BYTES.encode((ROOT / "README.md").read_text())
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x_val_000000.bin").write_bytes(llmc_datafile(ids[:2000]))
     (tmp_path / "d" / "x_train_000001.bin").write_bytes(llmc_datafile(np.full(5000, 4000)))
-    (tmp_path / "d" / "tokenizer.json").write_text(Tokenizer().to_json())
+    (tmp_path / "d" / "tokenizer.json").write_text(BYTES.to_json())
     err = one_line_error(capsys, ["train", "--preset", "tiny", "--device", "cpu", "--data", tmp_path / "d",
                                   "--steps", "2", "--out", tmp_path / "run"])
     assert f"token shard '{tmp_path / 'd' / 'x_train_000001.bin'}' holds the token id 4,000" in err
@@ -323,7 +324,7 @@ def test_a_signal_stops_prepare_cleanly(tmp_path, signum, code, said):
     workers encode: one line, status 128 + the signal, no output directory, no temporary
     files, no process left."""
     (tmp_path / "big.txt").write_text(default_corpus_text() * 30)  # 90 MB: encoding takes seconds
-    (tmp_path / "tok.json").write_text(Tokenizer().to_json())
+    (tmp_path / "tok.json").write_text(BYTES.to_json())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "gptc", "prepare", str(tmp_path / "big.txt"), "-o",
                              str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok.json")],
