@@ -122,3 +122,21 @@ def png_size(path: Path) -> tuple[int, int]:
     length, kind, width, height = struct.unpack(">I4sII", data[8:24])
     assert kind == b"IHDR" and length == 13, f"{path} does not start with an IHDR chunk"
     return width, height
+
+
+# llm.c's token files, as its dev/data/data_common.py (write_datafile, HEADERS_INFO)
+# describes them: 256 int32 of header (magic, version, token count, zeros), then the
+# tokens, uint16 in the "gpt-2" format and uint32 in the "llama-3" one. Written here
+# from that description, independently of gptc/tools/shards.py, to check gptc reads
+# llm.c's files; `count`, `magic` and `version` override the header (damaged files).
+LLMC_FORMATS = {"gpt-2": (20240520, 1, np.uint16), "llama-3": (20240801, 7, np.uint32)}
+
+
+def llmc_datafile(tokens, model_desc: str = "gpt-2", count: int | None = None, magic: int | None = None,
+                  version: int | None = None) -> bytes:
+    default_magic, default_version, dtype = LLMC_FORMATS[model_desc]
+    header = np.zeros(256, dtype=np.int32)
+    header[0] = default_magic if magic is None else magic
+    header[1] = default_version if version is None else version
+    header[2] = len(tokens) if count is None else count
+    return header.tobytes() + np.array(tokens, dtype=dtype).tobytes()

@@ -15,6 +15,7 @@ are written and `prepare(tmp, run)` may build damaged copies of the run."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from conftest import llmc_datafile
 from gptc.tools.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +140,34 @@ def hf_files(files: dict[str, bytes | None]) -> Callable[[Path, Path], None]:
     return prepare
 
 
+TOKENS = list(range(256)) * 8  # 2,048 tokens of the finished run's byte vocabulary
+
+
+def prepared(vocab_size: int | None = None, damage: Callable[[Path], None] | None = None
+             ) -> Callable[[Path, Path], None]:
+    """A `prepare` that runs gptc prepare on the README into {tmp}/p (with the finished run's
+    tokenizer, or a BPE of vocab_size trained on it), then damages it."""
+    def make(tmp: Path, run: Path) -> None:
+        from gptc.tools.prepare import prepare
+        (tmp / "text.txt").write_text((ROOT / "README.md").read_text())
+        prepare([str(tmp / "text.txt")], tmp / "p", vocab_size=vocab_size,
+                tokenizer=None if vocab_size else run / "tokenizer.json", jobs=1, stdout=io.StringIO())
+        if damage is not None:
+            damage(tmp / "p")
+    return make
+
+
+def other_tokenizer(tmp: Path, run: Path) -> None:
+    from gptc.tools.tokenizer import Tokenizer
+    (tmp / "t.json").write_text(Tokenizer.train("ab ab ab ab", 257, at_most=True).to_json())
+
+
+def edit_manifest(p: Path) -> None:
+    manifest = json.loads((p / "prepare.json").read_text())
+    manifest["shards"][1]["tokens"] += 1
+    (p / "prepare.json").write_text(json.dumps(manifest))
+
+
 NEEDS_NON_ROOT = (pytest.mark.skipif(ROOT_USER, reason="root reads files whatever their permissions"),)
 TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--data", "{data}"]
 GENERATE = ["generate", "--checkpoint", "{run}", "--prompt", "x", "--device", "cpu"]
@@ -177,7 +207,61 @@ ROWS = [
     Row("train --out", [*TRAIN, "--out", ""], "argument --out: must not be empty"),
     Row("train --resume", ["train", "--resume", ""], "argument --resume: must not be empty"),
     Row("train --data", [*TRAIN[:-1], "{tmp}/none.txt"], "data file '{tmp}/none.txt' does not exist"),
-    Row("train --data", [*TRAIN[:-1], "{tmp}"], "is not a file"),
+    Row("train --data", [*TRAIN[:-1], "{tmp}"], "no text files or token shards in '{tmp}'"),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/*.nothing"], "no files match '{tmp}/*.nothing'"),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/d"], "the text files of '{tmp}/d' are empty",
+        files={"d/a.txt": b"", "d/b/c.txt": b"\n \n"}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/m"], "'{tmp}/m' holds both token shards and text files",
+        files={"m/a.txt": b"text", "m/b.bin": llmc_datafile(TOKENS)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/magic.bin"], "'{tmp}/magic.bin' is not a token shard: its magic is 7,",
+        files={"magic.bin": llmc_datafile(TOKENS, magic=7)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/v.bin"], "has version 2; magic 20240520 goes with version 1",
+        files={"v.bin": llmc_datafile(TOKENS, version=2)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/cut.bin"], "token shard '{tmp}/cut.bin' is truncated: its header says "
+        "2,048 tokens (5,120 bytes), the file has 5,110 bytes", files={"cut.bin": llmc_datafile(TOKENS)[:-10]}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/long.bin"], "has 2 unexpected bytes after its 2,048 tokens",
+        files={"long.bin": llmc_datafile(TOKENS) + b"xx"}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/short.bin"], "'{tmp}/short.bin' is not a token shard: 10 bytes, shorter "
+        "than the 1024-byte header", files={"short.bin": bytes(10)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/none.bin"], "token shard '{tmp}/none.bin' holds no tokens",
+        files={"none.bin": llmc_datafile([])}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/s/a.bin"], "the token shards of '{tmp}/s/a.bin' come without a "
+        "tokenizer", files={"s/a.bin": llmc_datafile(TOKENS)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/x_val_000000.bin", "--tokenizer", "{run}"],
+        "are all validation shards", files={"x_val_000000.bin": llmc_datafile(TOKENS)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/big.bin", "--tokenizer", "{run}"], "token shard '{tmp}/big.bin' holds "
+        "the token id 300 (token 1,843), outside the tokenizer's vocabulary of 256 tokens",
+        files={"big.bin": llmc_datafile([300] * 2048)}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/few.bin", "--tokenizer", "{run}"], "the training split has 27 tokens, "
+        "fewer than one window of 33", files={"few.bin": llmc_datafile(range(30))}),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "'{tmp}/p/prepare.json' is not valid JSON",
+        prepare=prepared(damage=lambda p: (p / "prepare.json").write_text('{"format": '))),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "'{tmp}/p/prepare.json' is not a gptc prepare manifest",
+        prepare=prepared(damage=lambda p: (p / "prepare.json").write_text('{"format": "gptc-prepared-data"}'))),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "'{tmp}/p/prepare.json' is not a gptc prepare manifest",
+        prepare=prepared(damage=lambda p: (p / "prepare.json").write_text("[1]"))),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "but '{tmp}/p/prepare.json' says", prepare=prepared(
+        damage=edit_manifest)),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "token shard '{tmp}/p/p_train_000001.bin' does not exist",
+        prepare=prepared(damage=lambda p: (p / "p_train_000001.bin").unlink())),
+    Row("train --data", [*TRAIN[:-1], "{tmp}/p"], "is not the tokenizer the data was prepared with",
+        prepare=prepared(damage=lambda p: (p / "tokenizer.json").write_text("{}"))),
+    Row("train --vocab-size", ["train", "--preset", "tiny", "--device", "cpu", "--data", "{tmp}/p", "--vocab-size",
+                               "280"], "the tokenizer '{tmp}/p/tokenizer.json' has 300 tokens, more than the model's "
+        "280 embedding rows; give --vocab-size 300 (or more)", prepare=prepared(vocab_size=300)),
+    Row("train --tokenizer", [*TRAIN, "--tokenizer", ""], "argument --tokenizer: must not be empty"),
+    Row("train --tokenizer", [*TRAIN, "--tokenizer", "{tmp}/none.json"], "tokenizer file '{tmp}/none.json' does not "
+        "exist"),
+    Row("train --tokenizer", [*TRAIN, "--tokenizer", "{tmp}"], "tokenizer file '{tmp}/tokenizer.json' does not exist"),
+    Row("train --tokenizer", [*TRAIN, "--tokenizer", "{tmp}/e.json"], "'{tmp}/e.json' is not a usable tokenizer file",
+        files={"e.json": b""}),
+    Row("train --tokenizer", [*TRAIN, "--tokenizer", "{tmp}/g.json"], "'{tmp}/g.json' is not a usable tokenizer file",
+        files={"g.json": b'{"merges": 5}'}),
+    Row("train --tokenizer", [*TRAIN, "--tokenizer", "{tmp}/b.json"], "'{tmp}/b.json' is not a tokenizer file (not "
+        "UTF-8 text)", files={"b.json": b"\xff\xfe" * 9}),
+    Row("train --tokenizer", ["train", "--resume", "{run}", "--steps", "3", "--device", "cpu", "--tokenizer",
+                              "{tmp}/t.json"], "the tokenizer '{tmp}/t.json' is not the one the run was trained with",
+        prepare=other_tokenizer),
     Row("train --data", [*TRAIN[:-1], "{tmp}/empty.txt"], "is empty", files={"empty.txt": b""}),
     Row("train --data", [*TRAIN[:-1], "{tmp}/spaces.txt"], "is empty", files={"spaces.txt": b" \n\t\n" * 100}),
     Row("train --data", [*TRAIN[:-1], "{tmp}/binary.txt"], "looks binary", files={"binary.txt": b"\x00\x01\x02" * 99}),
@@ -312,6 +396,60 @@ ROWS = [
     Row("train --init-from", [*INIT, "{tmp}/hf", "--vocab-size", "300"], "give it without --vocab-size"),
     Row("train --init-from", ["train", "{tmp}/b", *INIT[1:], "{tmp}/hf"], "give it without a bundle",
         files={"b/manifest.json": b"{}"}),
+
+    # ---- prepare -----------------------------------------------------------------------------
+    Row("prepare data", ["prepare", "-o", "{tmp}/out"], "the following arguments are required: DATA"),
+    Row("prepare data", ["prepare", "", "-o", "{tmp}/out"], "argument DATA: must not be empty"),
+    Row("prepare data", ["prepare", "{tmp}/none.txt", "-o", "{tmp}/out"], "data file '{tmp}/none.txt' does not exist"),
+    Row("prepare data", ["prepare", "{tmp}/*.nothing", "-o", "{tmp}/out"], "no files match '{tmp}/*.nothing'"),
+    Row("prepare data", ["prepare", "{tmp}/empty", "-o", "{tmp}/out"], "no text files in '{tmp}/empty'",
+        prepare=lambda tmp, run: (tmp / "empty").mkdir()),
+    Row("prepare data", ["prepare", "{tmp}/empty.txt", "-o", "{tmp}/out"], "the data is empty: '{tmp}/empty.txt' "
+        "has no bytes", files={"empty.txt": b""}),
+    Row("prepare data", ["prepare", "{tmp}/binary.txt", "-o", "{tmp}/out"], "looks binary",
+        files={"binary.txt": b"\x00\x01\x02" * 99}),
+    Row("prepare data", ["prepare", "{tmp}/latin1.txt", "-o", "{tmp}/out"], "'{tmp}/latin1.txt' is not valid UTF-8 "
+        "(byte 3)", files={"latin1.txt": "caf\u00e9 ".encode("latin-1") * 100}),
+    Row("prepare data", ["prepare", "{tmp}/s.bin", "-o", "{tmp}/out"], "'{tmp}/s.bin' is a token shard already",
+        files={"s.bin": llmc_datafile(TOKENS)}),
+    Row("prepare --output", ["prepare", "{data}"], "the following arguments are required: -o/--output"),
+    Row("prepare --output", ["prepare", "{data}", "-o", ""], "argument -o/--output: must not be empty"),
+    Row("prepare --output", ["prepare", "{data}", "-o", "{tmp}/file"], "'{tmp}/file' is a file, not a directory",
+        files={"file": b"x"}),
+    Row("prepare --output", ["prepare", "{data}", "-o", "{tmp}/file/out"], "'{tmp}/file' is a file, not a directory",
+        files={"file": b"x"}),
+    Row("prepare --output", ["prepare", "{data}", "-o", "{tmp}/full"], "'{tmp}/full' is not empty",
+        files={"full/x": b"x"}),
+    Row("prepare --vocab-size", ["prepare", "{data}", "-o", "{tmp}/out", "--vocab-size", "0"],
+        "--vocab-size must be between 256 (the byte tokens of a byte-level BPE) and 4,294,967,296"),
+    Row("prepare --vocab-size", ["prepare", "{data}", "-o", "{tmp}/out", "--vocab-size", "-1"], "got -1"),
+    Row("prepare --vocab-size", ["prepare", "{data}", "-o", "{tmp}/out", "--vocab-size", "255"], "got 255"),
+    Row("prepare --vocab-size", ["prepare", "{data}", "-o", "{tmp}/out", "--vocab-size", str(2**32 + 1)],
+        "got 4294967297"),
+    Row("prepare --vocab-size", ["prepare", "{data}", "-o", "{tmp}/out", "--vocab-size", "nan"],
+        "argument --vocab-size: invalid int value: 'nan'"),
+    Row("prepare --vocab-size", ["prepare", "{data}", "-o", "{tmp}/out", "--vocab-size", "300", "--tokenizer", "{run}"],
+        "give either --vocab-size or --tokenizer, not both"),
+    Row("prepare --tokenizer", ["prepare", "{data}", "-o", "{tmp}/out", "--tokenizer", ""],
+        "argument --tokenizer: must not be empty"),
+    Row("prepare --tokenizer", ["prepare", "{data}", "-o", "{tmp}/out", "--tokenizer", "{tmp}/none.json"],
+        "tokenizer file '{tmp}/none.json' does not exist"),
+    Row("prepare --tokenizer", ["prepare", "{data}", "-o", "{tmp}/out", "--tokenizer", "{tmp}/e.json"],
+        "'{tmp}/e.json' is not a usable tokenizer file", files={"e.json": b""}),
+    Row("prepare --tokenizer", ["prepare", "{data}", "-o", "{tmp}/out", "--tokenizer", "{tmp}/g.json"],
+        "'{tmp}/g.json' is not a usable tokenizer file", files={"g.json": b"[1, 2]"}),
+    Row("prepare --shard-tokens", ["prepare", "{data}", "-o", "{tmp}/out", "--shard-tokens", "0"],
+        "--shard-tokens must be between 1 and 2,147,483,647 (a shard's count is an int32), got 0"),
+    Row("prepare --shard-tokens", ["prepare", "{data}", "-o", "{tmp}/out", "--shard-tokens", "-5"], "got -5"),
+    Row("prepare --shard-tokens", ["prepare", "{data}", "-o", "{tmp}/out", "--shard-tokens", str(2**31)],
+        "got 2147483648"),
+    Row("prepare --shard-tokens", ["prepare", "{data}", "-o", "{tmp}/out", "--shard-tokens", "nan"],
+        "argument --shard-tokens: invalid int value: 'nan'"),
+    Row("prepare --jobs", ["prepare", "{data}", "-o", "{tmp}/out", "--jobs", "0"], "--jobs must be between 1 and"),
+    Row("prepare --jobs", ["prepare", "{data}", "-o", "{tmp}/out", "--jobs", "-2"], "got -2"),
+    Row("prepare --jobs", ["prepare", "{data}", "-o", "{tmp}/out", "--jobs", str(10**6)], "got 1000000"),
+    Row("prepare --jobs", ["prepare", "{data}", "-o", "{tmp}/out", "--jobs", "two"],
+        "argument --jobs: invalid int value: 'two'"),
 
     # ---- demo --------------------------------------------------------------------------------
     Row("demo --preset", ["demo", "--preset", "gpt5", "--device", "cpu"], "unknown preset 'gpt5'"),
@@ -556,11 +694,11 @@ def test_a_signal_stops_generate_cleanly(finished_run, signum, code, said):
 
 def test_out_of_memory_anywhere_is_one_line(tmp_path, monkeypatch, capsys, data_file):
     """Out of memory outside the steps (which say what was too big), e.g. reading a corpus."""
-    from gptc.tools import train
+    from gptc.tools import data
 
     def no_memory(path):
         raise MemoryError
-    monkeypatch.setattr(train, "read_corpus", no_memory)
+    monkeypatch.setattr(data, "read_text", no_memory)
     monkeypatch.chdir(tmp_path)
     assert main(TRAIN[:-1] + [str(data_file)]) == 2
     err = capsys.readouterr().err
@@ -595,6 +733,11 @@ def test_a_reader_that_goes_away_stops_output_quietly(finished_run):
     (["train", "--resume", "{run}", "--steps", "3", "--device", "cpu"], "{ckpt}/model.safetensors",
      "cannot read '{ckpt}/model.safetensors': Permission denied"),
     (GENERATE, "{ckpt}/tokenizer.json", "cannot read '{ckpt}/tokenizer.json': Permission denied"),
+    (TRAIN + ["--tokenizer", "{tmp}/tok.json"], "{tmp}/tok.json",
+     "cannot read tokenizer file '{tmp}/tok.json': Permission denied"),
+    (["prepare", "{data}", "-o", "{tmp}/out"], "{data}", "cannot read data file '{data}': Permission denied"),
+    (["prepare", "{data}", "-o", "{tmp}/out", "--tokenizer", "{tmp}/tok.json"], "{tmp}/tok.json",
+     "cannot read tokenizer file '{tmp}/tok.json': Permission denied"),
 ])
 def test_unreadable_files_are_one_line_errors(argv, unreadable, error, tmp_path, monkeypatch, capsys, data_file,
                                               finished_run):
@@ -604,6 +747,7 @@ def test_unreadable_files_are_one_line_errors(argv, unreadable, error, tmp_path,
     fill = lambda s: s.format(tmp=tmp_path, data=data_file, run=finished_run,  # noqa: E731
                               ckpt=finished_run / "checkpoints" / "step-000002")
     (tmp_path / "spec.toml").write_text("preset = 'tiny'\n")
+    shutil.copy(finished_run / "tokenizer.json", tmp_path / "tok.json")
     denied, real_open = os.path.abspath(fill(unreadable)), builtins.open
 
     def open_unless_denied(file, *args, **kwargs):

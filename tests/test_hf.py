@@ -22,7 +22,7 @@ from gptc.runtime.reference import ReferenceExecutor
 from gptc.spec import ModelSpec, Spec, TrainSpec
 from gptc.tools import checkpoint as ckpt
 from gptc.tools.cli import main
-from gptc.tools.data import Batches, split
+from gptc.tools.data import Batches, Part, Windows, split_parts
 from gptc.tools.hf import load_pretrained
 from gptc.tools.tokenizer import Tokenizer
 from gptc.tools.train import read_metrics
@@ -215,10 +215,15 @@ def write_text(path: Path) -> Path:
     return path
 
 
+def first_batch(tokenizer: Tokenizer, batch: int, seq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The trainer's first batch on TEXT: the same split and seeded windows."""
+    train_part, _ = split_parts([Part("the corpus", tokenizer.encode(TEXT))], 0.1)
+    return Batches(Windows(train_part, seq, tokenizer.vocab_size, "training split"), batch, seed).next()
+
+
 def first_batch_loss(model: torch.nn.Module, tokenizer: Tokenizer, batch: int, seq: int, seed: int) -> float:
     """transformers' loss on the trainer's first batch (the same split and seeded windows)."""
-    train_ids, _ = split(tokenizer.encode(TEXT), 0.1)
-    x, y = Batches(train_ids, batch, seq, seed).next()
+    x, y = first_batch(tokenizer, batch, seq, seed)
     with torch.no_grad():
         logits = model(torch.tensor(x, dtype=torch.long)).logits
     return float(F.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(y, dtype=torch.long).reshape(-1)))
@@ -235,7 +240,7 @@ def test_train_init_from_starts_at_the_models_loss_and_trains(tmp_path, tokenize
     assert "note: config.json's dropout (resid_pdrop 0.1, embd_pdrop 0.1, attn_pdrop 0.1) is not used" in out
     assert "init: hf: GPT2LMHeadModel, d_model 32, 2 layers, 2 heads, d_ff 128, context 16, vocabulary 300, " \
            "tied embeddings" in out
-    assert "(BPE vocabulary 300, the pretrained model's tokenizer, tokenized in " in out
+    assert "(BPE vocabulary 300 of the pretrained model's tokenizer, tokenized in " in out
 
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     hf_loss = first_batch_loss(model, tokenizer, 4, 16, 5)
@@ -244,8 +249,7 @@ def test_train_init_from_starts_at_the_models_loss_and_trains(tmp_path, tokenize
     assert trained.step == 3 and trained.spec.train.lr == 1e-2 and trained.spec.model.d_ff == 128
     assert trained.tokenizer_json == tokenizer.to_json()
     eval_spec = replace(trained.spec, train=replace(trained.spec.train, batch_size=4))
-    train_ids, _ = split(tokenizer.encode(TEXT), 0.1)
-    x, y = Batches(train_ids, 4, 16, 5).next()
+    x, y = first_batch(tokenizer, 4, 16, 5)
     after = ReferenceExecutor(build_graph(eval_spec, "eval"), trained.params).run({"tokens": x, "targets": y})["loss"]
     assert float(after) < hf_loss - 0.1  # three AdamW steps at lr 1e-2 lower the loss
 

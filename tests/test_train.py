@@ -255,7 +255,7 @@ def test_cli_resume_and_mismatch(finished_run, data_file, capsys):
     other = finished_run.parent / "other.txt"
     other.write_text("a different text " * 100)
     code, _, err = cli(capsys, "--resume", finished_run, "--steps", 30, "--data", other, "--device", "cpu")
-    assert_one_line_error(code, err, "differs from the text the run was trained on")
+    assert_one_line_error(code, err, "differs from the data the run was trained on")
 
 
 @pytest.mark.parametrize("damage,expected", [
@@ -335,11 +335,15 @@ def deadline():
 
 
 def test_min_corpus_tokens_is_the_fewest_that_split_allows(deadline):
-    from gptc.tools.data import min_corpus_tokens, split
+    from gptc.tools.data import Part, min_corpus_tokens, split_parts
+    def shortest_split(n, fraction):
+        train, val = split_parts([Part("x", np.zeros(n))], fraction)
+        return min(sum(len(p.tokens) for p in parts) for parts in (train, val))
+
     for fraction in (0.1, 0.25, 0.5, 0.9):
         for seq_len in range(1, 200):
             n = min_corpus_tokens(seq_len, fraction)
-            ok = [min(len(part) for part in split(np.zeros(k), fraction)) >= seq_len + 1 for k in (n - 1, n)]
+            ok = [shortest_split(k, fraction) >= seq_len + 1 for k in (n - 1, n)]
             assert ok == [False, True], (fraction, seq_len, n)
     deadline(5)
     assert min_corpus_tokens(10**8) == 1_000_000_001  # 900,000,000 + 100,000,001

@@ -75,13 +75,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
     name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
                            else os.path.basename(os.path.normpath(origin)) if origin else "hipgpt")
     train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
-          lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle,
+          lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle, tokenizer=args.tokenizer,
           init_from=args.init_from)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from gptc.tools.hf import export_hf  # --format has one choice today, hf (argparse refuses others)
     export_hf(args.path, args.output)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from gptc.tools.prepare import prepare
+    prepare(args.data, args.output, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+            shard_tokens=args.shard_tokens, jobs=args.jobs)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -172,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
     p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
     p.add_argument("--data", type=_nonempty,
-                   help="a UTF-8 text file to train on (default: the bundled Shakespeare corpus)")
+                   help="what to train on: a UTF-8 text file, a directory or glob of them, a directory written by "
+                        "gptc prepare, or token shards (.bin files: llm.c's format; a directory or glob of them) "
+                        "(default: the bundled Shakespeare corpus)")
+    p.add_argument("--tokenizer", type=_nonempty, metavar="FILE",
+                   help="the tokenizer.json to use (default: the prepared data's, or the one beside the shards, or "
+                        "one trained on the text)")
     p.add_argument("--steps", type=int, help="number of optimizer steps (on the CPU the default is capped to a few "
                                              "minutes of work)")
     p.add_argument("--lr", type=_finite_float, help="peak learning rate")
@@ -192,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.safetensors, tokenizer.json): its model, weights and tokenizer; a spec file or "
                         "--preset gives only the train section")
     p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("prepare", help="tokenize text files, directories or globs into token shards (llm.c's .bin "
+                                       "format) for gptc train --data DIR")
+    p.add_argument("data", type=_nonempty, nargs="+", metavar="DATA",
+                   help="UTF-8 text files, directories (every text file below them) or globs ('web/**/*.txt')")
+    p.add_argument("-o", "--output", type=_nonempty, required=True, metavar="DIR",
+                   help="the directory to write (new or empty): tokenizer.json, NAME_val_000000.bin, "
+                        "NAME_train_000001.bin, ..., prepare.json")
+    p.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this many tokens on a sample of the data "
+                                                  "(default: the hipgpt preset's vocabulary)")
+    p.add_argument("--tokenizer", type=_nonempty, metavar="FILE",
+                   help="use this tokenizer.json instead of training one")
+    p.add_argument("--shard-tokens", type=int, metavar="N",
+                   help="tokens per shard (default 100,000,000, as llm.c's fineweb.py)")
+    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: one per CPU core)")
+    p.set_defaults(run=_cmd_prepare)
 
     p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")
     p.add_argument("--preset", type=_nonempty, default="hipgpt", help="the model (default hipgpt)")

@@ -10,13 +10,17 @@ One run, in order:
    --init-from HFDIR (a transformers model directory, gptc/tools/hf.py), the model
    section and the initial weights come from HFDIR and the train section from the
    given spec (or the defaults).
-3. data: the corpus (--data FILE or the bundled one) is tokenized by a BPE trained on
+3. data (gptc/tools/data.py: open_data): a text (--data FILE, a directory or glob of
+   text files, or the bundled corpus) is tokenized by --tokenizer, by the pretrained
+   model's tokenizer (--init-from; resumed, the checkpoint's copy), or by a BPE trained on
    it up to model.vocab_size (fewer when the corpus yields fewer tokens: the model
-   keeps its model.vocab_size embedding rows, the rest are never used; cached on disk,
-   see gptc/tools/data.py), or, in a run started with --init-from, by the pretrained
-   model's tokenizer (resumed: the checkpoint's copy of it); then split 90/10 into
-   training and validation tokens; training windows are drawn by a generator seeded
-   with train.seed, validation uses the same evenly spread windows at every eval.
+   keeps its model.vocab_size embedding rows, the rest are never used; cached on disk)
+   and split 90/10 into training and validation tokens. Token shards (a `gptc prepare`
+   directory, or llm.c .bin files) are read a window at a time, with the tokenizer
+   beside them (or --tokenizer; resuming, the run's); model.vocab_size grows to the
+   tokenizer's vocabulary unless --vocab-size was given. Validation: the *_val_* shards, else the
+   last 10% of the tokens. Training windows are drawn by a generator seeded with
+   train.seed, validation uses the same evenly spread windows at every eval.
 4. run directory (gptc/tools/checkpoint.py documents its layout): spec.toml,
    tokenizer.json, metrics.jsonl, checkpoints/step-NNNNNN/ every
    train.checkpoint_interval steps and at the end (the last train.keep_checkpoints
@@ -37,7 +41,6 @@ lets the current step finish, saves a checkpoint at that step and exits with sta
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -55,8 +58,10 @@ import numpy as np
 
 from gptc.common import first_file_in
 from gptc.tools import checkpoint as ckpt
-from gptc.tools.data import (Batches, DataError, check_corpus_size, read_corpus, split, tokenize_corpus,
-                             validation_windows)
+from gptc.tools.console import Console, duration
+from gptc.tools.data import (VALIDATION_FRACTION, Batches, DataError, Part, ShardData, TextData, Windows,
+                             check_corpus_size, load_tokenizer, open_data, split_parts, tokenize_corpus,
+                             validation_batches)
 from gptc.tools.figure import PlotUnavailable, new_figure, save_png
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
@@ -67,7 +72,6 @@ if TYPE_CHECKING:
 # Work a CPU run does when the user gave no --steps: about 3 minutes at 25 GFLOP/s, which
 # the NumPy executor reaches on a laptop (hipgpt: ~400 steps).
 CPU_STEP_BUDGET_FLOP = 4e12
-VALIDATION_FRACTION = 0.1
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -89,51 +93,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # the losses of the steps this call ran
     val_loss: float | None = None
     checkpoint: Path | None = None
-
-
-# ----- console ----------------------------------------------------------------------------
-class Console:
-    """Progress output: on a terminal, one live line rewritten in place (carriage return);
-    otherwise (a pipe, a CI log) plain lines, one every `every` steps."""
-
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
-        self.stream = stream or sys.stdout
-        self.tty = bool(tty if tty is not None else getattr(self.stream, "isatty", lambda: False)())
-        self.live = False
-        self.closed = False
-
-    def _write(self, text: str) -> None:
-        # A reader that went away (`gptc train | head`) must not end a training run:
-        # output stops, training and checkpoints go on.
-        if self.closed:
-            return
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except BrokenPipeError:
-            self.closed = True
-            if self.stream is sys.stdout:  # so that the interpreter's final flush is quiet too
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-
-    def line(self, text: str) -> None:
-        self._write(("\r\x1b[K" if self.live else "") + text + "\n")
-        self.live = False
-
-    def status(self, text: str) -> None:
-        self._write("\r" + text + "\x1b[K")
-        self.live = True
-
-    def end(self) -> None:
-        if self.live:
-            self._write("\n")
-            self.live = False
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(max(0.0, seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ----- errors from the file system ------------------------------------------------------
@@ -169,6 +128,17 @@ def cpu_step_cap(spec: Spec, n_params: int) -> int:
     return max(1, cap // 10 * 10 if cap >= 10 else cap)
 
 
+def _shards_summary(data: ShardData) -> str:
+    def shards(n: int) -> str:
+        return f"{n} shard{'s' if n != 1 else ''}"
+    n_train, n_val = (sum(len(p.tokens) for p in parts) for parts in (data.train, data.val))
+    if data.val_named:
+        return (f"{shards(len(data.train))} for training ({n_train:,} tokens), {shards(len(data.val))} for validation "
+                f"({n_val:,} tokens)")
+    return (f"{shards(len(data.opened))} of {n_train + n_val:,} tokens (none named *_val_*): {n_train:,} for training, "
+            f"the last {n_val:,} for validation")
+
+
 def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
     for section in ("model", "train"):
         a, b = getattr(given, section), getattr(stored, section)
@@ -185,14 +155,15 @@ def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
 def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
           batch: int | None = None, vocab_size: int | None = None, name: str = "run",
-          bundle: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
-          stdout: TextIO | None = None, tty: bool | None = None,
+          bundle: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+          init_from: str | os.PathLike | None = None, stdout: TextIO | None = None, tty: bool | None = None,
           on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
     spec is used) or `init_from` (a transformers model directory to start from: its model,
     weights and tokenizer; `spec` then gives only the train section, default TrainSpec).
     `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides (None: not
-    given). `on_step(step, record)` is called after every completed step (tests raise
+    given); `data` is what --data names (see step 3 above), `tokenizer` a tokenizer.json to
+    use. `on_step(step, record)` is called after every completed step (tests raise
     KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C or
     SIGTERM, after saving a checkpoint."""
     console = Console(stdout, tty)
@@ -285,25 +256,63 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                             "or choose another --out")
     m, t = spec.model, spec.train
 
-    # 3. data (read and checked here; tokenized below) -------------------------------------
+    # 3. data (opened and checked here; a text is tokenized below) --------------------------
     data_info = checkpoint.state.get("data", {}) if checkpoint is not None else {}
     if data is None and data_info.get("path"):
         data = data_info["path"]
-    if data is None:
-        from gptc.tools.corpus import default_corpus_text
-        text, source = default_corpus_text(), "the bundled corpus (gptc/data/corpus.txt.gz)"
+    try:
+        source = open_data(data)
+    except DataError as e:
+        if data is None or data_info.get("path") != data:
+            raise
+        raise DataError(f"cannot read the run's data: {e}; if it moved, pass it with --data") from None
+    if checkpoint is not None and data_info.get("sha256") not in (None, source.fingerprint):
+        raise GptcError(f"cannot resume '{resume}': the data ({source.source}) differs from the data the run was "
+                        "trained on; pass the run's data with --data"
+                        + (f" ({data_info['path']})" if data_info.get("path") else ""))
+    # The tokenizer: a pretrained model's own (resuming such a run, the checkpoint's copy),
+    # --tokenizer, else the shards' own (or, resuming, the run's); a text without any gets
+    # one trained on it below.
+    init_origin = str(Path(init_from).resolve()) if init_from is not None else (
+        checkpoint.state.get("init_from") if checkpoint is not None else None)
+    if init_origin is not None and not isinstance(init_origin, str):
+        raise ckpt.CheckpointError(f"checkpoint '{checkpoint.path}' is corrupt: state.json has an invalid 'init_from'")
+    given, tokenizer_name = None, ""
+    if init_origin is not None:
+        if tokenizer is not None:
+            raise GptcError("a run started from a pretrained model uses that model's tokenizer; give it without "
+                            "--tokenizer")
+        given = pretrained.tokenizer if pretrained is not None else _checkpoint_tokenizer(checkpoint)
+        tokenizer_name = "the pretrained model's tokenizer"
+    elif tokenizer is not None:
+        given, tokenizer_name = load_tokenizer(tokenizer), f"the tokenizer '{tokenizer}'"
+    elif isinstance(source, ShardData) and source.tokenizer_file is not None:
+        given, tokenizer_name = load_tokenizer(source.tokenizer_file), f"the tokenizer '{source.tokenizer_file}'"
+    elif isinstance(source, ShardData) and checkpoint is not None:
+        from gptc.tools.tokenizer import Tokenizer
+        given, tokenizer_name = Tokenizer.from_json(checkpoint.tokenizer_json), "the run's tokenizer"
+    elif isinstance(source, ShardData):
+        raise DataError(f"the token shards of {source.source} come without a tokenizer (no tokenizer.json beside "
+                        "them); pass the one they were made with: --tokenizer FILE")
+    if given is not None:
+        if checkpoint is not None and checkpoint.tokenizer_json != given.to_json():
+            raise ckpt.CheckpointError(f"cannot resume '{resume}': {tokenizer_name} is not the one the run was "
+                                       "trained with; resume without --tokenizer")
+        if given.vocab_size > m.vocab_size:
+            if vocab_size is not None or checkpoint is not None or bundle is not None or init_origin is not None:
+                raise GptcError(f"{tokenizer_name} has {given.vocab_size:,} tokens, more than the "
+                                f"model's {m.vocab_size:,} embedding rows; give --vocab-size {given.vocab_size} (or "
+                                "more)" + (" and compile the bundle again" if bundle is not None else ""))
+            note(f"model.vocab_size {m.vocab_size:,} -> {given.vocab_size:,}, the vocabulary of {tokenizer_name} "
+                 "(--vocab-size N chooses)")
+            spec = validate(replace(spec, model=replace(m, vocab_size=given.vocab_size)))
+            m = spec.model
+    if isinstance(source, TextData):
+        check_corpus_size(len(source.text.encode("utf-8")), m.seq_len, VALIDATION_FRACTION,
+                          "bytes (so at most as many tokens)")
     else:
-        try:
-            text, source = read_corpus(data), f"'{data}'"
-        except DataError as e:
-            if data_info.get("path") != data:
-                raise
-            raise DataError(f"cannot read the run's data: {e}; if it moved, pass it with --data") from None
-    corpus_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if checkpoint is not None and data_info.get("sha256") not in (None, corpus_sha):
-        raise GptcError(f"cannot resume '{resume}': the data ({source}) differs from the text the run was trained on; "
-                        f"pass the run's data with --data" + (f" ({data_info['path']})" if data_info.get("path") else ""))
-    check_corpus_size(len(text.encode("utf-8")), m.seq_len, VALIDATION_FRACTION, "bytes (so at most as many tokens)")
+        train_windows = Windows(source.train, m.seq_len, given.vocab_size, "training split")
+        val_windows = Windows(source.val, m.seq_len, given.vocab_size, "validation split")
 
     train_graph = build_graph(spec, "train")
     n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
@@ -323,33 +332,33 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     def out_of_memory(e: MemoryError) -> BaseException:
         return cpu_memory_error(train_graph, memory_what, memory_advice, ran_out=True) if dev is None else e
 
-    # A run started from a pretrained model keeps its tokenizer; others train one on the data.
-    init_origin = str(Path(init_from).resolve()) if init_from is not None else (
-        checkpoint.state.get("init_from") if checkpoint is not None else None)
-    if init_origin is not None and not isinstance(init_origin, str):
-        raise ckpt.CheckpointError(f"checkpoint '{checkpoint.path}' is corrupt: state.json has an invalid 'init_from'")
-    started = time.perf_counter()
-    if init_origin is not None:
-        tokenizer = pretrained.tokenizer if pretrained is not None else _checkpoint_tokenizer(checkpoint)
-        ids = tokenizer.encode(text)
-        how = f"the pretrained model's tokenizer, tokenized in {time.perf_counter() - started:.1f}s"
-    else:
-        tokenizer, ids, cached = tokenize_corpus(text, m.vocab_size, cache_dir, warn=note)
+    if isinstance(source, TextData):
+        started = time.perf_counter()
+        tok, ids, cached = tokenize_corpus(source.text, m.vocab_size, cache_dir, warn=note, tokenizer=given)
         how = "cached" if cached else f"tokenized in {time.perf_counter() - started:.1f}s"
-        if checkpoint is not None and checkpoint.tokenizer_json != tokenizer.to_json():
+        check_corpus_size(len(ids), m.seq_len, VALIDATION_FRACTION)
+        if checkpoint is not None and checkpoint.tokenizer_json != tok.to_json():
             raise ckpt.CheckpointError(f"cannot resume '{resume}': the run's tokenizer differs from the one trained "
                                        "on this data now (another gptc version?); start a new run")
-    check_corpus_size(len(ids), m.seq_len, VALIDATION_FRACTION)
-    train_ids, val_ids = split(ids, VALIDATION_FRACTION)
-    batches = Batches(train_ids, t.batch_size, m.seq_len, t.seed, name="training split")
+        train_part, val_part = split_parts([Part("the corpus", ids)], VALIDATION_FRACTION)
+        train_windows = Windows(train_part, m.seq_len, tok.vocab_size, "training split")
+        val_windows = Windows(val_part, m.seq_len, tok.vocab_size, "validation split")
+        n_tokens = len(ids)
+        console.line(f"data: {source.source}, {len(source.text):,} characters -> {n_tokens:,} tokens (BPE "
+                     f"vocabulary {tok.vocab_size}" + (f" of {tokenizer_name}" if given is not None else "")
+                     + f", {how}); {len(train_part[0].tokens):,} for training, {len(val_part[0].tokens):,} for "
+                     "validation")
+    else:
+        tok, n_tokens = given, sum(len(p.tokens) for p in source.opened)
+        console.line(f"data: {source.source}{' (gptc prepare)' if source.prepared else ''}, {_shards_summary(source)}"
+                     f", read a window at a time; BPE vocabulary {tok.vocab_size} of {tokenizer_name}")
+    batches = Batches(train_windows, t.batch_size, t.seed)
     if checkpoint is not None:
         batches.state = checkpoint.rng_state
-    val_batches = validation_windows(val_ids, t.eval_batches, t.batch_size, m.seq_len)
-    console.line(f"data: {source}, {len(text):,} characters -> {len(ids):,} tokens (BPE vocabulary "
-                 f"{tokenizer.vocab_size}, {how}); {len(train_ids):,} for training, {len(val_ids):,} for validation")
-    if tokenizer.vocab_size < m.vocab_size and init_origin is None:
-        note(f"the tokenizer has {tokenizer.vocab_size:,} tokens (all this corpus yields); the model's "
-             f"{m.vocab_size:,} embedding rows stay (the rest are never used)")
+    val_batches = validation_batches(val_windows, t.eval_batches, t.batch_size)
+    if tok.vocab_size < m.vocab_size and init_origin is None:
+        note(f"the tokenizer has {tok.vocab_size:,} tokens" + (" (all this corpus yields)" if given is None else "")
+             + f"; the model's {m.vocab_size:,} embedding rows stay (the rest are never used)")
 
     # 4. run directory --------------------------------------------------------------------
     written: list[Path] = []
@@ -367,7 +376,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     try:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            for fname, content in (("spec.toml", spec_to_toml(spec)), ("tokenizer.json", tokenizer.to_json())):
+            for fname, content in (("spec.toml", spec_to_toml(spec)), ("tokenizer.json", tok.to_json())):
                 ckpt.write_atomic(run_dir / fname, content)
                 written.append(run_dir / fname)
             metrics_path = run_dir / "metrics.jsonl"
@@ -433,8 +442,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     # 6. the loop -------------------------------------------------------------------------
     result = TrainResult(run_dir, start, checkpoint=checkpoint.path if checkpoint and not fork else None)
-    extra = {"data": {"path": str(Path(data).resolve()) if data is not None else None, "sha256": corpus_sha,
-                      "tokens": int(len(ids))}, "device": device_name}
+    extra = {"data": {"path": os.path.abspath(data) if data is not None else None, "sha256": source.fingerprint,
+                      "tokens": int(n_tokens)}, "device": device_name}
     if init_origin is not None:
         extra["init_from"] = init_origin
     width = len(str(t.steps))
@@ -448,7 +457,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         nonlocal last_saved
         try:
             path = ckpt.save_checkpoint(run_dir, step, train_sess.read(param_names), train_sess.read(state_names),
-                                        batches.state, spec, tokenizer.to_json(), extra, keep=t.keep_checkpoints)
+                                        batches.state, spec, tok.to_json(), extra, keep=t.keep_checkpoints)
         except OSError as e:
             newest = ckpt.list_checkpoints(run_dir)
             raise _os_error(e, f"writing the checkpoint of step {step} in '{run_dir}'", run_dir,
@@ -503,7 +512,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             now = time.perf_counter()
             mean = sum(times) / len(times)
             text = (f"step {done:>{width}}/{t.steps}  loss {loss:.4f}  lr {rate:.2e}  "
-                    f"{tokens_per_step / mean:,.0f} tokens/s  ETA {_duration(mean * (t.steps - done))}")
+                    f"{tokens_per_step / mean:,.0f} tokens/s  ETA {duration(mean * (t.steps - done))}")
             if console.tty:
                 if now - last_print > 0.1 or done == t.steps:
                     console.status(text)
@@ -528,11 +537,13 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             if on_step is not None:
                 on_step(done, record)
         result.step = done
-    except MemoryError as e:
+    except (MemoryError, GptcError) as e:  # GptcError: e.g. a token id outside the vocabulary in a shard
         if done == start:  # a new run (or fork) that never finished a step leaves nothing behind
             metrics.close()
             discard()
-        raise out_of_memory(e) from None
+        if isinstance(e, MemoryError):
+            raise out_of_memory(e) from None
+        raise
     except KeyboardInterrupt as e:
         console.end()
         signum = interrupt["signum"] or getattr(e, "signum", signal.SIGINT)
@@ -560,7 +571,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     console.end()
     plot = write_plot(run_dir, name, device_name, console)
     wall = time.perf_counter() - run_started
-    summary = f"done: step {done} of {t.steps} in {_duration(wall)}, loss {result.losses[-1]:.4f}"
+    summary = f"done: step {done} of {t.steps} in {duration(wall)}, loss {result.losses[-1]:.4f}"
     if result.val_loss is not None:
         summary += f", validation loss {result.val_loss:.4f} (perplexity {math.exp(min(result.val_loss, 700)):.2f})"
     console.line(summary)
