@@ -531,3 +531,33 @@ def test_default_corpus_checksum_matches_provenance():
     raw = gzip.decompress(default_corpus_path().read_bytes())
     assert hashlib.sha256(raw).hexdigest() in md
     assert hashlib.sha256(default_corpus_path().read_bytes()).hexdigest() in md
+
+
+def _tokenizers_alone(tok: Tokenizer, text: str) -> list[int]:
+    """What `tokenizers` itself encodes `text` to (its own pre-tokenizer, no memo)."""
+    return tok._hf.encode(text, add_special_tokens=False).ids
+
+
+def test_memoized_encoding_equals_tokenizers_own():
+    """encode splits pre-tokens with Python's regex and keeps their ids: it must give
+    exactly what tokenizers gives, on the corpus (twice: the second from the memo) and on
+    random text of letters, digits, marks, spaces of every kind, emoji and contractions."""
+    import random
+    text = default_corpus_text()
+    tok = Tokenizer.train(text[:300_000], 2000)
+    expected = _tokenizers_alone(tok, text[:400_000])
+    assert tok.encode(text[:400_000]).tolist() == expected
+    assert tok.encode(text[:400_000]).tolist() == expected
+    rng = random.Random(7)
+    alphabet = list("aZé漢字 \t\n\r\u00a0\u2028\u3000.,!?-_'0123456789٣") + ["😀", "'s", "'ll", "\u0301", "  "]
+    for _ in range(500):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        assert tok.encode(s).tolist() == _tokenizers_alone(tok, s), repr(s)
+
+
+def test_memo_stays_bounded(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MEMO_SIZE", 10)
+    tok = Tokenizer.train(default_corpus_text()[:50_000], 300)
+    words = " ".join(f"w{i}" for i in range(100))
+    assert tok.encode(words).tolist() == _tokenizers_alone(tok, words)
+    assert len(tok._memo) <= 10
