@@ -81,20 +81,14 @@ def compile_kernels(kernels: Sequence[KernelSource], target: Target,
     return dict(zip(unique, objects))
 
 
-def compile_plan(plan: Plan, target: Target) -> tuple[list[KernelSource], dict[str, bytes]]:
-    """Render every kernel of `plan` and compile each distinct one: returns the kernels
-    and code objects by symbol."""
-    kernels = render_plan(plan, target)
-    return kernels, compile_kernels(kernels, target)
-
-
 class OwnedExecutor(GpuExecutor):
-    """A GpuExecutor with arenas of its own, started from `params`."""
+    """A GpuExecutor with arenas of its own, started from `params`: renders `plan` for the
+    device and compiles each distinct kernel."""
 
     def __init__(self, plan: Plan, device: Device, params: Mapping[str, np.ndarray], use_graph: bool = True) -> None:
-        kernels, code = compile_plan(plan, device.target)
+        kernels = render_plan(plan, device.target)
         table = plan_table(plan, kernels)
-        super().__init__(table, device, code, Arenas(device, [table]), use_graph)
+        super().__init__(table, device, compile_kernels(kernels, device.target), Arenas(device, [table]), use_graph)
         self.write({n: params[n] for n in table["params"]})
 
     def close(self) -> None:
