@@ -31,6 +31,7 @@ CHOICES = {
     "pos": ("learned", "rope", "sinusoidal"),
     "ffn": ("gelu", "swiglu", "moe"),
     "attention": ("causal", "local", "linear"),
+    "expert_ffn": ("gelu", "swiglu"),
     "schedule": ("cosine", "constant"),
     "decay": ("matrices", "all", "none"),
     "precision": ("fp32", "bf16"),
@@ -52,7 +53,15 @@ class ModelSpec:
     attention: str = "causal"
     tie_embeddings: bool = False
     bias: bool = True
+    attn_bias: bool = True      # the attention projections' biases (with bias = true)
     lm_head_bias: bool = True   # the output projection's bias (with bias = true); GPT-2's has none
+    rope_base: float = 10000.0  # pos = "rope": the rotation frequencies are rope_base^(-2i/rotary dims)
+    rope_fraction: float = 1.0  # pos = "rope": the fraction of each head's dimensions rotated
+    window: int = 0             # attention = "local": a query sees itself and the window-1 keys before it
+    n_experts: int = 4          # ffn = "moe": experts per layer
+    moe_top_k: int = 2          # ffn = "moe": experts each token is routed to
+    moe_aux_weight: float = 0.01  # ffn = "moe": weight of the load-balancing loss added to the training loss
+    expert_ffn: str = "gelu"    # ffn = "moe": each expert's FFN (gelu or swiglu)
     dropout: float = 0.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
@@ -60,6 +69,16 @@ class ModelSpec:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when 0 (multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def rope_dims(self) -> int:
+        """The dimensions of each head that RoPE rotates: an even number."""
+        return 2 * int(self.head_dim * self.rope_fraction / 2)
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,19 @@ def validate(spec: Spec) -> Spec:
         raise SpecError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
         raise SpecError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}), or be 0")
+    if m.pos == "rope" and (m.rope_base <= 1.0 or not 0.0 < m.rope_fraction <= 1.0 or m.rope_dims < 2):
+        raise SpecError(f"model.rope_base must be > 1 and model.rope_fraction in (0, 1], rotating at least 2 of the "
+                        f"{m.head_dim} head dimensions; got rope_base={m.rope_base}, rope_fraction={m.rope_fraction}")
+    if m.pos == "sinusoidal" and m.d_model % 2:
+        raise SpecError(f"model.pos = 'sinusoidal' needs an even model.d_model, got {m.d_model}")
+    if m.attention == "local" and not 0 < m.window:
+        raise SpecError(f"model.attention = 'local' needs model.window > 0 (the keys a query sees), got {m.window}")
+    if m.window < 0:
+        raise SpecError(f"model.window must be 0 or more, got {m.window}")
+    if m.ffn == "moe" and not 1 <= m.moe_top_k <= m.n_experts:
+        raise SpecError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.n_experts ({m.n_experts})")
+    if m.n_experts < 1 or m.moe_aux_weight < 0:
+        raise SpecError(f"model.n_experts must be positive and model.moe_aux_weight >= 0, got {m.n_experts} and {m.moe_aux_weight}")
     if not 0.0 <= m.dropout < 1.0:
         raise SpecError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.init_std <= 0 or m.norm_eps <= 0:

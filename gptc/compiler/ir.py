@@ -91,12 +91,13 @@ class Graph:
         return self._source("input", self.inputs, name, shape, dtype, bound=int(bound))
 
     def param(self, name: str, shape: Sequence[int], dtype: str = "f32",
-              init: str = "normal", std: float = 0.02) -> "Tensor":
+              init: str = "normal", std: float = 0.02, value: float = 0.0) -> "Tensor":
         """A trainable parameter, initialised by `init`: "normal" (mean 0, `std`),
-        "zeros" or "ones"."""
-        if init not in ("normal", "zeros", "ones"):
-            raise ShapeError(f"param '{name}': unknown init '{init}' (normal, zeros or ones)")
-        return self._source("param", self.params, name, shape, dtype, init=init, std=float(std))
+        "zeros", "ones" or "constant" (every element `value`)."""
+        if init not in ("normal", "zeros", "ones", "constant"):
+            raise ShapeError(f"param '{name}': unknown init '{init}' (normal, zeros, ones or constant)")
+        extra = {"value": float(value)} if init == "constant" else {}
+        return self._source("param", self.params, name, shape, dtype, init=init, std=float(std), **extra)
 
     def state(self, name: str, shape: Sequence[int], dtype: str = "f32") -> "Tensor":
         return self._source("state", self.states, name, shape, dtype)

@@ -43,7 +43,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
-    logits = gpt_logits(g, spec.model, tokens)
+    logits = gpt_logits(g, spec.model, tokens, training=mode == "train")
     if mode == "infer":
         g.output("logits", logits)
         return g
@@ -66,6 +66,8 @@ def init_params(graph: Graph, seed: int) -> dict[str, np.ndarray]:
         shape = attrs["shape"]
         if attrs["init"] == "normal":
             values[name] = (rng.standard_normal(shape) * attrs["std"]).astype(np.float32)
+        elif attrs["init"] == "constant":
+            values[name] = np.full(shape, attrs["value"], dtype=np.float32)
         else:
             values[name] = (np.ones if attrs["init"] == "ones" else np.zeros)(shape, dtype=np.float32)
     return values

@@ -1,9 +1,11 @@
 """The GPT family, written in the DSL like any user model.
 
-Today's layout is GPT-2's: token + learned position embeddings, pre-LayerNorm blocks
+The default layout is GPT-2's: token + learned position embeddings, pre-norm blocks
 (causal multi-head attention with a fused QKV projection, GELU-tanh MLP, residual
-adds), a final LayerNorm and an output projection (untied by default). Parameter names
-follow GPT-2's checkpoints, with weights stored (in, out) so that y = x @ W + b."""
+adds), a final norm and an output projection (untied by default). Each model option
+(norm, positions, FFN, attention kind, KV heads, dropout) is one function below.
+Parameter names follow GPT-2's checkpoints, with weights stored (in, out) so that
+y = x @ W + b."""
 from __future__ import annotations
 
 import math
@@ -11,84 +13,136 @@ from typing import Callable
 
 from gptc.compiler import dsl
 from gptc.compiler.ir import Graph, Tensor
-from gptc.spec import CHOICES, ModelSpec, SpecError
+from gptc.spec import ModelSpec, SpecError
 
 
-def check_supported(m: ModelSpec) -> None:
-    """Options the spec accepts but this builder does not implement yet are refused
-    here, never silently ignored."""
-    for option in ("norm", "pos", "ffn", "attention"):
-        value, default = getattr(m, option), CHOICES[option][0]
-        if value != default:
-            raise SpecError(f"model.{option} = '{value}' is not implemented yet; use '{default}'")
-    if m.n_kv_heads not in (0, m.n_heads):
-        raise SpecError("grouped/multi-query attention (model.n_kv_heads != n_heads) is not implemented yet; set n_kv_heads = 0")
-    if m.dropout != 0.0:
-        raise SpecError("dropout is not implemented yet; set model.dropout = 0")
+def _not_yet(option: str) -> SpecError:
+    return SpecError(f"{option} is not implemented yet")
 
 
+# ----- norms ---------------------------------------------------------------------------
 def _norm(g: Graph, x: Tensor, name: str, m: ModelSpec) -> Tensor:
-    gain = g.param(f"{name}.weight", (m.d_model,), init="ones")
-    bias = g.param(f"{name}.bias", (m.d_model,), init="zeros")
-    return dsl.layernorm(x, gain, bias, m.norm_eps)
+    if m.norm == "layernorm":
+        gain = g.param(f"{name}.weight", (m.d_model,), init="ones")
+        bias = g.param(f"{name}.bias", (m.d_model,), init="zeros")
+        return dsl.layernorm(x, gain, bias, m.norm_eps)
+    if m.norm == "rmsnorm":
+        return dsl.rmsnorm(x, g.param(f"{name}.weight", (m.d_model,), init="ones"), m.norm_eps)
+    # scalenorm: one scalar gain, initialised to sqrt(d_model).
+    gain = g.param(f"{name}.weight", (1,), init="constant", value=math.sqrt(m.d_model))
+    return dsl.scalenorm(x, gain, m.norm_eps)
 
 
-def _linear(g: Graph, x: Tensor, name: str, d_in: int, d_out: int, m: ModelSpec, std: float) -> Tensor:
+def _linear(g: Graph, x: Tensor, name: str, d_in: int, d_out: int, std: float, bias: bool) -> Tensor:
     w = g.param(f"{name}.weight", (d_in, d_out), std=std)
-    b = g.param(f"{name}.bias", (d_out,), init="zeros") if m.bias else None
+    b = g.param(f"{name}.bias", (d_out,), init="zeros") if bias else None
     return dsl.linear(x, w, b)
 
 
-# attend(layer, q, k, v) -> y, each (B, H, S, head_dim): full causal attention when
-# training, or attention that also reads and writes a KV cache when sampling.
+# ----- positions -----------------------------------------------------------------------
+def _positions(g: Graph, seq: int, positions: Tensor | None) -> Tensor:
+    """The i32 positions of the sequence's tokens: `positions`, or 0..seq-1."""
+    return positions if positions is not None else g.iota((seq,), 0)
+
+
+def _position_embedding(g: Graph, m: ModelSpec, seq: int, positions: Tensor | None) -> Tensor | None:
+    """What is added to the token embeddings: (S, d) rows of a learned or sinusoidal
+    table, or None (RoPE rotates queries and keys instead)."""
+    if m.pos == "learned":
+        wpe = g.param("wpe", (m.seq_len, m.d_model), std=m.init_std)
+        if positions is None:
+            return wpe.slice(0, 0, seq) if seq < m.seq_len else wpe
+        return dsl.embedding(wpe, positions)
+    if m.pos == "sinusoidal":
+        return dsl.sinusoidal_table(_positions(g, seq, positions), m.d_model)
+    return None
+
+
+# ----- attention -----------------------------------------------------------------------
+# attend(layer, q, k, v) -> y: q (B, H, S, head_dim), k and v (B, kv_heads, S, head_dim),
+# y (B, H, S, head_dim). Attention over the sequence when training, or attention that
+# also reads and writes a KV cache when sampling.
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def causal(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return dsl.causal_attention(q, k, v)
+def attend_sequence(m: ModelSpec) -> Attend:
+    """Attention of every position over the sequence, of the spec's kind."""
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if m.attention in ("linear", "local"):
+            raise _not_yet(f"model.attention = '{m.attention}'")
+        if m.kv_heads != m.n_heads:
+            raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
+        return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0)
+    return attend
 
 
-def _attention(g: Graph, x: Tensor, layer: int, m: ModelSpec, residual_std: float, attend: Attend) -> Tensor:
+def _attention(g: Graph, x: Tensor, layer: int, m: ModelSpec, residual_std: float, attend: Attend,
+               positions: Tensor) -> Tensor:
     batch, seq, e = x.shape
-    heads, hd = m.n_heads, m.head_dim
+    heads, kv_heads, hd = m.n_heads, m.kv_heads, m.head_dim
     name = f"h.{layer}.attn"
-    qkv = _linear(g, x, f"{name}.c_attn", e, 3 * e, m, m.init_std)
+    bias = m.bias and m.attn_bias
+    # One projection for queries, keys and values: (B, S, (H + 2 * kv_heads) * hd).
+    qkv = _linear(g, x, f"{name}.c_attn", e, (heads + 2 * kv_heads) * hd, m.init_std, bias)
 
-    def split(i: int) -> Tensor:  # (B, S, 3E) -> (B, H, S, hd)
-        return qkv.slice(2, i * e, (i + 1) * e).reshape(batch, seq, heads, hd).permute(0, 2, 1, 3)
+    def split(start: int, n_heads: int) -> Tensor:  # -> (B, n_heads, S, hd)
+        part = qkv.slice(2, start * hd, (start + n_heads) * hd)
+        return part.reshape(batch, seq, n_heads, hd).permute(0, 2, 1, 3)
 
-    y = attend(layer, split(0), split(1), split(2))
+    q, k, v = split(0, heads), split(heads, kv_heads), split(heads + kv_heads, kv_heads)
+    if m.pos == "rope":
+        q, k = (dsl.rope(t, positions, m.rope_dims, m.rope_base) for t in (q, k))
+    y = attend(layer, q, k, v)
     y = y.permute(0, 2, 1, 3).reshape(batch, seq, e)
-    return _linear(g, y, f"{name}.c_proj", e, e, m, residual_std)
+    return _linear(g, y, f"{name}.c_proj", e, e, residual_std, bias)
 
 
-def _mlp(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float) -> Tensor:
-    h = dsl.gelu(_linear(g, x, f"{name}.c_fc", m.d_model, m.d_ff, m, m.init_std))
-    return _linear(g, h, f"{name}.c_proj", m.d_ff, m.d_model, m, residual_std)
+# ----- feed-forward --------------------------------------------------------------------
+def _ffn(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float) -> Tensor:
+    if m.ffn == "gelu":
+        h = dsl.gelu(_linear(g, x, f"{name}.c_fc", m.d_model, m.d_ff, m.init_std, m.bias))
+    elif m.ffn == "swiglu":
+        # The gate and up projections are one matmul: columns [0, d_ff) gate, [d_ff, 2 d_ff) up.
+        gate_up = _linear(g, x, f"{name}.c_fc", m.d_model, 2 * m.d_ff, m.init_std, m.bias)
+        h = dsl.swiglu(gate_up)
+    else:
+        raise _not_yet("model.ffn = 'moe'")
+    return _linear(g, h, f"{name}.c_proj", m.d_ff, m.d_model, residual_std, m.bias)
 
 
-def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend = causal,
-               positions: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
-    """Logits (B, S, V) for token ids (B, S). `positions` (i32, default 0..S-1) picks
-    the rows of the position embedding; with `rows` (i32 (R,), indices into the B*S
-    positions) only those positions' logits are computed: (R, V)."""
-    check_supported(m)
+# ----- dropout -------------------------------------------------------------------------
+def _dropout(x: Tensor, m: ModelSpec, training: bool) -> Tensor:
+    if training and m.dropout > 0:
+        raise _not_yet("dropout (model.dropout > 0)")
+    return x
+
+
+# ----- the model -----------------------------------------------------------------------
+def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = None,
+               positions: Tensor | None = None, rows: Tensor | None = None, training: bool = False) -> Tensor:
+    """Logits (B, S, V) for token ids (B, S). `attend` defaults to attention over the
+    sequence; `positions` (i32 (S,), default 0..S-1) are the tokens' positions; with
+    `rows` (i32 (R,), indices into the B*S positions) only those positions' logits are
+    computed: (R, V). `training` turns dropout on."""
     batch, seq = tokens.shape
     if seq > m.seq_len:
         raise SpecError(f"sequence length {seq} exceeds the model's context of {m.seq_len}")
+    attend = attend or attend_sequence(m)
     # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
     residual_std = m.init_std / math.sqrt(2 * m.n_layers)
     wte = g.param("wte", (m.vocab_size, m.d_model), std=m.init_std)
-    wpe = g.param("wpe", (m.seq_len, m.d_model), std=m.init_std)
-    if positions is None:
-        pos_emb = wpe.slice(0, 0, seq) if seq < m.seq_len else wpe
-    else:
-        pos_emb = dsl.embedding(wpe, positions)
-    x = dsl.embedding(wte, tokens) + pos_emb
+    x = dsl.embedding(wte, tokens)
+    pos_emb = _position_embedding(g, m, seq, positions)
+    if pos_emb is not None:
+        x = x + pos_emb
+    x = _dropout(x, m, training)
+    pos = _positions(g, seq, positions)
     for layer in range(m.n_layers):
         with g.scope(f"h.{layer}"):
-            x = x + _attention(g, _norm(g, x, f"h.{layer}.ln_1", m), layer, m, residual_std, attend)
-            x = x + _mlp(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std)
+            y = _attention(g, _norm(g, x, f"h.{layer}.ln_1", m), layer, m, residual_std, attend, pos)
+            x = x + _dropout(y, m, training)
+            y = _ffn(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std)
+            x = x + _dropout(y, m, training)
     if rows is not None:
         x = x.reshape(batch * seq, m.d_model).gather(rows)
     x = _norm(g, x, "ln_f", m)
@@ -98,26 +152,32 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend = causal,
         return dsl.linear(x, w, b)
 
 
+# ----- sampling: the KV cache ----------------------------------------------------------
 def kv_cache_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
-    return (batch, m.n_heads, m.seq_len, m.head_dim)
+    return (batch, m.kv_heads, m.seq_len, m.head_dim)
 
 
 def prefill_attend(g: Graph, m: ModelSpec) -> Attend:
-    """Causal attention over the whole (padded) context that also stores every
-    position's keys and values into the KV cache states k_cache.<l>, v_cache.<l>."""
+    """Attention over the whole (padded) context that also stores every position's
+    keys and values into the KV cache states k_cache.<l>, v_cache.<l>."""
+    over_sequence = attend_sequence(m)
+
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
             cache = g.state(name, kv_cache_shape(m, q.shape[0]))
             g.updates[name] = value._new("copy", [value]).id
             del cache  # overwritten whole: the old value is not read
-        return dsl.causal_attention(q, k, v)
+        return over_sequence(layer, q, k, v)
     return attend
 
 
 def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
     """Attention of one new position `pos` (an i32 (1,) input) over the KV cache: the
     new key and value are written into the cache at `pos` first, then the query attends
-    to cache positions 0..pos."""
+    to the cache positions it sees (0..pos, or the last `window` of them)."""
+    if m.attention == "linear":
+        raise _not_yet("model.attention = 'linear'")
+
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = kv_cache_shape(m, q.shape[0])
         at_pos = g.iota(shape, 2).eq(pos.reshape(1, 1, 1, 1))
@@ -127,7 +187,11 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
+            if m.kv_heads != m.n_heads:
+                raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
             scores = (q @ caches[0].T) * (1.0 / math.sqrt(m.head_dim))
             visible = pos.reshape(1, 1, 1, 1) >= g.iota((1, 1, 1, m.seq_len), 3)
+            if m.attention == "local":
+                raise _not_yet("model.attention = 'local'")
             return dsl.softmax(visible.where(scores, -math.inf)) @ caches[1]
     return attend
