@@ -4,8 +4,10 @@
 #   dev.txt         the dev/ harness of every kernel family (check against NumPy, time variants)
 #   compare.md      gptc bench of this tree against a baseline tree, alternating (no regression)
 #   demo.txt        the main job, `gptc demo --device gpu` (compile, train, sample)
+#   presets.txt     each preset of PRESETS trained STEPS steps on the bundled corpus (loss
+#                   curves under all/train-NAME), then `gptc bench` of it (all/bench-NAME)
 #   results.tgz     everything, logs included
-# Usage: bash benchmarks/gpu_session.sh [tests] [dev] [demo] [compare BASELINE_DIR BASELINE_COMMIT]
+# Usage: bash benchmarks/gpu_session.sh [tests] [dev] [demo] [presets] [compare BASELINE_DIR BASELINE_COMMIT]
 # (default: tests and dev). Set GPTC_COMMIT to this tree's commit (a copy has no .git).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -30,6 +32,17 @@ while ((i < ${#steps[@]})); do
         demo)
             rm -rf "$OUT/all/demo"
             python3 -m gptc demo --device gpu --out "$OUT/all/demo" 2>&1 | tee "$OUT/demo.txt" | tail -25
+            ((PIPESTATUS[0] == 0)) || status=1 ;;
+        presets)
+            (failed=0
+             for name in ${PRESETS:-modular giantgpt llama}; do
+                 echo "== gptc train --preset $name --steps ${STEPS:-2000}"
+                 python3 -m gptc train --preset "$name" --device gpu --steps "${STEPS:-2000}" \
+                     --out "$OUT/all/train-$name" 2>&1 | grep -v "^step .*ETA" || failed=1
+                 echo "== gptc bench --preset $name"
+                 python3 -m gptc bench --preset "$name" --what train --no-kernels \
+                     --out "$OUT/all/bench-$name" 2>&1 | tail -25 || failed=1
+             done; exit $failed) 2>&1 | tee "$OUT/presets.txt" | tail -80
             ((PIPESTATUS[0] == 0)) || status=1 ;;
         compare)
             base=${steps[i + 1]}; base_commit=${steps[i + 2]}; i=$((i + 2))
