@@ -99,9 +99,9 @@ _GPT2_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 def _gpt2_fits(m: ModelSpec) -> str | None:
     for option in ("norm", "pos", "ffn", "attention"):
         if getattr(m, option) != CHOICES[option][0]:
-            return f"model.{option} = '{getattr(m, option)}'"
+            return f"model.{option} = '{getattr(m, option)}' (it has {CHOICES[option][0]})"
     if m.n_kv_heads not in (0, m.n_heads):
-        return f"model.n_kv_heads = {m.n_kv_heads}"
+        return f"model.n_kv_heads = {m.n_kv_heads} (it has n_heads key/value heads)"
     return None
 
 
@@ -277,7 +277,7 @@ def layout_of(m: ModelSpec) -> Layout:
         if reason is None:
             return layout
         reasons.append(f"{layout.architecture} has no {reason}")
-    raise GptcError(f"no transformers class fits this model yet: {'; '.join(reasons)}")
+    raise GptcError(f"no transformers class gptc writes fits this model: {'; '.join(reasons)}")
 
 
 def param_shapes(m: ModelSpec) -> dict[str, tuple[int, ...]]:
