@@ -321,6 +321,42 @@ def test_init_from_skips_stored_buffers_and_reads_base_model_names(family, tmp_p
     assert pretrained.params["h.0.attn.c_attn.weight"].dtype == np.float32
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not SiLU, which gptc's SwiGLU builds (silu or swish)"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "its RoPE has rope_type 'linear'; gptc builds unscaled RoPE (rope_type 'default')"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "its RoPE has rope_type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor = 0.5: gptc's LLaMA layout rotates every head dimension"),
+    ({"attention_bias": True, "mlp_bias": False}, "attention_bias = true with mlp_bias = false: gptc has attention "
+     "biases only together with MLP biases"),
+    ({"head_dim": 8}, "head_dim = 8 is not hidden_size / num_attention_heads (32 / 2)"),
+    ({"num_key_value_heads": 3}, "gives a model gptc cannot build: model.n_kv_heads (3) must divide model.n_heads (2)"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a finite number, got \"1e-6\""),
+], ids=["act", "rope-linear", "rope-scaling-legacy", "partial-rope", "attention-bias-alone", "head-dim", "kv-heads",
+        "eps-type"])
+def test_init_from_refuses_a_llama_gptc_cannot_build(edit, message, tmp_path, tokenizer):
+    hf_model(tmp_path / "hf", tokenizer, "llama")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(GptcError) as e:
+        load_pretrained(tmp_path / "hf")
+    assert str(e.value).startswith(f"'{tmp_path / 'hf' / 'config.json'}'") and message in str(e.value)
+
+
+def test_init_from_reads_a_transformers_4_llama_config(tmp_path, tokenizer):
+    """transformers 4 wrote rope_theta and rope_scaling, 5 writes rope_parameters; a
+    dropout in config.json is noted, not used."""
+    hf_model(tmp_path / "hf", tokenizer, "llama")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_theta=500, rope_scaling=None, attention_dropout=0.1)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    notes = []
+    assert load_pretrained(tmp_path / "hf", notes.append).model.rope_base == 500.0
+    assert notes == ["config.json's attention_dropout (0.1) is not used: gptc trains without dropout"]
+
+
 def test_init_from_reads_sharded_weights(tmp_path, tokenizer):
     """save_pretrained splits a large model into shards listed in model.safetensors.index.json."""
     model = hf_model(tmp_path / "whole", tokenizer, tie=False)
