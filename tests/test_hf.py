@@ -15,7 +15,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from gptc.compiler import dsl
@@ -244,13 +244,38 @@ def test_the_exported_tokenizer_loads_in_transformers(tmp_path, tokenizer):
     assert tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json")).encode(text).ids == ids
 
 
+def hub_style(tokenizer: Tokenizer) -> str:
+    """gptc's tokenizer.json shaped as GPT-2's on the Hub: <|endoftext|> as the last id
+    (a special added token) and a ByteLevel post-processor."""
+    obj = json.loads(tokenizer.to_json())
+    end = tokenizer.vocab_size
+    obj["model"]["vocab"]["<|endoftext|>"] = end
+    obj["added_tokens"] = [{"id": end, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                            "rstrip": False, "normalized": True, "special": True}]
+    obj["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    return json.dumps(obj)
+
+
+def test_a_hub_style_tokenizer_json_starts_a_run(tmp_path, tokenizer):
+    """A model directory whose tokenizer.json is shaped as the Hub's GPT-2 one (special
+    token, post-processor) is read, and encodes as transformers does."""
+    hf_model(tmp_path / "hf", tokenizer, "llama", vocab_size=VOCAB + 1)
+    (tmp_path / "hf" / "tokenizer.json").write_text(hub_style(tokenizer))
+    pretrained = load_pretrained(tmp_path / "hf")
+    text = TEXT[:500] + "<|endoftext|>" + TEXT[500:1000]
+    ids = pretrained.tokenizer.encode(text).tolist()
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    assert pretrained.tokenizer.vocab_size == VOCAB + 1 and VOCAB in ids
+    assert ids == hf_tokenizer(text)["input_ids"] and pretrained.tokenizer.decode(ids) == text
+
+
 # ----- init-from -----------------------------------------------------------------------------
 def hf_model(directory: Path, tokenizer: Tokenizer, family: str = "gpt2", tie: bool = True, seed: int = 0,
              **config) -> torch.nn.Module:
     """A random transformers GPT-2 or LLaMA (d_ff 128) saved by save_pretrained, with a
     tokenizer.json gptc reads; `config` overrides the class's config."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, **config)
+    common = {"vocab_size": VOCAB, "tie_word_embeddings": tie, "bos_token_id": None, "eos_token_id": None, **config}
     if family == "gpt2":
         hf_config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=16, **common)
     else:
