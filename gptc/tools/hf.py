@@ -3,19 +3,34 @@
 A Hugging Face model directory is what transformers' `save_pretrained` writes:
 config.json, the weights in model.safetensors (or in shards that
 model.safetensors.index.json lists) and, for the tokenizer, tokenizer.json with
-tokenizer_config.json.
+tokenizer_config.json. gptc's tokenizer.json is a `tokenizers` file (byte-level BPE),
+written as is and loaded by transformers' PreTrainedTokenizerFast; reading, a
+tokenizer.json of that layout loads (GPT-2's, with its <|endoftext|>), others
+(SentencePiece-style, as LLaMA 2's; another split regex, as LLaMA 3's) are refused.
 
 Each model family gptc builds maps onto one transformers class through a Layout: the
 class and its config.json both ways, and a table of tensor names (gptc's name, the
-class's name, and whether the class stores it transposed). Today's family is GPT-2's,
-and gptc's parameters already carry GPT-2's names in its Conv1D (in, out) layout, so
-the table is a rename under `transformer.`, except lm_head.weight, which
-GPT2LMHeadModel keeps in a torch.nn.Linear, (out, in). The LLaMA-style options (RoPE,
-RMSNorm, SwiGLU, grouped-query attention, no biases) will become a second Layout for
-LlamaForCausalLM (model_type "llama": model.embed_tokens, model.layers.N.self_attn.
-q_proj/k_proj/v_proj/o_proj, mlp.gate_proj/up_proj/down_proj, input_layernorm,
-post_attention_layernorm, model.norm, lm_head; every Linear transposed; RoPE's pairing
-of dimensions to check against transformers' rotate_half) once gptc builds them.
+class's name, whether the class stores it transposed, and which columns of gptc's
+tensor it holds when gptc's one tensor is several of the class's). layout_of(spec)
+picks it:
+- GPT2LMHeadModel (model_type "gpt2") for GPT-2's layout (LayerNorm, learned
+  positions, GELU MLP, multi-head attention). gptc's parameters already carry GPT-2's
+  names in its Conv1D (in, out) layout, so the table is a rename under `transformer.`,
+  except lm_head.weight, which GPT2LMHeadModel keeps in a torch.nn.Linear, (out, in).
+- LlamaForCausalLM (model_type "llama") for LLaMA's (RMSNorm, RoPE over every head
+  dimension, SwiGLU, causal attention, any model.n_kv_heads): model.embed_tokens,
+  model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+  mlp.{gate,up,down}_proj}, model.norm, lm_head, every Linear (out, in). gptc's c_attn
+  is q_proj, k_proj, v_proj side by side (columns q, then k, then v) and SwiGLU's c_fc
+  is gate_proj, up_proj (gate, then up). gptc's RoPE pairs dimension i with i + D/2,
+  as transformers' rotate_half does, so q and k need no permutation (tested against
+  transformers' apply_rotary_pos_emb). config.json: attention_bias = model.bias and
+  model.attn_bias, mlp_bias = model.bias, rope_theta = model.rope_base (transformers 5
+  writes rope_parameters instead; both are read).
+A spec neither fits (ScaleNorm, sinusoidal positions, LayerNorm with RoPE, RMSNorm
+with learned positions, RoPE over part of a head (rope_fraction < 1), MoE, local or
+linear attention) is refused in one line naming what each class lacks. Dropout is a training choice, no part of the function: it does
+not stop an export.
 
 What a class cannot express is refused in one line, never approximated:
 - gptc's lm_head has a bias when model.bias and model.lm_head_bias are true (the
@@ -24,14 +39,20 @@ What a class cannot express is refused in one line, never approximated:
   read with --init-from gets lm_head_bias = false, so it exports back. (With
   model.bias = false no layer has a bias, and GPT2LMHeadModel gets zero biases: the
   same function.)
-- from config.json: an activation other than GELU's tanh approximation, attention
+- GPT-2's config.json: an activation other than GELU's tanh approximation, attention
   without the 1/sqrt(head_dim) scale or scaled by the inverse layer index, cross
   attention. Dropout (GPT-2's configs say 0.1) is a training choice, not part of the
   function: gptc trains without it, and says so.
-Reading, the tensors transformers does not load as parameters are skipped: the causal
-mask buffers `attn.bias` and `attn.masked_bias` that older versions saved, and a tied
-model's lm_head.weight (transformers ties it to wte). Weights in float16 or float64 are
-read as float32; other dtypes (bfloat16) are refused.
+- LLaMA's config.json: an activation other than SiLU, scaled RoPE (a rope_type other
+  than "default"), partial_rotary_factor < 1, a head_dim other than hidden_size /
+  num_attention_heads, attention_bias without mlp_bias (gptc's attention biases come
+  only with the others). attention_dropout is noted and not used, as GPT-2's dropout.
+  gptc's lm_head bias is refused at export as for GPT-2 (LLaMA's lm_head has none).
+Reading, the tensors transformers does not load as parameters are skipped: the buffers
+older versions saved (GPT-2's causal masks `attn.bias` and `attn.masked_bias`, LLaMA's
+`rotary_emb.inv_freq`), and a tied model's lm_head.weight (transformers ties it to the
+token embedding). Weights in float16 or float64 are read as float32; other dtypes
+(bfloat16) are refused.
 """
 from __future__ import annotations
 
