@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUNDIR from its newest checkpoint; with --out NEWDIR, fork it (or an "
                         "older checkpoint, RUNDIR/checkpoints/step-N) into a new run")
     p.add_argument("--init-from", type=_nonempty, metavar="HFDIR",
-                   help="start from a Hugging Face GPT-2 model saved by save_pretrained (config.json, "
+                   help="start from a Hugging Face GPT-2 or LLaMA model saved by save_pretrained (config.json, "
                         "model.safetensors, tokenizer.json): its model, weights and tokenizer; a spec file or "
                         "--preset gives only the train section")
     p.set_defaults(run=_cmd_train)
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the directory to write (new or empty): config.json, model.safetensors, tokenizer.json, "
                         "tokenizer_config.json")
     p.add_argument("--format", default="hf", choices=["hf"],
-                   help="hf: a transformers model directory (GPT2LMHeadModel)")
+                   help="hf: a transformers model directory (GPT2LMHeadModel or LlamaForCausalLM)")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
