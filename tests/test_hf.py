@@ -275,12 +275,12 @@ def hf_model(directory: Path, tokenizer: Tokenizer, family: str = "gpt2", tie: b
     """A random transformers GPT-2 or LLaMA (d_ff 128) saved by save_pretrained, with a
     tokenizer.json gptc reads; `config` overrides the class's config."""
     torch.manual_seed(seed)
-    common = {"vocab_size": VOCAB, "tie_word_embeddings": tie, "bos_token_id": None, "eos_token_id": None, **config}
+    common = {"vocab_size": VOCAB, "tie_word_embeddings": tie, "bos_token_id": None, "eos_token_id": None}
     if family == "gpt2":
-        hf_config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=16, **common)
+        hf_config = GPT2Config(**{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 16, **common, **config})
     else:
-        hf_config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                max_position_embeddings=16, **common)
+        hf_config = LlamaConfig(**{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                   "intermediate_size": 128, "max_position_embeddings": 16, **common, **config})
     model = AutoModelForCausalLM.from_config(hf_config).eval()
     model.save_pretrained(directory)
     tokenizer.save(directory / "tokenizer.json")
@@ -293,7 +293,9 @@ INIT_CASES = {"gpt2-tied": ("gpt2", True, {}), "gpt2-untied": ("gpt2", False, {}
               "llama-untied": ("llama", False, {"initializer_range": 0.3}),
               "llama-biases": ("llama", False, {"initializer_range": 0.3, "attention_bias": True, "mlp_bias": True}),
               "llama-mlp-bias": ("llama", False, {"initializer_range": 0.3, "mlp_bias": True}),
-              "llama-gqa": ("llama", False, {"initializer_range": 0.3, "num_key_value_heads": 1})}
+              # 4 query heads on 2 key/value heads: head h reads key/value head h // 2 (transformers' repeat_kv)
+              "llama-gqa": ("llama", False, {"initializer_range": 0.3, "num_attention_heads": 4,
+                                             "num_key_value_heads": 2})}
 
 
 @pytest.mark.parametrize("case", spec_params(*INIT_CASES))
@@ -305,7 +307,8 @@ def test_init_from_reads_the_weights_exactly(case, tmp_path, tokenizer):
     m = pretrained.model
     assert (pretrained.layout.model_type, m.d_model, m.n_layers, m.n_heads, m.kv_heads, m.d_ff, m.seq_len,
             m.vocab_size, m.tie_embeddings) == \
-        (family, 32, 2, 2, config.get("num_key_value_heads", 2), 128, 16, VOCAB, tie)
+        (family, 32, 2, config.get("num_attention_heads", 2), config.get("num_key_value_heads", 2), 128, 16, VOCAB,
+         tie)
     assert m.bias == (family == "gpt2" or config.get("mlp_bias", False))
     assert "lm_head.bias" not in pretrained.params and not m.lm_head_bias  # neither class has one: it exports back
     if family == "llama":
@@ -428,8 +431,8 @@ def first_batch_loss(model: torch.nn.Module, tokenizer: Tokenizer, batch: int, s
 
 TRAIN_CASES = {"gpt2": ("gpt2", {}, "GPT2LMHeadModel, d_model 32, 2 layers, 2 heads"),
                "llama": ("llama", {}, "LlamaForCausalLM, d_model 32, 2 layers, 2 heads"),
-               "llama-gqa": ("llama", {"num_key_value_heads": 1},
-                             "LlamaForCausalLM, d_model 32, 2 layers, 2 heads (1 key/value heads)")}
+               "llama-gqa": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2},
+                             "LlamaForCausalLM, d_model 32, 2 layers, 4 heads (2 key/value heads)")}
 
 
 @pytest.mark.parametrize("case", spec_params(*TRAIN_CASES))
