@@ -37,6 +37,7 @@ MODEL = ModelSpec(vocab_size=VOCAB, seq_len=16, d_model=32, n_layers=2, n_heads=
 # LLaMA's layout: RMSNorm, RoPE (a base other than the default, so that a lost base shows), SwiGLU, no biases.
 LLAMA_MODEL = replace(MODEL, norm="rmsnorm", pos="rope", ffn="swiglu", bias=False, rope_base=500.0)
 SPECS = {"untied": MODEL, "tied": replace(MODEL, tie_embeddings=True), "no-bias": replace(MODEL, bias=False),
+         "no-attn-bias": replace(MODEL, attn_bias=False),  # GPT2LMHeadModel gets zero attention biases
          "llama": LLAMA_MODEL, "llama-tied": replace(LLAMA_MODEL, tie_embeddings=True),
          "llama-biases": replace(LLAMA_MODEL, bias=True),  # attention_bias and mlp_bias
          "llama-mlp-bias": replace(LLAMA_MODEL, bias=True, attn_bias=False),
@@ -356,13 +357,14 @@ def test_init_from_skips_stored_buffers_and_reads_base_model_names(family, tmp_p
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "its RoPE has rope_type 'dynamic'"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "partial_rotary_factor = 0.5: gptc's LLaMA layout rotates every head dimension"),
+    ({"partial_rotary_factor": 0.25}, "partial_rotary_factor = 0.25: gptc's LLaMA layout rotates every head"),
     ({"attention_bias": True, "mlp_bias": False}, "attention_bias = true with mlp_bias = false: gptc has attention "
      "biases only together with MLP biases"),
     ({"head_dim": 8}, "head_dim = 8 is not hidden_size / num_attention_heads (32 / 2)"),
     ({"num_key_value_heads": 3}, "gives a model gptc cannot build: model.n_kv_heads (3) must divide model.n_heads (2)"),
     ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a finite number, got \"1e-6\""),
-], ids=["act", "rope-linear", "rope-scaling-legacy", "partial-rope", "attention-bias-alone", "head-dim", "kv-heads",
-        "eps-type"])
+], ids=["act", "rope-linear", "rope-scaling-legacy", "partial-rope", "partial-rope-top-level",
+        "attention-bias-alone", "head-dim", "kv-heads", "eps-type"])
 def test_init_from_refuses_a_llama_gptc_cannot_build(edit, message, tmp_path, tokenizer):
     hf_model(tmp_path / "hf", tokenizer, "llama")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -29,8 +29,8 @@ picks it:
   writes rope_parameters instead; both are read).
 A spec neither fits (ScaleNorm, sinusoidal positions, LayerNorm with RoPE, RMSNorm
 with learned positions, RoPE over part of a head (rope_fraction < 1), MoE, local or
-linear attention) is refused in one line naming what each class lacks. Dropout is a training choice, no part of the function: it does
-not stop an export.
+linear attention) is refused in one line naming what each class lacks. Dropout is a
+training choice, no part of the function: it does not stop an export.
 
 What a class cannot express is refused in one line, never approximated:
 - gptc's lm_head has a bias when model.bias and model.lm_head_bias are true (the
@@ -213,9 +213,9 @@ def _llama_rope_base(get: Callable[[str, type], Any]) -> float:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         raise GptcError(f"its RoPE has rope_type '{kind}'; gptc builds unscaled RoPE (rope_type 'default')")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise GptcError(f"partial_rotary_factor = {rope['partial_rotary_factor']}: gptc's LLaMA layout rotates every "
-                        "head dimension")
+    partial = rope.get("partial_rotary_factor", get("partial_rotary_factor", float))  # or top-level, as older configs
+    if partial != 1.0:
+        raise GptcError(f"partial_rotary_factor = {partial}: gptc's LLaMA layout rotates every head dimension")
     base = rope.get("rope_theta", get("rope_theta", float))
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base):
         raise GptcError(f"rope_theta must be {_KINDS[float]}, got {json.dumps(base)}")
@@ -225,7 +225,8 @@ def _llama_rope_base(get: Callable[[str, type], Any]) -> float:
 def _llama_spec(get: Callable[[str, type], Any], note: Callable[[str], None]) -> ModelSpec:
     activation = get("hidden_act", str)
     if activation not in _LLAMA_ACT:
-        raise GptcError(f"hidden_act '{activation}' is not SiLU, which gptc's SwiGLU builds ({' or '.join(_LLAMA_ACT)})")
+        raise GptcError(f"hidden_act '{activation}' is not SiLU, which gptc's SwiGLU builds "
+                        f"({' or '.join(_LLAMA_ACT)})")
     attention_bias, mlp_bias = get("attention_bias", bool), get("mlp_bias", bool)
     if attention_bias and not mlp_bias:  # gptc's attn_bias turns attention biases off, never the MLP's alone
         raise GptcError("attention_bias = true with mlp_bias = false: gptc has attention biases only together with "
@@ -280,7 +281,8 @@ _LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size"
                    "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
                    "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
                    "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None,
-                   "rope_parameters": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False}
+                   "rope_parameters": None, "partial_rotary_factor": 1.0, "attention_bias": False,
+                   "attention_dropout": 0.0, "mlp_bias": False}
 
 LLAMA = Layout(architecture="LlamaForCausalLM", model_type="llama", base="model.", heads=("lm_head.",),
                defaults=_LLAMA_DEFAULTS, fits=_llama_fits, write_config=_llama_config, read_config=_llama_spec,
