@@ -183,7 +183,8 @@ def grouped_matmul(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 
 
 @composite
-def moe(x: Tensor, router: Tensor, w_in: Tensor, w_out: Tensor, k: int, expert_ffn: str = "gelu") -> tuple[Tensor, Tensor]:
+def moe(x: Tensor, router: Tensor, w_in: Tensor, w_out: Tensor, k: int,
+        expert_ffn: str = "gelu") -> tuple[Tensor, Tensor]:
     """Mixture of experts over the rows of x (T, D) -> (y (T, D), aux scalar).
 
     Each row goes to its top-k experts by router logits x @ router (D, E), weighted by

@@ -612,7 +612,7 @@ def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, s
         b_at = _operand_access(em, plan, b_in, ["gk", "gn"])
         c_at = f"(idx_t)e * {m * n} + (gm) * {n} + (gn)"
         m_slots = groups * ceil_div(m, tile)
-    store = f"float_to_bf16(acc[i][j])" if out_bf16 else "acc[i][j]"
+    store = "float_to_bf16(acc[i][j])" if out_bf16 else "acc[i][j]"
     ctx.update(mode="rows" if g.op(node) == "grouped_matmul" else "weights", groups=groups, m=m, n=n, k=k,
                tile=tile, bk=GROUPED_BK, n_tiles=ceil_div(n, tile), m_tiles=ceil_div(m, tile),
                offsets=em.arg(offsets), a_at=a_at, b_at=b_at, c_at=c_at, out=out, store=store)
