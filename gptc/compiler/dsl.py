@@ -10,7 +10,8 @@ from typing import Callable
 from gptc.compiler.ir import Graph, Tensor
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
-           "scalenorm", "softmax", "causal_attention", "rope", "sinusoidal_table", "cross_entropy", "embedding"]
+           "scalenorm", "softmax", "causal_attention", "rope", "sinusoidal_table", "cross_entropy", "embedding",
+           "top_k", "group_rank", "group_offsets", "grouped_matmul", "moe"]
 
 
 def composite(fn: Callable) -> Callable:
@@ -141,3 +142,73 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 @composite
 def embedding(table: Tensor, ids: Tensor) -> Tensor:
     return table.gather(ids)
+
+
+# ----- mixture of experts --------------------------------------------------------------
+@composite
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest of each row of scores (T, E): (ids (T, k) i32, their scores (T, k),
+    picks (T, E) float: 1 where chosen). Ties go to the lowest index, so the choice is
+    deterministic; gradients flow to the chosen scores only (the choice is a constant)."""
+    rows, width = scores.shape
+    graph = scores.graph
+    column = graph.iota((rows, width), 1, scores.dtype)
+    left = scores.stop_gradient()
+    ids, chosen, picks = [], [], []
+    for slot in range(k):
+        best = left.max(-1, keepdims=True).broadcast_to((rows, width))
+        # -(the lowest column holding the best score): a max, as there is no min.
+        first = left.eq(best).where(-column, -float(width)).max(-1, keepdims=True)
+        pick = column.eq((-first).broadcast_to((rows, width)))
+        ids.append((-first).cast("i32").pad(1, slot, k - 1 - slot))
+        chosen.append(pick.where(scores, 0.0).sum(-1, keepdims=True).pad(1, slot, k - 1 - slot))
+        picks.append(pick.cast(scores.dtype))
+        left = pick.where(-math.inf, left)
+    return sum(ids[1:], ids[0]), sum(chosen[1:], chosen[0]), sum(picks[1:], picks[0])
+
+
+def group_rank(ids: Tensor, num_groups: int) -> Tensor:
+    """The slot of each of ids (R,) in their stable sort by group (ops/grouped.py)."""
+    return ids._new("group_rank", [ids], num_groups=int(num_groups))
+
+
+def group_offsets(ids: Tensor, num_groups: int) -> Tensor:
+    """(G+1,) i32: where each group's rows start once sorted by group."""
+    return ids._new("group_offsets", [ids], num_groups=int(num_groups))
+
+
+def grouped_matmul(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """x (R, K) rows sorted by group, w (G, K, N): row r of group g times w[g]."""
+    return x._new("grouped_matmul", [x, w, offsets])
+
+
+@composite
+def moe(x: Tensor, router: Tensor, w_in: Tensor, w_out: Tensor, k: int,
+        expert_ffn: str = "gelu") -> tuple[Tensor, Tensor]:
+    """Mixture of experts over the rows of x (T, D) -> (y (T, D), aux scalar).
+
+    Each row goes to its top-k experts by router logits x @ router (D, E), weighted by
+    the softmax of those k logits (Mixtral's routing). Every (row, slot) pair is kept
+    (no capacity, no dropped token): the R = T*k pairs are sorted by expert (a stable
+    counting sort), each expert's FFN runs on its contiguous rows only (grouped
+    matmuls with w_in (E, D, H) and w_out (E, F, D); H = F for gelu, 2F for swiglu),
+    and the results go back to their pairs, summed per row with the gates.
+    aux is the load-balancing loss of Switch Transformer: E * sum_e f_e * P_e, f_e the
+    fraction of pairs routed to e (a constant to autodiff) and P_e the mean router
+    probability of e; it is 1 when the load is uniform."""
+    rows, width = x.shape
+    experts = router.shape[1]
+    pairs = rows * k
+    logits = x @ router
+    ids, chosen, picks = top_k(logits, k)
+    gates = softmax(chosen)
+    fraction = picks.stop_gradient().sum(0) * (1.0 / pairs)
+    aux = (fraction * softmax(logits).mean(0)).sum() * float(experts)
+    flat = ids.reshape(pairs)
+    rank, offsets = group_rank(flat, experts), group_offsets(flat, experts)
+    # Pair (row, slot) moves to its slot in expert order, and back after the experts.
+    sorted_x = x.reshape(rows, 1, width).broadcast_to((rows, k, width)).reshape(pairs, width).scatter_add(rank, pairs)
+    hidden = grouped_matmul(sorted_x, w_in, offsets)
+    hidden = gelu(hidden) if expert_ffn == "gelu" else swiglu(hidden)
+    out = grouped_matmul(hidden, w_out, offsets).gather(rank).reshape(rows, k, width)
+    return (out * gates.reshape(rows, k, 1).broadcast_to((rows, k, width))).sum(1), aux

@@ -17,6 +17,8 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
     eval:  inputs tokens, targets -> loss;
+    (train and eval of a mixture-of-experts model also output aux_loss, the
+    load-balancing loss; training minimizes loss + model.moe_aux_weight * aux_loss);
     infer: input tokens -> logits (B, S, V);
     prefill: inputs tokens (B, S) (padded to the context) and last (B,) i32, the flat
              index b*S + (length-1) of each sequence's last token -> logits (B, V);
@@ -43,15 +45,25 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
-    logits = gpt_logits(g, spec.model, tokens, training=mode == "train")
+    aux_losses: list = []
+    logits = gpt_logits(g, spec.model, tokens, training=mode == "train", aux_losses=aux_losses)
     if mode == "infer":
         g.output("logits", logits)
         return g
     loss = dsl.cross_entropy(logits, g.input("targets", (batch, seq), "i32", bound=spec.model.vocab_size))
+    objective = loss
+    if aux_losses:
+        # Mixture of experts: the load-balancing losses, averaged over the layers, are
+        # reported as "aux_loss" and added to the objective with their weight ("loss"
+        # stays the cross-entropy, comparable across specs).
+        with g.scope("aux_loss"):
+            aux = sum(aux_losses[1:], aux_losses[0]) * (1.0 / len(aux_losses))
+            g.output("aux_loss", aux)
+            objective = loss + aux * spec.model.moe_aux_weight
     if mode == "eval":
         g.output("loss", loss)
     else:
-        add_training(g, loss, spec.train, expose_gradients)
+        add_training(g, loss, spec.train, expose_gradients, objective=objective)
     g.prune()
     return g
 

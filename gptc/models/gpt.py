@@ -98,16 +98,34 @@ def _attention(g: Graph, x: Tensor, layer: int, m: ModelSpec, residual_std: floa
 
 
 # ----- feed-forward --------------------------------------------------------------------
-def _ffn(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float) -> Tensor:
+def _ffn(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float,
+         aux_losses: list[Tensor] | None = None) -> Tensor:
+    """The feed-forward block; a mixture of experts appends its load-balancing loss
+    to `aux_losses`."""
+    if m.ffn == "moe":
+        return _moe(g, x, name, m, residual_std, aux_losses)
     if m.ffn == "gelu":
         h = dsl.gelu(_linear(g, x, f"{name}.c_fc", m.d_model, m.d_ff, m.init_std, m.bias))
     elif m.ffn == "swiglu":
         # The gate and up projections are one matmul: columns [0, d_ff) gate, [d_ff, 2 d_ff) up.
         gate_up = _linear(g, x, f"{name}.c_fc", m.d_model, 2 * m.d_ff, m.init_std, m.bias)
         h = dsl.swiglu(gate_up)
-    else:
-        raise _not_yet("model.ffn = 'moe'")
     return _linear(g, h, f"{name}.c_proj", m.d_ff, m.d_model, residual_std, m.bias)
+
+
+def _moe(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float,
+         aux_losses: list[Tensor] | None) -> Tensor:
+    """Top-k routed experts (dsl.moe). Experts have no biases (as Mixtral's); the router
+    is a (d_model, n_experts) matrix without bias."""
+    hidden = m.d_ff * (2 if m.expert_ffn == "swiglu" else 1)
+    router = g.param(f"{name}.router.weight", (m.d_model, m.n_experts), std=m.init_std)
+    w_in = g.param(f"{name}.experts.c_fc.weight", (m.n_experts, m.d_model, hidden), std=m.init_std)
+    w_out = g.param(f"{name}.experts.c_proj.weight", (m.n_experts, m.d_ff, m.d_model), std=residual_std)
+    lead = x.shape[:-1]
+    y, aux = dsl.moe(x.reshape(-1, m.d_model), router, w_in, w_out, m.moe_top_k, m.expert_ffn)
+    if aux_losses is not None:
+        aux_losses.append(aux)
+    return y.reshape(*lead, m.d_model)
 
 
 # ----- dropout -------------------------------------------------------------------------
@@ -119,11 +137,13 @@ def _dropout(x: Tensor, m: ModelSpec, training: bool) -> Tensor:
 
 # ----- the model -----------------------------------------------------------------------
 def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = None,
-               positions: Tensor | None = None, rows: Tensor | None = None, training: bool = False) -> Tensor:
+               positions: Tensor | None = None, rows: Tensor | None = None, training: bool = False,
+               aux_losses: list[Tensor] | None = None) -> Tensor:
     """Logits (B, S, V) for token ids (B, S). `attend` defaults to attention over the
     sequence; `positions` (i32 (S,), default 0..S-1) are the tokens' positions; with
     `rows` (i32 (R,), indices into the B*S positions) only those positions' logits are
-    computed: (R, V). `training` turns dropout on."""
+    computed: (R, V). `training` turns dropout on. Each mixture-of-experts layer appends
+    its load-balancing loss to `aux_losses` (when given)."""
     batch, seq = tokens.shape
     if seq > m.seq_len:
         raise SpecError(f"sequence length {seq} exceeds the model's context of {m.seq_len}")
@@ -141,7 +161,7 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = N
         with g.scope(f"h.{layer}"):
             y = _attention(g, _norm(g, x, f"h.{layer}.ln_1", m), layer, m, residual_std, attend, pos)
             x = x + _dropout(y, m, training)
-            y = _ffn(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std)
+            y = _ffn(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std, aux_losses)
             x = x + _dropout(y, m, training)
     if rows is not None:
         x = x.reshape(batch * seq, m.d_model).gather(rows)

@@ -147,6 +147,10 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
+    elif family == "group_sort":
+        grid, block, em = _group_sort(plan, kernel, ctx, args)
+    elif family == "grouped_matmul":
+        grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
@@ -542,6 +546,77 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     # (the order a (n, m, batch) grid would dispatch them).
     grid = (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1)
     return grid, (threads, 1, 1), em
+
+
+def _operand_access(em: Emitter, plan: Plan, nid: int, indices: Sequence[str]) -> str:
+    """A C expression loading the element of operand `nid` (a strided view of a buffer)
+    at the C index expressions `indices`, as a float (int for i32)."""
+    buf, offset, strides = _operand_layout(plan, nid)
+    terms = ([str(offset)] if offset else []) + [f"({i}) * {st}" if st != 1 else f"({i})"
+                                                 for i, st in zip(indices, strides) if st != 0]
+    raw = f"{em.arg(buf)}[{' + '.join(terms) or '0'}]"
+    return f"bf16_to_float({raw})" if plan.buffer_of(buf).dtype == "bf16" else raw
+
+
+GROUP_SORT_THREADS = 256
+
+
+def _group_sort(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
+    """group_rank / group_offsets in one block: a histogram of the ids in shared
+    memory, its exclusive scan, then (for the rank) the ids in chunks of one per thread,
+    each placed after the earlier ids of its group. Ids outside [0, G) are clamped (the
+    reference refuses them; the router never makes one)."""
+    g = plan.graph
+    node = kernel.anchor
+    (ids,) = g.inputs_of(node)
+    em = Emitter(plan, kernel.nodes, args=args)
+    ctx.update(mode=g.op(node).removeprefix("group_"), count=g.type(ids).size,
+               groups=g.node(node)["attrs"]["num_groups"], id_at=_operand_access(em, plan, ids, ["r"]),
+               out=em.arg(node))
+    return (1, 1, 1), (GROUP_SORT_THREADS, 1, 1), em
+
+
+GROUPED_TILE, GROUPED_BK, GROUPED_THREADS = 64, 16, 256
+
+
+def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
+    """C = A B over the row segments of the groups, 64 x 64 tiles of C per block (256
+    threads, 4 x 4 elements each, slabs of 16 along the summed axis staged in shared
+    memory).
+    grouped_matmul (rows): C = out rows of group e, A = x rows, B = w[e]; the blocks
+    walk the tiles of every segment (at most ceil(R/64) + G of them along m: each
+    segment adds at most one partial tile); blocks past the last tile do nothing.
+    grouped_weight_grad (weights): C = out[e] (K, N), A = x rows of group eᵀ, B = y
+    rows of group e; a block per (group, tile), summing over the group's rows
+    (an empty group stores zeros)."""
+    g = plan.graph
+    node = kernel.anchor
+    a_in, b_in, offsets = g.inputs_of(node)
+    em = Emitter(plan, kernel.nodes, args=args)
+    groups = g.type(offsets).shape[0] - 1
+    tile = GROUPED_TILE
+    rows = g.type(a_in).shape[0]
+    out = em.arg(node)
+    out_bf16 = plan.buffer_of(node).dtype == "bf16"
+    if g.op(node) == "grouped_matmul":
+        m, n = rows, g.type(node).shape[1]
+        k = g.type(a_in).shape[1]
+        a_at = _operand_access(em, plan, a_in, ["gm", "gk"])
+        b_at = _operand_access(em, plan, b_in, ["e", "gk", "gn"])
+        c_at = f"(gm) * {n} + (gn)"
+        m_slots = ceil_div(rows, tile) + groups
+    else:
+        m, n = g.type(node).shape[1:]
+        k = rows
+        a_at = _operand_access(em, plan, a_in, ["gk", "gm"])
+        b_at = _operand_access(em, plan, b_in, ["gk", "gn"])
+        c_at = f"(idx_t)e * {m * n} + (gm) * {n} + (gn)"
+        m_slots = groups * ceil_div(m, tile)
+    store = "float_to_bf16(acc[i][j])" if out_bf16 else "acc[i][j]"
+    ctx.update(mode="rows" if g.op(node) == "grouped_matmul" else "weights", groups=groups, m=m, n=n, k=k,
+               tile=tile, bk=GROUPED_BK, n_tiles=ceil_div(n, tile), m_tiles=ceil_div(m, tile),
+               offsets=em.arg(offsets), a_at=a_at, b_at=b_at, c_at=c_at, out=out, store=store)
+    return (m_slots * ceil_div(n, tile), 1, 1), (GROUPED_THREADS, 1, 1), em
 
 
 def _attention_tiles(dim: int, target: Target):

@@ -27,10 +27,15 @@ import networkx as nx
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner.attention import AttentionMatch, find_attention
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
+from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
 
 POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
 ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
+# Mixture-of-experts dispatch (ops/grouped.py): each op is a kernel of its own, reading
+# its operands from buffers and fusing nothing.
+GROUP_SORT, GROUPED_MATMUL = "group_sort", "grouped_matmul"
+GROUPED_FAMILIES = {"group_rank": GROUP_SORT, "group_offsets": GROUP_SORT,
+                    "grouped_matmul": GROUPED_MATMUL, "grouped_weight_grad": GROUPED_MATMUL}
 
 
 @dataclass
@@ -173,7 +178,7 @@ class Fuser:
         kinds = {n: OPS[g.op(n)].kind for n in nodes}
         matmuls = [n for n, k in kinds.items() if k == MATMUL]
         reduces = [n for n, k in kinds.items() if k == REDUCE]
-        if any(k == SCATTER for k in kinds.values()):
+        if any(k in (SCATTER, GROUPED) for k in kinds.values()):
             return None
         # A kernel cannot read a buffer it writes: matmul operands and gather tables
         # must come from other kernels.
@@ -205,6 +210,8 @@ class Fuser:
             family = MATMUL_FAMILY
         elif kind == SCATTER:
             family = SCATTER_FAMILY
+        elif kind == GROUPED:
+            family = GROUPED_FAMILIES[self.graph.op(nid)]
         elif kind == REDUCE:
             family = ROW if row_space(self.graph, nid) else REDUCTION
         else:
@@ -223,7 +230,7 @@ class Fuser:
             return None
         target = targets.pop()
         group = self.groups[target]
-        if group.attention:
+        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL):
             return None
         for user, chain in users:
             read = chain[-1] if chain else nid

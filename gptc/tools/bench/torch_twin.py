@@ -15,6 +15,9 @@ torch.optim.AdamW with weight decay on the parameters gptc.compiler.optim.decays
 Attention uses F.scaled_dot_product_attention(is_causal=True), what a PyTorch user
 would write; in float32 it dispatches to the memory-efficient kernel.
 
+model.ffn = "moe" (mixture of experts) is the plain loop over experts of MoE below;
+its loss() adds the load-balancing loss as gptc's training graph does.
+
 Only gptc.tools.bench.peers and tests import this module, and only where PyTorch is installed."""
 from __future__ import annotations
 
@@ -77,13 +80,58 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
+class Weight(nn.Module):
+    """A bare parameter named "weight" (gptc's "<module>.weight" names)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape))
+
+
+class MoE(nn.Module):
+    """Mixture of experts as gptc's dsl.moe: top-k experts per token by router logits
+    (ties to the lowest index: a stable descending sort), gates = softmax of the k
+    logits, a loop over the experts on the tokens routed to each. `aux` keeps the last
+    forward's load-balancing loss E * sum_e f_e P_e (f_e the fraction of the
+    (token, slot) pairs routed to e, a constant; P_e the mean router probability)."""
+
+    def __init__(self, m: ModelSpec):
+        super().__init__()
+        self.k, self.n_experts, self.swiglu = m.moe_top_k, m.n_experts, m.expert_ffn == "swiglu"
+        hidden = m.d_ff * (2 if self.swiglu else 1)
+        self.router = Linear(m.d_model, m.n_experts, False)
+        self.experts = nn.Module()
+        self.experts.c_fc = Weight(m.n_experts, m.d_model, hidden)
+        self.experts.c_proj = Weight(m.n_experts, m.d_ff, m.d_model)
+        self.aux = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :self.k]
+        gates = torch.softmax(logits.gather(1, order), dim=-1)
+        out = torch.zeros_like(flat)
+        for e in range(self.n_experts):
+            token, slot = (order == e).nonzero(as_tuple=True)
+            h = flat[token] @ self.experts.c_fc.weight[e]
+            if self.swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h, approximate="tanh")
+            out = out.index_add(0, token, (h @ self.experts.c_proj.weight[e]) * gates[token, slot, None])
+        fraction = F.one_hot(order, self.n_experts).sum((0, 1)).to(flat.dtype) / order.numel()
+        self.aux = self.n_experts * (fraction * torch.softmax(logits, dim=-1).mean(0)).sum()
+        return out.reshape(x.shape)
+
+
 class Block(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
         self.ln_1 = LayerNorm(m.d_model, m.norm_eps)
         self.attn = Attention(m)
         self.ln_2 = LayerNorm(m.d_model, m.norm_eps)
-        self.mlp = MLP(m)
+        self.mlp = MoE(m) if m.ffn == "moe" else MLP(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -115,9 +163,20 @@ class TorchGPT(nn.Module):
             return self.lm_head(x)
         return F.linear(x, self.wte, getattr(self, "lm_head_bias", None))
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's load-balancing loss averaged over the MoE layers (as
+        gptc's "aux_loss"), or None without experts."""
+        if self.spec.ffn != "moe":
+            return None
+        return sum(block.mlp.aux for block in self.h) / len(self.h)
+
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training objective: the cross-entropy, plus moe_aux_weight * aux_loss
+        with experts (as gptc's training graph minimizes)."""
         logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        aux = self.aux_loss()
+        return loss if aux is None else loss + self.spec.moe_aux_weight * aux
 
 
 def gptc_name(torch_name: str) -> str:
