@@ -180,7 +180,8 @@ def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend
             keep = last.reshape(batch, 1, 1, 1) >= flat  # the padding after the prompt is left out
             name = f"kv_state.{layer}"
             g.state(name, linear_state_shape(m, batch))  # overwritten whole: the old value is not read
-            g.updates[name] = dsl.linear_attention_state(k, v, keep).id
+            state = dsl.linear_attention_state(k, v, keep)
+            g.updates[name] = state._new("copy", [state]).id  # a matmul kernel cannot store a state
             return over_sequence(layer, q, k, v)
         return attend_linear
 
