@@ -252,36 +252,8 @@ def test_tiny_linear_trains_300_steps_on_the_bundled_corpus(tmp_path, monkeypatc
     assert len(result.losses) == 300 and last <= 0.7 * first, (first, last)
 
 
-# ----- kernels: compiled for both targets here, run on a GPU by the integrator --------------
-COMPILE_TARGETS = ["hip:gfx90a", "cuda:sm_90"]
 
-
-@pytest.mark.parametrize("target", COMPILE_TARGETS)
-def test_every_kernel_of_the_linear_bundle_compiles(target):
-    """Every kernel of the train, eval, prefill and decode steps (fused and unfused) of a
-    linear spec with two chunks and grouped key/value heads."""
-    from gptc.compiler.codegen.kernels import prelude
-    from gptc.runtime.bundle import render_bundle
-    from gptc.runtime.device import compile_many
-    from gptc.target import parse_target
-    spec = linear_spec(gptc.preset("tiny"), seq_len=70, n_heads=4, n_kv_heads=2)
-    codes: dict[str, str] = {}
-    headers = []  # each kernel's source starts naming the graph nodes (and scopes) it computes
-    for fuse in (True, False):
-        rendered = render_bundle(spec, parse_target(target), "any", fuse, log=lambda line: None)
-        for kernels in rendered.kernels.values():
-            for k in kernels:
-                codes[k.code[len(prelude()):]] = k.symbol
-                headers.append(k.source[:k.source.index(prelude())])
-    distinct = sorted(codes)
-    batches = [distinct[i:i + 16] for i in range(0, len(distinct), 16)]
-    sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(batch)),
-                f"linear_batch{i}") for i, batch in enumerate(batches)]
-    objects = compile_many(sources, parse_target(target))
-    assert len(objects) == len(batches) and all(len(o) > 0 for o in objects)
-    assert any("linear_attention" in header for header in headers)  # traceable to the composite
-
-
+# ----- kernels: run on a GPU by the integrator, compiled for both targets here ------------
 def linear_attention_graph(seq: int, dim: int, groups: int) -> Graph:
     """Forward and gradients of linear attention at awkward sizes."""
     g = Graph()
@@ -294,9 +266,12 @@ def linear_attention_graph(seq: int, dim: int, groups: int) -> Graph:
     return g
 
 
+KERNEL_SIZES = [(37, 16, 4), (203, 24, 2), (517, 64, 1)]  # (seq, head_dim, key/value heads of 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("seq,dim,groups", [(37, 16, 4), (203, 24, 2), (517, 64, 1)])
+@pytest.mark.parametrize("seq,dim,groups", KERNEL_SIZES)
 def test_linear_attention_kernels_match_the_reference(device, rng, seq, dim, groups, fuse):
     from test_gpu_kernels import random_feeds, run_both
     from conftest import rel_err
@@ -350,3 +325,31 @@ def test_state_generation_on_gpu_equals_recomputation(device, tmp_path, n_kv_hea
         assert cached == list(generate_tokens(cpu_model(spec, params), prompt, p))
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize("target", ["hip:gfx90a", "cuda:sm_90"])
+def test_every_linear_kernel_compiles(target):
+    """Every kernel of the train, eval, prefill and decode steps (fused and unfused
+    plans) of a linear spec with two chunks and grouped key/value heads, and of the
+    fused plans of the GPU tests' graphs (GPU_SPECS, KERNEL_SIZES; their unfused plans
+    are the same per-op kernels at other sizes, ~900 more to compile)."""
+    from gptc.compiler.codegen.kernels import prelude, render_plan
+    from gptc.compiler.planner import make_plan
+    from gptc.runtime.bundle import render_bundle
+    from gptc.runtime.device import compile_many
+    from gptc.target import parse_target
+    arch = parse_target(target)
+    spec = linear_spec(gptc.preset("tiny"), seq_len=70, n_heads=4, n_kv_heads=2)
+    graphs = [build_graph(s, "train") for s in GPU_SPECS.values()] + [linear_attention_graph(*n) for n in KERNEL_SIZES]
+    kernels = []
+    for fuse in (True, False):
+        kernels += [k for step in render_bundle(spec, arch, "any", fuse, log=lambda line: None).kernels.values() for k in step]
+    kernels += [k for g in graphs for k in render_plan(make_plan(g, True), arch)]
+    distinct = sorted({k.code[len(prelude()):] for k in kernels})
+    batches = [distinct[i:i + 16] for i in range(0, len(distinct), 16)]
+    sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(batch)),
+                f"linear_batch{i}") for i, batch in enumerate(batches)]
+    objects = compile_many(sources, arch)
+    assert len(objects) == len(batches) and all(len(o) > 0 for o in objects)
+    # each kernel's source starts naming the graph nodes (and their scopes) it computes
+    assert any("linear_attention" in k.source[:k.source.index(prelude())] for k in kernels)

@@ -197,7 +197,9 @@ def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend
 def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
     """Attention of one new position `pos` (an i32 (1,) input) over the KV cache: the
     new key and value are written into the cache at `pos` first, then the query attends
-    to the cache positions it sees (0..pos, or the last `window` of them)."""
+    to the cache positions it sees (0..pos, or the last `window` of them). Linear
+    attention instead adds the new key and value to its state kv_state.<l>, which
+    holds positions 0..pos-1 (the prefill and the decode steps before)."""
     if m.attention == "linear":
         def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # O(1) per token: add the new key and value to the state, read it with the query.
