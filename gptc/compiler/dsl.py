@@ -11,7 +11,8 @@ from gptc.compiler.ir import Graph, Tensor
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
            "scalenorm", "softmax", "causal_attention", "elu_plus_one", "linear_attention",
-           "linear_attention_state", "linear_attention_read", "LINEAR_ATTENTION_EPS", "rope", "sinusoidal_table", "cross_entropy", "embedding"]
+           "linear_attention_state", "linear_attention_read", "LINEAR_ATTENTION_EPS", "rope",
+           "sinusoidal_table", "cross_entropy", "embedding"]
 
 
 def composite(fn: Callable) -> Callable:
@@ -100,8 +101,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
 # y_t = phi(q_t)ᵀ Σ_{s<=t} phi(k_s) v_sᵀ / (phi(q_t)ᵀ Σ_{s<=t} phi(k_s) + eps), phi = elu + 1.
 # No 1/sqrt(d) scale: phi(q)ᵀphi(k) > 0 is not exponentiated and the normaliser cancels
 # any scale of q. The eps only guards the division: the denominator is a sum of positive
-# terms (it includes phi(q_t)ᵀphi(k_t) > 0), so 1e-6 changes nothing at float32 unless
-# every phi is tiny (all q, k far below 0).
+# terms (it includes phi(q_t)ᵀphi(k_t) > 0, about d at initialisation), so its relative
+# effect, eps / denominator, is below float32 rounding unless every phi is tiny (q, k far
+# below 0). The PyTorch twin uses the same eps.
 LINEAR_ATTENTION_EPS = 1e-6
 
 
