@@ -10,8 +10,10 @@ from typing import Callable
 from gptc.compiler.ir import Graph, Tensor
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
-           "scalenorm", "softmax", "causal_attention", "rope", "sinusoidal_table", "cross_entropy", "embedding",
-           "top_k", "group_rank", "group_offsets", "grouped_matmul", "moe"]
+           "scalenorm", "softmax", "causal_attention", "elu_plus_one", "linear_attention",
+           "linear_attention_state", "linear_attention_read", "LINEAR_ATTENTION_EPS", "rope",
+           "sinusoidal_table", "cross_entropy", "embedding", "top_k", "group_rank", "group_offsets",
+           "grouped_matmul", "moe"]
 
 
 def composite(fn: Callable) -> Callable:
@@ -94,6 +96,102 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
     visible = graph.iota((seq, seq), 0) >= graph.iota((seq, seq), 1)   # row (query) >= column (key)
     scores = visible.where(scores, -math.inf)
     return softmax(scores) @ v
+
+
+# ----- causal linear attention (Katharopoulos et al., 2020) ------------------------------
+# y_t = phi(q_t)ᵀ Σ_{s<=t} phi(k_s) v_sᵀ / (phi(q_t)ᵀ Σ_{s<=t} phi(k_s) + eps), phi = elu + 1.
+# No 1/sqrt(d) scale: phi(q)ᵀphi(k) > 0 is not exponentiated and the normaliser cancels
+# any scale of q. The eps only guards the division: the denominator is a sum of positive
+# terms (it includes phi(q_t)ᵀphi(k_t) > 0, about d at initialisation), so its relative
+# effect, eps / denominator, is below float32 rounding unless every phi is tiny (q, k far
+# below 0). The PyTorch twin uses the same eps.
+LINEAR_ATTENTION_EPS = 1e-6
+
+
+@composite
+def elu_plus_one(x: Tensor) -> Tensor:
+    """elu(x) + 1 = x + 1 for x > 0, exp(x) otherwise, as relu(x) + exp(min(x, 0)): exp
+    never sees a positive argument, so neither the value nor the gradient overflows."""
+    relu = x.maximum(0.0)
+    return relu + (x - relu).exp()
+
+
+def _with_ones(v: Tensor) -> Tensor:
+    """(..., S, d) -> (..., S, d + 1), a column of ones appended: a product with it
+    yields the numerator (first d columns) and the normaliser (the last) at once."""
+    dim, axis = v.shape[-1], v.ndim - 1
+    return v.graph.iota(v.shape[:-1] + (dim + 1,), axis).eq(dim).where(1.0, v.pad(axis, 0, 1))
+
+
+def _normalise(y1: Tensor, eps: float) -> Tensor:
+    """(..., d + 1) numerators and normaliser -> (..., d) outputs."""
+    dim, axis = y1.shape[-1] - 1, y1.ndim - 1
+    return y1.slice(axis, 0, dim) / (y1.slice(axis, dim, dim + 1) + eps)
+
+
+def _repeat_heads(t: Tensor, heads: int) -> Tensor:
+    """(..., G, S, d) key/value heads -> (..., heads, S, d): query head h reads group
+    h // (heads / G) (grouped-query attention)."""
+    groups = t.shape[-3]
+    if groups == heads:
+        return t
+    lead, rest = t.shape[:-3], t.shape[-2:]
+    wide = t.reshape(*lead, groups, 1, *rest).broadcast_to(lead + (groups, heads // groups) + rest)
+    return wide.reshape(*lead, heads, *rest)
+
+
+@composite
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, chunk: int = 64, eps: float = LINEAR_ATTENTION_EPS) -> Tensor:
+    """Causal linear attention over q (..., H, S, d) and k, v (..., G, S, d), G dividing H,
+    in chunks of `chunk` positions (the sequence is zero-padded to a multiple): within a
+    chunk, (phi(Q) phi(K)ᵀ ⊙ causal mask) [V 1]; across chunks, phi(Q) times the sum of
+    phi(K)ᵀ [V 1] over the earlier chunks (an exclusive prefix sum). O(S C d + S d²
+    + (S/C)² d²) instead of O(S² d)."""
+    seq, dim = q.shape[-2], q.shape[-1]
+    k, v = (_repeat_heads(t, q.shape[-3]) for t in (k, v))
+    size = min(chunk, seq)
+    n = -(-seq // size)
+    lead, axis = q.shape[:-2], q.ndim - 2
+
+    def chunked(t: Tensor) -> Tensor:  # (..., S, w) -> (..., n, size, w); padded rows are zeros
+        t = t.pad(axis, 0, n * size - seq) if n * size > seq else t
+        return t.reshape(*lead, n, size, t.shape[-1])
+
+    fq, fk, v1 = chunked(elu_plus_one(q)), chunked(elu_plus_one(k)), chunked(_with_ones(v))
+    graph = q.graph
+    causal = graph.iota((size, size), 0) >= graph.iota((size, size), 1)  # row (query) >= column (key)
+    y1 = causal.where(fq @ fk.T, 0.0) @ v1
+    if n > 1:
+        # Chunk i reads the sum of chunks j < i: a masked sum over j (a matmul with a
+        # constant 0/1 matrix would need that matrix in memory; the planner inlines it).
+        width = dim * (dim + 1)
+        per_chunk = (fk.T @ v1).reshape(*lead, 1, n, width).broadcast_to(lead + (n, n, width))
+        earlier = graph.iota((n, n, 1), 1) < graph.iota((n, n, 1), 0)  # (i, j): j < i
+        prefix = earlier.where(per_chunk, 0.0).sum(-2).reshape(*lead, n, dim, dim + 1)
+        y1 = y1 + fq @ prefix
+    y1 = y1.reshape(*lead, n * size, dim + 1)
+    return _normalise(y1.slice(axis, 0, seq) if n * size > seq else y1, eps)
+
+
+@composite
+def linear_attention_state(k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
+    """The recurrent state of linear attention after keys and values k, v (..., S, d):
+    (..., d, d + 1), Σ_s phi(k_s) [v_s 1]ᵀ (columns < d: Σ phi(k) vᵀ; column d: Σ phi(k)).
+    `keep` (bool, broadcastable to (..., S, 1)) picks the positions summed."""
+    fk = elu_plus_one(k)
+    if keep is not None:
+        fk = keep.where(fk, 0.0)
+    return fk.T @ _with_ones(v)
+
+
+@composite
+def linear_attention_read(q: Tensor, state: Tensor, eps: float = LINEAR_ATTENTION_EPS) -> Tensor:
+    """Outputs of queries q (..., H, S, d) from states (..., G, d, d + 1) of G key/value
+    heads (G dividing H): phi(q)ᵀ Σ phi(k) vᵀ / (phi(q)ᵀ Σ phi(k) + eps)."""
+    heads, seq, dim = q.shape[-3:]
+    groups, lead = state.shape[-3], q.shape[:-3]
+    grouped = elu_plus_one(q).reshape(*lead, groups, heads // groups * seq, dim)
+    return _normalise((grouped @ state).reshape(*lead, heads, seq, dim + 1), eps)
 
 
 def _angles(positions: Tensor, pairs: int, dims: int, base: float) -> Tensor:

@@ -22,9 +22,10 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     infer: input tokens -> logits (B, S, V);
     prefill: inputs tokens (B, S) (padded to the context) and last (B,) i32, the flat
              index b*S + (length-1) of each sequence's last token -> logits (B, V);
-             updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim);
+             updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
+             (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
     decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
-             updates the KV cache at pos."""
+             updates the KV cache at pos (linear attention: adds to its state)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -36,7 +37,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode == "prefill":
         tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
         last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
-        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model), rows=last))
+        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last), rows=last))
         return g
     if mode == "decode":
         tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)

@@ -68,7 +68,9 @@ Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 def attend_sequence(m: ModelSpec) -> Attend:
     """Attention of every position over the sequence, of the spec's kind."""
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if m.attention in ("linear", "local"):
+        if m.attention == "linear":
+            return dsl.linear_attention(q, k, v)
+        if m.attention == "local":
             raise _not_yet(f"model.attention = '{m.attention}'")
         if m.kv_heads != m.n_heads:
             raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
@@ -177,10 +179,31 @@ def kv_cache_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
     return (batch, m.kv_heads, m.seq_len, m.head_dim)
 
 
-def prefill_attend(g: Graph, m: ModelSpec) -> Attend:
+def linear_state_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
+    """Linear attention's recurrent state per layer: Σ phi(k) [v 1]ᵀ per key/value head."""
+    return (batch, m.kv_heads, m.head_dim, m.head_dim + 1)
+
+
+def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend:
     """Attention over the whole (padded) context that also stores every position's
-    keys and values into the KV cache states k_cache.<l>, v_cache.<l>."""
+    keys and values into the KV cache states k_cache.<l>, v_cache.<l>. Linear
+    attention stores its state kv_state.<l> instead, summed over the positions up to
+    each sequence's last token: `last` (B,) i32, the flat index b*S + (length-1)."""
     over_sequence = attend_sequence(m)
+    if m.attention == "linear":
+        if last is None:
+            raise ValueError("prefill of linear attention needs the sequences' last positions")
+
+        def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            batch, seq = q.shape[0], q.shape[2]
+            flat = g.iota((batch, 1, seq, 1), 0) * seq + g.iota((batch, 1, seq, 1), 2)
+            keep = last.reshape(batch, 1, 1, 1) >= flat  # the padding after the prompt is left out
+            name = f"kv_state.{layer}"
+            g.state(name, linear_state_shape(m, batch))  # overwritten whole: the old value is not read
+            state = dsl.linear_attention_state(k, v, keep)
+            g.updates[name] = state._new("copy", [state]).id  # a matmul kernel cannot store a state
+            return over_sequence(layer, q, k, v)
+        return attend_linear
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
@@ -194,9 +217,17 @@ def prefill_attend(g: Graph, m: ModelSpec) -> Attend:
 def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
     """Attention of one new position `pos` (an i32 (1,) input) over the KV cache: the
     new key and value are written into the cache at `pos` first, then the query attends
-    to the cache positions it sees (0..pos, or the last `window` of them)."""
+    to the cache positions it sees (0..pos, or the last `window` of them). Linear
+    attention instead adds the new key and value to its state kv_state.<l>, which
+    holds positions 0..pos-1 (the prefill and the decode steps before)."""
     if m.attention == "linear":
-        raise _not_yet("model.attention = 'linear'")
+        def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            # O(1) per token: add the new key and value to the state, read it with the query.
+            name = f"kv_state.{layer}"
+            state = g.state(name, linear_state_shape(m, q.shape[0])) + dsl.linear_attention_state(k, v)
+            g.updates[name] = state.id
+            return dsl.linear_attention_read(q, state)
+        return attend_linear
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = kv_cache_shape(m, q.shape[0])

@@ -13,7 +13,8 @@ torch.optim.AdamW with weight decay on the parameters gptc.compiler.optim.decays
 (matrices, by default), same lr, betas, eps and weight decay.
 
 Attention uses F.scaled_dot_product_attention(is_causal=True), what a PyTorch user
-would write; in float32 it dispatches to the memory-efficient kernel.
+would write; in float32 it dispatches to the memory-efficient kernel. Linear attention
+(attention = "linear") is the naive causal O(S²) form, `linear_attention`.
 
 model.ffn = "moe" (mixture of experts) is the plain loop over experts of MoE below;
 its loss() adds the load-balancing loss as gptc's training graph does.
@@ -55,10 +56,21 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Causal linear attention, the naive O(S²) form: with phi = elu + 1,
+    y_t = Σ_{s<=t} (phi(q_t)·phi(k_s)) v_s / (Σ_{s<=t} phi(q_t)·phi(k_s) + eps). No
+    1/sqrt(d) scale (the normaliser cancels it); eps is gptc's dsl.LINEAR_ATTENTION_EPS."""
+    s = q.shape[-2]
+    scores = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)
+    scores = scores * torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    return (scores @ v) / (scores.sum(-1, keepdim=True) + eps)
+
+
 class Attention(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
         self.heads = m.n_heads
+        self.linear = m.attention == "linear"
         self.c_attn = Linear(m.d_model, 3 * m.d_model, m.bias)
         self.c_proj = Linear(m.d_model, m.d_model, m.bias)
 
@@ -66,7 +78,10 @@ class Attention(nn.Module):
         b, s, e = x.shape
         q, k, v = self.c_attn(x).split(e, dim=2)
         q, k, v = (t.view(b, s, self.heads, e // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.linear:
+            y = linear_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(b, s, e))
 
 
@@ -244,4 +259,4 @@ def train_step(loss_fn, model: TorchGPT, opt: torch.optim.AdamW, tokens: torch.T
     return loss.detach()
 
 
-__all__ = ["TorchGPT", "build_model", "load_params", "make_optimizer", "reset_optimizer", "train_step"]
+__all__ = ["TorchGPT", "linear_attention", "build_model", "load_params", "make_optimizer", "reset_optimizer", "train_step"]
