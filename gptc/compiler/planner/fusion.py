@@ -116,7 +116,7 @@ class Fuser:
         g = self.graph
         if self.fuse:
             for match in find_attention(g, lambda n: is_free(g, n, self.free)):
-                self._claim(Group(ATTENTION, match.out, set(match.forward), match))
+                self._claim(Group(ATTENTION, match.out, match.forward | match.prologue, match))
                 if match.backward:
                     self._claim(Group(ATTENTION_BWD, match.dv, set(match.backward), match))
         for nid in reversed(g.topo_order()):
