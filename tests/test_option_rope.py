@@ -199,7 +199,8 @@ def test_rope_attention_source_names_the_rope_nodes():
 def _rope_codes(target: str) -> list[str]:
     """The attention kernels of rope models with head_dim 32, 64 and 128, rotating all or
     half of the dimensions, and every other kernel of one of them (the pointwise kernel
-    that rotates the gradients back)."""
+    that rotates the gradients back), with its prefill and decode kernels (rotation at
+    the position fed)."""
     codes = []
     for head_dim in (32, 64, 128):
         for fraction in (1.0, 0.5):
@@ -208,7 +209,12 @@ def _rope_codes(target: str) -> list[str]:
             kernels = render_plan(plan, parse_target(target))
             attention = [k for k in kernels if k.family.startswith("attention")]
             assert sorted({k.family for k in attention}) == ["attention", "attention_bwd"]
-            codes += [k.code[len(prelude()):] for k in (kernels if (head_dim, fraction) == (64, 0.5) else attention)]
+            if (head_dim, fraction) != (64, 0.5):
+                kernels = attention
+            else:
+                for mode in ("prefill", "decode"):
+                    kernels += render_plan(make_plan(build_graph(spec, mode, batch=1), True), parse_target(target))
+            codes += [k.code[len(prelude()):] for k in kernels]
     return sorted(set(codes))
 
 
@@ -216,7 +222,7 @@ def _rope_codes(target: str) -> list[str]:
 def test_rope_kernels_compile(target):
     from gptc.runtime.device import compile_many
     codes = _rope_codes(target)
-    assert sum("auto q_at = [&]" in c for c in codes) == 12   # 6 forward, 6 backward attention kernels
+    assert sum("auto q_at = [&]" in c for c in codes) == 13   # 6 forward, 6 backward, prefill's forward
     batches = [codes[i:i + 16] for i in range(0, len(codes), 16)]   # one translation unit each
     sources = [(prelude() + "".join(f"namespace rope_{j} {{\n{code}}}\n" for j, code in enumerate(batch)),
                 f"rope_batch{i}") for i, batch in enumerate(batches)]
