@@ -24,7 +24,7 @@ from gptc.target import Target
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
-from gptc.compiler.planner.schedule import KernelPlan, Plan
+from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
 POINTWISE_THREADS = 256
 MAX_GRID = 65535 * 32
@@ -363,13 +363,6 @@ def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     return grid, (threads, 1, 1), em
 
 
-def _base_node(g, nid: int) -> int:
-    """The node a chain of views reads."""
-    while OPS[g.op(nid)].kind == VIEW:
-        nid = g.inputs_of(nid)[0]
-    return nid
-
-
 def _operand_layout(plan: Plan, nid: int):
     """(buffer node, offset, strides) of a matmul operand read through views."""
     g = plan.graph
@@ -607,7 +600,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
                scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
-        if _base_node(g, nid) in a.prologue:
+        if view_base(g, nid) in a.prologue:
             prologue_operand(name, nid, transpose)
             return
         buf, offset, strides = _operand_layout(plan, nid)

@@ -214,7 +214,7 @@ def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
     a = grp.attention
     operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else [])
     # A prologue's inputs instead of the q or k it computes.
-    bases = {_view_base(graph, o) for o in operands} - a.prologue
+    bases = {view_base(graph, o) for o in operands} - a.prologue
     reads = sorted(bases | set(reads_of(graph, a.prologue, {})))
     if grp.family == "attention":
         roots = [a.out] + ([a.m, a.s] if a.backward else [])
@@ -223,7 +223,7 @@ def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
     return roots, reads
 
 
-def _view_base(graph: Graph, nid: int) -> int:
+def view_base(graph: Graph, nid: int) -> int:
     """The buffered node a chain of views reads."""
     while OPS[graph.op(nid)].kind == VIEW:
         nid = graph.inputs_of(nid)[0]
