@@ -308,3 +308,17 @@ def test_a_cast_of_an_index_expression_keeps_its_brackets():
     g.output("y", g.iota((4, 6), 0).cast("f32") * x + g.iota((4, 6), 1).cast("f32"))
     (kernel,) = render_plan(make_plan(g, True), parse_target("cuda:sm_90"))
     assert "(float)(i / 6)" in kernel.source and "(float)(i % 6)" in kernel.source
+
+
+def test_the_inverse_rotation_of_the_gradients_is_one_pass():
+    """rope's VJP (dq, dk rotated back) reads the attention gradients through pads (a pad
+    reads each element once), so it fuses with the assembly of the QKV projection's
+    gradient: one pointwise kernel a layer, storing only that gradient."""
+    spec = rope_spec(0.5)
+    plan = make_plan(build_graph(spec, "train"), True)
+    g = plan.graph
+    inverse = [k for k in plan.kernels if any(g.node(n)["scope"].endswith("/rope#bwd") for n in k.nodes)]
+    assert len(inverse) == spec.model.n_layers
+    for k in inverse:
+        assert k.family == "pointwise"
+        assert [g.type(r).shape for r in k.roots] == [(spec.train.batch_size, spec.model.seq_len, 3 * spec.model.d_model)]
