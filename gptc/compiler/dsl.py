@@ -208,11 +208,16 @@ def rope(x: Tensor, positions: Tensor, dims: int, base: float = 10000.0) -> Tens
     the first `dims` of the last axis, dimension i pairs with i + dims/2, and the pair
     rotates by position * base^(-2i/dims). x (..., S, D); positions i32 (S,)."""
     half, width, axis = dims // 2, x.shape[-1], len(x.shape) - 1
-    angles = _angles(positions, half, dims, base)
-    cos, sin = (t.broadcast_to(x.shape[:-1] + (half,)) for t in (angles.cos(), angles.sin()))
-    x1, x2 = x.slice(axis, 0, half), x.slice(axis, half, dims)
-    out = (x1 * cos - x2 * sin).pad(axis, 0, width - half) + (x2 * cos + x1 * sin).pad(axis, half, width - dims)
-    return out + x.slice(axis, dims, width).pad(axis, dims, 0) if dims < width else out
+    seq = positions.shape[0]
+    # Each pair's angle at both its dimensions, (S, half) -> (S, 2, half) -> (S, dims) by
+    # views, so a kernel computes one angle, cos and sin per element it rotates.
+    angles = _angles(positions, half, dims, base).reshape(seq, 1, half).broadcast_to((seq, 2, half)).reshape(seq, dims)
+    cos, sin = (t.broadcast_to(x.shape[:-1] + (dims,)) for t in (angles.cos(), angles.sin()))
+    rotated = x.slice(axis, 0, dims) if dims < width else x
+    x1, x2 = rotated.slice(axis, 0, half), rotated.slice(axis, half, dims)
+    turned = (-x2).pad(axis, 0, half) + x1.pad(axis, half, 0)  # rotate_half: (-x2, x1)
+    out = rotated * cos + turned * sin  # (x1 cos - x2 sin, x2 cos + x1 sin)
+    return out.pad(axis, 0, width - dims) + x.slice(axis, dims, width).pad(axis, dims, 0) if dims < width else out
 
 
 @composite

@@ -10,6 +10,7 @@ nodes or views read it."""
 from __future__ import annotations
 
 import math
+import re
 
 from gptc.compiler.codegen import names
 from gptc.compiler.codegen.indexing import Index, linearize, view_index
@@ -135,7 +136,7 @@ class Emitter:
             target = node["attrs"]["dtype"]
             if target == "bf16":
                 return f"bf16_to_float(float_to_bf16((float){args[0]}))"
-            return f"(({C_TYPE[target]}){args[0]})"
+            return f"(({C_TYPE[target]}){_operand(args[0])})"
         return OPS[node["op"]].c_expr.format(*args)
 
     def _view(self, nid: int, node: dict, index: Index) -> str:
@@ -157,6 +158,12 @@ class Emitter:
                 return inner
             return f"({f'({inside})' if '&&' in inside else inside} ? {inner} : {zero})"
         return self.value(src, view_index(node["op"], node["attrs"], in_shape, out_shape, index))
+
+
+def _operand(expr: str) -> str:
+    """`expr` bracketed unless it is a name, a number or bracketed already: a cast's
+    operand, where (float)(i / 8) % 13 would cast before the %."""
+    return expr if re.fullmatch(r"[\w.]+", expr) or unwrap(expr) != expr else f"({expr})"
 
 
 def unwrap(expr: str) -> str:

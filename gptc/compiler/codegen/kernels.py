@@ -24,7 +24,7 @@ from gptc.target import Target
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
-from gptc.compiler.planner.schedule import KernelPlan, Plan
+from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
 POINTWISE_THREADS = 256
 MAX_GRID = 65535 * 32
@@ -660,7 +660,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     one part whose two halves (keys, queries) share one shared-memory buffer."""
     g = plan.graph
     a = kernel.attention
-    em = Emitter(plan, kernel.nodes, args=args)
+    em = Emitter(plan, sorted(set(kernel.nodes) | a.prologue), args=args)
     *batch_shape, seq, dim = g.type(a.q).shape
     assert dim <= MAX_HEAD_DIM, f"the attention templates handle head_dim <= {MAX_HEAD_DIM}"
     bhn = max(1, _size(tuple(batch_shape)))
@@ -675,13 +675,30 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
                scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
+        if view_base(g, nid) in a.prologue:
+            prologue_operand(name, nid, transpose)
+            return
         buf, offset, strides = _operand_layout(plan, nid)
         if transpose:
             strides = strides[:-2] + [strides[-1], strides[-2]]
         base = add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])])
         batch_lines.append(f"const idx_t {name}_base = {emit(base)};")
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
+        ctx[f"{name}_at"] = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
 
+    def prologue_operand(name: str, nid: int, transpose: bool) -> None:
+        """q or k computed by its prologue (dsl.rope) at each element the kernel loads:
+        a lambda of (row, column) evaluating the prologue's nodes, which read its inputs
+        (the unrotated q or k, a view of the QKV projection) from their buffers."""
+        row = rows[name]
+        position = (var(row, seq), var("c", dim))
+        em.begin_block()
+        value = em.value(nid, tuple(z) + (position[::-1] if transpose else position))
+        body = [f"  {line}" for line in em.take()] + [f"  return {value};"]
+        batch_lines.extend([f"auto {name}_at = [&](const idx_t {row}, const int c) -> float {{"] + body + ["};"])
+        ctx[f"{name}_at"] = f"{name}_at({row}, c)"
+
+    rows = dict(q="i", k="j", v="j", g="i")  # the templates' row variable of each operand
     operand("q", a.q)
     operand("k", a.k_t, transpose=True)
     operand("v", a.v)

@@ -8,16 +8,25 @@ scope the matcher checks that the nodes have exactly this structure and find the
 operands; the planner then puts the forward nodes in one "attention" kernel (which
 stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
 in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
-not match exactly is left to the generic fusion, which computes the same values."""
+not match exactly is left to the generic fusion, which computes the same values.
+
+A prologue: when q or k is `dsl.rope` of a view of a buffer (the rotated queries and
+keys of a RoPE model), the rope's compute nodes join the forward kernel, which
+evaluates them as it loads its q and k tiles (the backward kernel re-evaluates them the
+same way), so the rotated q and k never reach memory. The gradients the backward
+kernel stores are those of the rotated values; rope's own VJP (the inverse rotation)
+stays in the generic fusion downstream."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.ops.registry import ELEMENTWISE, VIEW
 
 MAX_HEAD_DIM = 128  # the kernels stage tiles of head_dim-float rows in shared memory (codegen's _attention_tiles)
+# Composites whose (elementwise) nodes the kernels evaluate while loading q and k.
+PROLOGUE_COMPOSITES = ("rope",)
 
 
 @dataclass
@@ -36,6 +45,9 @@ class AttentionMatch:
     dq: int | None = None      # (.., S, D)
     dk_t: int | None = None    # (.., D, S)
     dv: int | None = None      # (.., S, D)
+    # Compute nodes of q's and k's prologues (dsl.rope), evaluated by both kernels as
+    # they load q and k: then q (k_t) is not stored, the kernels read its inputs.
+    prologue: set[int] = field(default_factory=set)
 
 
 def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
@@ -78,8 +90,34 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
         backward = nodes - forward
         match = _match_forward(graph, scope, forward)
         if match and (not backward or _match_backward(graph, match, backward)):
+            region = match.forward | match.backward
+            for operand in (match.q, match.k_t):
+                match.prologue |= _prologue(graph, operand, region, is_free)
             matches.append(match)
     return matches
+
+
+def _prologue(graph: Graph, operand: int, region: set[int], is_free) -> set[int]:
+    """The compute nodes of a PROLOGUE_COMPOSITES composite computing `operand` (through
+    views), if they are elementwise and read only by each other and by the attention
+    nodes in `region` (so no other kernel needs their values); else none."""
+    base, _ = _base(graph, operand)
+    scope = graph.node(base)["scope"]
+    if is_free(base) or scope.rpartition("/")[2] not in PROLOGUE_COMPOSITES:
+        return set()
+    nodes, stack = set(), [base]
+    while stack:   # the composite's nodes that `operand` depends on
+        nid = stack.pop()
+        if nid in nodes or graph.node(nid)["scope"] != scope or is_free(nid):
+            continue
+        if OPS[graph.op(nid)].kind != ELEMENTWISE:
+            return set()
+        nodes.add(nid)
+        for src in graph.inputs_of(nid):
+            stack.append(_base(graph, src)[0])
+    if any(not _users_through_views(graph, n) <= nodes | region for n in nodes):
+        return set()
+    return nodes
 
 
 def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch | None:

@@ -121,7 +121,7 @@ class Fuser:
         g = self.graph
         if self.fuse:
             for match in find_attention(g, lambda n: is_free(g, n, self.free)):
-                self._claim(Group(ATTENTION, match.out, set(match.forward), match))
+                self._claim(Group(ATTENTION, match.out, match.forward | match.prologue, match))
                 if match.backward:
                     self._claim(Group(ATTENTION_BWD, match.dv, set(match.backward), match))
         for nid in reversed(g.topo_order()):
@@ -200,7 +200,7 @@ class Fuser:
         if len({g.type(n).shape for n in roots}) != 1:
             return None
         for n, _, chain in self._internal_chains(nodes):
-            if chain and _size(g, chain[-1]) > _size(g, n) and not self._cheap_scalar(n):
+            if self._repeats(n, chain) and not self._cheap_scalar(n):
                 return None
         return POINTWISE, max(roots)
 
@@ -264,9 +264,16 @@ class Fuser:
         # Pointwise, reduce and scatter kernels inline a producer where each element is
         # read once (views that do not broadcast it), so nothing is computed twice,
         # except cheap scalars (a learning-rate factor), recomputed per element.
-        if any(chain and _size(g, chain[-1]) > _size(g, nid) for _, chain in users) and not self._cheap_scalar(nid):
+        if any(self._repeats(nid, chain) for _, chain in users) and not self._cheap_scalar(nid):
             return None
         return target
+
+    def _repeats(self, nid: int, chain: list[int]) -> bool:
+        """Whether a consumer reading `nid` through `chain` reads its elements more than
+        once: the views grow it, by a broadcast (a pad only adds zeros: rope's halves and
+        the VJP of a slice read each element once)."""
+        g = self.graph
+        return bool(chain) and _size(g, chain[-1]) > _size(g, nid) and any(g.op(v) == "broadcast" for v in chain)
 
     def _cheap_scalar(self, nid: int, depth: int = 4) -> bool:
         """A scalar computed in a few ops from sources and constants only."""

@@ -13,7 +13,8 @@ torch.optim.AdamW with weight decay on the parameters gptc.compiler.optim.decays
 (matrices, by default), same lr, betas, eps and weight decay.
 
 Attention uses F.scaled_dot_product_attention(is_causal=True), what a PyTorch user
-would write; in float32 it dispatches to the memory-efficient kernel. Linear attention
+would write; in float32 it dispatches to the memory-efficient kernel. With pos = "rope",
+queries and keys are rotated as Hugging Face's models do (rotate_half, partial rotary). Linear attention
 (attention = "linear") is the naive causal O(S²) form, `linear_attention`.
 
 model.ffn = "moe" (mixture of experts) is the plain loop over experts of MoE below;
@@ -66,9 +67,26 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     return (scores @ v) / (scores.sum(-1, keepdim=True) + eps)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, dims: int, base: float) -> torch.Tensor:
+    """Rotary embedding as Hugging Face's GPT-NeoX/LLaMA write it (rotate_half), over the
+    first `dims` dimensions of each head (partial rotary), positions 0..S-1. x (B, H, S, D)."""
+    seq = x.shape[-2]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=x.device, dtype=x.dtype) / dims))
+    angles = torch.arange(seq, device=x.device, dtype=x.dtype)[:, None] * inv_freq[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    rot, rest = x[..., :dims], x[..., dims:]
+    return torch.cat((rot * emb.cos() + rotate_half(rot) * emb.sin(), rest), dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
+        self.spec = m
         self.heads = m.n_heads
         self.linear = m.attention == "linear"
         self.c_attn = Linear(m.d_model, 3 * m.d_model, m.bias)
@@ -78,6 +96,8 @@ class Attention(nn.Module):
         b, s, e = x.shape
         q, k, v = self.c_attn(x).split(e, dim=2)
         q, k, v = (t.view(b, s, self.heads, e // self.heads).transpose(1, 2) for t in (q, k, v))
+        if self.spec.pos == "rope":
+            q, k = (apply_rope(t, self.spec.rope_dims, self.spec.rope_base) for t in (q, k))
         if self.linear:
             y = linear_attention(q, k, v)
         else:
@@ -160,7 +180,8 @@ class TorchGPT(nn.Module):
         super().__init__()
         self.spec = m
         self.wte = nn.Parameter(torch.empty(m.vocab_size, m.d_model))
-        self.wpe = nn.Parameter(torch.empty(m.seq_len, m.d_model))
+        if m.pos == "learned":  # RoPE rotates queries and keys instead
+            self.wpe = nn.Parameter(torch.empty(m.seq_len, m.d_model))
         self.h = nn.ModuleList(Block(m) for _ in range(m.n_layers))
         self.ln_f = LayerNorm(m.d_model, m.norm_eps)
         out_bias = m.bias and m.lm_head_bias
@@ -170,7 +191,9 @@ class TorchGPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         s = tokens.shape[1]
-        x = self.wte[tokens] + self.wpe[:s]
+        x = self.wte[tokens]
+        if self.spec.pos == "learned":
+            x = x + self.wpe[:s]
         for block in self.h:
             x = block(x)
         x = self.ln_f(x)
