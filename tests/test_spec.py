@@ -213,7 +213,6 @@ def test_toml_file_errors_name_the_option(tmp_path) -> None:
     ({"attention": "linear"}, "model.attention = 'linear'"),
     ({"n_kv_heads": 2}, "n_kv_heads"),
     ({"n_kv_heads": 1}, "n_kv_heads"),
-    ({"dropout": 0.1}, "dropout"),
 ])
 def test_unimplemented_options_are_refused(change: dict, option: str) -> None:
     spec = model(**change)

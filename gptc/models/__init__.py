@@ -15,7 +15,8 @@ MODES = ("train", "eval", "infer", "prefill", "decode")
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
                 expose_gradients: bool = False) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
-    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
+    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
+           (step also keys the dropout masks);
     eval:  inputs tokens, targets -> loss;
     infer: input tokens -> logits (B, S, V);
     prefill: inputs tokens (B, S) (padded to the context) and last (B,) i32, the flat
@@ -43,7 +44,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
-    logits = gpt_logits(g, spec.model, tokens, training=mode == "train")
+    logits = gpt_logits(g, spec.model, tokens, training=mode == "train", seed=spec.train.seed)
     if mode == "infer":
         g.output("logits", logits)
         return g

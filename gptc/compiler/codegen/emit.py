@@ -107,7 +107,9 @@ class Emitter:
             return emit(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
         if kind == VIEW:
             return self._view(nid, node, index)
-        if nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
+        if op == "random_uniform":
+            name = self._local(nid, self._random_uniform(node, index))
+        elif nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
             name = self.load(nid, index)
         elif kind == ELEMENTWISE:
             name = self._local(nid, self._elementwise(node, index))
@@ -128,6 +130,14 @@ class Emitter:
         where = f"  // %{nid} {node['op']} {node['scope']}".rstrip()
         self.lines.append(f"{C_TYPE[node['type'].dtype]} {name} = {unwrap(expr)};{where}")
         return name
+
+    def _random_uniform(self, node: dict, index: Index) -> str:
+        """Philox at the element's flat index (ops/random.py, prelude.h philox_uniform)."""
+        attrs = node["attrs"]
+        step = self.value(node["inputs"][0], ())
+        seed, flat = attrs["seed"], linearize(index, attrs["shape"])
+        return (f"philox_uniform({seed & 0xFFFFFFFF}u, {(seed >> 32) & 0xFFFFFFFF}u, {attrs['stream']}u, "
+                f"(uint32_t)(int){step}, (uint64_t){atom(flat)})")
 
     def _elementwise(self, node: dict, index: Index) -> str:
         args = [self.value(i, index) for i in node["inputs"]]
