@@ -122,12 +122,30 @@ def family_graphs():
             return g
         return build
 
+    def dropout():
+        # Dropout masks drawn in a row kernel, a matmul epilogue and on causal attention
+        # probabilities (the generic path), and recomputed by the backward kernels: the
+        # kernels' philox_uniform must give the reference's bits (a different mask is an
+        # O(1) error). The step is a random float here: both sides truncate it to an int.
+        from gptc.compiler.autodiff import gradients
+        g = Graph()
+        x, w = g.param("x", (37, 53)), g.param("w", (53, 29))
+        q, k, v = (g.param(n, (2, 3, 29, 16)) for n in "qkv")
+        r, r_att, step = g.input("r", (37, 29)), g.input("r_att", (2, 3, 29, 16)), g.input("step", ())
+        z = dsl.dropout(dsl.dropout(dsl.softmax(x), 0.3, step, 99, 5) @ w, 0.2, step, 99, 6)
+        att = dsl.causal_attention(q, k, v, drop=lambda p: dsl.dropout(p, 0.1, step, 99, 7))
+        g.output("z", z); g.output("att", att)
+        params = [x, w, q, k, v]
+        for name, grad in zip(("dx", "dw", "dq", "dk", "dv"), gradients((z * r).sum() + (att * r_att).sum(), params)):
+            g.output(name, grad)
+        return g
+
     return [("attention_grad", attention_grad, 1e-5), ("attention_long", attention_long(517, 64), 1e-4),
             ("attention_d96", attention_long(301, 96), 1e-4), ("attention_d128", attention_long(517, 128), 1e-4),
             ("attention_d100", attention_long(203, 100), 1e-4),
             ("pointwise", pointwise, 1e-5), ("row", row, 1e-5), ("cross_entropy", cross_entropy, 1e-5),
             ("reduce", reduce, 1e-5), ("matmul", matmul, 1e-5), ("embedding", embedding, 1e-5),
-            ("attention", attention, 1e-5)]
+            ("attention", attention, 1e-5), ("dropout", dropout, 1e-5)]
 
 
 @pytest.mark.gpu
@@ -154,6 +172,9 @@ SPECS = {
     # no clipping (AdamW fed by the stored gradients), decay on every param, tied embeddings
     "no_clip": gptc.Spec(replace(AWKWARD.model, tie_embeddings=True),
                          replace(AWKWARD.train, grad_clip=0.0, decay="all")),
+    # dropout on embeddings, attention probabilities and residual branches: the kernels'
+    # Philox masks equal the reference's bit for bit (attention runs unfused)
+    "dropout": gptc.Spec(replace(AWKWARD.model, dropout=0.1), AWKWARD.train),
 }
 
 
