@@ -124,9 +124,10 @@ def family_graphs():
 
     def dropout():
         # Dropout masks drawn in a row kernel, a matmul epilogue and on causal attention
-        # probabilities (the generic path), and recomputed by the backward kernels: the
-        # kernels' philox_uniform must give the reference's bits (a different mask is an
-        # O(1) error). The step is a random float here: both sides truncate it to an int.
+        # probabilities (fused: inside the flash kernels; unfused: generic kernels), and
+        # recomputed by the backward kernels: the kernels' philox_uniform must give the
+        # reference's bits (a different mask is an O(1) error). The step is a random
+        # float here: both sides truncate it to an int.
         from gptc.compiler.autodiff import gradients
         g = Graph()
         x, w = g.param("x", (37, 53)), g.param("w", (53, 29))
@@ -172,8 +173,8 @@ SPECS = {
     # no clipping (AdamW fed by the stored gradients), decay on every param, tied embeddings
     "no_clip": gptc.Spec(replace(AWKWARD.model, tie_embeddings=True),
                          replace(AWKWARD.train, grad_clip=0.0, decay="all")),
-    # dropout on embeddings, attention probabilities and residual branches: the kernels'
-    # Philox masks equal the reference's bit for bit (attention runs unfused)
+    # dropout on embeddings, attention probabilities (in the flash kernels when fused)
+    # and residual branches: the kernels' Philox masks equal the reference's bit for bit
     "dropout": gptc.Spec(replace(AWKWARD.model, dropout=0.1), AWKWARD.train),
 }
 

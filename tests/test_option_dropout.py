@@ -304,7 +304,8 @@ def test_every_dropout_kernel_compiles(tmp_path, monkeypatch) -> None:
                 codes.setdefault(k.code[len(prelude()):], k.symbol)
         with_rng = [c for c in codes if "philox_uniform(" in c]
         assert with_rng, "no kernel draws the masks"
-        assert all(re.search(r"philox_uniform\(4242u, 0u, \d+u, \(uint32_t\)\(int\)", c) for c in with_rng)
+        assert all(re.search(r"philox_uniform\(4242u, 0u, \d+u, (\(uint32_t\)\(int\)|drop_step)", c) for c in with_rng)
+        assert any("drop_step" in c for c in with_rng)  # the flash kernels' masks
         distinct = sorted(codes)
         batches = [distinct[i:i + 16] for i in range(0, len(distinct), 16)]
         sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(batch)),
@@ -332,3 +333,35 @@ def test_tiny_model_trains_with_dropout_on_the_cpu() -> None:
         losses.append(float(out["loss"]))
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last <= 0.7 * first, (first, last)
+
+
+def test_flash_attention_kernels_take_the_dropout() -> None:
+    """The planner's attention matcher sees through dropout on the probabilities: the
+    flash kernels apply the mask (forward after the row statistics; backward on p for
+    dV and on dP for dS), with the seed, stream, threshold and scale of the graph."""
+    from gptc.compiler.codegen.kernels import render_plan
+    from gptc.compiler.planner import make_plan
+    from gptc.target import parse_target
+    spec = dropout_spec(0.25)
+    graph = gptc.build_graph(spec, "train")
+    plan = make_plan(graph, True)
+    attention = [k for k in plan.kernels if k.family.startswith("attention")]
+    assert len(attention) == 2 * spec.model.n_layers
+    streams = {k.attention.dropout.stream for k in attention}
+    assert streams == {3 * layer + 1 for layer in range(spec.model.n_layers)}
+    for k in attention:
+        d = k.attention.dropout
+        assert (d.seed, d.threshold, d.scale) == (4242, dropout_threshold(0.25), 1 / 0.75)
+        assert graph.inputs["step"] in k.reads
+    # every random_uniform of the probabilities is read only by the flash kernels
+    probs = [n for n in graph.nx.nodes if graph.op(n) == "random_uniform" and len(graph.type(n).shape) == 4]
+    in_attention = set().union(*(k.nodes for k in attention))
+    for n in probs:
+        keep = graph.users(n)
+        assert all(set(graph.users(u)) <= in_attention for u in keep)
+    sources = render_plan(plan, parse_target("cuda:sm_90"))
+    fwd = [s.code for s in sources if "drop_step" in s.code and "kept" not in s.code]
+    bwd = [s.code for s in sources if "kept" in s.code]
+    assert len(fwd) == len(bwd) == spec.model.n_layers
+    assert all(c.count("sc[ii][jj] *= philox_uniform(4242u, 0u,") == 1 for c in fwd)
+    assert all(c.count("const float kept = philox_uniform(4242u, 0u,") == 2 for c in bwd)  # dK/dV and dQ halves

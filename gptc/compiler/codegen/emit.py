@@ -135,9 +135,8 @@ class Emitter:
         """Philox at the element's flat index (ops/random.py, prelude.h philox_uniform)."""
         attrs = node["attrs"]
         step = self.value(node["inputs"][0], ())
-        seed, flat = attrs["seed"], linearize(index, attrs["shape"])
-        return (f"philox_uniform({seed & 0xFFFFFFFF}u, {(seed >> 32) & 0xFFFFFFFF}u, {attrs['stream']}u, "
-                f"(uint32_t)(int){step}, (uint64_t){atom(flat)})")
+        return philox_uniform(attrs["seed"], attrs["stream"], f"(uint32_t)(int){step}",
+                              atom(linearize(index, attrs["shape"])))
 
     def _elementwise(self, node: dict, index: Index) -> str:
         args = [self.value(i, index) for i in node["inputs"]]
@@ -167,6 +166,12 @@ class Emitter:
                 return inner
             return f"({f'({inside})' if '&&' in inside else inside} ? {inner} : {zero})"
         return self.value(src, view_index(node["op"], node["attrs"], in_shape, out_shape, index))
+
+
+def philox_uniform(seed: int, stream: int, step: str, index: str) -> str:
+    """The C call drawing element `index` (an expression) of a random_uniform tensor;
+    `step` is a uint32_t expression."""
+    return f"philox_uniform({seed & 0xFFFFFFFF}u, {(seed >> 32) & 0xFFFFFFFF}u, {stream}u, {step}, (uint64_t){index})"
 
 
 def unwrap(expr: str) -> str:

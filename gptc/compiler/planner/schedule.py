@@ -211,7 +211,8 @@ def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
     """The flash kernels store only out (and m, s for the backward pass) and
     recompute everything else from their operands."""
     a = grp.attention
-    operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else [])
+    operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else []) \
+        + ([a.dropout.step] if a.dropout else [])
     reads = sorted({_view_base(graph, o) for o in operands})
     if grp.family == "attention":
         roots = [a.out] + ([a.m, a.s] if a.backward else [])
