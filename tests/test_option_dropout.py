@@ -68,10 +68,11 @@ HARNESS = r"""
 #define __forceinline__ inline
 %s
 int main() {
-  unsigned int c[4], k0, k1;
-  while (std::scanf("%%x %%x %%x %%x %%x %%x", &c[0], &c[1], &c[2], &c[3], &k0, &k1) == 6) {
-    philox4x32_10(c, k0, k1);
-    std::printf("%%08x %%08x %%08x %%08x\n", c[0], c[1], c[2], c[3]);
+  philox4 c;
+  unsigned int k0, k1;
+  while (std::scanf("%%x %%x %%x %%x %%x %%x", &c.w[0], &c.w[1], &c.w[2], &c.w[3], &k0, &k1) == 6) {
+    c = philox4x32_10(c, k0, k1);
+    std::printf("%%08x %%08x %%08x %%08x\n", c.w[0], c.w[1], c.w[2], c.w[3]);
   }
   return 0;
 }
@@ -122,9 +123,9 @@ def test_c_uniform_is_the_numpy_uniform() -> None:
     read back against uniform(): (index lo, index hi, step, stream), key (seed lo, hi),
     top 24 bits of word 0 times 2^-24."""
     source = _philox_c_source()
-    assert "{(uint32_t)index, (uint32_t)(index >> 32), step, stream}" in source
-    assert "philox4x32_10(c, seed_lo, seed_hi)" in source
-    assert "(float)(c[0] >> 8) * 5.9604644775390625e-08f" in source and 2.0 ** -24 == 5.9604644775390625e-08
+    assert "{{(uint32_t)index, (uint32_t)(index >> 32), step, stream}}" in source
+    assert "(float)(philox4x32_10(counter, seed_lo, seed_hi).w[0] >> 8) * 5.9604644775390625e-08f" in source
+    assert 2.0 ** -24 == 5.9604644775390625e-08
     seed, stream, step = (1 << 40) + 12345, 7, 3
     u = uniform((5, 6), seed, stream, step).reshape(-1)
     for i in (0, 13, 29):
