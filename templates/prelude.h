@@ -105,7 +105,8 @@ struct philox4 {
 __device__ __forceinline__ philox4 philox4x32_10(philox4 c, uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = (uint64_t)0xD2511F53u * c.w[0], p1 = (uint64_t)0xCD9E8D57u * c.w[2];
-    const philox4 next = {{(uint32_t)(p1 >> 32) ^ c.w[1] ^ k0, (uint32_t)p1, (uint32_t)(p0 >> 32) ^ c.w[3] ^ k1, (uint32_t)p0}};
+    const philox4 next = {{(uint32_t)(p1 >> 32) ^ c.w[1] ^ k0, (uint32_t)p1,
+                            (uint32_t)(p0 >> 32) ^ c.w[3] ^ k1, (uint32_t)p0}};
     c = next;
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;

@@ -332,7 +332,8 @@ def test_tiny_model_trains_with_dropout_on_the_cpu() -> None:
     for step in range(300):
         starts = rng.integers(0, len(text) - 33, spec.train.batch_size)
         rows = np.stack([text[s:s + 33] for s in starts])
-        out = ex.run({"tokens": rows[:, :-1], "targets": rows[:, 1:], "lr": np.float32(3e-3), "step": np.float32(step + 1)})
+        out = ex.run({"tokens": rows[:, :-1], "targets": rows[:, 1:], "lr": np.float32(3e-3),
+                      "step": np.float32(step + 1)})
         losses.append(float(out["loss"]))
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last <= 0.7 * first, (first, last)

@@ -7,8 +7,8 @@ and autodiff tags its backward nodes with the same scope plus "#bwd". With dropo
 the probabilities (dsl.dropout inside it, `drop`), out = where(uniform >= threshold,
 p * 1/(1-rate), 0) @ v: the kernels recompute the Philox mask per element (forward:
 after the row statistics, which dropout does not change; backward: on p for dV and
-on dP for dS, where delta = rowsum(dO * out) still equals rowsum(P_dropped * dP_dropped)). For each such
-scope the matcher checks that the nodes have exactly this structure and find the
+on dP for dS, where delta = rowsum(dO * out) still equals rowsum(P_dropped * dP_dropped)).
+For each such scope the matcher checks that the nodes have exactly this structure and find the
 operands; the planner then puts the forward nodes in one "attention" kernel (which
 stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
 in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
@@ -86,8 +86,8 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
     for nid in graph.nx.nodes:
         scope = graph.node(nid)["scope"]
         head, _, tail = scope.partition("causal_attention")
-        if tail in ("", "/softmax", "/dropout", "#bwd", "/softmax#bwd", "/dropout#bwd") and "causal_attention" in scope \
-                and not is_free(nid):
+        inside = tail in ("", "/softmax", "/dropout", "#bwd", "/softmax#bwd", "/dropout#bwd")
+        if inside and "causal_attention" in scope and not is_free(nid):
             by_scope.setdefault(head + "causal_attention", set()).add(nid)
     matches = []
     for scope, nodes in sorted(by_scope.items()):
