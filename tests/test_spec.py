@@ -211,7 +211,6 @@ def test_toml_file_errors_name_the_option(tmp_path) -> None:
     ({"attention": "local", "window": 4}, "model.attention = 'local'"),
     ({"n_kv_heads": 2}, "n_kv_heads"),
     ({"n_kv_heads": 1}, "n_kv_heads"),
-    ({"dropout": 0.1}, "dropout"),
 ])
 def test_unimplemented_options_are_refused(change: dict, option: str) -> None:
     spec = model(**change)

@@ -8,9 +8,10 @@ import math
 from typing import Callable
 
 from gptc.compiler.ir import Graph, Tensor
+from gptc.compiler.ops.random import dropout_threshold
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
-           "scalenorm", "softmax", "causal_attention", "elu_plus_one", "linear_attention",
+           "scalenorm", "softmax", "dropout", "causal_attention", "elu_plus_one", "linear_attention",
            "linear_attention_state", "linear_attention_read", "LINEAR_ATTENTION_EPS", "rope",
            "sinusoidal_table", "cross_entropy", "embedding", "top_k", "group_rank", "group_offsets",
            "grouped_matmul", "moe"]
@@ -85,9 +86,25 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 
 @composite
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+def dropout(x: Tensor, p: float, step: Tensor, seed: int, stream: int) -> Tensor:
+    """Inverted dropout: zero each element with probability p, scale the others by
+    1/(1-p). The mask is random_uniform >= p, Philox bits of (seed, stream, step,
+    element index): a fresh mask every step (`step`, a scalar input), an independent
+    one per `stream`, the same one wherever it is recomputed (the backward pass)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if p == 0.0:
+        return x
+    keep = x.graph.random_uniform(x.shape, step, seed, stream) >= dropout_threshold(p)
+    return keep.where(x * (1.0 / (1.0 - p)), 0.0)
+
+
+@composite
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0,
+                     drop: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """softmax(q kᵀ / sqrt(d) with future positions masked) v, over (..., S, d) operands.
-    With `window` > 0 a query also does not see keys `window` or more positions back."""
+    With `window` > 0 a query also does not see keys `window` or more positions back.
+    `drop`, if given (dropout), is applied to the attention probabilities before they weight v."""
     if window or k.shape[-3] != q.shape[-3]:
         raise NotImplementedError("local windows and grouped key/value heads")
     seq, dim = q.shape[-2], q.shape[-1]
@@ -95,7 +112,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
     graph = q.graph
     visible = graph.iota((seq, seq), 0) >= graph.iota((seq, seq), 1)   # row (query) >= column (key)
     scores = visible.where(scores, -math.inf)
-    return softmax(scores) @ v
+    probs = softmax(scores)
+    return (drop(probs) if drop else probs) @ v
 
 
 # ----- causal linear attention (Katharopoulos et al., 2020) ------------------------------

@@ -36,7 +36,8 @@ def add_training(graph: Graph, loss: Tensor, train: TrainSpec, expose_gradients:
                 graph.output(f"grad.{name}", g)
     with graph.scope("optimizer"):
         lr = graph.input("lr", ())
-        step = graph.input("step", ())
+        # The forward pass may have created "step" already (dropout keys its masks by it).
+        step = Tensor(graph, graph.inputs["step"]) if "step" in graph.inputs else graph.input("step", ())
         live = [(n, p, g) for n, p, g in zip(names, params, grads) if g is not None]
         norm = sum((g * g).sum() for _, _, g in live).sqrt()
         graph.output("grad_norm", norm)

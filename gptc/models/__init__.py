@@ -15,7 +15,8 @@ MODES = ("train", "eval", "infer", "prefill", "decode")
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
                 expose_gradients: bool = False) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
-    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
+    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
+           (step also keys the dropout masks);
     eval:  inputs tokens, targets -> loss;
     (train and eval of a mixture-of-experts model also output aux_loss, the
     load-balancing loss; training minimizes loss + model.moe_aux_weight * aux_loss);
@@ -47,7 +48,8 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
     aux_losses: list = []
-    logits = gpt_logits(g, spec.model, tokens, training=mode == "train", aux_losses=aux_losses)
+    logits = gpt_logits(g, spec.model, tokens, training=mode == "train", aux_losses=aux_losses,
+                        seed=spec.train.seed)
     if mode == "infer":
         g.output("logits", logits)
         return g

@@ -65,8 +65,9 @@ def _position_embedding(g: Graph, m: ModelSpec, seq: int, positions: Tensor | No
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def attend_sequence(m: ModelSpec) -> Attend:
-    """Attention of every position over the sequence, of the spec's kind."""
+def attend_sequence(m: ModelSpec, drop: Drop | None = None) -> Attend:
+    """Attention of every position over the sequence, of the spec's kind; `drop`
+    applies dropout to the attention probabilities."""
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if m.attention == "linear":
             return dsl.linear_attention(q, k, v)
@@ -74,7 +75,8 @@ def attend_sequence(m: ModelSpec) -> Attend:
             raise _not_yet(f"model.attention = '{m.attention}'")
         if m.kv_heads != m.n_heads:
             raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
-        return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0)
+        drop_probs = (lambda p: drop(p, dropout_stream(layer, "attn_probs"))) if drop else None
+        return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0, drop=drop_probs)
     return attend
 
 
@@ -131,25 +133,42 @@ def _moe(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float,
 
 
 # ----- dropout -------------------------------------------------------------------------
-def _dropout(x: Tensor, m: ModelSpec, training: bool) -> Tensor:
-    if training and m.dropout > 0:
-        raise _not_yet("dropout (model.dropout > 0)")
-    return x
+# drop(x, stream) -> x after dropout with Philox stream `stream` (x itself when off).
+Drop = Callable[[Tensor, int], Tensor]
+DROPOUT_SITES = ("embedding", "attn_probs", "attn", "ffn")
+
+
+def dropout_stream(layer: int, site: str) -> int:
+    """The Philox stream of a dropout site, so that every site draws independent bits:
+    0 the embeddings; in layer l, 3l+1 the attention probabilities, 3l+2 the attention
+    output, 3l+3 the FFN output (both before the residual add)."""
+    return 0 if site == "embedding" else 3 * layer + DROPOUT_SITES.index(site)
+
+
+def _dropout(g: Graph, m: ModelSpec, training: bool, seed: int) -> Drop:
+    """Dropout of rate model.dropout when training, else the identity. The masks are
+    keyed by the training seed and the step: the optimizer's scalar input "step" (fed
+    1, 2, ... by the trainer), created here when the forward pass needs it first."""
+    if not training or m.dropout == 0:
+        return lambda x, stream: x
+    step = Tensor(g, g.inputs["step"]) if "step" in g.inputs else g.input("step", ())
+    return lambda x, stream: dsl.dropout(x, m.dropout, step, seed, stream)
 
 
 # ----- the model -----------------------------------------------------------------------
 def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = None,
                positions: Tensor | None = None, rows: Tensor | None = None, training: bool = False,
-               aux_losses: list[Tensor] | None = None) -> Tensor:
+               aux_losses: list[Tensor] | None = None, seed: int = 0) -> Tensor:
     """Logits (B, S, V) for token ids (B, S). `attend` defaults to attention over the
     sequence; `positions` (i32 (S,), default 0..S-1) are the tokens' positions; with
     `rows` (i32 (R,), indices into the B*S positions) only those positions' logits are
-    computed: (R, V). `training` turns dropout on. Each mixture-of-experts layer appends
+    computed: (R, V). `training` turns dropout on, its masks keyed by `seed`. Each mixture-of-experts layer appends
     its load-balancing loss to `aux_losses` (when given)."""
     batch, seq = tokens.shape
     if seq > m.seq_len:
         raise SpecError(f"sequence length {seq} exceeds the model's context of {m.seq_len}")
-    attend = attend or attend_sequence(m)
+    drop = _dropout(g, m, training, seed)
+    attend = attend or attend_sequence(m, drop)
     # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
     residual_std = m.init_std / math.sqrt(2 * m.n_layers)
     wte = g.param("wte", (m.vocab_size, m.d_model), std=m.init_std)
@@ -157,14 +176,14 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = N
     pos_emb = _position_embedding(g, m, seq, positions)
     if pos_emb is not None:
         x = x + pos_emb
-    x = _dropout(x, m, training)
+    x = drop(x, dropout_stream(0, "embedding"))
     pos = _positions(g, seq, positions)
     for layer in range(m.n_layers):
         with g.scope(f"h.{layer}"):
             y = _attention(g, _norm(g, x, f"h.{layer}.ln_1", m), layer, m, residual_std, attend, pos)
-            x = x + _dropout(y, m, training)
+            x = x + drop(y, dropout_stream(layer, "attn"))
             y = _ffn(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std, aux_losses)
-            x = x + _dropout(y, m, training)
+            x = x + drop(y, dropout_stream(layer, "ffn"))
     if rows is not None:
         x = x.reshape(batch * seq, m.d_model).gather(rows)
     x = _norm(g, x, "ln_f", m)

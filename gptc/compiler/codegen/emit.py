@@ -108,7 +108,9 @@ class Emitter:
             return emit(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
         if kind == VIEW:
             return self._view(nid, node, index)
-        if nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
+        if op == "random_uniform":
+            name = self._local(nid, self._random_uniform(node, index))
+        elif nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
             name = self.load(nid, index)
         elif kind == ELEMENTWISE:
             name = self._local(nid, self._elementwise(node, index))
@@ -129,6 +131,13 @@ class Emitter:
         where = f"  // %{nid} {node['op']} {node['scope']}".rstrip()
         self.lines.append(f"{C_TYPE[node['type'].dtype]} {name} = {unwrap(expr)};{where}")
         return name
+
+    def _random_uniform(self, node: dict, index: Index) -> str:
+        """Philox at the element's flat index (ops/random.py, prelude.h philox_uniform)."""
+        attrs = node["attrs"]
+        step = self.value(node["inputs"][0], ())
+        return philox_uniform(attrs["seed"], attrs["stream"], f"(uint32_t)(int){step}",
+                              atom(linearize(index, attrs["shape"])))
 
     def _elementwise(self, node: dict, index: Index) -> str:
         args = [self.value(i, index) for i in node["inputs"]]
@@ -164,6 +173,12 @@ def _operand(expr: str) -> str:
     """`expr` bracketed unless it is a name, a number or bracketed already: a cast's
     operand, where (float)(i / 8) % 13 would cast before the %."""
     return expr if re.fullmatch(r"[\w.]+", expr) or unwrap(expr) != expr else f"({expr})"
+
+
+def philox_uniform(seed: int, stream: int, step: str, index: str) -> str:
+    """The C call drawing element `index` (an expression) of a random_uniform tensor;
+    `step` is a uint32_t expression."""
+    return f"philox_uniform({seed & 0xFFFFFFFF}u, {(seed >> 32) & 0xFFFFFFFF}u, {stream}u, {step}, (uint64_t){index})"
 
 
 def unwrap(expr: str) -> str:

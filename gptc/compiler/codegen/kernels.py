@@ -15,7 +15,7 @@ from typing import Sequence
 import jinja2
 
 from gptc.compiler.codegen import names
-from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter
+from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
 from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import strided
@@ -703,6 +703,14 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     operand("k", a.k_t, transpose=True)
     operand("v", a.v)
     batch_lines += [f"const idx_t o_base = bh * {seq * dim};", f"const idx_t r_base = bh * {seq};"]
+    ctx["dropout"] = None
+    if a.dropout:
+        # The probabilities' dropout mask, recomputed wherever p is: element (bh, i, j)
+        # of the (.., S, S) probabilities, as the random_uniform node draws it.
+        d = a.dropout
+        batch_lines.append(f"const uint32_t drop_step = (uint32_t)(int){em.arg(d.step)}[0];")
+        keep = philox_uniform(d.seed, d.stream, "drop_step", f"((uint64_t)(bh * {seq} + i) * {seq} + j)")
+        ctx["dropout"] = dict(keep=f"{keep} >= {c_literal(d.threshold, 'f32')}", scale=c_literal(d.scale, "f32"))
     env = _environment()
     if kernel.family == "attention":
         stats = a.m in kernel.roots

@@ -3,8 +3,12 @@
 `dsl.causal_attention` decomposes into primitives inside a scope named after it:
     scores = (q @ kᵀ) * scale;  masked = where(row >= col, scores, -inf)
     m = max(masked); e = exp(masked - m); s = sum(e); p = e / s;  out = p @ v
-and autodiff tags its backward nodes with the same scope plus "#bwd". For each such
-scope the matcher checks that the nodes have exactly this structure and find the
+and autodiff tags its backward nodes with the same scope plus "#bwd". With dropout on
+the probabilities (dsl.dropout inside it, `drop`), out = where(uniform >= threshold,
+p * 1/(1-rate), 0) @ v: the kernels recompute the Philox mask per element (forward:
+after the row statistics, which dropout does not change; backward: on p for dV and
+on dP for dS, where delta = rowsum(dO * out) still equals rowsum(P_dropped * dP_dropped)).
+For each such scope the matcher checks that the nodes have exactly this structure and find the
 operands; the planner then puts the forward nodes in one "attention" kernel (which
 stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
 in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
@@ -29,6 +33,17 @@ MAX_HEAD_DIM = 128  # the kernels stage tiles of head_dim-float rows in shared m
 PROLOGUE_COMPOSITES = ("rope",)
 
 
+@dataclass(frozen=True)
+class AttentionDropout:
+    """Dropout on the attention probabilities: drop where random_uniform < threshold,
+    scale the others by `scale` (gptc/compiler/ops/random.py)."""
+    step: int          # the scalar step input the mask is keyed by
+    seed: int
+    stream: int
+    threshold: float
+    scale: float
+
+
 @dataclass
 class AttentionMatch:
     scope: str
@@ -48,6 +63,7 @@ class AttentionMatch:
     # Compute nodes of q's and k's prologues (dsl.rope), evaluated by both kernels as
     # they load q and k: then q (k_t) is not stored, the kernels read its inputs.
     prologue: set[int] = field(default_factory=set)
+    dropout: AttentionDropout | None = None
 
 
 def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
@@ -82,7 +98,8 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
     for nid in graph.nx.nodes:
         scope = graph.node(nid)["scope"]
         head, _, tail = scope.partition("causal_attention")
-        if tail in ("", "/softmax", "#bwd", "/softmax#bwd") and "causal_attention" in scope and not is_free(nid):
+        inside = tail in ("", "/softmax", "/dropout", "#bwd", "/softmax#bwd", "/dropout#bwd")
+        if inside and "causal_attention" in scope and not is_free(nid):
             by_scope.setdefault(head + "causal_attention", set()).add(nid)
     matches = []
     for scope, nodes in sorted(by_scope.items()):
@@ -143,8 +160,14 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
         return None
     s = next((u for u in _users_through_views(graph, e) if graph.op(u) == "sum"), None)
     p = next((u for u in _users_through_views(graph, e) if graph.op(u) == "div"), None)
-    if s is None or p is None or graph.inputs_of(mm2)[0] != p:
+    if s is None or p is None:
         return None
+    dropout, dropout_nodes = None, set()
+    if graph.inputs_of(mm2)[0] != p:
+        found = _match_dropout(graph, p, graph.inputs_of(mm2)[0])
+        if found is None:
+            return None
+        dropout, dropout_nodes = found
     q, k_t = graph.inputs_of(mm1)
     v = graph.inputs_of(mm2)[1]
     head_dim, seq = graph.type(q).shape[-1], graph.type(q).shape[-2]
@@ -152,10 +175,30 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
         return None
     if graph.type(v).shape[-1] != head_dim or graph.type(q).dtype != "f32":
         return None
-    core = {mm1, scaled, masked, m, sub, e, s, p, mm2}
+    core = {mm1, scaled, masked, m, sub, e, s, p, mm2} | dropout_nodes
     if not core <= nodes:
         return None
-    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], mm2, m, s, forward=set(nodes))
+    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], mm2, m, s, forward=set(nodes),
+                          dropout=dropout)
+
+
+def _match_dropout(graph: Graph, p: int, dropped: int) -> tuple[AttentionDropout, set[int]] | None:
+    """dsl.dropout of p: where(random_uniform >= threshold, p * scale, 0)."""
+    if graph.op(dropped) != "where":
+        return None
+    keep, scaled, zero = graph.inputs_of(dropped)
+    if graph.op(scaled) != "mul" or graph.inputs_of(scaled)[0] != p or graph.op(keep) != "greater_equal":
+        return None
+    uniform, threshold = graph.inputs_of(keep)
+    consts = [_base(graph, n)[0] for n in (graph.inputs_of(scaled)[1], zero, threshold)]
+    if any(graph.op(c) != "const" for c in consts) or graph.op(uniform) != "random_uniform":
+        return None
+    scale, zero_value, threshold_value = (graph.node(c)["attrs"]["value"] for c in consts)
+    if zero_value != 0.0 or graph.type(uniform).shape != graph.type(p).shape:
+        return None
+    attrs = graph.node(uniform)["attrs"]
+    found = AttentionDropout(graph.inputs_of(uniform)[0], attrs["seed"], attrs["stream"], threshold_value, scale)
+    return found, {dropped, scaled}
 
 
 def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
@@ -170,7 +213,7 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
         a, b = graph.inputs_of(n)
         a_base, a_chain = _base(graph, a)
         b_base, b_chain = _base(graph, b)
-        if a_base in match.forward and graph.op(a_base) == "div":   # pᵀ @ d_out
+        if a_base in match.forward and a_base == graph.inputs_of(match.out)[0]:   # pᵀ @ d_out (p dropped)
             match.dv, match.d_out = n, b
         elif match.k_t in b_chain + [b_base]:                      # ds @ (kᵀ)ᵀ
             match.dq = n

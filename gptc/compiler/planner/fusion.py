@@ -1,9 +1,10 @@
 """Fusion: assign every compute node of a graph to exactly one kernel.
 
 Node classes:
-- free: sources, constants, iota, views, and anything computed only from constants
-  and iota (a causal mask): never a kernel of its own; inlined wherever it is read
-  (views become index arithmetic, sources become loads).
+- free: sources, constants, iota, views, and anything computed only from constants,
+  iota and random_uniform (a causal mask, a dropout mask): never a kernel of its own;
+  inlined wherever it is read (views become index arithmetic, sources become loads;
+  a dropout mask is recomputed by the backward kernels from its Philox counters).
 - compute: elementwise, gather, reduce, matmul, scatter_add.
 
 Kernel families: pointwise, row (reductions over the last axis with the pointwise
@@ -68,7 +69,7 @@ def is_free(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
 
 def _const_only(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
     op = graph.op(nid)
-    if op in ("const", "iota"):
+    if op in ("const", "iota", "random_uniform"):   # random_uniform only loads a scalar step
         return True
     if op in ("input", "param", "state"):
         return False

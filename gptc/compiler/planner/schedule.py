@@ -212,7 +212,8 @@ def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
     recompute everything else from their operands (and q and k from their prologue's
     inputs)."""
     a = grp.attention
-    operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else [])
+    operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else []) \
+        + ([a.dropout.step] if a.dropout else [])
     # A prologue's inputs instead of the q or k it computes.
     bases = {view_base(graph, o) for o in operands} - a.prologue
     reads = sorted(bases | set(reads_of(graph, a.prologue, {})))

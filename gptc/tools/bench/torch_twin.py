@@ -20,18 +20,30 @@ queries and keys are rotated as Hugging Face's models do (rotate_half, partial r
 model.ffn = "moe" (mixture of experts) is the plain loop over experts of MoE below;
 its loss() adds the load-balancing loss as gptc's training graph does.
 
+Dropout (model.dropout > 0) applies gptc's own masks, so that both frameworks drop the
+same elements: set `model.masks = dropout_masks(spec, batch, seq, step)` before a
+training step (no masks: no dropout, as in gptc's eval and inference graphs). With a
+mask on the attention probabilities, attention is computed explicitly (softmax, mask,
+matmul), as scaled_dot_product_attention takes no mask of ours.
+
 Only gptc.tools.bench.peers and tests import this module, and only where PyTorch is installed."""
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptc.compiler.ops.random import dropout_threshold, uniform
 from gptc.compiler.optim import decays
-from gptc.spec import ModelSpec, TrainSpec
+from gptc.models.gpt import dropout_stream
+from gptc.spec import ModelSpec, Spec, TrainSpec
+
+# drop(x, site) -> x after dropout at that site of the block ("attn_probs", "attn", "ffn")
+Drop = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 class Linear(nn.Module):
@@ -92,7 +104,7 @@ class Attention(nn.Module):
         self.c_attn = Linear(m.d_model, 3 * m.d_model, m.bias)
         self.c_proj = Linear(m.d_model, m.d_model, m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
         b, s, e = x.shape
         q, k, v = self.c_attn(x).split(e, dim=2)
         q, k, v = (t.view(b, s, self.heads, e // self.heads).transpose(1, 2) for t in (q, k, v))
@@ -100,8 +112,12 @@ class Attention(nn.Module):
             q, k = (apply_rope(t, self.spec.rope_dims, self.spec.rope_base) for t in (q, k))
         if self.linear:
             y = linear_attention(q, k, v)
-        else:
+        elif drop is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(e // self.heads)
+            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            y = drop(scores.masked_fill(~causal, float("-inf")).softmax(-1), "attn_probs") @ v
         return self.c_proj(y.transpose(1, 2).reshape(b, s, e))
 
 
@@ -168,13 +184,18 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(m.d_model, m.norm_eps)
         self.mlp = MoE(m) if m.ffn == "moe" else MLP(m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
+        x = x + (drop or _keep)(self.attn(self.ln_1(x), drop), "attn")
+        return x + (drop or _keep)(self.mlp(self.ln_2(x)), "ffn")
+
+
+def _keep(x: torch.Tensor, site: str) -> torch.Tensor:
+    return x
 
 
 class TorchGPT(nn.Module):
-    """forward(tokens (B, S) int64) -> logits (B, S, V)."""
+    """forward(tokens (B, S) int64) -> logits (B, S, V). `masks` ({Philox stream:
+    keep mask}, see dropout_masks) turns dropout on."""
 
     def __init__(self, m: ModelSpec):
         super().__init__()
@@ -188,14 +209,23 @@ class TorchGPT(nn.Module):
         self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, out_bias)
         if m.tie_embeddings and out_bias:
             self.lm_head_bias = nn.Parameter(torch.empty(m.vocab_size))
+        self.masks: Mapping[int, np.ndarray] = {}
+
+    def _dropout(self, x: torch.Tensor, stream: int) -> torch.Tensor:
+        """gptc's inverted dropout, x * keep * 1/(1-p), with gptc's keep mask."""
+        keep = torch.from_numpy(self.masks[stream]).to(x.device, x.dtype)
+        return x * keep * (1.0 / (1.0 - self.spec.dropout))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         s = tokens.shape[1]
         x = self.wte[tokens]
         if self.spec.pos == "learned":
             x = x + self.wpe[:s]
-        for block in self.h:
-            x = block(x)
+        if self.masks:
+            x = self._dropout(x, dropout_stream(0, "embedding"))
+        for layer, block in enumerate(self.h):
+            drop = (lambda t, site, layer=layer: self._dropout(t, dropout_stream(layer, site))) if self.masks else None
+            x = block(x, drop)
         x = self.ln_f(x)
         if self.lm_head is not None:
             return self.lm_head(x)
@@ -215,6 +245,22 @@ class TorchGPT(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         aux = self.aux_loss()
         return loss if aux is None else loss + self.spec.moe_aux_weight * aux
+
+
+def dropout_masks(spec: Spec, batch: int, seq: int, step: int) -> dict[int, np.ndarray]:
+    """The keep masks (1 keep, 0 drop) of gptc's training step `step` (the value fed
+    as its "step" input), by Philox stream: drawn with gptc's own Philox, so the twin
+    drops exactly the elements gptc drops. Empty when model.dropout is 0."""
+    m = spec.model
+    if m.dropout == 0:
+        return {}
+    shapes = {dropout_stream(0, "embedding"): (batch, seq, m.d_model)}
+    for layer in range(m.n_layers):
+        shapes[dropout_stream(layer, "attn_probs")] = (batch, m.n_heads, seq, seq)
+        shapes[dropout_stream(layer, "attn")] = shapes[dropout_stream(layer, "ffn")] = (batch, seq, m.d_model)
+    threshold = dropout_threshold(m.dropout)
+    return {stream: (uniform(shape, spec.train.seed, stream, step) >= threshold).astype(np.float32)
+            for stream, shape in shapes.items()}
 
 
 def gptc_name(torch_name: str) -> str:
@@ -282,4 +328,5 @@ def train_step(loss_fn, model: TorchGPT, opt: torch.optim.AdamW, tokens: torch.T
     return loss.detach()
 
 
-__all__ = ["TorchGPT", "linear_attention", "build_model", "load_params", "make_optimizer", "reset_optimizer", "train_step"]
+__all__ = ["TorchGPT", "linear_attention", "build_model", "dropout_masks", "load_params", "make_optimizer",
+           "reset_optimizer", "train_step"]
