@@ -83,16 +83,35 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 @composite
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
-    """softmax(q kᵀ / sqrt(d) with future positions masked) v, over (..., S, d) operands.
-    With `window` > 0 a query also does not see keys `window` or more positions back."""
-    if window or k.shape[-3] != q.shape[-3]:
-        raise NotImplementedError("local windows and grouped key/value heads")
-    seq, dim = q.shape[-2], q.shape[-1]
+    """softmax(q kᵀ / sqrt(d) with future positions masked) v. q (..., H, S, d); k and v
+    (..., Hkv, S, d) with Hkv dividing H: query head h reads key/value head h // (H/Hkv)
+    (grouped-query attention; multi-query with Hkv = 1). With `window` > 0 a query at i
+    sees only the keys j with i - window < j <= i (local attention)."""
+    *lead, heads, seq, dim = q.shape
+    kv_heads = k.shape[-3]
+    if heads % kv_heads or k.shape != v.shape or k.shape[:-3] != tuple(lead) or k.shape[-2:] != (seq, dim):
+        raise ValueError(f"causal_attention: q {q.shape} does not fit k {k.shape}, v {v.shape}")
+    group = heads // kv_heads
+    if group > 1:
+        # Query heads (.., Hkv, G, S, d) over key/value heads viewed (.., Hkv, 1, S, d) and
+        # broadcast over G: a stride-0 view, never a copy; the broadcast's VJP sums dk, dv over G.
+        q = q.reshape(*lead, kv_heads, group, seq, dim)
+        k, v = (t.reshape(*lead, kv_heads, 1, seq, dim).broadcast_to(q.shape) for t in (k, v))
     scores = (q @ k.T) * (1.0 / math.sqrt(dim))
-    graph = q.graph
-    visible = graph.iota((seq, seq), 0) >= graph.iota((seq, seq), 1)   # row (query) >= column (key)
-    scores = visible.where(scores, -math.inf)
-    return softmax(scores) @ v
+    scores = _visible(q.graph, seq, window).where(scores, -math.inf)
+    out = softmax(scores) @ v
+    return out.reshape(*lead, heads, seq, dim)
+
+
+def _visible(graph: Graph, seq: int, window: int = 0) -> Tensor:
+    """(seq, seq) bool: query (row) i sees key (column) j when j <= i, and i - j < window
+    with a window. A window of seq or more is plain causal (the planner's attention
+    matcher reads exactly these two forms)."""
+    row, col = graph.iota((seq, seq), 0), graph.iota((seq, seq), 1)
+    visible = row >= col
+    if 0 < window < seq:
+        visible = visible.logical_and(row - col < window)
+    return visible
 
 
 def _angles(positions: Tensor, pairs: int, dims: int, base: float) -> Tensor:

@@ -68,10 +68,8 @@ Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 def attend_sequence(m: ModelSpec) -> Attend:
     """Attention of every position over the sequence, of the spec's kind."""
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if m.attention in ("linear", "local"):
-            raise _not_yet(f"model.attention = '{m.attention}'")
-        if m.kv_heads != m.n_heads:
-            raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
+        if m.attention == "linear":
+            raise _not_yet("model.attention = 'linear'")
         return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0)
     return attend
 

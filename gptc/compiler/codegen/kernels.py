@@ -597,7 +597,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
-               scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
+               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
         buf, offset, strides = _operand_layout(plan, nid)

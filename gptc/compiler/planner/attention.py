@@ -1,11 +1,16 @@
 """Matching causal attention in the graph, for the flash-style kernels.
 
 `dsl.causal_attention` decomposes into primitives inside a scope named after it:
-    scores = (q @ kᵀ) * scale;  masked = where(row >= col, scores, -inf)
+    scores = (q @ kᵀ) * scale;  masked = where(visible, scores, -inf)
     m = max(masked); e = exp(masked - m); s = sum(e); p = e / s;  out = p @ v
 and autodiff tags its backward nodes with the same scope plus "#bwd". For each such
 scope the matcher checks that the nodes have exactly this structure and find the
-operands; the planner then puts the forward nodes in one "attention" kernel (which
+operands. The mask `visible` must be one the kernels implement, read from its nodes:
+row >= col (causal), or that and row - col < window (local); any other mask is left
+to the generic fusion. Grouped-query attention arrives as views (query heads
+(.., Hkv, G, S, d), keys and values broadcast over G with stride 0), which the
+kernels index like any other operand; the sums over G that autodiff adds for dk and
+dv stay outside the match (generic reduce kernels after the backward launch). The planner then puts the forward nodes in one "attention" kernel (which
 stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
 in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
 not match exactly is left to the generic fusion, which computes the same values."""
@@ -27,6 +32,7 @@ class AttentionMatch:
     k_t: int            # kᵀ: (.., D, S)
     v: int
     scale: float
+    window: int         # 0: causal; else a query at i sees keys j with i - window < j <= i
     out: int            # p @ v
     m: int              # row max of the masked scores (keepdims)
     s: int              # row sum of exp(masked - m) (keepdims)
@@ -62,6 +68,16 @@ def _users_through_views(graph: Graph, nid: int) -> set[int]:
             stack.extend(graph.users(u))
         else:
             out.add(u)
+    return out
+
+
+def _views_of(graph: Graph, nid: int) -> set[int]:
+    """The views of nid, through chains of views."""
+    out, stack = set(), [u for u in graph.users(nid) if OPS[graph.op(u)].kind == VIEW]
+    while stack:
+        u = stack.pop()
+        out.add(u)
+        stack.extend(w for w in graph.users(u) if OPS[graph.op(w)].kind == VIEW)
     return out
 
 
@@ -115,17 +131,57 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
     if graph.type(v).shape[-1] != head_dim or graph.type(q).dtype != "f32":
         return None
     core = {mm1, scaled, masked, m, sub, e, s, p, mm2}
-    if not core <= nodes:
+    cond, kept, hidden = graph.inputs_of(masked)
+    window = _mask_window(graph, cond, seq)
+    hidden = _base(graph, hidden)[0]
+    if not core <= nodes or window is None or kept != scaled:
         return None
-    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], mm2, m, s, forward=set(nodes))
+    if graph.op(hidden) != "const" or graph.node(hidden)["attrs"]["value"] != float("-inf"):
+        return None
+    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], window, mm2, m, s,
+                          forward=set(nodes))
+
+
+def _mask_window(graph: Graph, cond: int, seq: int) -> int | None:
+    """The window of a mask the kernels implement: 0 for row >= col (causal), w for
+    (row >= col) and (row - col < w) with 0 < w; None for any other mask. Rows are
+    queries, columns keys, of one (seq, seq) mask broadcast over the leading axes."""
+    base, chain = _base(graph, cond)
+    if any(graph.op(n) != "broadcast" for n in chain) or graph.type(base).shape != (seq, seq):
+        return None  # only leading axes may be added: a transposed mask is not causal
+
+    def iota(n: int, axis: int) -> bool:
+        return graph.op(n) == "iota" and graph.node(n)["attrs"]["axis"] == axis and graph.type(n).shape == (seq, seq)
+
+    def causal(n: int) -> bool:
+        return graph.op(n) == "greater_equal" and iota(graph.inputs_of(n)[0], 0) and iota(graph.inputs_of(n)[1], 1)
+
+    def window(n: int) -> int | None:  # row - col < w
+        if graph.op(n) != "less":
+            return None
+        diff, bound = graph.inputs_of(n)
+        bound = _base(graph, bound)[0]
+        if graph.op(diff) != "sub" or not (iota(graph.inputs_of(diff)[0], 0) and iota(graph.inputs_of(diff)[1], 1)):
+            return None
+        if graph.op(bound) != "const" or graph.type(bound).dtype != "i32":
+            return None
+        w = graph.node(bound)["attrs"]["value"]
+        return int(w) if w == int(w) and w >= 1 else None
+
+    if causal(base):
+        return 0
+    if graph.op(base) == "logical_and":
+        a, b = graph.inputs_of(base)
+        for c, w in ((a, b), (b, a)):
+            if causal(c) and window(w) is not None:
+                return window(w)
+    return None
 
 
 def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
     """Find dq, dkᵀ, dv and the gradient of out among the backward nodes; every value
-    leaving the two regions must be out, m, s or one of those three."""
-    region = nodes | match.forward
-    leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
-               or n in graph.roots()}
+    leaving the two regions must be out, m, s or one of those three. With grouped
+    key/value heads, the sums of dkᵀ and dv over the group are left out of the match."""
     for n in nodes:
         if graph.op(n) != "matmul":
             continue
@@ -140,6 +196,12 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
             match.dk_t = n
     if None in (match.dv, match.dq, match.dk_t):
         return False
+    nodes = {n for n in nodes if not (graph.op(n) == "sum" and _base(graph, graph.inputs_of(n)[0])[0]
+                                      in (match.dk_t, match.dv))}
+    region = nodes | match.forward
+    roots = set(graph.roots())
+    leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
+               or n in roots or _views_of(graph, n) & roots}
     if leaving - {match.out, match.dq, match.dk_t, match.dv}:
         return False
     if match.d_out in region or _base(graph, match.d_out)[0] in region:
