@@ -10,7 +10,7 @@ from typing import Callable
 from gptc.compiler.ir import Graph, Tensor
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
-           "scalenorm", "softmax", "causal_attention", "rope", "sinusoidal_table", "cross_entropy", "embedding"]
+           "scalenorm", "softmax", "causal_attention", "group_heads", "rope", "sinusoidal_table", "cross_entropy", "embedding"]
 
 
 def composite(fn: Callable) -> Callable:
@@ -87,20 +87,31 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
     (..., Hkv, S, d) with Hkv dividing H: query head h reads key/value head h // (H/Hkv)
     (grouped-query attention; multi-query with Hkv = 1). With `window` > 0 a query at i
     sees only the keys j with i - window < j <= i (local attention)."""
-    *lead, heads, seq, dim = q.shape
-    kv_heads = k.shape[-3]
-    if heads % kv_heads or k.shape != v.shape or k.shape[:-3] != tuple(lead) or k.shape[-2:] != (seq, dim):
-        raise ValueError(f"causal_attention: q {q.shape} does not fit k {k.shape}, v {v.shape}")
-    group = heads // kv_heads
-    if group > 1:
-        # Query heads (.., Hkv, G, S, d) over key/value heads viewed (.., Hkv, 1, S, d) and
-        # broadcast over G: a stride-0 view, never a copy; the broadcast's VJP sums dk, dv over G.
-        q = q.reshape(*lead, kv_heads, group, seq, dim)
-        k, v = (t.reshape(*lead, kv_heads, 1, seq, dim).broadcast_to(q.shape) for t in (k, v))
+    seq, dim = q.shape[-2:]
+    shape = q.shape
+    q, k, v = group_heads(q, k, v)
     scores = (q @ k.T) * (1.0 / math.sqrt(dim))
     scores = _visible(q.graph, seq, window).where(scores, -math.inf)
-    out = softmax(scores) @ v
-    return out.reshape(*lead, heads, seq, dim)
+    return (softmax(scores) @ v).reshape(shape)
+
+
+def group_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Views for grouped-query attention: q (..., H, Sq, d) and k, v (..., Hkv, Sk, d)
+    with Hkv dividing H become q (..., Hkv, G, Sq, d) and k, v (..., Hkv, G, Sk, d),
+    G = H / Hkv, where k and v are broadcast over G: a stride-0 view, never a copy (the
+    broadcast's VJP sums dk and dv over the group). Query head h reads key/value head
+    h // G. Unchanged when Hkv = H."""
+    *lead, heads, _, dim = q.shape
+    kv_heads, kv_seq = k.shape[-3], k.shape[-2]
+    if heads % kv_heads or k.shape != v.shape or k.shape[:-3] != tuple(lead) or k.shape[-1] != dim:
+        raise ValueError(f"attention: query heads {q.shape} do not fit key/value heads {k.shape}, {v.shape}")
+    group = heads // kv_heads
+    if group == 1:
+        return q, k, v
+    q = q.reshape(*lead, kv_heads, group, *q.shape[-2:])
+    shape = (*lead, kv_heads, group, kv_seq, dim)
+    k, v = (t.reshape(*lead, kv_heads, 1, kv_seq, dim).broadcast_to(shape) for t in (k, v))
+    return q, k, v
 
 
 def _visible(graph: Graph, seq: int, window: int = 0) -> Tensor:

@@ -185,11 +185,13 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
-            if m.kv_heads != m.n_heads:
-                raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
-            scores = (q @ caches[0].T) * (1.0 / math.sqrt(m.head_dim))
-            visible = pos.reshape(1, 1, 1, 1) >= g.iota((1, 1, 1, m.seq_len), 3)
-            if m.attention == "local":
-                raise _not_yet("model.attention = 'local'")
-            return dsl.softmax(visible.where(scores, -math.inf)) @ caches[1]
+            # Query heads grouped over the cache's kv_heads (views, no per-head copy).
+            qg, keys, values = dsl.group_heads(q, *caches)
+            scores = (qg @ keys.T) * (1.0 / math.sqrt(m.head_dim))
+            ones = (1,) * (len(scores.shape) - 1)
+            at, j = pos.reshape(*ones, 1), g.iota((*ones, m.seq_len), len(ones))
+            visible = at >= j
+            if m.attention == "local":  # the last `window` positions: pos - window < j <= pos
+                visible = visible.logical_and(at - j < m.window)
+            return (dsl.softmax(visible.where(scores, -math.inf)) @ values).reshape(q.shape)
     return attend

@@ -13,7 +13,9 @@ torch.optim.AdamW with weight decay on the parameters gptc.compiler.optim.decays
 (matrices, by default), same lr, betas, eps and weight decay.
 
 Attention uses F.scaled_dot_product_attention(is_causal=True), what a PyTorch user
-would write; in float32 it dispatches to the memory-efficient kernel.
+would write; in float32 it dispatches to the memory-efficient kernel. Grouped/multi-query
+attention repeats each key/value head over its group of query heads (a copy, fine for
+a twin); local attention passes an explicit boolean mask.
 
 Only gptc.tools.bench.peers and tests import this module, and only where PyTorch is installed."""
 from __future__ import annotations
@@ -55,15 +57,24 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
-        self.heads = m.n_heads
-        self.c_attn = Linear(m.d_model, 3 * m.d_model, m.bias)
+        self.heads, self.kv_heads, self.head_dim = m.n_heads, m.kv_heads, m.head_dim
+        self.window = m.window if m.attention == "local" else 0
+        self.c_attn = Linear(m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim, m.bias)
         self.c_proj = Linear(m.d_model, m.d_model, m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, e = x.shape
-        q, k, v = self.c_attn(x).split(e, dim=2)
-        q, k, v = (t.view(b, s, self.heads, e // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        hd, kv = self.head_dim, self.kv_heads
+        q, k, v = self.c_attn(x).split([self.heads * hd, kv * hd, kv * hd], dim=2)
+        q = q.view(b, s, self.heads, hd).transpose(1, 2)
+        k, v = (t.view(b, s, kv, hd).transpose(1, 2) for t in (k, v))
+        if kv != self.heads:  # query head h reads key/value head h // group
+            k, v = (t.repeat_interleave(self.heads // kv, dim=1) for t in (k, v))
+        if self.window:  # query i sees keys j with i - window < j <= i
+            back = torch.arange(s, device=x.device)[:, None] - torch.arange(s, device=x.device)[None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=(back >= 0) & (back < self.window))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(b, s, e))
 
 
