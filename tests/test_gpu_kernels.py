@@ -154,9 +154,8 @@ SPECS = {
     # no clipping (AdamW fed by the stored gradients), decay on every param, tied embeddings
     "no_clip": gptc.Spec(replace(AWKWARD.model, tie_embeddings=True),
                          replace(AWKWARD.train, grad_clip=0.0, decay="all")),
-    # grouped-query (6 query heads over 2 kv heads), multi-query (4 over 1, head_dim 32) and
-    # local attention (a window of 5, and one that skips key and query tiles, with GQA)
-    "gqa": gptc.Spec(replace(AWKWARD.model, n_heads=6, n_kv_heads=2), AWKWARD.train),
+    # multi-query (4 query heads over 1 kv head, head_dim 32) and local attention (a window
+    # of 5; one that skips key and query tiles, with 4 query heads over 2 kv heads)
     "mqa": gptc.Spec(replace(AWKWARD.model, d_model=128, n_heads=4, n_kv_heads=1, seq_len=45), AWKWARD.train),
     "local": gptc.Spec(replace(AWKWARD.model, attention="local", window=5), AWKWARD.train),
     "local_gqa": gptc.Spec(gptc.ModelSpec(vocab_size=517, seq_len=150, d_model=256, n_layers=2, n_heads=4,
