@@ -136,7 +136,8 @@ GQA = gptc.Spec(gptc.ModelSpec(vocab_size=101, seq_len=13, d_model=32, n_layers=
 @pytest.mark.parametrize("kv_heads,attention", [(2, "causal"), (1, "causal"), (1, "local")])
 def test_no_launch_copies_keys_or_values_per_query_head(kv_heads, attention):
     """The flash kernels read q, K and V through views of the fused QKV projection's
-    buffer, and no other kernel reads it: K and V never reach memory per query head."""
+    buffer, and no other kernel reads it: K and V never reach memory per query head;
+    the backward stores dK and dV per key/value head (summed over the group in-kernel)."""
     spec = replace(GQA, model=replace(GQA.model, n_kv_heads=kv_heads, attention=attention, window=4))
     m = spec.model
     plan = make_plan(build_graph(spec, "train"), True)
@@ -155,6 +156,11 @@ def test_no_launch_copies_keys_or_values_per_query_head(kv_heads, attention):
         assert g.type(qkv).size == qkv_size, "attention reads a copy, not the QKV projection"
         readers = {k.family for k in plan.kernels if qkv in k.reads}
         assert readers == {"attention", "attention_bwd"}, f"{g.describe(qkv)} is read by {readers}"
+        # dK and dV are summed over the group in the backward kernel, not by reduces after it
+        assert a.group == m.n_heads // kv_heads
+        if a.group > 1:
+            assert [g.type(n).shape[-4:] for n in a.stores()[1:]] == [(kv_heads, 1, m.seq_len, m.head_dim)] * 2
+    assert "reduce" not in {k.family for k in plan.kernels if any("causal_attention" in g.node(n)["scope"] for n in k.nodes)}
 
 
 # ----- the whole model against the PyTorch twin ------------------------------------------

@@ -10,7 +10,8 @@ row >= col (causal), or that and row - col < window (local); any other mask is l
 to the generic fusion. Grouped-query attention arrives as views (query heads
 (.., Hkv, G, S, d), keys and values broadcast over G with stride 0), which the
 kernels index like any other operand; the sums over G that autodiff adds for dk and
-dv stay outside the match (generic reduce kernels after the backward launch). The planner then puts the forward nodes in one "attention" kernel (which
+dv (the broadcast's VJP) join the backward match, whose key blocks then accumulate
+dK and dV over the G query heads of their key/value head. The planner then puts the forward nodes in one "attention" kernel (which
 stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
 in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
 not match exactly is left to the generic fusion, which computes the same values."""
@@ -42,6 +43,15 @@ class AttentionMatch:
     dq: int | None = None      # (.., S, D)
     dk_t: int | None = None    # (.., D, S)
     dv: int | None = None      # (.., S, D)
+    group: int = 1             # query heads per key/value head; with more than one, the
+    dk_sum: int | None = None  # backward stores dkᵀ and dv summed over the group instead:
+    dv_sum: int | None = None  # (.., Hkv, 1, S, D) each
+
+    def stores(self) -> list[int]:
+        """The nodes the backward kernel stores."""
+        if self.group > 1:
+            return [self.dq, self.dk_sum, self.dv_sum]
+        return [self.dq, self.dk_t, self.dv]
 
 
 def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
@@ -179,9 +189,9 @@ def _mask_window(graph: Graph, cond: int, seq: int) -> int | None:
 
 
 def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
-    """Find dq, dkᵀ, dv and the gradient of out among the backward nodes; every value
-    leaving the two regions must be out, m, s or one of those three. With grouped
-    key/value heads, the sums of dkᵀ and dv over the group are left out of the match."""
+    """Find dq, dkᵀ, dv and the gradient of out among the backward nodes (and with
+    grouped key/value heads the sums of dkᵀ and dv over the group); every value leaving
+    the two regions must be out or one of the stored gradients."""
     for n in nodes:
         if graph.op(n) != "matmul":
             continue
@@ -196,15 +206,43 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
             match.dk_t = n
     if None in (match.dv, match.dq, match.dk_t):
         return False
-    nodes = {n for n in nodes if not (graph.op(n) == "sum" and _base(graph, graph.inputs_of(n)[0])[0]
-                                      in (match.dk_t, match.dv))}
+    if not _match_group_sums(graph, match, nodes):
+        return False
     region = nodes | match.forward
     roots = set(graph.roots())
     leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
                or n in roots or _views_of(graph, n) & roots}
-    if leaving - {match.out, match.dq, match.dk_t, match.dv}:
+    if leaving - {match.out, *match.stores()}:
         return False
     if match.d_out in region or _base(graph, match.d_out)[0] in region:
         return False
     match.backward = set(nodes)
+    return True
+
+
+def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
+    """With query heads (.., Hkv, G, S, D) over key/value heads broadcast along G, autodiff
+    sums dk and dv over G: sum(permute(dkᵀ) swapping the last two axes) and sum(dv)
+    over axis -3, keeping it. Find both (the group is then G), or neither (G = 1)."""
+    shape = graph.type(match.dv).shape
+    rank = len(shape)
+    swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+    sums = {}
+    for n in nodes:
+        if graph.op(n) != "sum":
+            continue
+        base, chain = _base(graph, graph.inputs_of(n)[0])
+        if base not in (match.dk_t, match.dv):
+            continue
+        attrs = graph.node(n)["attrs"]
+        views = [(graph.op(c), graph.node(c)["attrs"].get("perm")) for c in chain]
+        expected = [] if base == match.dv else [("permute", swap)]
+        if rank < 5 or attrs["axes"] != (rank - 3,) or not attrs["keepdims"] or views != expected:
+            return False  # some other sum of the gradients: not the kernels' to compute
+        sums[base] = n
+    if not sums:
+        return True
+    if len(sums) != 2 or shape[-3] < 2:
+        return False
+    match.group, match.dk_sum, match.dv_sum = shape[-3], sums[match.dk_t], sums[match.dv]
     return True
