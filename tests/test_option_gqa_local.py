@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -301,6 +302,25 @@ def test_flash_kernels_with_groups_and_windows_compile(target):
             codes.setdefault(code, f"d{dim}_g{group}_w{window}_{k.family}")
     source = prelude() + "".join(f"namespace {name} {{\n{code}}}\n" for code, name in codes.items())
     assert len(compile_many([(source, "attention_options")], parse_target(target))[0]) > 0
+
+
+@pytest.mark.parametrize("target", ["cuda:sm_90", "hip:gfx90a"])
+def test_every_kernel_of_a_local_gqa_model_compiles(target):
+    """Training (fused), prefill and decode (fused and not) of local GQA: the decode mask
+    (logical_and of two comparisons with the position input) inside generic kernels."""
+    from gptc.compiler.codegen.kernels import prelude, render_plan
+    from gptc.runtime.device import compile_many
+    from gptc.target import parse_target
+    spec = decode_spec("local5-gqa")
+    codes = {}
+    for mode, fuse in (("train", True), ("prefill", True), ("decode", True), ("decode", False)):
+        for k in render_plan(make_plan(build_graph(spec, mode, batch=2), fuse), parse_target(target)):
+            codes.setdefault(k.code[len(prelude()):], k.symbol)
+    assert any(re.search(r"bool v\d+ = v\d+ && v\d+;", code) for code in codes)  # the decode mask
+    batches = [list(codes)[i:i + 16] for i in range(0, len(codes), 16)]
+    sources = [(prelude() + "".join(f"namespace k{j} {{\n{code}}}\n" for j, code in enumerate(batch)), f"local_gqa_{i}")
+               for i, batch in enumerate(batches)]
+    assert all(len(o) > 0 for o in compile_many(sources, parse_target(target)))
 
 
 # ----- on a GPU ---------------------------------------------------------------------------------
