@@ -8,6 +8,7 @@ import math
 from typing import Callable
 
 from gptc.compiler.ir import Graph, Tensor
+from gptc.compiler.ops import ShapeError
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
            "scalenorm", "softmax", "causal_attention", "group_heads", "rope", "sinusoidal_table", "cross_entropy", "embedding"]
@@ -104,7 +105,7 @@ def group_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor
     *lead, heads, _, dim = q.shape
     kv_heads, kv_seq = k.shape[-3], k.shape[-2]
     if heads % kv_heads or k.shape != v.shape or k.shape[:-3] != tuple(lead) or k.shape[-1] != dim:
-        raise ValueError(f"attention: query heads {q.shape} do not fit key/value heads {k.shape}, {v.shape}")
+        raise ShapeError(f"attention: query heads {q.shape} do not fit key/value heads {k.shape}, {v.shape}")
     group = heads // kv_heads
     if group == 1:
         return q, k, v

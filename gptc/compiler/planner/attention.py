@@ -11,10 +11,10 @@ to the generic fusion. Grouped-query attention arrives as views (query heads
 (.., Hkv, G, S, d), keys and values broadcast over G with stride 0), which the
 kernels index like any other operand; the sums over G that autodiff adds for dk and
 dv (the broadcast's VJP) join the backward match, whose key blocks then accumulate
-dK and dV over the G query heads of their key/value head. The planner then puts the forward nodes in one "attention" kernel (which
-stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
-in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
-not match exactly is left to the generic fusion, which computes the same values."""
+dK and dV over the G query heads of their key/value head. The planner then puts the
+forward nodes in one "attention" kernel (which stores only out, m and s: the S×S
+matrix never reaches memory) and the backward nodes in one "attention_bwd" launch that
+recomputes p from q, k, m and s. Anything that does not match exactly is left to the generic fusion, which computes the same values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
