@@ -95,6 +95,12 @@ def test_matcher_reads_the_window(window, expected):
     assert len(found) == 1 and found[0].window == expected and found[0].backward
 
 
+@pytest.mark.parametrize("shape_q,kv_heads", [((2, 4, 9, 8), 2), ((2, 4, 9, 8), 1), ((4, 9, 8), 1), ((3, 2, 4, 9, 8), 2)])
+def test_matcher_sums_dk_dv_over_the_group_in_the_kernel(shape_q, kv_heads):
+    (found,) = matches(attention_graph(shape_q, kv_heads, 0, grads=True))
+    assert found.group == shape_q[-3] // kv_heads and found.dk_sum is not None and found.dv_sum is not None
+
+
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """causal_attention's decomposition, in its scope, with another mask."""
     g = q.graph

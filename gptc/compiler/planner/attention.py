@@ -237,7 +237,7 @@ def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> b
         attrs = graph.node(n)["attrs"]
         views = [(graph.op(c), graph.node(c)["attrs"].get("perm")) for c in chain]
         expected = [] if base == match.dv else [("permute", swap)]
-        if rank < 5 or attrs["axes"] != (rank - 3,) or not attrs["keepdims"] or views != expected:
+        if rank < 4 or attrs["axes"] != (rank - 3,) or not attrs["keepdims"] or views != expected:
             return False  # some other sum of the gradients: not the kernels' to compute
         sums[base] = n
     if not sums:
