@@ -180,6 +180,13 @@ SPECS = {
     # dropout on embeddings, attention probabilities (in the flash kernels when fused)
     # and residual branches: the kernels' Philox masks equal the reference's bit for bit
     "dropout": gptc.Spec(replace(AWKWARD.model, dropout=0.1), AWKWARD.train),
+    # multi-query (4 query heads over 1 kv head, head_dim 32) and local attention (a window
+    # of 5; one that skips key and query tiles, with 4 query heads over 2 kv heads)
+    "mqa": gptc.Spec(replace(AWKWARD.model, d_model=128, n_heads=4, n_kv_heads=1, seq_len=45), AWKWARD.train),
+    "local": gptc.Spec(replace(AWKWARD.model, attention="local", window=5), AWKWARD.train),
+    "local_gqa": gptc.Spec(gptc.ModelSpec(vocab_size=517, seq_len=150, d_model=256, n_layers=2, n_heads=4,
+                                          n_kv_heads=2, d_ff=300, attention="local", window=40),
+                           gptc.TrainSpec(batch_size=2)),
 }
 
 

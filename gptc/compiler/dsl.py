@@ -8,10 +8,11 @@ import math
 from typing import Callable
 
 from gptc.compiler.ir import Graph, Tensor
+from gptc.compiler.ops import ShapeError
 from gptc.compiler.ops.random import dropout_threshold
 
 __all__ = ["Graph", "Tensor", "composite", "linear", "gelu", "silu", "swiglu", "layernorm", "rmsnorm",
-           "scalenorm", "softmax", "dropout", "causal_attention", "elu_plus_one", "linear_attention",
+           "scalenorm", "softmax", "dropout", "causal_attention", "group_heads", "elu_plus_one", "linear_attention",
            "linear_attention_state", "linear_attention_read", "LINEAR_ATTENTION_EPS", "rope",
            "sinusoidal_table", "cross_entropy", "embedding", "top_k", "group_rank", "group_offsets",
            "grouped_matmul", "moe"]
@@ -102,18 +103,48 @@ def dropout(x: Tensor, p: float, step: Tensor, seed: int, stream: int) -> Tensor
 @composite
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0,
                      drop: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """softmax(q kᵀ / sqrt(d) with future positions masked) v, over (..., S, d) operands.
-    With `window` > 0 a query also does not see keys `window` or more positions back.
-    `drop`, if given (dropout), is applied to the attention probabilities before they weight v."""
-    if window or k.shape[-3] != q.shape[-3]:
-        raise NotImplementedError("local windows and grouped key/value heads")
-    seq, dim = q.shape[-2], q.shape[-1]
+    """softmax(q kᵀ / sqrt(d) with future positions masked) v. q (..., H, S, d); k and v
+    (..., Hkv, S, d) with Hkv dividing H: query head h reads key/value head h // (H/Hkv)
+    (grouped-query attention; multi-query with Hkv = 1). With `window` > 0 a query at i
+    sees only the keys j with i - window < j <= i (local attention). `drop`, if given
+    (dropout), is applied to the attention probabilities before they weight v."""
+    seq, dim = q.shape[-2:]
+    shape = q.shape
+    q, k, v = group_heads(q, k, v)
     scores = (q @ k.T) * (1.0 / math.sqrt(dim))
-    graph = q.graph
-    visible = graph.iota((seq, seq), 0) >= graph.iota((seq, seq), 1)   # row (query) >= column (key)
-    scores = visible.where(scores, -math.inf)
+    scores = _visible(q.graph, seq, window).where(scores, -math.inf)
     probs = softmax(scores)
-    return (drop(probs) if drop else probs) @ v
+    return ((drop(probs) if drop else probs) @ v).reshape(shape)
+
+
+def group_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Views for grouped-query attention: q (..., H, Sq, d) and k, v (..., Hkv, Sk, d)
+    with Hkv dividing H become q (..., Hkv, G, Sq, d) and k, v (..., Hkv, G, Sk, d),
+    G = H / Hkv, where k and v are broadcast over G: a stride-0 view, never a copy (the
+    broadcast's VJP sums dk and dv over the group). Query head h reads key/value head
+    h // G. Unchanged when Hkv = H."""
+    *lead, heads, _, dim = q.shape
+    kv_heads, kv_seq = k.shape[-3], k.shape[-2]
+    if heads % kv_heads or k.shape != v.shape or k.shape[:-3] != tuple(lead) or k.shape[-1] != dim:
+        raise ShapeError(f"attention: query heads {q.shape} do not fit key/value heads {k.shape}, {v.shape}")
+    group = heads // kv_heads
+    if group == 1:
+        return q, k, v
+    q = q.reshape(*lead, kv_heads, group, *q.shape[-2:])
+    shape = (*lead, kv_heads, group, kv_seq, dim)
+    k, v = (t.reshape(*lead, kv_heads, 1, kv_seq, dim).broadcast_to(shape) for t in (k, v))
+    return q, k, v
+
+
+def _visible(graph: Graph, seq: int, window: int = 0) -> Tensor:
+    """(seq, seq) bool: query (row) i sees key (column) j when j <= i, and i - j < window
+    with a window. A window of seq or more is plain causal (the planner's attention
+    matcher reads exactly these two forms)."""
+    row, col = graph.iota((seq, seq), 0), graph.iota((seq, seq), 1)
+    visible = row >= col
+    if 0 < window < seq:
+        visible = visible.logical_and(row - col < window)
+    return visible
 
 
 # ----- causal linear attention (Katharopoulos et al., 2020) ------------------------------

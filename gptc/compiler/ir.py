@@ -284,6 +284,7 @@ class Tensor:
     def __ge__(self, o): return self._elementwise("greater_equal", o)
 
     def eq(self, o) -> "Tensor": return self._elementwise("equal", o)
+    def logical_and(self, o: "Tensor") -> "Tensor": return self._elementwise("logical_and", o)
     def maximum(self, o) -> "Tensor": return self._elementwise("maximum", o)
     def exp(self) -> "Tensor": return self._new("exp", [self])
     def log(self) -> "Tensor": return self._new("log", [self])

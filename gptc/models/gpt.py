@@ -16,10 +16,6 @@ from gptc.compiler.ir import Graph, Tensor
 from gptc.spec import ModelSpec, SpecError
 
 
-def _not_yet(option: str) -> SpecError:
-    return SpecError(f"{option} is not implemented yet")
-
-
 # ----- norms ---------------------------------------------------------------------------
 def _norm(g: Graph, x: Tensor, name: str, m: ModelSpec) -> Tensor:
     if m.norm == "layernorm":
@@ -71,10 +67,6 @@ def attend_sequence(m: ModelSpec, drop: Drop | None = None) -> Attend:
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if m.attention == "linear":
             return dsl.linear_attention(q, k, v)
-        if m.attention == "local":
-            raise _not_yet(f"model.attention = '{m.attention}'")
-        if m.kv_heads != m.n_heads:
-            raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
         drop_probs = (lambda p: drop(p, dropout_stream(layer, "attn_probs"))) if drop else None
         return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0, drop=drop_probs)
     return attend
@@ -257,11 +249,13 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
-            if m.kv_heads != m.n_heads:
-                raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
-            scores = (q @ caches[0].T) * (1.0 / math.sqrt(m.head_dim))
-            visible = pos.reshape(1, 1, 1, 1) >= g.iota((1, 1, 1, m.seq_len), 3)
-            if m.attention == "local":
-                raise _not_yet("model.attention = 'local'")
-            return dsl.softmax(visible.where(scores, -math.inf)) @ caches[1]
+            # Query heads grouped over the cache's kv_heads (views, no per-head copy).
+            qg, keys, values = dsl.group_heads(q, *caches)
+            scores = (qg @ keys.T) * (1.0 / math.sqrt(m.head_dim))
+            ones = (1,) * (len(scores.shape) - 1)
+            at, j = pos.reshape(*ones, 1), g.iota((*ones, m.seq_len), len(ones))
+            visible = at >= j
+            if m.attention == "local":  # the last `window` positions: pos - window < j <= pos
+                visible = visible.logical_and(at - j < m.window)
+            return (dsl.softmax(visible.where(scores, -math.inf)) @ values).reshape(q.shape)
     return attend

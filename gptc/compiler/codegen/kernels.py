@@ -669,10 +669,12 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     nqb, nkb = ceil_div(seq, bq), ceil_div(seq, bkb)
     batch_lines: list[str] = []
     z = unravel(var("bh", bhn), tuple(batch_shape))
+    # The backward's key blocks run over key/value heads: bhn / group of them.
+    group = a.group
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
-               nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
+               nqb=nqb, kb_blocks=bhn // group * nkb, group=group, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
-               scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
+               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
         if view_base(g, nid) in a.prologue:
@@ -719,12 +721,17 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
-    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(a.dq),
-               dkt_ptr=em.arg(a.dk_t), dv_ptr=em.arg(a.dv))
+    dq, dk, dv = a.stores()
+    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(dq),
+               dk_ptr=em.arg(dk), dv_ptr=em.arg(dv))
+    if group > 1:  # dK, dV summed over the group: (.., Hkv, 1, S, D) at key/value head bhk
+        ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
+    else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
+        ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
     # for the queries half.
     return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
-                 (bhn * (nkb + nqb), 1, 1), (128, 1, 1))
+                 (bhn // group * nkb + bhn * nqb, 1, 1), (128, 1, 1))
 
 
 def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:

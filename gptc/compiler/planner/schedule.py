@@ -220,7 +220,7 @@ def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
     if grp.family == "attention":
         roots = [a.out] + ([a.m, a.s] if a.backward else [])
     else:
-        roots = [a.dq, a.dk_t, a.dv]
+        roots = a.stores()
     return roots, reads
 
 

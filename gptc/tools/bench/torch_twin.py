@@ -14,8 +14,10 @@ torch.optim.AdamW with weight decay on the parameters gptc.compiler.optim.decays
 
 Attention uses F.scaled_dot_product_attention(is_causal=True), what a PyTorch user
 would write; in float32 it dispatches to the memory-efficient kernel. With pos = "rope",
-queries and keys are rotated as Hugging Face's models do (rotate_half, partial rotary). Linear attention
-(attention = "linear") is the naive causal O(S²) form, `linear_attention`.
+queries and keys are rotated as Hugging Face's models do (rotate_half, partial rotary).
+Grouped/multi-query attention repeats each key/value head over its group of query heads
+(a copy, fine for a twin); local attention passes an explicit boolean mask. Linear
+attention (attention = "linear") is the naive causal O(S²) form, `linear_attention`.
 
 model.ffn = "moe" (mixture of experts) is the plain loop over experts of MoE below;
 its loss() adds the load-balancing loss as gptc's training graph does.
@@ -99,25 +101,32 @@ class Attention(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
         self.spec = m
-        self.heads = m.n_heads
+        self.heads, self.kv_heads, self.head_dim = m.n_heads, m.kv_heads, m.head_dim
         self.linear = m.attention == "linear"
-        self.c_attn = Linear(m.d_model, 3 * m.d_model, m.bias)
+        self.window = m.window if m.attention == "local" else 0
+        self.c_attn = Linear(m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim, m.bias)
         self.c_proj = Linear(m.d_model, m.d_model, m.bias)
 
     def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
         b, s, e = x.shape
-        q, k, v = self.c_attn(x).split(e, dim=2)
-        q, k, v = (t.view(b, s, self.heads, e // self.heads).transpose(1, 2) for t in (q, k, v))
+        hd, kv = self.head_dim, self.kv_heads
+        q, k, v = self.c_attn(x).split([self.heads * hd, kv * hd, kv * hd], dim=2)
+        q = q.view(b, s, self.heads, hd).transpose(1, 2)
+        k, v = (t.view(b, s, kv, hd).transpose(1, 2) for t in (k, v))
         if self.spec.pos == "rope":
             q, k = (apply_rope(t, self.spec.rope_dims, self.spec.rope_base) for t in (q, k))
+        if kv != self.heads:  # query head h reads key/value head h // group
+            k, v = (t.repeat_interleave(self.heads // kv, dim=1) for t in (k, v))
+        back = torch.arange(s, device=x.device)[:, None] - torch.arange(s, device=x.device)[None, :]
+        visible = (back >= 0) & (back < self.window) if self.window else back >= 0  # query i sees key j
         if self.linear:
             y = linear_attention(q, k, v)
         elif drop is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible if self.window else None,
+                                               is_causal=not self.window)
         else:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(e // self.heads)
-            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-            y = drop(scores.masked_fill(~causal, float("-inf")).softmax(-1), "attn_probs") @ v
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
+            y = drop(scores.masked_fill(~visible, float("-inf")).softmax(-1), "attn_probs") @ v
         return self.c_proj(y.transpose(1, 2).reshape(b, s, e))
 
 
