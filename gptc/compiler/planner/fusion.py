@@ -251,8 +251,7 @@ class Fuser:
         if any(k == SCATTER for k in kinds.values()):
             return None
         # A kernel cannot read a buffer it writes: matmul operands and gather tables
-        # must come from other kernels.
-        # A prologue's own reads count as the matmul's operand reads.
+        # must come from other kernels (through a prologue: what the prologue reads).
         prologue = nodes & self.prologue
         for n in nodes:
             if kinds[n] in (MATMUL, GATHER) or n in prologue:
@@ -260,7 +259,7 @@ class Fuser:
                 if any(p in nodes - prologue for o in operands for p in _producers(g, o, self.free)):
                     return None
         if matmuls:
-            if len(matmuls) == 1 and not reduces and self._epilogue_legal(nodes - prologue, matmuls[0]):
+            if len(matmuls) == 1 and not reduces and self._epilogue_legal(nodes, matmuls[0]):
                 return MATMUL_FAMILY, matmuls[0]
             return None
         if reduces:
@@ -383,6 +382,7 @@ class Fuser:
 
     def _epilogue_legal(self, nodes: set[int], matmul: int) -> bool:
         g = self.graph
+        nodes = nodes - self.prologue  # computed at the operand's elements, not C's
         if nodes & self.in_place:
             return False
         size = _size(g, matmul)
