@@ -147,3 +147,15 @@ def test_gpu_spec_kernels_compile(gpu_spec_codes, target):
                 f"norms_batch{i // batch}") for i in range(0, len(distinct), batch)]
     objects = compile_many(sources, parse_target(target))
     assert len(objects) == len(sources) and all(len(o) > 0 for o in objects)
+
+
+def test_iota_values_are_bracketed_in_c():
+    """An iota's index expression (i % 37) is one operand in C: a cast or a product
+    reads all of it ((float)i % 37 does not compile, 2 * i % 37 computes (2i) % 37).
+    The sinusoidal table casts an iota of the positions."""
+    g = gptc.Graph()
+    x = g.input("x", (4, 37))
+    column = g.iota((4, 37), 1)
+    g.output("y", x * (2 * column).cast("f32") + column.cast("f32"))
+    source = render_plan(make_plan(g, True), parse_target("cuda:sm_90"))[0].source
+    assert "2 * (i % 37);" in source and "(float)(i % 37);" in source
