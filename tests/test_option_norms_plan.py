@@ -20,7 +20,7 @@ from gptc.runtime.device import compile_many
 from gptc.target import parse_target
 
 from test_planner import launch_order_problems, overlap_problems
-from test_option_norms_gpu import SPECS as GPU_SPECS
+from test_option_norms_gpu import SPECS as GPU_SPECS, TINY_ALL
 
 ALL_OPTIONS = dict(norm="rmsnorm", pos="sinusoidal", ffn="swiglu", tie_embeddings=True, attn_bias=False)
 
@@ -129,13 +129,17 @@ def test_fused_launches_are_at_most_a_third(norm):
 def gpu_spec_codes():
     """target -> {kernel code without the prelude: symbol} over every plan the GPU tests run."""
     codes: dict[str, dict[str, str]] = {}
-    for spec in GPU_SPECS.values():
-        graph = gptc.build_graph(spec, "train", expose_gradients=True)
-        for fuse in (True, False):
-            plan = make_plan(graph, fuse)
-            for target in ("cuda:sm_90", "hip:gfx90a"):
-                for k in render_plan(plan, parse_target(target)):
-                    codes.setdefault(target, {})[k.code[len(prelude()):]] = k.symbol
+    graphs = [(gptc.build_graph(spec, "train", expose_gradients=True), fuse)
+              for spec in GPU_SPECS.values() for fuse in (True, False)]
+    # the steps of TINY_ALL's bundle (test_kv_cache_generation_with_every_option_on_gpu)
+    batch = TINY_ALL.train.batch_size
+    graphs += [(gptc.build_graph(TINY_ALL, mode, b), True) for mode, b in
+               (("train", batch), ("eval", batch), ("prefill", 1), ("decode", 1))]
+    for graph, fuse in graphs:
+        plan = make_plan(graph, fuse)
+        for target in ("cuda:sm_90", "hip:gfx90a"):
+            for k in render_plan(plan, parse_target(target)):
+                codes.setdefault(target, {})[k.code[len(prelude()):]] = k.symbol
     return codes
 
 
