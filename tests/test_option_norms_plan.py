@@ -2,7 +2,7 @@
 one row kernel forward and fuses its backward as LayerNorm's does; SwiGLU's product
 silu(gate) * up is computed in the loads of the matmuls that read it (the down
 projection, and its weight gradient's matmul), never by a kernel of its own nor
-stored; plans stay valid (test_planner.py's checks); a tiny spec with all options
+stored, and so is the concatenation of its backward's gate and up gradients; plans stay valid (test_planner.py's checks); a tiny spec with all options
 needs at most a third of the unfused launches; and every kernel of the GPU tests'
 specs (test_option_norms_gpu.py) compiles with NVRTC for sm_90 and hiprtc for gfx90a."""
 from __future__ import annotations
@@ -87,6 +87,10 @@ def test_swiglu_product_is_computed_in_matmul_loads(mode, options):
     forward = lambda s: s.split("/")[-1] in ("swiglu", "silu") and "#bwd" not in s  # noqa: E731
     kernels = scope_kernels(plan, forward)
     assert kernels and {k.family for k in kernels} == {"matmul"}, "a standalone kernel computes SwiGLU"
+    # Backward: the gate's and the up's gradients are concatenated (pad + add) in the
+    # loads of the matmuls and the bias reduction that read the projection's gradient.
+    backward = scope_kernels(plan, lambda s: s.split("/")[-1] in ("swiglu#bwd", "silu#bwd"))
+    assert "pointwise" not in {k.family for k in backward}
     for k in kernels:
         assert not any(forward(g.node(r)["scope"]) for r in k.roots), f"{k.name} stores a SwiGLU value"
     # The down projection reads the product through its loads: no buffer of the

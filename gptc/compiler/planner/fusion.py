@@ -41,13 +41,16 @@ PROLOGUE_MAX_NODES = 12
 def gated_operand(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | None:
     """The nodes computing `nid` when it is a matmul operand to compute while loading it
     (a prologue), else None: elementwise nodes (at most PROLOGUE_MAX_NODES) that read
-    stored values only through slices and reshapes, at least one slice, and whose
-    value only matmuls read. This is a gated activation (SwiGLU's silu(gate) * up over
-    one gate/up projection): its producer's epilogue cannot compute it (an element
-    needs two columns of the projection, in different tiles), and computing it in the
-    consumer's loads spares a kernel and a buffer."""
+    stored values only through slices, pads and reshapes (at least one slice or pad),
+    whose value matmuls read (and column reductions, whose prologue computes it too).
+    This is a gated activation, SwiGLU's silu(gate) * up over slices of one gate/up
+    projection, and its gradient, the gate's and the up's gradients padded and added
+    into the projection's: no producer's epilogue can compute them (an element needs
+    two columns of the projection, in different tiles), and computing them in the
+    consumers' loads spares a kernel and a buffer."""
     users = compute_users(graph, nid, free)
-    if not users or any(OPS[graph.op(u)].kind != MATMUL for u, _ in users):
+    if not any(OPS[graph.op(u)].kind == MATMUL for u, _ in users) or any(
+            OPS[graph.op(u)].kind not in (MATMUL, REDUCE) for u, _ in users):
         return None
     cone: set[int] = set()
     sliced = False
@@ -68,8 +71,8 @@ def gated_operand(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | N
                 continue  # sources and constants: loaded or inlined through any views
             if not chain and OPS[graph.op(src)].kind == ELEMENTWISE:
                 stack.append(src)
-            elif set(chain) <= {"reshape", "slice"}:
-                sliced |= "slice" in chain
+            elif set(chain) <= {"reshape", "slice", "pad"}:
+                sliced |= bool({"slice", "pad"} & set(chain))
             else:
                 return None
     return cone if sliced and len(cone) <= PROLOGUE_MAX_NODES else None
