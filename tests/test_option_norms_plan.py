@@ -2,9 +2,10 @@
 one row kernel forward and fuses its backward as LayerNorm's does; SwiGLU's product
 silu(gate) * up is computed in the loads of the matmuls that read it (the down
 projection, and its weight gradient's matmul), never by a kernel of its own nor
-stored, and so is the concatenation of its backward's gate and up gradients; plans stay valid (test_planner.py's checks); a tiny spec with all options
-needs at most a third of the unfused launches; and every kernel of the GPU tests'
-specs (test_option_norms_gpu.py) compiles with NVRTC for sm_90 and hiprtc for gfx90a."""
+stored, and so is the concatenation of its backward's gate and up gradients; plans
+stay valid (test_planner.py's checks); a tiny spec with all options needs at most a
+third of the unfused launches; and every kernel of the GPU tests' specs and bundle
+(test_option_norms_gpu.py) compiles with NVRTC for sm_90 and hiprtc for gfx90a."""
 from __future__ import annotations
 
 from collections import Counter
@@ -78,7 +79,7 @@ def test_norm_backward_fused_as_layernorm(norm, gains):
     assert set(families) <= {"row", "reduce", "matmul"} and families["matmul"] <= norms
 
 
-@pytest.mark.parametrize("mode", ["train", "infer", "prefill"])
+@pytest.mark.parametrize("mode", ["train", "infer", "prefill", "decode"])
 @pytest.mark.parametrize("options", [dict(ffn="swiglu"), ALL_OPTIONS], ids=["swiglu", "all"])
 def test_swiglu_product_is_computed_in_matmul_loads(mode, options):
     spec = tiny(**options)
@@ -87,10 +88,6 @@ def test_swiglu_product_is_computed_in_matmul_loads(mode, options):
     forward = lambda s: s.split("/")[-1] in ("swiglu", "silu") and "#bwd" not in s  # noqa: E731
     kernels = scope_kernels(plan, forward)
     assert kernels and {k.family for k in kernels} == {"matmul"}, "a standalone kernel computes SwiGLU"
-    # Backward: the gate's and the up's gradients are concatenated (pad + add) in the
-    # loads of the matmuls and the bias reduction that read the projection's gradient.
-    backward = scope_kernels(plan, lambda s: s.split("/")[-1] in ("swiglu#bwd", "silu#bwd"))
-    assert "pointwise" not in {k.family for k in backward}
     for k in kernels:
         assert not any(forward(g.node(r)["scope"]) for r in k.roots), f"{k.name} stores a SwiGLU value"
     # The down projection reads the product through its loads: no buffer of the
@@ -106,6 +103,10 @@ def test_swiglu_product_is_computed_in_matmul_loads(mode, options):
     for k in product:  # an operand of the kernel's matmul is computed in the kernel itself
         bases = [view_base(g, operand) for operand in g.inputs_of(k.anchor)]
         assert g.op(k.anchor) == "matmul" and any(b in k.nodes for b in bases)
+    # Backward: the gate's and the up's gradients are concatenated (pad + add) in the
+    # loads of the matmuls and the bias reduction that read the projection's gradient.
+    backward = scope_kernels(plan, lambda s: s.split("/")[-1] in ("swiglu#bwd", "silu#bwd"))
+    assert (mode == "train") == bool(backward) and "pointwise" not in {k.family for k in backward}
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
