@@ -502,24 +502,24 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     out_shape = g.type(mm).shape
     batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
     k = g.type(a_in).shape[-1]
-    a_base, a_off, a_strides = _operand_layout(plan, a_in)
-    b_base, b_off, b_strides = _operand_layout(plan, b_in)
     em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
     batch = max(1, _size(batch_shape))
     batch_idx = unravel(var("batch", batch), batch_shape)
-    gm, gk, gn = Var("gm"), Var("gk"), Var("gn")
-    # Each operand: a buffer read through strided views (its batch offset from the batch
-    # index, the block's tile along z), or computed while loading it (a prologue, see
-    # planner/fusion.py gated_operand): a lambda of the element (row, column) wanted.
-    operands = (("A", a_in, a_base, a_off, a_strides, (var("gm", m), var("gk", k)), add(mul(gm, a_strides[-2]), mul(gk, a_strides[-1]))),
-                ("B", b_in, b_base, b_off, b_strides, (var("gk", k), var("gn", n)), add(mul(gk, b_strides[-2]), mul(gn, b_strides[-1]))))
-    batch_lines, loads, prologues = [], {}, []
-    for name, operand, base, offset, strides, element, at in operands:
+    # Each operand is a buffer read through strided views (its batch offset from the
+    # batch index, the block's tile along z), or computed while loading it (a prologue,
+    # see planner/fusion.py gated_operand): a lambda of the element wanted. Either way
+    # the template's staging loads name the element by its row and column variables.
+    batch_lines, loads, prologues, strides_of = [], {}, [], {}
+    for name, operand, axes in (("A", a_in, (("gm", m), ("gk", k))), ("B", b_in, (("gk", k), ("gn", n)))):
+        base, offset, strides = _operand_layout(plan, operand)
+        strides_of[name] = strides
         if base in kernel.nodes:
-            prologues.append((name, operand, element))
+            prologues.append((name, operand, axes))
             continue
-        batch_lines += [f"const idx_t {name.lower()}_base = {emit(add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])]))};",
+        batch_offset = add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])])
+        batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
                         f"const float* {name} = {em.arg(base)} + {name.lower()}_base;"]
+        at = add(mul(Var(axes[0][0]), strides[-2]), mul(Var(axes[1][0]), strides[-1]))
         loads[name] = f"{name}[{emit(at)}]"
     em.begin_block()
     body = []
@@ -529,17 +529,17 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         idx = unravel(element, g.type(r).shape)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
-    for name, operand, element in prologues:
+    for name, operand, axes in prologues:
         em.begin_block()
-        v = em.value(operand, tuple(batch_idx) + element)
-        params = ", ".join(f"idx_t {x}" for x in (("gm", "gk") if name == "A" else ("gk", "gn")))
-        batch_lines += [f"auto {name}_at = [&]({params}) -> float {{  // operand {name}, %{operand} computed here",
+        v = em.value(operand, tuple(batch_idx) + tuple(var(x, size) for x, size in axes))
+        batch_lines += [f"auto {name}_at = [&](idx_t {axes[0][0]}, idx_t {axes[1][0]}) -> float {{  "
+                        f"// operand {name}, %{operand} computed here",
                         *[f"  {line}" for line in em.take()], f"  return {v};", "};"]
-        loads[name] = f"{name}_at({params.replace('idx_t ', '')})"
+        loads[name] = f"{name}_at({axes[0][0]}, {axes[1][0]})"
     bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
-    a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
+    (a_sm, a_sk), (b_sk, b_sn) = strides_of["A"][-2:], strides_of["B"][-2:]
     # Staging loads: consecutive threads walk the operand's contiguous dimension;
     # "k" reads runs of 8 along k (one 32-byte sector) from 4 rows per 32 threads.
     a_mode = "m" if a_sk != 1 and a_sm == 1 else "k"
