@@ -75,8 +75,9 @@ def rmsnorm(x: Tensor, gain: Tensor, eps: float = 1e-5) -> Tensor:
 @composite
 def scalenorm(x: Tensor, gain: Tensor, eps: float = 1e-5) -> Tensor:
     """gain * x / max(||x||, eps), with one scalar gain (Nguyen & Salazar's ScaleNorm).
-    The max is taken on ||x||², so a zero row has a zero gradient, not NaN."""
-    return x * (x * x).sum(-1, keepdims=True).maximum(eps * eps).rsqrt() * gain
+    The max is taken on ||x||², so a zero row has a zero gradient, not NaN. The gain
+    scales the per-row factor, so its gradient reuses the backward's row sums."""
+    return x * ((x * x).sum(-1, keepdims=True).maximum(eps * eps).rsqrt() * gain)
 
 
 @composite

@@ -105,7 +105,8 @@ class Emitter:
             return c_literal(node["attrs"]["value"], dtype)
         if op == "iota":
             axis_index = index[node["attrs"]["axis"]]
-            return emit(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
+            # Bracketed: an operand of any C expression (a cast of `row % 37`, 2 * it).
+            return atom(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
         if kind == VIEW:
             return self._view(nid, node, index)
         if op == "random_uniform":

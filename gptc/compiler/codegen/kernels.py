@@ -506,15 +506,25 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     out_shape = g.type(mm).shape
     batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
     k = g.type(a_in).shape[-1]
-    a_buf, a_off, a_strides = _operand_layout(plan, a_in)
-    b_buf, b_off, b_strides = _operand_layout(plan, b_in)
     em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
-    a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
-    # Batch offsets of A and B from the batch index (the block's tile along z).
     batch = max(1, _size(batch_shape))
     batch_idx = unravel(var("batch", batch), batch_shape)
-    batch_lines = [f"const idx_t {name} = {emit(add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])]))};"
-                   for name, offset, strides in (("a_base", a_off, a_strides), ("b_base", b_off, b_strides))]
+    # Each operand is a buffer read through strided views (its batch offset from the
+    # batch index, the block's tile along z), or computed while loading it (a prologue,
+    # see planner/fusion.py gated_operand): a lambda of the element wanted. Either way
+    # the template's staging loads name the element by its row and column variables.
+    batch_lines, loads, prologues, strides_of = [], {}, [], {}
+    for name, operand, axes in (("A", a_in, (("gm", m), ("gk", k))), ("B", b_in, (("gk", k), ("gn", n)))):
+        base, offset, strides = _operand_layout(plan, operand)
+        strides_of[name] = strides
+        if base in kernel.nodes:
+            prologues.append((name, operand, axes))
+            continue
+        batch_offset = add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])])
+        batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
+                        f"const float* {name} = {em.arg(base)} + {name.lower()}_base;"]
+        at = add(mul(Var(axes[0][0]), strides[-2]), mul(Var(axes[1][0]), strides[-1]))
+        loads[name] = f"{name}[{emit(at)}]"
     em.begin_block()
     body = []
     # The element of C at (batch, gm, gn) (the template's variables).
@@ -523,13 +533,17 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         idx = unravel(element, g.type(r).shape)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
+    for name, operand, axes in prologues:
+        em.begin_block()
+        v = em.value(operand, tuple(batch_idx) + tuple(var(x, size) for x, size in axes))
+        batch_lines += [f"auto {name}_at = [&](idx_t {axes[0][0]}, idx_t {axes[1][0]}) -> float {{  "
+                        f"// operand {name}, %{operand} computed here",
+                        *[f"  {line}" for line in em.take()], f"  return {v};", "};"]
+        loads[name] = f"{name}_at({axes[0][0]}, {axes[1][0]})"
     bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
-    a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
-    # The staging loads' offsets from the template's row and column variables.
-    gm, gk, gn = Var("gm"), Var("gk"), Var("gn")
-    a_at, b_at = emit(add(mul(gm, a_sm), mul(gk, a_sk))), emit(add(mul(gk, b_sk), mul(gn, b_sn)))
+    (a_sm, a_sk), (b_sk, b_sn) = strides_of["A"][-2:], strides_of["B"][-2:]
     # Staging loads: consecutive threads walk the operand's contiguous dimension;
     # "k" reads runs of 8 along k (one 32-byte sector) from 4 rows per 32 threads.
     a_mode = "m" if a_sk != 1 and a_sm == 1 else "k"
@@ -540,7 +554,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                pa=bm + 4, pb=bn + 4, smem_floats=_mm_smem_floats(bm, bn, bk, kg),
                la=bm * bk // threads, lb=bn * bk // threads, a_mode=a_mode, b_mode=b_mode,
                check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
-               batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_at=a_at, b_at=b_at,
+               batch_lines=batch_lines, a_load=loads["A"], b_load=loads["B"],
                body=body, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm))
     # A 1-D grid: block_id runs over the tiles, n fastest, then m, then the batch
     # (the order a (n, m, batch) grid would dispatch them).

@@ -7,7 +7,7 @@ from gptc.compiler.strides import strided
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
-from gptc.compiler.planner.fusion import fuse_graph
+from gptc.compiler.planner.fusion import clone_gated_operands, fuse_graph
 from gptc.compiler.planner.schedule import Buffer, KernelPlan, Plan, schedule
 
 __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
@@ -21,6 +21,8 @@ def make_plan(graph: Graph, fuse: bool = True) -> Plan:
     for nid in [n for n in graph.nx.nodes if graph.op(n) == "stop_gradient"]:
         graph.bypass(nid)  # an identity once autodiff has run: no kernel computes it
     graph.prune()  # values nothing reads are not computed
+    if fuse:
+        clone_gated_operands(graph)
     lay_out(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)
 

@@ -1,7 +1,8 @@
 """The GPT of gptc's presets written in plain PyTorch, for benchmarks: the same layout
-(learned positions, pre-LayerNorm, causal attention with a fused QKV projection,
-GELU-tanh MLP, final LayerNorm, output projection, untied or tied), built from gptc's
-parameter dict, so both frameworks start from the same weights.
+(learned or sinusoidal positions, pre-norm (LayerNorm, RMSNorm or ScaleNorm), causal
+attention with a fused QKV projection (with or without biases: model.attn_bias),
+GELU-tanh or SwiGLU MLP, final norm, output projection, untied or tied), built from
+gptc's parameter dict, so both frameworks start from the same weights.
 
 gptc stores weights (in, out), y = x @ W + b; so does this module (F.linear takes
 W.T, a view: no copy). Parameter names are gptc's: named_parameters() yields
@@ -97,6 +98,43 @@ def apply_rope(x: torch.Tensor, dims: int, base: float) -> torch.Tensor:
     return torch.cat((rot * emb.cos() + rotate_half(rot) * emb.sin(), rest), dim=-1)
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class ScaleNorm(nn.Module):
+    """gain * x / max(||x||, eps), one scalar gain (shape (1,), as gptc's)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.weight / x.norm(dim=-1, keepdim=True).clamp_min(self.eps))
+
+
+def make_norm(m: ModelSpec) -> nn.Module:
+    if m.norm == "rmsnorm":
+        return RMSNorm(m.d_model, m.norm_eps)
+    if m.norm == "scalenorm":
+        return ScaleNorm(m.norm_eps)
+    return LayerNorm(m.d_model, m.norm_eps)
+
+
+def sinusoidal_table(seq: int, dims: int, base: float = 10000.0, device=None, dtype=None) -> torch.Tensor:
+    """(seq, dims): sin(p * base^(-2i/dims)) at column 2i, cos at column 2i + 1."""
+    p = torch.arange(seq, device=device, dtype=dtype)[:, None]
+    angle = p * base ** (-2 * torch.arange(dims // 2, device=device, dtype=dtype) / dims)
+    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)
+
+
 class Attention(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
@@ -104,8 +142,8 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = m.n_heads, m.kv_heads, m.head_dim
         self.linear = m.attention == "linear"
         self.window = m.window if m.attention == "local" else 0
-        self.c_attn = Linear(m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim, m.bias)
-        self.c_proj = Linear(m.d_model, m.d_model, m.bias)
+        self.c_attn = Linear(m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim, m.bias and m.attn_bias)
+        self.c_proj = Linear(m.d_model, m.d_model, m.bias and m.attn_bias)
 
     def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
         b, s, e = x.shape
@@ -131,12 +169,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU-tanh, or SwiGLU: c_fc is the gate and up projections in one (gate columns
+    first, then up, as gptc's), silu(gate) * up."""
+
     def __init__(self, m: ModelSpec):
         super().__init__()
-        self.c_fc = Linear(m.d_model, m.d_ff, m.bias)
+        self.swiglu = m.ffn == "swiglu"
+        self.c_fc = Linear(m.d_model, (2 if self.swiglu else 1) * m.d_ff, m.bias)
         self.c_proj = Linear(m.d_ff, m.d_model, m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
@@ -188,9 +233,9 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, m: ModelSpec):
         super().__init__()
-        self.ln_1 = LayerNorm(m.d_model, m.norm_eps)
+        self.ln_1 = make_norm(m)
         self.attn = Attention(m)
-        self.ln_2 = LayerNorm(m.d_model, m.norm_eps)
+        self.ln_2 = make_norm(m)
         self.mlp = MoE(m) if m.ffn == "moe" else MLP(m)
 
     def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
@@ -213,7 +258,7 @@ class TorchGPT(nn.Module):
         if m.pos == "learned":  # RoPE rotates queries and keys instead
             self.wpe = nn.Parameter(torch.empty(m.seq_len, m.d_model))
         self.h = nn.ModuleList(Block(m) for _ in range(m.n_layers))
-        self.ln_f = LayerNorm(m.d_model, m.norm_eps)
+        self.ln_f = make_norm(m)
         out_bias = m.bias and m.lm_head_bias
         self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, out_bias)
         if m.tie_embeddings and out_bias:
@@ -230,6 +275,8 @@ class TorchGPT(nn.Module):
         x = self.wte[tokens]
         if self.spec.pos == "learned":
             x = x + self.wpe[:s]
+        elif self.spec.pos == "sinusoidal":
+            x = x + sinusoidal_table(s, self.spec.d_model, device=tokens.device, dtype=self.wte.dtype)
         if self.masks:
             x = self._dropout(x, dropout_stream(0, "embedding"))
         for layer, block in enumerate(self.h):
