@@ -115,6 +115,9 @@ PRESETS: dict[str, Spec] = {
     # GPT-2 small, 124M parameters.
     "gpt2": Spec(ModelSpec(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072),
                  TrainSpec(batch_size=8, lr=6e-4, warmup=700)),
+    # For tests and quick CPU runs: byte-sized vocabulary.
+    "tiny": Spec(ModelSpec(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64),
+                 TrainSpec(batch_size=8, steps=300, lr=3e-3, warmup=20, eval_interval=100)),
     # The seed projects' layouts, with their bugs fixed (README: "Model options").
     # A modular PyTorch GPT: SwiGLU (hidden int(2 * 256 * 2 / 3) = 341, with biases),
     # RMSNorm, sinusoidal positions, tied embeddings without an output bias, dropout 0.1;
@@ -135,9 +138,6 @@ PRESETS: dict[str, Spec] = {
     "llama": Spec(ModelSpec(vocab_size=5000, seq_len=256, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
                             d_ff=688, norm="rmsnorm", pos="rope", ffn="swiglu", bias=False, lm_head_bias=False),
                   TrainSpec(batch_size=32, lr=3e-4, warmup=100)),
-    # For tests and quick CPU runs: byte-sized vocabulary.
-    "tiny": Spec(ModelSpec(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64),
-                 TrainSpec(batch_size=8, steps=300, lr=3e-3, warmup=20, eval_interval=100)),
 }
 
 

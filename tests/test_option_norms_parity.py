@@ -10,7 +10,6 @@ unless GPTC_ALLOW_NO_TORCH=1."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gptc.common import first_file_in
-from gptc.spec import GptcError, Spec, load_spec, preset, validate
+from gptc.spec import PRESETS, GptcError, Spec, load_spec, preset, validate
 
 DEMO_DIR = Path("runs") / "demo"  # where `gptc demo` trains, so that the README's commands run as printed
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on a text file")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
-    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("--data", type=_nonempty,
                    help="what to train on: a UTF-8 text file, a directory or glob of them, a directory written by "
                         "gptc prepare, or token shards (.bin files: llm.c's format; a directory or glob of them) "
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model into a kernel bundle")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
-    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("-o", "--output", type=_nonempty, required=True, help="the bundle directory to write")
     p.add_argument("--target", type=_nonempty, default="auto",
                    help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
@@ -276,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
-    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.set_defaults(run=_cmd_plan)
 
     p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
     p.add_argument("--preset", type=_nonempty, metavar="NAME|SPEC",
-                   help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
+                   help=f"a preset ({', '.join(PRESETS)}) or a spec TOML file (default hipgpt)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
     p.add_argument("--what", type=_nonempty, metavar="LIST", help="train,infer (default both)")
     p.add_argument("--compare", type=_nonempty, metavar="LIST",
