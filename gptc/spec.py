@@ -118,6 +118,26 @@ PRESETS: dict[str, Spec] = {
     # For tests and quick CPU runs: byte-sized vocabulary.
     "tiny": Spec(ModelSpec(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64),
                  TrainSpec(batch_size=8, steps=300, lr=3e-3, warmup=20, eval_interval=100)),
+    # The seed projects' layouts, with their bugs fixed (README: "Model options").
+    # A modular PyTorch GPT: SwiGLU (hidden int(2 * 256 * 2 / 3) = 341, with biases),
+    # RMSNorm, sinusoidal positions, tied embeddings without an output bias, dropout 0.1;
+    # AdamW lr 1e-3 with weight decay 0.01 on every parameter, clip 1.0, warm-up 100.
+    "modular": Spec(ModelSpec(vocab_size=5000, seq_len=256, d_model=256, n_layers=6, n_heads=8, d_ff=341,
+                              norm="rmsnorm", pos="sinusoidal", ffn="swiglu", tie_embeddings=True,
+                              lm_head_bias=False, dropout=0.1),
+                    TrainSpec(batch_size=32, lr=1e-3, weight_decay=0.01, decay="all", grad_clip=1.0, warmup=100)),
+    # A JAX GPT: RoPE over the whole head, one KV head (multi-query), RMSNorm, SwiGLU
+    # (hidden 341, with biases), no biases in attention, tied embeddings, dropout 0.1;
+    # lr 2e-4, weight decay 0.1, clip 1.0, warm-up + cosine.
+    "giantgpt": Spec(ModelSpec(vocab_size=5000, seq_len=256, d_model=256, n_layers=2, n_heads=2, n_kv_heads=1,
+                               d_ff=341, norm="rmsnorm", pos="rope", ffn="swiglu", attn_bias=False,
+                               tie_embeddings=True, lm_head_bias=False, dropout=0.1),
+                     TrainSpec(batch_size=32, lr=2e-4, weight_decay=0.1, grad_clip=1.0, warmup=100)),
+    # A small LLaMA: RoPE, RMSNorm, SwiGLU (hidden 2/3 * 4 * d_model, to a multiple of 16),
+    # grouped-query attention with 4 query heads per KV head, no biases, untied.
+    "llama": Spec(ModelSpec(vocab_size=5000, seq_len=256, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
+                            d_ff=688, norm="rmsnorm", pos="rope", ffn="swiglu", bias=False, lm_head_bias=False),
+                  TrainSpec(batch_size=32, lr=3e-4, warmup=100)),
 }
 
 

@@ -95,4 +95,30 @@ __device__ __forceinline__ bf16 float_to_bf16(float f) {
   }
   return r;
 }
+// ---- Philox4x32-10 (counter-based RNG; twin of gptc/compiler/ops/random.py) ----
+// A pure function of (counter, key): every kernel that reads a random_uniform node
+// recomputes the same bits for an element (a backward kernel recomputes the forward
+// mask) with no state. Plain C, so the host compiler can test it too.
+struct philox4 {
+  uint32_t w[4];
+};
+__device__ __forceinline__ philox4 philox4x32_10(philox4 c, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = (uint64_t)0xD2511F53u * c.w[0], p1 = (uint64_t)0xCD9E8D57u * c.w[2];
+    const philox4 next = {{(uint32_t)(p1 >> 32) ^ c.w[1] ^ k0, (uint32_t)p1,
+                            (uint32_t)(p0 >> 32) ^ c.w[3] ^ k1, (uint32_t)p0}};
+    c = next;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c;
+}
+// Element `index` of a random_uniform tensor: counter (index lo, index hi, step,
+// stream), key (seed lo, seed hi); the first word's top 24 bits scaled to [0, 1).
+__device__ __forceinline__ float philox_uniform(uint32_t seed_lo, uint32_t seed_hi, uint32_t stream,
+                                                uint32_t step, uint64_t index) {
+  const philox4 counter = {{(uint32_t)index, (uint32_t)(index >> 32), step, stream}};
+  return (float)(philox4x32_10(counter, seed_lo, seed_hi).w[0] >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+// ---- end of Philox ----
 // ---- end of gptc prelude -----------------------------------------------------

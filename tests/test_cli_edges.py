@@ -351,8 +351,8 @@ ROWS = [
         prepare=hf_files({"config.json": b'{"model_type": '})),
     Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/config.json' is not a JSON object",
         prepare=hf_files({"config.json": b"[]"})),
-    Row("train --init-from", [*INIT, "{tmp}/hf"], "has model_type \"llama\"; gptc reads 'gpt2' (GPT2LMHeadModel) "
-        "models", prepare=hf_dir({"model_type": "llama"})),
+    Row("train --init-from", [*INIT, "{tmp}/hf"], "has model_type \"mistral\"; gptc reads 'gpt2' (GPT2LMHeadModel), "
+        "'llama' (LlamaForCausalLM) models", prepare=hf_dir({"model_type": "mistral"})),
     Row("train --init-from", [*INIT, "{tmp}/hf"], "'{tmp}/hf/config.json': n_embd must be an integer, got \"32\"",
         prepare=hf_dir({"n_embd": "32"})),
     Row("train --init-from", [*INIT, "{tmp}/hf"], "layer_norm_epsilon must be a finite number, got null",

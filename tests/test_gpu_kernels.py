@@ -106,28 +106,51 @@ def family_graphs():
             g.output(f"d{name}", grad)
         return g
 
-    def attention_long(seq: int, dim: int):
+    def attention_long(seq: int, dim: int, dropout: float = 0.0):
         # a long, awkward sequence: many query and key tiles, a partial last tile,
         # forward and gradients. head_dim 64: 64-row tiles; 96 and 128: 32-row tiles
         # (at 128 on NVIDIA, 16-key forward and 8-row backward tiles); 100: zero-padded to 128.
+        # With `dropout`, the flash kernels' Philox mask on the probabilities, across tiles.
         def build():
             from gptc.compiler.autodiff import gradients
             g = Graph()
             q, k, v = (g.param(n, (2, 3, seq, dim)) for n in "qkv")
             r = g.input("r", (2, 3, seq, dim))
-            y = dsl.causal_attention(q, k, v)
+            drop = (lambda p: dsl.dropout(p, dropout, g.input("step", ()), 1234, 3)) if dropout else None
+            y = dsl.causal_attention(q, k, v, drop=drop)
             g.output("y", y)
             for name, grad in zip("qkv", gradients((y * r).sum(), [q, k, v])):
                 g.output(f"d{name}", grad)
             return g
         return build
 
+    def dropout():
+        # Dropout masks drawn in a row kernel, a matmul epilogue and on causal attention
+        # probabilities (fused: inside the flash kernels; unfused: generic kernels), and
+        # recomputed by the backward kernels: the kernels' philox_uniform must give the
+        # reference's bits (a different mask is an O(1) error). The step is a random
+        # float here: both sides truncate it to an int.
+        from gptc.compiler.autodiff import gradients
+        g = Graph()
+        x, w = g.param("x", (37, 53)), g.param("w", (53, 29))
+        q, k, v = (g.param(n, (2, 3, 29, 16)) for n in "qkv")
+        r, r_att, step = g.input("r", (37, 29)), g.input("r_att", (2, 3, 29, 16)), g.input("step", ())
+        z = dsl.dropout(dsl.dropout(dsl.softmax(x), 0.3, step, 99, 5) @ w, 0.2, step, 99, 6)
+        att = dsl.causal_attention(q, k, v, drop=lambda p: dsl.dropout(p, 0.1, step, 99, 7))
+        g.output("z", z); g.output("att", att)
+        params = [x, w, q, k, v]
+        for name, grad in zip(("dx", "dw", "dq", "dk", "dv"), gradients((z * r).sum() + (att * r_att).sum(), params)):
+            g.output(name, grad)
+        return g
+
     return [("attention_grad", attention_grad, 1e-5), ("attention_long", attention_long(517, 64), 1e-4),
             ("attention_d96", attention_long(301, 96), 1e-4), ("attention_d128", attention_long(517, 128), 1e-4),
             ("attention_d100", attention_long(203, 100), 1e-4),
+            ("attention_dropout", attention_long(517, 64, 0.2), 1e-4),
+            ("attention_dropout_d128", attention_long(203, 128, 0.3), 1e-4),
             ("pointwise", pointwise, 1e-5), ("row", row, 1e-5), ("cross_entropy", cross_entropy, 1e-5),
             ("reduce", reduce, 1e-5), ("matmul", matmul, 1e-5), ("embedding", embedding, 1e-5),
-            ("attention", attention, 1e-5)]
+            ("attention", attention, 1e-5), ("dropout", dropout, 1e-5)]
 
 
 @pytest.mark.gpu
@@ -154,6 +177,16 @@ SPECS = {
     # no clipping (AdamW fed by the stored gradients), decay on every param, tied embeddings
     "no_clip": gptc.Spec(replace(AWKWARD.model, tie_embeddings=True),
                          replace(AWKWARD.train, grad_clip=0.0, decay="all")),
+    # dropout on embeddings, attention probabilities (in the flash kernels when fused)
+    # and residual branches: the kernels' Philox masks equal the reference's bit for bit
+    "dropout": gptc.Spec(replace(AWKWARD.model, dropout=0.1), AWKWARD.train),
+    # multi-query (4 query heads over 1 kv head, head_dim 32) and local attention (a window
+    # of 5; one that skips key and query tiles, with 4 query heads over 2 kv heads)
+    "mqa": gptc.Spec(replace(AWKWARD.model, d_model=128, n_heads=4, n_kv_heads=1, seq_len=45), AWKWARD.train),
+    "local": gptc.Spec(replace(AWKWARD.model, attention="local", window=5), AWKWARD.train),
+    "local_gqa": gptc.Spec(gptc.ModelSpec(vocab_size=517, seq_len=150, d_model=256, n_layers=2, n_heads=4,
+                                          n_kv_heads=2, d_ff=300, attention="local", window=40),
+                           gptc.TrainSpec(batch_size=2)),
 }
 
 

@@ -268,9 +268,24 @@ case("dsl-linear", {"x": normal(2, 3, 4), "w": normal(4, 5), "b": normal(5)})(
     lambda g, t: dsl.linear(t["x"], t["w"], t["b"]))
 case("dsl-causal-attention", {"q": normal(2, 4, 3), "k": normal(2, 4, 3), "v": normal(2, 4, 3)})(
     lambda g, t: dsl.causal_attention(t["q"], t["k"], t["v"]))
+# grouped query heads (4 over 2, and multi-query 4 over 1: dk, dv sum over the group) and a local window
+case("dsl-gqa-attention", {"q": normal(1, 4, 4, 3), "k": normal(1, 2, 4, 3), "v": normal(1, 2, 4, 3)})(
+    lambda g, t: dsl.causal_attention(t["q"], t["k"], t["v"]))
+case("dsl-mqa-local-attention", {"q": normal(4, 5, 3), "k": normal(1, 5, 3), "v": normal(1, 5, 3)})(
+    lambda g, t: dsl.causal_attention(t["q"], t["k"], t["v"], window=2))
+case("logical_and", {"a": RNG.random((3, 4)) < 0.5, "b": RNG.random((3, 4)) < 0.5, "x": normal(3, 4)})(
+    lambda g, t: t["a"].logical_and(t["b"]).where(t["x"], t["x"] * -2.0))
 case("dsl-cross-entropy", {"logits": normal(2, 3, 5) * 2, "targets": np.array([[0, 4, 4], [2, 1, 0]])})(
     lambda g, t: dsl.cross_entropy(t["logits"], t["targets"]))
 
+# Mixture-of-experts dispatch (ops/grouped.py): 7 rows in 3 groups, group 1 empty.
+MOE_IDS = np.array([2, 0, 2, 2, 0, 2, 0])
+MOE_OFFSETS = np.array([0, 3, 3, 7])
+case("grouped-dispatch", {"x": normal(7, 4), "w": normal(3, 4, 5), "ids": MOE_IDS})(
+    lambda g, t: dsl.grouped_matmul(t["x"].scatter_add(dsl.group_rank(t["ids"], 3), 7), t["w"],
+                                    dsl.group_offsets(t["ids"], 3)).gather(dsl.group_rank(t["ids"], 3)))
+case("grouped_weight_grad", {"x": normal(7, 4), "y": normal(7, 5), "offsets": MOE_OFFSETS})(
+    lambda g, t: t["x"]._new("grouped_weight_grad", [t["x"], t["y"], t["offsets"]]))
 
 # ----- the checks ----------------------------------------------------------------------
 def loss_at(graph: Graph, feeds: dict) -> float:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -27,6 +29,8 @@ def test_hipgpt_preset_is_the_seed_project() -> None:
     assert (t.batch_size, t.lr) == (32, 3e-4)
     assert gptc.param_count(gptc.preset("hipgpt")) == 1554312
 
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
 
 def test_param_count_gpt2_small() -> None:
     spec = gptc.preset("gpt2")
@@ -38,17 +42,44 @@ def test_param_count_gpt2_small() -> None:
     assert gptc.param_count(spec) == 124_439_808 + m.vocab_size * m.d_model + m.vocab_size
 
 
+def expected_params(m) -> int:
+    """The parameter count of a model by formula, option by option (a dense FFN)."""
+    e, f, v, hd = m.d_model, m.d_ff, m.vocab_size, m.head_dim
+    norm = {"layernorm": 2 * e, "rmsnorm": e, "scalenorm": 1}[m.norm]
+    attn_bias, bias = m.bias and m.attn_bias, m.bias
+    qkv = (m.n_heads + 2 * m.kv_heads) * hd
+    attention = e * qkv + qkv * attn_bias + e * e + e * attn_bias
+    width = 2 * f if m.ffn == "swiglu" else f
+    ffn = e * width + width * bias + f * e + e * bias
+    embeddings = v * e + (m.seq_len * e if m.pos == "learned" else 0)
+    head = (0 if m.tie_embeddings else e * v) + (v if m.bias and m.lm_head_bias else 0)
+    return embeddings + m.n_layers * (2 * norm + attention + ffn) + norm + head
+
+
 def test_param_count_by_formula() -> None:
     for name in PRESETS:
-        m = gptc.preset(name).model
-        e, f, v, s = m.d_model, m.d_ff, m.vocab_size, m.seq_len
-        block = 2 * 2 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * f + f) + (f * e + e)
-        expected = v * e + s * e + m.n_layers * block + 2 * e + e * v + v
-        assert gptc.param_count(gptc.preset(name)) == expected, name
+        assert gptc.param_count(gptc.preset(name)) == expected_params(gptc.preset(name).model), name
+    base = model().model
+    for norm, pos, ffn, kv, bias, attn_bias, tie in itertools.product(
+            CHOICES["norm"], CHOICES["pos"], ("gelu", "swiglu"), (0, 1, 2), (True, False), (True, False), (True, False)):
+        m = replace(base, norm=norm, pos=pos, ffn=ffn, n_kv_heads=kv, bias=bias, attn_bias=attn_bias, tie_embeddings=tie)
+        assert gptc.param_count(Spec(m)) == expected_params(m), m
+
+
+# The parameter counts the README states for each preset.
+PRESET_PARAMS = {"hipgpt": 1_554_312, "gpt2": 163_087_441, "tiny": 34_816,
+                 "modular": 4_439_292, "giantgpt": 2_200_148, "llama": 5_331_200}
+
+
+def test_preset_param_counts_as_the_readme_states() -> None:
+    assert set(PRESET_PARAMS) == set(PRESETS)
+    for name, count in PRESET_PARAMS.items():
+        assert gptc.param_count(gptc.preset(name)) == count, name
+        assert f"{count:,}" in README, f"the README does not state {name}'s {count:,} parameters"
 
 
 def test_unknown_preset() -> None:
-    with pytest.raises(SpecError, match=r"unknown preset 'gpt5'; choose one of: hipgpt, gpt2, tiny"):
+    with pytest.raises(SpecError, match=r"unknown preset 'gpt5'; choose one of: hipgpt, gpt2, tiny, modular, giantgpt, llama"):
         gptc.preset("gpt5")
 
 
@@ -207,27 +238,11 @@ def test_toml_file_errors_name_the_option(tmp_path) -> None:
         load_spec(path)
 
 
-@pytest.mark.parametrize("change, option", [
-    ({"ffn": "moe"}, "model.ffn = 'moe'"),
-    ({"attention": "local", "window": 4}, "model.attention = 'local'"),
-    ({"attention": "linear"}, "model.attention = 'linear'"),
-    ({"n_kv_heads": 2}, "n_kv_heads"),
-    ({"n_kv_heads": 1}, "n_kv_heads"),
-    ({"dropout": 0.1}, "dropout"),
-])
-def test_unimplemented_options_are_refused(change: dict, option: str) -> None:
-    spec = model(**change)
-    validate(spec)  # a valid spec...
-    # ...that no graph is built for, in any mode (dropout is off outside training)
-    for mode in ("train",) if "dropout" in change else ("train", "eval", "infer"):
-        with pytest.raises(SpecError, match="not implemented yet") as e:
-            gptc.build_graph(spec, mode, batch=1)
-        assert option in str(e.value)
-
-
 def test_implemented_non_defaults_build() -> None:
     for change in ({"n_kv_heads": 4}, {"tie_embeddings": True}, {"bias": False}, {"norm": "rmsnorm"},
-                   {"norm": "scalenorm"}, {"pos": "rope"}, {"pos": "sinusoidal"}, {"ffn": "swiglu"}):
+                   {"norm": "scalenorm"}, {"pos": "rope"}, {"pos": "sinusoidal"}, {"ffn": "swiglu"},
+                   {"ffn": "moe"}, {"attention": "linear"}, {"attention": "linear", "n_kv_heads": 2},
+                   {"n_kv_heads": 2}, {"n_kv_heads": 1}, {"attention": "local", "window": 4}, {"dropout": 0.1}):
         graph = gptc.build_graph(model(**change), "infer", batch=1)
         assert ("lm_head.weight" in graph.params) != bool(change.get("tie_embeddings"))
         # bias=False drops the biases of the linear layers (the LayerNorms keep theirs)

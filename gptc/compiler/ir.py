@@ -31,8 +31,8 @@ def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
 
 class Graph:
     """A graph of primitive ops. Sources are `input` (fed every step), `param`
-    (trainable, persistent), `state` (persistent, e.g. optimizer moments), `const`
-    and `iota`. `outputs` names results; `updates` maps a param/state name to the
+    (trainable, persistent), `state` (persistent, e.g. optimizer moments), `const`,
+    `iota` and `random_uniform`. `outputs` names results; `updates` maps a param/state name to the
     node holding its new value after one step."""
 
     def __init__(self) -> None:
@@ -119,6 +119,12 @@ class Graph:
 
     def iota(self, shape: Sequence[int], axis: int, dtype: str = "i32") -> "Tensor":
         return Tensor(self, self.add("iota", shape=tuple(shape), axis=axis, dtype=dtype))
+
+    def random_uniform(self, shape: Sequence[int], step: "Tensor", seed: int, stream: int) -> "Tensor":
+        """Uniform float32s in [0, 1) drawn by Philox from (seed, stream, step, element
+        index): see gptc/compiler/ops/random.py. `step` is a scalar tensor."""
+        return Tensor(self, self.add("random_uniform", [step.id], shape=tuple(int(d) for d in shape),
+                                     seed=int(seed), stream=int(stream)))
 
     def output(self, name: str, t: "Tensor") -> None:
         self.outputs[name] = t.id
@@ -278,6 +284,7 @@ class Tensor:
     def __ge__(self, o): return self._elementwise("greater_equal", o)
 
     def eq(self, o) -> "Tensor": return self._elementwise("equal", o)
+    def logical_and(self, o: "Tensor") -> "Tensor": return self._elementwise("logical_and", o)
     def maximum(self, o) -> "Tensor": return self._elementwise("maximum", o)
     def exp(self) -> "Tensor": return self._new("exp", [self])
     def log(self) -> "Tensor": return self._new("log", [self])

@@ -20,13 +20,15 @@ def decays(train: TrainSpec, shape: tuple[int, ...]) -> bool:
     return {"all": True, "none": False, "matrices": len(shape) >= 2}[train.decay] and train.weight_decay > 0
 
 
-def add_training(graph: Graph, loss: Tensor, train: TrainSpec, expose_gradients: bool = False) -> None:
+def add_training(graph: Graph, loss: Tensor, train: TrainSpec, expose_gradients: bool = False,
+                 objective: Tensor | None = None) -> None:
     """Append backward, clipping and AdamW to `graph`: outputs "loss" and "grad_norm"
     (and "grad.<name>" of every param with expose_gradients, for tests); updates every
-    param and its moments "m.<name>" and "v.<name>"."""
+    param and its moments "m.<name>" and "v.<name>". The gradients are those of
+    `objective` (default: the loss; a mixture of experts adds its auxiliary loss)."""
     names = list(graph.params)
     params = [Tensor(graph, graph.params[n]) for n in names]
-    grads = gradients(loss, params)
+    grads = gradients(loss if objective is None else objective, params)
     graph.output("loss", loss)
     if expose_gradients:
         for name, g in zip(names, grads):
@@ -34,7 +36,8 @@ def add_training(graph: Graph, loss: Tensor, train: TrainSpec, expose_gradients:
                 graph.output(f"grad.{name}", g)
     with graph.scope("optimizer"):
         lr = graph.input("lr", ())
-        step = graph.input("step", ())
+        # The forward pass may have created "step" already (dropout keys its masks by it).
+        step = Tensor(graph, graph.inputs["step"]) if "step" in graph.inputs else graph.input("step", ())
         live = [(n, p, g) for n, p, g in zip(names, params, grads) if g is not None]
         norm = sum((g * g).sum() for _, _, g in live).sqrt()
         graph.output("grad_norm", norm)

@@ -15,14 +15,18 @@ MODES = ("train", "eval", "infer", "prefill", "decode")
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
                 expose_gradients: bool = False) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
-    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments;
+    train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
+           (step also keys the dropout masks);
     eval:  inputs tokens, targets -> loss;
+    (train and eval of a mixture-of-experts model also output aux_loss, the
+    load-balancing loss; training minimizes loss + model.moe_aux_weight * aux_loss);
     infer: input tokens -> logits (B, S, V);
     prefill: inputs tokens (B, S) (padded to the context) and last (B,) i32, the flat
              index b*S + (length-1) of each sequence's last token -> logits (B, V);
-             updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim);
+             updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
+             (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
     decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
-             updates the KV cache at pos."""
+             updates the KV cache at pos (linear attention: adds to its state)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -34,7 +38,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode == "prefill":
         tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
         last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
-        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model), rows=last))
+        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last), rows=last))
         return g
     if mode == "decode":
         tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)
@@ -43,15 +47,26 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
-    logits = gpt_logits(g, spec.model, tokens, training=mode == "train")
+    aux_losses: list = []
+    logits = gpt_logits(g, spec.model, tokens, training=mode == "train", aux_losses=aux_losses,
+                        seed=spec.train.seed)
     if mode == "infer":
         g.output("logits", logits)
         return g
     loss = dsl.cross_entropy(logits, g.input("targets", (batch, seq), "i32", bound=spec.model.vocab_size))
+    objective = loss
+    if aux_losses:
+        # Mixture of experts: the load-balancing losses, averaged over the layers, are
+        # reported as "aux_loss" and added to the objective with their weight ("loss"
+        # stays the cross-entropy, comparable across specs).
+        with g.scope("aux_loss"):
+            aux = sum(aux_losses[1:], aux_losses[0]) * (1.0 / len(aux_losses))
+            g.output("aux_loss", aux)
+            objective = loss + aux * spec.model.moe_aux_weight
     if mode == "eval":
         g.output("loss", loss)
     else:
-        add_training(g, loss, spec.train, expose_gradients)
+        add_training(g, loss, spec.train, expose_gradients, objective=objective)
     g.prune()
     return g
 

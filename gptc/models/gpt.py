@@ -16,10 +16,6 @@ from gptc.compiler.ir import Graph, Tensor
 from gptc.spec import ModelSpec, SpecError
 
 
-def _not_yet(option: str) -> SpecError:
-    return SpecError(f"{option} is not implemented yet")
-
-
 # ----- norms ---------------------------------------------------------------------------
 def _norm(g: Graph, x: Tensor, name: str, m: ModelSpec) -> Tensor:
     if m.norm == "layernorm":
@@ -65,14 +61,14 @@ def _position_embedding(g: Graph, m: ModelSpec, seq: int, positions: Tensor | No
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def attend_sequence(m: ModelSpec) -> Attend:
-    """Attention of every position over the sequence, of the spec's kind."""
+def attend_sequence(m: ModelSpec, drop: Drop | None = None) -> Attend:
+    """Attention of every position over the sequence, of the spec's kind; `drop`
+    applies dropout to the attention probabilities."""
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if m.attention in ("linear", "local"):
-            raise _not_yet(f"model.attention = '{m.attention}'")
-        if m.kv_heads != m.n_heads:
-            raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
-        return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0)
+        if m.attention == "linear":
+            return dsl.linear_attention(q, k, v)
+        drop_probs = (lambda p: drop(p, dropout_stream(layer, "attn_probs"))) if drop else None
+        return dsl.causal_attention(q, k, v, window=m.window if m.attention == "local" else 0, drop=drop_probs)
     return attend
 
 
@@ -98,36 +94,73 @@ def _attention(g: Graph, x: Tensor, layer: int, m: ModelSpec, residual_std: floa
 
 
 # ----- feed-forward --------------------------------------------------------------------
-def _ffn(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float) -> Tensor:
+def _ffn(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float,
+         aux_losses: list[Tensor] | None = None) -> Tensor:
+    """The feed-forward block; a mixture of experts appends its load-balancing loss
+    to `aux_losses`."""
+    if m.ffn == "moe":
+        return _moe(g, x, name, m, residual_std, aux_losses)
     if m.ffn == "gelu":
         h = dsl.gelu(_linear(g, x, f"{name}.c_fc", m.d_model, m.d_ff, m.init_std, m.bias))
     elif m.ffn == "swiglu":
         # The gate and up projections are one matmul: columns [0, d_ff) gate, [d_ff, 2 d_ff) up.
         gate_up = _linear(g, x, f"{name}.c_fc", m.d_model, 2 * m.d_ff, m.init_std, m.bias)
         h = dsl.swiglu(gate_up)
-    else:
-        raise _not_yet("model.ffn = 'moe'")
     return _linear(g, h, f"{name}.c_proj", m.d_ff, m.d_model, residual_std, m.bias)
 
 
+def _moe(g: Graph, x: Tensor, name: str, m: ModelSpec, residual_std: float,
+         aux_losses: list[Tensor] | None) -> Tensor:
+    """Top-k routed experts (dsl.moe). Experts have no biases (as Mixtral's); the router
+    is a (d_model, n_experts) matrix without bias."""
+    hidden = m.d_ff * (2 if m.expert_ffn == "swiglu" else 1)
+    router = g.param(f"{name}.router.weight", (m.d_model, m.n_experts), std=m.init_std)
+    w_in = g.param(f"{name}.experts.c_fc.weight", (m.n_experts, m.d_model, hidden), std=m.init_std)
+    w_out = g.param(f"{name}.experts.c_proj.weight", (m.n_experts, m.d_ff, m.d_model), std=residual_std)
+    lead = x.shape[:-1]
+    y, aux = dsl.moe(x.reshape(-1, m.d_model), router, w_in, w_out, m.moe_top_k, m.expert_ffn)
+    if aux_losses is not None:
+        aux_losses.append(aux)
+    return y.reshape(*lead, m.d_model)
+
+
 # ----- dropout -------------------------------------------------------------------------
-def _dropout(x: Tensor, m: ModelSpec, training: bool) -> Tensor:
-    if training and m.dropout > 0:
-        raise _not_yet("dropout (model.dropout > 0)")
-    return x
+# drop(x, stream) -> x after dropout with Philox stream `stream` (x itself when off).
+Drop = Callable[[Tensor, int], Tensor]
+DROPOUT_SITES = ("embedding", "attn_probs", "attn", "ffn")
+
+
+def dropout_stream(layer: int, site: str) -> int:
+    """The Philox stream of a dropout site, so that every site draws independent bits:
+    0 the embeddings; in layer l, 3l+1 the attention probabilities, 3l+2 the attention
+    output, 3l+3 the FFN output (both before the residual add)."""
+    return 0 if site == "embedding" else 3 * layer + DROPOUT_SITES.index(site)
+
+
+def _dropout(g: Graph, m: ModelSpec, training: bool, seed: int) -> Drop:
+    """Dropout of rate model.dropout when training, else the identity. The masks are
+    keyed by the training seed and the step: the optimizer's scalar input "step" (fed
+    1, 2, ... by the trainer), created here when the forward pass needs it first."""
+    if not training or m.dropout == 0:
+        return lambda x, stream: x
+    step = Tensor(g, g.inputs["step"]) if "step" in g.inputs else g.input("step", ())
+    return lambda x, stream: dsl.dropout(x, m.dropout, step, seed, stream)
 
 
 # ----- the model -----------------------------------------------------------------------
 def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = None,
-               positions: Tensor | None = None, rows: Tensor | None = None, training: bool = False) -> Tensor:
+               positions: Tensor | None = None, rows: Tensor | None = None, training: bool = False,
+               aux_losses: list[Tensor] | None = None, seed: int = 0) -> Tensor:
     """Logits (B, S, V) for token ids (B, S). `attend` defaults to attention over the
     sequence; `positions` (i32 (S,), default 0..S-1) are the tokens' positions; with
     `rows` (i32 (R,), indices into the B*S positions) only those positions' logits are
-    computed: (R, V). `training` turns dropout on."""
+    computed: (R, V). `training` turns dropout on, its masks keyed by `seed`. Each mixture-of-experts layer appends
+    its load-balancing loss to `aux_losses` (when given)."""
     batch, seq = tokens.shape
     if seq > m.seq_len:
         raise SpecError(f"sequence length {seq} exceeds the model's context of {m.seq_len}")
-    attend = attend or attend_sequence(m)
+    drop = _dropout(g, m, training, seed)
+    attend = attend or attend_sequence(m, drop)
     # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
     residual_std = m.init_std / math.sqrt(2 * m.n_layers)
     wte = g.param("wte", (m.vocab_size, m.d_model), std=m.init_std)
@@ -135,14 +168,14 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = N
     pos_emb = _position_embedding(g, m, seq, positions)
     if pos_emb is not None:
         x = x + pos_emb
-    x = _dropout(x, m, training)
+    x = drop(x, dropout_stream(0, "embedding"))
     pos = _positions(g, seq, positions)
     for layer in range(m.n_layers):
         with g.scope(f"h.{layer}"):
             y = _attention(g, _norm(g, x, f"h.{layer}.ln_1", m), layer, m, residual_std, attend, pos)
-            x = x + _dropout(y, m, training)
-            y = _ffn(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std)
-            x = x + _dropout(y, m, training)
+            x = x + drop(y, dropout_stream(layer, "attn"))
+            y = _ffn(g, _norm(g, x, f"h.{layer}.ln_2", m), f"h.{layer}.mlp", m, residual_std, aux_losses)
+            x = x + drop(y, dropout_stream(layer, "ffn"))
     if rows is not None:
         x = x.reshape(batch * seq, m.d_model).gather(rows)
     x = _norm(g, x, "ln_f", m)
@@ -157,10 +190,31 @@ def kv_cache_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
     return (batch, m.kv_heads, m.seq_len, m.head_dim)
 
 
-def prefill_attend(g: Graph, m: ModelSpec) -> Attend:
+def linear_state_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
+    """Linear attention's recurrent state per layer: Σ phi(k) [v 1]ᵀ per key/value head."""
+    return (batch, m.kv_heads, m.head_dim, m.head_dim + 1)
+
+
+def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend:
     """Attention over the whole (padded) context that also stores every position's
-    keys and values into the KV cache states k_cache.<l>, v_cache.<l>."""
+    keys and values into the KV cache states k_cache.<l>, v_cache.<l>. Linear
+    attention stores its state kv_state.<l> instead, summed over the positions up to
+    each sequence's last token: `last` (B,) i32, the flat index b*S + (length-1)."""
     over_sequence = attend_sequence(m)
+    if m.attention == "linear":
+        if last is None:
+            raise ValueError("prefill of linear attention needs the sequences' last positions")
+
+        def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            batch, seq = q.shape[0], q.shape[2]
+            flat = g.iota((batch, 1, seq, 1), 0) * seq + g.iota((batch, 1, seq, 1), 2)
+            keep = last.reshape(batch, 1, 1, 1) >= flat  # the padding after the prompt is left out
+            name = f"kv_state.{layer}"
+            g.state(name, linear_state_shape(m, batch))  # overwritten whole: the old value is not read
+            state = dsl.linear_attention_state(k, v, keep)
+            g.updates[name] = state._new("copy", [state]).id  # a matmul kernel cannot store a state
+            return over_sequence(layer, q, k, v)
+        return attend_linear
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
@@ -174,9 +228,17 @@ def prefill_attend(g: Graph, m: ModelSpec) -> Attend:
 def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
     """Attention of one new position `pos` (an i32 (1,) input) over the KV cache: the
     new key and value are written into the cache at `pos` first, then the query attends
-    to the cache positions it sees (0..pos, or the last `window` of them)."""
+    to the cache positions it sees (0..pos, or the last `window` of them). Linear
+    attention instead adds the new key and value to its state kv_state.<l>, which
+    holds positions 0..pos-1 (the prefill and the decode steps before)."""
     if m.attention == "linear":
-        raise _not_yet("model.attention = 'linear'")
+        def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            # O(1) per token: add the new key and value to the state, read it with the query.
+            name = f"kv_state.{layer}"
+            state = g.state(name, linear_state_shape(m, q.shape[0])) + dsl.linear_attention_state(k, v)
+            g.updates[name] = state.id
+            return dsl.linear_attention_read(q, state)
+        return attend_linear
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = kv_cache_shape(m, q.shape[0])
@@ -187,11 +249,13 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
-            if m.kv_heads != m.n_heads:
-                raise _not_yet("grouped/multi-query attention (model.n_kv_heads != n_heads)")
-            scores = (q @ caches[0].T) * (1.0 / math.sqrt(m.head_dim))
-            visible = pos.reshape(1, 1, 1, 1) >= g.iota((1, 1, 1, m.seq_len), 3)
-            if m.attention == "local":
-                raise _not_yet("model.attention = 'local'")
-            return dsl.softmax(visible.where(scores, -math.inf)) @ caches[1]
+            # Query heads grouped over the cache's kv_heads (views, no per-head copy).
+            qg, keys, values = dsl.group_heads(q, *caches)
+            scores = (qg @ keys.T) * (1.0 / math.sqrt(m.head_dim))
+            ones = (1,) * (len(scores.shape) - 1)
+            at, j = pos.reshape(*ones, 1), g.iota((*ones, m.seq_len), len(ones))
+            visible = at >= j
+            if m.attention == "local":  # the last `window` positions: pos - window < j <= pos
+                visible = visible.logical_and(at - j < m.window)
+            return (dsl.softmax(visible.where(scores, -math.inf)) @ values).reshape(q.shape)
     return attend

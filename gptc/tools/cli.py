@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gptc.common import first_file_in
-from gptc.spec import GptcError, Spec, load_spec, preset, validate
+from gptc.spec import PRESETS, GptcError, Spec, load_spec, preset, validate
 
 DEMO_DIR = Path("runs") / "demo"  # where `gptc demo` trains, so that the README's commands run as printed
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on a text file")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file or a bundle directory (or use --preset)")
-    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("--data", type=_nonempty,
                    help="what to train on: a UTF-8 text file, a directory or glob of them, a directory written by "
                         "gptc prepare, or token shards (.bin files: llm.c's format; a directory or glob of them) "
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUNDIR from its newest checkpoint; with --out NEWDIR, fork it (or an "
                         "older checkpoint, RUNDIR/checkpoints/step-N) into a new run")
     p.add_argument("--init-from", type=_nonempty, metavar="HFDIR",
-                   help="start from a Hugging Face GPT-2 model saved by save_pretrained (config.json, "
+                   help="start from a Hugging Face GPT-2 or LLaMA model saved by save_pretrained (config.json, "
                         "model.safetensors, tokenizer.json): its model, weights and tokenizer; a spec file or "
                         "--preset gives only the train section")
     p.set_defaults(run=_cmd_train)
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model into a kernel bundle")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
-    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("-o", "--output", type=_nonempty, required=True, help="the bundle directory to write")
     p.add_argument("--target", type=_nonempty, default="auto",
                    help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the directory to write (new or empty): config.json, model.safetensors, tokenizer.json, "
                         "tokenizer_config.json")
     p.add_argument("--format", default="hf", choices=["hf"],
-                   help="hf: a transformers model directory (GPT2LMHeadModel)")
+                   help="hf: a transformers model directory (GPT2LMHeadModel or LlamaForCausalLM)")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
@@ -276,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print the fusion plan of a model: kernels fused vs unfused, memory")
     p.add_argument("spec", type=_nonempty, nargs="?", help="a spec TOML file (or use --preset)")
-    p.add_argument("--preset", type=_nonempty, help="a preset model: hipgpt, gpt2, tiny")
+    p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.set_defaults(run=_cmd_plan)
 
     p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
     p.add_argument("--preset", type=_nonempty, metavar="NAME|SPEC",
-                   help="a preset (hipgpt, gpt2, tiny) or a spec TOML file (default hipgpt)")
+                   help=f"a preset ({', '.join(PRESETS)}) or a spec TOML file (default hipgpt)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
     p.add_argument("--what", type=_nonempty, metavar="LIST", help="train,infer (default both)")
     p.add_argument("--compare", type=_nonempty, metavar="LIST",

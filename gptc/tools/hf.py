@@ -3,19 +3,34 @@
 A Hugging Face model directory is what transformers' `save_pretrained` writes:
 config.json, the weights in model.safetensors (or in shards that
 model.safetensors.index.json lists) and, for the tokenizer, tokenizer.json with
-tokenizer_config.json.
+tokenizer_config.json. gptc's tokenizer.json is a `tokenizers` file (byte-level BPE),
+written as is and loaded by transformers' PreTrainedTokenizerFast; reading, a
+tokenizer.json of that layout loads (GPT-2's, with its <|endoftext|>), others
+(SentencePiece-style, as LLaMA 2's; another split regex, as LLaMA 3's) are refused.
 
 Each model family gptc builds maps onto one transformers class through a Layout: the
 class and its config.json both ways, and a table of tensor names (gptc's name, the
-class's name, and whether the class stores it transposed). Today's family is GPT-2's,
-and gptc's parameters already carry GPT-2's names in its Conv1D (in, out) layout, so
-the table is a rename under `transformer.`, except lm_head.weight, which
-GPT2LMHeadModel keeps in a torch.nn.Linear, (out, in). The LLaMA-style options (RoPE,
-RMSNorm, SwiGLU, grouped-query attention, no biases) will become a second Layout for
-LlamaForCausalLM (model_type "llama": model.embed_tokens, model.layers.N.self_attn.
-q_proj/k_proj/v_proj/o_proj, mlp.gate_proj/up_proj/down_proj, input_layernorm,
-post_attention_layernorm, model.norm, lm_head; every Linear transposed; RoPE's pairing
-of dimensions to check against transformers' rotate_half) once gptc builds them.
+class's name, whether the class stores it transposed, and which columns of gptc's
+tensor it holds when gptc's one tensor is several of the class's). layout_of(spec)
+picks it:
+- GPT2LMHeadModel (model_type "gpt2") for GPT-2's layout (LayerNorm, learned
+  positions, GELU MLP, multi-head attention). gptc's parameters already carry GPT-2's
+  names in its Conv1D (in, out) layout, so the table is a rename under `transformer.`,
+  except lm_head.weight, which GPT2LMHeadModel keeps in a torch.nn.Linear, (out, in).
+- LlamaForCausalLM (model_type "llama") for LLaMA's (RMSNorm, RoPE over every head
+  dimension, SwiGLU, causal attention, any model.n_kv_heads): model.embed_tokens,
+  model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+  mlp.{gate,up,down}_proj}, model.norm, lm_head, every Linear (out, in). gptc's c_attn
+  is q_proj, k_proj, v_proj side by side (columns q, then k, then v) and SwiGLU's c_fc
+  is gate_proj, up_proj (gate, then up). gptc's RoPE pairs dimension i with i + D/2,
+  as transformers' rotate_half does, so q and k need no permutation (tested against
+  transformers' apply_rotary_pos_emb). config.json: attention_bias = model.bias and
+  model.attn_bias, mlp_bias = model.bias, rope_theta = model.rope_base (transformers 5
+  writes rope_parameters instead; both are read).
+A spec neither fits (ScaleNorm, sinusoidal positions, LayerNorm with RoPE, RMSNorm
+with learned positions, RoPE over part of a head (rope_fraction < 1), MoE, local or
+linear attention) is refused in one line naming what each class lacks. Dropout is a
+training choice, no part of the function: it does not stop an export.
 
 What a class cannot express is refused in one line, never approximated:
 - gptc's lm_head has a bias when model.bias and model.lm_head_bias are true (the
@@ -24,14 +39,20 @@ What a class cannot express is refused in one line, never approximated:
   read with --init-from gets lm_head_bias = false, so it exports back. (With
   model.bias = false no layer has a bias, and GPT2LMHeadModel gets zero biases: the
   same function.)
-- from config.json: an activation other than GELU's tanh approximation, attention
+- GPT-2's config.json: an activation other than GELU's tanh approximation, attention
   without the 1/sqrt(head_dim) scale or scaled by the inverse layer index, cross
   attention. Dropout (GPT-2's configs say 0.1) is a training choice, not part of the
   function: gptc trains without it, and says so.
-Reading, the tensors transformers does not load as parameters are skipped: the causal
-mask buffers `attn.bias` and `attn.masked_bias` that older versions saved, and a tied
-model's lm_head.weight (transformers ties it to wte). Weights in float16 or float64 are
-read as float32; other dtypes (bfloat16) are refused.
+- LLaMA's config.json: an activation other than SiLU, scaled RoPE (a rope_type other
+  than "default"), partial_rotary_factor < 1, a head_dim other than hidden_size /
+  num_attention_heads, attention_bias without mlp_bias (gptc's attention biases come
+  only with the others). attention_dropout is noted and not used, as GPT-2's dropout.
+  gptc's lm_head bias is refused at export as for GPT-2 (LLaMA's lm_head has none).
+Reading, the tensors transformers does not load as parameters are skipped: the buffers
+older versions saved (GPT-2's causal masks `attn.bias` and `attn.masked_bias`, LLaMA's
+`rotary_emb.inv_freq`), and a tied model's lm_head.weight (transformers ties it to the
+token embedding). Weights in float16 or float64 are read as float32; other dtypes
+(bfloat16) are refused.
 """
 from __future__ import annotations
 
@@ -67,6 +88,9 @@ class Entry:
     gptc: str                # gptc's parameter name
     hf: str | None           # the transformers class's tensor name; None: the class has no such tensor (it must be 0)
     transpose: bool = False  # the class stores it (out, in) where gptc stores (in, out)
+    # The columns (last axis) of gptc's tensor this one holds, when gptc's one tensor is
+    # several of the class's (LLaMA's q/k/v_proj of c_attn); the table lists them in order.
+    columns: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,9 +120,9 @@ _GPT2_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 def _gpt2_fits(m: ModelSpec) -> str | None:
     for option in ("norm", "pos", "ffn", "attention"):
         if getattr(m, option) != CHOICES[option][0]:
-            return f"model.{option} = '{getattr(m, option)}'"
+            return f"model.{option} = '{getattr(m, option)}' (it has {CHOICES[option][0]})"
     if m.n_kv_heads not in (0, m.n_heads):
-        return f"model.n_kv_heads = {m.n_kv_heads}"
+        return f"model.n_kv_heads = {m.n_kv_heads} (it has n_heads key/value heads)"
     return None
 
 
@@ -154,7 +178,118 @@ GPT2 = Layout(architecture="GPT2LMHeadModel", model_type="gpt2", base="transform
               table=_gpt2_table,
               skipped=lambda name, m: bool(_GPT2_BUFFER.fullmatch(name))
               or (m.tie_embeddings and name == "lm_head.weight"))
-LAYOUTS = {layout.model_type: layout for layout in (GPT2,)}
+
+
+# ----- LLaMA ---------------------------------------------------------------------------------
+_LLAMA_ACT = ("silu", "swish")  # transformers' names for x * sigmoid(x)
+_LLAMA_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # older versions saved it
+
+
+def _llama_fits(m: ModelSpec) -> str | None:
+    for option, want in (("norm", "rmsnorm"), ("pos", "rope"), ("ffn", "swiglu"), ("attention", "causal")):
+        if getattr(m, option) != want:
+            return f"model.{option} = '{getattr(m, option)}' (it has {want})"
+    if m.rope_dims != m.head_dim:  # rope_fraction < 1, or an odd head_dim
+        return (f"RoPE over {m.rope_dims} of {m.head_dim} head dimensions (model.rope_fraction = {m.rope_fraction:g}; "
+                "it rotates all of an even head_dim)")
+    return None
+
+
+def _llama_config(m: ModelSpec) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+            "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers,
+            "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
+            "max_position_embeddings": m.seq_len, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
+            "rope_theta": m.rope_base, "rope_scaling": None, "attention_bias": m.bias and m.attn_bias,
+            "mlp_bias": m.bias, "attention_dropout": 0.0, "initializer_range": m.init_std,
+            "tie_word_embeddings": m.tie_embeddings, "pretraining_tp": 1,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+
+
+def _llama_rope_base(get: Callable[[str, type], Any]) -> float:
+    """RoPE's base from rope_parameters (transformers 5) or rope_theta and rope_scaling
+    (transformers 4); GptcError for scaled or partial RoPE."""
+    rope = get("rope_parameters", dict) or get("rope_scaling", dict) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise GptcError(f"its RoPE has rope_type '{kind}'; gptc builds unscaled RoPE (rope_type 'default')")
+    partial = rope.get("partial_rotary_factor", get("partial_rotary_factor", float))  # or top-level, as older configs
+    if partial != 1.0:
+        raise GptcError(f"partial_rotary_factor = {partial}: gptc's LLaMA layout rotates every head dimension")
+    base = rope.get("rope_theta", get("rope_theta", float))
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base):
+        raise GptcError(f"rope_theta must be {_KINDS[float]}, got {json.dumps(base)}")
+    return float(base)
+
+
+def _llama_spec(get: Callable[[str, type], Any], note: Callable[[str], None]) -> ModelSpec:
+    activation = get("hidden_act", str)
+    if activation not in _LLAMA_ACT:
+        raise GptcError(f"hidden_act '{activation}' is not SiLU, which gptc's SwiGLU builds "
+                        f"({' or '.join(_LLAMA_ACT)})")
+    attention_bias, mlp_bias = get("attention_bias", bool), get("mlp_bias", bool)
+    if attention_bias and not mlp_bias:  # gptc's attn_bias turns attention biases off, never the MLP's alone
+        raise GptcError("attention_bias = true with mlp_bias = false: gptc has attention biases only together with "
+                        "MLP biases (model.bias, model.attn_bias)")
+    hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+    head_dim = get("head_dim", int)
+    if head_dim is not None and heads > 0 and head_dim * heads != hidden:
+        raise GptcError(f"head_dim = {head_dim} is not hidden_size / num_attention_heads ({hidden} / {heads}); "
+                        "gptc's heads split d_model")
+    if get("attention_dropout", float):
+        note(f"config.json's attention_dropout ({get('attention_dropout', float):g}) is not used: gptc trains "
+             "without dropout")
+    kv_heads = get("num_key_value_heads", int)
+    return ModelSpec(vocab_size=get("vocab_size", int), seq_len=get("max_position_embeddings", int), d_model=hidden,
+                     n_layers=get("num_hidden_layers", int), n_heads=heads,
+                     n_kv_heads=0 if kv_heads in (None, heads) else kv_heads, d_ff=get("intermediate_size", int),
+                     norm="rmsnorm", pos="rope", ffn="swiglu", rope_base=_llama_rope_base(get),
+                     tie_embeddings=get("tie_word_embeddings", bool), bias=mlp_bias,
+                     attn_bias=attention_bias if mlp_bias else ModelSpec.attn_bias,  # without biases: unused, default
+                     lm_head_bias=False, init_std=get("initializer_range", float), norm_eps=get("rms_norm_eps", float))
+
+
+def _llama_table(m: ModelSpec) -> list[Entry]:
+    q, kv = m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+    attn_bias = m.bias and m.attn_bias
+
+    def linear(gptc: str, parts: tuple[tuple[str, tuple[int, int] | None], ...], bias: bool) -> list[Entry]:
+        """gptc's Linear `gptc` as the class's Linears `parts` (name, columns of gptc's)."""
+        kinds = ("weight", "bias") if bias else ("weight",)  # a weight is stored (out, in), a bias as is
+        return [Entry(f"{gptc}.{kind}", f"{hf}.{kind}", kind == "weight", columns)
+                for kind in kinds for hf, columns in parts]
+
+    table = [Entry("wte", "model.embed_tokens.weight")]
+    for layer in range(m.n_layers):
+        g, h = f"h.{layer}", f"model.layers.{layer}"
+        table += [Entry(f"{g}.ln_1.weight", f"{h}.input_layernorm.weight"),
+                  *linear(f"{g}.attn.c_attn", ((f"{h}.self_attn.q_proj", (0, q)),  # columns: q, k, v
+                                               (f"{h}.self_attn.k_proj", (q, q + kv)),
+                                               (f"{h}.self_attn.v_proj", (q + kv, q + 2 * kv))), attn_bias),
+                  *linear(f"{g}.attn.c_proj", ((f"{h}.self_attn.o_proj", None),), attn_bias),
+                  Entry(f"{g}.ln_2.weight", f"{h}.post_attention_layernorm.weight"),
+                  *linear(f"{g}.mlp.c_fc", ((f"{h}.mlp.gate_proj", (0, m.d_ff)),  # SwiGLU's columns: gate, up
+                                            (f"{h}.mlp.up_proj", (m.d_ff, 2 * m.d_ff))), m.bias),
+                  *linear(f"{g}.mlp.c_proj", ((f"{h}.mlp.down_proj", None),), m.bias)]
+    table.append(Entry("ln_f.weight", "model.norm.weight"))
+    if not m.tie_embeddings:
+        table.append(Entry("lm_head.weight", "lm_head.weight", transpose=True))
+    return table + [Entry("lm_head.bias", None)]
+
+
+_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+                   "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None,
+                   "rope_parameters": None, "partial_rotary_factor": 1.0, "attention_bias": False,
+                   "attention_dropout": 0.0, "mlp_bias": False}
+
+LLAMA = Layout(architecture="LlamaForCausalLM", model_type="llama", base="model.", heads=("lm_head.",),
+               defaults=_LLAMA_DEFAULTS, fits=_llama_fits, write_config=_llama_config, read_config=_llama_spec,
+               table=_llama_table,
+               skipped=lambda name, m: bool(_LLAMA_BUFFER.fullmatch(name))
+               or (m.tie_embeddings and name == "lm_head.weight"))
+LAYOUTS = {layout.model_type: layout for layout in (GPT2, LLAMA)}
 
 
 def layout_of(m: ModelSpec) -> Layout:
@@ -165,7 +300,7 @@ def layout_of(m: ModelSpec) -> Layout:
         if reason is None:
             return layout
         reasons.append(f"{layout.architecture} has no {reason}")
-    raise GptcError(f"no transformers class fits this model yet: {'; '.join(reasons)}")
+    raise GptcError(f"no transformers class gptc writes fits this model: {'; '.join(reasons)}")
 
 
 def param_shapes(m: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -179,7 +314,7 @@ def to_hf(layout: Layout, m: ModelSpec, params: dict[str, np.ndarray]) -> dict[s
     """The class's tensors for gptc's parameters `params` of model `m`. A bias gptc's
     model lacks (model.bias = false) is written as zeros; a gptc tensor the class has no
     place for must be all zeros, else GptcError."""
-    full = param_shapes(replace(m, bias=True))  # the model with every bias, as the class has them
+    full = param_shapes(replace(m, bias=True, attn_bias=True))  # the model with every bias, as GPT-2 has them
     tensors = {}
     for entry in layout.table(m):
         value = params.get(entry.gptc)
@@ -190,6 +325,8 @@ def to_hf(layout: Layout, m: ModelSpec, params: dict[str, np.ndarray]) -> dict[s
                                 "false to export)")
             continue
         value = np.zeros(full[entry.gptc], np.float32) if value is None else value
+        if entry.columns is not None:
+            value = value[..., entry.columns[0]:entry.columns[1]]
         tensors[entry.hf] = np.ascontiguousarray(value.T if entry.transpose else value, dtype=np.float32)
     return tensors
 
@@ -267,7 +404,8 @@ class Pretrained:
 
     def describe(self) -> str:
         m = self.model
-        return (f"{self.layout.architecture}, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff "
+        kv = f" ({m.kv_heads} key/value heads)" if m.kv_heads != m.n_heads else ""
+        return (f"{self.layout.architecture}, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads{kv}, d_ff "
                 f"{m.d_ff}, context {m.seq_len}, vocabulary {m.vocab_size}, "
                 f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
 
@@ -281,7 +419,7 @@ def _read_json(path: Path) -> Any:
         raise GptcError(f"cannot read '{path}': {e.strerror}") from None
 
 
-_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object"}
 
 
 def _config_getter(config: dict, defaults: dict) -> Callable[[str, type], Any]:
@@ -390,7 +528,7 @@ def from_hf(layout: Layout, m: ModelSpec, tensors: dict[str, np.ndarray], where:
     unknown = sorted(set(tensors) - known)
     if unknown:
         raise GptcError(f"{where} hold a tensor {layout.architecture} has no place for: '{unknown[0]}'")
-    params = {}
+    params, parts = {}, {}  # parts: gptc's name -> the class's tensors of its columns, in order
     for entry in table:
         if entry.gptc not in shapes:  # a tensor neither has (lm_head.bias with lm_head_bias = false)
             continue
@@ -400,10 +538,14 @@ def from_hf(layout: Layout, m: ModelSpec, tensors: dict[str, np.ndarray], where:
             continue
         if entry.hf not in tensors:
             raise GptcError(f"{where} lack '{entry.hf}'")
+        if entry.columns is not None:
+            shape = (*shape[:-1], entry.columns[1] - entry.columns[0])
         value, want = tensors[entry.hf], shape[::-1] if entry.transpose else shape
         if value.shape != want:
             raise GptcError(f"{where}: '{entry.hf}' has shape {value.shape}, config.json's model needs {want}")
-        params[entry.gptc] = np.ascontiguousarray(value.T if entry.transpose else value)
+        parts.setdefault(entry.gptc, []).append(value.T if entry.transpose else value)
+    for name, values in parts.items():
+        params[name] = np.ascontiguousarray(np.concatenate(values, axis=-1))
     return params
 
 

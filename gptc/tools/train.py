@@ -508,10 +508,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             result.losses.append(loss)
             record = {"step": done, "loss": loss, "lr": rate, "grad_norm": float(out["grad_norm"]),
                       "tokens_per_s": tokens_per_step / elapsed}
+            # A mixture of experts' load-balancing loss (not part of "loss"; 1 = balanced).
+            aux = f"  aux {float(out['aux_loss']):.4f}" if "aux_loss" in out else ""
+            if aux:
+                record["aux_loss"] = float(out["aux_loss"])
             # progress line
             now = time.perf_counter()
             mean = sum(times) / len(times)
-            text = (f"step {done:>{width}}/{t.steps}  loss {loss:.4f}  lr {rate:.2e}  "
+            text = (f"step {done:>{width}}/{t.steps}  loss {loss:.4f}{aux}  lr {rate:.2e}  "
                     f"{tokens_per_step / mean:,.0f} tokens/s  ETA {duration(mean * (t.steps - done))}")
             if console.tty:
                 if now - last_print > 0.1 or done == t.steps:

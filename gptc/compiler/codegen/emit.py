@@ -10,6 +10,7 @@ nodes or views read it."""
 from __future__ import annotations
 
 import math
+import re
 
 from gptc.compiler.codegen import names
 from gptc.compiler.codegen.indexing import Index, linearize, view_index
@@ -104,10 +105,13 @@ class Emitter:
             return c_literal(node["attrs"]["value"], dtype)
         if op == "iota":
             axis_index = index[node["attrs"]["axis"]]
-            return emit(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
+            # Bracketed: an operand of any C expression (a cast of `row % 37`, 2 * it).
+            return atom(axis_index) if dtype == "i32" else f"(({C_TYPE[dtype]}){atom(axis_index)})"
         if kind == VIEW:
             return self._view(nid, node, index)
-        if nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
+        if op == "random_uniform":
+            name = self._local(nid, self._random_uniform(node, index))
+        elif nid not in self.nodes and (op in ("input", "param", "state") or nid in self.plan.buffers or nid in self.plan.aliases):
             name = self.load(nid, index)
         elif kind == ELEMENTWISE:
             name = self._local(nid, self._elementwise(node, index))
@@ -129,13 +133,20 @@ class Emitter:
         self.lines.append(f"{C_TYPE[node['type'].dtype]} {name} = {unwrap(expr)};{where}")
         return name
 
+    def _random_uniform(self, node: dict, index: Index) -> str:
+        """Philox at the element's flat index (ops/random.py, prelude.h philox_uniform)."""
+        attrs = node["attrs"]
+        step = self.value(node["inputs"][0], ())
+        return philox_uniform(attrs["seed"], attrs["stream"], f"(uint32_t)(int){step}",
+                              atom(linearize(index, attrs["shape"])))
+
     def _elementwise(self, node: dict, index: Index) -> str:
         args = [self.value(i, index) for i in node["inputs"]]
         if node["op"] == "cast":
             target = node["attrs"]["dtype"]
             if target == "bf16":
                 return f"bf16_to_float(float_to_bf16((float){args[0]}))"
-            return f"(({C_TYPE[target]}){args[0]})"
+            return f"(({C_TYPE[target]}){_operand(args[0])})"
         return OPS[node["op"]].c_expr.format(*args)
 
     def _view(self, nid: int, node: dict, index: Index) -> str:
@@ -157,6 +168,18 @@ class Emitter:
                 return inner
             return f"({f'({inside})' if '&&' in inside else inside} ? {inner} : {zero})"
         return self.value(src, view_index(node["op"], node["attrs"], in_shape, out_shape, index))
+
+
+def _operand(expr: str) -> str:
+    """`expr` bracketed unless it is a name, a number or bracketed already: a cast's
+    operand, where (float)(i / 8) % 13 would cast before the %."""
+    return expr if re.fullmatch(r"[\w.]+", expr) or unwrap(expr) != expr else f"({expr})"
+
+
+def philox_uniform(seed: int, stream: int, step: str, index: str) -> str:
+    """The C call drawing element `index` (an expression) of a random_uniform tensor;
+    `step` is a uint32_t expression."""
+    return f"philox_uniform({seed & 0xFFFFFFFF}u, {(seed >> 32) & 0xFFFFFFFF}u, {stream}u, {step}, (uint64_t){index})"
 
 
 def unwrap(expr: str) -> str:

@@ -15,7 +15,7 @@ from typing import Sequence
 import jinja2
 
 from gptc.compiler.codegen import names
-from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter
+from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
 from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import strided
@@ -24,7 +24,7 @@ from gptc.target import Target
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
-from gptc.compiler.planner.schedule import KernelPlan, Plan
+from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
 POINTWISE_THREADS = 256
 MAX_GRID = 65535 * 32
@@ -147,6 +147,10 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
+    elif family == "group_sort":
+        grid, block, em = _group_sort(plan, kernel, ctx, args)
+    elif family == "grouped_matmul":
+        grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
@@ -502,15 +506,25 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     out_shape = g.type(mm).shape
     batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
     k = g.type(a_in).shape[-1]
-    a_buf, a_off, a_strides = _operand_layout(plan, a_in)
-    b_buf, b_off, b_strides = _operand_layout(plan, b_in)
     em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
-    a_ptr, b_ptr = em.arg(a_buf), em.arg(b_buf)
-    # Batch offsets of A and B from the batch index (the block's tile along z).
     batch = max(1, _size(batch_shape))
     batch_idx = unravel(var("batch", batch), batch_shape)
-    batch_lines = [f"const idx_t {name} = {emit(add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])]))};"
-                   for name, offset, strides in (("a_base", a_off, a_strides), ("b_base", b_off, b_strides))]
+    # Each operand is a buffer read through strided views (its batch offset from the
+    # batch index, the block's tile along z), or computed while loading it (a prologue,
+    # see planner/fusion.py gated_operand): a lambda of the element wanted. Either way
+    # the template's staging loads name the element by its row and column variables.
+    batch_lines, loads, prologues, strides_of = [], {}, [], {}
+    for name, operand, axes in (("A", a_in, (("gm", m), ("gk", k))), ("B", b_in, (("gk", k), ("gn", n)))):
+        base, offset, strides = _operand_layout(plan, operand)
+        strides_of[name] = strides
+        if base in kernel.nodes:
+            prologues.append((name, operand, axes))
+            continue
+        batch_offset = add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])])
+        batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
+                        f"const float* {name} = {em.arg(base)} + {name.lower()}_base;"]
+        at = add(mul(Var(axes[0][0]), strides[-2]), mul(Var(axes[1][0]), strides[-1]))
+        loads[name] = f"{name}[{emit(at)}]"
     em.begin_block()
     body = []
     # The element of C at (batch, gm, gn) (the template's variables).
@@ -519,13 +533,17 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         idx = unravel(element, g.type(r).shape)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
+    for name, operand, axes in prologues:
+        em.begin_block()
+        v = em.value(operand, tuple(batch_idx) + tuple(var(x, size) for x, size in axes))
+        batch_lines += [f"auto {name}_at = [&](idx_t {axes[0][0]}, idx_t {axes[1][0]}) -> float {{  "
+                        f"// operand {name}, %{operand} computed here",
+                        *[f"  {line}" for line in em.take()], f"  return {v};", "};"]
+        loads[name] = f"{name}_at({axes[0][0]}, {axes[1][0]})"
     bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
-    a_sm, a_sk, b_sk, b_sn = a_strides[-2], a_strides[-1], b_strides[-2], b_strides[-1]
-    # The staging loads' offsets from the template's row and column variables.
-    gm, gk, gn = Var("gm"), Var("gk"), Var("gn")
-    a_at, b_at = emit(add(mul(gm, a_sm), mul(gk, a_sk))), emit(add(mul(gk, b_sk), mul(gn, b_sn)))
+    (a_sm, a_sk), (b_sk, b_sn) = strides_of["A"][-2:], strides_of["B"][-2:]
     # Staging loads: consecutive threads walk the operand's contiguous dimension;
     # "k" reads runs of 8 along k (one 32-byte sector) from 4 rows per 32 threads.
     a_mode = "m" if a_sk != 1 and a_sm == 1 else "k"
@@ -536,12 +554,83 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                pa=bm + 4, pb=bn + 4, smem_floats=_mm_smem_floats(bm, bn, bk, kg),
                la=bm * bk // threads, lb=bn * bk // threads, a_mode=a_mode, b_mode=b_mode,
                check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
-               batch_lines=batch_lines, a_ptr=a_ptr, b_ptr=b_ptr, a_at=a_at, b_at=b_at,
+               batch_lines=batch_lines, a_load=loads["A"], b_load=loads["B"],
                body=body, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm))
     # A 1-D grid: block_id runs over the tiles, n fastest, then m, then the batch
     # (the order a (n, m, batch) grid would dispatch them).
     grid = (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1)
     return grid, (threads, 1, 1), em
+
+
+def _operand_access(em: Emitter, plan: Plan, nid: int, indices: Sequence[str]) -> str:
+    """A C expression loading the element of operand `nid` (a strided view of a buffer)
+    at the C index expressions `indices`, as a float (int for i32)."""
+    buf, offset, strides = _operand_layout(plan, nid)
+    terms = ([str(offset)] if offset else []) + [f"({i}) * {st}" if st != 1 else f"({i})"
+                                                 for i, st in zip(indices, strides) if st != 0]
+    raw = f"{em.arg(buf)}[{' + '.join(terms) or '0'}]"
+    return f"bf16_to_float({raw})" if plan.buffer_of(buf).dtype == "bf16" else raw
+
+
+GROUP_SORT_THREADS = 256
+
+
+def _group_sort(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
+    """group_rank / group_offsets in one block: a histogram of the ids in shared
+    memory, its exclusive scan, then (for the rank) the ids in chunks of one per thread,
+    each placed after the earlier ids of its group. Ids outside [0, G) are clamped (the
+    reference refuses them; the router never makes one)."""
+    g = plan.graph
+    node = kernel.anchor
+    (ids,) = g.inputs_of(node)
+    em = Emitter(plan, kernel.nodes, args=args)
+    ctx.update(mode=g.op(node).removeprefix("group_"), count=g.type(ids).size,
+               groups=g.node(node)["attrs"]["num_groups"], id_at=_operand_access(em, plan, ids, ["r"]),
+               out=em.arg(node))
+    return (1, 1, 1), (GROUP_SORT_THREADS, 1, 1), em
+
+
+GROUPED_TILE, GROUPED_BK, GROUPED_THREADS = 64, 16, 256
+
+
+def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
+    """C = A B over the row segments of the groups, 64 x 64 tiles of C per block (256
+    threads, 4 x 4 elements each, slabs of 16 along the summed axis staged in shared
+    memory).
+    grouped_matmul (rows): C = out rows of group e, A = x rows, B = w[e]; the blocks
+    walk the tiles of every segment (at most ceil(R/64) + G of them along m: each
+    segment adds at most one partial tile); blocks past the last tile do nothing.
+    grouped_weight_grad (weights): C = out[e] (K, N), A = x rows of group eᵀ, B = y
+    rows of group e; a block per (group, tile), summing over the group's rows
+    (an empty group stores zeros)."""
+    g = plan.graph
+    node = kernel.anchor
+    a_in, b_in, offsets = g.inputs_of(node)
+    em = Emitter(plan, kernel.nodes, args=args)
+    groups = g.type(offsets).shape[0] - 1
+    tile = GROUPED_TILE
+    rows = g.type(a_in).shape[0]
+    out = em.arg(node)
+    out_bf16 = plan.buffer_of(node).dtype == "bf16"
+    if g.op(node) == "grouped_matmul":
+        m, n = rows, g.type(node).shape[1]
+        k = g.type(a_in).shape[1]
+        a_at = _operand_access(em, plan, a_in, ["gm", "gk"])
+        b_at = _operand_access(em, plan, b_in, ["e", "gk", "gn"])
+        c_at = f"(gm) * {n} + (gn)"
+        m_slots = ceil_div(rows, tile) + groups
+    else:
+        m, n = g.type(node).shape[1:]
+        k = rows
+        a_at = _operand_access(em, plan, a_in, ["gk", "gm"])
+        b_at = _operand_access(em, plan, b_in, ["gk", "gn"])
+        c_at = f"(idx_t)e * {m * n} + (gm) * {n} + (gn)"
+        m_slots = groups * ceil_div(m, tile)
+    store = "float_to_bf16(acc[i][j])" if out_bf16 else "acc[i][j]"
+    ctx.update(mode="rows" if g.op(node) == "grouped_matmul" else "weights", groups=groups, m=m, n=n, k=k,
+               tile=tile, bk=GROUPED_BK, n_tiles=ceil_div(n, tile), m_tiles=ceil_div(m, tile),
+               offsets=em.arg(offsets), a_at=a_at, b_at=b_at, c_at=c_at, out=out, store=store)
+    return (m_slots * ceil_div(n, tile), 1, 1), (GROUPED_THREADS, 1, 1), em
 
 
 def _attention_tiles(dim: int, target: Target):
@@ -585,7 +674,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     one part whose two halves (keys, queries) share one shared-memory buffer."""
     g = plan.graph
     a = kernel.attention
-    em = Emitter(plan, kernel.nodes, args=args)
+    em = Emitter(plan, sorted(set(kernel.nodes) | a.prologue), args=args)
     *batch_shape, seq, dim = g.type(a.q).shape
     assert dim <= MAX_HEAD_DIM, f"the attention templates handle head_dim <= {MAX_HEAD_DIM}"
     bhn = max(1, _size(tuple(batch_shape)))
@@ -594,23 +683,50 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     nqb, nkb = ceil_div(seq, bq), ceil_div(seq, bkb)
     batch_lines: list[str] = []
     z = unravel(var("bh", bhn), tuple(batch_shape))
+    # The backward's key blocks run over key/value heads: bhn / group of them.
+    group = a.group
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
-               nqb=nqb, kb_blocks=bhn * nkb, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
+               nqb=nqb, kb_blocks=bhn // group * nkb, group=group, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
-               scale=repr(float(a.scale)) + "f", batch_lines=batch_lines)
+               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines)
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
+        if view_base(g, nid) in a.prologue:
+            prologue_operand(name, nid, transpose)
+            return
         buf, offset, strides = _operand_layout(plan, nid)
         if transpose:
             strides = strides[:-2] + [strides[-1], strides[-2]]
         base = add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])])
         batch_lines.append(f"const idx_t {name}_base = {emit(base)};")
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
+        ctx[f"{name}_at"] = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
 
+    def prologue_operand(name: str, nid: int, transpose: bool) -> None:
+        """q or k computed by its prologue (dsl.rope) at each element the kernel loads:
+        a lambda of (row, column) evaluating the prologue's nodes, which read its inputs
+        (the unrotated q or k, a view of the QKV projection) from their buffers."""
+        row = rows[name]
+        position = (var(row, seq), var("c", dim))
+        em.begin_block()
+        value = em.value(nid, tuple(z) + (position[::-1] if transpose else position))
+        body = [f"  {line}" for line in em.take()] + [f"  return {value};"]
+        batch_lines.extend([f"auto {name}_at = [&](const idx_t {row}, const int c) -> float {{"] + body + ["};"])
+        ctx[f"{name}_at"] = f"{name}_at({row}, c)"
+
+    rows = dict(q="i", k="j", v="j", g="i")  # the templates' row variable of each operand
     operand("q", a.q)
     operand("k", a.k_t, transpose=True)
     operand("v", a.v)
     batch_lines += [f"const idx_t o_base = bh * {seq * dim};", f"const idx_t r_base = bh * {seq};"]
+    ctx["dropout"] = None
+    if a.dropout:
+        # The probabilities' dropout mask, recomputed wherever p is: element (bh, i, j)
+        # of the (.., S, S) probabilities, as the random_uniform node draws it.
+        d = a.dropout
+        batch_lines.append(f"const uint32_t drop_step = (uint32_t)(int){em.arg(d.step)}[0];")
+        keep = philox_uniform(d.seed, d.stream, "drop_step", f"((uint64_t)(bh * {seq} + i) * {seq} + j)")
+        ctx["dropout"] = dict(keep=f"{keep} >= {c_literal(d.threshold, 'f32')}", scale=c_literal(d.scale, "f32"))
     env = _environment()
     if kernel.family == "attention":
         stats = a.m in kernel.roots
@@ -619,12 +735,17 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
-    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(a.dq),
-               dkt_ptr=em.arg(a.dk_t), dv_ptr=em.arg(a.dv))
+    dq, dk, dv = a.stores()
+    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(dq),
+               dk_ptr=em.arg(dk), dv_ptr=em.arg(dv))
+    if group > 1:  # dK, dV summed over the group: (.., Hkv, 1, S, D) at key/value head bhk
+        ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
+    else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
+        ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
     # for the queries half.
     return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
-                 (bhn * (nkb + nqb), 1, 1), (128, 1, 1))
+                 (bhn // group * nkb + bhn * nqb, 1, 1), (128, 1, 1))
 
 
 def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:

@@ -70,6 +70,19 @@ _binary("greater_equal", np.greater_equal, lambda a, y, g, x0, x1: [None, None],
 _binary("equal", np.equal, lambda a, y, g, x0, x1: [None, None], "({0} == {1})", result_dtype="bool")
 
 
+def _infer_logical_and(ts: list[TensorType], attrs: dict) -> TensorType:
+    a, b = ts
+    if a.dtype != "bool" or b.dtype != "bool" or a.shape != b.shape:
+        raise ShapeError(f"logical_and: needs two bool operands of one shape, got {a} and {b}")
+    return a
+
+
+# Both conditions (a local attention mask: causal and within the window); no gradient.
+register(OpDef("logical_and", ELEMENTWISE, infer=_infer_logical_and,
+               reference=lambda xs, a, t, fd: np.logical_and(xs[0], xs[1]),
+               vjp=lambda a, y, g, x0, x1: [None, None], c_expr="({0} && {1})"))
+
+
 def _infer_where(ts: list[TensorType], attrs: dict) -> TensorType:
     cond, a, b = ts
     if cond.dtype != "bool":

@@ -16,6 +16,7 @@ MATMUL = "matmul"
 VIEW = "view"              # reshape/permute/broadcast/slice/pad: folded into index arithmetic
 GATHER = "gather"
 SCATTER = "scatter"
+GROUPED = "grouped"        # MoE dispatch: counting sort by group, per-group matmuls (a kernel each)
 
 
 @dataclass(frozen=True)

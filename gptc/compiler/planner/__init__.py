@@ -7,7 +7,7 @@ from gptc.compiler.strides import strided
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
-from gptc.compiler.planner.fusion import fuse_graph
+from gptc.compiler.planner.fusion import clone_gated_operands, fuse_graph
 from gptc.compiler.planner.schedule import Buffer, KernelPlan, Plan, schedule
 
 __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
@@ -21,11 +21,15 @@ def make_plan(graph: Graph, fuse: bool = True) -> Plan:
     for nid in [n for n in graph.nx.nodes if graph.op(n) == "stop_gradient"]:
         graph.bypass(nid)  # an identity once autodiff has run: no kernel computes it
     graph.prune()  # values nothing reads are not computed
+    if fuse:
+        clone_gated_operands(graph)
     lay_out(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)
 
 
 SPLIT_REDUCTION_SIZE = 1 << 16
+# Ops whose kernels read their operands as strided views of buffers.
+MATMUL_LIKE = ("matmul", "group_rank", "group_offsets", "grouped_matmul", "grouped_weight_grad")
 
 
 def split_reductions(graph: Graph) -> None:
@@ -52,7 +56,8 @@ def lay_out(graph: Graph) -> None:
     """Insert `copy` nodes where a value must be laid out in memory: a graph output
     that is a view other than a reshape (outputs are stored contiguously), and a matmul
     operand whose views are not strided (a permute followed by a reshape that merges
-    the permuted axes), since matmul kernels read strided views of buffers."""
+    the permuted axes), since matmul kernels read strided views of buffers (so do the
+    grouped ops of a mixture of experts)."""
     for name, nid in list(graph.outputs.items()):
         base = nid
         while OPS[graph.op(base)].kind == VIEW and graph.op(base) == "reshape":
@@ -62,7 +67,7 @@ def lay_out(graph: Graph) -> None:
                 graph.outputs[name] = graph.add("copy", [nid])
     split_reductions(graph)
     for nid in list(graph.nx.nodes):
-        if graph.op(nid) != "matmul":
+        if graph.op(nid) not in MATMUL_LIKE:
             continue
         for operand in set(graph.inputs_of(nid)):
             chain, base = [], operand

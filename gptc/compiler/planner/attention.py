@@ -1,23 +1,56 @@
 """Matching causal attention in the graph, for the flash-style kernels.
 
 `dsl.causal_attention` decomposes into primitives inside a scope named after it:
-    scores = (q @ kᵀ) * scale;  masked = where(row >= col, scores, -inf)
+    scores = (q @ kᵀ) * scale;  masked = where(visible, scores, -inf)
     m = max(masked); e = exp(masked - m); s = sum(e); p = e / s;  out = p @ v
 and autodiff tags its backward nodes with the same scope plus "#bwd". For each such
 scope the matcher checks that the nodes have exactly this structure and find the
-operands; the planner then puts the forward nodes in one "attention" kernel (which
-stores only out, m and s: the S×S matrix never reaches memory) and the backward nodes
-in one "attention_bwd" launch that recomputes p from q, k, m and s. Anything that does
-not match exactly is left to the generic fusion, which computes the same values."""
+operands. The mask `visible` must be one the kernels implement, read from its nodes:
+row >= col (causal), or that and row - col < window (local); any other mask is left
+to the generic fusion. Grouped-query attention arrives as views (query heads
+(.., Hkv, G, S, d), keys and values broadcast over G with stride 0), which the
+kernels index like any other operand; the sums over G that autodiff adds for dk and
+dv (the broadcast's VJP) join the backward match, whose key blocks then accumulate
+dK and dV over the G query heads of their key/value head. The planner then puts the
+forward nodes in one "attention" kernel (which stores only out, m and s: the S×S
+matrix never reaches memory) and the backward nodes in one "attention_bwd" launch that
+recomputes p from q, k, m and s. Anything that does not match exactly is left to the
+generic fusion, which computes the same values.
+
+With dropout on the probabilities (dsl.dropout inside it, `drop`), out =
+where(uniform >= threshold, p * 1/(1-rate), 0) @ v: the kernels recompute the Philox
+mask per element (forward: after the row statistics, which dropout does not change;
+backward: on p for dV and on dP for dS, where delta = rowsum(dO * out) still equals
+rowsum(P_dropped * dP_dropped)).
+
+A prologue: when q or k is `dsl.rope` of a view of a buffer (the rotated queries and
+keys of a RoPE model), the rope's compute nodes join the forward kernel, which
+evaluates them as it loads its q and k tiles (the backward kernel re-evaluates them the
+same way), so the rotated q and k never reach memory. The gradients the backward
+kernel stores are those of the rotated values; rope's own VJP (the inverse rotation)
+stays in the generic fusion downstream."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.ops.registry import ELEMENTWISE, VIEW
 
 MAX_HEAD_DIM = 128  # the kernels stage tiles of head_dim-float rows in shared memory (codegen's _attention_tiles)
+# Composites whose (elementwise) nodes the kernels evaluate while loading q and k.
+PROLOGUE_COMPOSITES = ("rope",)
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """Dropout on the attention probabilities: drop where random_uniform < threshold,
+    scale the others by `scale` (gptc/compiler/ops/random.py)."""
+    step: int          # the scalar step input the mask is keyed by
+    seed: int
+    stream: int
+    threshold: float
+    scale: float
 
 
 @dataclass
@@ -27,6 +60,7 @@ class AttentionMatch:
     k_t: int            # kᵀ: (.., D, S)
     v: int
     scale: float
+    window: int         # 0: causal; else a query at i sees keys j with i - window < j <= i
     out: int            # p @ v
     m: int              # row max of the masked scores (keepdims)
     s: int              # row sum of exp(masked - m) (keepdims)
@@ -36,6 +70,19 @@ class AttentionMatch:
     dq: int | None = None      # (.., S, D)
     dk_t: int | None = None    # (.., D, S)
     dv: int | None = None      # (.., S, D)
+    group: int = 1             # query heads per key/value head; with more than one, the
+    dk_sum: int | None = None  # backward stores dkᵀ and dv summed over the group instead:
+    dv_sum: int | None = None  # (.., Hkv, 1, S, D) each
+    # Compute nodes of q's and k's prologues (dsl.rope), evaluated by both kernels as
+    # they load q and k: then q (k_t) is not stored, the kernels read its inputs.
+    prologue: set[int] = field(default_factory=set)
+    dropout: AttentionDropout | None = None
+
+    def stores(self) -> list[int]:
+        """The nodes the backward kernel stores."""
+        if self.group > 1:
+            return [self.dq, self.dk_sum, self.dv_sum]
+        return [self.dq, self.dk_t, self.dv]
 
 
 def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
@@ -65,12 +112,23 @@ def _users_through_views(graph: Graph, nid: int) -> set[int]:
     return out
 
 
+def _views_of(graph: Graph, nid: int) -> set[int]:
+    """The views of nid, through chains of views."""
+    out, stack = set(), [u for u in graph.users(nid) if OPS[graph.op(u)].kind == VIEW]
+    while stack:
+        u = stack.pop()
+        out.add(u)
+        stack.extend(w for w in graph.users(u) if OPS[graph.op(w)].kind == VIEW)
+    return out
+
+
 def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
     by_scope: dict[str, set[int]] = {}
     for nid in graph.nx.nodes:
         scope = graph.node(nid)["scope"]
         head, _, tail = scope.partition("causal_attention")
-        if tail in ("", "/softmax", "#bwd", "/softmax#bwd") and "causal_attention" in scope and not is_free(nid):
+        inside = tail in ("", "/softmax", "/dropout", "#bwd", "/softmax#bwd", "/dropout#bwd")
+        if inside and "causal_attention" in scope and not is_free(nid):
             by_scope.setdefault(head + "causal_attention", set()).add(nid)
     matches = []
     for scope, nodes in sorted(by_scope.items()):
@@ -78,8 +136,34 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
         backward = nodes - forward
         match = _match_forward(graph, scope, forward)
         if match and (not backward or _match_backward(graph, match, backward)):
+            region = match.forward | match.backward
+            for operand in (match.q, match.k_t):
+                match.prologue |= _prologue(graph, operand, region, is_free)
             matches.append(match)
     return matches
+
+
+def _prologue(graph: Graph, operand: int, region: set[int], is_free) -> set[int]:
+    """The compute nodes of a PROLOGUE_COMPOSITES composite computing `operand` (through
+    views), if they are elementwise and read only by each other and by the attention
+    nodes in `region` (so no other kernel needs their values); else none."""
+    base, _ = _base(graph, operand)
+    scope = graph.node(base)["scope"]
+    if is_free(base) or scope.rpartition("/")[2] not in PROLOGUE_COMPOSITES:
+        return set()
+    nodes, stack = set(), [base]
+    while stack:   # the composite's nodes that `operand` depends on
+        nid = stack.pop()
+        if nid in nodes or graph.node(nid)["scope"] != scope or is_free(nid):
+            continue
+        if OPS[graph.op(nid)].kind != ELEMENTWISE:
+            return set()
+        nodes.add(nid)
+        for src in graph.inputs_of(nid):
+            stack.append(_base(graph, src)[0])
+    if any(not _users_through_views(graph, n) <= nodes | region for n in nodes):
+        return set()
+    return nodes
 
 
 def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch | None:
@@ -105,8 +189,14 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
         return None
     s = next((u for u in _users_through_views(graph, e) if graph.op(u) == "sum"), None)
     p = next((u for u in _users_through_views(graph, e) if graph.op(u) == "div"), None)
-    if s is None or p is None or graph.inputs_of(mm2)[0] != p:
+    if s is None or p is None:
         return None
+    dropout, dropout_nodes = None, set()
+    if graph.inputs_of(mm2)[0] != p:
+        found = _match_dropout(graph, p, graph.inputs_of(mm2)[0])
+        if found is None:
+            return None
+        dropout, dropout_nodes = found
     q, k_t = graph.inputs_of(mm1)
     v = graph.inputs_of(mm2)[1]
     head_dim, seq = graph.type(q).shape[-1], graph.type(q).shape[-2]
@@ -114,25 +204,85 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
         return None
     if graph.type(v).shape[-1] != head_dim or graph.type(q).dtype != "f32":
         return None
-    core = {mm1, scaled, masked, m, sub, e, s, p, mm2}
-    if not core <= nodes:
+    core = {mm1, scaled, masked, m, sub, e, s, p, mm2} | dropout_nodes
+    cond, kept, hidden = graph.inputs_of(masked)
+    window = _mask_window(graph, cond, seq)
+    hidden = _base(graph, hidden)[0]
+    if not core <= nodes or window is None or kept != scaled:
         return None
-    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], mm2, m, s, forward=set(nodes))
+    if graph.op(hidden) != "const" or graph.node(hidden)["attrs"]["value"] != float("-inf"):
+        return None
+    return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], window, mm2, m, s,
+                          forward=set(nodes), dropout=dropout)
+
+
+def _match_dropout(graph: Graph, p: int, dropped: int) -> tuple[AttentionDropout, set[int]] | None:
+    """dsl.dropout of p: where(random_uniform >= threshold, p * scale, 0)."""
+    if graph.op(dropped) != "where":
+        return None
+    keep, scaled, zero = graph.inputs_of(dropped)
+    if graph.op(scaled) != "mul" or graph.inputs_of(scaled)[0] != p or graph.op(keep) != "greater_equal":
+        return None
+    uniform, threshold = graph.inputs_of(keep)
+    consts = [_base(graph, n)[0] for n in (graph.inputs_of(scaled)[1], zero, threshold)]
+    if any(graph.op(c) != "const" for c in consts) or graph.op(uniform) != "random_uniform":
+        return None
+    scale, zero_value, threshold_value = (graph.node(c)["attrs"]["value"] for c in consts)
+    if zero_value != 0.0 or graph.type(uniform).shape != graph.type(p).shape:
+        return None
+    attrs = graph.node(uniform)["attrs"]
+    found = AttentionDropout(graph.inputs_of(uniform)[0], attrs["seed"], attrs["stream"], threshold_value, scale)
+    return found, {dropped, scaled}
+
+
+
+def _mask_window(graph: Graph, cond: int, seq: int) -> int | None:
+    """The window of a mask the kernels implement: 0 for row >= col (causal), w for
+    (row >= col) and (row - col < w) with 0 < w; None for any other mask. Rows are
+    queries, columns keys, of one (seq, seq) mask broadcast over the leading axes."""
+    base, chain = _base(graph, cond)
+    if any(graph.op(n) != "broadcast" for n in chain) or graph.type(base).shape != (seq, seq):
+        return None  # only leading axes may be added: a transposed mask is not causal
+
+    def iota(n: int, axis: int) -> bool:
+        return graph.op(n) == "iota" and graph.node(n)["attrs"]["axis"] == axis and graph.type(n).shape == (seq, seq)
+
+    def causal(n: int) -> bool:
+        return graph.op(n) == "greater_equal" and iota(graph.inputs_of(n)[0], 0) and iota(graph.inputs_of(n)[1], 1)
+
+    def window(n: int) -> int | None:  # row - col < w
+        if graph.op(n) != "less":
+            return None
+        diff, bound = graph.inputs_of(n)
+        bound = _base(graph, bound)[0]
+        if graph.op(diff) != "sub" or not (iota(graph.inputs_of(diff)[0], 0) and iota(graph.inputs_of(diff)[1], 1)):
+            return None
+        if graph.op(bound) != "const" or graph.type(bound).dtype != "i32":
+            return None
+        w = graph.node(bound)["attrs"]["value"]
+        return int(w) if w == int(w) and w >= 1 else None
+
+    if causal(base):
+        return 0
+    if graph.op(base) == "logical_and":
+        a, b = graph.inputs_of(base)
+        for c, w in ((a, b), (b, a)):
+            if causal(c) and window(w) is not None:
+                return window(w)
+    return None
 
 
 def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
-    """Find dq, dkᵀ, dv and the gradient of out among the backward nodes; every value
-    leaving the two regions must be out, m, s or one of those three."""
-    region = nodes | match.forward
-    leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
-               or n in graph.roots()}
+    """Find dq, dkᵀ, dv and the gradient of out among the backward nodes (and with
+    grouped key/value heads the sums of dkᵀ and dv over the group); every value leaving
+    the two regions must be out or one of the stored gradients."""
     for n in nodes:
         if graph.op(n) != "matmul":
             continue
         a, b = graph.inputs_of(n)
         a_base, a_chain = _base(graph, a)
         b_base, b_chain = _base(graph, b)
-        if a_base in match.forward and graph.op(a_base) == "div":   # pᵀ @ d_out
+        if a_base in match.forward and a_base == graph.inputs_of(match.out)[0]:   # pᵀ @ d_out (p dropped)
             match.dv, match.d_out = n, b
         elif match.k_t in b_chain + [b_base]:                      # ds @ (kᵀ)ᵀ
             match.dq = n
@@ -140,9 +290,43 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
             match.dk_t = n
     if None in (match.dv, match.dq, match.dk_t):
         return False
-    if leaving - {match.out, match.dq, match.dk_t, match.dv}:
+    if not _match_group_sums(graph, match, nodes):
+        return False
+    region = nodes | match.forward
+    roots = set(graph.roots())
+    leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
+               or n in roots or _views_of(graph, n) & roots}
+    if leaving - {match.out, *match.stores()}:
         return False
     if match.d_out in region or _base(graph, match.d_out)[0] in region:
         return False
     match.backward = set(nodes)
+    return True
+
+
+def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
+    """With query heads (.., Hkv, G, S, D) over key/value heads broadcast along G, autodiff
+    sums dk and dv over G: sum(permute(dkᵀ) swapping the last two axes) and sum(dv)
+    over axis -3, keeping it. Find both (the group is then G), or neither (G = 1)."""
+    shape = graph.type(match.dv).shape
+    rank = len(shape)
+    swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+    sums = {}
+    for n in nodes:
+        if graph.op(n) != "sum":
+            continue
+        base, chain = _base(graph, graph.inputs_of(n)[0])
+        if base not in (match.dk_t, match.dv):
+            continue
+        attrs = graph.node(n)["attrs"]
+        views = [(graph.op(c), graph.node(c)["attrs"].get("perm")) for c in chain]
+        expected = [] if base == match.dv else [("permute", swap)]
+        if rank < 4 or attrs["axes"] != (rank - 3,) or not attrs["keepdims"] or views != expected:
+            return False  # some other sum of the gradients: not the kernels' to compute
+        sums[base] = n
+    if not sums:
+        return True
+    if len(sums) != 2 or shape[-3] < 2:
+        return False
+    match.group, match.dk_sum, match.dv_sum = shape[-3], sums[match.dk_t], sums[match.dv]
     return True

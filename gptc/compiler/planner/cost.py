@@ -16,7 +16,8 @@ bytes
     A buffer written counts whole (a scatter-add's output counts whole too: with
     the clear before it, every element of it is written).
 FLOPs
-    A matrix product (..., M, K) @ (..., K, N) counts 2*M*N*K per batch element.
+    A matrix product (..., M, K) @ (..., K, N) counts 2*M*N*K per batch element; a
+    grouped one (mixture of experts) 2*R*K*N for its R rows, however they are grouped.
     Every other arithmetic op counts one per element: an elementwise op one per
     output element (exp, tanh, rsqrt, a compare or a select count one each, like an
     add), a reduction one per input element, a scatter-add one per added element.
@@ -69,6 +70,10 @@ def node_flops(graph, nid: int) -> int:
         return graph.type(graph.inputs_of(nid)[0]).size
     if kind == SCATTER:
         return graph.type(graph.inputs_of(nid)[1]).size
+    if op in ("grouped_matmul", "grouped_weight_grad"):
+        # Each of the R rows meets one group's matrix: 2*R*K*N, whatever the split.
+        x, other = (graph.type(i).shape for i in graph.inputs_of(nid)[:2])
+        return 2 * x[0] * x[1] * other[-1]
     return 0  # views, sources, gather
 
 

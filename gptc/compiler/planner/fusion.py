@@ -1,15 +1,17 @@
 """Fusion: assign every compute node of a graph to exactly one kernel.
 
 Node classes:
-- free: sources, constants, iota, views, and anything computed only from constants
-  and iota (a causal mask): never a kernel of its own; inlined wherever it is read
-  (views become index arithmetic, sources become loads).
+- free: sources, constants, iota, views, and anything computed only from constants,
+  iota and random_uniform (a causal mask, a dropout mask): never a kernel of its own;
+  inlined wherever it is read (views become index arithmetic, sources become loads;
+  a dropout mask is recomputed by the backward kernels from its Philox counters).
 - compute: elementwise, gather, reduce, matmul, scatter_add.
 
 Kernel families: pointwise, row (reductions over the last axis with the pointwise
 work before and after, the reduced values broadcast back over the row), reduce
 (column/total reductions with a pointwise prologue), matmul (with a pointwise
-epilogue), scatter, and attention and attention_bwd (the causal attention pattern that
+epilogue, and a pointwise prologue on an operand: see `gated_operand`), scatter, and
+attention and attention_bwd (the causal attention pattern that
 planner/attention.py matches, lowered to flash-style kernels; README.md, "How it works").
 
 Fusion walks the graph from consumers to producers. A node joins the kernel of its
@@ -27,10 +29,90 @@ import networkx as nx
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner.attention import AttentionMatch, find_attention
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
+from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
 
 POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
 ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
+# Mixture-of-experts dispatch (ops/grouped.py): each op is a kernel of its own, reading
+# its operands from buffers and fusing nothing.
+GROUP_SORT, GROUPED_MATMUL = "group_sort", "grouped_matmul"
+GROUPED_FAMILIES = {"group_rank": GROUP_SORT, "group_offsets": GROUP_SORT,
+                    "grouped_matmul": GROUPED_MATMUL, "grouped_weight_grad": GROUPED_MATMUL}
+
+
+# A matmul operand computed in the matmul's loads is at most this many nodes.
+PROLOGUE_MAX_NODES = 12
+
+
+def gated_operand(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | None:
+    """The nodes computing `nid` when it is a matmul operand to compute while loading it
+    (a prologue), else None: elementwise nodes (at most PROLOGUE_MAX_NODES) that read
+    stored values only through slices, pads and reshapes (at least one slice or pad),
+    whose value matmuls read (and column reductions, whose prologue computes it too).
+    This is a gated activation, SwiGLU's silu(gate) * up over slices of one gate/up
+    projection, and its gradient, the gate's and the up's gradients padded and added
+    into the projection's: no producer's epilogue can compute them (an element needs
+    two columns of the projection, in different tiles), and computing them in the
+    consumers' loads spares a kernel and a buffer."""
+    users = compute_users(graph, nid, free)
+    if not any(OPS[graph.op(u)].kind == MATMUL for u, _ in users) or any(
+            OPS[graph.op(u)].kind not in (MATMUL, REDUCE) for u, _ in users):
+        return None
+    cone: set[int] = set()
+    sliced = False
+    stack = [nid]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        if OPS[graph.op(n)].kind != ELEMENTWISE or is_free(graph, n, free) or graph.type(n).dtype != "f32":
+            return None
+        cone.add(n)
+        for src in graph.inputs_of(n):
+            chain = []
+            while OPS[graph.op(src)].kind == VIEW:
+                chain.append(graph.op(src))
+                (src,) = graph.inputs_of(src)
+            if is_free(graph, src, free):
+                continue  # sources and constants: loaded or inlined through any views
+            if not chain and OPS[graph.op(src)].kind == ELEMENTWISE:
+                stack.append(src)
+            elif set(chain) <= {"reshape", "slice", "pad"}:
+                sliced |= bool({"slice", "pad"} & set(chain))
+            else:
+                return None
+    return cone if sliced and len(cone) <= PROLOGUE_MAX_NODES else None
+
+
+def clone_gated_operands(graph: Graph) -> None:
+    """Give every matmul reading a gated operand (see `gated_operand`) its own copy of
+    the nodes computing it (and of the views between), so that each matmul computes it
+    in its loads: the forward projection and the weight gradient's matmul both
+    recompute SwiGLU's product, which no kernel stores. Originals that something else
+    still reads (the backward's silu(gate)) stay for those readers."""
+    free: dict[int, bool] = {}
+    for nid in graph.topo_order():
+        if nid not in graph.nx or OPS[graph.op(nid)].kind != ELEMENTWISE:
+            continue
+        cone = gated_operand(graph, nid, free)
+        if cone is None:
+            continue
+        order = [n for n in graph.topo_order() if n in cone]
+        for user, chain in dict.fromkeys((u, tuple(c)) for u, c in compute_users(graph, nid, free)):
+            last = chain[-1] if chain else nid
+            if not graph.nx.has_edge(last, user):
+                continue  # the same view chain read twice by one matmul: already rewired
+            copies: dict[int, int] = {}
+            for n in [*order, *chain]:
+                node = graph.node(n)
+                with graph.replace_scope(node["scope"]):
+                    copies[n] = graph.add(node["op"], [copies.get(i, i) for i in node["inputs"]], **node["attrs"])
+            args = graph.nx.edges[last, user]["args"]
+            graph.nx.remove_edge(last, user)
+            graph.nx.add_edge(copies[last], user, args=list(args))
+            graph.node(user)["inputs"] = tuple(copies[last] if i == last else i for i in graph.inputs_of(user))
+        free.clear()
+    graph.prune()
 
 
 @dataclass
@@ -63,7 +145,7 @@ def is_free(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
 
 def _const_only(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
     op = graph.op(nid)
-    if op in ("const", "iota"):
+    if op in ("const", "iota", "random_uniform"):   # random_uniform only loads a scalar step
         return True
     if op in ("input", "param", "state"):
         return False
@@ -111,14 +193,16 @@ class Fuser:
         # epilogues never compute one: without gradient clipping, AdamW would otherwise
         # join the epilogue of the weight-gradient matmul.
         self.in_place: set[int] = set(graph.updates.values())
+        # Nodes computed in a matmul's operand loads (gated_operand), not at its output.
+        self.prologue: set[int] = set()
 
     def run(self) -> list[Group]:
         g = self.graph
         if self.fuse:
             for match in find_attention(g, lambda n: is_free(g, n, self.free)):
-                self._claim(Group(ATTENTION, match.out, set(match.forward), match))
+                self._claim(Group(ATTENTION, match.out, match.forward | match.prologue, match))
                 if match.backward:
-                    self._claim(Group(ATTENTION_BWD, match.dv, set(match.backward), match))
+                    self._claim(Group(ATTENTION_BWD, match.stores()[-1], set(match.backward), match))
         for nid in reversed(g.topo_order()):
             if is_free(g, nid, self.free) or nid in self.group_of:
                 continue
@@ -173,14 +257,15 @@ class Fuser:
         kinds = {n: OPS[g.op(n)].kind for n in nodes}
         matmuls = [n for n, k in kinds.items() if k == MATMUL]
         reduces = [n for n, k in kinds.items() if k == REDUCE]
-        if any(k == SCATTER for k in kinds.values()):
+        if any(k in (SCATTER, GROUPED) for k in kinds.values()):
             return None
         # A kernel cannot read a buffer it writes: matmul operands and gather tables
-        # must come from other kernels.
+        # must come from other kernels (through a prologue: what the prologue reads).
+        prologue = nodes & self.prologue
         for n in nodes:
-            if kinds[n] in (MATMUL, GATHER):
-                operands = g.inputs_of(n) if kinds[n] == MATMUL else g.inputs_of(n)[:1]
-                if any(p in nodes for o in operands for p in _producers(g, o, self.free)):
+            if kinds[n] in (MATMUL, GATHER) or n in prologue:
+                operands = g.inputs_of(n) if kinds[n] == MATMUL or n in prologue else g.inputs_of(n)[:1]
+                if any(p in nodes - prologue for o in operands for p in _producers(g, o, self.free)):
                     return None
         if matmuls:
             if len(matmuls) == 1 and not reduces and self._epilogue_legal(nodes, matmuls[0]):
@@ -195,7 +280,7 @@ class Fuser:
         if len({g.type(n).shape for n in roots}) != 1:
             return None
         for n, _, chain in self._internal_chains(nodes):
-            if chain and _size(g, chain[-1]) > _size(g, n) and not self._cheap_scalar(n):
+            if self._repeats(n, chain) and not self._cheap_scalar(n):
                 return None
         return POINTWISE, max(roots)
 
@@ -205,6 +290,8 @@ class Fuser:
             family = MATMUL_FAMILY
         elif kind == SCATTER:
             family = SCATTER_FAMILY
+        elif kind == GROUPED:
+            family = GROUPED_FAMILIES[self.graph.op(nid)]
         elif kind == REDUCE:
             family = ROW if row_space(self.graph, nid) else REDUCTION
         else:
@@ -223,8 +310,16 @@ class Fuser:
             return None
         target = targets.pop()
         group = self.groups[target]
-        if group.attention:
+        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL):
             return None
+        if group.family == MATMUL_FAMILY and all(u == group.anchor for u, _ in users):
+            cone = gated_operand(g, nid, self.free)
+            if cone is not None and all(u in cone or u == group.anchor for c in cone for u, _ in compute_users(g, c, self.free)):
+                for n in cone - {nid}:  # the rest of the cone joins with nid (run adds nid)
+                    group.nodes.add(n)
+                    self.group_of[n] = target
+                self.prologue |= cone
+                return target
         for user, chain in users:
             read = chain[-1] if chain else nid
             user_kind = OPS[g.op(user)].kind
@@ -257,9 +352,16 @@ class Fuser:
         # Pointwise, reduce and scatter kernels inline a producer where each element is
         # read once (views that do not broadcast it), so nothing is computed twice,
         # except cheap scalars (a learning-rate factor), recomputed per element.
-        if any(chain and _size(g, chain[-1]) > _size(g, nid) for _, chain in users) and not self._cheap_scalar(nid):
+        if any(self._repeats(nid, chain) for _, chain in users) and not self._cheap_scalar(nid):
             return None
         return target
+
+    def _repeats(self, nid: int, chain: list[int]) -> bool:
+        """Whether a consumer reading `nid` through `chain` reads its elements more than
+        once: the views grow it, by a broadcast (a pad only adds zeros: rope's halves and
+        the VJP of a slice read each element once)."""
+        g = self.graph
+        return bool(chain) and _size(g, chain[-1]) > _size(g, nid) and any(g.op(v) == "broadcast" for v in chain)
 
     def _cheap_scalar(self, nid: int, depth: int = 4) -> bool:
         """A scalar computed in a few ops from sources and constants only."""
@@ -298,6 +400,7 @@ class Fuser:
 
     def _epilogue_legal(self, nodes: set[int], matmul: int) -> bool:
         g = self.graph
+        nodes = nodes - self.prologue  # computed at the operand's elements, not C's
         if nodes & self.in_place:
             return False
         size = _size(g, matmul)
