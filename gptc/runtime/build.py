@@ -43,6 +43,9 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
         "inputs": {n: name_of(i) for n, i in sorted(g.inputs.items())},
         "bounds": g.input_bounds(),
         "outputs": {n: name_of(i) for n, i in sorted(g.outputs.items())},
+        # An output that is a reshape of another value shares its buffer, laid out in that
+        # value's shape: the shape the graph gives the output is read from here.
+        "output_shapes": {n: list(g.type(i).shape) for n, i in sorted(g.outputs.items())},
         "persistent": {n: name_of(i) for n, i in sorted({**g.params, **g.states}.items())},
         "params": sorted(g.params),
         "launches": launches,

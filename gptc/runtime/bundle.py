@@ -38,7 +38,7 @@ from gptc.models import build_graph
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
 
-FORMAT = 2  # 2: plan tables name the bounds of their id inputs
+FORMAT = 3  # 2: plan tables name the bounds of their id inputs; 3: and the shapes of their outputs
 STEPS = ("train", "eval", "prefill", "decode")
 CODE_SUFFIX = {"amd": "hsaco", "nvidia": "cubin"}
 

@@ -153,7 +153,8 @@ class GpuExecutor:
         for name, buffer in self.table["inputs"].items():
             self.upload(buffer, np.asarray(inputs[name]))
         self.launch()
-        return {name: self.download(buffer) for name, buffer in self.table["outputs"].items()}
+        shapes = self.table["output_shapes"]
+        return {name: self.download(buffer).reshape(shapes[name]) for name, buffer in self.table["outputs"].items()}
 
     def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of params and states."""

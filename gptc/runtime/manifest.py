@@ -13,7 +13,8 @@ LAUNCH = {"kernel": STR, "family": STR, "symbol": STR, "grid": [INT], "block": [
           "clear": [STR], "nodes": INT, "kernels": [STR], "reads": [STR], "writes": [STR], "bytes": INT,
           "flops": INT, "scopes": STR}
 TABLE = {"arena_bytes": {"persistent": INT, "activations": INT, "io": INT}, "buffers": {STR: BUFFER},
-         "inputs": {STR: STR}, "bounds": {STR: INT}, "outputs": {STR: STR}, "persistent": {STR: STR},
+         "inputs": {STR: STR}, "bounds": {STR: INT}, "outputs": {STR: STR}, "output_shapes": {STR: [INT]},
+         "persistent": {STR: STR},
          "params": [STR], "launches": [LAUNCH]}
 MANIFEST = {"format": INT, "versions": {"gptc": STR, "compiler": STR},
             "target": {"vendor": STR, "arch": STR, "wavefront": INT, "shared_mem": INT, "matrix_cores": STR},

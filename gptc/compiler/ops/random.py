@@ -66,7 +66,7 @@ def _infer(ts: list[TensorType], attrs: dict) -> TensorType:
 def _reference(xs, attrs, t, fd):
     # The step is fed as a float holding an integer; C converts it the same way,
     # (uint32_t)(int)step: truncation, then modulo 2^32.
-    return uniform(attrs["shape"], attrs["seed"], attrs["stream"], int(xs[0])).astype(fd)
+    return uniform(attrs["shape"], attrs["seed"], attrs["stream"], int(xs[0]) % 2**32).astype(fd)
 
 
 # A source like iota (computed per element wherever it is read, never stored), except

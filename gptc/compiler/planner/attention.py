@@ -294,8 +294,9 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
         return False
     region = nodes | match.forward
     roots = set(graph.roots())
-    leaving = {n for n in region if any(u not in region for u in _users_through_views(graph, n))
-               or n in roots or _views_of(graph, n) & roots}
+    # Compute nodes only: a view of one (say dkᵀ permuted back) is read through it.
+    leaving = {n for n in region if OPS[graph.op(n)].kind != VIEW
+               and (any(u not in region for u in _users_through_views(graph, n)) or n in roots or _views_of(graph, n) & roots)}
     if leaving - {match.out, *match.stores()}:
         return False
     if match.d_out in region or _base(graph, match.d_out)[0] in region:

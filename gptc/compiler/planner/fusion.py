@@ -58,6 +58,8 @@ def gated_operand(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | N
     if not any(OPS[graph.op(u)].kind == MATMUL for u, _ in users) or any(
             OPS[graph.op(u)].kind not in (MATMUL, REDUCE) for u, _ in users):
         return None
+    if any("causal_attention" in graph.node(u)["scope"] for u, _ in users):
+        return None  # attention's matmuls: the flash kernels compute their own prologue (RoPE)
     cone: set[int] = set()
     sliced = False
     stack = [nid]
