@@ -55,5 +55,5 @@ while ((i < ${#steps[@]})); do
     i=$((i + 1))
 done
 cp "$OUT"/*.txt "$OUT"/*.md "$OUT/all/" 2>/dev/null
-tar -czf "$OUT/results.tgz" -C "$OUT" all
+tar -czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" all  # checkpoints stay behind (size)
 exit $status

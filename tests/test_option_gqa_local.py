@@ -346,6 +346,10 @@ def test_flash_kernels_against_the_reference(device, rng, name):
     assert {"attention", "attention_bwd"} <= {k.family for k in make_plan(graph, True).kernels}
     out, _, ref = run_both(device, graph, random_feeds(graph, rng), True)
     for key, value in ref["outputs"].items():
+        if not value.any():  # window 1: a query sees only itself, p = 1, so dq and dk vanish exactly
+            scale = np.abs(ref["outputs"]["dv"]).max()
+            assert np.abs(out[key]).max() < 1e-5 * scale, f"{name}/{key}: {np.abs(out[key]).max():.2e}"
+            continue
         assert rel_err(out[key], value) < 1e-4, f"{name}/{key}: {rel_err(out[key], value):.2e}"
 
 

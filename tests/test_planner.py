@@ -195,8 +195,9 @@ def test_overlap_check_catches_a_buffer_past_its_arena():
     assert any("ends past the arena" in p for p in overlap_problems(plan))
 
 
-def test_fusion_report_hipgpt(capsys):
-    graph = gptc.build_graph(gptc.preset("hipgpt"), "train")
+@pytest.mark.parametrize("name", ["hipgpt", "modular", "giantgpt", "llama"])
+def test_fusion_report_of_presets(capsys, name):
+    graph = gptc.build_graph(gptc.preset(name), "train")
     fused, unfused = make_plan(graph, True), make_plan(graph, False)
     report = fusion_report(fused, unfused)
     print(report)
