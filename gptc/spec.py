@@ -141,6 +141,29 @@ PRESETS: dict[str, Spec] = {
 }
 
 
+def describe_options(m: ModelSpec) -> str:
+    """The model options that differ from GPT-2's layout, in a few words (for the
+    lines that introduce a model); "" for GPT-2's layout."""
+    default = ModelSpec()
+    parts = [f"{name} {getattr(m, name)}" for name in ("norm", "pos", "ffn", "attention")
+             if getattr(m, name) != getattr(default, name)]
+    if m.pos == "rope" and (m.rope_fraction, m.rope_base) != (default.rope_fraction, default.rope_base):
+        parts.append(f"rope over {m.rope_dims} of {m.head_dim} dims, base {m.rope_base:g}")
+    if m.ffn == "moe":
+        parts.append(f"{m.n_experts} {m.expert_ffn} experts, top {m.moe_top_k}")
+    if m.attention == "local":
+        parts.append(f"window {m.window}")
+    if m.kv_heads != m.n_heads:
+        parts.append(f"{m.kv_heads} KV head{'s' if m.kv_heads > 1 else ''}")
+    if m.tie_embeddings:
+        parts.append("tied embeddings")
+    if not m.bias or not m.attn_bias:
+        parts.append("no biases" if not m.bias else "no attention biases")
+    if m.dropout:
+        parts.append(f"dropout {m.dropout:g}")
+    return ", ".join(parts)
+
+
 def preset(name: str) -> Spec:
     if not isinstance(name, str) or name not in PRESETS:
         raise SpecError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")

@@ -22,7 +22,7 @@ from gptc.compiler import dsl
 from gptc.compiler.ir import Graph
 from gptc.models import build_graph
 from gptc.runtime.reference import ReferenceExecutor
-from gptc.spec import GptcError, ModelSpec, Spec, SpecError, TrainSpec
+from gptc.spec import GptcError, ModelSpec, Spec, TrainSpec
 from gptc.tools import checkpoint as ckpt
 from gptc.tools.cli import main
 from gptc.tools.data import Batches, Part, Windows, split_parts
@@ -42,23 +42,6 @@ SPECS = {"untied": MODEL, "tied": replace(MODEL, tie_embeddings=True), "no-bias"
          "llama-biases": replace(LLAMA_MODEL, bias=True),  # attention_bias and mlp_bias
          "llama-mlp-bias": replace(LLAMA_MODEL, bias=True, attn_bias=False),
          "llama-gqa": replace(LLAMA_MODEL, n_heads=4, n_kv_heads=2)}
-
-
-def _gqa_is_built() -> bool:
-    try:
-        build_graph(Spec(model=SPECS["llama-gqa"]), "infer", batch=1)
-    except SpecError:
-        return False
-    return True
-
-
-# Grouped-query attention is another branch's; these tests run for real once it is merged.
-WAITS_FOR_GQA = pytest.mark.xfail(not _gqa_is_built(), strict=True,
-                                  reason="WAITS FOR GQA: this branch's graph refuses model.n_kv_heads != n_heads")
-
-
-def spec_params(*names: str) -> list:
-    return [pytest.param(n, marks=WAITS_FOR_GQA) if "gqa" in n else n for n in names]
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -104,7 +87,7 @@ def tokens(batch: int, seq: int, seed: int = 1) -> np.ndarray:
 CONFIG_KEYS = {"gpt2": ("n_inner", "layer_norm_epsilon"), "llama": ("intermediate_size", "rms_norm_eps")}
 
 
-@pytest.mark.parametrize("name", spec_params(*SPECS))
+@pytest.mark.parametrize("name", [*SPECS])
 def test_export_gives_transformers_the_same_logits(name, tmp_path, tokenizer, capsys):
     m = SPECS[name]
     layout = layout_of(m)
@@ -299,7 +282,7 @@ INIT_CASES = {"gpt2-tied": ("gpt2", True, {}), "gpt2-untied": ("gpt2", False, {}
                                              "num_key_value_heads": 2})}
 
 
-@pytest.mark.parametrize("case", spec_params(*INIT_CASES))
+@pytest.mark.parametrize("case", [*INIT_CASES])
 def test_init_from_reads_the_weights_exactly(case, tmp_path, tokenizer):
     family, tie, config = INIT_CASES[case]
     model = hf_model(tmp_path / "hf", tokenizer, family, tie, **config)
@@ -399,7 +382,7 @@ def test_init_from_reads_sharded_weights(tmp_path, tokenizer):
     assert all(np.array_equal(sharded.params[k], whole.params[k]) for k in whole.params)
 
 
-@pytest.mark.parametrize("name", spec_params("no-bias", "llama", "llama-biases", "llama-mlp-bias", "llama-gqa"))
+@pytest.mark.parametrize("name", ["no-bias", "llama", "llama-biases", "llama-mlp-bias", "llama-gqa"])
 def test_export_then_init_from_is_the_same_model(name, tmp_path, tokenizer):
     m = SPECS[name]
     checkpoint = gptc_run(tmp_path / "run", m, tokenizer)
@@ -437,7 +420,7 @@ TRAIN_CASES = {"gpt2": ("gpt2", {}, "GPT2LMHeadModel, d_model 32, 2 layers, 2 he
                              "LlamaForCausalLM, d_model 32, 2 layers, 4 heads (2 key/value heads)")}
 
 
-@pytest.mark.parametrize("case", spec_params(*TRAIN_CASES))
+@pytest.mark.parametrize("case", [*TRAIN_CASES])
 def test_train_init_from_starts_at_the_models_loss_and_trains(case, tmp_path, tokenizer, capsys, monkeypatch):
     family, config, described = TRAIN_CASES[case]
     monkeypatch.chdir(tmp_path)

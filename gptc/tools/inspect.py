@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gptc.runtime.bundle import Bundle
 from gptc.common import write_atomic
-from gptc.spec import GptcError
+from gptc.spec import GptcError, describe_options
 
 
 def kernel_table(table: dict) -> str:
@@ -47,8 +47,10 @@ def inspect_bundle(path: str, step: str = "train", dot_path: str | None = None) 
     m = bundle.spec.model
     print(f"bundle {path}: target {bundle.target.name}, gptc {bundle.manifest['versions']['gptc']}, "
           f"{'fused' if bundle.manifest['fused'] else 'unfused'}")
+    options = describe_options(m)
     print(f"model: d_model {m.d_model}, layers {m.n_layers}, heads {m.n_heads}, d_ff {m.d_ff}, "
-          f"vocab {m.vocab_size}, context {m.seq_len}; batch {bundle.spec.train.batch_size}")
+          f"vocab {m.vocab_size}, context {m.seq_len}{'; ' + options if options else ''}; "
+          f"batch {bundle.spec.train.batch_size}")
     for name, t in bundle.tables.items():
         print(f"  {name:<8} {len(t['launches']):>4} launches")
     print(f"\n{step} step:")

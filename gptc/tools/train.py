@@ -64,7 +64,7 @@ from gptc.tools.data import (VALIDATION_FRACTION, Batches, DataError, Part, Shar
                              validation_batches)
 from gptc.tools.figure import PlotUnavailable, new_figure, save_png
 from gptc.models import build_graph, init_params
-from gptc.spec import GptcError, Spec, lr_at, spec_to_toml, validate
+from gptc.spec import GptcError, Spec, describe_options, lr_at, spec_to_toml, validate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -433,7 +433,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         if before and before != device_name:
             note(f"the run was trained on {before} until now; on {device_name} its losses will differ from an "
                  "uninterrupted run's by rounding")
-    console.line(f"model: {name}, {n_params:,} parameters; {t.steps} steps of {t.batch_size}x{m.seq_len} tokens; "
+    options = describe_options(m)
+    console.line(f"model: {name}{' (' + options + ')' if options else ''}, {n_params:,} parameters; {t.steps} steps of {t.batch_size}x{m.seq_len} tokens; "
                  f"run directory: {run_dir}")
     if start >= t.steps:
         metrics.close()
