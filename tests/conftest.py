@@ -87,6 +87,20 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def require_torch():
+    """PyTorch, for the parity tests against the PyTorch twin. It is a test dependency:
+    missing, the test fails, unless GPTC_ALLOW_NO_TORCH=1 (a machine that only runs the
+    GPU tests), where it skips."""
+    try:
+        import torch
+    except ImportError as e:
+        if os.environ.get("GPTC_ALLOW_NO_TORCH") == "1":
+            pytest.skip("PyTorch is not installed (GPTC_ALLOW_NO_TORCH=1)")
+        pytest.fail(f"PyTorch is needed for the parity tests ({e}): install the test dependencies with "
+                    "pip install -e '.[test]'", pytrace=False)
+    return torch
+
+
 def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
     """||out - ref|| / ||ref||, in float64; NaN in `out` fails."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)

@@ -1,6 +1,8 @@
 """Sampling: KV-cache generation equals full recomputation, sampling options, seeds."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -10,25 +12,54 @@ from gptc.models import build_graph, init_params
 from gptc.spec import GptcError
 
 
+# Every attention kind and every option that changes decoding, at the tiny preset's sizes.
+DECODE_OPTIONS = {
+    "causal": {}, "rope": dict(pos="rope"), "rope-half": dict(pos="rope", rope_fraction=0.5),
+    "mqa": dict(n_kv_heads=1), "gqa": dict(n_heads=4, n_kv_heads=2),
+    "local": dict(attention="local", window=5), "local-gqa": dict(n_heads=4, n_kv_heads=2, attention="local", window=5),
+    "linear": dict(attention="linear"), "linear-mqa": dict(attention="linear", n_kv_heads=1),
+    "moe": dict(ffn="moe", expert_ffn="swiglu", n_experts=3),
+    "rmsnorm-sinusoidal-swiglu": dict(norm="rmsnorm", pos="sinusoidal", ffn="swiglu", tie_embeddings=True,
+                                      attn_bias=False),
+    "scalenorm": dict(norm="scalenorm"), "dropout": dict(dropout=0.1),
+}
+
+
+def decode_spec(name: str) -> gptc.Spec:
+    tiny = gptc.preset("tiny")
+    return replace(tiny, model=replace(tiny.model, **DECODE_OPTIONS[name]))
+
+
+def sampling_params(spec: gptc.Spec) -> dict[str, np.ndarray]:
+    """Larger weights than the init, so greedy decoding does not settle into a loop at
+    once (32x under RMSNorm and ScaleNorm, which undo smaller scales)."""
+    scale = 8.0 if spec.model.norm == "layernorm" else 32.0
+    return {k: v * (scale if v.ndim >= 2 else 1.0) for k, v in init_params(build_graph(spec, "infer", 1), 7).items()}
+
+
+def check_generation(spec: gptc.Spec, model, params: dict[str, np.ndarray] | None = None) -> None:
+    """Greedy generation with the KV cache (or state) equals full recomputation, 40 tokens
+    past a 5-token prompt (past the context window); with `params`, it also equals the
+    CPU reference's (for a GPU model)."""
+    prompt, p = [72, 101, 108, 108, 111], SamplingParams(num_tokens=40, greedy=True)
+    cached = list(generate_tokens(model, prompt, p, use_cache=True))
+    assert len(cached) == 40 and len(prompt) + 40 > spec.model.seq_len
+    assert cached == list(generate_tokens(model, prompt, p, use_cache=False))
+    assert len(set(cached)) > 3
+    if params is not None:
+        assert cached == list(generate_tokens(cpu_model(spec, params), prompt, p))
+
+
+@pytest.mark.parametrize("name", list(DECODE_OPTIONS))
+def test_kv_cache_equals_full_recomputation(name):
+    spec = decode_spec(name)
+    check_generation(spec, cpu_model(spec, sampling_params(spec)))
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     spec = gptc.preset("tiny")
-    params = init_params(build_graph(spec, "infer", 1), 7)
-    # Larger weights than the init, so greedy decoding does not settle into a loop at once.
-    params = {k: v * (8.0 if v.ndim == 2 else 1.0) for k, v in params.items()}
-    return spec, params
-
-
-def test_kv_cache_equals_full_recomputation(tiny_model):
-    spec, params = tiny_model
-    model = cpu_model(spec, params)
-    prompt = [72, 101, 108, 108, 111]
-    p = SamplingParams(num_tokens=40, greedy=True)
-    cached = list(generate_tokens(model, prompt, p, use_cache=True))
-    full = list(generate_tokens(model, prompt, p, use_cache=False))
-    assert len(cached) == 40 and len(prompt) + 40 > spec.model.seq_len  # runs past the context window
-    assert cached == full
-    assert len(set(cached)) > 3
+    return spec, sampling_params(spec)
 
 
 def test_same_seed_same_text(tiny_model):

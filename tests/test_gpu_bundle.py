@@ -9,11 +9,12 @@ import pytest
 import gptc
 from gptc.target import parse_target
 from gptc.runtime.bundle import Bundle, BundleError, compile_bundle
-from gptc.tools.generate import SamplingParams, cpu_model, generate_tokens, gpu_model
+from gptc.tools.generate import gpu_model
 from gptc.models import build_graph, init_params
 from gptc.runtime.reference import ReferenceExecutor
 
 from conftest import UPDATE_TOLERANCE, update_errors
+from test_generate import DECODE_OPTIONS, check_generation, decode_spec, sampling_params
 
 pytestmark = pytest.mark.gpu
 
@@ -47,18 +48,16 @@ def test_bundle_training_steps_match_reference(device, rng, tiny_bundle):
         runtime.close()
 
 
-def test_kv_cache_generation_on_gpu_equals_recomputation(device, tiny_bundle):
-    spec = tiny_bundle.spec
-    params = {k: v * (8.0 if v.ndim == 2 else 1.0) for k, v in init_params(build_graph(spec, "infer", 1), 7).items()}
-    runtime = tiny_bundle.open(device, params)
+@pytest.mark.parametrize("name", list(DECODE_OPTIONS))
+def test_kv_cache_generation_on_gpu_equals_recomputation(device, tmp_path, name):
+    """Every attention kind and decoding option: the fused prefill and decode steps
+    generate what full recomputation generates, and what the CPU reference does."""
+    spec = decode_spec(name)
+    bundle = Bundle(compile_bundle(spec, tmp_path / name, device.target, log=lambda s: None))
+    params = sampling_params(spec)
+    runtime = bundle.open(device, params)
     try:
-        model = gpu_model(runtime)
-        p = SamplingParams(num_tokens=40, greedy=True)
-        prompt = [72, 101, 108, 108, 111]
-        cached = list(generate_tokens(model, prompt, p, use_cache=True))
-        full = list(generate_tokens(model, prompt, p, use_cache=False))
-        assert cached == full
-        assert cached == list(generate_tokens(cpu_model(spec, params), prompt, p))
+        check_generation(spec, gpu_model(runtime), params)
     finally:
         runtime.close()
 

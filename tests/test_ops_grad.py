@@ -278,6 +278,16 @@ case("logical_and", {"a": RNG.random((3, 4)) < 0.5, "b": RNG.random((3, 4)) < 0.
 case("dsl-cross-entropy", {"logits": normal(2, 3, 5) * 2, "targets": np.array([[0, 4, 4], [2, 1, 0]])})(
     lambda g, t: dsl.cross_entropy(t["logits"], t["targets"]))
 
+# The norms and gated activations of the model options.
+case("dsl-rmsnorm", {"x": normal(2, 3, 7), "w": normal(7)})(lambda g, t: dsl.rmsnorm(t["x"], t["w"]))
+case("dsl-rmsnorm-eps", {"x": normal(4, 5) * 0.3, "w": normal(5)})(lambda g, t: dsl.rmsnorm(t["x"], t["w"], 0.3))
+case("dsl-scalenorm", {"x": normal(2, 3, 7), "g": normal(1)})(lambda g, t: dsl.scalenorm(t["x"], t["g"]))
+# rows with ||x|| on both sides of eps: the max picks eps for the small ones
+case("dsl-scalenorm-eps", {"x": np.concatenate([normal(3, 6), normal(2, 6) * 0.02]), "g": normal(1)})(
+    lambda g, t: dsl.scalenorm(t["x"], t["g"], 0.5))
+case("dsl-silu", {"x": normal(3, 5) * 3})(lambda g, t: dsl.silu(t["x"]))
+case("dsl-swiglu", {"gu": normal(2, 3, 10) * 2})(lambda g, t: dsl.swiglu(t["gu"]))
+
 # Mixture-of-experts dispatch (ops/grouped.py): 7 rows in 3 groups, group 1 empty.
 MOE_IDS = np.array([2, 0, 2, 2, 0, 2, 0])
 MOE_OFFSETS = np.array([0, 3, 3, 7])

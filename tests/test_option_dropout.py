@@ -28,6 +28,8 @@ from gptc.compiler.ops.random import dropout_threshold, philox4x32_10, uniform
 from gptc.models import init_params
 from gptc.runtime.reference import run_graph
 
+from conftest import require_torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Random123 tests/kat_vectors, the three "philox4x32 10" lines: counter (4 words), key
@@ -244,7 +246,7 @@ def test_the_step_input_keys_the_masks() -> None:
 
 @pytest.fixture(scope="module")
 def torch_twin():
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     from gptc.tools.bench import torch_twin
     return torch, torch_twin
 

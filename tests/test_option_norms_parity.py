@@ -9,7 +9,6 @@ PyTorch is a test dependency: as in test_torch_parity.py these tests fail withou
 unless GPTC_ALLOW_NO_TORCH=1."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -20,15 +19,21 @@ from gptc.compiler.ir import Tensor
 from gptc.runtime.reference import run_graph
 from gptc.spec import validate
 
+from conftest import require_torch
+
 try:
     import torch
     import torch.nn.functional as F
     from gptc.tools.bench import torch_twin
-except ImportError as e:  # pragma: no cover - exercised only without torch
+except ImportError:  # pragma: no cover - exercised only without torch: require_torch fails or skips
     torch = None
-    _TORCH_ERROR = str(e)
 
 TOLERANCE = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def _require_torch():
+    require_torch()
 
 # id -> model options over an awkward small base (odd sizes, 3 heads, d_ff not a power of 2)
 OPTIONS = {
@@ -39,15 +44,6 @@ OPTIONS = {
     "no-attn-bias": dict(attn_bias=False),
     "combined": dict(norm="rmsnorm", pos="sinusoidal", ffn="swiglu", tie_embeddings=True, attn_bias=False),
 }
-
-
-@pytest.fixture(autouse=True)
-def _require_torch():
-    if torch is None:
-        if os.environ.get("GPTC_ALLOW_NO_TORCH") == "1":
-            pytest.skip("PyTorch is not installed (GPTC_ALLOW_NO_TORCH=1)")
-        pytest.fail(f"PyTorch is needed for the parity tests ({_TORCH_ERROR}): "
-                    "install the test dependencies with  pip install -e '.[test]'", pytrace=False)
 
 
 def spec_with(options: dict) -> gptc.Spec:

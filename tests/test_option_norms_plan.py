@@ -21,7 +21,8 @@ from gptc.runtime.device import compile_many
 from gptc.target import parse_target
 
 from test_planner import launch_order_problems, overlap_problems
-from test_option_norms_gpu import SPECS as GPU_SPECS, TINY_ALL
+from test_generate import decode_spec
+from test_option_norms_gpu import SPECS as GPU_SPECS
 
 ALL_OPTIONS = dict(norm="rmsnorm", pos="sinusoidal", ffn="swiglu", tie_embeddings=True, attn_bias=False)
 
@@ -136,9 +137,10 @@ def gpu_spec_codes():
     codes: dict[str, dict[str, str]] = {}
     graphs = [(gptc.build_graph(spec, "train", expose_gradients=True), fuse)
               for spec in GPU_SPECS.values() for fuse in (True, False)]
-    # the steps of TINY_ALL's bundle (test_kv_cache_generation_with_every_option_on_gpu)
-    batch = TINY_ALL.train.batch_size
-    graphs += [(gptc.build_graph(TINY_ALL, mode, b), True) for mode, b in
+    # the steps of the bundle test_gpu_bundle's generation test compiles with these options
+    tiny_all = decode_spec("rmsnorm-sinusoidal-swiglu")
+    batch = tiny_all.train.batch_size
+    graphs += [(gptc.build_graph(tiny_all, mode, b), True) for mode, b in
                (("train", batch), ("eval", batch), ("prefill", 1), ("decode", 1))]
     for graph, fuse in graphs:
         plan = make_plan(graph, fuse)

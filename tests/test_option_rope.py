@@ -6,8 +6,6 @@ kernels compile for sm_90 (NVRTC) and gfx90a (hiprtc). The tests marked gpu run 
 fused kernels against the NumPy reference (PYTHONPATH=. python3 -m pytest -m gpu)."""
 from __future__ import annotations
 
-import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +19,8 @@ from gptc.compiler.planner import make_plan
 from gptc.models import build_graph, init_params
 from gptc.runtime.reference import run_graph
 from gptc.target import parse_target
+
+from conftest import require_torch
 
 from test_ops_grad import Case, make_graph, numeric_gradient, projection, TOLERANCE as FD_TOLERANCE
 
@@ -72,18 +72,6 @@ def test_rope_is_a_complex_rotation(width, dims, base):
 FRACTIONS = [1.0, 0.5, 0.4]   # head_dim 32: 32, 16 and 12 rotated dimensions
 
 
-def _torch():
-    """PyTorch, as tests/test_torch_parity.py requires it: missing, the test fails (skips
-    only with GPTC_ALLOW_NO_TORCH=1)."""
-    try:
-        import torch
-    except ImportError as e:
-        if os.environ.get("GPTC_ALLOW_NO_TORCH") == "1":
-            pytest.skip("PyTorch is not installed (GPTC_ALLOW_NO_TORCH=1)")
-        pytest.fail(f"PyTorch is needed for the parity tests ({e})", pytrace=False)
-    return torch
-
-
 def _parity_inputs(spec: gptc.Spec, seed: int):
     graph = build_graph(spec, "infer", batch=1)
     rng = np.random.default_rng(seed)
@@ -103,7 +91,7 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("fraction", FRACTIONS)
 def test_rope_model_matches_pytorch_in_float64(fraction):
-    torch = _torch()
+    torch = require_torch()
     from gptc.tools.bench.torch_twin import build_model
     spec = rope_spec(fraction)
     assert spec.model.rope_dims == {1.0: 32, 0.5: 16, 0.4: 12}[fraction]
@@ -135,18 +123,7 @@ def test_rope_model_has_no_position_table():
 
 
 # ----- KV-cache decoding -----------------------------------------------------------------------
-@pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_kv_cache_generation_with_rope_equals_recomputation(fraction):
-    """Decode rotates the new query and key at position pos; the cache holds rotated keys."""
-    from gptc.tools.generate import SamplingParams, cpu_model, generate_tokens
-    spec = replace(gptc.preset("tiny"), model=replace(gptc.preset("tiny").model, pos="rope", rope_fraction=fraction))
-    params = {k: v * (8.0 if v.ndim == 2 else 1.0) for k, v in init_params(build_graph(spec, "infer", 1), 7).items()}
-    model = cpu_model(spec, params)
-    prompt = [72, 101, 108, 108, 111]
-    p = SamplingParams(num_tokens=40, greedy=True)
-    cached = list(generate_tokens(model, prompt, p, use_cache=True))
-    assert cached == list(generate_tokens(model, prompt, p, use_cache=False))
-    assert len(set(cached)) > 3 and len(prompt) + 40 > spec.model.seq_len  # past the context too
+
 
 
 # ----- the plan: rope inside the flash kernels --------------------------------------------------
@@ -256,19 +233,12 @@ GPU_SPECS = {
 @pytest.mark.parametrize("spec_name", list(GPU_SPECS))
 def test_rope_training_step(device, rng, spec_name, fuse):
     """Loss, every gradient and every update of a training step against the reference."""
-    from conftest import UPDATE_TOLERANCE, rel_err, update_errors
-    from test_gpu_kernels import run_both, training_feeds
+    from test_gpu_kernels import check_training_step
     spec = GPU_SPECS[spec_name]
-    graph = build_graph(spec, "train", expose_gradients=True)
     if fuse:
-        assert {"attention", "attention_bwd"} <= {k.family for k in make_plan(graph, True).kernels}
-    feeds = training_feeds(spec, graph, rng)
-    out, updates, ref = run_both(device, graph, feeds, fuse)
-    assert rel_err(out["loss"], ref["outputs"]["loss"]) < 1e-5
-    worst = max((rel_err(out[k], v), k) for k, v in ref["outputs"].items() if k.startswith("grad."))
-    assert worst[0] < 1e-4, f"gradient {worst[1]}: {worst[0]:.2e}"
-    worst = max((e, k) for k, e in update_errors(feeds, updates, ref["updates"]).items())
-    assert worst[0] < UPDATE_TOLERANCE, f"update {worst[1]}: {worst[0]:.2e}"
+        plan = make_plan(build_graph(spec, "train", expose_gradients=True), True)
+        assert {"attention", "attention_bwd"} <= {k.family for k in plan.kernels}
+    check_training_step(device, rng, spec, fuse)
 
 
 @pytest.mark.gpu
@@ -293,24 +263,6 @@ def test_rope_attention_kernels(device, rng, seq, dim, dims):
     for key, value in ref["outputs"].items():
         assert rel_err(out[key], value) < 1e-4, f"{key}: {rel_err(out[key], value):.2e}"
 
-
-@pytest.mark.gpu
-def test_rope_kv_cache_generation_on_gpu_equals_recomputation(device, tmp_path):
-    from gptc.runtime.bundle import Bundle, compile_bundle
-    from gptc.tools.generate import SamplingParams, cpu_model, generate_tokens, gpu_model
-    spec = replace(gptc.preset("tiny"), model=replace(gptc.preset("tiny").model, pos="rope", rope_fraction=0.5))
-    bundle = Bundle(compile_bundle(spec, tmp_path / "tiny-rope", device.target, log=lambda s: None))
-    params = {k: v * (8.0 if v.ndim == 2 else 1.0) for k, v in init_params(build_graph(spec, "infer", 1), 7).items()}
-    runtime = bundle.open(device, params)
-    try:
-        model = gpu_model(runtime)
-        p = SamplingParams(num_tokens=40, greedy=True)
-        prompt = [72, 101, 108, 108, 111]
-        cached = list(generate_tokens(model, prompt, p, use_cache=True))
-        assert cached == list(generate_tokens(model, prompt, p, use_cache=False))
-        assert cached == list(generate_tokens(cpu_model(spec, params), prompt, p))
-    finally:
-        runtime.close()
 
 
 def test_a_cast_of_an_index_expression_keeps_its_brackets():

@@ -14,7 +14,6 @@ FAIL, as a silently skipped parity test is a defect, unless GPTC_ALLOW_NO_TORCH=
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -24,6 +23,8 @@ import gptc
 from gptc.compiler.autodiff import gradients
 from gptc.compiler.ir import Tensor
 from gptc.runtime.reference import ReferenceExecutor, run_graph
+
+from conftest import require_torch
 
 try:
     import torch
@@ -37,11 +38,7 @@ TOLERANCE = 1e-9
 
 @pytest.fixture(autouse=True)
 def _require_torch():
-    if torch is None:
-        if os.environ.get("GPTC_ALLOW_NO_TORCH") == "1":
-            pytest.skip("PyTorch is not installed (GPTC_ALLOW_NO_TORCH=1)")
-        pytest.fail(f"PyTorch is needed for the parity tests ({_TORCH_ERROR}): "
-                    "install the test dependencies with  pip install -e '.[test]'", pytrace=False)
+    require_torch()
 
 
 def rel_error(actual, expected) -> float:
