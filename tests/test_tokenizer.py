@@ -614,3 +614,21 @@ def test_memo_overflow_keeps_ids_exact(monkeypatch):
         s = " ".join(f"w{i % n}" for i in rng.integers(n, size=3 * n)) + " the end"
         assert tok.encode(s).tolist() == _tokenizers_alone(tok, s)
         assert len(tok._memo) <= 50
+
+
+@pytest.mark.parametrize("region", [0, 1, 7, 60, tokenizer_module.NON_ASCII_REGION])
+def test_mostly_ascii_text_splits_as_gpt2s(region: int, monkeypatch):
+    """_pretokens (ASCII stretches through PRETOKEN_ASCII, stretches of at least
+    NON_ASCII_REGION characters around non-ASCII ones through PRETOKEN, cut at line breaks
+    after non-space characters) equals PRETOKEN on lines of ASCII and mixed text, some
+    ending in spaces (no cut there) or empty, some non-ASCII at a line's start or end."""
+    monkeypatch.setattr(tokenizer_module, "NON_ASCII_REGION", region)
+    rng = np.random.default_rng(24)
+    for _ in range(300):
+        lines = [stress_text(rng, int(rng.integers(0, 12)), ascii_only=rng.random() < 0.7)
+                 + ["", "", " ", "  \t", "é", "\u3000"][rng.integers(6)] for _ in range(int(rng.integers(0, 30)))]
+        s = "\n".join(lines)
+        assert tokenizer_module._pretokens(s) == tokenizer_module.PRETOKEN.findall(s), repr(s)
+    tok = Tokenizer.train(SAMPLE * 20, 400)
+    s = "\n".join(stress_text(rng, 30, ascii_only=k % 3 > 0) for k in range(300))
+    assert tok.encode(s).tolist() == _tokenizers_alone(tok, s)
