@@ -614,8 +614,6 @@ def test_memo_overflow_keeps_ids_exact(monkeypatch):
         s = " ".join(f"w{i % n}" for i in rng.integers(n, size=3 * n)) + " the end"
         assert tok.encode(s).tolist() == _tokenizers_alone(tok, s)
         assert len(tok._memo) <= 50
-        if n <= 49:  # a full memo keeps the pre-tokens of the text just encoded
-            assert set(tokenizer_module._pretokens(s)) <= set(tok._memo)
 
 
 @pytest.mark.parametrize("region", [0, 1, 7, 60, tokenizer_module.NON_ASCII_REGION])

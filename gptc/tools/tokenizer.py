@@ -37,10 +37,10 @@ Encoding splits the text into GPT-2's pre-tokens with Python's `regex` (the same
 pattern, about four times faster than `tokenizers`' Oniguruma, which costs some 0.4
 CPU-seconds a MB), and its ASCII stretches (all of most texts) with an equivalent
 ASCII-only pattern for the stdlib `re`, 2-3 times faster again; it keeps each distinct
-pre-token's ids (up to MEMO_SIZE of them; when full, those of the text being encoded): a
-large text repeats most of its pre-tokens, so `tokenizers` encodes each once, and the
-ids of the text are gathered in one C-level pass over its pre-tokens. A file with added
-tokens (special tokens matched before pre-tokenizing) is encoded by `tokenizers` alone.
+pre-token's ids (up to MEMO_SIZE of them): a large text repeats most of its pre-tokens,
+so `tokenizers` encodes each once, and the ids of the text are gathered in one C-level
+pass over its pre-tokens. A file with added tokens (special tokens matched before
+pre-tokenizing) is encoded by `tokenizers` alone.
 
 Training (and encoding a file with added tokens) cut the text into pieces of about CHUNK characters, only at a
 space or line break that follows a non-space character: GPT-2's regex always ends a
@@ -77,7 +77,7 @@ N_BYTES = 256
 CHUNK = 1 << 16  # characters per piece of text handed to tokenizers
 BATCH = 256  # pieces per encode_batch_fast call (bounds the memory of a large corpus)
 MAX_RUN = 256  # training cuts longer runs of non-space (or space) characters
-MEMO_SIZE = 1 << 18  # distinct pre-tokens whose ids encode keeps
+MEMO_SIZE = 1 << 20  # distinct pre-tokens whose ids encode keeps
 # GPT-2's pre-tokenizer pattern, as tokenizers' ByteLevel(use_regex=True) applies it
 PRETOKEN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 # The same pattern for pure-ASCII text, for the stdlib `re` (2-3x faster than `regex` here).
@@ -184,18 +184,12 @@ class Tokenizer:
                 parts += [np.array(e.ids, np.int32) for e in self._hf.encode_batch_fast(batch, add_special_tokens=False)]
             return np.concatenate(parts)
         pieces = _pretokens(text)
-        memo = table = self._memo
-        distinct = set(pieces)
-        new = distinct.difference(memo)
-        if len(memo) + len(new) > MEMO_SIZE:
-            # bounded (a text of ever new pre-tokens keeps memory flat, and a small table stays
-            # in the CPU's caches): keep only this text's pre-tokens, the frequent ones among them
-            kept = {piece: memo[piece] for piece in distinct.difference(new)}
+        memo = self._memo
+        new = set(pieces).difference(memo)
+        if len(memo) + len(new) > MEMO_SIZE:  # bounded: a text of ever new pre-tokens keeps memory flat
             memo.clear()
-            if len(distinct) <= MEMO_SIZE:
-                memo.update(kept)
-            else:  # a text of more distinct pre-tokens than that: a table of its own
-                table = kept
+            new = set(pieces)
+        table = memo if len(new) <= MEMO_SIZE else {}  # a text of more distinct pre-tokens: its own table
         for piece in new:
             table[piece] = self._hf.encode(piece, add_special_tokens=False).ids
         # one C-level pass over the pre-tokens (no Python code per pre-token), then one conversion
