@@ -561,3 +561,74 @@ def test_memo_stays_bounded(monkeypatch):
     words = " ".join(f"w{i}" for i in range(100))
     assert tok.encode(words).tolist() == _tokenizers_alone(tok, words)
     assert len(tok._memo) <= 10
+
+
+# Random text that stresses encode's fast paths: the ASCII pattern (all 128 ASCII
+# characters, contractions and their upper-case look-alikes GPT-2 does not split off, runs
+# of spaces before line breaks and at the end) and the regex one (non-ASCII letters,
+# digits and spaces, emoji, mixed scripts).
+ASCII_PARTS = ([chr(c) for c in range(128)] + list("aZq09 ") * 8
+               + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'RE", "'Ll", "''s", "'x",
+                  "   \n", "  \n\n", " \t\n", "\r\n", "\r\n\r\n", "\t\t", "  ", "\x0b\x0c", "\x1c\x1d ", "don't", "1,234"])
+UNICODE_PARTS = ["é", "ß", "Ω", "ж", "漢字", "١٢", "٣", "½", "Ⅻ", "\u00a0", "\u2003", "\u3000", "\u2028", "\x85",
+                 "😀", "👍🏽", "👨\u200d👩\u200d👧", "e\u0301", "ﬁ", "İ", "ǅ", "'ſ", "'Ｓ", " é", " ١"]
+
+
+def stress_text(rng: np.random.Generator, n: int, ascii_only: bool) -> str:
+    parts = ASCII_PARTS if ascii_only else ASCII_PARTS + UNICODE_PARTS * 3
+    text = "".join(parts[i] for i in rng.integers(len(parts), size=n))
+    return text + [" ", "   ", " \n", "\t", ""][rng.integers(5)]  # sometimes spaces at the very end
+
+
+def test_ascii_pattern_equals_gpt2s_on_ascii():
+    """PRETOKEN_ASCII (stdlib re) splits ASCII text as PRETOKEN (regex) and as tokenizers'
+    own ByteLevel pre-tokenizer do."""
+    rng = np.random.default_rng(21)
+    for _ in range(3000):
+        s = stress_text(rng, int(rng.integers(0, 60)), ascii_only=True)
+        pieces = tokenizer_module.PRETOKEN_ASCII.findall(s)
+        assert pieces == tokenizer_module.PRETOKEN.findall(s), repr(s)
+        assert ["".join(_BYTE_CHARS[ord(c)] for c in p) for p in pieces] == hf_pieces(s), repr(s)
+
+
+def test_fast_encoding_equals_tokenizers_own_on_stress_text():
+    """encode (pure-ASCII texts through PRETOKEN_ASCII, others through PRETOKEN, ids from
+    the memo) gives exactly tokenizers' ids, on texts met fresh and met again."""
+    rng = np.random.default_rng(22)
+    tok = Tokenizer.train("".join(stress_text(rng, 40, ascii_only=k % 2 == 0) for k in range(400)) + SAMPLE * 5, 700)
+    texts = [stress_text(rng, int(rng.integers(0, 150)), ascii_only=k % 2 == 0) for k in range(800)]
+    assert sum(t.isascii() for t in texts) >= 400 and sum(not t.isascii() for t in texts) >= 350
+    for s in texts + texts[::-1]:
+        assert tok.encode(s).tolist() == _tokenizers_alone(tok, s), repr(s)
+    whole = "".join(texts)
+    assert tok.encode(whole).tolist() == _tokenizers_alone(tok, whole)
+
+
+def test_memo_overflow_keeps_ids_exact(monkeypatch):
+    """A text with more distinct pre-tokens than MEMO_SIZE, or one that overflows a full
+    memo, still encodes exactly, and the memo stays within its bound."""
+    monkeypatch.setattr(tokenizer_module, "MEMO_SIZE", 50)
+    tok = Tokenizer.train(default_corpus_text()[:50_000], 300)
+    rng = np.random.default_rng(23)
+    for n in (10, 40, 49, 50, 51, 120, 400):
+        s = " ".join(f"w{i % n}" for i in rng.integers(n, size=3 * n)) + " the end"
+        assert tok.encode(s).tolist() == _tokenizers_alone(tok, s)
+        assert len(tok._memo) <= 50
+
+
+@pytest.mark.parametrize("region", [0, 1, 7, 60, tokenizer_module.NON_ASCII_REGION])
+def test_mostly_ascii_text_splits_as_gpt2s(region: int, monkeypatch):
+    """_pretokens (ASCII stretches through PRETOKEN_ASCII, stretches of at least
+    NON_ASCII_REGION characters around non-ASCII ones through PRETOKEN, cut at line breaks
+    after non-space characters) equals PRETOKEN on lines of ASCII and mixed text, some
+    ending in spaces (no cut there) or empty, some non-ASCII at a line's start or end."""
+    monkeypatch.setattr(tokenizer_module, "NON_ASCII_REGION", region)
+    rng = np.random.default_rng(24)
+    for _ in range(300):
+        lines = [stress_text(rng, int(rng.integers(0, 12)), ascii_only=rng.random() < 0.7)
+                 + ["", "", " ", "  \t", "é", "\u3000"][rng.integers(6)] for _ in range(int(rng.integers(0, 30)))]
+        s = "\n".join(lines)
+        assert tokenizer_module._pretokens(s) == tokenizer_module.PRETOKEN.findall(s), repr(s)
+    tok = Tokenizer.train(SAMPLE * 20, 400)
+    s = "\n".join(stress_text(rng, 30, ascii_only=k % 3 > 0) for k in range(300))
+    assert tok.encode(s).tolist() == _tokenizers_alone(tok, s)
