@@ -367,7 +367,7 @@ def test_init_from_reads_a_transformers_4_llama_config(tmp_path, tokenizer):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     notes = []
     assert load_pretrained(tmp_path / "hf", notes.append).model.rope_base == 500.0
-    assert notes == ["config.json's attention_dropout (0.1) is not used: gptc trains without dropout"]
+    assert notes == ["config.json's attention_dropout (0.1) is not used: the run trains without dropout"]
 
 
 def test_init_from_reads_sharded_weights(tmp_path, tokenizer):

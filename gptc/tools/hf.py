@@ -42,7 +42,7 @@ What a class cannot express is refused in one line, never approximated:
 - GPT-2's config.json: an activation other than GELU's tanh approximation, attention
   without the 1/sqrt(head_dim) scale or scaled by the inverse layer index, cross
   attention. Dropout (GPT-2's configs say 0.1) is a training choice, not part of the
-  function: gptc trains without it, and says so.
+  function: a run started from the model trains without it (model.dropout 0), and says so.
 - LLaMA's config.json: an activation other than SiLU, scaled RoPE (a rope_type other
   than "default"), partial_rotary_factor < 1, a head_dim other than hidden_size /
   num_attention_heads, attention_bias without mlp_bias (gptc's attention biases come
@@ -149,7 +149,7 @@ def _gpt2_spec(get: Callable[[str, type], Any], note: Callable[[str], None]) -> 
     dropout = {key: get(key, float) for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if any(dropout.values()):
         note(f"config.json's dropout ({', '.join(f'{k} {v:g}' for k, v in dropout.items())}) is not used: "
-             "gptc trains without dropout")
+             "the run trains without dropout")
     n_embd, n_inner = get("n_embd", int), get("n_inner", int)
     return ModelSpec(vocab_size=get("vocab_size", int), seq_len=get("n_positions", int), d_model=n_embd,
                      n_layers=get("n_layer", int), n_heads=get("n_head", int),
@@ -237,8 +237,8 @@ def _llama_spec(get: Callable[[str, type], Any], note: Callable[[str], None]) ->
         raise GptcError(f"head_dim = {head_dim} is not hidden_size / num_attention_heads ({hidden} / {heads}); "
                         "gptc's heads split d_model")
     if get("attention_dropout", float):
-        note(f"config.json's attention_dropout ({get('attention_dropout', float):g}) is not used: gptc trains "
-             "without dropout")
+        note(f"config.json's attention_dropout ({get('attention_dropout', float):g}) is not used: the run "
+             "trains without dropout")
     kv_heads = get("num_key_value_heads", int)
     return ModelSpec(vocab_size=get("vocab_size", int), seq_len=get("max_position_embeddings", int), d_model=hidden,
                      n_layers=get("num_hidden_layers", int), n_heads=heads,
