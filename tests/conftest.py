@@ -87,6 +87,25 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def parity_parameters(spec, seed: int = 0) -> dict[str, np.ndarray]:
+    """A model's initial weights for the parity tests against the PyTorch twin, with
+    random gains (ones and constants scaled by 1 + 0.2 N(0, 1)) and biases (zeros plus
+    0.1 N(0, 1)), so that no term of the model hides; float32 values (the twin loads
+    float32) held in float64."""
+    from gptc.models import build_graph, init_params
+    graph = build_graph(spec, "infer", batch=1)
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for name, v in init_params(graph, seed).items():
+        init = graph.node(graph.params[name])["attrs"]["init"]
+        if init in ("ones", "constant"):
+            v = v * (1 + 0.2 * rng.standard_normal(v.shape))
+        elif init == "zeros":
+            v = v + 0.1 * rng.standard_normal(v.shape)
+        out[name] = v.astype(np.float32).astype(np.float64)
+    return out
+
+
 def require_torch():
     """PyTorch, for the parity tests against the PyTorch twin. It is a test dependency:
     missing, the test fails, unless GPTC_ALLOW_NO_TORCH=1 (a machine that only runs the

@@ -22,7 +22,7 @@ from gptc.compiler.planner import make_plan
 from gptc.models import build_graph, init_params
 from gptc.runtime.reference import ReferenceExecutor, run_graph
 
-from conftest import require_torch
+from conftest import parity_parameters, require_torch
 
 RNG = np.random.default_rng(20261130)
 
@@ -171,18 +171,6 @@ def test_no_launch_copies_keys_or_values_per_query_head(kv_heads, attention):
 
 
 # ----- the whole model against the PyTorch twin ------------------------------------------
-def twin_parameters(spec: gptc.Spec) -> dict[str, np.ndarray]:
-    """gptc's initial weights in float64, with random gains and biases."""
-    graph = build_graph(spec, "infer", batch=1)
-    rng = np.random.default_rng(3)
-    out = {}
-    for name, v in init_params(graph, 2).items():
-        init = graph.node(graph.params[name])["attrs"]["init"]
-        v = v.astype(np.float64)
-        out[name] = v + (0.2 if init in ("ones", "zeros") else 0.0) * rng.standard_normal(v.shape)
-    return out
-
-
 PARITY = {
     "gqa2": dict(n_kv_heads=2), "mqa": dict(n_kv_heads=1),
     "local1": dict(attention="local", window=1), "local3": dict(attention="local", window=3),
@@ -196,7 +184,7 @@ def test_model_matches_the_torch_twin_in_float64(name):
     torch = require_torch()
     from gptc.tools.bench.torch_twin import build_model, gptc_name
     spec = replace(GQA, model=replace(GQA.model, **PARITY[name]))
-    values = twin_parameters(spec)
+    values = parity_parameters(spec)
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, spec.model.vocab_size, (3, spec.model.seq_len)).astype(np.int32)
     targets = rng.integers(0, spec.model.vocab_size, (3, spec.model.seq_len)).astype(np.int32)
@@ -225,7 +213,7 @@ def test_model_matches_the_torch_twin_in_float64(name):
 
 
 def test_a_window_of_the_context_or_more_equals_causal():
-    causal = twin_parameters(GQA)
+    causal = parity_parameters(GQA)
     tokens = np.random.default_rng(6).integers(0, 101, (2, 13)).astype(np.int32)
     run = lambda s: run_graph(build_graph(s, "infer", batch=2), {"tokens": tokens, **causal}, np.float64)["outputs"]["logits"]
     want = run(GQA)

@@ -22,7 +22,7 @@ from gptc.compiler.ir import Graph, Tensor
 from gptc.models import build_graph, init_params
 from gptc.runtime.reference import run_graph
 
-from conftest import require_torch
+from conftest import parity_parameters, require_torch
 
 from test_ops_grad import Case, test_vjp_matches_finite_differences as check_vjp
 
@@ -140,18 +140,6 @@ PARITY = linear_spec(gptc.Spec(gptc.ModelSpec(vocab_size=97, seq_len=70, d_model
                                               init_std=0.2), gptc.TrainSpec(batch_size=2)))
 
 
-def parity_params(spec: gptc.Spec) -> dict[str, np.ndarray]:
-    """float32-representable values (the twin loads float32), random gains and biases."""
-    graph = build_graph(spec, "infer", batch=1)
-    rng = np.random.default_rng(5)
-    values = {}
-    for name, v in init_params(graph, 4).items():
-        init = graph.node(graph.params[name])["attrs"]["init"]
-        noise = {"ones": 0.2, "zeros": 0.1}.get(init, 0.0) * rng.standard_normal(v.shape)
-        values[name] = (v + noise).astype(np.float32)
-    return values
-
-
 def rel_error(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
@@ -160,7 +148,7 @@ def test_model_matches_the_torch_twin_in_float64():
     torch = require_torch()
     from gptc.tools.bench.torch_twin import build_model, gptc_name
     spec = PARITY
-    values = parity_params(spec)
+    values = parity_parameters(spec)
     tokens = RNG.integers(0, spec.model.vocab_size, (2, 70)).astype(np.int32)
     targets = RNG.integers(0, spec.model.vocab_size, (2, 70)).astype(np.int32)
     model = build_model(spec.model, values, device="cpu", dtype=torch.float64)

@@ -19,7 +19,7 @@ from gptc.compiler.ir import Tensor
 from gptc.runtime.reference import run_graph
 from gptc.spec import validate
 
-from conftest import require_torch
+from conftest import parity_parameters, require_torch
 
 try:
     import torch
@@ -52,21 +52,6 @@ def spec_with(options: dict) -> gptc.Spec:
     return validate(gptc.Spec(model, gptc.TrainSpec(batch_size=3)))
 
 
-def parameters(spec: gptc.Spec, seed: int = 0) -> dict[str, np.ndarray]:
-    graph = gptc.build_graph(spec, "infer", batch=1)
-    values = gptc.init_params(graph, seed)
-    rng = np.random.default_rng(seed + 1)
-    out = {}
-    for name, v in values.items():
-        init = graph.node(graph.params[name])["attrs"]["init"]
-        if init in ("ones", "constant"):
-            v = v * (1 + 0.2 * rng.standard_normal(v.shape))
-        elif init == "zeros":
-            v = v + 0.1 * rng.standard_normal(v.shape)
-        out[name] = v.astype(np.float32).astype(np.float64)
-    return out
-
-
 def rel_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
@@ -78,7 +63,7 @@ def rel_error(actual, expected) -> float:
 def test_twin_parity_float64(options: dict) -> None:
     spec = spec_with(options)
     m = spec.model
-    values = parameters(spec)
+    values = parity_parameters(spec)
     rng = np.random.default_rng(7)
     shape = (spec.train.batch_size, m.seq_len)
     tokens = rng.integers(0, m.vocab_size, shape).astype(np.int32)
@@ -113,11 +98,11 @@ def test_options_change_the_model() -> None:
     """Each option really changes what is computed (a twin that ignored one would agree
     with a gptc that ignored it too): parameters differ, or the logits do."""
     base = spec_with({})
-    base_names = {n: v.shape for n, v in parameters(base).items()}
+    base_names = {n: v.shape for n, v in parity_parameters(base).items()}
     tokens = np.random.default_rng(3).integers(0, 101, (3, 13)).astype(np.int32)
     for name, options in OPTIONS.items():
         spec = spec_with(options)
-        values = parameters(spec)
+        values = parity_parameters(spec)
         if {n: v.shape for n, v in values.items()} != base_names:
             continue
         model = torch_twin.build_model(spec.model, values, device="cpu", dtype=torch.float64)
@@ -128,6 +113,6 @@ def test_options_change_the_model() -> None:
 
 
 def test_attn_bias_false_drops_only_attention_biases() -> None:
-    names = set(parameters(spec_with({"attn_bias": False})))
+    names = set(parity_parameters(spec_with({"attn_bias": False})))
     assert not any(n.startswith("h.") and ".attn." in n and n.endswith(".bias") for n in names)
     assert {"h.0.mlp.c_fc.bias", "h.0.mlp.c_proj.bias", "lm_head.bias"} <= names

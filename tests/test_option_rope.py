@@ -16,11 +16,11 @@ from gptc.compiler.autodiff import gradients
 from gptc.compiler.codegen.kernels import prelude, render_plan
 from gptc.compiler.ir import Graph, Tensor
 from gptc.compiler.planner import make_plan
-from gptc.models import build_graph, init_params
+from gptc.models import build_graph
 from gptc.runtime.reference import run_graph
 from gptc.target import parse_target
 
-from conftest import require_torch
+from conftest import parity_parameters, require_torch
 
 from test_ops_grad import Case, make_graph, numeric_gradient, projection, TOLERANCE as FD_TOLERANCE
 
@@ -73,13 +73,8 @@ FRACTIONS = [1.0, 0.5, 0.4]   # head_dim 32: 32, 16 and 12 rotated dimensions
 
 
 def _parity_inputs(spec: gptc.Spec, seed: int):
-    graph = build_graph(spec, "infer", batch=1)
+    values = parity_parameters(spec, seed)
     rng = np.random.default_rng(seed)
-    values = {}
-    for name, v in init_params(graph, seed).items():  # random gains and biases, float32 values
-        if graph.node(graph.params[name])["attrs"]["init"] != "normal":
-            v = (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-        values[name] = v
     tokens = rng.integers(0, spec.model.vocab_size, (spec.train.batch_size, spec.model.seq_len)).astype(np.int32)
     targets = rng.integers(0, spec.model.vocab_size, tokens.shape).astype(np.int32)
     return values, tokens, targets

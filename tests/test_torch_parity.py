@@ -24,7 +24,7 @@ from gptc.compiler.autodiff import gradients
 from gptc.compiler.ir import Tensor
 from gptc.runtime.reference import ReferenceExecutor, run_graph
 
-from conftest import require_torch
+from conftest import parity_parameters, require_torch
 
 try:
     import torch
@@ -77,23 +77,6 @@ CONFIGS = [
     ("awkward-tied", "awkward", True, 5e-2, True),
 ]
 CONFIG_IDS = [c[0] for c in CONFIGS]
-
-
-def parameters(spec: gptc.Spec, seed: int = 0) -> dict[str, np.ndarray]:
-    """gptc's initial weights, in float64, with random gains and biases."""
-    graph = gptc.build_graph(spec, "infer", batch=1)
-    values = gptc.init_params(graph, seed)
-    rng = np.random.default_rng(seed + 1)
-    out = {}
-    for name, v in values.items():
-        init = graph.node(graph.params[name])["attrs"]["init"]
-        v = v.astype(np.float64)
-        if init == "ones":
-            v = v + 0.2 * rng.standard_normal(v.shape)
-        elif init == "zeros":
-            v = v + 0.1 * rng.standard_normal(v.shape)
-        out[name] = v
-    return out
 
 
 def batch(spec: gptc.Spec, seed: int, seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +132,7 @@ def torch_loss(P: dict, m: gptc.ModelSpec, tokens: np.ndarray, targets: np.ndarr
 def test_param_names_and_shapes(cfg) -> None:
     _, name, tied, clip, _ = cfg
     spec = config(name, tied, clip)
-    values = parameters(spec)
+    values = parity_parameters(spec)
     m = spec.model
     assert ("lm_head.weight" in values) == (not tied)
     P = torch_params(values)
@@ -164,7 +147,7 @@ def test_param_names_and_shapes(cfg) -> None:
 def test_logits_and_loss(cfg) -> None:
     _, name, tied, clip, _ = cfg
     spec = config(name, tied, clip)
-    values = parameters(spec)
+    values = parity_parameters(spec)
     tokens, targets = batch(spec, 0)
     P = torch_params(values)
     with torch.no_grad():
@@ -183,7 +166,7 @@ def test_logits_and_loss(cfg) -> None:
 def test_logits_of_a_shorter_sequence() -> None:
     """A graph built for fewer positions than the context reads the first rows of wpe."""
     spec = config("awkward", True, 1.0)
-    values = parameters(spec)
+    values = parity_parameters(spec)
     tokens, _ = batch(spec, 3, seq=20)
     P = torch_params(values)
     with torch.no_grad():
@@ -197,7 +180,7 @@ def test_logits_of_a_shorter_sequence() -> None:
 def test_parameter_gradients(cfg) -> None:
     _, name, tied, clip, _ = cfg
     spec = config(name, tied, clip)
-    values = parameters(spec)
+    values = parity_parameters(spec)
     tokens, targets = batch(spec, 1)
 
     P = torch_params(values)
@@ -221,7 +204,7 @@ def test_three_adamw_steps(cfg) -> None:
     _, name, tied, clip, clips = cfg
     spec = config(name, tied, clip)
     t = spec.train
-    values = parameters(spec)
+    values = parity_parameters(spec)
     lrs = [t.lr, 0.7 * t.lr, 0.4 * t.lr]  # a schedule's changing values, fed per step
 
     graph = gptc.build_graph(spec, "train")
