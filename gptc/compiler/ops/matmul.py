@@ -1,5 +1,7 @@
 """Batched matrix product: (..., M, K) @ (..., K, N) with equal batch dimensions.
-Transposes are permute views of the operands, which the planner folds into the kernel."""
+Transposes are permute views of the operands, which the planner folds into the kernel.
+bf16 operands are multiplied exactly and summed in float32 (as the matrix units do), so
+their product is f32; a following cast stores it in bf16 where the precision pass wants."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +17,7 @@ def _infer(ts: list[TensorType], attrs: dict) -> TensorType:
         raise ShapeError(f"matmul: operands need the same rank >= 2, got {a.shape} and {b.shape}")
     if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
         raise ShapeError(f"matmul: shapes {a.shape} and {b.shape} do not fit (..., M, K) @ (..., K, N)")
-    return TensorType(a.shape[:-1] + b.shape[-1:], a.dtype)
+    return TensorType(a.shape[:-1] + b.shape[-1:], "f32" if a.dtype == "bf16" else a.dtype)
 
 
 register(OpDef("matmul", MATMUL, infer=_infer,
