@@ -217,8 +217,6 @@ def validate(spec: Spec) -> Spec:
         for name, choices in CHOICES.items():
             if hasattr(obj, name) and getattr(obj, name) not in choices:
                 raise SpecError(f"{section}.{name} = '{getattr(obj, name)}' is not one of: {', '.join(choices)}")
-    if t.precision != CHOICES["precision"][0]:  # the graph is all f32 until the bf16 pass lands
-        raise SpecError(f"train.precision = '{t.precision}' is not implemented yet; use '{CHOICES['precision'][0]}'")
     for name in ("batch_size", "steps"):
         if getattr(t, name) <= 0:
             raise SpecError(f"train.{name} must be positive, got {getattr(t, name)}")

@@ -51,7 +51,7 @@ def test_300_cpu_steps_lower_the_loss(tmp_path):
     (["{bad_toml}"], "not valid TOML"),
     (["{bad_option}"], "unknown option 'd_modle'"),
     (["{bad_heads}"], "divisible"),
-    (["{bf16}"], "train.precision = 'bf16' is not implemented yet; use 'fp32'"),
+    (["{fp8}"], "train.precision = 'fp8' is not one of: fp32, bf16"),
     (["--preset", "tiny", "--steps", "0"], "train.steps must be positive"),
 ])
 def test_bad_input(tmp_path, args, expected):
@@ -59,13 +59,13 @@ def test_bad_input(tmp_path, args, expected):
         "empty": b"", "binary": b"\x00\x01\x02" * 100, "latin1": "caf\u00e9 ".encode("latin-1") * 100,
         "bad_toml": b"[model\nd_model = 3", "bad_option": b"[model]\nd_modle = 64\n",
         "bad_heads": b"preset = 'tiny'\n[model]\nd_model = 33\n",
-        "bf16": b"preset = 'tiny'\n[train]\nprecision = 'bf16'\n",
+        "fp8": b"preset = 'tiny'\n[train]\nprecision = 'fp8'\n",
     }
     resolved = []
     for a in args:
         if a.startswith("{"):
             name = a.strip("{}")
-            path = tmp_path / (name + (".toml" if name in ("bad_toml", "bad_option", "bad_heads", "bf16") else ".txt"))
+            path = tmp_path / (name + (".toml" if name in ("bad_toml", "bad_option", "bad_heads", "fp8") else ".txt"))
             path.write_bytes(files[name])
             a = str(path)
         resolved.append(a)

@@ -168,7 +168,6 @@ def train(**kw) -> Spec:
     (train(schedule="linear"), "train.schedule = 'linear' is not one of: cosine, constant"),
     (train(decay="some"), "train.decay = 'some' is not one of"),
     (train(precision="fp8"), "train.precision = 'fp8' is not one of"),
-    (train(precision="bf16"), "train.precision = 'bf16' is not implemented yet; use 'fp32'"),
     (train(batch_size=0), "train.batch_size must be positive, got 0"),
     (train(steps=0), "train.steps must be positive"),
     (train(eval_interval=0), "train.eval_interval must be positive"),

@@ -7,6 +7,7 @@ from gptc.compiler import dsl
 from gptc.compiler.ir import Graph
 from gptc.models.gpt import decode_attend, gpt_logits, prefill_attend
 from gptc.compiler.optim import add_training
+from gptc.compiler.precision import apply_precision
 from gptc.spec import Spec, SpecError, validate
 
 MODES = ("train", "eval", "infer", "prefill", "decode")
@@ -30,6 +31,15 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
+    g = _model_graph(spec, mode, batch, seq_len, expose_gradients)
+    if spec.train.precision != "fp32":
+        # After the optimizer (DESIGN's order); fp32 graphs stay exactly as built.
+        apply_precision(g, spec.train.precision)
+        g.prune()  # the f32 views the casts replaced
+    return g
+
+
+def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, expose_gradients: bool) -> Graph:
     batch = batch or spec.train.batch_size
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:

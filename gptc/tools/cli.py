@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gptc.common import first_file_in
-from gptc.spec import PRESETS, GptcError, Spec, load_spec, preset, validate
+from gptc.spec import CHOICES, PRESETS, GptcError, Spec, load_spec, preset, validate
 
 DEMO_DIR = Path("runs") / "demo"  # where `gptc demo` trains, so that the README's commands run as printed
 
@@ -48,7 +48,7 @@ def _spec_from_args(args: argparse.Namespace) -> Spec:
         raise GptcError("give either a spec file or --preset, not both")
     spec = load_spec(args.spec) if args.spec else preset(args.preset or "hipgpt")
     train = spec.train
-    for name in ("steps", "lr", "batch"):
+    for name in ("steps", "lr", "batch", "precision"):
         value = getattr(args, name, None)
         if value is not None:
             train = replace(train, **{"batch_size" if name == "batch" else name: value})
@@ -76,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
                            else os.path.basename(os.path.normpath(origin)) if origin else "hipgpt")
     train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
           lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle, tokenizer=args.tokenizer,
-          init_from=args.init_from)
+          init_from=args.init_from, precision=args.precision)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -159,6 +159,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from gptc.tools.bench import bench_main
     from gptc.tools.bench.config import COMPARES, WHATS, BenchConfig, parse_list, resolve_spec
     spec, name = resolve_spec(args.preset, args.batch)
+    if args.precision is not None:
+        spec = validate(replace(spec, train=replace(spec.train, precision=args.precision)))
     if args.repeats is not None and args.repeats < 1:
         raise GptcError("--repeats must be at least 1")
     out = args.out or "runs/bench"
@@ -168,6 +170,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     cfg = BenchConfig(spec, name, parse_list(args.what, WHATS, "what"), parse_list(args.compare, COMPARES, "compare"),
                       repeats=args.repeats or 20, per_kernel=not args.no_kernels)
     bench_main(cfg, out, args.device)
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=CHOICES["precision"],
+                   help="train.precision: fp32, or bf16 mixed precision (bf16 matmul operands, f32 master weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "minutes of work)")
     p.add_argument("--lr", type=_finite_float, help="peak learning rate")
     p.add_argument("--batch", type=int, help="sequences per step")
+    _add_precision(p)
     p.add_argument("--vocab-size", type=int, help="model.vocab_size: the tokenizer's vocabulary and the model's "
                                                   "embedding rows (e.g. smaller than a preset's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -238,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (this machine's GPU), or hip:gfx90a, cuda:sm_90, ...")
     p.add_argument("--no-fuse", action="store_true", help="one kernel per primitive op (the benchmark baseline)")
     p.add_argument("--batch", type=int, help="sequences per training step")
+    _add_precision(p)
     p.add_argument("--seq-len", type=int, help="context length")
     p.set_defaults(run=_cmd_compile)
 
@@ -279,12 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", type=_nonempty, help=f"a preset model: {', '.join(PRESETS)}")
     p.add_argument("--mode", default="train", choices=["train", "eval", "infer"], help="which step to plan")
     p.add_argument("--batch", type=int, help="sequences per step")
+    _add_precision(p)
     p.set_defaults(run=_cmd_plan)
 
     p = sub.add_parser("bench", help="time fused vs unfused kernels and PyTorch on a GPU; writes JSON, Markdown, PNG")
     p.add_argument("--preset", type=_nonempty, metavar="NAME|SPEC",
                    help=f"a preset ({', '.join(PRESETS)}) or a spec TOML file (default hipgpt)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
+    _add_precision(p)
     p.add_argument("--what", type=_nonempty, metavar="LIST", help="train,infer (default both)")
     p.add_argument("--compare", type=_nonempty, metavar="LIST",
                    help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "

@@ -157,11 +157,12 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
           batch: int | None = None, vocab_size: int | None = None, name: str = "run",
           bundle: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
           init_from: str | os.PathLike | None = None, stdout: TextIO | None = None, tty: bool | None = None,
-          on_step: Callable[[int, dict], None] | None = None, cache_dir="default") -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None, cache_dir="default",
+          precision: str | None = None) -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
     spec is used) or `init_from` (a transformers model directory to start from: its model,
     weights and tokenizer; `spec` then gives only the train section, default TrainSpec).
-    `steps`, `lr`, `batch`, `vocab_size` are the user's explicit overrides (None: not
+    `steps`, `lr`, `batch`, `vocab_size`, `precision` are the user's explicit overrides (None: not
     given); `data` is what --data names (see step 3 above), `tokenizer` a tokenizer.json to
     use. `on_step(step, record)` is called after every completed step (tests raise
     KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C or
@@ -169,7 +170,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
     # Everything the caller gave is checked before anything is opened, read or built.
-    overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch)) if v is not None}
+    overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch),
+                                                 ("precision", precision)) if v is not None}
 
     def overridden(s: Spec) -> Spec:
         model = s.model if vocab_size is None else replace(s.model, vocab_size=vocab_size)
@@ -209,7 +211,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         from gptc.runtime.bundle import Bundle
         loaded = Bundle(bundle)
         for option, value, compiled in (("--batch", batch, loaded.spec.train.batch_size),
-                                        ("--vocab-size", vocab_size, loaded.spec.model.vocab_size)):
+                                        ("--vocab-size", vocab_size, loaded.spec.model.vocab_size),
+                                        ("--precision", precision, loaded.spec.train.precision)):
             if value is not None and value != compiled:
                 raise GptcError(f"bundle '{bundle}' is compiled for {option} {compiled}; compile it again for "
                                 f"another {option}")

@@ -1,0 +1,104 @@
+"""The precision pass: bf16 mixed precision as a rewrite of the training (or inference)
+graph, run after the model, its backward and the optimizer are built (DESIGN's order:
+model, autodiff, optimizer, precision, collectives, planning).
+
+"fp32" leaves the graph as it is. "bf16" follows torch autocast's lists:
+- matrix products take bf16 operands: every f32 operand of a `matmul` reads a bf16 copy
+  of its source value, made by ONE `cast` node per source value (looking through views,
+  which are replayed on the bf16 value), shared by all the matmuls that read it, forward
+  and backward. So the activation a backward matmul reads is the bf16 copy the forward
+  made, and where nothing else reads the f32 value the planner stores only the bf16 one.
+  A bf16 x bf16 matmul gives an f32 product (float32 accumulation, ops/matmul.py): the
+  outputs, the residual stream and the weight gradients stay f32.
+- everything else stays f32: parameters (the master weights; their bf16 copies are
+  casts of the updated params, computed per step), AdamW moments and the optimizer,
+  reductions (norm statistics, softmax, cross-entropy, the gradient norm), embeddings
+  (gathers), pointwise ops.
+- not yet: the matmuls of the attention cores (scores and weighted values, in the scopes
+  ATTENTION_SCOPES) stay f32, so the flash-attention kernels match and run as in fp32;
+  nor the grouped matmuls of a mixture of experts.
+The NumPy reference rounds to bf16 at the casts, so it runs the bf16 graph as the oracle
+of its kernels."""
+from __future__ import annotations
+
+from gptc.compiler.ir import Graph
+from gptc.compiler.ops import OPS
+from gptc.compiler.ops.registry import VIEW
+from gptc.spec import CHOICES, SpecError
+
+# Scopes (dsl composites) whose matmuls keep f32 operands: the attention cores.
+ATTENTION_SCOPES = frozenset({"causal_attention", "kv_attention", "linear_attention",
+                              "linear_attention_state", "linear_attention_read"})
+
+
+def apply_precision(graph: Graph, precision: str) -> None:
+    """Rewrite `graph` in place for `precision` ("fp32": unchanged; "bf16": see above)."""
+    if precision not in CHOICES["precision"]:
+        raise SpecError(f"precision '{precision}' is not one of: {', '.join(CHOICES['precision'])}")
+    if precision == "fp32":
+        return
+    copies: dict[int, int] = {}   # node -> its bf16 counterpart (casts of values, replayed views)
+    for nid in graph.topo_order():
+        if graph.op(nid) != "matmul" or _in_attention(graph, nid):
+            continue
+        for operand in dict.fromkeys(graph.inputs_of(nid)):
+            if graph.type(operand).dtype == "f32":
+                _rewire(graph, operand, _bf16(graph, operand, copies), nid)
+    _bias_gradients_read_bf16(graph, copies)
+
+
+def _bias_gradients_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
+    """A gradient the backward matmuls read in bf16 (that of a linear layer's output) is
+    often read otherwise only by sums: its bias's gradient. Those read the bf16 copy too,
+    as under torch autocast (where that gradient is bf16; the sum accumulates in f32), so
+    the f32 gradient need not be stored at all: the logits' gradient is the largest
+    activation of a small model."""
+    for value, cast in list(copies.items()):
+        if graph.op(cast) != "cast" or not graph.node(value)["scope"].endswith("#bwd"):
+            continue
+        readers = _readers_through_views(graph, value)
+        others = [(v, u) for v, u in readers if u != cast]
+        if others and all(graph.op(u) == "sum" for _, u in others):
+            for v, u in others:
+                _rewire(graph, v, _bf16(graph, v, copies), u)
+
+
+def _readers_through_views(graph: Graph, nid: int) -> list[tuple[int, int]]:
+    """(operand, reader) for each non-view node reading `nid`, directly or through views."""
+    found = []
+    for user in graph.users(nid):
+        if OPS[graph.op(user)].kind == VIEW:
+            found += _readers_through_views(graph, user)
+        else:
+            found.append((nid, user))
+    return found
+
+
+def _in_attention(graph: Graph, nid: int) -> bool:
+    return any(part.removesuffix("#bwd") in ATTENTION_SCOPES for part in graph.node(nid)["scope"].split("/"))
+
+
+def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
+    """The bf16 counterpart of `nid`: for a view, the same view of its source's
+    counterpart; for a value, its cast (one per value), in the value's scope + "/bf16",
+    so its kernel traces back to the producer while scope-based matchers (attention)
+    do not take it for one of their own nodes."""
+    if nid not in copies:
+        node = graph.node(nid)
+        if OPS[node["op"]].kind == VIEW:
+            src = _bf16(graph, graph.inputs_of(nid)[0], copies)
+            with graph.replace_scope(node["scope"]):
+                copies[nid] = graph.add(node["op"], [src], **node["attrs"])
+        else:
+            with graph.replace_scope(f"{node['scope']}/bf16" if node["scope"] else "bf16"):
+                copies[nid] = graph.add("cast", [nid], dtype="bf16")
+    return copies[nid]
+
+
+def _rewire(graph: Graph, old: int, new: int, dst: int) -> None:
+    """Make every argument of `dst` that reads `old` read `new` instead."""
+    args = graph.nx.edges[old, dst]["args"]
+    graph.nx.remove_edge(old, dst)
+    graph.nx.add_edge(new, dst, args=list(args))
+    node = graph.node(dst)
+    node["inputs"] = tuple(new if i == old else i for i in node["inputs"])
