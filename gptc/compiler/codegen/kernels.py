@@ -521,10 +521,11 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
             prologues.append((name, operand, axes))
             continue
         batch_offset = add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])])
+        bf16 = plan.buffer_of(base).dtype == "bf16"  # bf16 operands (precision pass) widen on load
         batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
-                        f"const float* {name} = {em.arg(base)} + {name.lower()}_base;"]
+                        f"const {'bf16' if bf16 else 'float'}* {name} = {em.arg(base)} + {name.lower()}_base;"]
         at = add(mul(Var(axes[0][0]), strides[-2]), mul(Var(axes[1][0]), strides[-1]))
-        loads[name] = f"{name}[{emit(at)}]"
+        loads[name] = f"bf16_to_float({name}[{emit(at)}])" if bf16 else f"{name}[{emit(at)}]"
     em.begin_block()
     body = []
     # The element of C at (batch, gm, gn) (the template's variables).
