@@ -28,7 +28,9 @@ def import_torch():
 def bench_torch(torch, cfg: BenchConfig, what: str, params: Mapping[str, np.ndarray], tokens: np.ndarray,
                 targets: np.ndarray, log: Callable[[str], None]) -> list[dict]:
     """The PyTorch columns of one step kind: eager, torch.compile, torch.compile with
-    the whole step captured in one CUDA graph."""
+    the whole step captured in one CUDA graph. In the spec's precision: bf16 runs the
+    forward under bf16 autocast (what a PyTorch user picks; no weight-cast cache, which
+    CUDA graph capture does not allow)."""
     import torch.nn.functional as F
 
     from gptc.tools.bench import torch_twin as tm
@@ -54,6 +56,15 @@ def bench_torch(torch, cfg: BenchConfig, what: str, params: Mapping[str, np.ndar
     def infer_loss(logits) -> float:
         return float(F.cross_entropy(logits.float().flatten(0, 1), Y.flatten()))
 
+    def in_precision(fn):
+        if spec.train.precision == "fp32":
+            return fn
+
+        def autocast(*args):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                return fn(*args)
+        return autocast
+
     for key in variants:
         t0 = time.perf_counter()
         try:
@@ -61,7 +72,7 @@ def bench_torch(torch, cfg: BenchConfig, what: str, params: Mapping[str, np.ndar
             if key in ("torch-compile", "torch-cudagraphs") and compiled is None:
                 compiled = torch.compile(model.loss if what == "train" else model, dynamic=False)
             if what == "train":
-                loss_fn = model.loss if key == "torch-eager" else compiled
+                loss_fn = in_precision(model.loss if key == "torch-eager" else compiled)
                 opt = tm.make_optimizer(model, spec.train, capturable=(key == "torch-cudagraphs"))
                 step = lambda: tm.train_step(loss_fn, model, opt, T, Y, clip)  # noqa: E731
                 if key != "torch-cudagraphs":
@@ -82,7 +93,7 @@ def bench_torch(torch, cfg: BenchConfig, what: str, params: Mapping[str, np.ndar
                 del opt
                 model.zero_grad(set_to_none=True)
             else:
-                fn = model if key == "torch-eager" else compiled
+                fn = in_precision(model if key == "torch-eager" else compiled)
                 with torch.no_grad():
                     if key != "torch-cudagraphs":
                         losses = [infer_loss(fn(T))]
