@@ -110,6 +110,7 @@ class _Part:
     block: tuple[int, int, int]
     pool_floats: int = 0
     consts: dict[str, int] = field(default_factory=dict)
+    min_blocks: int = 0  # resident blocks per unit the compiler must allow (registers), 0: no bound
 
 
 def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
@@ -144,7 +145,7 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
     elif family == "reduce":
         grid, block, em = _reduce(plan, kernel, target, ctx, args, tuning)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"))
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"), tuning.get("mma"))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
     elif family == "group_sort":
@@ -155,7 +156,7 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         raise AssertionError(family)
     template = ctx.pop("template", f"{family}.hip.j2")
     text = _environment().get_template(template).render(target=target, block_threads=block[0], **ctx)
-    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts)
+    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts, ctx.get("min_blocks", 0))
 
 
 def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning: dict | None = None) -> KernelSource:
@@ -203,7 +204,9 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
             blocks.append(dict(title=p.title, start=start, end=start + p.grid[0], inline=call is None,
                                consts=p.consts, body=body))
         params = [f"{types[ph]}* {names.substitute(ph, mapping)}" for ph in args.values()]
-        head = f'extern "C" __global__ void GPTC_LAUNCH_BOUNDS({block[0]}) {symbol}'
+        min_blocks = max(p.min_blocks for p in parts)
+        bounds = f"GPTC_LAUNCH_BOUNDS_MIN({block[0]}, {min_blocks})" if min_blocks else f"GPTC_LAUNCH_BOUNDS({block[0]})"
+        head = f'extern "C" __global__ void {bounds} {symbol}'
         return template.render(prelude=prelude() if with_prelude else "", family=family, target=target,
                                index_type=index_type, needs_reduce_helpers=family in ("row", "reduce"),
                                pool_f4=(pool + 3) // 4, functions=fns, parts=blocks, title=title,
@@ -503,12 +506,12 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
 
 
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
-            threads: int | None = None, config: tuple | None = None):
+            threads: int | None = None, config: tuple | None = None, mma: tuple | None = None):
     g = plan.graph
     mm = kernel.anchor
     operands = _mma_operands(plan, kernel, target)
-    if operands and config is None and threads in (None, _mma_threads(target)):
-        return _matmul_mma(plan, kernel, target, ctx, args, operands)
+    if operands and config is None and (mma is not None or threads in (None, _mma_threads(target))):
+        return _matmul_mma(plan, kernel, target, ctx, args, operands, mma)
     a_in, b_in = g.inputs_of(mm)
     out_shape = g.type(mm).shape
     batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
@@ -647,6 +650,20 @@ def _mma_config(m: int, n: int, k: int, batch: int, target: Target) -> tuple[int
     return min(legal, key=cost)
 
 
+def _mma_variants(target: Target):
+    """(bm, bn, warps_m, warps_n, stages, min_blocks) worth timing (the dev/ harness):
+    4 or 8 warps, the deepest pipeline that fits, 8 warps with and without a register
+    bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum)."""
+    fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
+    for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64)):
+        for wm, wn in ((2, 2), (2, 4), (4, 2)):
+            if (bm // wm) % fm or (bn // wn) % fn:
+                continue
+            stages = _mma_stages(bm, bn, target)
+            for min_blocks in ((0, 2) if _mma_kind(target) == "nv" and wm * wn == 8 else (0,)):
+                yield bm, bn, wm, wn, stages, min_blocks
+
+
 def _mma_vector(offset: int, strides: Sequence[int], contiguous: int) -> int:
     """bf16 per global -> shared copy: 8 (16 bytes) when every row (and batch) start is
     16-byte aligned (buffers are 256-byte aligned), else 4, 2 or 1."""
@@ -654,7 +671,8 @@ def _mma_vector(offset: int, strides: Sequence[int], contiguous: int) -> int:
     return next(v for v in (8, 4, 2, 1) if all(x % v == 0 for x in others))
 
 
-def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], operands):
+def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], operands,
+                tuning: tuple | None = None):
     """A bf16 x bf16 matmul on the matrix units (templates/matmul_mma.hip.j2): the
     same epilogue and batch handling as the SIMT template, operands copied to shared
     memory in their own layout (either dimension contiguous)."""
@@ -668,9 +686,10 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     batch_idx = unravel(var("batch", batch), batch_shape)
     kind = _mma_kind(target)
     fm, fn, fk = _MMA_FRAGMENTS[kind]
-    bm, bn, warps_m, warps_n = _mma_config(m, n, k, batch, target)
-    stages = _mma_stages(bm, bn, target)
-    threads = _mma_threads(target)
+    bm, bn, warps_m, warps_n = tuning[:4] if tuning else _mma_config(m, n, k, batch, target)
+    stages = tuning[4] if tuning else _mma_stages(bm, bn, target)
+    min_blocks = tuning[5] if tuning else 0
+    threads = warps_m * warps_n * target.wavefront
     batch_lines, ops, smem_off = [], [], 0
     for name, (base, offset, strides), mn, mn_tile, mn0, mn_ext in (
             ("A", operands[0], "m", bm, "m0", m), ("B", operands[1], "n", bn, "n0", n)):
@@ -688,7 +707,8 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         chunks = rows * width // vec
         slab = f"(idx_t)(KT) * {_MMA_BK}"
         ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, ptr=name,
-                        rd=max(1, 8 // (width // 8)), rm=min(width // 8, 8), smem_off=smem_off,
+                        rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
+                        smem_off=smem_off,
                         chunks=chunks, loops=ceil_div(chunks, threads),
                         outer0=mn0 if kc else slab, inner0=slab if kc else mn0,
                         outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
@@ -707,7 +727,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                mi=wtm // fm, ni=wtn // fn, stages=stages, stage_elems=smem_off, k_tiles=ceil_div(k, _MMA_BK),
                wave=target.wavefront, ops=ops, batch_lines=batch_lines, body=body,
                check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
-               smem_floats=_mma_smem_bytes(bm, bn, stages) // 4)
+               smem_floats=_mma_smem_bytes(bm, bn, stages) // 4, min_blocks=min_blocks if kind == "nv" else 0)
     return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
 
 
@@ -912,7 +932,8 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
         axes = g.node(kernel.anchor)["attrs"]["axes"]
         return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
     if kernel.family == "matmul":
-        return [{"matmul": cfg} for cfg in _mm_menu(target)]
+        mma = [{"mma": t} for t in _mma_variants(target)] if _mma_operands(plan, kernel, target) else []
+        return mma + [{"matmul": cfg} for cfg in _mm_menu(target)]
     return []
 
 
