@@ -171,12 +171,6 @@ __device__ __forceinline__ void gptc_ldmatrix_x4(uint32_t r[4], uint32_t addr, b
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
-__device__ __forceinline__ void gptc_ldmatrix_x2(uint32_t r[2], uint32_t addr, bool trans) {
-  if (trans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
-}
 // cp.async: global -> shared without registers; `valid` of the V bf16 are read, the
 // rest zero-filled (edges). 16 bytes bypass L1 (.cg); 8 and 4 (narrower alignment)
 // go through it (.ca, the only form for them). One bf16 has no cp.async: plain copy.

@@ -57,7 +57,7 @@ def test_template_chosen_by_target(target):
     codes = [k.code for k in mma_kernels(target)]
     assert all(("gptc_mma(cf" in c) == bool(kind) for c in codes)
     if kind == "nv":
-        assert all("gptc_ldmatrix_x4(af" in c and "gptc_copy_async<" in c for c in codes)
+        assert all("gptc_ldmatrix_x4(af" in c and "gptc_ldmatrix_x4(q" in c and "gptc_copy_async<" in c for c in codes)
         assert any("true)" in c for c in codes) and any("false)" in c for c in codes)  # ldmatrix .trans and not
     assert not any("gptc_mma(cf" in k.code for k in mma_kernels(target, bf16=False))
 
@@ -99,6 +99,6 @@ def test_tile_choice():
     assert _mma_config(4096, 4096, 4096, 1, sm90) is _mma_config(4096, 4096, 4096, 1, sm90)  # cached
     for target in ("cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"):
         t = parse_target(target)
-        for bm, bn, _, _ in _MMA_TILES:
+        for bm, bn, _, _ in _MMA_TILES:  # every tile fits
             assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t)) <= t.shared_mem
     assert _mma_stages(128, 128, sm90) == 3 and _mma_stages(64, 64, sm90) == 4

@@ -493,10 +493,11 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     """The block size of a batched matmul launch: the thread count (among those of the
     menu) whose best configurations have the least summed cost over the parts (the
     smallest of equals)."""
-    mma = [_mma_operands(plan, kern, target) for kern in kernels]
-    if all(mma):
-        return _mma_threads(target)
     shapes = [_mm_shape(plan, kern) for kern in kernels]
+    if all(_mma_operands(plan, kern, target) for kern in kernels):
+        return min(sorted({_mma_threads(t, target) for t in _MMA_TILES}),
+                   key=lambda threads: sum(_mma_cost(*shape, _mma_config(*shape, target, threads), target)
+                                           for shape in shapes))
     counts = sorted({_mm_threads(cfg) for cfg in _mm_menu(target)})
 
     def total(threads: int) -> float:
@@ -510,8 +511,9 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     g = plan.graph
     mm = kernel.anchor
     operands = _mma_operands(plan, kernel, target)
-    if operands and config is None and (mma is not None or threads in (None, _mma_threads(target))):
-        return _matmul_mma(plan, kernel, target, ctx, args, operands, mma)
+    if operands and config is None and (mma is not None or threads is None
+                                        or any(_mma_threads(t, target) == threads for t in _MMA_TILES)):
+        return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma)
     a_in, b_in = g.inputs_of(mm)
     out_shape = g.type(mm).shape
     batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
@@ -580,11 +582,12 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
 # gfx11 at all, so RDNA3 (and gfx906, gfx1030) stay on the SIMT template.
 _MMA_FRAGMENTS = {"nv": (16, 8, 16), "mfma": (32, 32, 8), "mfma_x4": (32, 32, 4)}
 _MMA_BK = 32
-# (bm, bn, warps along m, warps along n): 4 warps (wavefronts) a block, so that every
-# matrix-unit matmul of a batched launch has one block size.
-_MMA_TILES = ((128, 128, 2, 2), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
-# Relative rate of a tile (a bigger warp tile reuses each fragment for more products).
-_MMA_EFF = {(128, 128): 1.0, (128, 64): 0.8, (64, 128): 0.8, (64, 64): 0.6}
+# (bm, bn, warps along m, warps along n) (wavefronts on AMD), and the relative rate of
+# each: the fastest warp layout of each tile and the rates measured on an H200
+# (2026-11-30, dev/kernel.py --family matmul_bf16 at 4096^3, 8192x2304x768 and
+# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log).
+_MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
+_MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
 
 
 def _mma_kind(target: Target) -> str | None:
@@ -598,8 +601,8 @@ def _mma_kind(target: Target) -> str | None:
     return None
 
 
-def _mma_threads(target: Target) -> int:
-    return 4 * target.wavefront
+def _mma_threads(tile, target: Target) -> int:
+    return tile[2] * tile[3] * target.wavefront
 
 
 def _mma_operands(plan: Plan, kernel: KernelPlan, target: Target):
@@ -630,24 +633,27 @@ def _mma_stages(bm: int, bn: int, target: Target) -> int:
     return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s) <= target.shared_mem)
 
 
-@functools.lru_cache(maxsize=4096)
-def _mma_config(m: int, n: int, k: int, batch: int, target: Target) -> tuple[int, int, int, int]:
-    """The tile for a shape (cached): the least estimated time of the busiest compute
-    unit, its tiles' products at the tile's relative rate, slowed when it holds fewer
-    than two resident blocks (one block cannot hide its own latency)."""
+def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float:
+    """Estimated time of the busiest compute unit: its tiles' products at the tile's
+    relative rate, slowed when it holds fewer than two resident blocks (one block
+    cannot hide its own latency)."""
     units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
+    bm, bn = tile[:2]
+    per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
+    resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target)))
+    return per_unit * bm * bn * max(1, ceil_div(k, _MMA_BK)) * _MMA_BK / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _mma_config(m: int, n: int, k: int, batch: int, target: Target,
+                threads: int | None = None) -> tuple[int, int, int, int]:
+    """The cheapest tile for a shape by _mma_cost (first of equals; cached), of
+    `threads` threads if given (the parts of a batched launch share a block size)."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
-    kp = max(1, ceil_div(k, _MMA_BK)) * _MMA_BK
-
-    def cost(tile) -> float:
-        bm, bn, wm, wn = tile
-        per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
-        resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target)))
-        return per_unit * bm * bn * kp / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
-
     legal = [t for t in _MMA_TILES if (t[0] // t[2]) % fm == 0 and (t[1] // t[3]) % fn == 0
-             and _mma_smem_bytes(t[0], t[1], _mma_stages(t[0], t[1], target)) <= target.shared_mem]
-    return min(legal, key=cost)
+             and _mma_smem_bytes(t[0], t[1], _mma_stages(t[0], t[1], target)) <= target.shared_mem
+             and threads in (None, _mma_threads(t, target))]
+    return min(legal, key=lambda tile: _mma_cost(m, n, k, batch, tile, target))
 
 
 def _mma_variants(target: Target):
@@ -672,7 +678,7 @@ def _mma_vector(offset: int, strides: Sequence[int], contiguous: int) -> int:
 
 
 def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], operands,
-                tuning: tuple | None = None):
+                threads: int | None = None, tuning: tuple | None = None):
     """A bf16 x bf16 matmul on the matrix units (templates/matmul_mma.hip.j2): the
     same epilogue and batch handling as the SIMT template, operands copied to shared
     memory in their own layout (either dimension contiguous)."""
@@ -686,7 +692,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     batch_idx = unravel(var("batch", batch), batch_shape)
     kind = _mma_kind(target)
     fm, fn, fk = _MMA_FRAGMENTS[kind]
-    bm, bn, warps_m, warps_n = tuning[:4] if tuning else _mma_config(m, n, k, batch, target)
+    bm, bn, warps_m, warps_n = tuning[:4] if tuning else _mma_config(m, n, k, batch, target, threads)
     stages = tuning[4] if tuning else _mma_stages(bm, bn, target)
     min_blocks = tuning[5] if tuning else 0
     threads = warps_m * warps_n * target.wavefront
@@ -722,6 +728,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
     wtm, wtn = bm // warps_m, bn // warps_n
+    assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
     ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", m=m, n=n, k=k, batch=batch,
                bm=bm, bn=bn, bk=_MMA_BK, fm=fm, fn=fn, fk=fk, warps_m=warps_m, warps_n=warps_n, wtm=wtm, wtn=wtn,
                mi=wtm // fm, ni=wtn // fn, stages=stages, stage_elems=smem_off, k_tiles=ceil_div(k, _MMA_BK),
