@@ -9,7 +9,7 @@ import pytest
 
 from gptc import dsl
 from gptc.compiler.codegen.kernels import (_MMA_TILES, _mma_config, _mma_kind, _mma_smem_bytes, _mma_stages,
-                                           _mma_vector, render_plan)
+                                           _mma_vector, prelude, render_plan)
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner import make_plan
 from gptc.runtime.device import compile_many
@@ -54,7 +54,7 @@ def test_template_chosen_by_target(target):
     ldmatrix and cp.async on NVIDIA, MFMA on CDNA), the SIMT template elsewhere; f32
     operands always take the SIMT template."""
     kind = _mma_kind(parse_target(target))
-    codes = [k.code for k in mma_kernels(target)]
+    codes = [k.code[len(prelude()):] for k in mma_kernels(target)]
     assert all(("gptc_mma(cf" in c) == bool(kind) for c in codes)
     if kind == "nv":
         assert all("gptc_ldmatrix_x4(af" in c and "gptc_ldmatrix_x4(q" in c and "gptc_copy_async<" in c for c in codes)
@@ -102,3 +102,37 @@ def test_tile_choice():
         for bm, bn, _, _ in _MMA_TILES:  # every tile fits
             assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t)) <= t.shared_mem
     assert _mma_stages(128, 128, sm90) == 3 and _mma_stages(64, 64, sm90) == 4
+
+
+# ----- gptc bench --gemm, the parts that need no GPU -------------------------------------
+def test_bench_gemm_without_gpu_torch_one_line_exit_2(monkeypatch, capsys):
+    from gptc.tools.bench import peers
+    from gptc.tools.cli import main
+    monkeypatch.setattr(peers, "import_torch", lambda: (None, "PyTorch is not installed"))
+    assert main(["bench", "--gemm"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "gptc: error: gptc bench --gemm compares with torch.matmul: PyTorch is not installed\n"
+
+
+def test_bench_gemm_shapes_run_on_the_matrix_units():
+    """Every shape of the bench renders one matmul_mma kernel for sm_90; gpt2's vocab rows
+    (50257 bf16, odd) take 2-byte copies, the others 16-byte ones."""
+    from gptc.tools.bench.gemm import GEMM_SHAPES, gptc_gemm_graph
+    for label, m, n, k, a, b in GEMM_SHAPES:
+        (kernel,) = render_plan(make_plan(gptc_gemm_graph(m, n, k, a, b), True), parse_target("cuda:sm_90"))
+        assert "gptc_mma(cf" in kernel.code, label
+        odd = "lm_head dX" in label or "lm_head dW" in label
+        assert ("gptc_copy_async<1>" in kernel.code) == odd, label
+        assert "gptc_copy_async<8>" in kernel.code, label
+
+
+def test_bench_gemm_report():
+    from gptc.tools.bench.gemm import render_gemm_md
+    row = dict(shape="square 4096", m=4096, n=4096, k=4096, a="k", b="n", gptc_ms=0.5, torch_ms=0.2, floor_ms=0.2,
+               gptc_tflops=275.0, torch_tflops=687.2, of_torch=0.4, of_floor=0.4, rel_err=0.0)
+    md = render_gemm_md(dict(rows=[row, dict(row, of_torch=0.7)], copy_bytes_per_s=4.2e12, bf16_peak_flops=6.8e14,
+                             meta=dict(gpu="NVIDIA H200 (cuda:sm_90)", date="2026-11-30", commit="abc1234",
+                                       torch="2.11.0")))
+    assert "NVIDIA H200 (cuda:sm_90), 2026-11-30, commit abc1234" in md
+    assert "| 275.0 | 687.2 | 40.0 | 40.0 | 0.0e+00 | NO |" in md and md.rstrip().endswith("| yes |")

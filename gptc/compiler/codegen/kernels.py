@@ -77,6 +77,13 @@ def prelude() -> str:
     return (templates_dir() / "prelude.h").read_text()
 
 
+@functools.lru_cache(maxsize=1)
+def mma_fragments() -> str:
+    """templates/mma_fragments.h: pasted (as text, not a Jinja template: its inline PTX
+    has braces) into the launches that run on the matrix units."""
+    return (templates_dir() / "mma_fragments.h").read_text()
+
+
 def _index_type(plan: Plan, kernel: KernelPlan) -> str:
     g = plan.graph
     sizes = [g.type(n).size for n in kernel.nodes + kernel.reads]
@@ -111,6 +118,7 @@ class _Part:
     pool_floats: int = 0
     consts: dict[str, int] = field(default_factory=dict)
     min_blocks: int = 0  # resident blocks per unit the compiler must allow (registers), 0: no bound
+    mma: bool = False    # runs on the matrix units: the launch pastes templates/mma_fragments.h
 
 
 def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
@@ -156,7 +164,8 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         raise AssertionError(family)
     template = ctx.pop("template", f"{family}.hip.j2")
     text = _environment().get_template(template).render(target=target, block_threads=block[0], **ctx)
-    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts, ctx.get("min_blocks", 0))
+    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts, ctx.get("min_blocks", 0),
+                 template == "matmul_mma.hip.j2")
 
 
 def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning: dict | None = None) -> KernelSource:
@@ -209,6 +218,7 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
         head = f'extern "C" __global__ void {bounds} {symbol}'
         return template.render(prelude=prelude() if with_prelude else "", family=family, target=target,
                                index_type=index_type, needs_reduce_helpers=family in ("row", "reduce"),
+                               mma_fragments=mma_fragments() if any(p.mma for p in parts) else "",
                                pool_f4=(pool + 3) // 4, functions=fns, parts=blocks, title=title,
                                signature=_signature(head, params), node_lines=node_lines)
 
