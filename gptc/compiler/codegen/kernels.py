@@ -23,6 +23,7 @@ from gptc.common import PACKAGE_DIR
 from gptc.target import Target
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.ops.sample import STREAM
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
 from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
@@ -151,6 +152,8 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _group_sort(plan, kernel, ctx, args)
     elif family == "grouped_matmul":
         grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
+    elif family == "sample":
+        grid, block, em = _sample(plan, kernel, ctx, args)
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
@@ -588,6 +591,26 @@ def _group_sort(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str])
                groups=g.node(node)["attrs"]["num_groups"], id_at=_operand_access(em, plan, ids, ["r"]),
                out=em.arg(node))
     return (1, 1, 1), (GROUP_SORT_THREADS, 1, 1), em
+
+
+SAMPLE_THREADS = 256
+
+
+def _sample(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
+    """sample_tokens (ops/sample.py): a block per row; threshold searches (bisection
+    over counts and masses) instead of a sort, then one scan in index order."""
+    g = plan.graph
+    node = kernel.anchor
+    logits, seen, settings, ints, index = g.inputs_of(node)
+    em = Emitter(plan, kernel.nodes, args=args)
+    rows, vocab = g.type(logits).shape
+    ctx.update(rows=rows, vocab=vocab, stream=STREAM, out=em.arg(node),
+               logit_at=_operand_access(em, plan, logits, ["row", "i"]),
+               seen_at=_operand_access(em, plan, seen, ["row", "i"]),
+               settings=[_operand_access(em, plan, settings, [str(j)]) for j in range(g.type(settings).shape[0])],
+               ints=[_operand_access(em, plan, ints, [str(j)]) for j in range(g.type(ints).shape[0])],
+               index_at=_operand_access(em, plan, index, ["row"]))
+    return (min(rows, MAX_GRID), 1, 1), (SAMPLE_THREADS, 1, 1), em
 
 
 GROUPED_TILE, GROUPED_BK, GROUPED_THREADS = 64, 16, 256
