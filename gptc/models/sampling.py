@@ -49,5 +49,6 @@ def seen_rows(histories, vocab: int) -> np.ndarray:
     """sample_seen for the token histories of a batch: (B, V) f32."""
     seen = np.zeros((len(histories), vocab), np.float32)
     for b, history in enumerate(histories):
-        seen[b, np.asarray(list(history), np.int64)] = 1.0
+        ids = np.asarray(list(history), np.int64)
+        seen[b, ids[(ids >= 0) & (ids < vocab)]] = 1.0  # the steps refuse ids outside, with their bounds
     return seen
