@@ -569,7 +569,8 @@ def _operand_access(em: Emitter, plan: Plan, nid: int, indices: Sequence[str]) -
     """A C expression loading the element of operand `nid` (a strided view of a buffer)
     at the C index expressions `indices`, as a float (int for i32)."""
     buf, offset, strides = _operand_layout(plan, nid)
-    terms = ([str(offset)] if offset else []) + [f"({i}) * {st}" if st != 1 else f"({i})"
+    paren = lambda i: i if re.fullmatch(r"\w+", i) else f"({i})"  # noqa: E731
+    terms = ([str(offset)] if offset else []) + [f"{paren(i)} * {st}" if st != 1 else paren(i)
                                                  for i, st in zip(indices, strides) if st != 0]
     raw = f"{em.arg(buf)}[{' + '.join(terms) or '0'}]"
     return f"bf16_to_float({raw})" if plan.buffer_of(buf).dtype == "bf16" else raw
