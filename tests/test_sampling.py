@@ -42,43 +42,58 @@ def sample(feeds: dict) -> np.ndarray:
     return run_graph(sample_graph(rows, vocab), feeds)["outputs"]["token"]
 
 
-def kernel_like(z_row, seen_row, settings, ints, row, index) -> int:
-    """The kernel's algorithm (templates/sample.hip.j2) in NumPy: bisections over counts
-    and masses instead of a sort, then a scan in index order."""
+def kernel_like(z_row, seen_row, settings, ints, row, index, threads: int = 8) -> int:
+    """The kernel's algorithm (templates/sample.hip.j2) in NumPy: radix selections over
+    counts and masses instead of a sort, then the draw placed by `threads` contiguous
+    segments of the row."""
     inv_t, top_p, pen, inv_pen, greedy = (np.float32(s) for s in settings)
     top_k, limit, lo32, hi32 = (int(i) for i in np.asarray(ints, np.int32).view(np.uint32))
     n = min(max(limit, 1), z_row.shape[0])
     z = z_row[:n].astype(np.float32)
     z = np.where(seen_row[:n] != 0, np.where(z > 0, z * inv_pen, z * pen), z).astype(np.float32)
-    u = z.view(np.uint32).astype(np.uint64)
+    u = z.view(np.uint32).astype(np.int64)
     key = np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
-    best = np.max((key << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.arange(n, dtype=np.uint64)))
+    best = int(np.max((key.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.arange(n, dtype=np.uint64))))
     if greedy:
-        return int(0xFFFFFFFF - (int(best) & 0xFFFFFFFF))
-    z_max = z[int(0xFFFFFFFF - (int(best) & 0xFFFFFFFF))]
+        return 0xFFFFFFFF - (best & 0xFFFFFFFF)
+    k_max = best >> 32
+    z_max = np.array([(k_max & 0x7FFFFFFF) if k_max & 0x80000000 else (~k_max & 0xFFFFFFFF)], np.uint32).view(np.float32)[0]
     cut_k = 0 < top_k < n
     valid = np.ones(n, bool)
     if cut_k:
-        lo, hi = 0, 0xFFFFFFFF
-        while lo < hi:
-            mid = lo + ((hi - lo + 1) >> 1)
-            lo, hi = (mid, hi) if np.sum(key >= mid) >= top_k else (lo, mid - 1)
-        k = np.uint64(lo)
-        cut = np.array([(k & 0x7FFFFFFF) if k & 0x80000000 else (~k & 0xFFFFFFFF)], np.uint32).view(np.float32)[0]
+        prefix, mask, rest = 0, 0, top_k
+        for shift in (24, 16, 8, 0):
+            hist = np.bincount((key[(key & mask) == prefix] >> shift) & 255, minlength=256)
+            above, d = 0, 255
+            while d > 0 and above + hist[d] < rest:
+                above += hist[d]
+                d -= 1
+            prefix, mask, rest = prefix | d << shift, mask | 255 << shift, rest - above
+        cut = np.array([(prefix & 0x7FFFFFFF) if prefix & 0x80000000 else (~prefix & 0xFFFFFFFF)],
+                       np.uint32).view(np.float32)[0]
         valid = z >= cut
     e = np.exp(((z - z_max) * inv_t).astype(np.float32)).astype(np.float32)
-    q = np.where(valid, (e * np.float32(QUANTUM)).astype(np.uint64), np.uint64(0)).astype(object)
-    total = sum(q)
+    q = np.where(valid, (e * np.float32(QUANTUM)).astype(np.int64), 0)
+    total = int(q.sum())
+    cut_p = top_p < 1
     kept_mass, t_star, keep = total, 0, 0
-    if top_p < 1:
+    if cut_p:
         p_mass = float(top_p) * float(total)
-        lo, hi = 0, 1 << 24
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            lo, hi = (lo, mid) if float(sum(x for x in q if x > mid)) < p_mass else (mid + 1, hi)
-        t_star = min(x for x in q if x >= lo)
-        above = sum(x for x in q if x > t_star)
-        members = sum(1 for x in q if x == t_star)
+        prefix, mask, above = 0, 0, 0
+        for shift in (24, 16, 8, 0):
+            chosen = (q > 0) & ((q & mask) == prefix)
+            hist = np.bincount((q[chosen] >> shift) & 255, weights=q[chosen], minlength=256).astype(np.int64)
+            acc, digit, value = above, None, None
+            for d in range(255, -1, -1):
+                if hist[d] > 0:
+                    if not acc < p_mass:
+                        break
+                    digit, value = d, acc
+                acc += int(hist[d])
+            members_mass = int(hist[digit])
+            prefix, mask, above = prefix | digit << shift, mask | 255 << shift, value
+        t_star = prefix
+        members = members_mass // t_star
         m = int((p_mass - float(above)) / float(t_star))
         while m > 0 and float(above + m * t_star) >= p_mass:
             m -= 1
@@ -88,19 +103,36 @@ def kernel_like(z_row, seen_row, settings, ints, row, index) -> int:
         kept_mass = above + keep * t_star
     w = philox4x32_10((index % 2**32, row, STREAM, 0), (lo32, hi32))
     r = ((int(w[0]) | int(w[1]) << 32) * int(kept_mass)) >> 64
-    run, seen_members = 0, 0
-    for i in range(n):
-        x = q[i]
-        if top_p < 1:
-            if x == t_star:
-                seen_members += 1
-                if seen_members > keep:
-                    x = 0
-            elif x < t_star:
-                x = 0
-        if x > 0 and run <= r < run + x:
-            return i
-        run += x
+    segment = -(-n // threads)
+    bounds = [(min(n, t * segment), min(n, t * segment + segment)) for t in range(threads)]
+
+    def kept(i: int, before: int) -> tuple[int, int]:
+        x = int(q[i])
+        if not cut_p or x > t_star:
+            return x, before
+        if x < t_star:
+            return 0, before
+        return (x if before < keep else 0), before + 1
+    ranks, masses = [], []
+    rank = 0
+    for b, e_ in bounds:
+        ranks.append(rank)
+        rank += sum(1 for i in range(b, e_) if cut_p and q[i] == t_star)
+        mass, before = 0, ranks[-1]
+        for i in range(b, e_):
+            x, before = kept(i, before)
+            mass += x
+        masses.append(mass)
+    start = 0
+    for (b, e_), rank, mass in zip(bounds, ranks, masses):
+        if start <= r < start + mass:
+            run = start
+            for i in range(b, e_):
+                x, rank = kept(i, rank)
+                run += x
+                if r < run:
+                    return i
+        start += mass
     return n - 1
 
 
@@ -122,7 +154,8 @@ def test_threshold_search_picks_what_the_sort_picks(vocab):
                                          float(rng.choice([1.0, 0.9, 0.5, 1e-4, 0.999])),
                                          float(rng.choice([1.0, 1.3, 0.7])), bool(case == 0), case, vocab)
         for b in range(z.shape[0]):
-            assert sample_row(z[b], seen[b], settings, ints, b, case) == kernel_like(z[b], seen[b], settings, ints, b, case)
+            want = sample_row(z[b], seen[b], settings, ints, b, case)
+            assert want == kernel_like(z[b], seen[b], settings, ints, b, case, threads=1 + b % 9)
 
 
 def test_greedy_is_argmax_and_equals_the_host():
