@@ -45,17 +45,11 @@ def test_reference_executor_refuses_token_ids_outside_the_vocabulary():
     assert issubclass(InputError, GptcError)  # the CLI prints it in one line
 
 
-def sampling_inputs(batch: int) -> dict:
-    from gptc.models.sampling import sampling_feeds
-    from gptc.tools.generate import SamplingParams
-    return sampling_feeds(SamplingParams(greedy=True), V, np.zeros(batch, np.int32))
-
-
 def test_reference_decode_refuses_a_position_past_the_context():
     graph = build_graph(SPEC, "decode", 1)
     ex = ReferenceExecutor(graph, init_params(graph, 0))
     with pytest.raises(InputError, match=rf"pos: id {S} at \[0\] is outside \[0, {S}\)"):
-        ex.run({"tokens": np.zeros((1, 1), np.int32), "pos": np.array([S], np.int32), **sampling_inputs(1)})
+        ex.run({"tokens": np.zeros((1, 1), np.int32), "pos": np.array([S], np.int32)})
 
 
 @pytest.mark.parametrize("mode,batch", [("train", 2), ("prefill", 1), ("decode", 1)])
@@ -66,8 +60,6 @@ def test_gpu_executor_check_uses_the_bounds_of_the_plan_table(mode, batch):
     feeds = {"train": train_feeds(batch),
              "prefill": {"tokens": np.zeros((1, S), np.int32), "last": np.array([S - 1], np.int32)},
              "decode": {"tokens": np.zeros((1, 1), np.int32), "pos": np.array([S - 1], np.int32)}}[mode]
-    if mode != "train":
-        feeds.update(sampling_inputs(batch))  # the sampling tail's (gptc/models/sampling.py)
     check_inputs(table, feeds)  # all in range
     bad, bound = {"train": ("tokens", V), "prefill": ("last", S), "decode": ("pos", S)}[mode]
     feeds[bad] = feeds[bad].copy()

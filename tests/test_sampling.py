@@ -241,7 +241,8 @@ def test_vocab_limit_and_seed_bits():
 
 def test_decode_graph_marks_the_drawn_token_seen():
     spec = gptc.preset("tiny")
-    g = build_graph(spec, "decode", 2)
+    assert "next_token" not in build_graph(spec, "decode", 2).outputs  # the tail is asked for
+    g = build_graph(spec, "decode", 2, sample=True)
     assert "next_token" in g.outputs and SEEN in g.updates
     params = sampling_params(spec)
     feeds = {**params, **{n: np.zeros(g.type(i).shape, np.float32) for n, i in g.states.items()}}
@@ -288,8 +289,9 @@ def test_sampling_kernels_compile(target):
     from gptc.runtime.device import compile_many
     from gptc.target import parse_target
     t = parse_target(target)
-    graphs = [sample_graph(3, 50257), sample_graph(1, 7, "bf16"), build_graph(gptc.preset("tiny"), "decode", 2),
-              build_graph(gptc.preset("tiny"), "prefill", 1)]
+    tiny = gptc.preset("tiny")
+    graphs = [sample_graph(3, 50257), sample_graph(1, 7, "bf16"), build_graph(tiny, "decode", 2, sample=True),
+              build_graph(tiny, "prefill", 1, sample=True)]
     kernels = [k for g in graphs for k in render_plan(make_plan(g), t) if k.family == "sample" or "sample" in k.origin]
     assert sum(k.family == "sample" for k in kernels) == len(graphs)
     compile_many([(k.code, k.symbol, (), k.origin) for k in kernels], t)

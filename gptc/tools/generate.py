@@ -130,8 +130,8 @@ def cpu_model(spec: Spec, params: Mapping[str, np.ndarray]) -> Model:
     dict, as the GPU steps share one persistent arena: the KV cache and the sampling
     state written by one step are read by the other."""
     from gptc.runtime.reference import ReferenceExecutor
-    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1), params)
-    decode = ReferenceExecutor(build_graph(spec, "decode", 1), params)
+    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1, sample=True), params)
+    decode = ReferenceExecutor(build_graph(spec, "decode", 1, sample=True), params)
     decode.persistent = prefill.persistent | decode.persistent
     prefill.persistent = decode.persistent
     return Model(spec, prefill, decode, lambda: None)

@@ -598,8 +598,10 @@ SAMPLE_THREADS = 256
 
 
 def _sample(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
-    """sample_tokens (ops/sample.py): a block per row; threshold searches (bisection
-    over counts and masses) instead of a sort, then one scan in index order."""
+    """sample_tokens (ops/sample.py): a block per row; radix selections (histograms of
+    8 bits at a time, of counts for top-k and of masses for top-p) instead of a sort,
+    then the draw placed by contiguous per-thread segments of the row. About 13
+    passes over the row when sampling, 1 when greedy."""
     g = plan.graph
     node = kernel.anchor
     logits, seen, settings, ints, index = g.inputs_of(node)

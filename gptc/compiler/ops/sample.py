@@ -20,8 +20,8 @@ the semantics of gptc.tools.generate.choose (the host sampler), step by step:
      kept masses, laid end to end in index order, holds r.
 
 Why integers: every sum and comparison after step 4 is exact, so the kernel (a block
-per row, sums in any order, threshold searches instead of a sort) and this reference
-pick the same token from the same q. The float steps are single IEEE operations
+per row, sums in any order, radix selections of the top-k cut and the top-p weight
+class instead of a sort) and this reference pick the same token from the same q. The float steps are single IEEE operations
 (products by the host-computed reciprocals, a subtraction, one expf), computed in
 float32 here whatever the executor's float dtype. Residual risk: expf may differ by an
 ulp or two between NumPy and the GPU's libm, changing a q by a few units in 2^24; the

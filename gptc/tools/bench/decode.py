@@ -126,7 +126,7 @@ class _GptcSteps:
 
     def __init__(self, spec: Spec, params: Mapping[str, np.ndarray], batch: int, device) -> None:
         from gptc.models import build_graph
-        graphs = [build_graph(spec, "prefill", batch), build_graph(spec, "decode", batch)]
+        graphs = [build_graph(spec, "prefill", batch, sample=True), build_graph(spec, "decode", batch, sample=True)]
         if device is None:
             from gptc.runtime.reference import ReferenceExecutor
             self.prefill, self.decode = (ReferenceExecutor(g, params) for g in graphs)
