@@ -23,7 +23,7 @@ def test_decode_bench_on_the_gpu(device, tmp_path):
             assert "error" not in r
         if "error" in r:
             continue
-        assert r["floor_ms"] > 0 and 0 < r["percent_of_floor"] <= 100, r
+        assert r["floor_ms"] > 0 and r["percent_of_floor"] > 0, r  # above 100% where the weights fit in L2
         # float32 sums in another order may flip a near tie; random weights make them rare
         assert r["same_tokens"], r["framework"]
     decode.write_decode_outputs(result, tmp_path)
