@@ -318,7 +318,8 @@ def run_decode_bench(cfg: DecodeConfig, device, log: Callable[[str], None] = pri
             "new_tokens": new, "batches": list(cfg.batches), "repeats": cfg.repeats, "smoke": cfg.smoke,
             "copy_bytes_per_s": bandwidth, "copy_how": how, "notes": notes}
     notes.append("greedy decoding, float32 (TF32 off); a decode step = previous token ids in, next token ids back "
-                 "on the host; the floor reads every weight once plus the KV cache up to the mean position")
+                 "on the host; the floor reads every weight once plus the KV cache up to the mean position from HBM "
+                 "(a model whose weights fit in L2 can beat it)")
     log(f"gptc bench decode: {cfg.name}, prompt {prompt_len} tokens, {new} new tokens, on {meta['gpu']}, "
         f"commit {meta['commit']}")
     rows = []
