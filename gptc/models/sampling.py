@@ -13,6 +13,8 @@ each step adds the token it drew.
 Output next_token (B,) i32."""
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 
 from gptc.compiler.ir import Graph, Tensor
@@ -38,9 +40,11 @@ def add_sampling(g: Graph, logits: Tensor) -> None:
 
 
 def sampling_feeds(p, vocab_limit: int, index: np.ndarray) -> dict[str, np.ndarray]:
-    """The tail's inputs for gptc.tools.generate.SamplingParams `p` (seed None: 0)."""
+    """The tail's inputs for gptc.tools.generate.SamplingParams `p` (seed None: a fresh
+    random seed, as the host sampler drew from fresh entropy)."""
+    seed = p.seed if p.seed is not None else secrets.randbits(64)
     settings, ints = settings_arrays(p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.greedy,
-                                     p.seed or 0, vocab_limit)
+                                     seed, vocab_limit)
     return {"sample_settings": settings, "sample_ints": ints,
             "sample_index": np.asarray(index, np.int32).reshape(-1)}
 
