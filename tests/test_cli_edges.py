@@ -591,6 +591,8 @@ ROWS = [
     Row("bench --repeats", ["bench", "--repeats", "-1"], "--repeats must be at least 1"),
     Row("bench --no-kernels", ["bench", "--no-kernels=no"], "argument --no-kernels: ignored explicit argument 'no'"),
     Row("bench --device", ["bench", "--device", "cpu"], "argument --device: invalid choice: 'cpu'"),
+    Row("bench --batches", ["bench", "--what", "decode", "--batches", "8,0"], "--batches takes positive integers"),
+    Row("bench --smoke", ["bench", "--what", "infer", "--smoke"], "--smoke and --batches go with --what decode"),
 ]
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from gptc.compiler import dsl
-from gptc.compiler.ir import Graph
+from gptc.compiler.ir import Graph, Tensor
 from gptc.models.gpt import decode_attend, gpt_logits, prefill_attend
+from gptc.models.sampling import add_sampling
 from gptc.compiler.optim import add_training
 from gptc.compiler.precision import apply_precision
 from gptc.spec import Spec, SpecError, validate
@@ -14,7 +15,7 @@ MODES = ("train", "eval", "infer", "prefill", "decode")
 
 
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
-                expose_gradients: bool = False) -> Graph:
+                expose_gradients: bool = False, sample: bool = False) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
            (step also keys the dropout masks);
@@ -27,7 +28,10 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
              updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
              (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
     decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
-             updates the KV cache at pos (linear attention: adds to its state)."""
+             updates the KV cache at pos (linear attention: adds to its state).
+    sample=True (prefill and decode, as bundles build them): the graph ends with the
+    sampling tail (gptc/models/sampling.py): output next_token (B,) i32, drawn from
+    the logits on the device with run-time sampling settings."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -49,12 +53,16 @@ def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, 
         tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
         last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
         g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last), rows=last))
+        if sample:
+            add_sampling(g, Tensor(g, g.outputs["logits"]))
         return g
     if mode == "decode":
         tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)
         pos = g.input("pos", (1,), "i32", bound=spec.model.seq_len)
         logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos), positions=pos)
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
+        if sample:
+            add_sampling(g, Tensor(g, g.outputs["logits"]))
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
     aux_losses: list = []

@@ -79,7 +79,8 @@ def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
     """Plan and render every step of `spec` for `target`; no compiler runs."""
     batch = spec.train.batch_size
     graphs = {"train": build_graph(spec, "train", batch), "eval": build_graph(spec, "eval", batch),
-              "prefill": build_graph(spec, "prefill", 1), "decode": build_graph(spec, "decode", 1)}
+              "prefill": build_graph(spec, "prefill", 1, sample=True),
+              "decode": build_graph(spec, "decode", 1, sample=True)}
     tables, kernels = {}, {}
     for step, graph in graphs.items():
         plan = make_plan(graph, fuse)

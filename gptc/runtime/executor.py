@@ -148,13 +148,15 @@ class GpuExecutor:
                 self.captured = self.device.end_capture()
         self.device.replay(self.captured)
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One step; reads back the outputs named in `outputs` (default: all of them)."""
         check_inputs(self.table, inputs)
         for name, buffer in self.table["inputs"].items():
             self.upload(buffer, np.asarray(inputs[name]))
         self.launch()
         shapes = self.table["output_shapes"]
-        return {name: self.download(buffer).reshape(shapes[name]) for name, buffer in self.table["outputs"].items()}
+        names = self.table["outputs"] if outputs is None else outputs
+        return {name: self.download(self.table["outputs"][name]).reshape(shapes[name]) for name in names}
 
     def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of params and states."""

@@ -175,7 +175,18 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if first_file_in(out):
         raise GptcError(f"cannot use '{out}' as the output directory: '{first_file_in(out)}' is a file, not a "
                         "directory; choose another --out")
-    cfg = BenchConfig(spec, name, parse_list(args.what, WHATS, "what"), parse_list(args.compare, COMPARES, "compare"),
+    what = parse_list(args.what, WHATS + ("decode",), "what") if args.what else WHATS
+    if "decode" in what:  # generation speed: its own peers and report (gptc/tools/bench/decode.py)
+        from gptc.tools.bench.decode import PEERS, DecodeConfig, bench_decode_main
+        batches = tuple(_positive_ints(args.batches, "--batches")) if args.batches else DecodeConfig.batches
+        bench_decode_main(DecodeConfig(spec, name, batches, parse_list(args.compare, PEERS, "compare"),
+                                       repeats=args.repeats or 20, smoke=args.smoke), out, args.device)
+        what = tuple(w for w in what if w != "decode")
+        if not what:
+            return
+    elif args.smoke or args.batches:
+        raise GptcError("--smoke and --batches go with --what decode")
+    cfg = BenchConfig(spec, name, what, parse_list(args.compare, COMPARES, "compare"),
                       repeats=args.repeats or 20, per_kernel=not args.no_kernels)
     bench_main(cfg, out, args.device)
 
@@ -183,6 +194,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=CHOICES["precision"],
                    help="train.precision: fp32, or bf16 mixed precision (bf16 matmul operands, f32 master weights)")
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise GptcError(f"{flag} takes positive integers separated by commas, got '{text}'")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a preset ({', '.join(PRESETS)}) or a spec TOML file (default hipgpt)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the spec's)")
     _add_precision(p)
-    p.add_argument("--what", type=_nonempty, metavar="LIST", help="train,infer (default both)")
+    p.add_argument("--what", type=_nonempty, metavar="LIST",
+                   help="train,infer (default both), or decode: generation speed (TTFT, tokens/s) against PyTorch")
+    p.add_argument("--batches", type=_nonempty, metavar="LIST", help="--what decode: the batch sizes (default 1,8,64)")
+    p.add_argument("--smoke", action="store_true",
+                   help="--what decode on the CPU (reference executor, PyTorch on the CPU): checks the path, not speed")
     p.add_argument("--compare", type=_nonempty, metavar="LIST",
                    help="unfused,torch-eager,torch-compile,torch-cudagraphs (default all; the torch columns "
                         "are skipped where PyTorch is not installed)")

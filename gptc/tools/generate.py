@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from gptc.models import build_graph
+from gptc.models.sampling import SEEN, sampling_feeds, seen_rows
 from gptc.spec import GptcError, Spec
 
 
@@ -55,7 +56,9 @@ def check_prompt(prompt: str) -> None:
 
 
 def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
-    """The next token from one row of logits."""
+    """The next token from one row of logits, on the host: the definition of the
+    sampling options. Generation draws on the device instead, with these semantics
+    (gptc/compiler/ops/sample.py; tests compare the two)."""
     z = np.asarray(logits, dtype=np.float64).copy()
     if p.repetition_penalty != 1.0 and len(history):
         seen = np.unique(np.asarray(history))
@@ -80,65 +83,92 @@ def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
 
 
 class Model:
-    """Prefill and decode steps of one model on one executor kind, sharing the KV cache."""
+    """Prefill and decode steps of one model on one executor kind, sharing the KV cache
+    and the sampling state. Each step ends with the sampling tail of the graphs
+    (gptc/models/sampling.py): it draws the next token itself, and only the token ids
+    are read back (`fetch`; None reads every output, as the CPU reference does)."""
 
-    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None]) -> None:
+    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None],
+                 fetch: Sequence[str] | None = None) -> None:
         self.spec, self.prefill_step, self.decode_step, self.share_cache = spec, prefill, decode, share_cache
+        self.fetch = fetch
+        self.sampling: dict[str, np.ndarray] = {}
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits for the next token after `tokens` (at most seq_len of them); fills the cache."""
+    def start(self, history: Sequence[int], p: SamplingParams, vocab_limit: int) -> None:
+        """Before a generation: the sampling settings, and the tokens seen so far (the
+        repetition penalty's history) written into the sampling state."""
+        self.sampling = sampling_feeds(p, vocab_limit, np.zeros(1, np.int32))
+        self.decode_step.write({SEEN: seen_rows([history], self.spec.model.vocab_size)})
+
+    def _run(self, step, feeds: dict, index: int) -> int:
+        feeds = {**feeds, **self.sampling, "sample_index": np.array([index], np.int32)}
+        out = step.run(feeds) if self.fetch is None else step.run(feeds, outputs=self.fetch)
+        return int(out["next_token"][0])
+
+    def prefill(self, tokens: Sequence[int], index: int) -> int:
+        """The token drawn after `tokens` (at most seq_len of them), token `index` of the
+        generation; fills the cache."""
         s = self.spec.model.seq_len
         padded = np.zeros((1, s), np.int32)
         padded[0, :len(tokens)] = tokens
-        logits = self.prefill_step.run({"tokens": padded, "last": np.array([len(tokens) - 1], np.int32)})["logits"]
+        token = self._run(self.prefill_step, {"tokens": padded, "last": np.array([len(tokens) - 1], np.int32)}, index)
         self.share_cache()
-        return logits[0]
+        return token
 
-    def decode(self, token: int, pos: int) -> np.ndarray:
-        """Logits after appending `token` at position `pos` (the cache holds 0..pos-1)."""
-        out = self.decode_step.run({"tokens": np.array([[token]], np.int32), "pos": np.array([pos], np.int32)})
-        return out["logits"][0]
+    def decode(self, token: int, pos: int, index: int) -> int:
+        """The token drawn after appending `token` at position `pos` (the cache holds 0..pos-1)."""
+        return self._run(self.decode_step, {"tokens": np.array([[token]], np.int32),
+                                            "pos": np.array([pos], np.int32)}, index)
 
-    def full(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits for the next token, recomputing the whole window (no cache reuse)."""
-        return self.prefill(list(tokens)[-self.spec.model.seq_len:])
+    def full(self, tokens: Sequence[int], index: int) -> int:
+        """The token drawn recomputing the whole window (no cache reuse)."""
+        return self.prefill(list(tokens)[-self.spec.model.seq_len:], index)
 
 
 def cpu_model(spec: Spec, params: Mapping[str, np.ndarray]) -> Model:
+    """The reference executors of prefill and decode hold their params and states in one
+    dict, as the GPU steps share one persistent arena: the KV cache and the sampling
+    state written by one step are read by the other."""
     from gptc.runtime.reference import ReferenceExecutor
-    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1), params)
-    decode = ReferenceExecutor(build_graph(spec, "decode", 1), params)
-    names = list(decode.graph.states)
-    return Model(spec, prefill, decode, lambda: decode.write(prefill.read(names)))
+    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1, sample=True), params)
+    decode = ReferenceExecutor(build_graph(spec, "decode", 1, sample=True), params)
+    decode.persistent = prefill.persistent | decode.persistent
+    prefill.persistent = decode.persistent
+    return Model(spec, prefill, decode, lambda: None)
 
 
 def gpu_model(runtime) -> Model:
     """From a gptc.runtime.bundle.BundleRuntime: prefill and decode share device memory."""
-    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None)
+    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None,
+                 fetch=("next_token",))
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,
                     vocab_size: int | None = None) -> Iterator[int]:
     """Yield `p.num_tokens` new tokens after `prompt` (at least one token), all below
     `vocab_size` (default: the model's): a model may have more embedding rows than its
-    tokenizer has tokens, and the rows past the tokenizer's are never sampled."""
+    tokenizer has tokens, and the rows past the tokenizer's are never sampled. Token i
+    is drawn by the step that computes its logits, from Philox keyed by (seed, i): the
+    same seed gives the same tokens on the CPU reference and the GPU, with or without
+    the cache."""
     s = model.spec.model.seq_len
     n = model.spec.model.vocab_size if vocab_size is None else vocab_size
-    rng = np.random.default_rng(p.seed)
     tokens = list(prompt)
     if not tokens:
         raise GptcError("the prompt is empty; give at least one character")
-    logits = model.prefill(tokens[-s:]) if use_cache else model.full(tokens)
-    for _ in range(p.num_tokens):
-        nxt = choose(logits[:n], tokens, p, rng)
+    model.start(tokens, p, n)
+    nxt = model.prefill(tokens[-s:], 0) if use_cache else model.full(tokens, 0)
+    for index in range(1, p.num_tokens + 1):
         tokens.append(nxt)
         yield nxt
+        if index == p.num_tokens:
+            return
         if not use_cache:
-            logits = model.full(tokens)
+            nxt = model.full(tokens, index)
         elif len(tokens) <= s:
-            logits = model.decode(nxt, len(tokens) - 1)
+            nxt = model.decode(nxt, len(tokens) - 1, index)
         else:  # the window slid: every position changed
-            logits = model.prefill(tokens[-s:])
+            nxt = model.prefill(tokens[-s:], index)
 
 
 def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: str = "auto",

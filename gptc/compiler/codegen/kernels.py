@@ -23,6 +23,7 @@ from gptc.common import PACKAGE_DIR
 from gptc.target import Target
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.ops.sample import STREAM
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
 from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
@@ -160,6 +161,8 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _group_sort(plan, kernel, ctx, args)
     elif family == "grouped_matmul":
         grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
+    elif family == "sample":
+        grid, block, em = _sample(plan, kernel, ctx, args)
     else:
         raise AssertionError(family)
     template = ctx.pop("template", f"{family}.hip.j2")
@@ -752,7 +755,8 @@ def _operand_access(em: Emitter, plan: Plan, nid: int, indices: Sequence[str]) -
     """A C expression loading the element of operand `nid` (a strided view of a buffer)
     at the C index expressions `indices`, as a float (int for i32)."""
     buf, offset, strides = _operand_layout(plan, nid)
-    terms = ([str(offset)] if offset else []) + [f"({i}) * {st}" if st != 1 else f"({i})"
+    paren = lambda i: i if re.fullmatch(r"\w+", i) else f"({i})"  # noqa: E731
+    terms = ([str(offset)] if offset else []) + [f"{paren(i)} * {st}" if st != 1 else paren(i)
                                                  for i, st in zip(indices, strides) if st != 0]
     raw = f"{em.arg(buf)}[{' + '.join(terms) or '0'}]"
     return f"bf16_to_float({raw})" if plan.buffer_of(buf).dtype == "bf16" else raw
@@ -774,6 +778,28 @@ def _group_sort(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str])
                groups=g.node(node)["attrs"]["num_groups"], id_at=_operand_access(em, plan, ids, ["r"]),
                out=em.arg(node))
     return (1, 1, 1), (GROUP_SORT_THREADS, 1, 1), em
+
+
+SAMPLE_THREADS = 256
+
+
+def _sample(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
+    """sample_tokens (ops/sample.py): a block per row; radix selections (histograms of
+    8 bits at a time, of counts for top-k and of masses for top-p) instead of a sort,
+    then the draw placed by contiguous per-thread segments of the row. About 13
+    passes over the row when sampling, 1 when greedy."""
+    g = plan.graph
+    node = kernel.anchor
+    logits, seen, settings, ints, index = g.inputs_of(node)
+    em = Emitter(plan, kernel.nodes, args=args)
+    rows, vocab = g.type(logits).shape
+    ctx.update(rows=rows, vocab=vocab, stream=STREAM, out=em.arg(node),
+               logit_at=_operand_access(em, plan, logits, ["row", "i"]),
+               seen_at=_operand_access(em, plan, seen, ["row", "i"]),
+               settings=[_operand_access(em, plan, settings, [str(j)]) for j in range(g.type(settings).shape[0])],
+               ints=[_operand_access(em, plan, ints, [str(j)]) for j in range(g.type(ints).shape[0])],
+               index_at=_operand_access(em, plan, index, ["row"]))
+    return (min(rows, MAX_GRID), 1, 1), (SAMPLE_THREADS, 1, 1), em
 
 
 GROUPED_TILE, GROUPED_BK, GROUPED_THREADS = 64, 16, 256

@@ -17,6 +17,7 @@ VIEW = "view"              # reshape/permute/broadcast/slice/pad: folded into in
 GATHER = "gather"
 SCATTER = "scatter"
 GROUPED = "grouped"        # MoE dispatch: counting sort by group, per-group matmuls (a kernel each)
+SAMPLE = "sample"          # next-token sampling: a row kernel of its own (ops/sample.py)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def make_plan(graph: Graph, fuse: bool = True) -> Plan:
 
 SPLIT_REDUCTION_SIZE = 1 << 16
 # Ops whose kernels read their operands as strided views of buffers.
-MATMUL_LIKE = ("matmul", "group_rank", "group_offsets", "grouped_matmul", "grouped_weight_grad")
+MATMUL_LIKE = ("matmul", "group_rank", "group_offsets", "grouped_matmul", "grouped_weight_grad", "sample_tokens")
 
 
 def split_reductions(graph: Graph) -> None:

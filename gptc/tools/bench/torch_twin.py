@@ -87,12 +87,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, dims: int, base: float) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, dims: int, base: float, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding as Hugging Face's GPT-NeoX/LLaMA write it (rotate_half), over the
-    first `dims` dimensions of each head (partial rotary), positions 0..S-1. x (B, H, S, D)."""
+    first `dims` dimensions of each head (partial rotary), positions 0..S-1 (or
+    `positions` (S,)). x (B, H, S, D)."""
     seq = x.shape[-2]
     inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=x.device, dtype=x.dtype) / dims))
-    angles = torch.arange(seq, device=x.device, dtype=x.dtype)[:, None] * inv_freq[None, :]
+    at = torch.arange(seq, device=x.device) if positions is None else positions
+    angles = at.to(x.dtype)[:, None] * inv_freq[None, :]
     emb = torch.cat((angles, angles), dim=-1)
     rot, rest = x[..., :dims], x[..., dims:]
     return torch.cat((rot * emb.cos() + rotate_half(rot) * emb.sin(), rest), dim=-1)
@@ -386,3 +388,59 @@ def train_step(loss_fn, model: TorchGPT, opt: torch.optim.AdamW, tokens: torch.T
 
 __all__ = ["TorchGPT", "linear_attention", "build_model", "dropout_masks", "load_params", "make_optimizer",
            "reset_optimizer", "train_step"]
+
+
+# ----- KV-cache decoding (gptc bench --what decode) ---------------------------------------
+class KVCache:
+    """Keys and values of every layer, (B, kv_heads, seq_len, head_dim), allocated once:
+    static shapes, written in place at the new positions (what transformers'
+    StaticCache does, so torch.compile and CUDA graphs can capture a decode step)."""
+
+    def __init__(self, m: ModelSpec, batch: int, device="cuda", dtype: torch.dtype = torch.float32):
+        shape = (batch, m.kv_heads, m.seq_len, m.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(m.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(m.n_layers)]
+
+
+def cached_attention(attn: Attention, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor) -> torch.Tensor:
+    """Attention of the new positions `positions` (T,) of x (B, T, E): their keys and
+    values are written into the caches first, then each query attends to the cache
+    positions it sees (0..its position, or the last `window` of them)."""
+    if attn.linear:
+        raise NotImplementedError("the twin has no KV-cache decoding of linear attention")
+    b, t, e = x.shape
+    hd, kv = attn.head_dim, attn.kv_heads
+    q, k, v = attn.c_attn(x).split([attn.heads * hd, kv * hd, kv * hd], dim=2)
+    q = q.view(b, t, attn.heads, hd).transpose(1, 2)
+    k, v = (u.view(b, t, kv, hd).transpose(1, 2) for u in (k, v))
+    if attn.spec.pos == "rope":
+        q, k = (apply_rope(u, attn.spec.rope_dims, attn.spec.rope_base, positions) for u in (q, k))
+    k_cache.index_copy_(2, positions, k)
+    v_cache.index_copy_(2, positions, v)
+    keys, values = k_cache, v_cache
+    if kv != attn.heads:
+        keys, values = (u.repeat_interleave(attn.heads // kv, dim=1) for u in (keys, values))
+    back = positions[:, None] - torch.arange(k_cache.shape[2], device=x.device)[None, :]
+    visible = (back >= 0) & (back < attn.window) if attn.window else back >= 0
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    return attn.c_proj(y.transpose(1, 2).reshape(b, t, e))
+
+
+def forward_cached(model: TorchGPT, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits (B, V) of the last of `tokens` (B, T) at `positions` (T,) int64, reading
+    and extending `cache` (the prefill: positions 0..T-1; a decode step: one position).
+    Inference only: no dropout."""
+    m = model.spec
+    x = model.wte[tokens]
+    if m.pos == "learned":
+        x = x + model.wpe[positions]
+    elif m.pos == "sinusoidal":
+        x = x + sinusoidal_table(m.seq_len, m.d_model, device=tokens.device, dtype=model.wte.dtype)[positions]
+    for layer, block in enumerate(model.h):
+        x = x + cached_attention(block.attn, block.ln_1(x), positions, cache.k[layer], cache.v[layer])
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_f(x[:, -1])
+    if model.lm_head is not None:
+        return model.lm_head(x)
+    return F.linear(x, model.wte, getattr(model, "lm_head_bias", None))
