@@ -194,6 +194,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=CHOICES["precision"],
                    help="train.precision: fp32, or bf16 mixed precision (bf16 matmul operands, f32 master weights)")
+
+
 def _positive_ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
