@@ -593,6 +593,11 @@ ROWS = [
     Row("bench --device", ["bench", "--device", "cpu"], "argument --device: invalid choice: 'cpu'"),
     Row("bench --batches", ["bench", "--what", "decode", "--batches", "8,0"], "--batches takes positive integers"),
     Row("bench --smoke", ["bench", "--what", "infer", "--smoke"], "--smoke and --batches go with --what decode"),
+    Row("train --precision", ["train", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    Row("compile --precision", ["compile", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    Row("plan --precision", ["plan", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    Row("bench --precision", ["bench", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    Row("bench --gemm", ["bench", "--gemm=no"], "argument --gemm: ignored explicit argument 'no'"),
 ]
 
 

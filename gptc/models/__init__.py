@@ -35,7 +35,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
-    g = _model_graph(spec, mode, batch, seq_len, expose_gradients)
+    g = _model_graph(spec, mode, batch, seq_len, expose_gradients, sample)
     if spec.train.precision != "fp32":
         # After the optimizer (DESIGN's order); fp32 graphs stay exactly as built.
         apply_precision(g, spec.train.precision)
@@ -43,7 +43,8 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     return g
 
 
-def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, expose_gradients: bool) -> Graph:
+def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, expose_gradients: bool,
+                 sample: bool = False) -> Graph:
     batch = batch or spec.train.batch_size
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:
