@@ -303,7 +303,9 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     wave = target.wavefront
     tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
-    special = {r: f"r{r}" for r in reduces}
+    # Stage results are named by position (the template's comment names the node): code
+    # that differs only in node ids (a repeated layer) stays identical and compiles once.
+    special = {r: f"r{s}" for s, r in enumerate(reduces)}
     em = Emitter(plan, kernel.nodes, special, args)
     lead_idx = unravel(var("row", rows), lead)
     full_idx = lead_idx + (var("j", row_len),)
@@ -314,10 +316,10 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
         del em.special[r]  # not yet computed while its own stage runs
         v = em.value(g.inputs_of(r)[0], full_idx)
         is_max = g.op(r) == "max"
-        stages.append(dict(var=f"r{r}", node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
+        stages.append(dict(var=special[r], node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
                            init="-INFINITY" if is_max else "0.0f",
                            combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}"))
-        em.special[r] = f"r{r}"
+        em.special[r] = special[r]
     reduced_shape = lead + (1,)
     em.begin_block()
     row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)
