@@ -197,6 +197,14 @@ class Fuser:
         self.in_place: set[int] = set(graph.updates.values())
         # Nodes computed in a matmul's operand loads (gated_operand), not at its output.
         self.prologue: set[int] = set()
+        # compute_users by node: the graph does not change while it is fused, and the
+        # merge pass asks again for every node of every candidate union.
+        self._users: dict[int, list[tuple[int, list[int]]]] = {}
+
+    def users(self, nid: int) -> list[tuple[int, list[int]]]:
+        if nid not in self._users:
+            self._users[nid] = compute_users(self.graph, nid, self.free)
+        return self._users[nid]
 
     def run(self) -> list[Group]:
         g = self.graph
@@ -278,7 +286,7 @@ class Fuser:
             if space is not None and self._row_legal(nodes, space):
                 return ROW, min(reduces)
             return None
-        roots = [n for n in nodes if n in self.roots or any(u not in nodes for u, _ in compute_users(g, n, self.free))]
+        roots = [n for n in nodes if n in self.roots or any(u not in nodes for u, _ in self.users(n))]
         if len({g.type(n).shape for n in roots}) != 1:
             return None
         for n, _, chain in self._internal_chains(nodes):
@@ -306,7 +314,7 @@ class Fuser:
         g = self.graph
         if nid in self.roots:
             return None
-        users = compute_users(g, nid, self.free)
+        users = self.users(nid)
         targets = {self.group_of[u] for u, _ in users}
         if len(targets) != 1:
             return None
@@ -316,7 +324,7 @@ class Fuser:
             return None
         if group.family == MATMUL_FAMILY and all(u == group.anchor for u, _ in users):
             cone = gated_operand(g, nid, self.free)
-            if cone is not None and all(u in cone or u == group.anchor for c in cone for u, _ in compute_users(g, c, self.free)):
+            if cone is not None and all(u in cone or u == group.anchor for c in cone for u, _ in self.users(c)):
                 for n in cone - {nid}:  # the rest of the cone joins with nid (run adds nid)
                     group.nodes.add(n)
                     self.group_of[n] = target
@@ -377,7 +385,7 @@ class Fuser:
     def _internal_chains(self, nodes: set[int]):
         """(producer, consumer, chain of views) for every edge inside a group."""
         for n in nodes:
-            for consumer, chain in compute_users(self.graph, n, self.free):
+            for consumer, chain in self.users(n):
                 if consumer in nodes:
                     yield n, consumer, chain
 
