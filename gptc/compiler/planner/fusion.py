@@ -152,7 +152,9 @@ def _const_only(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
     if op in ("input", "param", "state"):
         return False
     kind = OPS[op].kind
-    return kind in (VIEW, ELEMENTWISE) and all(_const_only(graph, i, cache) for i in graph.inputs_of(nid))
+    if kind == ELEMENTWISE:  # the same question as is_free's, whose answers are cached
+        return is_free(graph, nid, cache)  # (a walk up each chain of adds is quadratic)
+    return kind == VIEW and all(_const_only(graph, i, cache) for i in graph.inputs_of(nid))
 
 
 def compute_users(graph: Graph, nid: int, free: dict[int, bool]) -> list[tuple[int, list[int]]]:
