@@ -309,7 +309,8 @@ def _dispatch(f: dict, parts: list[_Part], starts: dict[int, int], name: Callabl
     decls += [name(f"{t.rstrip('*')} {', '.join('*' + v for v in vs)};") for t, vs in by_type.items()]
     lines = _packed(decls, "  ")
     for i, (k, used) in enumerate(zip(members, f["used"])):
-        test = "} else {" if i == len(members) - 1 else f"{'} else ' if i else ''}if (blockIdx.x < {starts[k] + parts[k].grid[0]}) {{"
+        end = starts[k] + parts[k].grid[0]
+        test = "} else {" if i == len(members) - 1 else f"{'} else ' if i else ''}if (blockIdx.x < {end}) {{"
         lines.append(f"  {test}  // {parts[k].title}")
         sets = [f"block_id = (idx_t)blockIdx.x - {starts[k]};", f"grid_blocks = {parts[k].grid[0]};"]
         sets += [f"{c} = {parts[k].consts[c]};" for c in varying_consts]
