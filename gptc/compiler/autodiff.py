@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import networkx as nx
-
 from gptc.compiler.ir import Graph, Tensor
 from gptc.compiler.ops import OPS
 
@@ -24,11 +22,8 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
     wrt_ids = [w.id for w in wrt]
     # No gradient flows through stop_gradient: nodes that depend on a w only through one
     # need no gradient (and no VJP is built for them).
-    flows = nx.subgraph_view(graph.nx, filter_node=lambda n: n in wrt_ids or graph.op(n) != "stop_gradient")
-    needs_grad: set[int] = set(wrt_ids)
-    for w in wrt_ids:
-        needs_grad |= nx.descendants(flows, w)
-    on_path = (nx.ancestors(graph.nx, loss.id) | {loss.id}) & needs_grad
+    needs_grad = graph.reachable(wrt_ids, through=lambda n: graph.op(n) != "stop_gradient")
+    on_path = graph.reachable([loss.id], forward=False) & needs_grad
 
     grads: dict[int, Tensor] = {loss.id: graph.const(1.0, loss.dtype)}
     for nid in reversed(graph.topo_order()):

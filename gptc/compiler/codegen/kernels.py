@@ -10,7 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jinja2
 
@@ -187,34 +187,44 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
     pool = max(p.pool_floats for p in parts)
     assert pool * 4 <= target.shared_mem, "a part's shared memory exceeds the target's"
     types = {ph: STORAGE_TYPE[plan.buffer_of(a).dtype] for a, ph in args.items()}
-    functions, calls, leader = _share(parts, types)
-    starts = [0]
-    for p in parts:
-        starts.append(starts[-1] + p.grid[0])
-    grid = (starts[-1], 1, 1) if len(parts) > 1 else parts[0].grid
+    functions, branches, leader = _share(parts, types)
+    # Parts run in the order of the branches (a function's parts side by side), each on
+    # its own range of blocks.
+    order = [k for kind, x in branches for k in ([x] if kind == "inline" else functions[x]["members"])]
+    starts: dict[int, int] = {}
+    total = 0
+    for k in order:
+        starts[k], total = total, total + parts[k].grid[0]
+    grid = (total, 1, 1) if len(parts) > 1 else parts[0].grid
     family = kernels[0].family
     name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
     index_type = "long long" if any(_index_type(plan, k) == "long long" for k in kernels) else "int"
     template = _environment().get_template("kernel.hip.j2")
 
-    def render(symbol: str, mapping: dict[str, str], fn_args: list[dict[str, str]], title: str = "",
-               node_lines: Sequence[str] = (), with_prelude: bool = True) -> str:
+    def render(symbol: str, mapping: dict[str, str], fn_args: list[dict[str, str]], sel_args: list[dict[str, str]],
+               title: str = "", node_lines: Sequence[str] = (), with_prelude: bool = True) -> str:
         """The launch's text, its placeholders named by `mapping` (and by `fn_args` inside
-        each function); those it does not name stay (the code)."""
+        each function, `sel_args` in the branch that calls it); those it does not name
+        stay (the code)."""
         fns = []
         for f, local in zip(functions, fn_args):
             head = f"__device__ __forceinline__ void {names.substitute(f['name'], mapping)}"
             fns.append(dict(comment=f["comment"], body=names.substitute(f["body"], {**mapping, **local}),
                             signature=_signature(head, [f"{t} {names.substitute(p, local)}" for t, p in f["params"]])))
         blocks = []
-        for p, start, call in zip(parts, starts, calls):
-            if call is None:
-                body = names.substitute(p.text, mapping)
-            else:
-                fn, values = names.substitute(call[0], mapping), [names.substitute(v, mapping) for v in call[1]]
-                body = _signature(f"  {fn}", values) + ";\n"
-            blocks.append(dict(title=p.title, start=start, end=start + p.grid[0], inline=call is None,
-                               consts=p.consts, body=body))
+        for kind, x in branches:
+            if kind == "inline":
+                p = parts[x]
+                blocks.append(dict(title=p.title, start=starts[x], end=starts[x] + p.grid[0], inline=True,
+                                   consts=p.consts, body=names.substitute(p.text, mapping)))
+                continue
+            f, members = functions[x], functions[x]["members"]
+            last = members[-1]
+            local = {**mapping, **sel_args[x]}
+            body = _dispatch(f, parts, starts, lambda text: names.substitute(text, local))
+            blocks.append(dict(title=f"{len(members)} parts run {names.substitute(f['name'], mapping)}",
+                               start=starts[members[0]], end=starts[last] + parts[last].grid[0], inline=False,
+                               consts={}, body=body))
         params = [f"{types[ph]}* {names.substitute(ph, mapping)}" for ph in args.values()]
         min_blocks = max(p.min_blocks for p in parts)
         bounds = f"GPTC_LAUNCH_BOUNDS_MIN({block[0]}, {min_blocks})" if min_blocks else f"GPTC_LAUNCH_BOUNDS({block[0]})"
@@ -225,7 +235,8 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
                                pool_f4=(pool + 3) // 4, functions=fns, parts=blocks, title=title,
                                signature=_signature(head, params), node_lines=node_lines)
 
-    code = _strip_comments(render("KERNEL_SYMBOL", {}, [{} for _ in functions], with_prelude=False))
+    code = _strip_comments(render("KERNEL_SYMBOL", {}, [{} for _ in functions], [{} for _ in functions],
+                                  with_prelude=False))
     symbol = f"gptc_{family}_{hashlib.sha256(code.encode()).hexdigest()[:12]}"
     code = prelude() + code.replace("KERNEL_SYMBOL", symbol)
     # Role names for the source a person reads (the code keeps the placeholders).
@@ -234,11 +245,15 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
     mapping = {ph: names.unique(names.buffer_names(plan, a)[0], taken) for a, ph in args.items()}
     mapping.update({f["name"]: names.unique(names.sanitize(f["title"]), taken) for f in functions})
     node_of = {ph: a for a, ph in args.items()}
-    fn_args = []
+    fn_args, sel_args = [], []
     for f in functions:  # a parameter is named by what the parts' buffers have in common
+        agreed = [names.agreed_name([names.buffer_names(plan, node_of[ph]) for ph in column])
+                  for column in f["columns"]]
         local = avoid | {mapping[f["name"]]}
-        fn_args.append({p: names.unique(names.agreed_name([names.buffer_names(plan, node_of[ph]) for ph in column]),
-                                        local) for p, column in zip(f["fargs"], f["columns"])})
+        fn_args.append({p: names.unique(a, local) for p, a in zip(f["fargs"], agreed)})
+        # the calling branch's locals also live beside the kernel's parameters
+        local = set(taken)
+        sel_args.append({p: names.unique(a, local) for p, a in zip(f["fargs"], agreed)})
     node_lines = []
     for k, kernel in enumerate(kernels):
         if len(kernels) > 1:
@@ -250,7 +265,7 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
             ids = [("*" if n in kernel.roots else "") + f"%{n}" for n in kernel.nodes]
             node_lines += names.wrap(ids, f"  as {kernels[leader[k]].name} ({scopes}): ", "    ", 96)
     node_lines += names.wrap([f"{mapping[ph]} = %{a}" for a, ph in args.items()], "parameters: ", "  ", 96)
-    source = render(symbol, mapping, fn_args, name, node_lines)
+    source = render(symbol, mapping, fn_args, sel_args, name, node_lines)
     nodes = [n for k in kernels for n in k.nodes]
     origin = f"{name}: " + "; ".join(g.describe(n) for n in nodes[:8]) + (" ..." if len(nodes) > 8 else "")
     zero_init = tuple(n for k in kernels for n in k.zero_init)
@@ -258,11 +273,13 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
 
 
 def _share(parts: list[_Part], types: dict[str, str]):
-    """(functions, calls, leader) of a launch's parts: parts whose bodies are equal once
-    their buffers (and constants) are function parameters run one __forceinline__
-    device function (inlined: the same machine code as the bodies themselves).
-    calls[k] is part k's call, (function, arguments), or None where its body stays
-    inline; leader[k] the index of the first part with its code."""
+    """(functions, branches, leader) of a launch's parts: parts whose bodies are equal
+    once their buffers (and constants) are function parameters run one __forceinline__
+    device function, called once (see _dispatch): one inlined copy of its code however
+    many parts run it (150 inlined copies of AdamW took NVRTC 18 s).
+    branches: ("inline", k) for a part whose body is its own, ("call", f) for function
+    f, in the order of their first parts; functions[f]["members"] are its parts.
+    leader[k] is the index of the first part with part k's code."""
     groups: dict[tuple, list[int]] = {}
     used_of, abstract_of = [], []
     for part in parts:
@@ -272,25 +289,66 @@ def _share(parts: list[_Part], types: dict[str, str]):
         abstract_of.append(abstract)
         key = (_strip_comments(abstract), tuple(types[ph] for ph in used), tuple(part.consts))
         groups.setdefault(key, []).append(len(used_of) - 1)
-    functions, calls, leader = [], [None] * len(parts), list(range(len(parts)))
+    functions, branches, leader = [], [], list(range(len(parts)))
     for members in groups.values():
         first = members[0]
         for k in members:
             leader[k] = first
         if len(members) == 1:
+            branches.append(("inline", first))
             continue
-        fn = names.fn(len(functions))
+        branches.append(("call", len(functions)))
         fargs = [names.farg(n) for n in range(len(used_of[first]))]
         params = [(f"{types[ph]}*", fa) for ph, fa in zip(used_of[first], fargs)]
         params += [("idx_t", c) for c in parts[first].consts] + [("idx_t", "block_id"), ("idx_t", "grid_blocks")]
         title = parts[first].title
-        functions.append(dict(name=fn, title=title, params=params, fargs=fargs, body=abstract_of[first],
+        functions.append(dict(name=names.fn(len(functions)), title=title, params=params, fargs=fargs,
+                              body=abstract_of[first], members=members, used=[used_of[k] for k in members],
                               columns=list(zip(*[used_of[k] for k in members])),
                               comment=f"{title}'s code, run by the {len(members)} parts of this launch that compute the "
                                       f"same nodes\n// on other buffers (its comments name {title}'s nodes)."))
-        for k in members:
-            calls[k] = (fn, used_of[k] + [str(v) for v in parts[k].consts.values()] + ["block_id", "grid_blocks"])
-    return functions, calls, leader
+    return functions, branches, leader
+
+
+def _dispatch(f: dict, parts: list[_Part], starts: dict[int, int], name: Callable[[str], str]) -> str:
+    """The branch of a launch that runs function `f` for its parts: a chain picks the
+    block's part (its range of blocks, its buffers and constants), then one call runs
+    it. Arguments all parts agree on are passed as they are. `name` names placeholders."""
+    members = f["members"]
+    consts = list(parts[members[0]].consts)
+    varying = [fa for fa, column in zip(f["fargs"], f["columns"]) if len(set(column)) > 1]
+    varying_consts = [c for c in consts if len({parts[k].consts[c] for k in members}) > 1]
+    by_type: dict[str, list[str]] = {}
+    for t, fa in f["params"]:
+        if fa in varying:
+            by_type.setdefault(t, []).append(fa)
+    decls = [f"idx_t block_id, grid_blocks{''.join(', ' + c for c in varying_consts)};"]
+    decls += [name(f"{t.rstrip('*')} {', '.join('*' + v for v in vs)};") for t, vs in by_type.items()]
+    lines = _packed(decls, "  ")
+    for i, (k, used) in enumerate(zip(members, f["used"])):
+        end = starts[k] + parts[k].grid[0]
+        test = "} else {" if i == len(members) - 1 else f"{'} else ' if i else ''}if (blockIdx.x < {end}) {{"
+        lines.append(f"  {test}  // {parts[k].title}")
+        sets = [f"block_id = (idx_t)blockIdx.x - {starts[k]};", f"grid_blocks = {parts[k].grid[0]};"]
+        sets += [f"{c} = {parts[k].consts[c]};" for c in varying_consts]
+        sets += [name(f"{fa} = {ph};") for fa, ph in zip(f["fargs"], used) if fa in varying]
+        lines += _packed(sets, "    ")
+    lines.append("  }")
+    first = members[0]
+    values = [fa if fa in varying else ph for fa, ph in zip(f["fargs"], f["used"][0])]
+    values += [c if c in varying_consts else str(parts[first].consts[c]) for c in consts] + ["block_id", "grid_blocks"]
+    return "\n".join(lines) + "\n" + _signature(f"  {name(f['name'])}", [name(v) for v in values]) + ";\n"
+
+
+def _packed(statements: list[str], indent: str, width: int = 100) -> list[str]:
+    """Statements joined by spaces into lines of at most `width` characters."""
+    lines, line = [], ""
+    for st in statements:
+        if line and len(indent) + len(line) + 1 + len(st) > width:
+            lines.append(indent + line)
+            line = ""
+        line = f"{line} {st}" if line else st
+    return lines + ([indent + line] if line else [])
 
 
 def _strip_comments(text: str) -> str:
@@ -320,7 +378,9 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     wave = target.wavefront
     tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
-    special = {r: f"r{r}" for r in reduces}
+    # Stage results are named by position (the template's comment names the node): code
+    # that differs only in node ids (a repeated layer) stays identical and compiles once.
+    special = {r: f"r{s}" for s, r in enumerate(reduces)}
     em = Emitter(plan, kernel.nodes, special, args)
     lead_idx = unravel(var("row", rows), lead)
     full_idx = lead_idx + (var("j", row_len),)
@@ -331,10 +391,10 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
         del em.special[r]  # not yet computed while its own stage runs
         v = em.value(g.inputs_of(r)[0], full_idx)
         is_max = g.op(r) == "max"
-        stages.append(dict(var=f"r{r}", node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
+        stages.append(dict(var=special[r], node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
                            init="-INFINITY" if is_max else "0.0f",
                            combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}"))
-        em.special[r] = f"r{r}"
+        em.special[r] = special[r]
     reduced_shape = lead + (1,)
     em.begin_block()
     row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)

@@ -31,8 +31,9 @@ floor
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import DTYPE_BYTES, ELEMENTWISE, GATHER, MATMUL, REDUCE, SCATTER
@@ -81,17 +82,21 @@ def _buffer_key(buf: Buffer) -> tuple[str, int]:
     return buf.arena, buf.offset
 
 
-def read_footprint(plan: Plan, kernel: KernelPlan, nid: int) -> int:
+Users = Callable[[int], list[tuple[int, list[int]]]]
+
+
+def read_footprint(plan: Plan, kernel: KernelPlan, nid: int, users: Users | None = None) -> int:
     """The fewest bytes `kernel` must load from the buffer of `nid` (see the module
     docstring): the largest element count any path from the buffer to a node of the
-    kernel can reach, capped at the buffer's size."""
+    kernel can reach, capped at the buffer's size. `users`: compute_users of the plan's
+    graph, memoised by the caller (a scalar read by 150 kernels has 150 users)."""
     graph = plan.graph
     buf = plan.buffer_of(nid)
     itemsize = DTYPE_BYTES[buf.dtype]
     inside = set(kernel.nodes)
     reach = 0
     found = False
-    for user, chain in compute_users(graph, nid, {}):
+    for user, chain in (users(nid) if users else compute_users(graph, nid, {})):
         if user not in inside:
             continue
         found = True
@@ -106,7 +111,7 @@ def read_footprint(plan: Plan, kernel: KernelPlan, nid: int) -> int:
     return min(buf.nbytes, reach * itemsize)
 
 
-def _merge(plan: Plan, kernels: Sequence[KernelPlan]) -> KernelCost:
+def _merge(plan: Plan, kernels: Sequence[KernelPlan], users: Users) -> KernelCost:
     """The cost of kernels run together in one launch: buffers shared between them
     count once."""
     graph = plan.graph
@@ -116,7 +121,7 @@ def _merge(plan: Plan, kernels: Sequence[KernelPlan]) -> KernelCost:
     for kernel in kernels:
         for nid in kernel.reads:
             key = _buffer_key(plan.buffer_of(nid))
-            reads[key] = max(reads.get(key, 0), read_footprint(plan, kernel, nid))
+            reads[key] = max(reads.get(key, 0), read_footprint(plan, kernel, nid, users))
         for nid in kernel.roots:
             buf = plan.buffer_of(nid)
             writes[_buffer_key(buf)] = buf.nbytes
@@ -130,7 +135,9 @@ def plan_costs(plan: Plan) -> list[KernelCost]:
     """The cost of every launch of `plan`, in launch order (one kernel each, except
     where the planner batched independent kernels into one launch: their costs add,
     buffers they share counting once; the name is the first kernel's, '+N' more)."""
-    return [_merge(plan, [plan.kernels[i] for i in launch]) for launch in plan.launches]
+    free: dict[int, bool] = {}
+    users = functools.lru_cache(maxsize=None)(lambda nid: compute_users(plan.graph, nid, free))
+    return [_merge(plan, [plan.kernels[i] for i in launch], users) for launch in plan.launches]
 
 
 def floor_seconds(nbytes: float, flops: float, bandwidth: float, rate: float) -> float:

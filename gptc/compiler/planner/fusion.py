@@ -154,7 +154,9 @@ def _const_only(graph: Graph, nid: int, cache: dict[int, bool]) -> bool:
     if op in ("input", "param", "state"):
         return False
     kind = OPS[op].kind
-    return kind in (VIEW, ELEMENTWISE) and all(_const_only(graph, i, cache) for i in graph.inputs_of(nid))
+    if kind == ELEMENTWISE:  # the same question as is_free's, whose answers are cached
+        return is_free(graph, nid, cache)  # (a walk up each chain of adds is quadratic)
+    return kind == VIEW and all(_const_only(graph, i, cache) for i in graph.inputs_of(nid))
 
 
 def compute_users(graph: Graph, nid: int, free: dict[int, bool]) -> list[tuple[int, list[int]]]:
@@ -199,6 +201,14 @@ class Fuser:
         self.in_place: set[int] = set(graph.updates.values())
         # Nodes computed in a matmul's operand loads (gated_operand), not at its output.
         self.prologue: set[int] = set()
+        # compute_users by node: the graph does not change while it is fused, and the
+        # merge pass asks again for every node of every candidate union.
+        self._users: dict[int, list[tuple[int, list[int]]]] = {}
+
+    def users(self, nid: int) -> list[tuple[int, list[int]]]:
+        if nid not in self._users:
+            self._users[nid] = compute_users(self.graph, nid, self.free)
+        return self._users[nid]
 
     def run(self) -> list[Group]:
         g = self.graph
@@ -280,7 +290,7 @@ class Fuser:
             if space is not None and self._row_legal(nodes, space):
                 return ROW, min(reduces)
             return None
-        roots = [n for n in nodes if n in self.roots or any(u not in nodes for u, _ in compute_users(g, n, self.free))]
+        roots = [n for n in nodes if n in self.roots or any(u not in nodes for u, _ in self.users(n))]
         if len({g.type(n).shape for n in roots}) != 1:
             return None
         for n, _, chain in self._internal_chains(nodes):
@@ -310,7 +320,7 @@ class Fuser:
         g = self.graph
         if nid in self.roots:
             return None
-        users = compute_users(g, nid, self.free)
+        users = self.users(nid)
         targets = {self.group_of[u] for u, _ in users}
         if len(targets) != 1:
             return None
@@ -320,7 +330,7 @@ class Fuser:
             return None
         if group.family == MATMUL_FAMILY and all(u == group.anchor for u, _ in users):
             cone = gated_operand(g, nid, self.free)
-            if cone is not None and all(u in cone or u == group.anchor for c in cone for u, _ in compute_users(g, c, self.free)):
+            if cone is not None and all(u in cone or u == group.anchor for c in cone for u, _ in self.users(c)):
                 for n in cone - {nid}:  # the rest of the cone joins with nid (run adds nid)
                     group.nodes.add(n)
                     self.group_of[n] = target
@@ -381,7 +391,7 @@ class Fuser:
     def _internal_chains(self, nodes: set[int]):
         """(producer, consumer, chain of views) for every edge inside a group."""
         for n in nodes:
-            for consumer, chain in compute_users(self.graph, n, self.free):
+            for consumer, chain in self.users(n):
                 if consumer in nodes:
                     yield n, consumer, chain
 
