@@ -22,8 +22,8 @@ from gptc.target import parse_target
 
 # Distinct kernels of the gpt2 bundle (train, eval, prefill, decode) for sm_90 when
 # this test was written; 238 before, when row kernels named their reductions' results
-# by node id.
-GPT2_DISTINCT_KERNELS = 68
+# by node id. (+2: the sampling tail's kernel in prefill and decode.)
+GPT2_DISTINCT_KERNELS = 70
 
 
 def test_gpt2_bundle_compiles_few_distinct_kernels():
