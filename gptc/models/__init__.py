@@ -25,8 +25,10 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
              index b*S + (length-1) of each sequence's last token -> logits (B, V);
              updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
              (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
-    decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
-             updates the KV cache at pos (linear attention: adds to its state)."""
+    decode: inputs tokens (B, 1) and pos (B,) i32, sequence b's new token at position
+             pos[b] -> logits (B, V); writes the new keys and values into the KV cache at
+             pos[b] only and attends over positions 0..pos[b] (linear attention: adds to
+             its state)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -42,8 +44,9 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         return g
     if mode == "decode":
         tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)
-        pos = g.input("pos", (1,), "i32", bound=spec.model.seq_len)
-        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos), positions=pos)
+        pos = g.input("pos", (batch,), "i32", bound=spec.model.seq_len)
+        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos),
+                            positions=pos.reshape(batch, 1))
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g
     tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)

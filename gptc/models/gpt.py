@@ -43,7 +43,12 @@ def _positions(g: Graph, seq: int, positions: Tensor | None) -> Tensor:
 
 def _position_embedding(g: Graph, m: ModelSpec, seq: int, positions: Tensor | None) -> Tensor | None:
     """What is added to the token embeddings: (S, d) rows of a learned or sinusoidal
-    table, or None (RoPE rotates queries and keys instead)."""
+    table ((B, S, d) for per-sequence positions (B, S)), or None (RoPE rotates queries
+    and keys instead)."""
+    if positions is not None and len(positions.shape) == 2:
+        rows = _position_embedding(g, m, positions.shape[0] * positions.shape[1],
+                                   positions.reshape(positions.shape[0] * positions.shape[1]))
+        return None if rows is None else rows.reshape(*positions.shape, m.d_model)
     if m.pos == "learned":
         wpe = g.param("wpe", (m.seq_len, m.d_model), std=m.init_std)
         if positions is None:
@@ -154,7 +159,8 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = N
     """Logits (B, S, V) for token ids (B, S). `attend` defaults to attention over the
     sequence; `positions` (i32 (S,), default 0..S-1) are the tokens' positions; with
     `rows` (i32 (R,), indices into the B*S positions) only those positions' logits are
-    computed: (R, V). `training` turns dropout on, its masks keyed by `seed`. Each mixture-of-experts layer appends
+    computed: (R, V). Positions may also be (B, S), per sequence (the KV-cache decode).
+    `training` turns dropout on, its masks keyed by `seed`. Each mixture-of-experts layer appends
     its load-balancing loss to `aux_losses` (when given)."""
     batch, seq = tokens.shape
     if seq > m.seq_len:
@@ -226,9 +232,11 @@ def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend
 
 
 def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
-    """Attention of one new position `pos` (an i32 (1,) input) over the KV cache: the
-    new key and value are written into the cache at `pos` first, then the query attends
-    to the cache positions it sees (0..pos, or the last `window` of them). Linear
+    """Attention of one new position per sequence, sequence b's at pos[b] (`pos` an i32
+    (B,) input), over the KV cache: the new key and value are written into the cache at
+    pos[b] first (only those rows: dsl.kv_write, in place), then the query attends to
+    the cache positions it sees (0..pos[b], or the last `window` of them) by
+    flash-decoding (dsl.decode_attention), which reads no key past pos[b]. Linear
     attention instead adds the new key and value to its state kv_state.<l>, which
     holds positions 0..pos-1 (the prefill and the decode steps before)."""
     if m.attention == "linear":
@@ -242,20 +250,12 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = kv_cache_shape(m, q.shape[0])
-        at_pos = g.iota(shape, 2).eq(pos.reshape(1, 1, 1, 1))
         caches = []
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
-            updated = at_pos.where(value.broadcast_to(shape), g.state(name, shape))
+            updated = dsl.kv_write(g.state(name, shape), value, pos)
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
-            # Query heads grouped over the cache's kv_heads (views, no per-head copy).
-            qg, keys, values = dsl.group_heads(q, *caches)
-            scores = (qg @ keys.T) * (1.0 / math.sqrt(m.head_dim))
-            ones = (1,) * (len(scores.shape) - 1)
-            at, j = pos.reshape(*ones, 1), g.iota((*ones, m.seq_len), len(ones))
-            visible = at >= j
-            if m.attention == "local":  # the last `window` positions: pos - window < j <= pos
-                visible = visible.logical_and(at - j < m.window)
-            return (dsl.softmax(visible.where(scores, -math.inf)) @ values).reshape(q.shape)
+            return dsl.decode_attention(q, *caches, pos, 1.0 / math.sqrt(m.head_dim),
+                                        window=m.window if m.attention == "local" else 0)
     return attend

@@ -17,6 +17,7 @@ VIEW = "view"              # reshape/permute/broadcast/slice/pad: folded into in
 GATHER = "gather"
 SCATTER = "scatter"
 GROUPED = "grouped"        # MoE dispatch: counting sort by group, per-group matmuls (a kernel each)
+DEDICATED = "dedicated"    # KV-cache decode (ops/decode.py): a kernel of its own per op, fusing nothing
 
 
 @dataclass(frozen=True)
