@@ -391,4 +391,4 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float,
     seq = k.shape[2]
     splits = splits or decode_splits(q.shape[0] * q.shape[1], seq)
     partial = q._new("decode_attention", [q, k, v, pos], scale=float(scale), window=int(window), splits=splits)
-    return partial._new("decode_combine", [partial, pos], seq=seq, window=int(window))
+    return partial._new("decode_combine", [partial, pos], seq=seq, window=int(window), dtype=q.dtype)

@@ -22,6 +22,7 @@ from gptc.compiler.strides import strided
 from gptc.common import PACKAGE_DIR
 from gptc.target import Target
 from gptc.compiler.ops import OPS
+from gptc.compiler.ops.decode import chunk_of
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
 from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
@@ -151,6 +152,8 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _group_sort(plan, kernel, ctx, args)
     elif family == "grouped_matmul":
         grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
+    elif family in ("kv_write", "decode_attention", "decode_combine"):
+        grid, block, em = _decode(plan, kernel, target, ctx, args, tuning)
     else:
         raise AssertionError(family)
     text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
@@ -633,6 +636,57 @@ def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, s
     return (m_slots * ceil_div(n, tile), 1, 1), (GROUPED_THREADS, 1, 1), em
 
 
+DECODE_THREADS = 128
+
+
+def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
+    """The KV-cache decode's kernels (ops/decode.py), each reading its operands as
+    strided views of buffers:
+    kv_write: a thread per element of the new rows (B, Hkv, 1, D), stored at row pos[b]
+    of the cache (the state's own buffer; nothing else of it is touched);
+    decode_attention: a block per (sequence, head, chunk of keys); its warps take the
+    chunk's visible keys in turn (a warp per key: lanes split head_dim, a shuffle sum
+    gives the score) with an online softmax each, then the block merges its warps and
+    stores [sum e v, m, l]. Chunks past pos[b] (or before the window) return at once
+    and store nothing: the combine never reads them;
+    decode_combine: a thread per output element, over the chunks holding visible keys."""
+    g = plan.graph
+    node = kernel.anchor
+    em = Emitter(plan, kernel.nodes, args=args)
+    out_bf16 = plan.buffer_of(node).dtype == "bf16"
+    ctx.update(out=em.arg(node), store=(lambda v: f"float_to_bf16({v})") if out_bf16 else (lambda v: v))
+    threads = tuning.get("threads", DECODE_THREADS)
+    if g.op(node) == "kv_write":
+        _, value, pos = g.inputs_of(node)
+        batch, heads, seq, dim = g.type(node).shape
+        count = batch * heads * dim
+        ctx.update(count=count, heads=heads, seq=seq, dim=dim,
+                   value_at=_operand_access(em, plan, value, ["b", "h", "0", "d"]),
+                   pos_at=_operand_access(em, plan, pos, ["b"]))
+        return _grid_1d(count, threads), (threads, 1, 1), em
+    attrs = g.node(node)["attrs"]
+    if g.op(node) == "decode_attention":
+        q, k, v, pos = g.inputs_of(node)
+        batch, heads, splits, _ = g.type(node).shape
+        kv_heads, seq, dim = g.type(k).shape[1:]
+        wave = target.wavefront
+        ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits,
+                   chunk=chunk_of(seq, splits), window=attrs["window"], scale=c_literal(attrs["scale"], "f32"),
+                   wave=wave, warps=threads // wave, dt=ceil_div(dim, wave), dp=ceil_div(dim, wave) * wave,
+                   q_at=_operand_access(em, plan, q, ["b", "h", "0", "c"]),
+                   k_at=_operand_access(em, plan, k, ["b", "hk", "j", "c"]),
+                   v_at=_operand_access(em, plan, v, ["b", "hk", "j", "c"]),
+                   pos_at=_operand_access(em, plan, pos, ["b"]))
+        return (batch * heads * splits, 1, 1), (threads, 1, 1), em
+    partial, pos = g.inputs_of(node)
+    batch, heads, splits, width = g.type(partial).shape
+    count = batch * heads * (width - 2)
+    ctx.update(count=count, heads=heads, dim=width - 2, seq=attrs["seq"], splits=splits,
+               chunk=chunk_of(attrs["seq"], splits), window=attrs["window"], partial=em.arg(partial),
+               pos_at=_operand_access(em, plan, pos, ["b"]))
+    return _grid_1d(count, threads), (threads, 1, 1), em
+
+
 def _attention_tiles(dim: int, target: Target):
     """(dp, ri, rows, bk, bqk, bkq, forward floats, backward floats) of the attention
     kernels for head_dim `dim`: dp is head_dim padded (with zeros) to whole 8-lane x
@@ -755,7 +809,7 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     matmul configurations the target admits (attention tiles are fixed)."""
     g = plan.graph
     wave = target.wavefront
-    if kernel.family in ("pointwise", "scatter"):
+    if kernel.family in ("pointwise", "scatter", "kv_write", "decode_attention", "decode_combine"):
         return [{"threads": t} for t in (64, 128, 256, 512, 1024) if t % wave == 0]
     if kernel.family == "row":
         return [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]

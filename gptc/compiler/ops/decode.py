@@ -11,7 +11,7 @@
   [sum_j e_j v_j (D values), m, l] with m the largest score (-inf: none seen),
   e_j = exp(score_j - m), l = sum_j e_j; (B, H, splits, D + 2). Query head h reads
   key/value head h // (H / Hkv) (grouped-query attention).
-- decode_combine(partial, pos; chunk, window): the second half, (B, H, 1, D): the
+- decode_combine(partial, pos; seq, window, dtype): the second half, (B, H, 1, D) of q's dtype: the
   chunks' partial sums rescaled to their common maximum and divided by the common sum.
   Only chunks that hold a visible key are read (their l > 0).
 None of them is differentiable: they exist for sampling."""
@@ -66,7 +66,7 @@ def _infer_decode_attention(ts, attrs):
     _check_pos("decode_attention", pos, b)
     if not 1 <= attrs["splits"] <= k.shape[2]:
         raise ShapeError(f"decode_attention: splits must be in [1, {k.shape[2]}], got {attrs['splits']}")
-    return TensorType((b, h, attrs["splits"], d + 2), q.dtype)
+    return TensorType((b, h, attrs["splits"], d + 2), "f32")  # partial sums stay in float32
 
 
 def _decode_attention_reference(xs, attrs, t, fd):
@@ -74,12 +74,12 @@ def _decode_attention_reference(xs, attrs, t, fd):
     b_n, h_n, _, d = q.shape
     seq, group, splits = k.shape[2], h_n // k.shape[1], attrs["splits"]
     chunk = chunk_of(seq, splits)
-    out = np.zeros(t.shape, dtype=fd)
+    out = np.zeros(t.shape, dtype=np.float64 if fd == np.float64 else np.float32)
     out[..., d] = -np.inf
     for b in range(b_n):
         first, last = visible_keys(int(pos[b]), seq, attrs["window"])
         for h in range(h_n):
-            scores = (k[b, h // group] @ q[b, h, 0]).astype(fd) * fd(attrs["scale"])
+            scores = (k[b, h // group] @ q[b, h, 0]).astype(out.dtype) * attrs["scale"]
             for s in range(splits):
                 lo, hi = max(first, s * chunk), min(last + 1, (s + 1) * chunk)
                 if lo >= hi:
@@ -97,7 +97,7 @@ def _infer_decode_combine(ts, attrs):
         raise ShapeError(f"decode_combine: partial sums must be (B, H, splits, D + 2), got {partial}")
     _check_pos("decode_combine", pos, partial.shape[0])
     b, h, _, d2 = partial.shape
-    return TensorType((b, h, 1, d2 - 2), partial.dtype)
+    return TensorType((b, h, 1, d2 - 2), attrs["dtype"])
 
 
 def _decode_combine_reference(xs, attrs, t, fd):
