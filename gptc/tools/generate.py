@@ -80,65 +80,96 @@ def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
 
 
 class Model:
-    """Prefill and decode steps of one model on one executor kind, sharing the KV cache."""
+    """Prefill and decode steps of one model on one executor kind, sharing the KV cache,
+    for up to `batch` sequences at a time (the steps' batch). Fewer sequences fill the
+    other rows with a one-token dummy, whose logits are dropped."""
 
-    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None]) -> None:
+    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None], batch: int = 1) -> None:
         self.spec, self.prefill_step, self.decode_step, self.share_cache = spec, prefill, decode, share_cache
+        self.batch = batch
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits for the next token after `tokens` (at most seq_len of them); fills the cache."""
+    def _rows(self, n: int) -> None:
+        if not 1 <= n <= self.batch:
+            raise ValueError(f"{n} sequences for a model of batch {self.batch}")
+
+    def prefill(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits (len(sequences), V) for the next token after each sequence (at most
+        seq_len tokens each, of any lengths: right-padded); fills each one's cache rows."""
+        self._rows(len(sequences))
         s = self.spec.model.seq_len
-        padded = np.zeros((1, s), np.int32)
-        padded[0, :len(tokens)] = tokens
-        logits = self.prefill_step.run({"tokens": padded, "last": np.array([len(tokens) - 1], np.int32)})["logits"]
+        padded = np.zeros((self.batch, s), np.int32)
+        last = np.arange(self.batch, dtype=np.int32) * s  # the dummy rows: one token
+        for b, tokens in enumerate(sequences):
+            padded[b, :len(tokens)] = tokens
+            last[b] += len(tokens) - 1
+        logits = self.prefill_step.run({"tokens": padded, "last": last})["logits"]
         self.share_cache()
-        return logits[0]
+        return logits[:len(sequences)]
 
-    def decode(self, token: int, pos: int) -> np.ndarray:
-        """Logits after appending `token` at position `pos` (the cache holds 0..pos-1)."""
-        out = self.decode_step.run({"tokens": np.array([[token]], np.int32), "pos": np.array([pos], np.int32)})
-        return out["logits"][0]
+    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Logits (len(tokens), V) after appending tokens[b] at position positions[b] of
+        sequence b (its cache holds 0..positions[b]-1)."""
+        self._rows(len(tokens))
+        feed_tokens, pos = np.zeros((self.batch, 1), np.int32), np.zeros(self.batch, np.int32)
+        feed_tokens[:len(tokens), 0], pos[:len(positions)] = tokens, positions
+        return self.decode_step.run({"tokens": feed_tokens, "pos": pos})["logits"][:len(tokens)]
 
-    def full(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits for the next token, recomputing the whole window (no cache reuse)."""
-        return self.prefill(list(tokens)[-self.spec.model.seq_len:])
+    def full(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits for the next token of each sequence, recomputing the whole window (no cache reuse)."""
+        return self.prefill([list(t)[-self.spec.model.seq_len:] for t in sequences])
 
 
-def cpu_model(spec: Spec, params: Mapping[str, np.ndarray]) -> Model:
+def cpu_model(spec: Spec, params: Mapping[str, np.ndarray], batch: int = 1) -> Model:
     from gptc.runtime.reference import ReferenceExecutor
-    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1), params)
-    decode = ReferenceExecutor(build_graph(spec, "decode", 1), params)
+    prefill = ReferenceExecutor(build_graph(spec, "prefill", batch), params)
+    decode = ReferenceExecutor(build_graph(spec, "decode", batch), params)
     names = list(decode.graph.states)
-    return Model(spec, prefill, decode, lambda: decode.write(prefill.read(names)))
+    return Model(spec, prefill, decode, lambda: decode.write(prefill.read(names)), batch)
 
 
 def gpu_model(runtime) -> Model:
     """From a gptc.runtime.bundle.BundleRuntime: prefill and decode share device memory."""
-    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None)
+    batch = runtime.steps["decode"].table["buffers"][runtime.steps["decode"].table["inputs"]["pos"]]["shape"][0]
+    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None, batch)
+
+
+def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingParams, use_cache: bool = True,
+                   vocab_size: int | None = None) -> Iterator[list[int]]:
+    """Yield, `p.num_tokens` times, the next token of every prompt (ragged lengths
+    decode together, each sequence at its own position), all below `vocab_size`
+    (default: the model's): a model may have more embedding rows than its tokenizer has
+    tokens, and the rows past the tokenizer's are never sampled. Each sequence draws from
+    its own generator seeded with `p.seed`, so its text does not depend on the batch.
+    While every sequence fits the context, a token costs one decode step; once one no
+    longer fits, its window slides, every position of it changes, and each step costs a
+    prefill of every sequence's last seq_len tokens (exact: tests check it)."""
+    s = model.spec.model.seq_len
+    n = model.spec.model.vocab_size if vocab_size is None else vocab_size
+    tokens = [list(prompt) for prompt in prompts]
+    if not tokens or not all(tokens):
+        raise GptcError("the prompt is empty; give at least one character")
+    rngs = [np.random.default_rng(p.seed) for _ in tokens]
+    logits = model.prefill([t[-s:] for t in tokens]) if use_cache else model.full(tokens)
+    for step in range(p.num_tokens):
+        new = [choose(row[:n], t, p, rng) for row, t, rng in zip(logits, tokens, rngs)]
+        for t, token in zip(tokens, new):
+            t.append(token)
+        yield new
+        if step == p.num_tokens - 1:
+            return
+        if not use_cache:
+            logits = model.full(tokens)
+        elif all(len(t) <= s for t in tokens):
+            logits = model.decode(new, [len(t) - 1 for t in tokens])
+        else:  # a window slid: every position of that sequence changed
+            logits = model.prefill([t[-s:] for t in tokens])
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,
                     vocab_size: int | None = None) -> Iterator[int]:
-    """Yield `p.num_tokens` new tokens after `prompt` (at least one token), all below
-    `vocab_size` (default: the model's): a model may have more embedding rows than its
-    tokenizer has tokens, and the rows past the tokenizer's are never sampled."""
-    s = model.spec.model.seq_len
-    n = model.spec.model.vocab_size if vocab_size is None else vocab_size
-    rng = np.random.default_rng(p.seed)
-    tokens = list(prompt)
-    if not tokens:
-        raise GptcError("the prompt is empty; give at least one character")
-    logits = model.prefill(tokens[-s:]) if use_cache else model.full(tokens)
-    for _ in range(p.num_tokens):
-        nxt = choose(logits[:n], tokens, p, rng)
-        tokens.append(nxt)
-        yield nxt
-        if not use_cache:
-            logits = model.full(tokens)
-        elif len(tokens) <= s:
-            logits = model.decode(nxt, len(tokens) - 1)
-        else:  # the window slid: every position changed
-            logits = model.prefill(tokens[-s:])
+    """Yield `p.num_tokens` new tokens after one `prompt` (at least one token)."""
+    for new in generate_batch(model, [prompt], p, use_cache, vocab_size):
+        yield new[0]
 
 
 def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: str = "auto",

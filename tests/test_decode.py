@@ -1,0 +1,157 @@
+"""The KV-cache decode: ragged batches, the flash-decoding ops, and a decode step that
+touches only what it must (the new rows of the cache, the keys up to the position)."""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import gptc
+from gptc.compiler import dsl
+from gptc.compiler.codegen.kernels import prelude, render_plan
+from gptc.compiler.planner import make_plan
+from gptc.compiler.planner.cost import plan_costs
+from gptc.models import build_graph
+from gptc.runtime.reference import run_graph
+from gptc.target import parse_target
+from gptc.tools.generate import cpu_model
+from test_generate import DECODE_OPTIONS, RAGGED_PROMPTS, check_generation, decode_spec, sampling_params
+
+
+@pytest.mark.parametrize("name", list(DECODE_OPTIONS))
+def test_ragged_batch_equals_full_recomputation_of_each_sequence(name):
+    """Prompts of 5, 1, 12 and 2 tokens decode together, each at its own position, and
+    every sequence's greedy text equals recomputing it alone without a cache."""
+    spec = decode_spec(name)
+    params = sampling_params(spec)
+    check_generation(spec, cpu_model(spec, params, batch=4), params, RAGGED_PROMPTS)
+
+
+def test_a_batch_larger_than_the_prompts_leaves_dummy_rows():
+    spec = decode_spec("gqa")
+    params = sampling_params(spec)
+    check_generation(spec, cpu_model(spec, params, batch=3), params, RAGGED_PROMPTS[:2])
+
+
+# ----- the ops against a direct float64 computation ------------------------------------
+def masked_attention(q, k, v, pos, window):
+    """Softmax attention of q (B, H, 1, D) over keys j <= pos[b] (and pos[b] - j < window)."""
+    batch, heads, _, dim = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        j = np.arange(k.shape[2])
+        seen = (j <= pos[b]) & ((pos[b] - j < window) if window else True)
+        for h in range(heads):
+            s = k[b, h // group] @ q[b, h, 0] / np.sqrt(dim)
+            s = np.where(seen, s, -np.inf)
+            p = np.exp(s - s.max())
+            out[b, h, 0] = (p / p.sum()) @ v[b, h // group]
+    return out
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 45])
+@pytest.mark.parametrize("heads,kv_heads,window", [(4, 4, 0), (4, 2, 0), (6, 1, 0), (4, 2, 5), (2, 2, 1)])
+def test_decode_attention_equals_masked_softmax(splits, heads, kv_heads, window):
+    rng = np.random.default_rng(splits * 31 + heads)
+    batch, seq, dim = 5, 45, 24
+    q = rng.standard_normal((batch, heads, 1, dim))
+    k, v = (rng.standard_normal((batch, kv_heads, seq, dim)) for _ in range(2))
+    pos = np.array([0, 1, 44, 17, 30], np.int32)
+    g = gptc.Graph()
+    ins = {n: g.input(n, x.shape) for n, x in (("q", q), ("k", k), ("v", v))}
+    p = g.input("pos", (batch,), "i32", bound=seq)
+    g.output("y", dsl.decode_attention(ins["q"], ins["k"], ins["v"], p, 1 / np.sqrt(dim), window, splits))
+    got = run_graph(g, {"q": q, "k": k, "v": v, "pos": pos}, np.float64)["outputs"]["y"]
+    np.testing.assert_allclose(got, masked_attention(q, k, v, pos, window), rtol=1e-12, atol=1e-12)
+
+
+def test_kv_write_replaces_only_row_pos_of_each_sequence():
+    rng = np.random.default_rng(0)
+    cache, value = rng.standard_normal((3, 2, 9, 4)), rng.standard_normal((3, 2, 1, 4))
+    pos = np.array([0, 8, 3], np.int32)
+    g = gptc.Graph()
+    g.output("c", dsl.kv_write(g.input("cache", cache.shape), g.input("value", value.shape),
+                               g.input("pos", (3,), "i32", bound=9)))
+    got = run_graph(g, {"cache": cache, "value": value, "pos": pos}, np.float64)["outputs"]["c"]
+    want = cache.copy()
+    for b, p in enumerate(pos):
+        want[b, :, p] = value[b, :, 0]
+    np.testing.assert_array_equal(got, want)
+
+
+# ----- the plan: what a decode step touches ----------------------------------------------
+def decode_plan(name: str, seq: int, batch: int = 2):
+    spec = decode_spec(name)
+    spec = replace(spec, model=replace(spec.model, seq_len=seq))
+    return make_plan(build_graph(spec, "decode", batch), True)
+
+
+@pytest.mark.parametrize("name", ["causal", "rope", "gqa", "local-gqa", "mqa"])
+def test_no_launch_of_a_decode_step_writes_or_copies_a_whole_cache(name):
+    plan = decode_plan(name, 64)
+    g = plan.graph
+    caches = {g.states[n] for n in g.states}
+    cache_buffers = {(plan.buffer_of(c).arena, plan.buffer_of(c).offset) for c in caches}
+    writers = []
+    for kern in plan.kernels:
+        for r in kern.roots:
+            buf = plan.buffer_of(r)
+            if (buf.arena, buf.offset) in cache_buffers:
+                writers.append(kern)
+        assert not (kern.family == "kv_write" and set(kern.reads) & caches)  # never loads the cache
+    assert sorted(k.family for k in writers) == ["kv_write"] * len(caches)
+    assert all(len(k.nodes) == 1 for k in writers)
+    # the generated store indexes the cache by the position input, one row per (b, head)
+    for source in render_plan(plan, parse_target("cuda:sm_90")):
+        if source.family == "kv_write":
+            assert re.search(r"\[\(\(b \* \d+ \+ h\) \* 64 \+ p\) \* \d+ \+ d\] = ", source.source)
+
+
+@pytest.mark.parametrize("name", ["causal", "rope", "gqa", "local-gqa"])
+def test_bytes_of_a_decode_step_do_not_grow_with_the_context_but_the_attention_reads(name):
+    """The same model at contexts of 2048 and 8192 (both long enough for the most key
+    chunks the flash-decoding kernel takes): every launch moves the same bytes, except
+    the flash-decoding kernel, which reads the keys and values (up to pos)."""
+    small, large = (plan_costs(decode_plan(name, seq)) for seq in (2048, 8192))
+    assert [c.family for c in small] == [c.family for c in large]
+    for a, b in zip(small, large):
+        if a.family == "decode_attention":
+            assert b.bytes_read > 3 * a.bytes_read and b.bytes_written == a.bytes_written
+        else:
+            assert (a.family, a.bytes) == (b.family, b.bytes)
+
+
+def test_flash_decoding_splits_the_keys_when_the_batch_is_small():
+    spec = gptc.preset("gpt2")
+
+    def splits(batch: int) -> int:
+        g = build_graph(spec, "decode", batch)
+        (n,) = {g.node(i)["attrs"]["splits"] for i in g.nx.nodes if g.op(i) == "decode_attention"}
+        return n
+    assert splits(1) > 8 and splits(64) == 1
+
+
+# ----- compiling ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["cuda:sm_90", "hip:gfx90a"])
+def test_decode_kernels_compile(target):
+    """The decode step's kernels for head_dim 8 (tiny), 24, 32, 64, 80, 128, with GQA,
+    MQA, a window, RoPE, several key chunks: every distinct kernel compiles."""
+    from gptc.runtime.device import compile_many
+    codes = {}
+    cases = [("causal", 1, {}), ("local-gqa", 3, {}), ("rope", 2, {}), ("mqa", 1, {}),
+             ("gqa", 1, dict(n_heads=2, d_model=48)), ("rope", 1, dict(n_heads=2, d_model=64)),
+             ("local-gqa", 2, dict(n_heads=4, n_kv_heads=2, d_model=256)), ("gqa", 1, dict(n_heads=2, d_model=160)),
+             ("rope", 2, dict(n_heads=2, d_model=256)), ("causal", 1, dict(seq_len=1024))]
+    for name, batch, model in cases:
+        spec = decode_spec(name)
+        spec = replace(spec, model=replace(spec.model, **model))
+        for fuse in (True, False):
+            for k in render_plan(make_plan(build_graph(spec, "decode", batch), fuse), parse_target(target)):
+                if k.family in ("kv_write", "decode_attention", "decode_combine"):
+                    codes.setdefault(k.code[len(prelude()):], k.symbol)
+    assert len(codes) > 10
+    source = prelude() + "".join(f"namespace k{j} {{\n{code}}}\n" for j, code in enumerate(codes))
+    assert len(compile_many([(source, "decode_kernels")], parse_target(target))[0]) > 0
