@@ -155,3 +155,56 @@ def test_decode_kernels_compile(target):
     assert len(codes) > 10
     source = prelude() + "".join(f"namespace k{j} {{\n{code}}}\n" for j, code in enumerate(codes))
     assert len(compile_many([(source, "decode_kernels")], parse_target(target))[0]) > 0
+
+
+# ----- gptc generate --prompt-file --batch ----------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    import io
+
+    from gptc.tools.train import train
+    tmp = tmp_path_factory.mktemp("run")
+    data = tmp / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 200)
+    spec = gptc.preset("tiny")
+    spec = replace(spec, train=replace(spec.train, steps=2, checkpoint_interval=2, eval_interval=2, eval_batches=1))
+    return train(spec, str(data), device="cpu", out_dir=tmp / "run", stdout=io.StringIO()).run_dir
+
+
+def test_generate_a_prompt_file_in_ragged_batches(trained_run, tmp_path, capsys):
+    """Three prompts of different lengths, two at a time: each text is what the prompt
+    gives alone, each written after its header line, the first of each batch streamed."""
+    import io
+
+    from gptc.tools.cli import main
+    from gptc.tools.generate import SamplingParams, run_generate
+    prompts = ["To be", "question", "or not to be, that is the question. To be"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join([prompts[0], "", *prompts[1:]]) + "\n")  # a blank line is skipped
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt-file", str(path), "--batch", "2",
+                 "--num-tokens", "12", "--greedy", "--device", "cpu"]) == 0
+    shown = capsys.readouterr().out
+    alone = [run_generate(str(trained_run), prompt, SamplingParams(num_tokens=12, greedy=True), "cpu",
+                          out=io.StringIO(), log=lambda line: None) for prompt in prompts]
+    assert shown == "".join(f"--- prompt {i + 1} of 3 ---\n{text}\n" for i, text in enumerate(alone))
+    # sampled, not greedy: the same seed gives each sequence the same text in any batch
+    p = SamplingParams(num_tokens=12, seed=4, top_k=0)
+    from gptc.tools.generate import run_generate_batch
+    texts = run_generate_batch(str(trained_run), prompts, p, "cpu", out=io.StringIO(), log=lambda l: None, batch=3)
+    assert texts == [run_generate(str(trained_run), t, p, "cpu", out=io.StringIO(), log=lambda l: None) for t in prompts]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-file", "missing.txt"], "cannot read the prompt file 'missing.txt'"),
+    (["--prompt-file", "empty.txt"], "the prompt file 'empty.txt' has no prompt; give one per line"),
+    (["--prompt-file", "latin1.txt"], "the prompt file 'latin1.txt' is not UTF-8 text (byte 3)"),
+    (["--prompt", "x", "--batch", "0"], "--batch must be at least 1, got 0"),
+])
+def test_bad_prompt_files_and_batches_are_one_line(trained_run, tmp_path, monkeypatch, capsys, args, message):
+    from gptc.tools.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes(b"ab\xe9\n")
+    assert main(["generate", "--checkpoint", str(trained_run), *args, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"gptc: error: {message}")

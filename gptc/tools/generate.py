@@ -172,11 +172,37 @@ def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_
         yield new[0]
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of a --prompt-file: one per line (blank lines skipped), UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise GptcError(f"cannot read the prompt file '{path}': {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise GptcError(f"the prompt file '{path}' is not UTF-8 text (byte {e.start + 1})") from None
+    prompts = [line for line in prompts if line.strip()]
+    if not prompts:
+        raise GptcError(f"the prompt file '{path}' has no prompt; give one per line")
+    return prompts
+
+
 def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: str = "auto",
                  out=None, log: Callable[[str], None] | None = None) -> str:
-    """`gptc generate`: load a checkpoint, encode the prompt, stream the continuation
-    to `out` (stdout), return the generated text. A prompt longer than the context
-    keeps its last seq_len tokens, with a warning."""
+    """`gptc generate --prompt`: load a checkpoint, encode the prompt, stream the
+    continuation to `out` (stdout), return the generated text. A prompt longer than the
+    context keeps its last seq_len tokens, with a warning."""
+    return run_generate_batch(checkpoint, [prompt], p, device_name, out, log)[0]
+
+
+def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParams, device_name: str = "auto",
+                       out=None, log: Callable[[str], None] | None = None, batch: int = 1) -> list[str]:
+    """`gptc generate`: continue every prompt, `batch` of them decoding together (a
+    ragged batch: each at its own position), and return the texts (prompt and
+    continuation). One prompt streams to `out` as it is produced, as before. Several
+    are written in order, each after a line "--- prompt i of n ---": the first sequence
+    of each batch streams as it is produced, the others of its batch follow whole when
+    the batch is done."""
     import sys
 
     from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
@@ -184,7 +210,10 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
     log = log or (lambda line: print(line, file=sys.stderr))
-    check_prompt(prompt)
+    for prompt in prompts:
+        check_prompt(prompt)
+    if batch < 1:
+        raise GptcError(f"--batch must be at least 1, got {batch}")
     p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
@@ -195,35 +224,57 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     except ValueError as e:
         raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
     p.validate(tokenizer.vocab_size)
-    ids = [int(t) for t in tokenizer.encode(prompt)]
-    if len(ids) > spec.model.seq_len:
-        log(f"warning: the prompt has {len(ids)} tokens, more than the context of {spec.model.seq_len}; "
-            f"the model sees its last {spec.model.seq_len}")
+    ids = [[int(t) for t in tokenizer.encode(prompt)] for prompt in prompts]
+    for i, tokens in enumerate(ids):
+        if len(tokens) > spec.model.seq_len:
+            which = "the prompt" if len(ids) == 1 else f"prompt {i + 1}"
+            log(f"warning: {which} has {len(tokens)} tokens, more than the context of {spec.model.seq_len}; "
+                f"the model sees its last {spec.model.seq_len}")
+    batch = min(batch, len(prompts))
     device = resolve_device(device_name)
     runtime = None
     memory_what = f"sampling with a context of {spec.model.seq_len} tokens"
     memory_advice = "sample on a GPU (--device gpu)"
     if device is None:
-        model = cpu_model(spec, ckpt.params)
+        model = cpu_model(spec, ckpt.params, batch)
         check_cpu_memory(model.prefill_step.graph, memory_what, memory_advice)
     else:
         from gptc.runtime.bundle import cached_bundle
-        runtime = cached_bundle(spec, device, log).open(device, ckpt.params)
+        runtime = cached_bundle(spec, device, log, sample_batch=batch).open(device, ckpt.params)
         model = gpu_model(runtime)
-    log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}")
-    stream = tokenizer.stream_decoder()
-    pieces: list[str] = []
+    log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}"
+        + (f", {batch} sequences at a time" if batch > 1 else ""))
+    texts: list[str] = []
+    live: list[str] = []  # the text streamed so far of the sequence on screen
 
     def emit(text: str) -> None:
-        pieces.append(text)
+        live.append(text)
         out.write(text)
         out.flush()
 
-    emit(prompt)
     try:
-        for token in generate_tokens(model, ids, p, vocab_size=tokenizer.vocab_size):
-            emit(stream.feed(token))
-        emit(stream.flush())
+        for first in range(0, len(prompts), batch):
+            chunk = range(first, min(first + batch, len(prompts)))
+            streams = [tokenizer.stream_decoder() for _ in chunk]
+            held = [[prompts[i]] for i in chunk]  # the other sequences' text, written when the batch is done
+            live.clear()
+            if len(prompts) > 1:
+                out.write(f"--- prompt {first + 1} of {len(prompts)} ---\n")
+            emit(prompts[first])
+            for new in generate_batch(model, [ids[i] for i in chunk], p, vocab_size=tokenizer.vocab_size):
+                emit(streams[0].feed(new[0]))
+                for b in range(1, len(chunk)):
+                    held[b].append(streams[b].feed(new[b]))
+            emit(streams[0].flush())
+            texts.append("".join(live))
+            live.clear()
+            for b, i in enumerate(chunk):
+                if b:
+                    held[b].append(streams[b].flush())
+                    texts.append("".join(held[b]))
+                    out.write(f"\n--- prompt {i + 1} of {len(prompts)} ---\n{texts[-1]}")
+            if first + batch < len(prompts):
+                out.write("\n")
     except MemoryError:
         if device is not None:
             raise
@@ -235,7 +286,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
         finally:
             out.write("\n")
             out.flush()
-    return "".join(pieces)
+    return texts
 
 
 def smoke_test(bundle, device) -> None:
