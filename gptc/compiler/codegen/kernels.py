@@ -639,6 +639,15 @@ def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, s
 DECODE_THREADS = 128
 
 
+def _strided_at(em: Emitter, plan: Plan, nid: int, index: Sequence[tuple[str, int]]) -> str:
+    """The element of operand `nid` (a strided view of a buffer) at `index`: per axis the
+    C variable and its bound (bound 1: the only index is 0), as a float (int for i32)."""
+    buf, offset, strides = _operand_layout(plan, nid)
+    at = add(offset, *[mul(var(name, bound), st) for (name, bound), st in zip(index, strides)])
+    raw = f"{em.arg(buf)}[{emit(at)}]"
+    return f"bf16_to_float({raw})" if plan.buffer_of(buf).dtype == "bf16" else raw
+
+
 def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
     """The KV-cache decode's kernels (ops/decode.py), each reading its operands as
     strided views of buffers:
@@ -661,8 +670,8 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         batch, heads, seq, dim = g.type(node).shape
         count = batch * heads * dim
         ctx.update(count=count, heads=heads, seq=seq, dim=dim,
-                   value_at=_operand_access(em, plan, value, ["b", "h", "0", "d"]),
-                   pos_at=_operand_access(em, plan, pos, ["b"]))
+                   value_at=_strided_at(em, plan, value, [("b", batch), ("h", heads), ("0", 1), ("d", dim)]),
+                   pos_at=_strided_at(em, plan, pos, [("b", batch)]))
         return _grid_1d(count, threads), (threads, 1, 1), em
     attrs = g.node(node)["attrs"]
     if g.op(node) == "decode_attention":
@@ -673,17 +682,17 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits,
                    chunk=chunk_of(seq, splits), window=attrs["window"], scale=c_literal(attrs["scale"], "f32"),
                    wave=wave, warps=threads // wave, dt=ceil_div(dim, wave), dp=ceil_div(dim, wave) * wave,
-                   q_at=_operand_access(em, plan, q, ["b", "h", "0", "c"]),
-                   k_at=_operand_access(em, plan, k, ["b", "hk", "j", "c"]),
-                   v_at=_operand_access(em, plan, v, ["b", "hk", "j", "c"]),
-                   pos_at=_operand_access(em, plan, pos, ["b"]))
+                   q_at=_strided_at(em, plan, q, [("b", batch), ("h", heads), ("0", 1), ("c", dim)]),
+                   k_at=_strided_at(em, plan, k, [("b", batch), ("hk", kv_heads), ("j", seq), ("c", dim)]),
+                   v_at=_strided_at(em, plan, v, [("b", batch), ("hk", kv_heads), ("j", seq), ("c", dim)]),
+                   pos_at=_strided_at(em, plan, pos, [("b", batch)]))
         return (batch * heads * splits, 1, 1), (threads, 1, 1), em
     partial, pos = g.inputs_of(node)
     batch, heads, splits, width = g.type(partial).shape
     count = batch * heads * (width - 2)
     ctx.update(count=count, heads=heads, dim=width - 2, seq=attrs["seq"], splits=splits,
                chunk=chunk_of(attrs["seq"], splits), window=attrs["window"], partial=em.arg(partial),
-               pos_at=_operand_access(em, plan, pos, ["b"]))
+               pos_at=_strided_at(em, plan, pos, [("b", batch)]))
     return _grid_1d(count, threads), (threads, 1, 1), em
 
 
