@@ -137,7 +137,7 @@ def test_flash_decoding_splits_the_keys_when_the_batch_is_small():
 # ----- compiling ---------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["cuda:sm_90", "hip:gfx90a"])
 def test_decode_kernels_compile(target):
-    """The decode step's kernels for head_dim 8 (tiny), 24, 32, 64, 80, 128, with GQA,
+    """The decode step's kernels for head_dim 8 and 16 (tiny), 24, 32, 64, 80, 128, with GQA,
     MQA, a window, RoPE, several key chunks: every distinct kernel compiles."""
     from gptc.runtime.device import compile_many
     codes = {}
