@@ -13,7 +13,7 @@ MODES = ("train", "eval", "infer", "prefill", "decode")
 
 
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
-                expose_gradients: bool = False) -> Graph:
+                expose_gradients: bool = False, sink: int = 0) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
            (step also keys the dropout masks);
@@ -28,7 +28,11 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     decode: inputs tokens (B, 1) and pos (B,) i32, sequence b's new token at position
              pos[b] -> logits (B, V); writes the new keys and values into the KV cache at
              pos[b] only and attends over positions 0..pos[b] (linear attention: adds to
-             its state)."""
+             its state);
+    with `sink` > 0, prefill and decode keep a StreamingLLM-style cache (gptc generate
+    --past-context stream): the first `sink` slots and a ring over the others; decode
+    then also takes slot (B,) i32, where the new key and value go, and pos is the
+    position within the cache (seq_len - 1 once the ring is full)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -36,16 +40,22 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:
         raise SpecError("batch size and sequence length must be positive")
+    if sink and (mode not in ("prefill", "decode") or not 0 < sink < spec.model.seq_len - 1):
+        raise SpecError(f"a streaming cache keeps 1 to {spec.model.seq_len - 2} first tokens of the prefill "
+                        f"and decode steps, got {sink}")
+    if sink and spec.model.attention == "linear":
+        raise SpecError("linear attention keeps a state, not a cache: it has no streaming cache")
     g = Graph()
     if mode == "prefill":
         tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
         last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
-        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last), rows=last))
+        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last, sink), rows=last))
         return g
     if mode == "decode":
         tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)
         pos = g.input("pos", (batch,), "i32", bound=spec.model.seq_len)
-        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos),
+        slot = g.input("slot", (batch,), "i32", bound=spec.model.seq_len) if sink else None
+        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos, slot, sink),
                             positions=pos.reshape(batch, 1))
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         return g

@@ -92,7 +92,9 @@ def _attention(g: Graph, x: Tensor, layer: int, m: ModelSpec, residual_std: floa
 
     q, k, v = split(0, heads), split(heads, kv_heads), split(heads + kv_heads, kv_heads)
     if m.pos == "rope":
-        q, k = (dsl.rope(t, positions, m.rope_dims, m.rope_base) for t in (q, k))
+        q = dsl.rope(q, positions, m.rope_dims, m.rope_base)
+        if not getattr(attend, "rotates_keys", False):  # else the cache keeps keys before RoPE
+            k = dsl.rope(k, positions, m.rope_dims, m.rope_base)
     y = attend(layer, q, k, v)
     y = y.permute(0, 2, 1, 3).reshape(batch, seq, e)
     return _linear(g, y, f"{name}.c_proj", e, e, residual_std, bias)
@@ -201,11 +203,13 @@ def linear_state_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
     return (batch, m.kv_heads, m.head_dim, m.head_dim + 1)
 
 
-def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend:
+def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None, sink: int = 0) -> Attend:
     """Attention over the whole (padded) context that also stores every position's
     keys and values into the KV cache states k_cache.<l>, v_cache.<l>. Linear
     attention stores its state kv_state.<l> instead, summed over the positions up to
-    each sequence's last token: `last` (B,) i32, the flat index b*S + (length-1)."""
+    each sequence's last token: `last` (B,) i32, the flat index b*S + (length-1).
+    For the streaming cache (`sink` > 0) of a RoPE model, the cache keeps keys before
+    RoPE (decode_attend rotates them by their positions within the cache)."""
     over_sequence = attend_sequence(m)
     if m.attention == "linear":
         if last is None:
@@ -222,23 +226,31 @@ def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend
             return over_sequence(layer, q, k, v)
         return attend_linear
 
+    raw_keys = bool(sink) and m.pos == "rope"
+
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
             cache = g.state(name, kv_cache_shape(m, q.shape[0]))
             g.updates[name] = value._new("copy", [value]).id
             del cache  # overwritten whole: the old value is not read
+        if raw_keys:
+            k = dsl.rope(k, g.iota((k.shape[2],), 0), m.rope_dims, m.rope_base)
         return over_sequence(layer, q, k, v)
+    attend.rotates_keys = raw_keys  # type: ignore[attr-defined]
     return attend
 
 
-def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
+def decode_attend(g: Graph, m: ModelSpec, pos: Tensor, slot: Tensor | None = None, sink: int = 0) -> Attend:
     """Attention of one new position per sequence, sequence b's at pos[b] (`pos` an i32
     (B,) input), over the KV cache: the new key and value are written into the cache at
     pos[b] first (only those rows: dsl.kv_write, in place), then the query attends to
     the cache positions it sees (0..pos[b], or the last `window` of them) by
     flash-decoding (dsl.decode_attention), which reads no key past pos[b]. Linear
     attention instead adds the new key and value to its state kv_state.<l>, which
-    holds positions 0..pos-1 (the prefill and the decode steps before)."""
+    holds positions 0..pos-1 (the prefill and the decode steps before).
+    The streaming cache (`sink` > 0, StreamingLLM-style): the new key and value go to
+    `slot` (B,) i32 instead, `pos` is the position within the cache, and a RoPE model's
+    cache holds keys before RoPE, rotated in the attention (ops/decode.py)."""
     if m.attention == "linear":
         def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # O(1) per token: add the new key and value to the state, read it with the query.
@@ -248,14 +260,18 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
             return dsl.linear_attention_read(q, state)
         return attend_linear
 
+    raw_keys = bool(sink) and m.pos == "rope"
+
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = kv_cache_shape(m, q.shape[0])
         caches = []
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
-            updated = dsl.kv_write(g.state(name, shape), value, pos)
+            updated = dsl.kv_write(g.state(name, shape), value, slot if sink else pos)
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
             return dsl.decode_attention(q, *caches, pos, 1.0 / math.sqrt(m.head_dim),
-                                        window=m.window if m.attention == "local" else 0)
+                                        window=m.window if m.attention == "local" else 0, slot=slot, sink=sink,
+                                        rope=(m.rope_dims, m.rope_base) if raw_keys else None)
+    attend.rotates_keys = raw_keys  # type: ignore[attr-defined]
     return attend

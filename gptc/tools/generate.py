@@ -82,11 +82,13 @@ def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
 class Model:
     """Prefill and decode steps of one model on one executor kind, sharing the KV cache,
     for up to `batch` sequences at a time (the steps' batch). Fewer sequences fill the
-    other rows with a one-token dummy, whose logits are dropped."""
+    other rows with a one-token dummy, whose logits are dropped. `sink` > 0: the steps
+    keep a StreamingLLM-style cache (build_graph's sink) and decode takes slots."""
 
-    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None], batch: int = 1) -> None:
+    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None], batch: int = 1,
+                 sink: int = 0) -> None:
         self.spec, self.prefill_step, self.decode_step, self.share_cache = spec, prefill, decode, share_cache
-        self.batch = batch
+        self.batch, self.sink = batch, sink
 
     def _rows(self, n: int) -> None:
         if not 1 <= n <= self.batch:
@@ -106,31 +108,37 @@ class Model:
         self.share_cache()
         return logits[:len(sequences)]
 
-    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int] | None = None) -> np.ndarray:
         """Logits (len(tokens), V) after appending tokens[b] at position positions[b] of
-        sequence b (its cache holds 0..positions[b]-1)."""
+        sequence b (its cache holds 0..positions[b]-1); with a streaming cache, its key
+        and value go to cache slot slots[b]."""
         self._rows(len(tokens))
-        feed_tokens, pos = np.zeros((self.batch, 1), np.int32), np.zeros(self.batch, np.int32)
-        feed_tokens[:len(tokens), 0], pos[:len(positions)] = tokens, positions
-        return self.decode_step.run({"tokens": feed_tokens, "pos": pos})["logits"][:len(tokens)]
+        feeds = {"tokens": np.zeros((self.batch, 1), np.int32), "pos": np.zeros(self.batch, np.int32)}
+        feeds["tokens"][:len(tokens), 0], feeds["pos"][:len(positions)] = tokens, positions
+        if self.sink:
+            feeds["slot"] = np.zeros(self.batch, np.int32)
+            feeds["slot"][:len(slots)] = slots
+        return self.decode_step.run(feeds)["logits"][:len(tokens)]
 
     def full(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Logits for the next token of each sequence, recomputing the whole window (no cache reuse)."""
         return self.prefill([list(t)[-self.spec.model.seq_len:] for t in sequences])
 
 
-def cpu_model(spec: Spec, params: Mapping[str, np.ndarray], batch: int = 1) -> Model:
+def cpu_model(spec: Spec, params: Mapping[str, np.ndarray], batch: int = 1, sink: int = 0) -> Model:
     from gptc.runtime.reference import ReferenceExecutor
-    prefill = ReferenceExecutor(build_graph(spec, "prefill", batch), params)
-    decode = ReferenceExecutor(build_graph(spec, "decode", batch), params)
+    prefill = ReferenceExecutor(build_graph(spec, "prefill", batch, sink=sink), params)
+    decode = ReferenceExecutor(build_graph(spec, "decode", batch, sink=sink), params)
     names = list(decode.graph.states)
-    return Model(spec, prefill, decode, lambda: decode.write(prefill.read(names)), batch)
+    return Model(spec, prefill, decode, lambda: decode.write(prefill.read(names)), batch, sink)
 
 
 def gpu_model(runtime) -> Model:
     """From a gptc.runtime.bundle.BundleRuntime: prefill and decode share device memory."""
-    batch = runtime.steps["decode"].table["buffers"][runtime.steps["decode"].table["inputs"]["pos"]]["shape"][0]
-    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None, batch)
+    table = runtime.steps["decode"].table
+    batch = table["buffers"][table["inputs"]["pos"]]["shape"][0]
+    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None, batch,
+                 runtime.bundle.manifest.get("sink", 0))
 
 
 def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingParams, use_cache: bool = True,
@@ -142,7 +150,10 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
     its own generator seeded with `p.seed`, so its text does not depend on the batch.
     While every sequence fits the context, a token costs one decode step; once one no
     longer fits, its window slides, every position of it changes, and each step costs a
-    prefill of every sequence's last seq_len tokens (exact: tests check it)."""
+    prefill of every sequence's last seq_len tokens (exact: tests check it). A model with
+    a streaming cache (model.sink > 0) decodes on instead: each new token goes to the
+    ring slot of the oldest token after the sinks, at position seq_len - 1 within the
+    cache."""
     s = model.spec.model.seq_len
     n = model.spec.model.vocab_size if vocab_size is None else vocab_size
     tokens = [list(prompt) for prompt in prompts]
@@ -150,6 +161,7 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
         raise GptcError("the prompt is empty; give at least one character")
     rngs = [np.random.default_rng(p.seed) for _ in tokens]
     logits = model.prefill([t[-s:] for t in tokens]) if use_cache else model.full(tokens)
+    cached = [min(len(t), s) for t in tokens]  # tokens each cache has taken, prefill included
     for step in range(p.num_tokens):
         new = [choose(row[:n], t, p, rng) for row, t, rng in zip(logits, tokens, rngs)]
         for t, token in zip(tokens, new):
@@ -159,6 +171,10 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
             return
         if not use_cache:
             logits = model.full(tokens)
+        elif model.sink:  # the n-th token of a cache goes to slot n, then round the ring after the sinks
+            slots = [n if n < s else model.sink + (n - model.sink) % (s - model.sink) for n in cached]
+            logits = model.decode(new, [min(n, s - 1) for n in cached], slots)
+            cached = [n + 1 for n in cached]
         elif all(len(t) <= s for t in tokens):
             logits = model.decode(new, [len(t) - 1 for t in tokens])
         else:  # a window slid: every position of that sequence changed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -675,10 +676,17 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         return _grid_1d(count, threads), (threads, 1, 1), em
     attrs = g.node(node)["attrs"]
     if g.op(node) == "decode_attention":
-        q, k, v, pos = g.inputs_of(node)
+        q, k, v, pos = g.inputs_of(node)[:4]
         batch, heads, splits, _ = g.type(node).shape
         kv_heads, seq, dim = g.type(k).shape[1:]
         wave = target.wavefront
+        # The streaming cache: slots' positions from the new key's slot; keys before RoPE.
+        sink, dims = attrs.get("sink", 0), attrs.get("rope_dims", 0)
+        kv_index = [("b", batch), ("hk", kv_heads), ("j", seq)]
+        ctx.update(sink=sink, ring=seq - sink, rope_dims=dims, half=dims // 2,
+                   slot_at=_strided_at(em, plan, g.inputs_of(node)[4], [("b", batch)]) if sink else "",
+                   k_pair_at=_strided_at(em, plan, k, kv_index + [("cp", dim)]) if dims else "",
+                   freq=c_literal(-2.0 * math.log(attrs["rope_base"]) / dims, "f32") if dims else "")
         ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits,
                    chunk=chunk_of(seq, splits), window=attrs["window"], scale=c_literal(attrs["scale"], "f32"),
                    wave=wave, warps=threads // wave, dt=ceil_div(dim, wave), dp=ceil_div(dim, wave) * wave,

@@ -14,6 +14,13 @@
 - decode_combine(partial, pos; seq, window, dtype): the second half, (B, H, 1, D) of q's dtype: the
   chunks' partial sums rescaled to their common maximum and divided by the common sum.
   Only chunks that hold a visible key are read (their l > 0).
+StreamingLLM-style decoding past the context (attrs sink > 0, one more input `slot`
+(B,) i32, the slot the new key went to): the cache keeps `sink` first tokens in slots
+0..sink-1 and the most recent ones in a ring over the other slots. `pos` is the query's
+position within the cache (seq - 1 once the ring is full), slot j < sink is at position
+j and ring slot j at pos - ((slot - j) mod (seq - sink)) (its age behind the new token);
+with rope_dims > 0 the cache holds keys before RoPE, which the op rotates by these
+positions (RoPE within the cache, as StreamingLLM does), and a window is over positions.
 None of them is differentiable: they exist for sampling."""
 from __future__ import annotations
 
@@ -46,47 +53,68 @@ def _kv_write_reference(xs, attrs, t, fd):
     return out
 
 
-def visible_keys(pos: int, seq: int, window: int) -> tuple[int, int]:
-    """[first, last] key positions a query at `pos` sees (window 0: all before it)."""
-    first = max(0, pos - window + 1) if window > 0 else 0
-    return first, min(pos, seq - 1)
-
-
 def chunk_of(seq: int, splits: int) -> int:
     return -(-seq // splits)
 
 
+def slot_positions(pos: int, slot: int, seq: int, sink: int) -> np.ndarray:
+    """The position within the cache of every slot (the streaming cache; see above)."""
+    j = np.arange(seq)
+    return np.where(j < sink, j, pos - (slot - j) % (seq - sink)) if sink else j
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, dims: int, base: float) -> np.ndarray:
+    """dsl.rope of rows x (S, D) at `positions` (S,) (rotate-half pairs in the first dims)."""
+    half = dims // 2
+    angle = positions[:, None].astype(np.float32) * np.exp(np.arange(half, dtype=np.float32)
+                                                           * np.float32(-2.0 * math.log(base) / dims))
+    cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)
+    out = x.copy()
+    x1, x2 = x[:, :half], x[:, half:dims]
+    out[:, :half], out[:, half:dims] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return out
+
+
 def _infer_decode_attention(ts, attrs):
-    q, k, v, pos = ts
+    if len(ts) != (5 if attrs.get("sink") else 4):
+        raise ShapeError("decode_attention: inputs q, k, v, pos (and slot with a sink)")
+    q, k, v, pos = ts[:4]
     if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.shape[2] != 1:
         raise ShapeError(f"decode_attention: q {q} must be (B, H, 1, D) and k, v {k}, {v} (B, Hkv, S, D)")
     b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] or not (q.dtype == k.dtype == v.dtype):
         raise ShapeError(f"decode_attention: query heads {q} do not fit key/value heads {k}")
-    _check_pos("decode_attention", pos, b)
+    for p in ts[3:]:
+        _check_pos("decode_attention", p, b)
     if not 1 <= attrs["splits"] <= k.shape[2]:
         raise ShapeError(f"decode_attention: splits must be in [1, {k.shape[2]}], got {attrs['splits']}")
     return TensorType((b, h, attrs["splits"], d + 2), "f32")  # partial sums stay in float32
 
 
 def _decode_attention_reference(xs, attrs, t, fd):
-    q, k, v, pos = xs
+    q, k, v, pos = xs[:4]
     b_n, h_n, _, d = q.shape
     seq, group, splits = k.shape[2], h_n // k.shape[1], attrs["splits"]
+    sink, window, dims = attrs.get("sink", 0), attrs["window"], attrs.get("rope_dims", 0)
     chunk = chunk_of(seq, splits)
     out = np.zeros(t.shape, dtype=np.float64 if fd == np.float64 else np.float32)
     out[..., d] = -np.inf
     for b in range(b_n):
-        first, last = visible_keys(int(pos[b]), seq, attrs["window"])
+        p = int(pos[b])
+        positions = slot_positions(p, int(xs[4][b]) if sink else p, seq, sink)
+        seen = (np.arange(seq) <= p) & ((p - positions < window) if window else True)
         for h in range(h_n):
-            scores = (k[b, h // group] @ q[b, h, 0]).astype(out.dtype) * attrs["scale"]
+            keys = k[b, h // group].astype(out.dtype)
+            if dims:
+                keys = rotate(keys, positions, dims, attrs["rope_base"])
+            scores = (keys @ q[b, h, 0]) * attrs["scale"]
             for s in range(splits):
-                lo, hi = max(first, s * chunk), min(last + 1, (s + 1) * chunk)
-                if lo >= hi:
+                part = np.flatnonzero(seen[s * chunk:(s + 1) * chunk]) + s * chunk
+                if not part.size:
                     continue
-                m = scores[lo:hi].max()
-                e = np.exp(scores[lo:hi] - m)
-                out[b, h, s, :d] = e @ v[b, h // group, lo:hi]
+                m = scores[part].max()
+                e = np.exp(scores[part] - m)
+                out[b, h, s, :d] = e @ v[b, h // group, part]
                 out[b, h, s, d], out[b, h, s, d + 1] = m, e.sum()
     return out
 
