@@ -16,7 +16,7 @@ from gptc.compiler.planner.cost import plan_costs
 from gptc.models import build_graph
 from gptc.runtime.reference import run_graph
 from gptc.target import parse_target
-from gptc.tools.generate import cpu_model
+from gptc.tools.generate import SamplingParams, cpu_model, generate_batch
 from test_generate import DECODE_OPTIONS, RAGGED_PROMPTS, check_generation, decode_spec, sampling_params
 
 
@@ -33,6 +33,66 @@ def test_a_batch_larger_than_the_prompts_leaves_dummy_rows():
     spec = decode_spec("gqa")
     params = sampling_params(spec)
     check_generation(spec, cpu_model(spec, params, batch=3), params, RAGGED_PROMPTS[:2])
+
+
+# ----- past the context: the streaming cache (--past-context stream) ---------------------
+SINK = 4
+
+
+def stream_spec(name: str, **model) -> gptc.Spec:
+    spec = decode_spec(name)
+    return replace(spec, model=replace(spec.model, **model))
+
+
+def streaming_window(tokens: list[int], seq: int, sink: int = SINK) -> list[int]:
+    """What a StreamingLLM cache holds before the next token: the first `sink` tokens and
+    the most recent ones, at positions 0..seq-1 in that order."""
+    return tokens if len(tokens) <= seq else tokens[:sink] + tokens[-(seq - sink):]
+
+
+@pytest.mark.parametrize("name,model", [("rope", dict(n_layers=1)), ("local-gqa", dict(n_layers=1, pos="rope")),
+                                        ("rope-half", dict(n_layers=1, n_heads=4, n_kv_heads=1))])
+def test_streaming_cache_equals_recomputing_the_streaming_window(name, model):
+    """A one-layer RoPE model (its keys and values depend on the token only, RoPE on the
+    position within the cache): decoding 40 tokens past prompts of a ragged batch with the
+    ring cache gives, at every step, what recomputing the cache's window (the first 4
+    tokens and the most recent ones, positions 0..S-1) gives."""
+    spec = stream_spec(name, **model)
+    params = sampling_params(spec)
+    p = SamplingParams(num_tokens=40, greedy=True)
+    got = [list(seq) for seq in zip(*generate_batch(cpu_model(spec, params, 4, sink=SINK), RAGGED_PROMPTS, p))]
+    alone = cpu_model(spec, params)
+    for prompt, tokens in zip(RAGGED_PROMPTS, got):
+        text = list(prompt)
+        for token in tokens:
+            assert token == int(np.argmax(alone.prefill([streaming_window(text, spec.model.seq_len)])[0]))
+            text.append(token)
+        assert len(text) > spec.model.seq_len + 8 and len(set(tokens)) > 1
+
+
+@pytest.mark.parametrize("name", [n for n in DECODE_OPTIONS if not n.startswith("linear")])
+def test_streaming_cache_equals_the_exact_decode_within_the_context(name):
+    """Every decoding option: until a sequence outgrows the context, the streaming cache
+    decodes exactly as the default; past it, it keeps decoding (no prefill)."""
+    spec = decode_spec(name)
+    params = sampling_params(spec)
+    p = SamplingParams(num_tokens=40, greedy=True)
+    exact = [list(seq) for seq in zip(*generate_batch(cpu_model(spec, params, 4), RAGGED_PROMPTS, p))]
+    model = cpu_model(spec, params, 4, sink=SINK)
+    prefills = []
+    model.prefill_step.run = (lambda run: lambda feeds: prefills.append(1) or run(feeds))(model.prefill_step.run)
+    stream = [list(seq) for seq in zip(*generate_batch(model, RAGGED_PROMPTS, p))]
+    assert len(prefills) == 1
+    for prompt, a, b in zip(RAGGED_PROMPTS, exact, stream):
+        fits = spec.model.seq_len - len(prompt) + 1  # tokens chosen while the text fits the context
+        assert a[:fits] == b[:fits] and len(b) == 40
+
+
+def test_streaming_cache_refusals():
+    with pytest.raises(gptc.SpecError, match="keeps 1 to 30 first tokens"):
+        build_graph(decode_spec("causal"), "decode", 1, sink=31)
+    with pytest.raises(gptc.SpecError, match="linear attention keeps a state"):
+        build_graph(decode_spec("linear"), "decode", 1, sink=4)
 
 
 # ----- the ops against a direct float64 computation ------------------------------------
@@ -138,21 +198,27 @@ def test_flash_decoding_splits_the_keys_when_the_batch_is_small():
 @pytest.mark.parametrize("target", ["cuda:sm_90", "hip:gfx90a"])
 def test_decode_kernels_compile(target):
     """The decode step's kernels for head_dim 8 and 16 (tiny), 24, 32, 64, 80, 128, with GQA,
-    MQA, a window, RoPE, several key chunks: every distinct kernel compiles."""
+    MQA, a window, RoPE, several key chunks, and with the streaming cache (RoPE in the
+    kernel, a window over positions): every distinct kernel compiles."""
+    sink = dict(sink=SINK)
     from gptc.runtime.device import compile_many
     codes = {}
     cases = [("causal", 1, {}), ("local-gqa", 3, {}), ("rope", 2, {}), ("mqa", 1, {}),
              ("gqa", 1, dict(n_heads=2, d_model=48)), ("rope", 1, dict(n_heads=2, d_model=64)),
              ("local-gqa", 2, dict(n_heads=4, n_kv_heads=2, d_model=256)), ("gqa", 1, dict(n_heads=2, d_model=160)),
              ("rope", 2, dict(n_heads=2, d_model=256)), ("causal", 1, dict(seq_len=1024))]
+    cases += [("rope", 2, dict(sink)), ("local-gqa", 1, dict(sink, pos="rope")), ("causal", 3, dict(sink)),
+              ("local", 2, dict(sink, n_heads=2, d_model=160)), ("rope-half", 1, dict(sink, n_heads=1, d_model=128))]
     for name, batch, model in cases:
         spec = decode_spec(name)
+        sink_slots = model.pop("sink", 0)
         spec = replace(spec, model=replace(spec.model, **model))
         for fuse in (True, False):
-            for k in render_plan(make_plan(build_graph(spec, "decode", batch), fuse), parse_target(target)):
+            graph = build_graph(spec, "decode", batch, sink=sink_slots)
+            for k in render_plan(make_plan(graph, fuse), parse_target(target)):
                 if k.family in ("kv_write", "decode_attention", "decode_combine"):
                     codes.setdefault(k.code[len(prelude()):], k.symbol)
-    assert len(codes) > 10
+    assert len(codes) > 10 and any("cosf(angle)" in code for code in codes)
     source = prelude() + "".join(f"namespace k{j} {{\n{code}}}\n" for j, code in enumerate(codes))
     assert len(compile_many([(source, "decode_kernels")], parse_target(target))[0]) > 0
 

@@ -146,7 +146,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     params = SamplingParams(num_tokens=args.num_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
     prompts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
-    run_generate_batch(args.checkpoint, prompts, params, args.device, batch=args.batch)
+    run_generate_batch(args.checkpoint, prompts, params, args.device, batch=args.batch,
+                       past_context=args.past_context, sink=args.sink)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue every line of FILE (one prompt per line, UTF-8)")
     p.add_argument("--batch", type=int, default=1,
                    help="sequences decoded together, of any lengths (default 1; with --prompt-file)")
+    p.add_argument("--past-context", default="recompute", choices=["recompute", "stream"],
+                   help="once a text outgrows the context: recompute the sliding window (exact, a prefill "
+                        "per token) or stream (keep the first --sink tokens and the most recent ones in the "
+                        "KV cache, StreamingLLM-style)")
+    p.add_argument("--sink", type=int, default=4, help="tokens kept at the start with --past-context stream (default 4)")
     p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temp", type=_finite_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")

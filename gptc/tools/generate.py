@@ -211,14 +211,20 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     return run_generate_batch(checkpoint, [prompt], p, device_name, out, log)[0]
 
 
+PAST_CONTEXT = ("recompute", "stream")
+
+
 def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParams, device_name: str = "auto",
-                       out=None, log: Callable[[str], None] | None = None, batch: int = 1) -> list[str]:
+                       out=None, log: Callable[[str], None] | None = None, batch: int = 1,
+                       past_context: str = "recompute", sink: int = 4) -> list[str]:
     """`gptc generate`: continue every prompt, `batch` of them decoding together (a
     ragged batch: each at its own position), and return the texts (prompt and
     continuation). One prompt streams to `out` as it is produced, as before. Several
     are written in order, each after a line "--- prompt i of n ---": the first sequence
     of each batch streams as it is produced, the others of its batch follow whole when
-    the batch is done."""
+    the batch is done. Past the context, `past_context` "recompute" slides the window
+    (exact), "stream" keeps a StreamingLLM-style cache of the first `sink` tokens and
+    the most recent ones (gptc.models.build_graph's sink)."""
     import sys
 
     from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
@@ -230,6 +236,9 @@ def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParam
         check_prompt(prompt)
     if batch < 1:
         raise GptcError(f"--batch must be at least 1, got {batch}")
+    if past_context not in PAST_CONTEXT:
+        raise GptcError(f"--past-context must be one of {', '.join(PAST_CONTEXT)}, got {past_context!r}")
+    sink = sink if past_context == "stream" else 0
     p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
@@ -240,6 +249,8 @@ def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParam
     except ValueError as e:
         raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
     p.validate(tokenizer.vocab_size)
+    if past_context == "stream":
+        build_graph(spec, "decode", 1, sink=sink)  # refuses a sink that does not fit, or linear attention
     ids = [[int(t) for t in tokenizer.encode(prompt)] for prompt in prompts]
     for i, tokens in enumerate(ids):
         if len(tokens) > spec.model.seq_len:
@@ -252,11 +263,11 @@ def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParam
     memory_what = f"sampling with a context of {spec.model.seq_len} tokens"
     memory_advice = "sample on a GPU (--device gpu)"
     if device is None:
-        model = cpu_model(spec, ckpt.params, batch)
+        model = cpu_model(spec, ckpt.params, batch, sink)
         check_cpu_memory(model.prefill_step.graph, memory_what, memory_advice)
     else:
         from gptc.runtime.bundle import cached_bundle
-        runtime = cached_bundle(spec, device, log, sample_batch=batch).open(device, ckpt.params)
+        runtime = cached_bundle(spec, device, log, sample_batch=batch, sink=sink).open(device, ckpt.params)
         model = gpu_model(runtime)
     log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}"
         + (f", {batch} sequences at a time" if batch > 1 else ""))
