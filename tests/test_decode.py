@@ -274,3 +274,21 @@ def test_bad_prompt_files_and_batches_are_one_line(trained_run, tmp_path, monkey
     assert main(["generate", "--checkpoint", str(trained_run), *args, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines()[-1].startswith(f"gptc: error: {message}")
+
+
+def test_generate_past_the_context_with_the_streaming_cache(trained_run, capsys):
+    """--past-context stream decodes past the context (32 tokens) without a prefill per
+    token; before the context is full it gives what the default gives."""
+    import io
+
+    from gptc.tools.cli import main
+    from gptc.tools.generate import run_generate_batch
+    p = SamplingParams(num_tokens=40, greedy=True)
+    kwargs = dict(device_name="cpu", out=io.StringIO(), log=lambda line: None)
+    exact = run_generate_batch(str(trained_run), ["To be", "or"], p, **kwargs)
+    stream = run_generate_batch(str(trained_run), ["To be", "or"], p, batch=2, past_context="stream", sink=2, **kwargs)
+    assert len(stream) == 2 and stream != exact
+    assert all(s[:25] == e[:25] for s, e in zip(stream, exact))
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "To be", "--num-tokens", "40",
+                 "--past-context", "stream", "--sink", "2", "--greedy", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == stream[0] + "\n"

@@ -76,6 +76,50 @@ def test_greedy_generation_of_a_ragged_batch_on_gpu_equals_the_reference(device,
         runtime.close()
 
 
+@pytest.mark.parametrize("name,model", [("rope", dict(n_layers=1)), ("local-gqa", dict(pos="rope")), ("causal", {})])
+def test_streaming_generation_on_gpu_equals_the_reference(device, tmp_path, name, model):
+    """--past-context stream: a bundle of batch 4 with the streaming cache (RoPE in the
+    flash-decoding kernel, the ring of slots) decodes 40 tokens past the context of a
+    ragged batch as the CPU reference's streaming cache does."""
+    from dataclasses import replace
+
+    from gptc.tools.generate import SamplingParams, cpu_model, generate_batch
+    spec = decode_spec(name)
+    spec = replace(spec, model=replace(spec.model, **model))
+    bundle = Bundle(compile_bundle(spec, tmp_path / name, device.target, log=lambda s: None, sample_batch=4, sink=4))
+    params = sampling_params(spec)
+    runtime = bundle.open(device, params)
+    p = SamplingParams(num_tokens=40, greedy=True)
+    try:
+        model = gpu_model(runtime)
+        assert (model.batch, model.sink) == (4, 4)
+        got = list(generate_batch(model, RAGGED_PROMPTS, p))
+    finally:
+        runtime.close()
+    assert got == list(generate_batch(cpu_model(spec, params, 4, sink=4), RAGGED_PROMPTS, p))
+
+
+@pytest.mark.parametrize("window,rope_dims", [(0, 0), (0, 16), (9, 32)])
+def test_flash_decoding_over_a_streaming_cache_matches_the_reference(device, rng, window, rope_dims):
+    """The ring's positions (full ring: pos = S-1, slots behind the newest), RoPE on the
+    keys in the kernel, a window over positions, at head_dim 32 with GQA."""
+    batch, heads, kv_heads, seq, dim, sink = 6, 4, 2, 67, 32, 4
+    g = Graph()
+    q = g.input("q", (batch, heads, 1, dim))
+    k, v = (g.input(n, (batch, kv_heads, seq, dim)) for n in "kv")
+    pos, slot = (g.input(n, (batch,), "i32", bound=seq) for n in ("pos", "slot"))
+    g.output("y", dsl.decode_attention(q, k, v, pos, 0.17, window, 3, slot=slot, sink=sink,
+                                       rope=(rope_dims, 500.0) if rope_dims else None))
+    # full rings (newest at slots sink, 40, S-1) and two not yet full (pos = slot)
+    feeds = {"pos": np.array([seq - 1, seq - 1, seq - 1, 0, 30, seq - 1], np.int32),
+             "slot": np.array([sink, 40, seq - 1, 0, 30, 5], np.int32),
+             "q": rng.standard_normal((batch, heads, 1, dim)).astype(np.float32),
+             "k": rng.standard_normal((batch, kv_heads, seq, dim)).astype(np.float32),
+             "v": rng.standard_normal((batch, kv_heads, seq, dim)).astype(np.float32)}
+    out, _, ref = run_both(device, g, feeds, fuse=True)
+    assert rel_err(out["y"], ref["outputs"]["y"]) < 1e-5
+
+
 def test_a_decode_step_of_gpt2_is_as_fast_at_position_10_as_at_1000(device):
     """Time per token flat in the position: no O(S) cache rewrite (the attention reads
     keys up to pos, a small part of a gpt2 step at batch 1)."""
