@@ -4,7 +4,10 @@ The model conditions each new token on the last `seq_len` tokens (positions from
 While the text fits the context, each token costs one decode step that reads and
 extends the KV cache; once it no longer fits, the window slides, every position
 changes, and each token costs a prefill of the last `seq_len` tokens. Either way the
-result equals recomputing the whole window for every token (tests check it)."""
+result equals recomputing the whole window for every token (tests check it). Several
+sequences of any lengths decode together (a ragged batch, each at its own position);
+with a streaming cache (--past-context stream) decoding goes on past the context with
+the first tokens and the most recent ones (StreamingLLM-style)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
