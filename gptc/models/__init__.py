@@ -40,11 +40,10 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:
         raise SpecError("batch size and sequence length must be positive")
-    if sink and (mode not in ("prefill", "decode") or not 0 < sink < spec.model.seq_len - 1):
-        raise SpecError(f"a streaming cache keeps 1 to {spec.model.seq_len - 2} first tokens of the prefill "
-                        f"and decode steps, got {sink}")
-    if sink and spec.model.attention == "linear":
-        raise SpecError("linear attention keeps a state, not a cache: it has no streaming cache")
+    if sink:
+        check_sink(spec, sink)
+        if mode not in ("prefill", "decode"):
+            raise ValueError(f"only the prefill and decode steps keep a streaming cache, not {mode}")
     g = Graph()
     if mode == "prefill":
         tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
@@ -82,6 +81,15 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
         add_training(g, loss, spec.train, expose_gradients, objective=objective)
     g.prune()
     return g
+
+
+def check_sink(spec: Spec, sink: int) -> None:
+    """Refuse a streaming cache (build_graph's sink) that the model cannot keep."""
+    if not 0 < sink < spec.model.seq_len - 1:
+        raise SpecError(f"a streaming cache keeps 1 to {spec.model.seq_len - 2} first tokens of the prefill "
+                        f"and decode steps, got {sink}")
+    if spec.model.attention == "linear":
+        raise SpecError("linear attention keeps a state, not a cache: it has no streaming cache")
 
 
 def init_params(graph: Graph, seed: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from gptc.models import build_graph
+from gptc.models import build_graph, check_sink
 from gptc.spec import GptcError, Spec
 
 
@@ -241,7 +241,7 @@ def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParam
         raise GptcError(f"--batch must be at least 1, got {batch}")
     if past_context not in PAST_CONTEXT:
         raise GptcError(f"--past-context must be one of {', '.join(PAST_CONTEXT)}, got {past_context!r}")
-    sink = sink if past_context == "stream" else 0
+    stream = past_context == "stream"
     p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
@@ -252,8 +252,10 @@ def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParam
     except ValueError as e:
         raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
     p.validate(tokenizer.vocab_size)
-    if past_context == "stream":
-        build_graph(spec, "decode", 1, sink=sink)  # refuses a sink that does not fit, or linear attention
+    if stream:
+        check_sink(spec, sink)
+    else:
+        sink = 0
     ids = [[int(t) for t in tokenizer.encode(prompt)] for prompt in prompts]
     for i, tokens in enumerate(ids):
         if len(tokens) > spec.model.seq_len:
