@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gptc
-from gptc.tools.generate import SamplingParams, choose, cpu_model, generate_tokens
+from gptc.tools.generate import SamplingParams, choose, cpu_model, generate_batch, generate_tokens
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError
 
@@ -37,17 +37,26 @@ def sampling_params(spec: gptc.Spec) -> dict[str, np.ndarray]:
     return {k: v * (scale if v.ndim >= 2 else 1.0) for k, v in init_params(build_graph(spec, "infer", 1), 7).items()}
 
 
-def check_generation(spec: gptc.Spec, model, params: dict[str, np.ndarray] | None = None) -> None:
+# A ragged batch: prompts of 5, 1, 12 and 2 tokens.
+RAGGED_PROMPTS = [[72, 101, 108, 108, 111], [3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12], [40, 41]]
+
+
+def check_generation(spec: gptc.Spec, model, params: dict[str, np.ndarray] | None = None,
+                     prompts: list[list[int]] | None = None) -> None:
     """Greedy generation with the KV cache (or state) equals full recomputation, 40 tokens
-    past a 5-token prompt (past the context window); with `params`, it also equals the
-    CPU reference's (for a GPU model)."""
-    prompt, p = [72, 101, 108, 108, 111], SamplingParams(num_tokens=40, greedy=True)
-    cached = list(generate_tokens(model, prompt, p, use_cache=True))
-    assert len(cached) == 40 and len(prompt) + 40 > spec.model.seq_len
-    assert cached == list(generate_tokens(model, prompt, p, use_cache=False))
-    assert len(set(cached)) > 3
+    past the prompts (default one 5-token prompt; past the context window), for every
+    sequence of the batch; with `params`, it also equals the CPU reference's recomputing
+    each sequence alone (for a GPU model, or a batch)."""
+    prompts = prompts or [RAGGED_PROMPTS[0]]
+    p = SamplingParams(num_tokens=40, greedy=True)
+    cached = [list(seq) for seq in zip(*generate_batch(model, prompts, p, use_cache=True))]
+    assert len(cached) == len(prompts) and all(len(c) == 40 for c in cached)
+    assert all(len(prompt) + 40 > spec.model.seq_len for prompt in prompts)
+    assert cached == [list(seq) for seq in zip(*generate_batch(model, prompts, p, use_cache=False))]
+    assert len(set(cached[0])) > 3 and all(len(set(c)) > 1 for c in cached)  # not stuck on one token
     if params is not None:
-        assert cached == list(generate_tokens(cpu_model(spec, params), prompt, p))
+        alone = cpu_model(spec, params)
+        assert cached == [list(generate_tokens(alone, prompt, p, use_cache=False)) for prompt in prompts]
 
 
 @pytest.mark.parametrize("name", list(DECODE_OPTIONS))

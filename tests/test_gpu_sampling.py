@@ -1,4 +1,4 @@
-"""The sampling kernel (templates/sample.hip.j2) against the op's reference on a GPU:
+"""The sampling kernel (templates/sample_tokens.hip.j2) against the op's reference on a GPU:
 the same token for fixed seeds over many rows, with ties, plateaus, tiny top-p, top-k
 at the edges, the repetition penalty and vocabulary limits; the output is poisoned
 before each launch. Then generation: the same seed gives the same tokens on the GPU

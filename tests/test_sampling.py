@@ -23,18 +23,20 @@ def sample_graph(rows: int, vocab: int, dtype: str = "f32") -> Graph:
     g = Graph()
     logits, seen = g.input("logits", (rows, vocab), dtype), g.input("seen", (rows, vocab))
     settings, ints = g.input("settings", (len(SETTINGS),)), g.input("ints", (len(INTS),), "i32")
-    index = g.input("index", (rows,), "i32")
-    g.output("token", logits._new("sample_tokens", [logits, seen, settings, ints, index]))
+    index, sequence = g.input("index", (rows,), "i32"), g.input("sequence", (rows,), "i32")
+    g.output("token", logits._new("sample_tokens", [logits, seen, settings, ints, index, sequence]))
     return g
 
 
 def feeds_for(logits, seen=None, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, greedy=False, seed=0,
-              limit=None, index=None) -> dict:
+              limit=None, index=None, sequence=None) -> dict:
+    """The operands; each row's sequence id defaults to its row number."""
     rows, vocab = logits.shape
     settings, ints = settings_arrays(temperature, top_k, top_p, penalty, greedy, seed, vocab if limit is None else limit)
     return {"logits": logits.astype(np.float32), "seen": np.zeros((rows, vocab), np.float32) if seen is None else seen,
             "settings": settings, "ints": ints,
-            "index": np.zeros(rows, np.int32) if index is None else np.asarray(index, np.int32)}
+            "index": np.zeros(rows, np.int32) if index is None else np.asarray(index, np.int32),
+            "sequence": np.arange(rows, dtype=np.int32) if sequence is None else np.asarray(sequence, np.int32)}
 
 
 def sample(feeds: dict) -> np.ndarray:
@@ -43,7 +45,7 @@ def sample(feeds: dict) -> np.ndarray:
 
 
 def kernel_like(z_row, seen_row, settings, ints, row, index, threads: int = 8) -> int:
-    """The kernel's algorithm (templates/sample.hip.j2) in NumPy: radix selections over
+    """The kernel's algorithm (templates/sample_tokens.hip.j2) in NumPy: radix selections over
     counts and masses instead of a sort, then the draw placed by `threads` contiguous
     segments of the row."""
     inv_t, top_p, pen, inv_pen, greedy = (np.float32(s) for s in settings)
@@ -247,8 +249,8 @@ def test_decode_graph_marks_the_drawn_token_seen():
     params = sampling_params(spec)
     feeds = {**params, **{n: np.zeros(g.type(i).shape, np.float32) for n, i in g.states.items()}}
     settings, ints = settings_arrays(1.0, 0, 1.0, 1.0, False, 3, spec.model.vocab_size)
-    feeds.update(tokens=np.array([[3], [4]], np.int32), pos=np.array([0], np.int32), sample_settings=settings,
-                 sample_ints=ints, sample_index=np.array([0, 0], np.int32))
+    feeds.update(tokens=np.array([[3], [4]], np.int32), pos=np.array([0, 0], np.int32), sample_settings=settings,
+                 sample_ints=ints, sample_index=np.array([0, 0], np.int32), sample_sequence=np.array([0, 1], np.int32))
     feeds[SEEN] = seen_rows([[1, 2], [3]], spec.model.vocab_size)
     out = run_graph(g, feeds)
     token = out["outputs"]["next_token"]
@@ -292,6 +294,6 @@ def test_sampling_kernels_compile(target):
     tiny = gptc.preset("tiny")
     graphs = [sample_graph(3, 50257), sample_graph(1, 7, "bf16"), build_graph(tiny, "decode", 2, sample=True),
               build_graph(tiny, "prefill", 1, sample=True)]
-    kernels = [k for g in graphs for k in render_plan(make_plan(g), t) if k.family == "sample" or "sample" in k.origin]
-    assert sum(k.family == "sample" for k in kernels) == len(graphs)
+    kernels = [k for g in graphs for k in render_plan(make_plan(g), t) if k.family == "sample_tokens" or "sample" in k.origin]
+    assert sum(k.family == "sample_tokens" for k in kernels) == len(graphs)
     compile_many([(k.code, k.symbol, (), k.origin) for k in kernels], t)

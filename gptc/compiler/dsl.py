@@ -256,12 +256,19 @@ def _angles(positions: Tensor, pairs: int, dims: int, base: float) -> Tensor:
 def rope(x: Tensor, positions: Tensor, dims: int, base: float = 10000.0) -> Tensor:
     """Rotary position embedding, rotate-half pairing (GPT-NeoX's and LLaMA's): within
     the first `dims` of the last axis, dimension i pairs with i + dims/2, and the pair
-    rotates by position * base^(-2i/dims). x (..., S, D); positions i32 (S,)."""
+    rotates by position * base^(-2i/dims). x (..., S, D); positions i32 (S,), or (B, S)
+    per sequence when x is (B, ..., S, D) (the KV-cache decode: each sequence at its own
+    position)."""
     half, width, axis = dims // 2, x.shape[-1], len(x.shape) - 1
+    per_sequence = positions.shape if len(positions.shape) == 2 else None
+    if per_sequence:
+        positions = positions.reshape(positions.shape[0] * positions.shape[1])
     seq = positions.shape[0]
     # Each pair's angle at both its dimensions, (S, half) -> (S, 2, half) -> (S, dims) by
     # views, so a kernel computes one angle, cos and sin per element it rotates.
     angles = _angles(positions, half, dims, base).reshape(seq, 1, half).broadcast_to((seq, 2, half)).reshape(seq, dims)
+    if per_sequence:  # (B*S, dims) -> (B, 1.., S, dims)
+        angles = angles.reshape(per_sequence[0], *(1,) * (len(x.shape) - 3), per_sequence[1], dims)
     cos, sin = (t.broadcast_to(x.shape[:-1] + (dims,)) for t in (angles.cos(), angles.sin()))
     rotated = x.slice(axis, 0, dims) if dims < width else x
     x1, x2 = rotated.slice(axis, 0, half), rotated.slice(axis, half, dims)
@@ -365,3 +372,30 @@ def moe(x: Tensor, router: Tensor, w_in: Tensor, w_out: Tensor, k: int,
     hidden = gelu(hidden) if expert_ffn == "gelu" else swiglu(hidden)
     out = grouped_matmul(hidden, w_out, offsets).gather(rank).reshape(rows, k, width)
     return (out * gates.reshape(rows, k, 1).broadcast_to((rows, k, width))).sum(1), aux
+
+
+# ----- KV-cache decode (ops/decode.py) -------------------------------------------------
+def kv_write(cache: Tensor, value: Tensor, pos: Tensor) -> Tensor:
+    """The cache (B, Hkv, S, D) with row pos[b] of sequence b replaced by value (B, Hkv, 1, D);
+    as a state's update, written in place (only those rows)."""
+    return cache._new("kv_write", [cache, value, pos])
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, window: int = 0,
+                     splits: int | None = None, slot: Tensor | None = None, sink: int = 0,
+                     rope: tuple[int, float] | None = None) -> Tensor:
+    """Attention of one query per sequence, q (B, H, 1, D), over the cached keys and values
+    (B, Hkv, S, D) it sees: positions j <= pos[b] (and pos[b] - j < window when window > 0).
+    Flash-decoding: partial sums over `splits` chunks of the keys (default: enough to fill
+    the GPU, ops/decode.decode_splits), then one combine. With `sink` > 0 the cache is a
+    StreamingLLM ring (ops/decode.py) whose new key went to `slot`; `rope` (dims, base):
+    the cache holds keys before RoPE, rotated here by their positions within the cache."""
+    from gptc.compiler.ops.decode import decode_splits
+    seq = k.shape[2]
+    splits = splits or decode_splits(q.shape[0] * q.shape[1], seq)
+    stream = dict(sink=sink) if sink else {}
+    if rope:
+        stream.update(rope_dims=rope[0], rope_base=float(rope[1]))
+    partial = q._new("decode_attention", [q, k, v, pos] + ([slot] if sink else []), scale=float(scale),
+                     window=int(window), splits=splits, **stream)
+    return partial._new("decode_combine", [partial, pos], seq=seq, window=0 if sink else int(window), dtype=q.dtype)

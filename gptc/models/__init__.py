@@ -15,7 +15,7 @@ MODES = ("train", "eval", "infer", "prefill", "decode")
 
 
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
-                expose_gradients: bool = False, sample: bool = False) -> Graph:
+                expose_gradients: bool = False, sink: int = 0, sample: bool = False) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
            (step also keys the dropout masks);
@@ -27,15 +27,21 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
              index b*S + (length-1) of each sequence's last token -> logits (B, V);
              updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
              (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
-    decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
-             updates the KV cache at pos (linear attention: adds to its state).
+    decode: inputs tokens (B, 1) and pos (B,) i32, sequence b's new token at position
+             pos[b] -> logits (B, V); writes the new keys and values into the KV cache at
+             pos[b] only and attends over positions 0..pos[b] (linear attention: adds to
+             its state);
+    with `sink` > 0, prefill and decode keep a StreamingLLM-style cache (gptc generate
+    --past-context stream): the first `sink` slots and a ring over the others; decode
+    then also takes slot (B,) i32, where the new key and value go, and pos is the
+    position within the cache (seq_len - 1 once the ring is full).
     sample=True (prefill and decode, as bundles build them): the graph ends with the
     sampling tail (gptc/models/sampling.py): output next_token (B,) i32, drawn from
     the logits on the device with run-time sampling settings."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
-    g = _model_graph(spec, mode, batch, seq_len, expose_gradients, sample)
+    g = _model_graph(spec, mode, batch, seq_len, expose_gradients, sink, sample)
     if spec.train.precision != "fp32":
         # After the optimizer (DESIGN's order); fp32 graphs stay exactly as built.
         apply_precision(g, spec.train.precision)
@@ -44,23 +50,29 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
 
 
 def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, expose_gradients: bool,
-                 sample: bool = False) -> Graph:
+                 sink: int = 0, sample: bool = False) -> Graph:
     batch = batch or spec.train.batch_size
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:
         raise SpecError("batch size and sequence length must be positive")
+    if sink:
+        check_sink(spec, sink)
+        if mode not in ("prefill", "decode"):
+            raise ValueError(f"only the prefill and decode steps keep a streaming cache, not {mode}")
     g = Graph()
     if mode == "prefill":
         tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
         last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
-        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last), rows=last))
+        g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last, sink), rows=last))
         if sample:
             add_sampling(g, Tensor(g, g.outputs["logits"]))
         return g
     if mode == "decode":
         tokens = g.input("tokens", (batch, 1), "i32", bound=spec.model.vocab_size)
-        pos = g.input("pos", (1,), "i32", bound=spec.model.seq_len)
-        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos), positions=pos)
+        pos = g.input("pos", (batch,), "i32", bound=spec.model.seq_len)
+        slot = g.input("slot", (batch,), "i32", bound=spec.model.seq_len) if sink else None
+        logits = gpt_logits(g, spec.model, tokens, decode_attend(g, spec.model, pos, slot, sink),
+                            positions=pos.reshape(batch, 1))
         g.output("logits", logits.reshape(batch, spec.model.vocab_size))
         if sample:
             add_sampling(g, Tensor(g, g.outputs["logits"]))
@@ -88,6 +100,15 @@ def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, 
         add_training(g, loss, spec.train, expose_gradients, objective=objective)
     g.prune()
     return g
+
+
+def check_sink(spec: Spec, sink: int) -> None:
+    """Refuse a streaming cache (build_graph's sink) that the model cannot keep."""
+    if not 0 < sink < spec.model.seq_len - 1:
+        raise SpecError(f"a streaming cache keeps 1 to {spec.model.seq_len - 2} first tokens of the prefill "
+                        f"and decode steps, got {sink}")
+    if spec.model.attention == "linear":
+        raise SpecError("linear attention keeps a state, not a cache: it has no streaming cache")
 
 
 def init_params(graph: Graph, seed: int) -> dict[str, np.ndarray]:

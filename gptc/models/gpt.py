@@ -43,7 +43,12 @@ def _positions(g: Graph, seq: int, positions: Tensor | None) -> Tensor:
 
 def _position_embedding(g: Graph, m: ModelSpec, seq: int, positions: Tensor | None) -> Tensor | None:
     """What is added to the token embeddings: (S, d) rows of a learned or sinusoidal
-    table, or None (RoPE rotates queries and keys instead)."""
+    table ((B, S, d) for per-sequence positions (B, S)), or None (RoPE rotates queries
+    and keys instead)."""
+    if positions is not None and len(positions.shape) == 2:
+        rows = _position_embedding(g, m, positions.shape[0] * positions.shape[1],
+                                   positions.reshape(positions.shape[0] * positions.shape[1]))
+        return None if rows is None else rows.reshape(*positions.shape, m.d_model)
     if m.pos == "learned":
         wpe = g.param("wpe", (m.seq_len, m.d_model), std=m.init_std)
         if positions is None:
@@ -87,7 +92,9 @@ def _attention(g: Graph, x: Tensor, layer: int, m: ModelSpec, residual_std: floa
 
     q, k, v = split(0, heads), split(heads, kv_heads), split(heads + kv_heads, kv_heads)
     if m.pos == "rope":
-        q, k = (dsl.rope(t, positions, m.rope_dims, m.rope_base) for t in (q, k))
+        q = dsl.rope(q, positions, m.rope_dims, m.rope_base)
+        if not getattr(attend, "rotates_keys", False):  # else the cache keeps keys before RoPE
+            k = dsl.rope(k, positions, m.rope_dims, m.rope_base)
     y = attend(layer, q, k, v)
     y = y.permute(0, 2, 1, 3).reshape(batch, seq, e)
     return _linear(g, y, f"{name}.c_proj", e, e, residual_std, bias)
@@ -154,7 +161,8 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = N
     """Logits (B, S, V) for token ids (B, S). `attend` defaults to attention over the
     sequence; `positions` (i32 (S,), default 0..S-1) are the tokens' positions; with
     `rows` (i32 (R,), indices into the B*S positions) only those positions' logits are
-    computed: (R, V). `training` turns dropout on, its masks keyed by `seed`. Each mixture-of-experts layer appends
+    computed: (R, V). Positions may also be (B, S), per sequence (the KV-cache decode).
+    `training` turns dropout on, its masks keyed by `seed`. Each mixture-of-experts layer appends
     its load-balancing loss to `aux_losses` (when given)."""
     batch, seq = tokens.shape
     if seq > m.seq_len:
@@ -195,11 +203,13 @@ def linear_state_shape(m: ModelSpec, batch: int) -> tuple[int, int, int, int]:
     return (batch, m.kv_heads, m.head_dim, m.head_dim + 1)
 
 
-def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend:
+def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None, sink: int = 0) -> Attend:
     """Attention over the whole (padded) context that also stores every position's
     keys and values into the KV cache states k_cache.<l>, v_cache.<l>. Linear
     attention stores its state kv_state.<l> instead, summed over the positions up to
-    each sequence's last token: `last` (B,) i32, the flat index b*S + (length-1)."""
+    each sequence's last token: `last` (B,) i32, the flat index b*S + (length-1).
+    For the streaming cache (`sink` > 0) of a RoPE model, the cache keeps keys before
+    RoPE (decode_attend rotates them by their positions within the cache)."""
     over_sequence = attend_sequence(m)
     if m.attention == "linear":
         if last is None:
@@ -216,21 +226,31 @@ def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None) -> Attend
             return over_sequence(layer, q, k, v)
         return attend_linear
 
+    raw_keys = bool(sink) and m.pos == "rope"
+
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
             cache = g.state(name, kv_cache_shape(m, q.shape[0]))
             g.updates[name] = value._new("copy", [value]).id
             del cache  # overwritten whole: the old value is not read
+        if raw_keys:
+            k = dsl.rope(k, g.iota((k.shape[2],), 0), m.rope_dims, m.rope_base)
         return over_sequence(layer, q, k, v)
+    attend.rotates_keys = raw_keys  # type: ignore[attr-defined]
     return attend
 
 
-def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
-    """Attention of one new position `pos` (an i32 (1,) input) over the KV cache: the
-    new key and value are written into the cache at `pos` first, then the query attends
-    to the cache positions it sees (0..pos, or the last `window` of them). Linear
+def decode_attend(g: Graph, m: ModelSpec, pos: Tensor, slot: Tensor | None = None, sink: int = 0) -> Attend:
+    """Attention of one new position per sequence, sequence b's at pos[b] (`pos` an i32
+    (B,) input), over the KV cache: the new key and value are written into the cache at
+    pos[b] first (only those rows: dsl.kv_write, in place), then the query attends to
+    the cache positions it sees (0..pos[b], or the last `window` of them) by
+    flash-decoding (dsl.decode_attention), which reads no key past pos[b]. Linear
     attention instead adds the new key and value to its state kv_state.<l>, which
-    holds positions 0..pos-1 (the prefill and the decode steps before)."""
+    holds positions 0..pos-1 (the prefill and the decode steps before).
+    The streaming cache (`sink` > 0, StreamingLLM-style): the new key and value go to
+    `slot` (B,) i32 instead, `pos` is the position within the cache, and a RoPE model's
+    cache holds keys before RoPE, rotated in the attention (ops/decode.py)."""
     if m.attention == "linear":
         def attend_linear(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # O(1) per token: add the new key and value to the state, read it with the query.
@@ -240,22 +260,18 @@ def decode_attend(g: Graph, m: ModelSpec, pos: Tensor) -> Attend:
             return dsl.linear_attention_read(q, state)
         return attend_linear
 
+    raw_keys = bool(sink) and m.pos == "rope"
+
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = kv_cache_shape(m, q.shape[0])
-        at_pos = g.iota(shape, 2).eq(pos.reshape(1, 1, 1, 1))
         caches = []
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
-            updated = at_pos.where(value.broadcast_to(shape), g.state(name, shape))
+            updated = dsl.kv_write(g.state(name, shape), value, slot if sink else pos)
             g.updates[name] = updated.id
             caches.append(updated)
         with g.scope("kv_attention"):
-            # Query heads grouped over the cache's kv_heads (views, no per-head copy).
-            qg, keys, values = dsl.group_heads(q, *caches)
-            scores = (qg @ keys.T) * (1.0 / math.sqrt(m.head_dim))
-            ones = (1,) * (len(scores.shape) - 1)
-            at, j = pos.reshape(*ones, 1), g.iota((*ones, m.seq_len), len(ones))
-            visible = at >= j
-            if m.attention == "local":  # the last `window` positions: pos - window < j <= pos
-                visible = visible.logical_and(at - j < m.window)
-            return (dsl.softmax(visible.where(scores, -math.inf)) @ values).reshape(q.shape)
+            return dsl.decode_attention(q, *caches, pos, 1.0 / math.sqrt(m.head_dim),
+                                        window=m.window if m.attention == "local" else 0, slot=slot, sink=sink,
+                                        rope=(m.rope_dims, m.rope_base) if raw_keys else None)
+    attend.rotates_keys = raw_keys  # type: ignore[attr-defined]
     return attend

@@ -75,12 +75,14 @@ class RenderedBundle:
 
 
 def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
-                  log: Callable[[str], None] = print) -> RenderedBundle:
-    """Plan and render every step of `spec` for `target`; no compiler runs."""
+                  log: Callable[[str], None] = print, sample_batch: int = 1, sink: int = 0) -> RenderedBundle:
+    """Plan and render every step of `spec` for `target`; no compiler runs. Prefill
+    and decode take `sample_batch` sequences (gptc generate --batch), with a streaming
+    cache keeping `sink` first tokens when sink > 0 (--past-context stream)."""
     batch = spec.train.batch_size
     graphs = {"train": build_graph(spec, "train", batch), "eval": build_graph(spec, "eval", batch),
-              "prefill": build_graph(spec, "prefill", 1, sample=True),
-              "decode": build_graph(spec, "decode", 1, sample=True)}
+              "prefill": build_graph(spec, "prefill", sample_batch, sink=sink, sample=True),
+              "decode": build_graph(spec, "decode", sample_batch, sink=sink, sample=True)}
     tables, kernels = {}, {}
     for step, graph in graphs.items():
         plan = make_plan(graph, fuse)
@@ -96,6 +98,7 @@ def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
         "fused": fuse,
         "spec": spec_dict(spec),
         "steps": tables,
+        **({"sink": sink} if sink else {}),
     }
     return RenderedBundle(spec, manifest, kernels, render_executor(manifest))
 
@@ -125,12 +128,12 @@ def check_output_dir(out: Path) -> None:
 
 
 def compile_bundle(spec: Spec, out_dir: str | os.PathLike, target: Target, fuse: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
+                   log: Callable[[str], None] = print, sample_batch: int = 1, sink: int = 0) -> Path:
     """Plan, render and compile every step of `spec` for `target` into a bundle at `out_dir`."""
     out = Path(out_dir)
     check_output_dir(out)
     started = time.perf_counter()
-    write_bundle(render_bundle(spec, target, available_compiler(target), fuse, log), out, log)
+    write_bundle(render_bundle(spec, target, available_compiler(target), fuse, log, sample_batch, sink), out, log)
     log(f"bundle written to {out} ({time.perf_counter() - started:.1f} s)")
     return out
 
@@ -269,12 +272,14 @@ class BundleRuntime:
         self.arenas.close()
 
 
-def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print) -> Bundle:
+def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print, sample_batch: int = 1,
+                  sink: int = 0) -> Bundle:
     """The bundle of `spec` for the device's target, compiled once into gptc's cache at
     bundles/<RenderedBundle.key()>: the steps are planned and rendered every time (cheap
     next to compiling), so a changed template, planner or compiler makes a new bundle."""
     from gptc.runtime.cache import cache_root
-    rendered = render_bundle(spec, device.target, available_compiler(device.target), log=lambda line: None)
+    rendered = render_bundle(spec, device.target, available_compiler(device.target), log=lambda line: None,
+                             sample_batch=sample_batch, sink=sink)
     root = cache_root() or Path(tempfile.mkdtemp(prefix="gptc-"))  # caching off: a fresh directory
     path = root / "bundles" / rendered.key()[:16]
     if not (path / "manifest.json").is_file():

@@ -142,10 +142,12 @@ def _cmd_compile(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from gptc.tools.generate import SamplingParams, run_generate
+    from gptc.tools.generate import SamplingParams, read_prompt_file, run_generate_batch
     params = SamplingParams(num_tokens=args.num_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
-    run_generate(args.checkpoint, args.prompt, params, args.device)
+    prompts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
+    run_generate_batch(args.checkpoint, prompts, params, args.device, batch=args.batch,
+                       past_context=args.past_context, sink=args.sink)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -282,7 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained checkpoint (prefill, then KV-cache decode)")
     p.add_argument("--checkpoint", type=_nonempty, required=True,
                    help="a run directory (its newest checkpoint) or a checkpoint directory")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-file", type=_nonempty, metavar="FILE",
+                        help="continue every line of FILE (one prompt per line, UTF-8)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences decoded together, of any lengths (default 1; with --prompt-file)")
+    p.add_argument("--past-context", default="recompute", choices=["recompute", "stream"],
+                   help="once a text outgrows the context: recompute the sliding window (exact, a prefill "
+                        "per token) or stream (keep the first --sink tokens and the most recent ones in the "
+                        "KV cache, StreamingLLM-style)")
+    p.add_argument("--sink", type=int, default=4, help="tokens kept at the start with --past-context stream (default 4)")
     p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temp", type=_finite_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")

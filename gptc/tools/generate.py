@@ -4,7 +4,10 @@ The model conditions each new token on the last `seq_len` tokens (positions from
 While the text fits the context, each token costs one decode step that reads and
 extends the KV cache; once it no longer fits, the window slides, every position
 changes, and each token costs a prefill of the last `seq_len` tokens. Either way the
-result equals recomputing the whole window for every token (tests check it)."""
+result equals recomputing the whole window for every token (tests check it). Several
+sequences of any lengths decode together (a ragged batch, each at its own position);
+with a streaming cache (--past-context stream) decoding goes on past the context with
+the first tokens and the most recent ones (StreamingLLM-style)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +15,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from gptc.models import build_graph
+from gptc.models import build_graph, check_sink
 from gptc.models.sampling import SEEN, sampling_feeds, seen_rows
 from gptc.spec import GptcError, Spec
 
@@ -84,98 +87,182 @@ def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
 
 class Model:
     """Prefill and decode steps of one model on one executor kind, sharing the KV cache
-    and the sampling state. Each step ends with the sampling tail of the graphs
-    (gptc/models/sampling.py): it draws the next token itself, and only the token ids
-    are read back (`fetch`; None reads every output, as the CPU reference does)."""
+    and the sampling state, for up to `batch` sequences at a time (the steps' batch).
+    Fewer sequences fill the other rows with a one-token dummy, whose tokens are
+    dropped. `sink` > 0: the steps keep a StreamingLLM-style cache (build_graph's sink)
+    and decode takes slots. Each step ends with the sampling tail of the graphs
+    (gptc/models/sampling.py): it draws every sequence's next token itself, and only
+    the token ids are read back (`fetch`; None reads every output, as the CPU
+    reference does)."""
 
-    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None],
-                 fetch: Sequence[str] | None = None) -> None:
+    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None], batch: int = 1,
+                 sink: int = 0, fetch: Sequence[str] | None = None) -> None:
         self.spec, self.prefill_step, self.decode_step, self.share_cache = spec, prefill, decode, share_cache
-        self.fetch = fetch
+        self.batch, self.sink, self.fetch = batch, sink, fetch
         self.sampling: dict[str, np.ndarray] = {}
 
-    def start(self, history: Sequence[int], p: SamplingParams, vocab_limit: int) -> None:
-        """Before a generation: the sampling settings, and the tokens seen so far (the
+    def _rows(self, n: int) -> None:
+        if not 1 <= n <= self.batch:
+            raise ValueError(f"{n} sequences for a model of batch {self.batch}")
+
+    def start(self, histories: Sequence[Sequence[int]], p: SamplingParams, vocab_limit: int,
+              sequences: Sequence[int] | None = None) -> None:
+        """Before a generation: the sampling settings, each sequence's id (the draws'
+        key with the seed: default 0, 1, ...) and the tokens each has seen so far (the
         repetition penalty's history) written into the sampling state."""
-        self.sampling = sampling_feeds(p, vocab_limit, np.zeros(1, np.int32))
-        self.decode_step.write({SEEN: seen_rows([history], self.spec.model.vocab_size)})
+        self._rows(len(histories))
+        ids = np.zeros(self.batch, np.int32)
+        ids[:len(histories)] = range(len(histories)) if sequences is None else sequences
+        self.sampling = sampling_feeds(p, vocab_limit, np.zeros(self.batch, np.int32), ids)
+        dummies = [[]] * (self.batch - len(histories))
+        self.decode_step.write({SEEN: seen_rows([*histories, *dummies], self.spec.model.vocab_size)})
 
-    def _run(self, step, feeds: dict, index: int) -> int:
-        feeds = {**feeds, **self.sampling, "sample_index": np.array([index], np.int32)}
+    def _run(self, step, feeds: dict, n: int, index: int | Sequence[int]) -> np.ndarray:
+        indices = np.zeros(self.batch, np.int32)
+        indices[:n] = index
+        feeds = {**feeds, **self.sampling, "sample_index": indices}
         out = step.run(feeds) if self.fetch is None else step.run(feeds, outputs=self.fetch)
-        return int(out["next_token"][0])
+        return np.asarray(out["next_token"][:n])
 
-    def prefill(self, tokens: Sequence[int], index: int) -> int:
-        """The token drawn after `tokens` (at most seq_len of them), token `index` of the
-        generation; fills the cache."""
+    def prefill(self, sequences: Sequence[Sequence[int]], index: int | Sequence[int]) -> np.ndarray:
+        """The tokens (len(sequences),) drawn after each sequence (at most seq_len tokens
+        each, of any lengths: right-padded), token `index` of each one's generation;
+        fills each one's cache rows."""
+        self._rows(len(sequences))
         s = self.spec.model.seq_len
-        padded = np.zeros((1, s), np.int32)
-        padded[0, :len(tokens)] = tokens
-        token = self._run(self.prefill_step, {"tokens": padded, "last": np.array([len(tokens) - 1], np.int32)}, index)
+        padded = np.zeros((self.batch, s), np.int32)
+        last = np.arange(self.batch, dtype=np.int32) * s  # the dummy rows: one token
+        for b, tokens in enumerate(sequences):
+            padded[b, :len(tokens)] = tokens
+            last[b] += len(tokens) - 1
+        drawn = self._run(self.prefill_step, {"tokens": padded, "last": last}, len(sequences), index)
         self.share_cache()
-        return token
+        return drawn
 
-    def decode(self, token: int, pos: int, index: int) -> int:
-        """The token drawn after appending `token` at position `pos` (the cache holds 0..pos-1)."""
-        return self._run(self.decode_step, {"tokens": np.array([[token]], np.int32),
-                                            "pos": np.array([pos], np.int32)}, index)
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], index: int | Sequence[int],
+               slots: Sequence[int] | None = None) -> np.ndarray:
+        """The tokens drawn after appending tokens[b] at position positions[b] of
+        sequence b (its cache holds 0..positions[b]-1); with a streaming cache, its key
+        and value go to cache slot slots[b]."""
+        self._rows(len(tokens))
+        feeds = {"tokens": np.zeros((self.batch, 1), np.int32), "pos": np.zeros(self.batch, np.int32)}
+        feeds["tokens"][:len(tokens), 0], feeds["pos"][:len(positions)] = tokens, positions
+        if self.sink:
+            feeds["slot"] = np.zeros(self.batch, np.int32)
+            feeds["slot"][:len(slots)] = slots
+        return self._run(self.decode_step, feeds, len(tokens), index)
 
-    def full(self, tokens: Sequence[int], index: int) -> int:
-        """The token drawn recomputing the whole window (no cache reuse)."""
-        return self.prefill(list(tokens)[-self.spec.model.seq_len:], index)
+    def full(self, sequences: Sequence[Sequence[int]], index: int | Sequence[int]) -> np.ndarray:
+        """The tokens drawn recomputing each whole window (no cache reuse)."""
+        return self.prefill([list(t)[-self.spec.model.seq_len:] for t in sequences], index)
 
 
-def cpu_model(spec: Spec, params: Mapping[str, np.ndarray]) -> Model:
+def cpu_model(spec: Spec, params: Mapping[str, np.ndarray], batch: int = 1, sink: int = 0) -> Model:
     """The reference executors of prefill and decode hold their params and states in one
     dict, as the GPU steps share one persistent arena: the KV cache and the sampling
     state written by one step are read by the other."""
     from gptc.runtime.reference import ReferenceExecutor
-    prefill = ReferenceExecutor(build_graph(spec, "prefill", 1, sample=True), params)
-    decode = ReferenceExecutor(build_graph(spec, "decode", 1, sample=True), params)
+    prefill = ReferenceExecutor(build_graph(spec, "prefill", batch, sink=sink, sample=True), params)
+    decode = ReferenceExecutor(build_graph(spec, "decode", batch, sink=sink, sample=True), params)
     decode.persistent = prefill.persistent | decode.persistent
     prefill.persistent = decode.persistent
-    return Model(spec, prefill, decode, lambda: None)
+    return Model(spec, prefill, decode, lambda: None, batch, sink)
 
 
 def gpu_model(runtime) -> Model:
     """From a gptc.runtime.bundle.BundleRuntime: prefill and decode share device memory."""
-    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None,
-                 fetch=("next_token",))
+    table = runtime.steps["decode"].table
+    batch = table["buffers"][table["inputs"]["pos"]]["shape"][0]
+    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None, batch,
+                 runtime.bundle.manifest.get("sink", 0), fetch=("next_token",))
+
+
+def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingParams, use_cache: bool = True,
+                   vocab_size: int | None = None, sequences: Sequence[int] | None = None) -> Iterator[list[int]]:
+    """Yield, `p.num_tokens` times, the next token of every prompt (ragged lengths
+    decode together, each sequence at its own position), all below `vocab_size`
+    (default: the model's): a model may have more embedding rows than its tokenizer has
+    tokens, and the rows past the tokenizer's are never sampled. Token i of sequence b
+    is drawn on the device by the step that computes its logits, from Philox keyed by
+    (seed, i, sequences[b]) (default ids 0, 1, ...): the same seed and id give the same
+    tokens on the CPU reference and the GPU, with or without the cache, in any row of
+    any batch. While every sequence fits the context, a token costs one decode step;
+    once one no longer fits, its window slides, every position of it changes, and each
+    step costs a prefill of every sequence's last seq_len tokens (exact: tests check
+    it). A model with a streaming cache (model.sink > 0) decodes on instead: each new
+    token goes to the ring slot of the oldest token after the sinks, at position
+    seq_len - 1 within the cache."""
+    s = model.spec.model.seq_len
+    n = model.spec.model.vocab_size if vocab_size is None else vocab_size
+    tokens = [list(prompt) for prompt in prompts]
+    if not tokens or not all(tokens):
+        raise GptcError("the prompt is empty; give at least one character")
+    model.start(tokens, p, n, sequences)
+    new = model.prefill([t[-s:] for t in tokens], 0) if use_cache else model.full(tokens, 0)
+    cached = [min(len(t), s) for t in tokens]  # tokens each cache has taken, prefill included
+    for index in range(1, p.num_tokens + 1):
+        new = [int(token) for token in new]
+        for t, token in zip(tokens, new):
+            t.append(token)
+        yield new
+        if index == p.num_tokens:
+            return
+        if not use_cache:
+            new = model.full(tokens, index)
+        elif model.sink:  # the n-th token of a cache goes to slot n, then round the ring after the sinks
+            slots = [c if c < s else model.sink + (c - model.sink) % (s - model.sink) for c in cached]
+            new = model.decode(new, [min(c, s - 1) for c in cached], index, slots)
+            cached = [c + 1 for c in cached]
+        elif all(len(t) <= s for t in tokens):
+            new = model.decode(new, [len(t) - 1 for t in tokens], index)
+        else:  # a window slid: every position of that sequence changed
+            new = model.prefill([t[-s:] for t in tokens], index)
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,
                     vocab_size: int | None = None) -> Iterator[int]:
-    """Yield `p.num_tokens` new tokens after `prompt` (at least one token), all below
-    `vocab_size` (default: the model's): a model may have more embedding rows than its
-    tokenizer has tokens, and the rows past the tokenizer's are never sampled. Token i
-    is drawn by the step that computes its logits, from Philox keyed by (seed, i): the
-    same seed gives the same tokens on the CPU reference and the GPU, with or without
-    the cache."""
-    s = model.spec.model.seq_len
-    n = model.spec.model.vocab_size if vocab_size is None else vocab_size
-    tokens = list(prompt)
-    if not tokens:
-        raise GptcError("the prompt is empty; give at least one character")
-    model.start(tokens, p, n)
-    nxt = model.prefill(tokens[-s:], 0) if use_cache else model.full(tokens, 0)
-    for index in range(1, p.num_tokens + 1):
-        tokens.append(nxt)
-        yield nxt
-        if index == p.num_tokens:
-            return
-        if not use_cache:
-            nxt = model.full(tokens, index)
-        elif len(tokens) <= s:
-            nxt = model.decode(nxt, len(tokens) - 1, index)
-        else:  # the window slid: every position changed
-            nxt = model.prefill(tokens[-s:], index)
+    """Yield `p.num_tokens` new tokens after one `prompt` (at least one token)."""
+    for new in generate_batch(model, [prompt], p, use_cache, vocab_size):
+        yield new[0]
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of a --prompt-file: one per line (blank lines skipped), UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise GptcError(f"cannot read the prompt file '{path}': {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise GptcError(f"the prompt file '{path}' is not UTF-8 text (byte {e.start + 1})") from None
+    prompts = [line for line in prompts if line.strip()]
+    if not prompts:
+        raise GptcError(f"the prompt file '{path}' has no prompt; give one per line")
+    return prompts
 
 
 def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: str = "auto",
                  out=None, log: Callable[[str], None] | None = None) -> str:
-    """`gptc generate`: load a checkpoint, encode the prompt, stream the continuation
-    to `out` (stdout), return the generated text. A prompt longer than the context
-    keeps its last seq_len tokens, with a warning."""
+    """`gptc generate --prompt`: load a checkpoint, encode the prompt, stream the
+    continuation to `out` (stdout), return the generated text. A prompt longer than the
+    context keeps its last seq_len tokens, with a warning."""
+    return run_generate_batch(checkpoint, [prompt], p, device_name, out, log)[0]
+
+
+PAST_CONTEXT = ("recompute", "stream")
+
+
+def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParams, device_name: str = "auto",
+                       out=None, log: Callable[[str], None] | None = None, batch: int = 1,
+                       past_context: str = "recompute", sink: int = 4) -> list[str]:
+    """`gptc generate`: continue every prompt, `batch` of them decoding together (a
+    ragged batch: each at its own position), and return the texts (prompt and
+    continuation). One prompt streams to `out` as it is produced, as before. Several
+    are written in order, each after a line "--- prompt i of n ---": the first sequence
+    of each batch streams as it is produced, the others of its batch follow whole when
+    the batch is done. Past the context, `past_context` "recompute" slides the window
+    (exact), "stream" keeps a StreamingLLM-style cache of the first `sink` tokens and
+    the most recent ones (gptc.models.build_graph's sink)."""
     import sys
 
     from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
@@ -183,7 +270,13 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     from gptc.tools.tokenizer import Tokenizer
     out = out or sys.stdout
     log = log or (lambda line: print(line, file=sys.stderr))
-    check_prompt(prompt)
+    for prompt in prompts:
+        check_prompt(prompt)
+    if batch < 1:
+        raise GptcError(f"--batch must be at least 1, got {batch}")
+    if past_context not in PAST_CONTEXT:
+        raise GptcError(f"--past-context must be one of {', '.join(PAST_CONTEXT)}, got {past_context!r}")
+    stream = past_context == "stream"
     p.validate()
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
     spec = ckpt.spec
@@ -194,35 +287,62 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
     except ValueError as e:
         raise GptcError(f"checkpoint '{checkpoint}': {e}") from None
     p.validate(tokenizer.vocab_size)
-    ids = [int(t) for t in tokenizer.encode(prompt)]
-    if len(ids) > spec.model.seq_len:
-        log(f"warning: the prompt has {len(ids)} tokens, more than the context of {spec.model.seq_len}; "
-            f"the model sees its last {spec.model.seq_len}")
+    if stream:
+        check_sink(spec, sink)
+    else:
+        sink = 0
+    ids = [[int(t) for t in tokenizer.encode(prompt)] for prompt in prompts]
+    for i, tokens in enumerate(ids):
+        if len(tokens) > spec.model.seq_len:
+            which = "the prompt" if len(ids) == 1 else f"prompt {i + 1}"
+            log(f"warning: {which} has {len(tokens)} tokens, more than the context of {spec.model.seq_len}; "
+                f"the model sees its last {spec.model.seq_len}")
+    batch = min(batch, len(prompts))
     device = resolve_device(device_name)
     runtime = None
     memory_what = f"sampling with a context of {spec.model.seq_len} tokens"
     memory_advice = "sample on a GPU (--device gpu)"
     if device is None:
-        model = cpu_model(spec, ckpt.params)
+        model = cpu_model(spec, ckpt.params, batch, sink)
         check_cpu_memory(model.prefill_step.graph, memory_what, memory_advice)
     else:
         from gptc.runtime.bundle import cached_bundle
-        runtime = cached_bundle(spec, device, log).open(device, ckpt.params)
+        runtime = cached_bundle(spec, device, log, sample_batch=batch, sink=sink).open(device, ckpt.params)
         model = gpu_model(runtime)
-    log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}")
-    stream = tokenizer.stream_decoder()
-    pieces: list[str] = []
+    log(f"generating on {device.name if device else 'cpu (NumPy reference executor)'} from step {ckpt.step}"
+        + (f", {batch} sequences at a time" if batch > 1 else ""))
+    texts: list[str] = []
+    live: list[str] = []  # the text streamed so far of the sequence on screen
 
     def emit(text: str) -> None:
-        pieces.append(text)
+        live.append(text)
         out.write(text)
         out.flush()
 
-    emit(prompt)
     try:
-        for token in generate_tokens(model, ids, p, vocab_size=tokenizer.vocab_size):
-            emit(stream.feed(token))
-        emit(stream.flush())
+        for first in range(0, len(prompts), batch):
+            chunk = range(first, min(first + batch, len(prompts)))
+            streams = [tokenizer.stream_decoder() for _ in chunk]
+            held = [[prompts[i]] for i in chunk]  # the other sequences' text, written when the batch is done
+            live.clear()
+            if len(prompts) > 1:
+                out.write(f"--- prompt {first + 1} of {len(prompts)} ---\n")
+            emit(prompts[first])
+            for new in generate_batch(model, [ids[i] for i in chunk], p, vocab_size=tokenizer.vocab_size,
+                                      sequences=list(chunk)):
+                emit(streams[0].feed(new[0]))
+                for b in range(1, len(chunk)):
+                    held[b].append(streams[b].feed(new[b]))
+            emit(streams[0].flush())
+            texts.append("".join(live))
+            live.clear()
+            for b, i in enumerate(chunk):
+                if b:
+                    held[b].append(streams[b].flush())
+                    texts.append("".join(held[b]))
+                    out.write(f"\n--- prompt {i + 1} of {len(prompts)} ---\n{texts[-1]}")
+            if first + batch < len(prompts):
+                out.write("\n")
     except MemoryError:
         if device is not None:
             raise
@@ -234,7 +354,7 @@ def run_generate(checkpoint: str, prompt: str, p: SamplingParams, device_name: s
         finally:
             out.write("\n")
             out.flush()
-    return "".join(pieces)
+    return texts
 
 
 def smoke_test(bundle, device) -> None:

@@ -26,7 +26,7 @@ def kernel_table(table: dict) -> str:
 def fusion_dot(table: dict, title: str) -> str:
     """Kernels as nodes, an edge where one kernel reads a buffer another wrote."""
     colours = {"pointwise": "lightblue", "row": "palegreen", "reduce": "khaki", "matmul": "salmon", "scatter": "plum",
-               "group_sort": "lightgrey", "grouped_matmul": "lightsalmon", "sample": "wheat"}
+               "group_sort": "lightgrey", "grouped_matmul": "lightsalmon", "sample_tokens": "wheat"}
     writer = {}
     lines = [f'digraph "{title}" {{', "  rankdir=TB; node [shape=box, style=filled, fontname=Helvetica];"]
     for i, k in enumerate(table["launches"]):

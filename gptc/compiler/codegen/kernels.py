@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from gptc.compiler.strides import strided
 from gptc.common import PACKAGE_DIR
 from gptc.target import Target
 from gptc.compiler.ops import OPS
+from gptc.compiler.ops.decode import chunk_of
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.ops.sample import STREAM
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
@@ -161,8 +163,10 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _group_sort(plan, kernel, ctx, args)
     elif family == "grouped_matmul":
         grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
-    elif family == "sample":
+    elif family == "sample_tokens":
         grid, block, em = _sample(plan, kernel, ctx, args)
+    elif family in ("kv_write", "decode_attention", "decode_combine"):
+        grid, block, em = _decode(plan, kernel, target, ctx, args, tuning)
     else:
         raise AssertionError(family)
     template = ctx.pop("template", f"{family}.hip.j2")
@@ -850,7 +854,7 @@ def _sample(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
     passes over the row when sampling, 1 when greedy."""
     g = plan.graph
     node = kernel.anchor
-    logits, seen, settings, ints, index = g.inputs_of(node)
+    logits, seen, settings, ints, index, sequence = g.inputs_of(node)
     em = Emitter(plan, kernel.nodes, args=args)
     rows, vocab = g.type(logits).shape
     ctx.update(rows=rows, vocab=vocab, stream=STREAM, out=em.arg(node),
@@ -858,7 +862,8 @@ def _sample(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str]):
                seen_at=_operand_access(em, plan, seen, ["row", "i"]),
                settings=[_operand_access(em, plan, settings, [str(j)]) for j in range(g.type(settings).shape[0])],
                ints=[_operand_access(em, plan, ints, [str(j)]) for j in range(g.type(ints).shape[0])],
-               index_at=_operand_access(em, plan, index, ["row"]))
+               index_at=_operand_access(em, plan, index, ["row"]),
+               sequence_at=_operand_access(em, plan, sequence, ["row"]))
     return (min(rows, MAX_GRID), 1, 1), (SAMPLE_THREADS, 1, 1), em
 
 
@@ -903,6 +908,73 @@ def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, s
                tile=tile, bk=GROUPED_BK, n_tiles=ceil_div(n, tile), m_tiles=ceil_div(m, tile),
                offsets=em.arg(offsets), a_at=a_at, b_at=b_at, c_at=c_at, out=out, store=store)
     return (m_slots * ceil_div(n, tile), 1, 1), (GROUPED_THREADS, 1, 1), em
+
+
+DECODE_THREADS = 128
+
+
+def _strided_at(em: Emitter, plan: Plan, nid: int, index: Sequence[tuple[str, int]]) -> str:
+    """The element of operand `nid` (a strided view of a buffer) at `index`: per axis the
+    C variable and its bound (bound 1: the only index is 0), as a float (int for i32)."""
+    buf, offset, strides = _operand_layout(plan, nid)
+    at = add(offset, *[mul(var(name, bound), st) for (name, bound), st in zip(index, strides)])
+    raw = f"{em.arg(buf)}[{emit(at)}]"
+    return f"bf16_to_float({raw})" if plan.buffer_of(buf).dtype == "bf16" else raw
+
+
+def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
+    """The KV-cache decode's kernels (ops/decode.py), each reading its operands as
+    strided views of buffers:
+    kv_write: a thread per element of the new rows (B, Hkv, 1, D), stored at row pos[b]
+    of the cache (the state's own buffer; nothing else of it is touched);
+    decode_attention: a block per (sequence, head, chunk of keys); its warps take the
+    chunk's visible keys in turn (a warp per key: lanes split head_dim, a shuffle sum
+    gives the score) with an online softmax each, then the block merges its warps and
+    stores [sum e v, m, l]. Chunks past pos[b] (or before the window) return at once
+    and store nothing: the combine never reads them;
+    decode_combine: a thread per output element, over the chunks holding visible keys."""
+    g = plan.graph
+    node = kernel.anchor
+    em = Emitter(plan, kernel.nodes, args=args)
+    out_bf16 = plan.buffer_of(node).dtype == "bf16"
+    ctx.update(out=em.arg(node), store=(lambda v: f"float_to_bf16({v})") if out_bf16 else (lambda v: v))
+    threads = tuning.get("threads", DECODE_THREADS)
+    if g.op(node) == "kv_write":
+        _, value, pos = g.inputs_of(node)
+        batch, heads, seq, dim = g.type(node).shape
+        count = batch * heads * dim
+        ctx.update(count=count, heads=heads, seq=seq, dim=dim,
+                   value_at=_strided_at(em, plan, value, [("b", batch), ("h", heads), ("0", 1), ("d", dim)]),
+                   pos_at=_strided_at(em, plan, pos, [("b", batch)]))
+        return _grid_1d(count, threads), (threads, 1, 1), em
+    attrs = g.node(node)["attrs"]
+    if g.op(node) == "decode_attention":
+        q, k, v, pos = g.inputs_of(node)[:4]
+        batch, heads, splits, _ = g.type(node).shape
+        kv_heads, seq, dim = g.type(k).shape[1:]
+        wave = target.wavefront
+        # The streaming cache: slots' positions from the new key's slot; keys before RoPE.
+        sink, dims = attrs.get("sink", 0), attrs.get("rope_dims", 0)
+        kv_index = [("b", batch), ("hk", kv_heads), ("j", seq)]
+        ctx.update(sink=sink, ring=seq - sink, rope_dims=dims, half=dims // 2,
+                   slot_at=_strided_at(em, plan, g.inputs_of(node)[4], [("b", batch)]) if sink else "",
+                   k_pair_at=_strided_at(em, plan, k, kv_index + [("cp", dim)]) if dims else "",
+                   freq=c_literal(-2.0 * math.log(attrs["rope_base"]) / dims, "f32") if dims else "")
+        ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits,
+                   chunk=chunk_of(seq, splits), window=attrs["window"], scale=c_literal(attrs["scale"], "f32"),
+                   wave=wave, warps=threads // wave, dt=ceil_div(dim, wave), dp=ceil_div(dim, wave) * wave,
+                   q_at=_strided_at(em, plan, q, [("b", batch), ("h", heads), ("0", 1), ("c", dim)]),
+                   k_at=_strided_at(em, plan, k, [("b", batch), ("hk", kv_heads), ("j", seq), ("c", dim)]),
+                   v_at=_strided_at(em, plan, v, [("b", batch), ("hk", kv_heads), ("j", seq), ("c", dim)]),
+                   pos_at=_strided_at(em, plan, pos, [("b", batch)]))
+        return (batch * heads * splits, 1, 1), (threads, 1, 1), em
+    partial, pos = g.inputs_of(node)
+    batch, heads, splits, width = g.type(partial).shape
+    count = batch * heads * (width - 2)
+    ctx.update(count=count, heads=heads, dim=width - 2, seq=attrs["seq"], splits=splits,
+               chunk=chunk_of(attrs["seq"], splits), window=attrs["window"], partial=em.arg(partial),
+               pos_at=_strided_at(em, plan, pos, [("b", batch)]))
+    return _grid_1d(count, threads), (threads, 1, 1), em
 
 
 def _attention_tiles(dim: int, target: Target):
@@ -1027,7 +1099,7 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     matmul configurations the target admits (attention tiles are fixed)."""
     g = plan.graph
     wave = target.wavefront
-    if kernel.family in ("pointwise", "scatter"):
+    if kernel.family in ("pointwise", "scatter", "kv_write", "decode_attention", "decode_combine"):
         return [{"threads": t} for t in (64, 128, 256, 512, 1024) if t % wave == 0]
     if kernel.family == "row":
         return [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]

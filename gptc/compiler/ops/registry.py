@@ -17,7 +17,8 @@ VIEW = "view"              # reshape/permute/broadcast/slice/pad: folded into in
 GATHER = "gather"
 SCATTER = "scatter"
 GROUPED = "grouped"        # MoE dispatch: counting sort by group, per-group matmuls (a kernel each)
-SAMPLE = "sample"          # next-token sampling: a row kernel of its own (ops/sample.py)
+DEDICATED = "dedicated"    # a kernel of its own per op, fusing nothing, its family the op's name:
+                           # KV-cache decode (ops/decode.py), next-token sampling (ops/sample.py)
 
 
 @dataclass(frozen=True)

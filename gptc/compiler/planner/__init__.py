@@ -29,7 +29,8 @@ def make_plan(graph: Graph, fuse: bool = True) -> Plan:
 
 SPLIT_REDUCTION_SIZE = 1 << 16
 # Ops whose kernels read their operands as strided views of buffers.
-MATMUL_LIKE = ("matmul", "group_rank", "group_offsets", "grouped_matmul", "grouped_weight_grad", "sample_tokens")
+MATMUL_LIKE = ("matmul", "group_rank", "group_offsets", "grouped_matmul", "grouped_weight_grad",
+               "kv_write", "decode_attention", "decode_combine", "sample_tokens")
 
 
 def split_reductions(graph: Graph) -> None:
@@ -57,7 +58,7 @@ def lay_out(graph: Graph) -> None:
     that is a view other than a reshape (outputs are stored contiguously), and a matmul
     operand whose views are not strided (a permute followed by a reshape that merges
     the permuted axes), since matmul kernels read strided views of buffers (so do the
-    grouped ops of a mixture of experts)."""
+    grouped ops of a mixture of experts and the decode ops)."""
     for name, nid in list(graph.outputs.items()):
         base = nid
         while OPS[graph.op(base)].kind == VIEW and graph.op(base) == "reshape":

@@ -14,7 +14,9 @@ bytes
     - through a slice, the slice (the first S rows of the position table);
     - through broadcasts, the un-broadcast value (a bias is read once, not B*S times).
     A buffer written counts whole (a scatter-add's output counts whole too: with
-    the clear before it, every element of it is written).
+    the clear before it, every element of it is written), except a KV cache that
+    kv_write updates in place: only the new rows. The decode attention's reads of the
+    cache count whole (as at the last position: it reads keys 0..pos only).
 FLOPs
     A matrix product (..., M, K) @ (..., K, N) counts 2*M*N*K per batch element; a
     grouped one (mixture of experts) 2*R*K*N for its R rows, however they are grouped.
@@ -71,6 +73,9 @@ def node_flops(graph, nid: int) -> int:
         return graph.type(graph.inputs_of(nid)[0]).size
     if kind == SCATTER:
         return graph.type(graph.inputs_of(nid)[1]).size
+    if op == "decode_attention":  # q·k and p·v over every key (at the last position)
+        k = graph.type(graph.inputs_of(nid)[1]).shape
+        return 4 * out.shape[0] * out.shape[1] * k[2] * k[3]
     if op in ("grouped_matmul", "grouped_weight_grad"):
         # Each of the R rows meets one group's matrix: 2*R*K*N, whatever the split.
         x, other = (graph.type(i).shape for i in graph.inputs_of(nid)[:2])
@@ -124,7 +129,10 @@ def _merge(plan: Plan, kernels: Sequence[KernelPlan], users: Users) -> KernelCos
             reads[key] = max(reads.get(key, 0), read_footprint(plan, kernel, nid, users))
         for nid in kernel.roots:
             buf = plan.buffer_of(nid)
-            writes[_buffer_key(buf)] = buf.nbytes
+            written = buf.nbytes
+            if kernel.family == "kv_write":  # the new rows only
+                written = graph.type(graph.inputs_of(nid)[1]).size * DTYPE_BYTES[buf.dtype]
+            writes[_buffer_key(buf)] = written
         flops += sum(node_flops(graph, n) for n in kernel.nodes)
         nodes += len(kernel.nodes)
     name = kernels[0].name + (f"+{len(kernels) - 1}" if len(kernels) > 1 else "")

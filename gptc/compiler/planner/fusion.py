@@ -29,7 +29,7 @@ import networkx as nx
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner.attention import AttentionMatch, find_attention
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SAMPLE, SCATTER, SOURCE, VIEW
+from gptc.compiler.ops.registry import DEDICATED, ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
 
 POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
 ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
@@ -38,8 +38,9 @@ ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
 GROUP_SORT, GROUPED_MATMUL = "group_sort", "grouped_matmul"
 GROUPED_FAMILIES = {"group_rank": GROUP_SORT, "group_offsets": GROUP_SORT,
                     "grouped_matmul": GROUPED_MATMUL, "grouped_weight_grad": GROUPED_MATMUL}
-# Next-token sampling (ops/sample.py): a kernel of its own too, a block per row.
-SAMPLE_FAMILY = "sample"
+# The ops of kind DEDICATED (KV-cache decode, ops/decode.py; next-token sampling,
+# ops/sample.py): a kernel per op, its family the op's name.
+DEDICATED_FAMILIES = ("kv_write", "decode_attention", "decode_combine", "sample_tokens")
 
 
 # A matmul operand computed in the matmul's loads is at most this many nodes.
@@ -271,7 +272,7 @@ class Fuser:
         kinds = {n: OPS[g.op(n)].kind for n in nodes}
         matmuls = [n for n, k in kinds.items() if k == MATMUL]
         reduces = [n for n, k in kinds.items() if k == REDUCE]
-        if any(k in (SCATTER, GROUPED, SAMPLE) for k in kinds.values()):
+        if any(k in (SCATTER, GROUPED, DEDICATED) for k in kinds.values()):
             return None
         # A kernel cannot read a buffer it writes: matmul operands and gather tables
         # must come from other kernels (through a prologue: what the prologue reads).
@@ -306,8 +307,8 @@ class Fuser:
             family = SCATTER_FAMILY
         elif kind == GROUPED:
             family = GROUPED_FAMILIES[self.graph.op(nid)]
-        elif kind == SAMPLE:
-            family = SAMPLE_FAMILY
+        elif kind == DEDICATED:
+            family = self.graph.op(nid)
         elif kind == REDUCE:
             family = ROW if row_space(self.graph, nid) else REDUCTION
         else:
@@ -326,7 +327,7 @@ class Fuser:
             return None
         target = targets.pop()
         group = self.groups[target]
-        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL, SAMPLE_FAMILY):
+        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL, *DEDICATED_FAMILIES):
             return None
         if group.family == MATMUL_FAMILY and all(u == group.anchor for u, _ in users):
             cone = gated_operand(g, nid, self.free)
@@ -339,8 +340,8 @@ class Fuser:
         for user, chain in users:
             read = chain[-1] if chain else nid
             user_kind = OPS[g.op(user)].kind
-            # Matmul operands and gather tables are read from buffers.
-            if user_kind == MATMUL or (user_kind == GATHER and g.inputs_of(user)[0] == read):
+            # Matmul operands, gather tables and the decode ops' operands are read from buffers.
+            if user_kind in (MATMUL, DEDICATED) or (user_kind == GATHER and g.inputs_of(user)[0] == read):
                 return None
         kind = OPS[g.op(nid)].kind
         if kind == REDUCE:

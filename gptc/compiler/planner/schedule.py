@@ -116,6 +116,8 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
                  if n in graph_roots or n in aliases.values()
                  or any(u not in grp.nodes for u, _ in compute_users(graph, n, free))]
         reads = reads_of(graph, grp.nodes, free)
+        if grp.family == "kv_write":  # writes rows of the cache in place; never loads it
+            reads = [r for r in reads if r != graph.inputs_of(grp.anchor)[0]]
         if grp.attention:
             roots, reads = _attention_io(graph, grp)
         kernels.append(KernelPlan("", grp.family, grp.anchor, nodes, roots, reads,
@@ -233,7 +235,10 @@ def view_base(graph: Graph, nid: int) -> int:
 
 def _check_in_place(graph: Graph, kernel: KernelPlan, old: int, new: int, free: dict[int, bool]) -> None:
     """A kernel may overwrite a param/state only if each thread reads the old value at
-    exactly the element it writes: pointwise work, same shape, no views between."""
+    exactly the element it writes: pointwise work, same shape, no views between; or
+    kv_write, which writes some rows of its cache and reads none."""
+    if kernel.family == "kv_write" and kernel.nodes == [new] and graph.inputs_of(new)[0] == old:
+        return
     shape = graph.type(old).shape
     ok = kernel.family == "pointwise" and all(graph.type(r).shape == shape for r in kernel.roots)
     ok = ok and not any(user in kernel.nodes and chain for user, chain in compute_users(graph, old, free))

@@ -183,10 +183,11 @@ def bench_gptc_decode(cfg: DecodeConfig, device, params: Mapping[str, np.ndarray
         steps.run(steps.prefill, prefill)  # the cache of the prompts again
         for i in range(1, new):
             tokens.append(steps.run(steps.decode, {"tokens": tokens[-1].reshape(batch, 1),
-                                                   "pos": np.array([length + i - 1], np.int32), **sampling}))
-        # The step time at the mean position of those steps (gptc's decode step costs
-        # the same at every position today).
-        middle = {"tokens": tokens[-1].reshape(batch, 1), "pos": np.array([length + new // 2], np.int32), **sampling}
+                                                   "pos": np.full(batch, length + i - 1, np.int32), **sampling}))
+        # The step time at the mean position of those steps (the decode attention
+        # reads the keys up to each sequence's position: a step's cost grows with it).
+        middle = {"tokens": tokens[-1].reshape(batch, 1), **sampling,
+                  "pos": np.full(batch, length + new // 2, np.int32)}
         samples = measure(timer, lambda: steps.run(steps.decode, middle), cfg.repeats, cfg.budget_ms)
     finally:
         steps.close()
