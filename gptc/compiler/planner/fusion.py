@@ -40,7 +40,7 @@ GROUPED_FAMILIES = {"group_rank": GROUP_SORT, "group_offsets": GROUP_SORT,
                     "grouped_matmul": GROUPED_MATMUL, "grouped_weight_grad": GROUPED_MATMUL}
 # The ops of kind DEDICATED (KV-cache decode, ops/decode.py; next-token sampling,
 # ops/sample.py): a kernel per op, its family the op's name.
-DEDICATED_FAMILIES = ("kv_write", "decode_attention", "decode_combine", "sample_tokens")
+DEDICATED_FAMILIES = tuple(name for name, op in OPS.items() if op.kind == DEDICATED)
 
 
 # A matmul operand computed in the matmul's loads is at most this many nodes.
