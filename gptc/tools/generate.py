@@ -262,7 +262,8 @@ def run_generate_batch(checkpoint: str, prompts: Sequence[str], p: SamplingParam
     of each batch streams as it is produced, the others of its batch follow whole when
     the batch is done. Past the context, `past_context` "recompute" slides the window
     (exact), "stream" keeps a StreamingLLM-style cache of the first `sink` tokens and
-    the most recent ones (gptc.models.build_graph's sink)."""
+    the most recent ones (gptc.models.build_graph's sink). Prompt i draws as sequence id
+    i (generate_batch), so its text does not depend on `batch`."""
     import sys
 
     from gptc.tools.checkpoint import MODEL_FILE, check_tensors, find_checkpoint, load_checkpoint
