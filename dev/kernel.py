@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gptc from this c
 
 from gptc.compiler import dsl  # noqa: E402
 from gptc.compiler.autodiff import gradients  # noqa: E402
+from gptc.compiler.ops.numeric import round_to_bf16  # noqa: E402
 from gptc.compiler.codegen.kernels import render_launch, render_plan, tunings  # noqa: E402
 from gptc.compiler.ir import Graph  # noqa: E402
 from gptc.compiler.planner import make_plan  # noqa: E402
@@ -64,6 +65,12 @@ def matmul(m, n, k):  # a linear layer with its epilogue
     return g
 
 
+def matmul_bf16(m, n, k):  # bf16 operands (the matrix units where the target has them), f32 product
+    g = Graph(); a = g.input("a", (m, k), "bf16"); w = g.input("w", (k, n), "bf16")
+    g.output("y", a @ w)
+    return g
+
+
 def attention(batch, heads, seq, head_dim):
     g = Graph(); q, k, v = (g.input(n, (batch, heads, seq, head_dim)) for n in "qkv")
     g.output("y", dsl.causal_attention(q, k, v))
@@ -92,6 +99,7 @@ FAMILIES = {
     "row": (row, (8192, 768), "rows,cols"),
     "reduce": (reduce, (8192, 768), "rows,cols"),
     "matmul": (matmul, (8192, 2304, 768), "m,n,k"),
+    "matmul_bf16": (matmul_bf16, (8192, 2304, 768), "m,n,k"),
     "attention": (attention, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
     "attention_bwd": (attention_bwd, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
     "scatter": (scatter, (50257, 8192, 768), "vocab,rows,width"),
@@ -167,6 +175,8 @@ def random_feeds(graph: Graph, rng) -> dict:
                 feeds[name] = rng.integers(0, graph.type(graph.outputs["table"]).shape[0], t.shape).astype(np.int32)
             else:
                 feeds[name] = rng.standard_normal(t.shape).astype(np.float32)
+                if t.dtype == "bf16":  # the values the device holds, so the reference sees them too
+                    feeds[name] = round_to_bf16(feeds[name])
     return feeds
 
 
@@ -254,7 +264,8 @@ def main(argv=None) -> int:
         return 1
     graph = build(*shape)
     plan = make_plan(graph, fuse=True)
-    index = next((i for i, launch in enumerate(plan.launches) if plan.kernels[launch[0]].family == args.family), None)
+    family = args.family.removesuffix("_bf16")
+    index = next((i for i, launch in enumerate(plan.launches) if plan.kernels[launch[0]].family == family), None)
     if index is None:
         print(f"the planner made no {args.family} kernel at this shape (families: "
               f"{', '.join(plan.kernels[launch[0]].family for launch in plan.launches)})", file=sys.stderr)

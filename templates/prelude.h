@@ -40,6 +40,13 @@
 #endif
 
 #define GPTC_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+// ... and with a minimum of resident blocks per multiprocessor (a register bound) on
+// NVIDIA only: on AMD the second argument is something else, so it is dropped there.
+#if GPTC_CUDA
+#define GPTC_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads, blocks)
+#else
+#define GPTC_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads)
+#endif
 
 // Fixed-width integers. hiprtc predefines them (64-bit ones as long long); NVRTC
 // does not. Both targets are LP64, so long long is 64 bits on both.

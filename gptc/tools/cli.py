@@ -156,6 +156,14 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    if args.gemm:
+        from gptc.tools.bench.gemm import gemm_main
+        out = args.out or "runs/bench"
+        if first_file_in(out):
+            raise GptcError(f"cannot use '{out}' as the output directory: '{first_file_in(out)}' is a file, not a "
+                            "directory; choose another --out")
+        gemm_main(out, args.device)
+        return
     from gptc.tools.bench import bench_main
     from gptc.tools.bench.config import COMPARES, WHATS, BenchConfig, parse_list, resolve_spec
     spec, name = resolve_spec(args.preset, args.batch)
@@ -304,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where bench.json, bench.md, bench.png and roofline.png go (default runs/bench)")
     p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
+    p.add_argument("--gemm", action="store_true",
+                   help="instead: bf16 matmul TFLOP/s at 4096^3 and gpt2's shapes against torch.matmul (cuBLAS); "
+                        "writes gemm.json and gemm.md")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")
     p.set_defaults(run=_cmd_bench)
     return parser

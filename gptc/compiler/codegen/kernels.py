@@ -77,6 +77,13 @@ def prelude() -> str:
     return (templates_dir() / "prelude.h").read_text()
 
 
+@functools.lru_cache(maxsize=1)
+def mma_fragments() -> str:
+    """templates/mma_fragments.h: pasted (as text, not a Jinja template: its inline PTX
+    has braces) into the launches that run on the matrix units."""
+    return (templates_dir() / "mma_fragments.h").read_text()
+
+
 def _index_type(plan: Plan, kernel: KernelPlan) -> str:
     g = plan.graph
     sizes = [g.type(n).size for n in kernel.nodes + kernel.reads]
@@ -110,6 +117,8 @@ class _Part:
     block: tuple[int, int, int]
     pool_floats: int = 0
     consts: dict[str, int] = field(default_factory=dict)
+    min_blocks: int = 0  # resident blocks per unit the compiler must allow (registers), 0: no bound
+    mma: bool = False    # runs on the matrix units: the launch pastes templates/mma_fragments.h
 
 
 def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str],
@@ -144,7 +153,7 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
     elif family == "reduce":
         grid, block, em = _reduce(plan, kernel, target, ctx, args, tuning)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"))
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"), tuning.get("mma"))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
     elif family == "group_sort":
@@ -153,8 +162,10 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _grouped_matmul(plan, kernel, ctx, args)
     else:
         raise AssertionError(family)
-    text = _environment().get_template(f"{family}.hip.j2").render(target=target, block_threads=block[0], **ctx)
-    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts)
+    template = ctx.pop("template", f"{family}.hip.j2")
+    text = _environment().get_template(template).render(target=target, block_threads=block[0], **ctx)
+    return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts, ctx.get("min_blocks", 0),
+                 template == "matmul_mma.hip.j2")
 
 
 def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning: dict | None = None) -> KernelSource:
@@ -202,9 +213,12 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
             blocks.append(dict(title=p.title, start=start, end=start + p.grid[0], inline=call is None,
                                consts=p.consts, body=body))
         params = [f"{types[ph]}* {names.substitute(ph, mapping)}" for ph in args.values()]
-        head = f'extern "C" __global__ void GPTC_LAUNCH_BOUNDS({block[0]}) {symbol}'
+        min_blocks = max(p.min_blocks for p in parts)
+        bounds = f"GPTC_LAUNCH_BOUNDS_MIN({block[0]}, {min_blocks})" if min_blocks else f"GPTC_LAUNCH_BOUNDS({block[0]})"
+        head = f'extern "C" __global__ void {bounds} {symbol}'
         return template.render(prelude=prelude() if with_prelude else "", family=family, target=target,
                                index_type=index_type, needs_reduce_helpers=family in ("row", "reduce"),
+                               mma_fragments=mma_fragments() if any(p.mma for p in parts) else "",
                                pool_f4=(pool + 3) // 4, functions=fns, parts=blocks, title=title,
                                signature=_signature(head, params), node_lines=node_lines)
 
@@ -490,6 +504,10 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     menu) whose best configurations have the least summed cost over the parts (the
     smallest of equals)."""
     shapes = [_mm_shape(plan, kern) for kern in kernels]
+    if all(_mma_operands(plan, kern, target) for kern in kernels):
+        return min(sorted({_mma_threads(t, target) for t in _MMA_TILES}),
+                   key=lambda threads: sum(_mma_cost(*shape, _mma_config(*shape, target, threads), target)
+                                           for shape in shapes))
     counts = sorted({_mm_threads(cfg) for cfg in _mm_menu(target)})
 
     def total(threads: int) -> float:
@@ -499,9 +517,13 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
 
 
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
-            threads: int | None = None, config: tuple | None = None):
+            threads: int | None = None, config: tuple | None = None, mma: tuple | None = None):
     g = plan.graph
     mm = kernel.anchor
+    operands = _mma_operands(plan, kernel, target)
+    if operands and config is None and (mma is not None or threads is None
+                                        or any(_mma_threads(t, target) == threads for t in _MMA_TILES)):
+        return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma)
     a_in, b_in = g.inputs_of(mm)
     out_shape = g.type(mm).shape
     batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
@@ -521,11 +543,11 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
             prologues.append((name, operand, axes))
             continue
         batch_offset = add(offset, *[mul(z, s) for z, s in zip(batch_idx, strides[:-2])])
-        bf16 = plan.buffer_of(base).dtype == "bf16"  # bf16 operands (precision pass) widen on load
+        ctype = STORAGE_TYPE[plan.buffer_of(base).dtype]
         batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
-                        f"const {'bf16' if bf16 else 'float'}* {name} = {em.arg(base)} + {name.lower()}_base;"]
+                        f"const {ctype}* {name} = {em.arg(base)} + {name.lower()}_base;"]
         at = add(mul(Var(axes[0][0]), strides[-2]), mul(Var(axes[1][0]), strides[-1]))
-        loads[name] = f"bf16_to_float({name}[{emit(at)}])" if bf16 else f"{name}[{emit(at)}]"
+        loads[name] = f"bf16_to_float({name}[{emit(at)}])" if ctype == "bf16" else f"{name}[{emit(at)}]"
     em.begin_block()
     body = []
     # The element of C at (batch, gm, gn) (the template's variables).
@@ -561,6 +583,169 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     # (the order a (n, m, batch) grid would dispatch them).
     grid = (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1)
     return grid, (threads, 1, 1), em
+
+
+# Matrix units (templates/matmul_mma.hip.j2). The fragment kind by target: "nv" is
+# mma.sync m16n8k16 (sm_80+), "mfma" the CDNA 32x32 MFMA (gfx908: the x4 form, gfx90a
+# and gfx94x: x8 "_1k"). hiprtc aborts on an intrinsic its arch lacks, so this table,
+# not a trial compile, decides. gfx1100's WMMA: ROCm 5.2's hiprtc cannot compile for
+# gfx11 at all, so RDNA3 (and gfx906, gfx1030) stay on the SIMT template.
+_MMA_FRAGMENTS = {"nv": (16, 8, 16), "mfma": (32, 32, 8), "mfma_x4": (32, 32, 4)}
+_MMA_BK = 32
+# (bm, bn, warps along m, warps along n) (wavefronts on AMD), and the relative rate of
+# each: the fastest warp layout of each tile and the rates measured on an H200
+# (2026-11-30, dev/kernel.py --family matmul_bf16 at 4096^3, 8192x2304x768 and
+# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log).
+_MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
+_MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
+
+
+def _mma_kind(target: Target) -> str | None:
+    if target.vendor == "nvidia":
+        digits = re.sub(r"\D", "", target.arch)
+        return "nv" if digits and int(digits[:2]) >= 80 else None
+    if target.arch == "gfx908":
+        return "mfma_x4"
+    if target.arch == "gfx90a" or target.arch.startswith("gfx94"):
+        return "mfma"
+    return None
+
+
+def _mma_threads(tile, target: Target) -> int:
+    return tile[2] * tile[3] * target.wavefront
+
+
+def _mma_operands(plan: Plan, kernel: KernelPlan, target: Target):
+    """((buffer, offset, strides) of A, of B) when the matmul runs on the matrix units
+    of `target`: two bf16 buffers read through strided views with a unit stride along
+    one of the two matrix dimensions (not computed in the loads); else None."""
+    if _mma_kind(target) is None:
+        return None
+    g = plan.graph
+    result = []
+    for operand in g.inputs_of(kernel.anchor):
+        base, offset, strides = _operand_layout(plan, operand)
+        if base in kernel.nodes or plan.buffer_of(base).dtype != "bf16" or 1 not in strides[-2:]:
+            return None
+        result.append((base, offset, strides))
+    return tuple(result)
+
+
+def _mma_smem_bytes(bm: int, bn: int, stages: int) -> int:
+    return stages * (bm + bn) * _MMA_BK * 2
+
+
+def _mma_stages(bm: int, bn: int, target: Target) -> int:
+    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2. Without
+    cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough."""
+    if _mma_kind(target) != "nv":
+        return 2
+    return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s) <= target.shared_mem)
+
+
+def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float:
+    """Estimated time of the busiest compute unit: its tiles' products at the tile's
+    relative rate, slowed when it holds fewer than two resident blocks (one block
+    cannot hide its own latency)."""
+    units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
+    bm, bn = tile[:2]
+    per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
+    resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target)))
+    return per_unit * bm * bn * max(1, ceil_div(k, _MMA_BK)) * _MMA_BK / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _mma_config(m: int, n: int, k: int, batch: int, target: Target,
+                threads: int | None = None) -> tuple[int, int, int, int]:
+    """The cheapest tile for a shape by _mma_cost (first of equals; cached), of
+    `threads` threads if given (the parts of a batched launch share a block size)."""
+    fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
+    legal = [t for t in _MMA_TILES if (t[0] // t[2]) % fm == 0 and (t[1] // t[3]) % fn == 0
+             and _mma_smem_bytes(t[0], t[1], _mma_stages(t[0], t[1], target)) <= target.shared_mem
+             and threads in (None, _mma_threads(t, target))]
+    return min(legal, key=lambda tile: _mma_cost(m, n, k, batch, tile, target))
+
+
+def _mma_variants(target: Target):
+    """(bm, bn, warps_m, warps_n, stages, min_blocks) worth timing (the dev/ harness):
+    4 or 8 warps, the deepest pipeline that fits, 8 warps with and without a register
+    bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum)."""
+    fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
+    for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64)):
+        for wm, wn in ((2, 2), (2, 4), (4, 2)):
+            if (bm // wm) % fm or (bn // wn) % fn:
+                continue
+            stages = _mma_stages(bm, bn, target)
+            for min_blocks in ((0, 2) if _mma_kind(target) == "nv" and wm * wn == 8 else (0,)):
+                yield bm, bn, wm, wn, stages, min_blocks
+
+
+def _mma_vector(offset: int, strides: Sequence[int], contiguous: int) -> int:
+    """bf16 per global -> shared copy: 8 (16 bytes) when every row (and batch) start is
+    16-byte aligned (buffers are 256-byte aligned), else 4, 2 or 1."""
+    others = [s for i, s in enumerate(strides) if i != contiguous] + [offset]
+    return next(v for v in (8, 4, 2, 1) if all(x % v == 0 for x in others))
+
+
+def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], operands,
+                threads: int | None = None, tuning: tuple | None = None):
+    """A bf16 x bf16 matmul on the matrix units (templates/matmul_mma.hip.j2): the
+    same epilogue and batch handling as the SIMT template, operands copied to shared
+    memory in their own layout (either dimension contiguous)."""
+    g = plan.graph
+    mm = kernel.anchor
+    out_shape = g.type(mm).shape
+    batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
+    k = g.type(g.inputs_of(mm)[0]).shape[-1]
+    em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
+    batch = max(1, _size(batch_shape))
+    batch_idx = unravel(var("batch", batch), batch_shape)
+    kind = _mma_kind(target)
+    fm, fn, fk = _MMA_FRAGMENTS[kind]
+    bm, bn, warps_m, warps_n = tuning[:4] if tuning else _mma_config(m, n, k, batch, target, threads)
+    stages = tuning[4] if tuning else _mma_stages(bm, bn, target)
+    min_blocks = tuning[5] if tuning else 0
+    threads = warps_m * warps_n * target.wavefront
+    batch_lines, ops, smem_off = [], [], 0
+    for name, (base, offset, strides), mn, mn_tile, mn0, mn_ext in (
+            ("A", operands[0], "m", bm, "m0", m), ("B", operands[1], "n", bn, "n0", n)):
+        # A is (.., m, k), B (.., k, n): the k axis of each, and whether it is contiguous
+        k_axis = len(strides) - (1 if name == "A" else 2)
+        mn_axis = len(strides) - (2 if name == "A" else 1)
+        kc = strides[k_axis] == 1
+        contiguous = k_axis if kc else mn_axis
+        batch_offset = add(offset, *[mul(z, st) for z, st in zip(batch_idx, strides[:-2])])
+        batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
+                        f"const unsigned short* const {name} = "
+                        f"reinterpret_cast<const unsigned short*>({em.arg(base)}) + {name.lower()}_base;"]
+        rows, width = (mn_tile, _MMA_BK) if kc else (_MMA_BK, mn_tile)
+        vec = _mma_vector(offset, strides, contiguous)
+        chunks = rows * width // vec
+        slab = f"(idx_t)(KT) * {_MMA_BK}"
+        ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, ptr=name,
+                        rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
+                        smem_off=smem_off,
+                        chunks=chunks, loops=ceil_div(chunks, threads),
+                        outer0=mn0 if kc else slab, inner0=slab if kc else mn0,
+                        outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
+                        outer_stride=strides[mn_axis] if kc else strides[k_axis]))
+        smem_off += rows * width
+    em.begin_block()
+    body = []
+    element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
+    for r in kernel.roots:
+        idx = unravel(element, g.type(r).shape)
+        v = em.value(r, idx)
+        body += em.take() + [em.store(r, idx, v)]
+    wtm, wtn = bm // warps_m, bn // warps_n
+    assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
+    ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", m=m, n=n, k=k, batch=batch,
+               bm=bm, bn=bn, bk=_MMA_BK, fm=fm, fn=fn, fk=fk, warps_m=warps_m, warps_n=warps_n, wtm=wtm, wtn=wtn,
+               mi=wtm // fm, ni=wtn // fn, stages=stages, stage_elems=smem_off, k_tiles=ceil_div(k, _MMA_BK),
+               wave=target.wavefront, ops=ops, batch_lines=batch_lines, body=body,
+               check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
+               smem_floats=_mma_smem_bytes(bm, bn, stages) // 4, min_blocks=min_blocks if kind == "nv" else 0)
+    return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
 
 
 def _operand_access(em: Emitter, plan: Plan, nid: int, indices: Sequence[str]) -> str:
@@ -764,7 +949,8 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
         axes = g.node(kernel.anchor)["attrs"]["axes"]
         return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
     if kernel.family == "matmul":
-        return [{"matmul": cfg} for cfg in _mm_menu(target)]
+        mma = [{"mma": t} for t in _mma_variants(target)] if _mma_operands(plan, kernel, target) else []
+        return mma + [{"matmul": cfg} for cfg in _mm_menu(target)]
     return []
 
 

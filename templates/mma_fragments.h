@@ -1,0 +1,108 @@
+// ---- gptc matrix-unit fragments ---------------------------------------------
+// Pasted after the prelude into the launches that run a matmul on the matrix units
+// (templates/matmul_mma.hip.j2), and only there: the other kernels never see it.
+// The codegen picks the fragment kind from the Target (gptc/target.py; matmul_mma
+// checks with #error that it is there); the arch macros below only guard each kind's
+// instructions, so that no compiler ever sees an intrinsic its arch lacks (hiprtc
+// aborts the process on one). One fragment op computes C (MxN, f32) += A (MxK) B (KxN)
+// for a warp (NVIDIA) or a wavefront (AMD); gptc_acc_row/col(lane, r) give the
+// position in the MxN fragment of a lane's accumulator r, the same on every kind.
+#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// mma.sync m16n8k16 (sm_80+): A 16x16 row-major in 4 registers of 2 bf16, B 16x8
+// "col" (k-pairs) in 2, C 16x8 in 4 floats: lane l holds rows l/4 and l/4+8,
+// columns 2*(l%4) and 2*(l%4)+1.
+#define GPTC_HAS_MMA_NV 1
+#define GPTC_MMA_M 16
+#define GPTC_MMA_N 8
+#define GPTC_MMA_K 16
+#define GPTC_MMA_ACC 4
+struct gptc_acc_t {
+  float v[4];
+  __device__ __forceinline__ float& operator[](int r) { return v[r]; }
+};
+__device__ __forceinline__ int gptc_acc_row(int lane, int r) { return lane / 4 + (r / 2) * 8; }
+__device__ __forceinline__ int gptc_acc_col(int lane, int r) { return (lane % 4) * 2 + r % 2; }
+__device__ __forceinline__ void gptc_mma(gptc_acc_t& c, const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ uint32_t gptc_smem_addr(const void* p) {
+  uint32_t r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(r) : "l"(p));
+  return r;
+}
+// ldmatrix: 8x8 bf16 matrices from shared memory, each lane giving one 16-byte row;
+// .trans hands out the transpose (an operand stored with the other dimension contiguous).
+__device__ __forceinline__ void gptc_ldmatrix_x4(uint32_t r[4], uint32_t addr, bool trans) {
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// cp.async: global -> shared without registers; `valid` of the V bf16 are read, the
+// rest zero-filled (edges). 16 bytes bypass L1 (.cg); 8 and 4 (narrower alignment)
+// go through it (.ca, the only form for them). One bf16 has no cp.async: plain copy.
+template <int V> __device__ __forceinline__ void gptc_copy_async(unsigned short* s, const unsigned short* g, int valid) {
+  if constexpr (V == 1) {
+    *s = valid > 0 ? *g : (unsigned short)0;
+  } else {
+    const uint32_t sa = gptc_smem_addr(s);
+    const int bytes = 2 * (valid < 0 ? 0 : (valid > V ? V : valid));
+    if constexpr (V == 8)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(sa), "l"(g), "r"(bytes));
+    else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" :: "r"(sa), "l"(g), "n"(2 * V), "r"(bytes));
+  }
+}
+__device__ __forceinline__ void gptc_copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void gptc_copy_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+#elif GPTC_HIP && (defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) || defined(__gfx908__))
+// MFMA 32x32 (CDNA): one wavefront of 64 computes a 32x32 f32 tile; lane l holds A row
+// l%32 and B column l%32 at k = KPL*(l/32) .. +KPL-1 (KPL bf16 per lane: 4 with the
+// gfx90a/gfx94x "_1k" instruction, k step 8; 2 on gfx908, k step 4), and 16
+// accumulators: column l%32, rows 8*(r/4) + 4*(l/32) + r%4.
+#define GPTC_HAS_MFMA 1
+#define GPTC_MMA_M 32
+#define GPTC_MMA_N 32
+#define GPTC_MMA_ACC 16
+#if defined(__gfx908__)
+#define GPTC_MMA_K 4
+#define GPTC_MMA_KPL 2
+typedef short gptc_frag_t __attribute__((ext_vector_type(2)));
+#define GPTC_MFMA_OP __builtin_amdgcn_mfma_f32_32x32x4bf16
+#else
+#define GPTC_MMA_K 8
+#define GPTC_MMA_KPL 4
+typedef short gptc_frag_t __attribute__((ext_vector_type(4)));
+#define GPTC_MFMA_OP __builtin_amdgcn_mfma_f32_32x32x8bf16_1k
+#endif
+typedef float gptc_acc_t __attribute__((ext_vector_type(16)));
+__device__ __forceinline__ int gptc_acc_row(int lane, int r) { return 8 * (r / 4) + 4 * (lane / 32) + r % 4; }
+__device__ __forceinline__ int gptc_acc_col(int lane, int r) { return lane % 32; }
+__device__ __forceinline__ void gptc_mma(gptc_acc_t& c, gptc_frag_t a, gptc_frag_t b) { c = GPTC_MFMA_OP(a, b, c, 0, 0, 0); }
+#endif
+#if !defined(GPTC_HAS_MMA_NV)
+// Global -> shared copies where there is no cp.async: the same interface, synchronous
+// (the pipeline's barriers then only order them). Whole chunks in one V*2-byte load.
+template <int V> struct gptc_chunk;
+template <> struct gptc_chunk<1> { typedef unsigned short t; };
+template <> struct gptc_chunk<2> { typedef unsigned int t; };
+template <> struct gptc_chunk<4> { struct alignas(8) t { unsigned int x, y; }; };
+template <> struct gptc_chunk<8> { struct alignas(16) t { unsigned int x, y, z, w; }; };
+template <int V> __device__ __forceinline__ void gptc_copy_async(unsigned short* s, const unsigned short* g, int valid) {
+  typedef typename gptc_chunk<V>::t chunk;
+  if (valid >= V) {
+    *reinterpret_cast<chunk*>(s) = *reinterpret_cast<const chunk*>(g);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) s[v] = v < valid ? g[v] : (unsigned short)0;
+  }
+}
+__device__ __forceinline__ void gptc_copy_commit() {}
+template <int N> __device__ __forceinline__ void gptc_copy_wait() {}
+#endif
+// ---- end of the matrix-unit fragments

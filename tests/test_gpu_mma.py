@@ -1,0 +1,150 @@
+"""bf16 matmuls on the matrix units (templates/matmul_mma.hip.j2) against float64 NumPy
+on the same bf16-rounded operands: every operand layout (A's rows or columns
+contiguous, B's likewise), awkward M, N, K (no tile multiple, K odd or under 16, N = 1..8),
+row strides that allow 16-, 8-, 4- or 2-byte copies, batches, fused epilogues, f32 and
+bf16 stores; outputs poisoned (NaN) before the launch. Run on a GPU machine with:
+    PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu_mma.py
+
+Tolerances: the products of bf16 values are exact in f32, so the error is f32
+accumulation over K: |C - C64| <= K * 2^-22 * (|A| @ |B|) (a few units of f32 rounding
+per term, generous for the matrix units' accumulation); a bf16 store adds one bf16 ulp
+(2^-7 of the value)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gptc import dsl
+from gptc.compiler.codegen.kernels import _mma_kind, render_plan
+from gptc.compiler.ir import Graph
+from gptc.compiler.ops.numeric import round_to_bf16
+from gptc.compiler.planner import make_plan
+from gptc.runtime.build import load_executor
+
+pytestmark = pytest.mark.gpu
+
+
+def bf16_values(rng, shape) -> np.ndarray:
+    return round_to_bf16(rng.standard_normal(shape).astype(np.float32)).astype(np.float64)
+
+
+def operand(g: Graph, name: str, rows: int, cols: int, transposed: bool, pad: int = 0):
+    """A (rows, cols) bf16 operand: stored (rows, cols + pad) and sliced, or stored
+    (cols, rows + pad) and read transposed. Returns (tensor, stored shape, view of a
+    stored array)."""
+    stored = (cols, rows + pad) if transposed else (rows, cols + pad)
+    t = g.input(name, stored, "bf16")
+    if pad:
+        t = t.slice(1, 0, stored[1] - pad) if not pad % 2 else t.slice(1, pad, stored[1])
+    view = (lambda x: x[:, :rows].T if not pad % 2 else x[:, pad:].T) if transposed else \
+        (lambda x: x[:, :cols] if not pad % 2 else x[:, pad:])
+    return (t.T if transposed else t), stored, view
+
+
+def run(device, g: Graph, feeds: dict) -> dict:
+    plan = make_plan(g, True)
+    kernels = render_plan(plan, device.target)
+    if _mma_kind(device.target):
+        assert any("gptc_mma(cf" in k.code for k in kernels), "no matmul ran on the matrix units"
+    ex = load_executor(plan, device, {}, use_graph=False)
+    try:
+        ex.poison()
+        return ex.run(feeds)
+    finally:
+        ex.close()
+
+
+def check(out: np.ndarray, ref: np.ndarray, bound: np.ndarray, bf16_store: bool) -> None:
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all(), "unwritten (NaN) or non-finite elements"
+    tol = bound + (2.0 ** -7 * np.abs(ref) if bf16_store else 1e-5 * np.abs(ref)) + 1e-30
+    err = np.abs(out.astype(np.float64) - ref)
+    worst = np.unravel_index(np.argmax(err / tol), err.shape)
+    assert (err <= tol).all(), f"max err/tol {float((err / tol)[worst]):.3g} at {worst}: {out[worst]} vs {ref[worst]}"
+
+
+SIZES = [(1, 1, 1), (7, 5, 15), (33, 17, 17), (129, 100, 33), (1000, 129, 777), (67, 131, 45), (130, 257, 64),
+         (257, 64, 1), (64, 200, 100)]
+
+
+@pytest.mark.parametrize("a_t", [False, True], ids=["A_k", "A_m"])
+@pytest.mark.parametrize("b_t", [False, True], ids=["B_n", "B_k"])
+@pytest.mark.parametrize("m,n,k", SIZES)
+def test_layouts_and_sizes(device, rng, m, n, k, a_t, b_t):
+    g = Graph()
+    a, sa, va = operand(g, "a", m, k, a_t)
+    b, sb, vb = operand(g, "b", k, n, b_t)
+    g.output("c", a @ b)
+    feeds = {"a": bf16_values(rng, sa), "b": bf16_values(rng, sb)}
+    A, B = va(feeds["a"]), vb(feeds["b"])
+    out = run(device, g, {n_: v.astype(np.float32) for n_, v in feeds.items()})["c"]
+    check(out, A @ B, k * 2.0 ** -22 * (np.abs(A) @ np.abs(B)), False)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+@pytest.mark.parametrize("b_t", [False, True], ids=["B_n", "B_k"])
+def test_narrow_n(device, rng, n, b_t):
+    m, k = 77, 19
+    g = Graph()
+    a, sa, va = operand(g, "a", m, k, False)
+    b, sb, vb = operand(g, "b", k, n, b_t)
+    g.output("c", (a @ b).cast("bf16"))
+    feeds = {"a": bf16_values(rng, sa), "b": bf16_values(rng, sb)}
+    A, B = va(feeds["a"]), vb(feeds["b"])
+    out = run(device, g, {n_: v.astype(np.float32) for n_, v in feeds.items()})["c"]
+    check(out, A @ B, k * 2.0 ** -22 * (np.abs(A) @ np.abs(B)), True)
+
+
+@pytest.mark.parametrize("pad", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, True), (False, True), (True, False)])
+def test_unaligned_rows(device, rng, pad, a_t, b_t):
+    """Row strides and offsets of every alignment (a slice of a wider buffer, from its
+    start or from column `pad`): the copies narrow from 16 bytes to 8, 4, 2."""
+    m, n, k = 150, 90, 72
+    g = Graph()
+    a, sa, va = operand(g, "a", m, k, a_t, pad)
+    b, sb, vb = operand(g, "b", k, n, b_t, pad + 1)
+    g.output("c", a @ b)
+    feeds = {"a": bf16_values(rng, sa), "b": bf16_values(rng, sb)}
+    A, B = va(feeds["a"]), vb(feeds["b"])
+    out = run(device, g, {n_: v.astype(np.float32) for n_, v in feeds.items()})["c"]
+    check(out, A @ B, k * 2.0 ** -22 * (np.abs(A) @ np.abs(B)), False)
+
+
+@pytest.mark.parametrize("bf16_out", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True)])
+def test_batched_with_epilogue(device, rng, a_t, b_t, bf16_out):
+    """(3, 67, 45) @ (3, 45, 131): bias, GELU, a residual and a scale fused in the epilogue."""
+    batch, m, n, k = 3, 67, 131, 45
+    g = Graph()
+    sa = (batch, k, m) if a_t else (batch, m, k)
+    sb = (batch, n, k) if b_t else (batch, k, n)
+    a, b = g.input("a", sa, "bf16"), g.input("b", sb, "bf16")
+    bias, res = g.input("bias", (n,)), g.input("res", (batch, m, n))
+    y = (dsl.gelu((a.T if a_t else a) @ (b.T if b_t else b) + bias) + res) * 0.5
+    g.output("y", y.cast("bf16") if bf16_out else y)
+    feeds = {"a": bf16_values(rng, sa), "b": bf16_values(rng, sb),
+             "bias": rng.standard_normal(n).astype(np.float64), "res": rng.standard_normal((batch, m, n))}
+    feeds = {name: v.astype(np.float32).astype(np.float64) for name, v in feeds.items()}
+    A = np.swapaxes(feeds["a"], 1, 2) if a_t else feeds["a"]
+    B = np.swapaxes(feeds["b"], 1, 2) if b_t else feeds["b"]
+    x = A @ B + feeds["bias"]
+    ref = (0.5 * x * (1 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))) + feeds["res"]) * 0.5
+    # the accumulation error passes through GELU (slope < 1.2) and the 0.5 scale
+    bound = k * 2.0 ** -22 * (np.abs(A) @ np.abs(B)) + 1e-5 * (np.abs(x) + np.abs(feeds["res"]))
+    out = run(device, g, {name: v.astype(np.float32) for name, v in feeds.items()})["y"]
+    check(out, ref, bound, bf16_out)
+
+
+def test_two_matmuls_in_one_launch(device, rng):
+    """Independent bf16 matmuls batched into one launch (one block size) stay right."""
+    g = Graph()
+    a, b = g.input("a", (100, 40), "bf16"), g.input("b", (40, 70), "bf16")
+    c, d = g.input("c", (33, 17), "bf16"), g.input("d", (9, 17), "bf16")
+    g.output("x", a @ b)
+    g.output("y", c @ d.T)
+    feeds = {n_: bf16_values(rng, s) for n_, s in (("a", (100, 40)), ("b", (40, 70)), ("c", (33, 17)), ("d", (9, 17)))}
+    out = run(device, g, {n_: v.astype(np.float32) for n_, v in feeds.items()})
+    A, B, C, D = feeds["a"], feeds["b"], feeds["c"], feeds["d"].T
+    check(out["x"], A @ B, 40 * 2.0 ** -22 * (np.abs(A) @ np.abs(B)), False)
+    check(out["y"], C @ D, 17 * 2.0 ** -22 * (np.abs(C) @ np.abs(D)), False)

@@ -1,0 +1,138 @@
+"""The bf16 matmul on the matrix units without a GPU: the template is chosen by target
+(never by trying: hiprtc aborts on an intrinsic its arch lacks), its sources render
+for every operand layout and alignment and compile with NVRTC (sm_80, sm_90) and
+hiprtc (gfx90a, gfx908), the tile choice and the copy width follow the shape and the
+strides. tests/test_gpu_mma.py runs them against NumPy on a GPU."""
+from __future__ import annotations
+
+import pytest
+
+from gptc import dsl
+from gptc.compiler.codegen.kernels import (_MMA_TILES, _mma_config, _mma_kind, _mma_smem_bytes, _mma_stages,
+                                           _mma_vector, prelude, render_plan)
+from gptc.compiler.ir import Graph
+from gptc.compiler.planner import make_plan
+from gptc.runtime.device import compile_many
+from gptc.target import KNOWN_TARGETS, parse_target
+
+COMPILE_TARGETS = ["cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"]
+
+
+def layouts_graph(bf16: bool = True) -> Graph:
+    """Every operand layout, awkward sizes, a batch, slices of every alignment, fused
+    epilogues with f32 and bf16 stores."""
+    dt = "bf16" if bf16 else "f32"
+    g = Graph()
+    for i, (a_t, b_t) in enumerate([(False, False), (True, False), (False, True), (True, True)]):
+        m, n, k = 67 + i, 131, 45 + 2 * i
+        a = g.input(f"a{i}", (k, m) if a_t else (m, k), dt)
+        b = g.input(f"b{i}", (n, k) if b_t else (k, n), dt)
+        bias = g.input(f"bias{i}", (n,))
+        y = dsl.gelu((a.T if a_t else a) @ (b.T if b_t else b) + bias)
+        g.output(f"y{i}", y.cast("bf16") if i % 2 else y)
+    wide = g.input("wide", (40, 64 + 5), dt)
+    for pad in range(5):  # offsets 0..4 of a 69-wide buffer: 16-, 8-, 4-, 2-byte copies
+        g.output(f"s{pad}", wide.slice(1, pad, pad + 64) @ g.input(f"w{pad}", (64, 24), dt))
+    x, w = g.input("x", (3, 33, 17), dt), g.input("w", (3, 17, 5), dt)
+    g.output("batched", (x @ w) * 0.5)
+    return g
+
+
+def mma_kernels(target: str, bf16: bool = True):
+    return [k for k in render_plan(make_plan(layouts_graph(bf16), True), parse_target(target)) if k.family == "matmul"]
+
+
+def test_fragment_kind_by_target():
+    kinds = {t.arch: _mma_kind(t) for t in KNOWN_TARGETS.values()}
+    assert kinds == {"gfx906": None, "gfx908": "mfma_x4", "gfx90a": "mfma", "gfx942": "mfma", "gfx1030": None,
+                     "gfx1100": None, "sm_80": "nv", "sm_86": "nv", "sm_89": "nv", "sm_90": "nv"}
+
+
+@pytest.mark.parametrize("target", sorted(t.name for t in KNOWN_TARGETS.values()))
+def test_template_chosen_by_target(target):
+    """bf16 operands run on the matrix units where the target has them (mma.sync with
+    ldmatrix and cp.async on NVIDIA, MFMA on CDNA), the SIMT template elsewhere; f32
+    operands always take the SIMT template."""
+    kind = _mma_kind(parse_target(target))
+    codes = [k.code[len(prelude()):] for k in mma_kernels(target)]
+    assert all(("gptc_mma(cf" in c) == bool(kind) for c in codes)
+    if kind == "nv":
+        assert all("gptc_ldmatrix_x4(af" in c and "gptc_ldmatrix_x4(q" in c and "gptc_copy_async<" in c for c in codes)
+        assert any("true)" in c for c in codes) and any("false)" in c for c in codes)  # ldmatrix .trans and not
+    assert not any("gptc_mma(cf" in k.code for k in mma_kernels(target, bf16=False))
+
+
+@pytest.mark.parametrize("target", COMPILE_TARGETS)
+def test_mma_sources_compile(target, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path))
+    kernels = mma_kernels(target) + mma_kernels(target, bf16=False)
+    objects = compile_many([(k.code, k.name) for k in kernels], parse_target(target))
+    assert len(objects) == len(kernels) and all(objects)
+
+
+def test_simt_reads_bf16_operands_on_other_targets(tmp_path, monkeypatch):
+    """gfx1030 (no matrix units in the table) computes bf16 operands with the SIMT template."""
+    monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path))
+    kernels = mma_kernels("hip:gfx1030")
+    assert all("bf16_to_float(" in k.code for k in kernels)
+    assert all(compile_many([(k.code, k.name) for k in kernels], parse_target("hip:gfx1030")))
+
+
+def test_copy_width_follows_alignment():
+    assert _mma_vector(0, [768, 1], 1) == 8
+    assert _mma_vector(0, [50257, 1], 1) == 1     # gpt2's vocab rows: 2-byte copies
+    assert _mma_vector(4, [768, 1], 1) == 4
+    assert _mma_vector(0, [2 * 768 * 3, 770, 1], 2) == 2  # a batch stride counts too
+    assert _mma_vector(8, [1, 64], 0) == 8
+
+
+def test_copy_widths_in_sources():
+    code = "".join(k.code for k in mma_kernels("cuda:sm_90"))
+    for v in (8, 4, 2, 1):
+        assert f"gptc_copy_async<{v}>" in code
+
+
+def test_tile_choice():
+    sm90 = parse_target("cuda:sm_90")
+    assert _mma_config(4096, 4096, 4096, 1, sm90)[:2] == (128, 128)
+    assert _mma_config(768, 768, 8192, 1, sm90)[:2] == (64, 64)  # too few big tiles to fill 132 units
+    assert _mma_config(4096, 4096, 4096, 1, sm90) is _mma_config(4096, 4096, 4096, 1, sm90)  # cached
+    for target in ("cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"):
+        t = parse_target(target)
+        for bm, bn, _, _ in _MMA_TILES:  # every tile fits
+            assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t)) <= t.shared_mem
+    assert _mma_stages(128, 128, sm90) == 3 and _mma_stages(64, 64, sm90) == 4
+
+
+# ----- gptc bench --gemm, the parts that need no GPU -------------------------------------
+def test_bench_gemm_without_gpu_torch_one_line_exit_2(monkeypatch, capsys):
+    from gptc.tools.bench import peers
+    from gptc.tools.cli import main
+    monkeypatch.setattr(peers, "import_torch", lambda: (None, "PyTorch is not installed"))
+    assert main(["bench", "--gemm"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "gptc: error: gptc bench --gemm compares with torch.matmul: PyTorch is not installed\n"
+
+
+def test_bench_gemm_shapes_run_on_the_matrix_units():
+    """Every shape of the bench renders one matmul_mma kernel for sm_90; gpt2's vocab rows
+    (50257 bf16, odd) take 2-byte copies, the others 16-byte ones."""
+    from gptc.tools.bench.gemm import GEMM_SHAPES, gptc_gemm_graph
+    for label, m, n, k, a, b in GEMM_SHAPES:
+        (kernel,) = render_plan(make_plan(gptc_gemm_graph(m, n, k, a, b), True), parse_target("cuda:sm_90"))
+        assert "gptc_mma(cf" in kernel.code, label
+        odd = "lm_head dX" in label or "lm_head dW" in label
+        assert ("gptc_copy_async<1>" in kernel.code) == odd, label
+        assert "gptc_copy_async<8>" in kernel.code, label
+
+
+def test_bench_gemm_report():
+    from gptc.tools.bench.gemm import render_gemm_md
+    row = dict(shape="square 4096", m=4096, n=4096, k=4096, a="k", b="n", gptc_ms=0.5, torch_ms=0.2, floor_ms=0.2,
+               gptc_tflops=275.0, torch_tflops=687.2, of_torch=0.4, of_floor=0.4, rel_err=0.0)
+    md = render_gemm_md(dict(rows=[row, dict(row, of_torch=0.7)], copy_bytes_per_s=4.2e12, bf16_peak_flops=6.8e14,
+                             meta=dict(gpu="NVIDIA H200 (cuda:sm_90)", date="2026-11-30", commit="abc1234",
+                                       torch="2.11.0")))
+    assert "NVIDIA H200 (cuda:sm_90), 2026-11-30, commit abc1234" in md
+    assert "| 275.0 | 687.2 | 40.0 | 40.0 | 0.0e+00 | NO |" in md and md.rstrip().endswith("| yes |")
