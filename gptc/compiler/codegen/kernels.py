@@ -874,7 +874,15 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn // group * nkb, group=group, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
-               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines)
+               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines, bf16=a.bf16,
+               rnd=lambda x: f"bf16_to_float(float_to_bf16({x}))" if a.bf16 else x)
+    # bf16 (a.bf16): the operands are bf16 buffers, read as floats; P and dS are rounded
+    # to bf16 where the graph casts them (rnd), the rest (scores, softmax statistics,
+    # accumulators) is fp32. The backward's delta_i = dO_i·O_i = sum_j round(P_ij) dP_ij
+    # while the graph's softmax VJP sums P_ij dP_ij with P unrounded: the two differ by
+    # bf16 rounding of P (relative 2^-9 a term, averaging out over j), the same order as
+    # the rounding of dS itself, so the reference stays the kernels' oracle within bf16
+    # tolerance (and delta needs neither P nor a second pass over the keys).
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
         if view_base(g, nid) in a.prologue:
@@ -886,7 +894,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         base = add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])])
         batch_lines.append(f"const idx_t {name}_base = {emit(base)};")
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
-        ctx[f"{name}_at"] = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
+        at = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
+        ctx[f"{name}_at"] = f"bf16_to_float({at})" if plan.buffer_of(buf).dtype == "bf16" else at
 
     def prologue_operand(name: str, nid: int, transpose: bool) -> None:
         """q or k computed by its prologue (dsl.rope) at each element the kernel loads:
