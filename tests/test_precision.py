@@ -189,7 +189,8 @@ def test_bf16_plan_stores_bf16_activations(name):
     # an f32 value whose only reader is its cast is not stored
     for c in (n for n in g.nx.nodes if g.op(n) == "cast" and g.type(n).dtype == "bf16"):
         src = g.inputs_of(c)[0]
-        if g.users(src) == [c] and g.op(src) != "param" and not in_attention(g, src):
+        flash_output = g.node(src)["scope"].rpartition("/")[2] == "causal_attention"  # stored f32 by the flash kernel
+        if g.users(src) == [c] and g.op(src) != "param" and not in_attention(g, src) and not flash_output:
             assert src not in bf16.buffers, g.describe(src)
 
 
