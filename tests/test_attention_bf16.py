@@ -1,7 +1,8 @@
 """bf16 causal attention on the CPU (issue 9, section 3): the precision pass casts q, k,
 v, dO, P and dS; the flash matcher looks through the casts (AttentionMatch.bf16) and the
 flash kernels read bf16 and round P and dS; the bf16 reference against the fp32 one
-within bf16 error; the bf16 flash kernels compile for sm_90 (NVRTC) and gfx90a (hiprtc).
+within bf16 error; the bf16 flash kernels compile for sm_90 (NVRTC; the forward on the
+matrix units, templates/attention_mma.hip.j2) and gfx90a (hiprtc; SIMT).
 The GPU half is tests/test_gpu_attention_bf16.py."""
 from __future__ import annotations
 
@@ -131,7 +132,10 @@ def test_bf16_flash_kernels_compile(target):
     from gptc.runtime.device import compile_many
     codes = bf16_attention_sources(target)
     assert len(codes) >= 2 * len(CASES)
-    assert all("bf16_to_float(float_to_bf16(" in c for c in codes), "P / dS rounded"
+    assert all("bf16_to_float(float_to_bf16(" in c or "at_pack(" in c for c in codes), "P / dS rounded"
+    forward = [c for c in codes if "gptc_attention_bwd" not in c]
+    # The forward runs on the matrix units on NVIDIA sm_80+ (mma.sync), SIMT elsewhere.
+    assert all(("gptc_mma(" in c) == target.startswith("cuda") for c in forward)
     sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(codes[i:i + 6])),
                 f"attn_bf16_{i}") for i in range(0, len(codes), 6)]
     objects = compile_many(sources, parse_target(target))

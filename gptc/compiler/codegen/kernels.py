@@ -896,6 +896,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
         at = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
         ctx[f"{name}_at"] = f"bf16_to_float({at})" if plan.buffer_of(buf).dtype == "bf16" else at
+        ctx[f"{name}_raw"] = f"{at}.bits"   # the bf16 bits (the matrix-unit kernel copies them as they are)
 
     def prologue_operand(name: str, nid: int, transpose: bool) -> None:
         """q or k computed by its prologue (dsl.rope) at each element the kernel loads:
@@ -928,6 +929,13 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(out=em.arg(a.out), store_stats=stats)
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
+        if a.bf16 and not a.prologue and _mma_kind(target) == "nv":
+            # On the matrix units (attention_mma.hip.j2): 64 queries a block (16 a warp);
+            # key tiles of 64, 32 above head_dim 64 (static shared memory within 48 KiB).
+            dp16 = ceil_div(dim, 16) * 16
+            ctx.update(dp=dp16, ld=dp16 + 8, bq=64, bk=64 if dp16 <= 64 else 32, nqb=ceil_div(seq, 64))
+            return _Part(kernel.name, env.get_template("attention_mma.hip.j2").render(**ctx),
+                         (bhn * ceil_div(seq, 64), 1, 1), (128, 1, 1), mma=True)
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
     dq, dk, dv = a.stores()
