@@ -1,8 +1,8 @@
 """bf16 causal attention on the CPU (issue 9, section 3): the precision pass casts q, k,
 v, dO, P and dS; the flash matcher looks through the casts (AttentionMatch.bf16) and the
 flash kernels read bf16 and round P and dS; the bf16 reference against the fp32 one
-within bf16 error; the bf16 flash kernels compile for sm_90 (NVRTC; the forward on the
-matrix units, templates/attention_mma.hip.j2) and gfx90a (hiprtc; SIMT).
+within bf16 error; the bf16 flash kernels compile for sm_90 (NVRTC; on the matrix units,
+templates/attention_mma.hip.j2 and attention_mma_bwd.hip.j2) and gfx90a (hiprtc; SIMT).
 The GPU half is tests/test_gpu_attention_bf16.py."""
 from __future__ import annotations
 
@@ -116,10 +116,15 @@ def test_bf16_reference_is_the_fp32_one_within_bf16_error(case):
 
 
 def bf16_attention_sources(target: str) -> list[str]:
-    """The distinct flash kernel launches (without the prelude) of CASES for `target`."""
+    """The distinct flash kernel launches (without the prelude) of CASES and of bf16
+    models with grouped-query heads (llama; mqa: 4 query heads over 1) for `target`."""
     codes = {}
-    for case in CASES.values():
-        plan = make_plan(attention_graph(**case), True)
+    mqa = gptc.Spec(gptc.ModelSpec(vocab_size=101, seq_len=45, d_model=128, n_heads=4, n_kv_heads=1, n_layers=1),
+                    gptc.TrainSpec(batch_size=2))
+    graphs = [attention_graph(**case) for case in CASES.values()] + \
+        [gptc.build_graph(with_precision(spec, "bf16"), "train") for spec in (small("llama"), mqa)]
+    for graph in graphs:
+        plan = make_plan(graph, True)
         launches = render_plan(plan, parse_target(target))
         for k in launches:
             if "attention" in k.symbol or "Causal attention" in k.code:
@@ -133,9 +138,8 @@ def test_bf16_flash_kernels_compile(target):
     codes = bf16_attention_sources(target)
     assert len(codes) >= 2 * len(CASES)
     assert all("bf16_to_float(float_to_bf16(" in c or "at_pack(" in c for c in codes), "P / dS rounded"
-    forward = [c for c in codes if "gptc_attention_bwd" not in c]
-    # The forward runs on the matrix units on NVIDIA sm_80+ (mma.sync), SIMT elsewhere.
-    assert all(("gptc_mma(" in c) == target.startswith("cuda") for c in forward)
+    # Forward and backward run on the matrix units on NVIDIA sm_80+ (mma.sync), SIMT elsewhere.
+    assert all(("gptc_mma(" in c) == target.startswith("cuda") for c in codes)
     sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(codes[i:i + 6])),
                 f"attn_bf16_{i}") for i in range(0, len(codes), 6)]
     objects = compile_many(sources, parse_target(target))

@@ -945,6 +945,15 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
     else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
         ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
+    if a.bf16 and not a.prologue and _mma_kind(target) == "nv":
+        # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
+        # (dQ) a block, the other side in tiles of 64, 16 above head_dim 64 (static shared
+        # memory within 48 KiB).
+        dp16 = ceil_div(dim, 16) * 16
+        blocks = ceil_div(seq, 64)
+        ctx.update(dp=dp16, ld=dp16 + 8, bt=64 if dp16 <= 64 else 16, kb_blocks=bhn // group * blocks, nqb=blocks)
+        return _Part(f"{kernel.name} keys+queries", env.get_template("attention_mma_bwd.hip.j2").render(**ctx),
+                     (bhn // group * blocks + bhn * blocks, 1, 1), (128, 1, 1), mma=True)
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
     # for the queries half.
     return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
