@@ -30,15 +30,15 @@ def matches(g: Graph) -> list:
 
 
 def attention_graph(seq: int, dim: int, heads: int = 3, kv_heads: int = 0, window: int = 0,
-                    dropout: float = 0.0, precision: str = "bf16") -> Graph:
-    """Causal (or local, `window`) attention over (2, heads, seq, dim) queries, with
+                    dropout: float = 0.0, precision: str = "bf16", batch: int = 2) -> Graph:
+    """Causal (or local, `window`) attention over (batch, heads, seq, dim) queries, with
     `kv_heads` key/value heads (grouped-query; 0: as many as heads) and dropout on the
     probabilities, its output and the gradients of q, k, v (loss sum(y * r)), in
     `precision`. The GPU tests run the same graphs."""
     g = Graph()
-    q = g.param("q", (2, heads, seq, dim))
-    k, v = (g.param(n, (2, kv_heads or heads, seq, dim)) for n in "kv")
-    r = g.input("r", (2, heads, seq, dim))
+    q = g.param("q", (batch, heads, seq, dim))
+    k, v = (g.param(n, (batch, kv_heads or heads, seq, dim)) for n in "kv")
+    r = g.input("r", (batch, heads, seq, dim))
     drop = (lambda p: dsl.dropout(p, dropout, g.input("step", ()), 1234, 3)) if dropout else None
     y = dsl.causal_attention(q, k, v, window=window, drop=drop)
     g.output("y", y)
