@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import gptc
+from gptc.compiler.codegen import kernels
 from gptc.compiler.planner import make_plan
 from gptc.runtime.reference import run_graph
 
@@ -39,8 +40,13 @@ RATIO = {"y": 0.8, "dq": 0.4, "dk": 0.4, "dv": 0.4}
 TOLERANCE = 4 * 2.0 ** -9   # and never above 4u, in norm
 
 
+@pytest.mark.parametrize("path", ["mma", "simt"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bf16_flash_kernels_match_the_bf16_reference(device, case):
+def test_bf16_flash_kernels_match_the_bf16_reference(device, case, path, monkeypatch):
+    """path "mma": the kernels the device's target gets (on NVIDIA sm_80+ the matrix
+    units); "simt": the SIMT kernels with bf16 operands (AMD's path) on any GPU."""
+    if path == "simt":
+        monkeypatch.setattr(kernels, "_mma_kind", lambda target: None)
     graph = attention_graph(**CASES[case])
     assert {"attention", "attention_bwd"} <= {k.family for k in make_plan(graph, True).kernels}
     feeds = random_feeds(graph, np.random.default_rng(7))
