@@ -24,19 +24,20 @@ from test_precision import with_precision
 pytestmark = pytest.mark.gpu
 
 # Tolerances from bf16 rounding (u = 2^-9 relative). The kernels round P and dS to bf16
-# where the graph does, but not always the same float: the forward rounds exp(s - m)
-# before dividing by the row sum (as torch's flash attention does; the reference rounds
-# the quotient), the backward's delta is dO·O where the graph sums P·dP (the kernels'
-# comment), and every value on the GPU is a float32 computation where the reference's is
-# float64, so a value near a rounding boundary lands one bf16 step away. Those errors are
-# independent per element and average over a row's keys: in norm a fraction of u, far
-# below a wrong element, a layout or a missing mask (O(1)). q, k, v and dO are the same
-# bf16 values on both sides. Each error is bounded by a fraction of the distance between
-# the bf16 and the fp32 reference (the effect of all the rounding, 2e-3..4e-3 here).
-# Emulated in NumPy (T 517, head_dim 64): the forward's rounding place gives y an error
-# of 0.62 of that distance, dq and dk 0.22 (through delta and dS), dv ~0 (the backward
-# recomputes P normalized and rounds it as the graph does).
-RATIO = {"y": 0.8, "dq": 0.4, "dk": 0.4, "dv": 0.4}
+# where the graph does, as float32 computations where the reference's are float64, so a
+# value near a rounding boundary can land one bf16 step away; and two places differ from
+# the graph by design: the backward's delta is dO·O where the graph sums P·dP (with P
+# unrounded: the kernels' comment), and the SIMT forward rounds exp(s - m_running) before
+# dividing by the row sum, as one-pass flash kernels do, where the graph rounds the
+# quotient (the matrix-unit forward takes two passes and rounds the graph's value). These
+# errors are independent per element and average over a row's keys: in norm a fraction of
+# u, far below a wrong element, a layout or a missing mask (O(1)). q, k, v and dO are the
+# same bf16 values on both sides. Each error is bounded by a fraction of the distance
+# between the bf16 and the fp32 reference (the effect of all the rounding, 2e-3..4e-3
+# here). Measured on an H200 (2026-11-30): y 0.62-0.65 of it with the one-pass forward,
+# dq and dk 0.22-0.40 (through delta), dv <= 0.01.
+RATIO = {"y": 0.8, "dq": 0.6, "dk": 0.6, "dv": 0.1}
+RATIO_Y_TWO_PASS = 0.1
 TOLERANCE = 4 * 2.0 ** -9   # and never above 4u, in norm
 
 
@@ -59,7 +60,8 @@ def test_bf16_flash_kernels_match_the_bf16_reference(device, case, path, monkeyp
             assert np.abs(out[key]).max() < 1e-5, f"{case}/{key}: {np.abs(out[key]).max():.2e}"
             continue
         assert err < TOLERANCE, f"{case}/{key}: {err:.2e}"
-        assert err < RATIO[key] * distance, f"{case}/{key}: error {err:.2e} vs bf16-fp32 distance {distance:.2e}"
+        bound = RATIO_Y_TWO_PASS if key == "y" and path == "mma" else RATIO[key]
+        assert err < bound * distance, f"{case}/{key}: error {err:.2e} vs bf16-fp32 distance {distance:.2e}"
 
 
 # gpt2-small's layout (d_model 768, 12 heads of 64, GELU MLP 4x, no lm_head bias) at a
