@@ -14,9 +14,15 @@ model, autodiff, optimizer, precision, collectives, planning).
   casts of the updated params, computed per step), AdamW moments and the optimizer,
   reductions (norm statistics, softmax, cross-entropy, the gradient norm), embeddings
   (gathers), pointwise ops.
-- not yet: the matmuls of the attention cores (scores and weighted values, in the scopes
-  ATTENTION_SCOPES) stay f32, so the flash-attention kernels match and run as in fp32;
-  nor the grouped matmuls of a mixture of experts.
+- causal attention (dsl.causal_attention) too, as torch's flash attention: q, k, v and
+  the output's gradient dO are cast once, and inside the scope the probabilities P (the
+  operand of P·V and of dV = Pᵀ·dO) and the scores' gradient dS (of dQ = dS·K and
+  dK = Qᵀ·dS) get one cast each, in their scope + "/bf16" (planner/attention.py looks
+  through these casts; the flash kernels round P and dS at the same places); softmax
+  and its statistics stay f32.
+- not yet: the matmuls of the other attention cores (in the scopes ATTENTION_SCOPES:
+  cached-key decode, linear attention) stay f32; nor the grouped matmuls of a mixture
+  of experts.
 The NumPy reference rounds to bf16 at the casts, so it runs the bf16 graph as the oracle
 of its kernels."""
 from __future__ import annotations
@@ -26,8 +32,9 @@ from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
 from gptc.spec import CHOICES, SpecError
 
-# Scopes (dsl composites) whose matmuls keep f32 operands: the attention cores.
-ATTENTION_SCOPES = frozenset({"causal_attention", "kv_attention", "linear_attention",
+# Scopes (dsl composites) whose matmuls keep f32 operands: the attention cores other than
+# causal_attention (whose bf16 matmuls the flash matcher looks through, see above).
+ATTENTION_SCOPES = frozenset({"kv_attention", "linear_attention",
                               "linear_attention_state", "linear_attention_read"})
 
 

@@ -1032,7 +1032,15 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn // group * nkb, group=group, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
-               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines)
+               scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines, bf16=a.bf16,
+               rnd=lambda x: f"bf16_to_float(float_to_bf16({x}))" if a.bf16 else x)
+    # bf16 (a.bf16): the operands are bf16 buffers, read as floats; P and dS are rounded
+    # to bf16 where the graph casts them (rnd), the rest (scores, softmax statistics,
+    # accumulators) is fp32. The backward's delta_i = dO_i·O_i = sum_j round(P_ij) dP_ij
+    # while the graph's softmax VJP sums P_ij dP_ij with P unrounded: the two differ by
+    # bf16 rounding of P (relative 2^-9 a term, averaging out over j), the same order as
+    # the rounding of dS itself, so the reference stays the kernels' oracle within bf16
+    # tolerance (and delta needs neither P nor a second pass over the keys).
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
         if view_base(g, nid) in a.prologue:
@@ -1044,7 +1052,9 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         base = add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])])
         batch_lines.append(f"const idx_t {name}_base = {emit(base)};")
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
-        ctx[f"{name}_at"] = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
+        at = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
+        ctx[f"{name}_at"] = f"bf16_to_float({at})" if plan.buffer_of(buf).dtype == "bf16" else at
+        ctx[f"{name}_raw"] = f"{at}.bits"   # the bf16 bits (the matrix-unit kernel copies them as they are)
 
     def prologue_operand(name: str, nid: int, transpose: bool) -> None:
         """q or k computed by its prologue (dsl.rope) at each element the kernel loads:
@@ -1077,6 +1087,13 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(out=em.arg(a.out), store_stats=stats)
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
+        if a.bf16 and not a.prologue and _mma_kind(target) == "nv":
+            # On the matrix units (attention_mma.hip.j2): 64 queries a block (16 a warp);
+            # key tiles of 64, 32 above head_dim 64 (static shared memory within 48 KiB).
+            dp16 = ceil_div(dim, 16) * 16
+            ctx.update(dp=dp16, ld=dp16 + 8, bq=64, bk=64 if dp16 <= 64 else 32, nqb=ceil_div(seq, 64))
+            return _Part(kernel.name, env.get_template("attention_mma.hip.j2").render(**ctx),
+                         (bhn * ceil_div(seq, 64), 1, 1), (128, 1, 1), mma=True)
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
     dq, dk, dv = a.stores()
@@ -1086,6 +1103,15 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
     else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
         ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
+    if a.bf16 and not a.prologue and _mma_kind(target) == "nv":
+        # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
+        # (dQ) a block, the other side in tiles of 64, 16 above head_dim 64 (static shared
+        # memory within 48 KiB).
+        dp16 = ceil_div(dim, 16) * 16
+        blocks = ceil_div(seq, 64)
+        ctx.update(dp=dp16, ld=dp16 + 8, bt=64 if dp16 <= 64 else 16, kb_blocks=bhn // group * blocks, nqb=blocks)
+        return _Part(f"{kernel.name} keys+queries", env.get_template("attention_mma_bwd.hip.j2").render(**ctx),
+                     (bhn // group * blocks + bhn * blocks, 1, 1), (128, 1, 1), mma=True)
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
     # for the queries half.
     return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),

@@ -28,7 +28,16 @@ keys of a RoPE model), the rope's compute nodes join the forward kernel, which
 evaluates them as it loads its q and k tiles (the backward kernel re-evaluates them the
 same way), so the rotated q and k never reach memory. The gradients the backward
 kernel stores are those of the rotated values; rope's own VJP (the inverse rotation)
-stays in the generic fusion downstream."""
+stays in the generic fusion downstream.
+
+bf16 (the precision pass, compiler/precision.py): q, k, v and dO arrive as views of
+bf16 casts made outside the scope, and the probabilities P (operand of P·V and of
+dV = Pᵀ·dO) and the scores' gradient dS (operand of dQ and dKᵀ) are cast inside it,
+in the scopes ".../softmax/bf16" (".../dropout/bf16" with dropout) and "...#bwd/bf16".
+The matcher looks through those casts (they join the match) and records `bf16`: the
+kernels then read bf16 operands and round P and dS to bf16 where the casts are.
+The cast of out itself (for the projection that reads it, in ".../causal_attention/bf16")
+is not the kernels': it stays in the generic fusion."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,6 +49,8 @@ from gptc.compiler.ops.registry import ELEMENTWISE, VIEW
 MAX_HEAD_DIM = 128  # the kernels stage tiles of head_dim-float rows in shared memory (codegen's _attention_tiles)
 # Composites whose (elementwise) nodes the kernels evaluate while loading q and k.
 PROLOGUE_COMPOSITES = ("rope",)
+# Scope tails (after "causal_attention") of the precision pass's casts of P and dS.
+INNER_CASTS = ("/softmax/bf16", "/dropout/bf16", "#bwd/bf16")
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class AttentionMatch:
     # they load q and k: then q (k_t) is not stored, the kernels read its inputs.
     prologue: set[int] = field(default_factory=set)
     dropout: AttentionDropout | None = None
+    bf16: bool = False         # bf16 operands; P and dS rounded to bf16 (casts in the match)
 
     def stores(self) -> list[int]:
         """The nodes the backward kernel stores."""
@@ -127,12 +139,13 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
     for nid in graph.nx.nodes:
         scope = graph.node(nid)["scope"]
         head, _, tail = scope.partition("causal_attention")
-        inside = tail in ("", "/softmax", "/dropout", "#bwd", "/softmax#bwd", "/dropout#bwd")
+        inside = tail in ("", "/softmax", "/dropout", "#bwd", "/softmax#bwd", "/dropout#bwd") \
+            or tail in INNER_CASTS and graph.op(nid) == "cast"
         if inside and "causal_attention" in scope and not is_free(nid):
             by_scope.setdefault(head + "causal_attention", set()).add(nid)
     matches = []
     for scope, nodes in sorted(by_scope.items()):
-        forward = {n for n in nodes if not graph.node(n)["scope"].endswith("#bwd")}
+        forward = {n for n in nodes if not graph.node(n)["scope"].removesuffix("/bf16").endswith("#bwd")}
         backward = nodes - forward
         match = _match_forward(graph, scope, forward)
         if match and (not backward or _match_backward(graph, match, backward)):
@@ -192,8 +205,11 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
     if s is None or p is None:
         return None
     dropout, dropout_nodes = None, set()
-    if graph.inputs_of(mm2)[0] != p:
-        found = _match_dropout(graph, p, graph.inputs_of(mm2)[0])
+    weights, p_cast = graph.inputs_of(mm2)[0], None
+    if graph.op(weights) == "cast" and graph.type(weights).dtype == "bf16":
+        p_cast, weights = weights, graph.inputs_of(weights)[0]   # bf16: P rounded before P·V
+    if weights != p:
+        found = _match_dropout(graph, p, weights)
         if found is None:
             return None
         dropout, dropout_nodes = found
@@ -202,9 +218,12 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
     head_dim, seq = graph.type(q).shape[-1], graph.type(q).shape[-2]
     if graph.type(k_t).shape[-2:] != (head_dim, seq) or graph.type(mm2).shape[-1] > MAX_HEAD_DIM or head_dim > MAX_HEAD_DIM:
         return None
-    if graph.type(v).shape[-1] != head_dim or graph.type(q).dtype != "f32":
+    bf16 = graph.type(q).dtype == "bf16"
+    if graph.type(v).shape[-1] != head_dim or graph.type(q).dtype not in ("f32", "bf16"):
         return None
-    core = {mm1, scaled, masked, m, sub, e, s, p, mm2} | dropout_nodes
+    if {graph.type(k_t).dtype, graph.type(v).dtype} != {graph.type(q).dtype} or (p_cast is not None) != bf16:
+        return None   # the kernels read q, k, v in one dtype; bf16 ones with P rounded
+    core = {mm1, scaled, masked, m, sub, e, s, p, mm2} | dropout_nodes | ({p_cast} if bf16 else set())
     cond, kept, hidden = graph.inputs_of(masked)
     window = _mask_window(graph, cond, seq)
     hidden = _base(graph, hidden)[0]
@@ -213,7 +232,7 @@ def _match_forward(graph: Graph, scope: str, nodes: set[int]) -> AttentionMatch 
     if graph.op(hidden) != "const" or graph.node(hidden)["attrs"]["value"] != float("-inf"):
         return None
     return AttentionMatch(scope, q, k_t, v, graph.node(const_base)["attrs"]["value"], window, mm2, m, s,
-                          forward=set(nodes), dropout=dropout)
+                          forward=set(nodes), dropout=dropout, bf16=bf16)
 
 
 def _match_dropout(graph: Graph, p: int, dropped: int) -> tuple[AttentionDropout, set[int]] | None:
@@ -290,6 +309,11 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
             match.dk_t = n
     if None in (match.dv, match.dq, match.dk_t):
         return False
+    if match.bf16 != (graph.type(match.d_out).dtype == "bf16"):
+        return False   # the kernels read dO in the dtype of q, k, v
+    ds = [graph.inputs_of(match.dq)[0], _base(graph, graph.inputs_of(match.dk_t)[1])[0]]
+    if match.bf16 and any(graph.op(n) != "cast" or n not in nodes for n in ds):
+        return False   # bf16: dS rounded once, by a cast of the scope (the kernels round it there)
     if not _match_group_sums(graph, match, nodes):
         return False
     region = nodes | match.forward
