@@ -24,7 +24,7 @@ from gptc.compiler.autodiff import gradients
 from gptc.compiler.ir import Graph, Tensor
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.numeric import round_to_bf16
-from gptc.compiler.ops.registry import SOURCE
+from gptc.compiler.ops.registry import DEDICATED, SOURCE
 from gptc.runtime.reference import run_graph
 
 STEP = 1e-6        # central-difference step; the inputs keep every kink farther than this
@@ -352,11 +352,21 @@ def test_every_differentiable_op_is_covered() -> None:
     assert not missing, f"ops with a VJP but no finite-difference case in {__file__}: {missing}"
 
 
-def test_only_sources_lack_a_vjp() -> None:
-    """autodiff treats an op without a VJP as a source (its gradient stops there), so
-    any other op must define one, even if it returns None for every input."""
+def test_only_sources_and_inference_ops_lack_a_vjp() -> None:
+    """autodiff treats a source without a VJP as final (its gradient stops there) and
+    refuses to differentiate through an inference-only op (decoding, sampling), so any
+    other op must define one, even if it returns None for every input."""
     for name, op in OPS.items():
-        assert op.vjp is not None or op.kind == SOURCE, f"op '{name}' ({op.kind}) has no VJP"
+        assert op.vjp is not None or op.kind in (SOURCE, DEDICATED), f"op '{name}' ({op.kind}) has no VJP"
+
+
+def test_autodiff_refuses_an_inference_only_op() -> None:
+    g = Graph()
+    cache = g.param("cache", (1, 1, 4, 2))
+    new = g.param("new", (1, 1, 1, 2))
+    written = Tensor(g, g.add("kv_write", [cache.id, new.id, g.input("pos", (1,), "i32", bound=4).id]))
+    with pytest.raises(ValueError, match="kv_write has no gradient"):
+        gradients(written.sum(), [new])
 
 
 # ----- behaviour at the points finite differences avoid -------------------------------

@@ -247,7 +247,8 @@ def bf16_kernel_codes():
 def test_every_bf16_kernel_compiles(bf16_kernel_codes, target):
     from gptc.runtime.device import compile_many
     distinct = sorted(bf16_kernel_codes[target])
-    assert any("bf16_to_float(A[" in code for code in distinct), "bf16 matmul operands"
+    assert any("mma.sync.aligned.m16n8k16" in code and "__builtin_amdgcn_mfma" in code for code in distinct), \
+        "bf16 matmuls on the matrix-unit template (its fragments for both vendors)"
     batches = [distinct[i:i + 16] for i in range(0, len(distinct), 16)]
     sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(batch)),
                 f"bf16_batch{i}") for i, batch in enumerate(batches)]

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from gptc.compiler.ir import Graph, Tensor
 from gptc.compiler.ops import OPS
+from gptc.compiler.ops.registry import SOURCE
 
 
 def gradients(loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
@@ -31,8 +32,11 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
             continue
         node = graph.node(nid)
         vjp = OPS[node["op"]].vjp
-        if vjp is None:  # a source: its gradient is final
-            continue
+        if vjp is None:
+            if OPS[node["op"]].kind != SOURCE:  # the inference-only ops (decoding, sampling)
+                raise ValueError(f"{graph.describe(nid)}: {node['op']} has no gradient (an inference-only op); "
+                                 "a loss cannot depend on it")
+            continue  # a source: its gradient is final
         inputs = [Tensor(graph, i) for i in node["inputs"]]
         with graph.replace_scope(node["scope"] + "#bwd"):
             in_grads = vjp(node["attrs"], Tensor(graph, nid), grads[nid], *inputs)
