@@ -7,13 +7,14 @@ from gptc.compiler import dsl
 from gptc.compiler.ir import Graph
 from gptc.models.gpt import decode_attend, gpt_logits, prefill_attend
 from gptc.compiler.optim import add_training
+from gptc.compiler.parallel import SINGLE, Parallel
 from gptc.spec import Spec, SpecError, validate
 
 MODES = ("train", "eval", "infer", "prefill", "decode")
 
 
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
-                expose_gradients: bool = False) -> Graph:
+                expose_gradients: bool = False, parallel: Parallel = SINGLE) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
            (step also keys the dropout masks);
@@ -26,7 +27,9 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
              updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
              (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
     decode: inputs tokens (B, 1) and pos (1,) i32 -> logits (B, V); reads and
-             updates the KV cache at pos (linear attention: adds to its state)."""
+             updates the KV cache at pos (linear attention: adds to its state).
+    `parallel`: train only, the rank of a data-parallel world this graph runs on
+    (compiler/parallel.py); `batch` is then the batch of one rank."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
@@ -66,7 +69,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     if mode == "eval":
         g.output("loss", loss)
     else:
-        add_training(g, loss, spec.train, expose_gradients, objective=objective)
+        add_training(g, loss, spec.train, expose_gradients, objective=objective, parallel=parallel)
     g.prune()
     return g
 

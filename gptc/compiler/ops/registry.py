@@ -17,6 +17,7 @@ VIEW = "view"              # reshape/permute/broadcast/slice/pad: folded into in
 GATHER = "gather"
 SCATTER = "scatter"
 GROUPED = "grouped"        # MoE dispatch: counting sort by group, per-group matmuls (a kernel each)
+COLLECTIVE = "collective"  # all_reduce, reduce_scatter, all_gather: a library call (NCCL/RCCL), not a kernel
 
 
 @dataclass(frozen=True)
