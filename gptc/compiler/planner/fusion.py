@@ -29,7 +29,7 @@ import networkx as nx
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner.attention import AttentionMatch, find_attention
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
+from gptc.compiler.ops.registry import COLLECTIVE, ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
 
 POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
 ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
@@ -38,6 +38,9 @@ ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
 GROUP_SORT, GROUPED_MATMUL = "group_sort", "grouped_matmul"
 GROUPED_FAMILIES = {"group_rank": GROUP_SORT, "group_offsets": GROUP_SORT,
                     "grouped_matmul": GROUPED_MATMUL, "grouped_weight_grad": GROUPED_MATMUL}
+# Collectives (ops/collective.py): a launch boundary that calls NCCL/RCCL, reading its
+# operand from a buffer and writing its result to another; it fuses nothing.
+COLLECTIVE_FAMILY = "collective"
 
 
 # A matmul operand computed in the matmul's loads is at most this many nodes.
@@ -259,7 +262,7 @@ class Fuser:
         kinds = {n: OPS[g.op(n)].kind for n in nodes}
         matmuls = [n for n, k in kinds.items() if k == MATMUL]
         reduces = [n for n, k in kinds.items() if k == REDUCE]
-        if any(k in (SCATTER, GROUPED) for k in kinds.values()):
+        if any(k in (SCATTER, GROUPED, COLLECTIVE) for k in kinds.values()):
             return None
         # A kernel cannot read a buffer it writes: matmul operands and gather tables
         # must come from other kernels (through a prologue: what the prologue reads).
@@ -294,6 +297,8 @@ class Fuser:
             family = SCATTER_FAMILY
         elif kind == GROUPED:
             family = GROUPED_FAMILIES[self.graph.op(nid)]
+        elif kind == COLLECTIVE:
+            family = COLLECTIVE_FAMILY
         elif kind == REDUCE:
             family = ROW if row_space(self.graph, nid) else REDUCTION
         else:
@@ -312,7 +317,7 @@ class Fuser:
             return None
         target = targets.pop()
         group = self.groups[target]
-        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL):
+        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL, COLLECTIVE_FAMILY):
             return None
         if group.family == MATMUL_FAMILY and all(u == group.anchor for u, _ in users):
             cone = gated_operand(g, nid, self.free)
