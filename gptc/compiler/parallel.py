@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from gptc.compiler.ir import Graph, Tensor
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket size
@@ -87,6 +89,18 @@ def shard_of(x: Tensor, par: Parallel) -> Tensor:
     """This rank's slice of x, flattened (padded with zeros at the end)."""
     s = shard_size(x.type.size, par.world)
     return flat_padded(x, par.world).slice(0, par.rank * s, (par.rank + 1) * s)
+
+
+def shard_array(value: np.ndarray, par: Parallel) -> np.ndarray:
+    """This rank's slice of a host array, as shard_of slices a tensor."""
+    flat = np.asarray(value).reshape(-1)
+    s = shard_size(flat.size, par.world)
+    return np.pad(flat, (0, s * par.world - flat.size))[par.rank * s:(par.rank + 1) * s]
+
+
+def unshard(slices: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The whole host array of `shape` from every rank's slice, rank 0 first."""
+    return np.concatenate([np.asarray(s).reshape(-1) for s in slices])[:int(np.prod(shape))].reshape(shape)
 
 
 def reduce_gradients(graph: Graph, grads: Sequence[Tensor], par: Parallel) -> tuple[list[Tensor], int]:

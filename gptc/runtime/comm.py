@@ -238,3 +238,37 @@ def open_communicator(env: LaunchEnv, vendor: str) -> Communicator:
     lib = _Nccl() if vendor == "nvidia" else _Rccl()
     uid = share_bytes(env, lib.unique_id() if env.rank == 0 else None)
     return Communicator(lib, lib.init(uid, env.world, env.rank), env.rank, env.world, _raw_stream)
+
+
+def gather_bytes(env: LaunchEnv, payload: bytes, timeout: float = 600.0) -> list[bytes] | None:
+    """Every rank's `payload` on rank 0 (rank order; None on the other ranks), over TCP
+    on the rendezvous port: for host data such as ZeRO-1's optimizer slices at a
+    checkpoint. Every rank must call it at the same point."""
+    if env.world == 1:
+        return [payload]
+    deadline = time.monotonic() + timeout
+    if env.rank == 0:
+        parts: list[bytes | None] = [payload] + [None] * (env.world - 1)
+        with socket.create_server(("", env.store_port)) as server:
+            server.settimeout(timeout)
+            for _ in range(env.world - 1):
+                try:
+                    conn, _ = server.accept()
+                except socket.timeout:
+                    raise RankFailure(f"rank 0: not every rank sent its data within {timeout:.0f} s") from None
+                with conn:
+                    rank, n = struct.unpack("!IQ", _read(conn, 12))
+                    parts[rank] = _read(conn, n)
+                    conn.sendall(b"k")
+        return parts  # type: ignore[return-value]
+    while True:
+        try:
+            with socket.create_connection((env.master_addr, env.store_port), timeout=60) as conn:
+                conn.sendall(struct.pack("!IQ", env.rank, len(payload)) + payload)
+                _read(conn, 1)  # rank 0 has it
+                return None
+        except (ConnectionRefusedError, socket.timeout, OSError) as e:
+            if time.monotonic() > deadline:
+                raise RankFailure(f"rank {env.rank}: could not reach rank 0 at {env.master_addr}:{env.store_port} "
+                                  f"({e})") from None
+            time.sleep(0.2)
