@@ -245,6 +245,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
                          + ("ZeRO-1 optimizer sharding" if zero1 else "optimizer state on every rank"))
 
     runtime = None  # on a GPU: the steps of a bundle, sharing the parameters in device memory
+    comm = None  # a multi-GPU run's communicator
     if bundle is not None:
         if dev is None:
             raise GptcError(f"a bundle runs on a GPU, and none is in use; use --device gpu, or train the bundle's "
@@ -458,7 +459,6 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         if runtime is None and dev is not None:
             from gptc.runtime.bundle import cached_bundle
             from gptc.runtime.comm import open_communicator
-            comm = None
             if env.world > 1 and env.rank > 0:  # waits for rank 0, which compiles the shared bundle first
                 comm = open_communicator(env, dev.target.vendor)
             compiled = cached_bundle(spec, dev, note, parallel=par)
@@ -623,7 +623,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             raise Interrupted(done, None, run_dir, signum) from None
         path = save(done) if last_saved != done else result.checkpoint
         metrics.close()
-        write_plot(run_dir, name, device_name, console)
+        if env.rank == 0:
+            write_plot(run_dir, name, device_name, console)
         console.line(f"interrupted at step {done}: saved {path}; continue with: gptc train --resume {run_dir}")
         raise Interrupted(done, path, run_dir, signum) from None
     finally:
@@ -633,12 +634,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         metrics.close()
         if runtime is not None:
             runtime.close()
+            if comm is not None:
+                comm.close()
         else:
             for sess in (train_sess, eval_sess):
                 sess.close()
 
     console.end()
-    plot = write_plot(run_dir, name, device_name, console)
+    plot = write_plot(run_dir, name, device_name, console) if env.rank == 0 else None
     wall = time.perf_counter() - run_started
     summary = f"done: step {done} of {t.steps} in {duration(wall)}, loss {result.losses[-1]:.4f}"
     if result.val_loss is not None:
