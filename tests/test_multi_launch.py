@@ -4,7 +4,6 @@ mpirun), the TCP rendezvous that shares the library's unique id, and `gptc train
 message and a non-zero exit)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 import threading
 import time

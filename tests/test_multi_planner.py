@@ -97,7 +97,6 @@ def test_readers_wait_and_operands_stay_alive(planned):
         assert i in entries[readers[0]]["waits"]  # the first reader joins the communication stream
         assert all(i not in e["waits"] for e in entries[:i + 1])
         # What the collective reads is alive (its memory unshared) until that join.
-        g = plan.graph
         for k in plan.launches[i]:
             (src,) = plan.kernels[k].reads
             if src in plan.lifetimes:

@@ -172,6 +172,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from gptc.tools.bench import bench_main
     from gptc.tools.bench.config import COMPARES, WHATS, BenchConfig, parse_list, resolve_spec
     spec, name = resolve_spec(args.preset, args.batch)
+    if args.gpus != 1:
+        from gptc.tools.bench.multi import bench_gpus
+        if args.gpus < 2:
+            raise GptcError(f"--gpus must be at least 2 to compare with one GPU, got {args.gpus}")
+        bench_gpus(spec, args.gpus, args.out or "runs/bench", zero1=args.zero1)
+        return
     if args.repeats is not None and args.repeats < 1:
         raise GptcError("--repeats must be at least 1")
     out = args.out or "runs/bench"
@@ -313,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="at least this many timed steps per figure (default 20)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timing tables")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="training tokens/s on 1 and on N GPUs of this host (data parallel, --batch per GPU), the "
+                        "scaling efficiency and the communication the backward does not hide")
+    p.add_argument("--zero1", action="store_true", help="with --gpus: also time ZeRO-1 optimizer sharding")
     p.set_defaults(run=_cmd_bench)
     return parser
 
