@@ -172,6 +172,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from gptc.tools.bench import bench_main
     from gptc.tools.bench.config import COMPARES, WHATS, BenchConfig, parse_list, resolve_spec
     spec, name = resolve_spec(args.preset, args.batch)
+    if args.zero1 and args.gpus == 1:
+        raise GptcError("--zero1 times ZeRO-1 on several GPUs; give it with --gpus N")
     if args.gpus != 1:
         from gptc.tools.bench.multi import bench_gpus
         if args.gpus < 2:

@@ -224,6 +224,9 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
     from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
+    if zero1 and env.world == 1:
+        raise GptcError("--zero1 shards the optimizer state across GPUs; train on several (--gpus N, or under a "
+                        "launcher)")
     if env.world > 1:
         if device == "cpu" or bundle is not None:
             raise GptcError(f"a run on {env.world} ranks trains on GPUs from the spec (no --device cpu, no bundle)")
