@@ -186,7 +186,7 @@ class _Nccl:
 
     def init(self, uid: bytes, world: int, rank: int) -> Any:
         self._comm = self.core.Communicator.init(world, rank, self.core.UniqueId.from_bytes(uid))
-        return self._comm.ptr
+        return self._comm._comm  # the bindings' handle, what nccl4py's own calls pass
 
     def destroy(self, comm: Any) -> None:
         self._comm.destroy()
@@ -228,8 +228,9 @@ class _Rccl:
 
 
 def _raw_stream(stream: Any) -> int:
-    """The stream handle as the integer the bindings take."""
-    return int(stream) if not hasattr(stream, "getPtr") else int(stream.getPtr())
+    """The stream handle as the integer the bindings take (cuda-bindings' CUstream and
+    hip-python's hipStream_t both convert with int())."""
+    return int(stream)
 
 
 def open_communicator(env: LaunchEnv, vendor: str) -> Communicator:
