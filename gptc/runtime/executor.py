@@ -91,6 +91,8 @@ class GpuExecutor:
     def __init__(self, table: dict, device: Device, code: Mapping[str, bytes], arenas: Arenas,
                  use_graph: bool = True, launch_step: Callable[["GpuExecutor"], None] | None = None,
                  comm=None) -> None:
+        if comm is None and any(e["family"] == "collective" for e in table["launches"]):
+            raise GptcError("this step holds collectives: it runs only in a multi-GPU run (with a communicator)")
         self.table, self.device, self.arenas = table, device, arenas
         self.io_base = device.alloc(max(table["arena_bytes"]["io"], 256))
         modules: dict[str, object] = {}
@@ -100,8 +102,6 @@ class GpuExecutor:
         self.events: dict[int, tuple] = {}  # collective launch -> (fork event, join event)
         for index, entry in enumerate(table["launches"]):
             if entry["family"] == "collective":
-                if comm is None:
-                    raise GptcError("this step holds collectives: it runs only in a multi-GPU run (a communicator)")
                 self.collectives[index] = [(c["op"], self.address(c["send"]), self.address(c["recv"]), c["count"],
                                             c["dtype"]) for c in entry["collective"]]
                 self.events[index] = (device.event(), device.event())
