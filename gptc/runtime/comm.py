@@ -162,9 +162,11 @@ class Communicator:
         finally:
             self.lib.group_end()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Release the communicator; abort=True (a rank that failed) does not wait for
+        the other ranks, which a clean destroy may."""
         if self.comm is not None:
-            self.lib.destroy(self.comm)
+            (self.lib.abort if abort else self.lib.destroy)(self.comm)
             self.comm = None
 
 
@@ -190,6 +192,9 @@ class _Nccl:
 
     def destroy(self, comm: Any) -> None:
         self._comm.destroy()
+
+    def abort(self, comm: Any) -> None:
+        self._comm.abort()
 
 
 class _Rccl:
@@ -225,6 +230,9 @@ class _Rccl:
 
     def destroy(self, comm: Any) -> None:
         self.r.ncclCommDestroy(comm)
+
+    def abort(self, comm: Any) -> None:
+        self.r.ncclCommAbort(comm)
 
 
 def _raw_stream(stream: Any) -> int:
