@@ -96,9 +96,11 @@ def launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(rank, world, local, env["MASTER_ADDR"], port)
 
 
-def share_bytes(env: LaunchEnv, payload: bytes | None, timeout: float = 300.0) -> bytes:
+def share_bytes(env: LaunchEnv, payload: bytes | None, timeout: float = 1800.0) -> bytes:
     """Rank 0 serves `payload` to the other ranks over TCP on MASTER_ADDR:MASTER_PORT;
-    the others pass None and get it. Every rank returns it once all have it."""
+    the others pass None and get it. Every rank returns it once all have it. (The
+    timeout leaves rank 0 time to compile the step the other ranks then take from the
+    cache.)"""
     if env.world == 1:
         return payload or b""
     deadline = time.monotonic() + timeout
