@@ -161,3 +161,28 @@ def test_rank_batches_are_slices_of_the_whole_batch(tmp_path):
         np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), x)
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
     assert all(b.state == whole.state for b in ranks)  # one generator state: rank 0's checkpoint resumes all
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "reduce_scatter", "all_gather"])
+def test_collective_vjps_are_transposes_across_ranks(op):
+    """Each rank's loss is <op(x_r), y_r>; autodiff's gradient on rank r (built from the
+    collectives' VJPs, collectives themselves) is d(sum of all ranks' losses)/dx_r, so
+    for these linear ops sum_r <x_r, grad_r> == sum_r loss_r."""
+    from gptc.compiler.autodiff import gradients
+    world, n = 3, 6
+    xs = [np.random.default_rng(r).standard_normal(n) for r in range(world)]
+
+    def rank_run(rank):
+        g = Graph()
+        x = g.input("x", (n,))
+        out = x._new(op, [x], world=world, bucket=0)
+        y = g.input("y", out.shape)
+        loss = (out * y).sum()
+        g.output("loss", loss)
+        g.output("grad", gradients(loss, [x])[0])
+        ys = np.random.default_rng(100 + rank).standard_normal(out.shape)
+        return run_graph(g, {"x": xs[rank], "y": ys}, np.float64)["outputs"]
+
+    outs = simulate_ranks(world, rank_run)
+    total = sum(float(o["loss"]) for o in outs)
+    assert total == pytest.approx(sum(float(np.dot(xs[r], outs[r]["grad"])) for r in range(world)), rel=1e-12)
