@@ -73,6 +73,9 @@ class RecordingDevice:
     def begin_capture(self):
         self.log.append(("begin_capture",))
 
+    def synchronize(self):
+        self.log.append(("synchronize",))
+
     def end_capture(self):
         self.log.append(("end_capture",))
         return "graph"
@@ -105,6 +108,13 @@ def test_collectives_fork_and_join_the_communication_stream(step):
     dev.log.clear()  # (the arenas' clearing)
     ex.launch()
     log = [e for e in dev.log if e[0] != "memset"]  # (scatter targets' clearing)
+    # First, outside the capture, every collective once, in launch order (NCCL connects)
+    start = log.index(("begin_capture",))
+    warm = [e for e in log[:start] if e[0] == "group"]
+    assert [e[2] for e in warm] == [tuple(ex.collectives[i]) for i in sorted(ex.collectives)]
+    assert log[start - 1] == ("synchronize",) and all(e[0] in ("group", "record", "wait", "synchronize")
+                                                      for e in log[:start])
+    log = log[start:]
     assert log[0] == ("begin_capture",) and log[-2:] == [("end_capture",), ("replay",)]
     kernel_names = [e[1] for e in log if e[0] == "kernel"]
     assert kernel_names == [e["kernel"] for e in table["launches"] if e["family"] != "collective"]

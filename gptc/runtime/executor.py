@@ -106,6 +106,7 @@ class GpuExecutor:
                                             c["dtype"]) for c in entry["collective"]]
                 self.events[index] = (device.event(), device.event())
                 self.launches.append(None)
+                device.side_stream()  # made now: not while a capture runs
                 continue
             symbol = entry["symbol"]
             if symbol not in modules:
@@ -163,6 +164,20 @@ class GpuExecutor:
             self._pending.remove(index)
             self.device.wait_for(self.device.stream, self.events[index][1])
 
+    def _connect(self) -> None:
+        """Issue every collective launch once, eagerly, before the capture: NCCL sets up
+        its connections (per algorithm and protocol) on first use, which must not happen
+        inside a capture (as PyTorch warms NCCL up before torch.cuda.graph). Every rank
+        issues the same calls in the same order; they write only buffers each step
+        writes again before reading."""
+        dev = self.device
+        for index in sorted(self.collectives):
+            self.comm.group(self.collectives[index], dev.side_stream())
+        done = self.events[min(self.collectives)][1]
+        dev.record_on(done, dev.side_stream())
+        dev.wait_for(dev.stream, done)
+        dev.synchronize()
+
     def _launch_all(self) -> None:
         self._pending: list[int] = []
         if self.launch_step is not None:
@@ -179,6 +194,8 @@ class GpuExecutor:
             self._launch_all()
             return
         if self.captured is None:
+            if self.collectives:
+                self._connect()
             self.device.begin_capture()
             try:
                 self._launch_all()
