@@ -467,6 +467,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             compiled = cached_bundle(spec, dev, note, parallel=par)
             if env.world > 1 and env.rank == 0:
                 comm = open_communicator(env, dev.target.vendor)
+                console.line(f"data parallel: the {env.world} ranks joined through "
+                             f"{'NCCL' if dev.target.vendor == 'nvidia' else 'RCCL'}")
             runtime = compiled.open(dev, comm=comm)
         if runtime is not None:
             train_sess, eval_sess = runtime.steps["train"], runtime.steps["eval"]

@@ -46,6 +46,7 @@ def rank_main(spec_file: str, steps: int, zero1: bool, result: str) -> None:
     bundle = cached_bundle(spec, dev, quiet, parallel=par)
     if env.world > 1 and env.rank == 0:
         comm = open_communicator(env, dev.target.vendor)
+        print(f"  the {env.world} ranks joined", file=sys.stderr, flush=True)
     graph = build_graph(spec, "train", parallel=par)
     runtime = bundle.open(dev, init_params(graph, spec.train.seed), comm=comm)
     try:
