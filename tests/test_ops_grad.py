@@ -297,6 +297,13 @@ case("grouped-dispatch", {"x": normal(7, 4), "w": normal(3, 4, 5), "ids": MOE_ID
 case("grouped_weight_grad", {"x": normal(7, 4), "y": normal(7, 5), "offsets": MOE_OFFSETS})(
     lambda g, t: t["x"]._new("grouped_weight_grad", [t["x"], t["y"], t["offsets"]]))
 
+# Collectives in a world of one rank (identities); tests/test_multi_reference.py checks
+# their VJPs across simulated worlds of several.
+for _op in ("all_reduce", "reduce_scatter", "all_gather"):
+    case(f"collective-{_op}", {"x": normal(6)})(
+        lambda g, t, op=_op: t["x"]._new(op, [t["x"]], world=1, bucket=0) * t["x"])
+
+
 # ----- the checks ----------------------------------------------------------------------
 def loss_at(graph: Graph, feeds: dict) -> float:
     return float(run_graph(graph, feeds, np.float64)["outputs"]["loss"])

@@ -9,13 +9,15 @@ from gptc.models.gpt import decode_attend, gpt_logits, prefill_attend
 from gptc.models.sampling import add_sampling
 from gptc.compiler.optim import add_training
 from gptc.compiler.precision import apply_precision
+from gptc.compiler.parallel import SINGLE, Parallel
 from gptc.spec import Spec, SpecError, validate
 
 MODES = ("train", "eval", "infer", "prefill", "decode")
 
 
 def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_len: int | None = None,
-                expose_gradients: bool = False, sink: int = 0, sample: bool = False) -> Graph:
+                expose_gradients: bool = False, sink: int = 0, sample: bool = False,
+                parallel: Parallel = SINGLE) -> Graph:
     """The graph of one step of `mode` for the GPT of `spec`:
     train: inputs tokens, targets (B, S) i32, lr, step -> loss, grad_norm; updates params and moments
            (step also keys the dropout masks);
@@ -37,11 +39,13 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     position within the cache (seq_len - 1 once the ring is full).
     sample=True (prefill and decode, as bundles build them): the graph ends with the
     sampling tail (gptc/models/sampling.py): output next_token (B,) i32, drawn from
-    the logits on the device with run-time sampling settings."""
+    the logits on the device with run-time sampling settings.
+    `parallel`: train only, the rank of a data-parallel world this graph runs on
+    (compiler/parallel.py); `batch` is then the batch of one rank."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     validate(spec)
-    g = _model_graph(spec, mode, batch, seq_len, expose_gradients, sink, sample)
+    g = _model_graph(spec, mode, batch, seq_len, expose_gradients, sink, sample, parallel)
     if spec.train.precision != "fp32":
         # After the optimizer (DESIGN's order); fp32 graphs stay exactly as built.
         apply_precision(g, spec.train.precision)
@@ -50,7 +54,7 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
 
 
 def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, expose_gradients: bool,
-                 sink: int = 0, sample: bool = False) -> Graph:
+                 sink: int = 0, sample: bool = False, parallel: Parallel = SINGLE) -> Graph:
     batch = batch or spec.train.batch_size
     seq = seq_len or spec.model.seq_len
     if batch <= 0 or seq <= 0:
@@ -97,7 +101,7 @@ def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, 
     if mode == "eval":
         g.output("loss", loss)
     else:
-        add_training(g, loss, spec.train, expose_gradients, objective=objective)
+        add_training(g, loss, spec.train, expose_gradients, objective=objective, parallel=parallel)
     g.prune()
     return g
 

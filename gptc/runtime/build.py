@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gptc.compiler.codegen.kernels import KernelSource, render_plan
+from gptc.compiler.codegen.kernels import KernelSource, collective_calls, render_plan
 from gptc.compiler.planner.cost import plan_costs
 from gptc.compiler.planner.schedule import Plan
 from gptc.runtime.device import Device, compile_many
@@ -37,6 +37,16 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
                          "writes": sorted({name_of(n) for p in parts for n in p.roots}),
                          "bytes": cost.bytes, "flops": cost.flops,
                          "scopes": ", ".join(scopes)})
+        if k.family == "collective":
+            launches[-1]["collective"] = [{**c, "send": name_of(c["send"]), "recv": name_of(c["recv"])}
+                                          for c in collective_calls(plan, parts)]
+    # A collective runs on the communication stream: the first launch that reads what
+    # it writes waits for it first (its index in "waits").
+    pending: dict[str, int] = {}
+    for index, entry in enumerate(launches):
+        entry["waits"] = sorted({pending.pop(b) for b in entry["reads"] if b in pending})
+        if entry["family"] == "collective":
+            pending.update({b: index for b in entry["writes"]})
     return {
         "arena_bytes": dict(plan.arena_bytes),
         "buffers": buffers,
@@ -79,7 +89,7 @@ def compile_kernels(kernels: Sequence[KernelSource], target: Target,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, bytes]:
     """Compile each distinct kernel (in parallel, disk-cached): code objects by symbol.
     progress(done, total) follows the kernels that were not in the cache."""
-    unique = {k.symbol: k for k in kernels}  # repeated layers share code
+    unique = {k.symbol: k for k in kernels if k.code}  # repeated layers share code; collectives have none
     objects = compile_many([(k.code, k.symbol, (), k.origin) for k in unique.values()], target, progress=progress)
     return dict(zip(unique, objects))
 

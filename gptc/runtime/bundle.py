@@ -34,6 +34,7 @@ from gptc.target import Target
 from gptc.runtime.build import compile_kernels, plan_table, share_persistent
 from gptc.runtime.executor import Arenas, GpuExecutor
 from gptc.runtime.manifest import manifest_error
+from gptc.compiler.parallel import SINGLE, Parallel
 from gptc.models import build_graph
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
@@ -75,12 +76,15 @@ class RenderedBundle:
 
 
 def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
-                  log: Callable[[str], None] = print, sample_batch: int = 1, sink: int = 0) -> RenderedBundle:
+                  log: Callable[[str], None] = print, sample_batch: int = 1, sink: int = 0,
+                  parallel: Parallel = SINGLE) -> RenderedBundle:
     """Plan and render every step of `spec` for `target`; no compiler runs. Prefill
     and decode take `sample_batch` sequences (gptc generate --batch), with a streaming
-    cache keeping `sink` first tokens when sink > 0 (--past-context stream)."""
+    cache keeping `sink` first tokens when sink > 0 (--past-context stream). `parallel`:
+    the training step of one rank of a data-parallel run (its collectives call the
+    communicator that Bundle.open gets)."""
     batch = spec.train.batch_size
-    graphs = {"train": build_graph(spec, "train", batch), "eval": build_graph(spec, "eval", batch),
+    graphs = {"train": build_graph(spec, "train", batch, parallel=parallel), "eval": build_graph(spec, "eval", batch),
               "prefill": build_graph(spec, "prefill", sample_batch, sink=sink, sample=True),
               "decode": build_graph(spec, "decode", sample_batch, sink=sink, sample=True)}
     tables, kernels = {}, {}
@@ -100,6 +104,9 @@ def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
         "steps": tables,
         **({"sink": sink} if sink else {}),
     }
+    if parallel.world > 1:
+        manifest["parallel"] = {"world": parallel.world, "zero1": parallel.zero1,
+                                **({"rank": parallel.rank} if parallel.zero1 else {})}
     return RenderedBundle(spec, manifest, kernels, render_executor(manifest))
 
 
@@ -246,22 +253,26 @@ class Bundle:
         spec.loader.exec_module(module)
         return module
 
-    def open(self, device, params: Mapping[str, np.ndarray] | None = None, use_graph: bool = True) -> "BundleRuntime":
+    def open(self, device, params: Mapping[str, np.ndarray] | None = None, use_graph: bool = True,
+             comm=None) -> "BundleRuntime":
+        """The steps on `device`; `comm` (gptc.runtime.comm.Communicator) runs the
+        collectives of a multi-GPU bundle's training step."""
         self.check_device(device)
-        return BundleRuntime(self, device, params, use_graph)
+        return BundleRuntime(self, device, params, use_graph, comm)
 
 
 class BundleRuntime:
     """The steps of a bundle on a device, sharing one persistent arena: params written
     once are seen by every step; the KV cache written by prefill is read by decode."""
 
-    def __init__(self, bundle: Bundle, device, params: Mapping[str, np.ndarray] | None, use_graph: bool) -> None:
+    def __init__(self, bundle: Bundle, device, params: Mapping[str, np.ndarray] | None, use_graph: bool,
+                 comm=None) -> None:
         self.bundle, self.device = bundle, device
         code = bundle.code()
         module = bundle.executor_module()
         self.arenas = Arenas(device, list(bundle.tables.values()))
         self.steps: dict[str, GpuExecutor] = {
-            step: GpuExecutor(table, device, code, self.arenas, use_graph, launch_step=getattr(module, step))
+            step: GpuExecutor(table, device, code, self.arenas, use_graph, launch_step=getattr(module, step), comm=comm)
             for step, table in bundle.tables.items()}
         if params is not None:
             self.steps["train"].write({n: params[n] for n in self.steps["train"].table["params"]})
@@ -273,13 +284,13 @@ class BundleRuntime:
 
 
 def cached_bundle(spec: Spec, device, log: Callable[[str], None] = print, sample_batch: int = 1,
-                  sink: int = 0) -> Bundle:
+                  sink: int = 0, parallel: Parallel = SINGLE) -> Bundle:
     """The bundle of `spec` for the device's target, compiled once into gptc's cache at
     bundles/<RenderedBundle.key()>: the steps are planned and rendered every time (cheap
     next to compiling), so a changed template, planner or compiler makes a new bundle."""
     from gptc.runtime.cache import cache_root
     rendered = render_bundle(spec, device.target, available_compiler(device.target), log=lambda line: None,
-                             sample_batch=sample_batch, sink=sink)
+                             sample_batch=sample_batch, sink=sink, parallel=parallel)
     root = cache_root() or Path(tempfile.mkdtemp(prefix="gptc-"))  # caching off: a fresh directory
     path = root / "bundles" / rendered.key()[:16]
     if not (path / "manifest.json").is_file():

@@ -210,4 +210,5 @@ def driver_table() -> DriverTable:
         graph_instantiate=lambda graph: driver.cuGraphInstantiate(graph, 0),
         graph_launch=driver.cuGraphLaunch, graph_exec_destroy=driver.cuGraphExecDestroy,
         graph_destroy=driver.cuGraphDestroy,
+        stream_wait_event=lambda stream, event: driver.cuStreamWaitEvent(stream, event, 0),
     )

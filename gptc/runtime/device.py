@@ -135,6 +135,7 @@ class Device:
         self.stream = driver.check(driver.stream_create(), "stream_create")
         self._allocs: dict[int, int] = {}  # pointer -> bytes, to check copies and free all on close
         self._modules: list[Any] = []
+        self._side_stream: Any = None
 
     # -- compile and load
     def compile(self, source: str, name: str, options: Sequence[str] = (), origin: str = "") -> bytes:
@@ -207,6 +208,22 @@ class Device:
     def record(self, ev: Any) -> None:
         self.driver.check(self.driver.event_record(ev, self.stream), "event_record")
 
+    def side_stream(self) -> Any:
+        """A second stream (made on first use): multi-GPU training's communication
+        stream. Work on it is ordered against the device's stream by `handoff`."""
+        if self._side_stream is None:
+            self._side_stream = self.driver.check(self.driver.stream_create(), "stream_create")
+        return self._side_stream
+
+    def record_on(self, ev: Any, stream: Any) -> None:
+        """Mark the work queued on `stream` so far (for `wait_for`)."""
+        self.driver.check(self.driver.event_record(ev, stream), "event_record")
+
+    def wait_for(self, stream: Any, ev: Any) -> None:
+        """Work queued on `stream` from now on waits for the work `ev` marks (inside a
+        capture this forks or joins the captured graph's branches)."""
+        self.driver.check(self.driver.stream_wait_event(stream, ev), "stream_wait_event")
+
     def elapsed_ms(self, start: Any, end: Any) -> float:
         """Milliseconds between two recorded events (waits for `end`)."""
         self.driver.check(self.driver.event_synchronize(end), "event_synchronize")
@@ -239,6 +256,10 @@ class Device:
             for m in self._modules:
                 self.driver.module_unload(m)
             self._modules.clear()
+            if self._side_stream is not None:
+                self.driver.stream_synchronize(self._side_stream)
+                self.driver.stream_destroy(self._side_stream)
+                self._side_stream = None
             self.driver.stream_destroy(self.stream)
             self.stream = None
             self._release_context()

@@ -239,6 +239,9 @@ class DriverTable:
     graph_launch: Call                           # (executable graph, stream)
     graph_exec_destroy: Call                     # (executable graph)
     graph_destroy: Call                          # (graph)
+    # (stream, event): later work on stream waits for the event (multi-GPU training's
+    # communication stream forks from and joins the step's stream through events)
+    stream_wait_event: Call | None = None
 
     def check(self, result: Any, what: str) -> Any:
         """The outputs of a driver call; raises DriverError with the driver's description."""

@@ -80,15 +80,34 @@ class GpuExecutor:
     """Runs one plan table. `code` maps kernel symbols to code objects. `launch_step`,
     when given, issues the launches (the generated executor.py's function for this
     plan); otherwise they are issued in table order. The first launch() records them
-    into a device graph; later ones replay it."""
+    into a device graph; later ones replay it.
+
+    `comm` (gptc.runtime.comm.Communicator) runs the collective launches of a
+    multi-GPU step: each on the device's side stream (the communication stream), forked
+    from the step's stream after the kernels before it, and joined back before the first
+    launch that reads its results ("waits" in the table), so it runs beside the
+    backward; inside a capture the fork and join become edges of the device graph."""
 
     def __init__(self, table: dict, device: Device, code: Mapping[str, bytes], arenas: Arenas,
-                 use_graph: bool = True, launch_step: Callable[["GpuExecutor"], None] | None = None) -> None:
+                 use_graph: bool = True, launch_step: Callable[["GpuExecutor"], None] | None = None,
+                 comm=None) -> None:
+        if comm is None and any(e["family"] == "collective" for e in table["launches"]):
+            raise GptcError("this step holds collectives: it runs only in a multi-GPU run (with a communicator)")
         self.table, self.device, self.arenas = table, device, arenas
         self.io_base = device.alloc(max(table["arena_bytes"]["io"], 256))
         modules: dict[str, object] = {}
         self.launches = []
-        for entry in table["launches"]:
+        self.comm = comm
+        self.collectives: dict[int, list[tuple]] = {}
+        self.events: dict[int, tuple] = {}  # collective launch -> (fork event, join event)
+        for index, entry in enumerate(table["launches"]):
+            if entry["family"] == "collective":
+                self.collectives[index] = [(c["op"], self.address(c["send"]), self.address(c["recv"]), c["count"],
+                                            c["dtype"]) for c in entry["collective"]]
+                self.events[index] = (device.event(), device.event())
+                self.launches.append(None)
+                device.side_stream()  # made now: not while a capture runs
+                continue
             symbol = entry["symbol"]
             if symbol not in modules:
                 modules[symbol] = device.get_function(device.load_module(code[symbol]), symbol)
@@ -123,17 +142,51 @@ class GpuExecutor:
 
     # ----- running ------------------------------------------------------------
     def run_kernel(self, index: int) -> None:
-        """Launch kernel `index` of the table (clearing its scatter target first)."""
+        """Launch kernel `index` of the table (clearing its scatter target first), or
+        issue collective launch `index` on the communication stream."""
+        dev = self.device
+        for c in self.table["launches"][index].get("waits", ()):
+            self._join(c)
+        if index in self.collectives:
+            fork, done = self.events[index]
+            dev.record_on(fork, dev.stream)  # after the kernels producing its operands
+            dev.wait_for(dev.side_stream(), fork)
+            self.comm.group(self.collectives[index], dev.side_stream())
+            dev.record_on(done, dev.side_stream())
+            self._pending.append(index)
+            return
         for address, nbytes in self.clears[index]:
-            self.device.memset(address, 0, nbytes)
+            dev.memset(address, 0, nbytes)
         self.launches[index].launch()
 
+    def _join(self, index: int) -> None:
+        if index in self._pending:
+            self._pending.remove(index)
+            self.device.wait_for(self.device.stream, self.events[index][1])
+
+    def _connect(self) -> None:
+        """Issue every collective launch once, eagerly, before the capture: NCCL sets up
+        its connections (per algorithm and protocol) on first use, which must not happen
+        inside a capture (as PyTorch warms NCCL up before torch.cuda.graph). Every rank
+        issues the same calls in the same order; they write only buffers each step
+        writes again before reading."""
+        dev = self.device
+        for index in sorted(self.collectives):
+            self.comm.group(self.collectives[index], dev.side_stream())
+        done = self.events[min(self.collectives)][1]
+        dev.record_on(done, dev.side_stream())
+        dev.wait_for(dev.stream, done)
+        dev.synchronize()
+
     def _launch_all(self) -> None:
+        self._pending: list[int] = []
         if self.launch_step is not None:
             self.launch_step(self)
         else:
             for i in range(len(self.launches)):
                 self.run_kernel(i)
+        for index in list(self._pending):  # the step ends when its communication has
+            self._join(index)
 
     def launch(self) -> None:
         """Queue one execution of every kernel (graph replay after the first)."""
@@ -141,6 +194,8 @@ class GpuExecutor:
             self._launch_all()
             return
         if self.captured is None:
+            if self.collectives:
+                self._connect()
             self.device.begin_capture()
             try:
                 self._launch_all()

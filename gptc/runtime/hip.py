@@ -224,4 +224,5 @@ def driver_table() -> DriverTable:
         graph_instantiate=lambda graph: hip.hipGraphInstantiateWithFlags(graph, 0),
         graph_launch=hip.hipGraphLaunch, graph_exec_destroy=hip.hipGraphExecDestroy,
         graph_destroy=hip.hipGraphDestroy,
+        stream_wait_event=lambda stream, event: hip.hipStreamWaitEvent(stream, event, 0),
     )

@@ -2,7 +2,8 @@
 Clear rather than fast: it is the oracle every generated kernel is checked against."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import threading
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -10,6 +11,8 @@ from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.numeric import numpy_dtype
 from gptc.runtime.feeds import check_bounds
+
+T = TypeVar("T")
 
 
 def run_graph(graph: Graph, feeds: Mapping[str, np.ndarray], float_dtype: type = np.float32,
@@ -71,3 +74,33 @@ class ReferenceExecutor:
 
     def close(self) -> None:
         pass
+
+
+def simulate_ranks(world: int, step: Callable[[int], T]) -> list[T]:
+    """Run step(rank) for every rank of a simulated world of `world` ranks, each in a
+    thread of its own whose reference collectives exchange with the others
+    (ops/collective.py); the results in rank order. A rank that raises releases the
+    others, and its exception is raised here."""
+    from gptc.compiler.ops.collective import SimulatedWorld, use_world
+    sim = SimulatedWorld(world)
+    results: list = [None] * world
+    errors: list[BaseException] = []
+
+    def body(rank: int) -> None:
+        try:
+            with use_world(sim, rank):
+                results[rank] = step(rank)
+        except threading.BrokenBarrierError:
+            pass  # another rank failed first
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+            sim.abort()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}") for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

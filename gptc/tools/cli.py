@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -74,9 +75,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
     origin = args.resume or args.init_from
     name = args.preset or (os.path.basename(os.path.normpath(args.spec)).removesuffix(".toml") if args.spec
                            else os.path.basename(os.path.normpath(origin)) if origin else "hipgpt")
+    if args.gpus != 1:
+        from gptc.tools.launch import launch_train, strip_option
+        if args.gpus < 1:
+            raise GptcError(f"--gpus must be at least 1, got {args.gpus}")
+        if "WORLD_SIZE" in os.environ:
+            raise GptcError("--gpus starts one process per GPU itself; under a launcher (WORLD_SIZE is set) leave it out")
+        if args.device == "cpu":
+            raise GptcError("--gpus trains on GPUs; leave out --device cpu")
+        argv = strip_option(args.argv[args.argv.index("train") + 1:], "--gpus")
+        default_out = None if args.resume else str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        launch_train(argv, args.gpus, args.out, default_out)
+        return
     train(spec, args.data, device=args.device, out_dir=args.out, resume=args.resume, steps=args.steps,
           lr=args.lr, batch=args.batch, vocab_size=args.vocab_size, name=name, bundle=bundle, tokenizer=args.tokenizer,
-          init_from=args.init_from, precision=args.precision)
+          init_from=args.init_from, precision=args.precision, zero1=args.zero1)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -171,6 +184,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     spec, name = resolve_spec(args.preset, args.batch)
     if args.precision is not None:
         spec = validate(replace(spec, train=replace(spec.train, precision=args.precision)))
+    if args.zero1 and args.gpus == 1:
+        raise GptcError("--zero1 times ZeRO-1 on several GPUs; give it with --gpus N")
+    if args.gpus != 1:
+        from gptc.tools.bench.multi import bench_gpus
+        if args.gpus < 2:
+            raise GptcError(f"--gpus must be at least 2 to compare with one GPU, got {args.gpus}")
+        bench_gpus(spec, args.gpus, args.out or "runs/bench", zero1=args.zero1)
+        return
     if args.repeats is not None and args.repeats < 1:
         raise GptcError("--repeats must be at least 1")
     out = args.out or "runs/bench"
@@ -241,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a Hugging Face GPT-2 or LLaMA model saved by save_pretrained (config.json, "
                         "model.safetensors, tokenizer.json): its model, weights and tokenizer; a spec file or "
                         "--preset gives only the train section")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this host, one process each (data parallel; --batch is per GPU). "
+                        "Under torchrun, srun or mpirun leave it out: gptc reads RANK, WORLD_SIZE, LOCAL_RANK, "
+                        "MASTER_ADDR and MASTER_PORT")
+    p.add_argument("--zero1", action="store_true",
+                   help="with several GPUs, shard the AdamW state across them (ZeRO-1)")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize text files, directories or globs into token shards (llm.c's .bin "
@@ -353,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: bf16 matmul TFLOP/s at 4096^3 and gpt2's shapes against torch.matmul (cuBLAS); "
                         "writes gemm.json and gemm.md")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "hip"], help="which GPU (default auto)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="training tokens/s on 1 and on N GPUs of this host (data parallel, --batch per GPU), the "
+                        "scaling efficiency and the communication the backward does not hide")
+    p.add_argument("--zero1", action="store_true", help="with --gpus: also time ZeRO-1 optimizer sharding")
     p.set_defaults(run=_cmd_bench)
     return parser
 
@@ -372,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status: 0, 2 for bad input, 128 + the signal number when
     stopped by SIGINT (130) or SIGTERM (143)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --gpus` runs the same command per GPU
     warnings.formatwarning = lambda message, *_: f"gptc: warning: {message}\n"  # one line, no source excerpt
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None

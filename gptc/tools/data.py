@@ -325,10 +325,15 @@ class Windows:
 
 class Batches:
     """Random (tokens, targets) batches of windows, drawn by a seeded generator whose
-    state can be saved and restored (for exact resume)."""
+    state can be saved and restored (for exact resume).
 
-    def __init__(self, windows: Windows, batch: int, seed: int) -> None:
-        self.windows, self.batch = windows, batch
+    Rank `rank` of a data-parallel run of `world` ranks draws the windows of all ranks
+    (world x batch) and keeps its own part: every rank's generator stays in one state,
+    so rank 0's checkpoint resumes them all exactly, and the run sees the windows a
+    single GPU at world x batch would."""
+
+    def __init__(self, windows: Windows, batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.windows, self.batch, self.rank, self.world = windows, batch, rank, world
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -344,7 +349,8 @@ class Batches:
             raise DataError(f"invalid data generator state: {e}") from None
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.windows.rows(self.rng.integers(0, self.windows.count, self.batch))
+        picks = self.rng.integers(0, self.windows.count, self.batch * self.world)
+        rows = self.windows.rows(picks[self.rank * self.batch:(self.rank + 1) * self.batch])
         return rows[:, :-1], rows[:, 1:]
 
 

@@ -12,14 +12,15 @@ from gptc.runtime.device import Device, open_device
 from gptc.spec import GptcError
 
 
-def resolve_device(device: str) -> Device | None:
-    """'cpu' -> None; 'gpu'/'auto' -> an open Device ('auto' falls back to None)."""
+def resolve_device(device: str, ordinal: int = 0) -> Device | None:
+    """'cpu' -> None; 'gpu'/'auto' -> an open Device, GPU number `ordinal` ('auto' falls
+    back to None)."""
     if device not in ("auto", "cpu", "gpu", "cuda", "hip"):
         raise GptcError(f"unknown device '{device}'; use auto, cpu or gpu")
     if device == "cpu":
         return None
     kind = {"gpu": "auto"}.get(device, device)
-    dev = open_device(kind)
+    dev = open_device(kind, ordinal)
     if dev is None and device != "auto":
         raise GptcError(f"no {device.upper() if device != 'gpu' else 'GPU'} device found; use --device cpu")
     return dev

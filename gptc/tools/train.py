@@ -41,6 +41,7 @@ lets the current step finish, saves a checkpoint at that step and exits with sta
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
@@ -52,7 +53,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
 
 import numpy as np
 
@@ -63,6 +64,8 @@ from gptc.tools.data import (VALIDATION_FRACTION, Batches, DataError, Part, Shar
                              check_corpus_size, load_tokenizer, open_data, split_parts, tokenize_corpus,
                              validation_batches)
 from gptc.tools.figure import PlotUnavailable, new_figure, save_png
+from gptc.compiler.ir import Graph
+from gptc.compiler.parallel import Parallel, shard_array, unshard
 from gptc.models import build_graph, init_params
 from gptc.spec import GptcError, Spec, describe_options, lr_at, spec_to_toml, validate
 
@@ -152,13 +155,34 @@ def _spec_mismatch(given: Spec, stored: Spec) -> str | None:
 
 
 # ----- the trainer ------------------------------------------------------------------------
+class _NotRankZero(Exception):
+    """Rank > 0 of a multi-GPU run: the run directory is rank 0's to write."""
+
+
+def shard_states(states: Mapping[str, np.ndarray], par: Parallel) -> dict[str, np.ndarray]:
+    """This rank's slices (ZeRO-1) of whole optimizer moments."""
+    return {n: shard_array(v, par) for n, v in states.items()}
+
+
+def gather_states(env, states: Mapping[str, np.ndarray], whole: Graph) -> dict[str, np.ndarray] | None:
+    """The whole moments on rank 0 from every rank's slices (None on the other ranks)."""
+    from gptc.runtime.comm import gather_bytes
+    buf = io.BytesIO()
+    np.savez(buf, **states)
+    parts = gather_bytes(env, buf.getvalue())
+    if parts is None:
+        return None
+    slices = [np.load(io.BytesIO(p)) for p in parts]
+    return {n: unshard([s[n] for s in slices], whole.type(whole.states[n]).shape) for n in states}
+
+
 def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
           batch: int | None = None, vocab_size: int | None = None, name: str = "run",
           bundle: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
           init_from: str | os.PathLike | None = None, stdout: TextIO | None = None, tty: bool | None = None,
           on_step: Callable[[int, dict], None] | None = None, cache_dir="default",
-          precision: str | None = None) -> TrainResult:
+          precision: str | None = None, zero1: bool = False) -> TrainResult:
     """Train and return a TrainResult. `spec` may be None only with `resume` (the run's own
     spec is used) or `init_from` (a transformers model directory to start from: its model,
     weights and tokenizer; `spec` then gives only the train section, default TrainSpec).
@@ -166,7 +190,15 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     given); `data` is what --data names (see step 3 above), `tokenizer` a tokenizer.json to
     use. `on_step(step, record)` is called after every completed step (tests raise
     KeyboardInterrupt from it). Raises GptcError for bad input; Interrupted on Ctrl-C or
-    SIGTERM, after saving a checkpoint."""
+    SIGTERM, after saving a checkpoint.
+
+    Started by a launcher (RANK, WORLD_SIZE, ...: gptc/runtime/comm.py) it is one rank
+    of a data-parallel run on several GPUs: batch_size is then each GPU's batch, rank 0
+    alone prints and writes the run directory, and `zero1` shards the optimizer state."""
+    from gptc.runtime.comm import launch_env
+    env = launch_env()
+    if env.rank > 0:  # rank 0 speaks for the run
+        stdout, tty = open(os.devnull, "w", encoding="utf-8"), False
     console = Console(stdout, tty)
     note = lambda text: console.line(f"note: {text}")  # noqa: E731
     # Everything the caller gave is checked before anything is opened, read or built.
@@ -193,17 +225,31 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     # 1. device -------------------------------------------------------------------------
     from gptc.runtime.reference import ReferenceExecutor
     from gptc.tools.device import check_cpu_memory, cpu_memory_error, resolve_device
-    dev = resolve_device(device)
+    if zero1 and env.world == 1:
+        raise GptcError("--zero1 shards the optimizer state across GPUs; train on several (--gpus N, or under a "
+                        "launcher)")
+    if env.world > 1:
+        if device == "cpu" or bundle is not None:
+            raise GptcError(f"a run on {env.world} ranks trains on GPUs from the spec (no --device cpu, no bundle)")
+        if out_dir is None and resume is None:
+            raise GptcError(f"a run on {env.world} ranks needs --out DIR, the run directory every rank names")
+    dev = resolve_device(device, env.local_rank)
+    if dev is None and env.world > 1:
+        raise GptcError(f"rank {env.rank}: no GPU {env.local_rank} (LOCAL_RANK) found")
     if dev is None:
         where = "cpu (no GPU found)" if device == "auto" else "cpu"
         device_name = "cpu (NumPy reference executor)"
         console.line(f"device: {device} -> {where}, NumPy reference executor" if device == "auto"
                      else "device: cpu, NumPy reference executor")
     else:
-        device_name = dev.name
-        console.line(f"device: {device} -> {dev.name}" if device == "auto" else f"device: {dev.name}")
+        device_name = dev.name if env.world == 1 else f"{dev.name} x {env.world}"
+        console.line(f"device: {device} -> {device_name}" if device == "auto" else f"device: {device_name}")
+        if env.world > 1:
+            console.line(f"data parallel: {env.world} ranks (this is rank {env.rank}), "
+                         + ("ZeRO-1 optimizer sharding" if zero1 else "optimizer state on every rank"))
 
     runtime = None  # on a GPU: the steps of a bundle, sharing the parameters in device memory
+    comm = None  # a multi-GPU run's communicator
     if bundle is not None:
         if dev is None:
             raise GptcError(f"a bundle runs on a GPU, and none is in use; use --device gpu, or train the bundle's "
@@ -317,7 +363,11 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         train_windows = Windows(source.train, m.seq_len, given.vocab_size, "training split")
         val_windows = Windows(source.val, m.seq_len, given.vocab_size, "validation split")
 
-    train_graph = build_graph(spec, "train")
+    par = Parallel(env.world, env.rank, zero1 and env.world > 1)
+    train_graph = build_graph(spec, "train", parallel=par)
+    # The tensors of a checkpoint: ZeRO-1 ranks hold slices of the moments, the run's
+    # checkpoints hold them whole (resumable at any world size).
+    whole_graph = build_graph(spec, "train") if par.zero1 else train_graph
     n_params = sum(train_graph.type(nid).size for nid in train_graph.params.values())
     if dev is None and steps is None and checkpoint is None:
         cap = cpu_step_cap(spec, n_params)
@@ -355,7 +405,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         tok, n_tokens = given, sum(len(p.tokens) for p in source.opened)
         console.line(f"data: {source.source}{' (gptc prepare)' if source.prepared else ''}, {_shards_summary(source)}"
                      f", read a window at a time; BPE vocabulary {tok.vocab_size} of {tokenizer_name}")
-    batches = Batches(train_windows, t.batch_size, t.seed)
+    batches = Batches(train_windows, t.batch_size, t.seed, env.rank, env.world)
     if checkpoint is not None:
         batches.state = checkpoint.rng_state
     val_batches = validation_batches(val_windows, t.eval_batches, t.batch_size)
@@ -365,7 +415,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     # 4. run directory --------------------------------------------------------------------
     written: list[Path] = []
-    created = not run_dir.exists()
+    created = env.rank == 0 and not run_dir.exists()
 
     def discard() -> None:
         """Leave nothing behind from a new run (or fork) that never started."""
@@ -378,6 +428,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
 
     try:
         try:
+            if env.rank > 0:  # rank 0 alone writes the run directory
+                raise _NotRankZero
             run_dir.mkdir(parents=True, exist_ok=True)
             for fname, content in (("spec.toml", spec_to_toml(spec)), ("tokenizer.json", tok.to_json())):
                 ckpt.write_atomic(run_dir / fname, content)
@@ -390,6 +442,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             written.append(metrics_path)
         except OSError as e:
             raise _os_error(e, f"setting up the run directory '{run_dir}'", run_dir) from None
+        except _NotRankZero:
+            metrics = open(os.devnull, "w", encoding="utf-8")
     except BaseException:
         discard()
         raise
@@ -400,7 +454,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         state_names = sorted(train_graph.states)
         if checkpoint is not None:
             ckpt.check_tensors(checkpoint.params, train_graph.params, train_graph, ckpt.MODEL_FILE, checkpoint.path)
-            ckpt.check_tensors(checkpoint.optimizer, train_graph.states, train_graph, ckpt.OPTIMIZER_FILE,
+            ckpt.check_tensors(checkpoint.optimizer, whole_graph.states, whole_graph, ckpt.OPTIMIZER_FILE,
                                checkpoint.path)
             params = checkpoint.params
         elif pretrained is not None:
@@ -409,7 +463,15 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             params = pretrained.params
         if runtime is None and dev is not None:
             from gptc.runtime.bundle import cached_bundle
-            runtime = cached_bundle(spec, dev, note).open(dev)
+            from gptc.runtime.comm import open_communicator
+            if env.world > 1 and env.rank > 0:  # waits for rank 0, which compiles the shared bundle first
+                comm = open_communicator(env, dev.target.vendor)
+            compiled = cached_bundle(spec, dev, note, parallel=par)
+            if env.world > 1 and env.rank == 0:
+                comm = open_communicator(env, dev.target.vendor)
+                console.line(f"data parallel: the {env.world} ranks joined through "
+                             f"{'NCCL' if dev.target.vendor == 'nvidia' else 'RCCL'}")
+            runtime = compiled.open(dev, comm=comm)
         if runtime is not None:
             train_sess, eval_sess = runtime.steps["train"], runtime.steps["eval"]
             train_sess.write({**params, **{n: np.zeros(train_graph.type(train_graph.states[n]).shape, np.float32)
@@ -418,7 +480,7 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             train_sess = ReferenceExecutor(train_graph, params)
             eval_sess = ReferenceExecutor(build_graph(spec, "eval"), params)
         if checkpoint is not None:
-            train_sess.write(checkpoint.optimizer)
+            train_sess.write(shard_states(checkpoint.optimizer, par) if par.zero1 else checkpoint.optimizer)
     except BaseException as e:
         metrics.close()
         discard()
@@ -455,12 +517,18 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
     times: deque[float] = deque(maxlen=50)
     last_print = 0.0
     last_saved = start if checkpoint is not None and not fork else -1
-    tokens_per_step = t.batch_size * m.seq_len
+    tokens_per_step = t.batch_size * m.seq_len * env.world
 
     def save(step: int) -> Path:
         nonlocal last_saved
+        states = train_sess.read(state_names)
+        if par.zero1:  # every rank sends its slices of the moments; rank 0 writes them whole
+            states = gather_states(env, states, whole_graph)
+        if env.rank > 0:
+            last_saved = step
+            return run_dir
         try:
-            path = ckpt.save_checkpoint(run_dir, step, train_sess.read(param_names), train_sess.read(state_names),
+            path = ckpt.save_checkpoint(run_dir, step, train_sess.read(param_names), states,
                                         batches.state, spec, tok.to_json(), extra, keep=t.keep_checkpoints)
         except OSError as e:
             newest = ckpt.list_checkpoints(run_dir)
@@ -562,7 +630,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
             raise Interrupted(done, None, run_dir, signum) from None
         path = save(done) if last_saved != done else result.checkpoint
         metrics.close()
-        write_plot(run_dir, name, device_name, console)
+        if env.rank == 0:
+            write_plot(run_dir, name, device_name, console)
         console.line(f"interrupted at step {done}: saved {path}; continue with: gptc train --resume {run_dir}")
         raise Interrupted(done, path, run_dir, signum) from None
     finally:
@@ -572,12 +641,14 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         metrics.close()
         if runtime is not None:
             runtime.close()
+            if comm is not None:  # a failing rank must not wait for the others
+                comm.close(abort=sys.exc_info()[0] is not None)
         else:
             for sess in (train_sess, eval_sess):
                 sess.close()
 
     console.end()
-    plot = write_plot(run_dir, name, device_name, console)
+    plot = write_plot(run_dir, name, device_name, console) if env.rank == 0 else None
     wall = time.perf_counter() - run_started
     summary = f"done: step {done} of {t.steps} in {duration(wall)}, loss {result.losses[-1]:.4f}"
     if result.val_loss is not None:

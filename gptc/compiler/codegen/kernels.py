@@ -1140,4 +1140,34 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
 
 def render_plan(plan: Plan, target: Target) -> list[KernelSource]:
     """One source per launch of the plan."""
-    return [render_launch(plan, [plan.kernels[i] for i in launch], target) for launch in plan.launches]
+    return [render_collective(plan, [plan.kernels[i] for i in launch]) if plan.kernels[launch[0]].family == "collective"
+            else render_launch(plan, [plan.kernels[i] for i in launch], target) for launch in plan.launches]
+
+
+def collective_calls(plan: Plan, kernels: Sequence[KernelPlan]) -> list[dict]:
+    """The library calls of a collective launch (one bucket, issued as one group): the
+    op, the operand's and the result's buffer nodes, the element count sent per rank
+    and the dtype."""
+    g = plan.graph
+    calls = []
+    for k in kernels:
+        (src,) = k.reads
+        calls.append({"op": g.op(k.anchor), "send": src, "recv": k.anchor, "count": g.type(src).size,
+                      "dtype": g.type(k.anchor).dtype, "world": g.node(k.anchor)["attrs"]["world"]})
+    return calls
+
+
+def render_collective(plan: Plan, kernels: Sequence[KernelPlan]) -> KernelSource:
+    """A collective launch has no device code: the executor calls NCCL/RCCL
+    (gptc/runtime/comm.py). Its "source" says what it calls, for a person reading the
+    bundle; `args` are the send and receive buffers of each call, in order."""
+    g = plan.graph
+    name = kernels[0].name if len(kernels) == 1 else f"{kernels[0].name}+{len(kernels) - 1}"
+    calls = collective_calls(plan, kernels)
+    lines = [f"// {name}: one group of {len(calls)} collective call(s) on the communication stream (NCCL/RCCL)"]
+    for c, k in zip(calls, kernels):
+        lines.append(f"//   {c['op']}(%{c['send']} -> %{c['recv']}, {c['count']} x {c['dtype']}, "
+                     f"world {c['world']})  # {g.node(k.anchor)['scope']}")
+    args = tuple(n for c in calls for n in (c["send"], c["recv"]))
+    origin = f"{name}: " + "; ".join(g.describe(k.anchor) for k in kernels[:8])
+    return KernelSource(name, "collective", "\n".join(lines) + "\n", "", "", (1, 1, 1), (1, 1, 1), args, (), origin)

@@ -19,6 +19,7 @@ SCATTER = "scatter"
 GROUPED = "grouped"        # MoE dispatch: counting sort by group, per-group matmuls (a kernel each)
 DEDICATED = "dedicated"    # a kernel of its own per op, fusing nothing, its family the op's name:
                            # KV-cache decode (ops/decode.py), next-token sampling (ops/sample.py)
+COLLECTIVE = "collective"  # all_reduce, reduce_scatter, all_gather: a library call (NCCL/RCCL), not a kernel
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from collections import Counter
 from gptc.compiler.strides import strided
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import VIEW
-from gptc.compiler.planner.fusion import clone_gated_operands, fuse_graph
+from gptc.compiler.ops.registry import COLLECTIVE, SOURCE, VIEW
+from gptc.compiler.planner.fusion import clone_gated_operands, fuse_graph, is_free
 from gptc.compiler.planner.schedule import Buffer, KernelPlan, Plan, schedule
 
 __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
@@ -55,7 +55,8 @@ def split_reductions(graph: Graph) -> None:
 
 def lay_out(graph: Graph) -> None:
     """Insert `copy` nodes where a value must be laid out in memory: a graph output
-    that is a view other than a reshape (outputs are stored contiguously), and a matmul
+    that is a view other than a reshape (outputs are stored contiguously), a collective's
+    operand that is not a computed value's buffer, and a matmul
     operand whose views are not strided (a permute followed by a reshape that merges
     the permuted axes), since matmul kernels read strided views of buffers (so do the
     grouped ops of a mixture of experts and the decode ops)."""
@@ -67,6 +68,16 @@ def lay_out(graph: Graph) -> None:
             with graph.replace_scope(f"output {name}"):
                 graph.outputs[name] = graph.add("copy", [nid])
     split_reductions(graph)
+    for nid in list(graph.nx.nodes):
+        if OPS[graph.op(nid)].kind == COLLECTIVE:
+            # The library reads its operand from one contiguous buffer: a computed value
+            # or a reshape of one; anything else (a padded gradient) is copied first.
+            (operand,) = graph.inputs_of(nid)
+            base = operand
+            while graph.op(base) == "reshape":
+                base = graph.inputs_of(base)[0]
+            if OPS[graph.op(base)].kind in (VIEW, SOURCE) or is_free(graph, base, {}):
+                graph.insert_between(operand, nid, "copy")
     for nid in list(graph.nx.nodes):
         if graph.op(nid) not in MATMUL_LIKE:
             continue

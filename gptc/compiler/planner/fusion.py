@@ -29,7 +29,8 @@ import networkx as nx
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner.attention import AttentionMatch, find_attention
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import DEDICATED, ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE, SCATTER, SOURCE, VIEW
+from gptc.compiler.ops.registry import (COLLECTIVE, DEDICATED, ELEMENTWISE, GATHER, GROUPED, MATMUL, REDUCE,
+                                          SCATTER, SOURCE, VIEW)
 
 POINTWISE, ROW, REDUCTION, MATMUL_FAMILY, SCATTER_FAMILY = "pointwise", "row", "reduce", "matmul", "scatter"
 ATTENTION, ATTENTION_BWD = "attention", "attention_bwd"
@@ -41,6 +42,9 @@ GROUPED_FAMILIES = {"group_rank": GROUP_SORT, "group_offsets": GROUP_SORT,
 # The ops of kind DEDICATED (KV-cache decode, ops/decode.py; next-token sampling,
 # ops/sample.py): a kernel per op, its family the op's name.
 DEDICATED_FAMILIES = tuple(name for name, op in OPS.items() if op.kind == DEDICATED)
+# Collectives (ops/collective.py): a launch boundary that calls NCCL/RCCL, reading its
+# operand from a buffer and writing its result to another; it fuses nothing.
+COLLECTIVE_FAMILY = "collective"
 
 
 # A matmul operand computed in the matmul's loads is at most this many nodes.
@@ -272,7 +276,7 @@ class Fuser:
         kinds = {n: OPS[g.op(n)].kind for n in nodes}
         matmuls = [n for n, k in kinds.items() if k == MATMUL]
         reduces = [n for n, k in kinds.items() if k == REDUCE]
-        if any(k in (SCATTER, GROUPED, DEDICATED) for k in kinds.values()):
+        if any(k in (SCATTER, GROUPED, DEDICATED, COLLECTIVE) for k in kinds.values()):
             return None
         # A kernel cannot read a buffer it writes: matmul operands and gather tables
         # must come from other kernels (through a prologue: what the prologue reads).
@@ -309,6 +313,8 @@ class Fuser:
             family = GROUPED_FAMILIES[self.graph.op(nid)]
         elif kind == DEDICATED:
             family = self.graph.op(nid)
+        elif kind == COLLECTIVE:
+            family = COLLECTIVE_FAMILY
         elif kind == REDUCE:
             family = ROW if row_space(self.graph, nid) else REDUCTION
         else:
@@ -327,7 +333,7 @@ class Fuser:
             return None
         target = targets.pop()
         group = self.groups[target]
-        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL, *DEDICATED_FAMILIES):
+        if group.attention or group.family in (GROUP_SORT, GROUPED_MATMUL, *DEDICATED_FAMILIES, COLLECTIVE_FAMILY):
             return None
         if group.family == MATMUL_FAMILY and all(u == group.anchor for u, _ in users):
             cone = gated_operand(g, nid, self.free)

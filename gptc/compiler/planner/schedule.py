@@ -17,7 +17,7 @@ from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import DTYPE_BYTES, VIEW
 from gptc.compiler.planner.attention import AttentionMatch
-from gptc.compiler.planner.fusion import Group, compute_users, is_free
+from gptc.compiler.planner.fusion import COLLECTIVE_FAMILY, Group, compute_users, is_free
 
 ALIGN = 256
 
@@ -144,6 +144,7 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
         raise AssertionError("in-place updates conflict with the data dependencies")
     topo = {k: i for i, k in enumerate(nx.lexicographical_topological_sort(kg))}
     level = _latest_levels(kg)
+    _early_collectives(graph, kernels, kg, level)
     order = sorted(topo, key=lambda k: (level[k], topo[k]))
     if fused:
         order, launches = _batch(graph, kernels, order, level)
@@ -176,7 +177,43 @@ def _latest_levels(kg: nx.DiGraph) -> dict[int, int]:
     return {k: top - h for k, h in height.items()}
 
 
+def bucket_of(graph: Graph, kern: KernelPlan) -> int:
+    return graph.node(kern.anchor)["attrs"]["bucket"]
+
+
+def _early_collectives(graph: Graph, kernels: list[KernelPlan], kg: nx.DiGraph, level: dict[int, int]) -> None:
+    """Issue gradient buckets as early as the backward produces them: the kernels that
+    collectives depend on (the forward and backward passes) move from their latest
+    level to their earliest (else the weight gradients, which nothing but the optimizer
+    reads, would all wait for the end of the step), and each bucket to the level after
+    the last kernel producing one of its operands, so its communication runs on the
+    communication stream while the backward goes on. Kernels that read a collective's
+    result keep their latest level, so the communication has time to finish. A bucket
+    that cannot move as one keeps its latest levels (it then spans several launches)."""
+    collectives = [k for k in kg if kernels[k].family == COLLECTIVE_FAMILY]
+    if not collectives:
+        return
+    feeding: set[int] = set()
+    for k in collectives:
+        feeding |= nx.ancestors(kg, k)
+    for k in collectives:  # what reads a collective's result keeps its latest level
+        feeding -= nx.descendants(kg, k)
+    members: dict[int, list[int]] = {}
+    for k in nx.lexicographical_topological_sort(kg):
+        if k in feeding:
+            level[k] = min(level[k], 1 + max((level[p] for p in kg.predecessors(k)), default=-1))
+        elif kernels[k].family == COLLECTIVE_FAMILY:
+            members.setdefault(bucket_of(graph, kernels[k]), []).append(k)
+    for bucket, ks in members.items():  # in the order their first collective can run
+        early = max(1 + max((level[p] for p in kg.predecessors(k)), default=-1) for k in ks)
+        if all(early < level[s] for k in ks for s in kg.successors(k)):
+            for k in ks:
+                level[k] = early
+
+
 def _batchable(graph: Graph, kern: KernelPlan) -> bool:
+    if kern.family == COLLECTIVE_FAMILY:
+        return True
     if kern.family == "matmul":
         return graph.type(kern.anchor).size <= BATCHED_MATMUL_MAX_OUTPUT
     return kern.family in BATCHED_FAMILIES
@@ -194,9 +231,13 @@ def _batch(graph: Graph, kernels: list[KernelPlan], order: list[int],
         by_level.setdefault(level[k], []).append(k)
     launches: list[list[int]] = []
     for lv in sorted(by_level):
-        batches: dict[str, list[int]] = {}
-        for k in by_level[lv]:
+        batches: dict[object, list[int]] = {}
+        # Collectives first in their level: the library call is queued before the
+        # compute kernels that run beside it.
+        for k in sorted(by_level[lv], key=lambda k: kernels[k].family != COLLECTIVE_FAMILY):
             family = kernels[k].family
+            if family == COLLECTIVE_FAMILY:  # one launch (one library group) per bucket
+                family = (family, bucket_of(graph, kernels[k]))
             if _batchable(graph, kernels[k]):
                 if family not in batches:
                     batches[family] = []
@@ -285,6 +326,14 @@ def _allocate(graph: Graph, kernels: list[KernelPlan], launches: list[list[int]]
         for src in kern.reads:
             if src in first:
                 last[src] = max(last[src], k)
+    # A collective runs on the communication stream from its launch until the first
+    # kernel that reads its result waits for it: its operands stay alive that long.
+    for index, kern in enumerate(kernels):
+        if kern.family == COLLECTIVE_FAMILY:
+            end = max(last.get(r, launch_of[index]) for r in kern.roots)
+            for src in kern.reads:
+                if src in last:
+                    last[src] = max(last[src], end)
     placed: list[Buffer] = []
     lifetimes = {n: (first[n], last[n]) for n in first}
     for nid in sorted(first, key=lambda n: (-graph.type(n).nbytes, n)):
