@@ -2,10 +2,10 @@
 # One call on a 2-GPU machine that checks and measures as much as fits in ~9 minutes, the
 # two GPUs working side by side (results under $OUT, logs under $OUT/all):
 #   GPU 0: the GPU tests of the fp32 kernels (regressions), then `gptc bench` of gpt2 in bf16
-#          (train; PyTorch peers in bf16 autocast) and of hipgpt in bf16 and fp32
+#          (train; the PyTorch peer, torch.compile + CUDA graph, in bf16 autocast)
 #   GPU 1: the GPU tests of the bf16 matmuls and attention, decode, sampling and bundles,
-#          then `gptc bench --gemm` and `gptc bench --what decode` of hipgpt
-#   both:  tests/test_gpu_multi.py (2 GPUs), then the gpt2 cold compile time
+#          then `gptc bench --gemm` and `gptc bench` of hipgpt in fp32 (no regression)
+#   both:  tests/test_gpu_multi.py (2 GPUs)
 # Each part has its own time limit (seconds, env *_S) so that one that hangs costs only
 # itself. Usage: OUT=dir GPTC_COMMIT=abc1234 bash benchmarks/gpu_parallel.sh
 set -uo pipefail
@@ -13,7 +13,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT/all"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 GPTC_COMMIT=${GPTC_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/all/gpu.txt" 2>&1
-pip install --no-deps -q .wheels/nccl4py-*.whl > "$OUT/all/pip.txt" 2>&1
+python3 -m pip install --no-deps -q .wheels/nccl4py-*.whl > "$OUT/all/pip.txt" 2>&1
 run() {  # run GPU SECONDS LOG COMMAND...: one part on one GPU (or "0,1"), its own kernel cache
     local gpu=$1 secs=$2 log=$3; shift 3
     echo "== $* (GPU $gpu, limit ${secs}s)" >> "$OUT/all/$log"
@@ -21,25 +21,22 @@ run() {  # run GPU SECONDS LOG COMMAND...: one part on one GPU (or "0,1"), its o
     echo "== exit $?" >> "$OUT/all/$log"
 }
 pytest_gpu() { python3 -m pytest -m gpu -q -p no:cacheprovider -rfE "$@"; }
-(
-    run 0 ${TESTS_S:-330} tests0.txt pytest_gpu tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
-        tests/test_option_gqa_local.py tests/test_option_linear.py tests/test_option_moe.py tests/test_option_norms_gpu.py \
-        tests/test_option_rope.py tests/test_gpu_batched_dispatch.py
-    run 0 ${BENCH_S:-150} bench0.txt python3 -m gptc bench --preset gpt2 --precision bf16 --what train --no-kernels --compare torch-cudagraphs \
-        --out "$OUT/all/bench-gpt2-bf16"
-    run 0 60 bench0.txt python3 -m gptc bench --preset hipgpt --precision bf16 --no-kernels --out "$OUT/all/bench-hipgpt-bf16"
-    run 0 60 bench0.txt python3 -m gptc bench --preset hipgpt --no-kernels --out "$OUT/all/bench-hipgpt-fp32"
-) &
-(
-    run 1 ${TESTS_S:-330} tests1.txt pytest_gpu tests/test_gpu_mma.py tests/test_gpu_precision.py \
-        tests/test_gpu_attention_bf16.py tests/test_gpu_decode.py tests/test_gpu_sampling.py tests/test_gpu_batch_sampling.py \
-        tests/test_gpu_bundle.py tests/test_gpu_bench_decode.py
-    run 1 90 bench1.txt python3 -m gptc bench --gemm --out "$OUT/all/gemm"
-    run 1 150 bench1.txt python3 -m gptc bench --preset hipgpt --what decode --out "$OUT/all/decode-hipgpt"
-) &
+# Phase 1: the GPU tests, split over the two GPUs.
+run 0 ${TESTS_S:-300} tests0.txt pytest_gpu tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
+    tests/test_option_gqa_local.py tests/test_option_linear.py tests/test_option_moe.py tests/test_option_norms_gpu.py \
+    tests/test_option_rope.py tests/test_gpu_batched_dispatch.py &
+run 1 ${TESTS_S:-300} tests1.txt pytest_gpu tests/test_gpu_mma.py tests/test_gpu_precision.py \
+    tests/test_gpu_attention_bf16.py tests/test_gpu_decode.py tests/test_gpu_sampling.py tests/test_gpu_batch_sampling.py \
+    tests/test_gpu_bundle.py tests/test_gpu_bench_decode.py &
 wait
-run 0,1 ${MULTI_S:-120} multi.txt pytest_gpu -x tests/test_gpu_multi.py
-run 0 60 compile.txt python3 benchmarks/compile_time.py --preset gpt2 --per-kernel 5
+# Phase 2: benchmarks, one per GPU at a time (each GPU quiet while it is timed).
+(run 0 ${BENCH_S:-140} bench0.txt python3 -m gptc bench --preset gpt2 --precision bf16 --what train --no-kernels \
+     --compare torch-cudagraphs --out "$OUT/all/bench-gpt2-bf16") &
+(run 1 70 bench1.txt python3 -m gptc bench --gemm --out "$OUT/all/gemm"
+ run 1 70 bench1.txt python3 -m gptc bench --preset hipgpt --no-kernels --out "$OUT/all/bench-hipgpt-fp32") &
+wait
+# Phase 3: two GPUs together.
+run 0,1 ${MULTI_S:-100} multi.txt pytest_gpu -x tests/test_gpu_multi.py
 for f in "$OUT"/all/*.txt; do echo "##### $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|== exit|ms|TFLOP|tok" "$f" | tail -25; done > "$OUT/summary.txt"
 tar -czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" all
 cat "$OUT/summary.txt" | tail -120
