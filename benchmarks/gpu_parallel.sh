@@ -20,23 +20,25 @@ run() {  # run GPU SECONDS LOG COMMAND...: one part on one GPU (or "0,1"), its o
     CUDA_VISIBLE_DEVICES=$gpu GPTC_CACHE_DIR=/tmp/gc-${gpu/,/-} timeout "$secs" "$@" >> "$OUT/all/$log" 2>&1
     echo "== exit $?" >> "$OUT/all/$log"
 }
-pytest_gpu() { python3 -m pytest -m gpu -q -p no:cacheprovider -rfE "$@"; }
+PYTEST_GPU="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"  # (timeout runs programs, not shell functions)
 # Phase 1: the GPU tests, split over the two GPUs.
-run 0 ${TESTS_S:-300} tests0.txt pytest_gpu tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
+run 0 ${TESTS_S:-300} tests0.txt $PYTEST_GPU tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
     tests/test_option_gqa_local.py tests/test_option_linear.py tests/test_option_moe.py tests/test_option_norms_gpu.py \
     tests/test_option_rope.py tests/test_gpu_batched_dispatch.py &
-run 1 ${TESTS_S:-300} tests1.txt pytest_gpu tests/test_gpu_mma.py tests/test_gpu_precision.py \
+run 1 ${TESTS_S:-300} tests1.txt $PYTEST_GPU tests/test_gpu_mma.py tests/test_gpu_precision.py \
     tests/test_gpu_attention_bf16.py tests/test_gpu_decode.py tests/test_gpu_sampling.py tests/test_gpu_batch_sampling.py \
     tests/test_gpu_bundle.py tests/test_gpu_bench_decode.py &
 wait
-# Phase 2: benchmarks, one per GPU at a time (each GPU quiet while it is timed).
+# Phase 2: benchmarks, one per GPU at a time (each GPU quiet while it is timed). NO_BENCH=1 skips it.
+[[ -n ${NO_BENCH:-} ]] || {
 (run 0 ${BENCH_S:-140} bench0.txt python3 -m gptc bench --preset gpt2 --precision bf16 --what train --no-kernels \
      --compare torch-cudagraphs --out "$OUT/all/bench-gpt2-bf16") &
 (run 1 70 bench1.txt python3 -m gptc bench --gemm --out "$OUT/all/gemm"
  run 1 70 bench1.txt python3 -m gptc bench --preset hipgpt --no-kernels --out "$OUT/all/bench-hipgpt-fp32") &
 wait
+}
 # Phase 3: two GPUs together.
-run 0,1 ${MULTI_S:-100} multi.txt pytest_gpu -x tests/test_gpu_multi.py
+run 0,1 ${MULTI_S:-100} multi.txt $PYTEST_GPU -x tests/test_gpu_multi.py
 for f in "$OUT"/all/*.txt; do echo "##### $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|== exit|ms|TFLOP|tok" "$f" | tail -25; done > "$OUT/summary.txt"
 tar -czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" all
 cat "$OUT/summary.txt" | tail -120

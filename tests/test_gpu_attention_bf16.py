@@ -18,7 +18,7 @@ from gptc.runtime.reference import run_graph
 from conftest import rel_err
 from test_attention_bf16 import CASES, attention_graph
 from test_gpu_kernels import SPECS, random_feeds, run_both
-from test_gpu_precision import MEDIAN_RATIO, check_bf16_step
+from test_gpu_precision import check_bf16_step
 from test_precision import with_precision
 
 pytestmark = pytest.mark.gpu
@@ -72,21 +72,24 @@ GPT2_SMALL = gptc.Spec(gptc.ModelSpec(vocab_size=1031, seq_len=96, d_model=768, 
                        gptc.TrainSpec(batch_size=2))
 # The flash backward's delta = dO·O differs from the graph's sum P·dP by the rounding of P
 # (dq, dk at 0.22-0.40 of the bf16-fp32 distance above), and gpt2's 12 heads of 64 feed
-# every weight gradient below them: on an H200 (2026-11-30, commit 77bea5f) the median
-# gradient error of this step was 0.54 of the distance (hipgpt, mqa, local_gqa, and
-# test_gpu_precision's tiny, hipgpt, llama: below 0.5). A kernel that skipped a rounding
-# or misread an operand is at 1 or far beyond.
-STEP_MEDIAN_RATIO = {"gpt2_small_layout": 0.75}
+# every weight gradient below them. On an H200 this step is further from the bf16
+# reference than the others: median gradient error 0.54 of the bf16-fp32 distance at
+# 77bea5f (hipgpt, mqa, local_gqa, and test_gpu_precision's tiny, hipgpt, llama: below
+# 0.5), and at ee445e2 the update of h.0.mlp.c_fc.weight 0.115 from the reference's
+# (bound 0.05). Until the kernels and the graph agree on delta (or the bounds are derived
+# for it), the gpt2 layout is a known failure, not a loosened bound.
+KNOWN_FAILURES = {"gpt2_small_layout": "bf16 flash backward's delta vs the graph's (see above); issue 9"}
 STEP_SPECS = {"gpt2_small_layout": GPT2_SMALL, "hipgpt": gptc.preset("hipgpt"),
               "mqa": SPECS["mqa"], "local_gqa": SPECS["local_gqa"]}
 
 
-@pytest.mark.parametrize("name", sorted(STEP_SPECS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True))
+                                  if n in KNOWN_FAILURES else n for n in sorted(STEP_SPECS)])
 def test_bf16_training_step_with_flash_attention(device, name):
     spec = STEP_SPECS[name]
     g16 = gptc.build_graph(with_precision(spec, "bf16"), "train")
     plan = make_plan(g16, True)
     flash = [k for k in plan.kernels if k.family in ("attention", "attention_bwd")]
     assert len(flash) == 2 * spec.model.n_layers and all(k.attention.bf16 for k in flash)
-    check_bf16_step(device, spec, fuse=True, median_ratio=STEP_MEDIAN_RATIO.get(name, MEDIAN_RATIO))
+    check_bf16_step(device, spec, fuse=True)
 

@@ -164,11 +164,14 @@ class Communicator:
         finally:
             self.lib.group_end()
 
-    def close(self, abort: bool = False) -> None:
-        """Release the communicator; abort=True (a rank that failed) does not wait for
-        the other ranks, which a clean destroy may."""
+    def close(self) -> None:
+        """Release the communicator by aborting it: called once the step's stream is idle
+        (nothing in flight) or on a rank that failed (which must not wait for the others).
+        A clean ncclCommDestroy, an intra-node collective, hung both ranks of a finished
+        2-GPU run on an H200 pair (2026-11-30); PyTorch's ProcessGroupNCCL also shuts down
+        with ncclCommAbort."""
         if self.comm is not None:
-            (self.lib.abort if abort else self.lib.destroy)(self.comm)
+            self.lib.abort(self.comm)
             self.comm = None
 
 
@@ -191,9 +194,6 @@ class _Nccl:
     def init(self, uid: bytes, world: int, rank: int) -> Any:
         self._comm = self.core.Communicator.init(world, rank, self.core.UniqueId.from_bytes(uid))
         return self._comm._comm  # the bindings' handle, what nccl4py's own calls pass
-
-    def destroy(self, comm: Any) -> None:
-        self._comm.destroy()
 
     def abort(self, comm: Any) -> None:
         self._comm.abort()
@@ -229,9 +229,6 @@ class _Rccl:
         handle = self.r.ncclUniqueId()
         handle.internal = uid
         return self._check(self.r.ncclCommInitRank(world, handle, rank))
-
-    def destroy(self, comm: Any) -> None:
-        self.r.ncclCommDestroy(comm)
 
     def abort(self, comm: Any) -> None:
         self.r.ncclCommAbort(comm)

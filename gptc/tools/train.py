@@ -641,8 +641,8 @@ def train(spec: Spec | None, data: str | None = None, device: str = "auto", out_
         metrics.close()
         if runtime is not None:
             runtime.close()
-            if comm is not None:  # a failing rank must not wait for the others
-                comm.close(abort=sys.exc_info()[0] is not None)
+            if comm is not None:
+                comm.close()
         else:
             for sess in (train_sess, eval_sess):
                 sess.close()

@@ -84,7 +84,10 @@ def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = print, ceil
         "notes": notes,
     }
     if torch is not None and wants_torch:
-        notes.append("PyTorch runs fp32 with TF32 off (torch.backends.cuda.matmul.allow_tf32 = False), as gptc's kernels; "
+        precision = ("the forward in torch.autocast(bfloat16) (fp32 master weights), as gptc's bf16 graph"
+                     if cfg.spec.train.precision == "bf16" else
+                     "fp32 with TF32 off (torch.backends.cuda.matmul.allow_tf32 = False), as gptc's kernels")
+        notes.append(f"PyTorch runs {precision}; "
                      "attention through F.scaled_dot_product_attention(is_causal=True); the CUDA-graph column is "
                      "torch.compile (default mode) with the whole step captured by torch.cuda.graph, the optimizer "
                      "AdamW(capturable=True, foreach=True)")
