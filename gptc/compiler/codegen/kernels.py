@@ -583,6 +583,19 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     return min(counts, key=total)
 
 
+def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int) -> list[str]:
+    """The lines that compute and store the kernel's roots at the element of C at
+    (batch, gm, gn) (the matmul templates' variables): the fused epilogue."""
+    em.begin_block()
+    body = []
+    element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
+    for r in kernel.roots:
+        idx = unravel(element, plan.graph.type(r).shape)
+        v = em.value(r, idx)
+        body += em.take() + [em.store(r, idx, v)]
+    return body
+
+
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
             threads: int | None = None, config: tuple | None = None, mma: tuple | None = None):
     g = plan.graph
@@ -615,14 +628,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                         f"const {ctype}* {name} = {em.arg(base)} + {name.lower()}_base;"]
         at = add(mul(Var(axes[0][0]), strides[-2]), mul(Var(axes[1][0]), strides[-1]))
         loads[name] = f"bf16_to_float({name}[{emit(at)}])" if ctype == "bf16" else f"{name}[{emit(at)}]"
-    em.begin_block()
-    body = []
-    # The element of C at (batch, gm, gn) (the template's variables).
-    element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    for r in kernel.roots:
-        idx = unravel(element, g.type(r).shape)
-        v = em.value(r, idx)
-        body += em.take() + [em.store(r, idx, v)]
+    body = _matmul_epilogue(em, plan, kernel, batch, m, n)
     for name, operand, axes in prologues:
         em.begin_block()
         v = em.value(operand, tuple(batch_idx) + tuple(var(x, size) for x, size in axes))
@@ -797,13 +803,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
         smem_off += rows * width
-    em.begin_block()
-    body = []
-    element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    for r in kernel.roots:
-        idx = unravel(element, g.type(r).shape)
-        v = em.value(r, idx)
-        body += em.take() + [em.store(r, idx, v)]
+    body = _matmul_epilogue(em, plan, kernel, batch, m, n)
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
     ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", m=m, n=n, k=k, batch=batch,

@@ -147,14 +147,22 @@ class Attention(nn.Module):
         self.c_attn = Linear(m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim, m.bias and m.attn_bias)
         self.c_proj = Linear(m.d_model, m.d_model, m.bias and m.attn_bias)
 
-    def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None):
+        """q (B, H, S, hd) and k, v (B, kv_heads, S, hd) of x (B, S, E), RoPE applied at
+        positions 0..S-1 (or `positions` (S,))."""
         b, s, e = x.shape
         hd, kv = self.head_dim, self.kv_heads
         q, k, v = self.c_attn(x).split([self.heads * hd, kv * hd, kv * hd], dim=2)
         q = q.view(b, s, self.heads, hd).transpose(1, 2)
         k, v = (t.view(b, s, kv, hd).transpose(1, 2) for t in (k, v))
         if self.spec.pos == "rope":
-            q, k = (apply_rope(t, self.spec.rope_dims, self.spec.rope_base) for t in (q, k))
+            q, k = (apply_rope(t, self.spec.rope_dims, self.spec.rope_base, positions) for t in (q, k))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
+        b, s, e = x.shape
+        hd, kv = self.head_dim, self.kv_heads
+        q, k, v = self.qkv(x)
         if kv != self.heads:  # query head h reads key/value head h // group
             k, v = (t.repeat_interleave(self.heads // kv, dim=1) for t in (k, v))
         back = torch.arange(s, device=x.device)[:, None] - torch.arange(s, device=x.device)[None, :]
@@ -410,12 +418,8 @@ def cached_attention(attn: Attention, x: torch.Tensor, positions: torch.Tensor, 
     if attn.linear:
         raise NotImplementedError("the twin has no KV-cache decoding of linear attention")
     b, t, e = x.shape
-    hd, kv = attn.head_dim, attn.kv_heads
-    q, k, v = attn.c_attn(x).split([attn.heads * hd, kv * hd, kv * hd], dim=2)
-    q = q.view(b, t, attn.heads, hd).transpose(1, 2)
-    k, v = (u.view(b, t, kv, hd).transpose(1, 2) for u in (k, v))
-    if attn.spec.pos == "rope":
-        q, k = (apply_rope(u, attn.spec.rope_dims, attn.spec.rope_base, positions) for u in (q, k))
+    kv = attn.kv_heads
+    q, k, v = attn.qkv(x, positions)
     k_cache.index_copy_(2, positions, k)
     v_cache.index_copy_(2, positions, v)
     keys, values = k_cache, v_cache
