@@ -21,7 +21,7 @@ FLOORS = [
     ["gptc.compiler.strides", "gptc.compiler.ops"],
     ["gptc.compiler.ir"],
     ["gptc.compiler.dsl", "gptc.compiler.autodiff"],
-    ["gptc.compiler.optim"],
+    ["gptc.compiler.optim", "gptc.compiler.precision", "gptc.compiler.parallel"],  # the passes after autodiff
     ["gptc.compiler.planner"],
     ["gptc.compiler.codegen"],
     ["gptc.compiler"],           # the package's own __init__

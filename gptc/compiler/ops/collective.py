@@ -117,8 +117,9 @@ def _infer(name: str):
 
 
 def _collective(op: str, g, attrs: dict):
-    from gptc.compiler.ir import Tensor
-    return Tensor(g.graph, g.graph.add(op, [g.id], **attrs))
+    """The collective `op` of the tensor handle g (built through g's own class: the ops
+    sit below the IR and do not import it)."""
+    return type(g)(g.graph, g.graph.add(op, [g.id], **attrs))
 
 
 # The gradient of a sum over ranks is every rank's gradient summed: each collective's
