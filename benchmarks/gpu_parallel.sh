@@ -8,6 +8,9 @@
 #   both:  tests/test_gpu_multi.py (2 GPUs)
 # Each part has its own time limit (seconds, env *_S) so that one that hangs costs only
 # itself. Usage: OUT=dir GPTC_COMMIT=abc1234 bash benchmarks/gpu_parallel.sh
+# The 2-GPU tests need nccl4py, which the GPU machine lacks: put its wheel in .wheels/ first
+# (`pip download nccl4py --no-deps --python-version 3.12 --only-binary=:all: -d .wheels`; the
+# folder is not tracked) and carry it to the machine.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT/all"
