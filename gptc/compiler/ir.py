@@ -134,12 +134,16 @@ class Graph:
         that reads src reads the new node instead)."""
         with self.replace_scope(self.node(dst)["scope"]):
             new = self.add(op, [src], **attrs)
-        args = self.nx.edges[src, dst]["args"]
-        self.nx.remove_edge(src, dst)
+        self.rewire(src, new, dst)
+        return new
+
+    def rewire(self, old: int, new: int, dst: int) -> None:
+        """Make every argument of `dst` that reads `old` read `new` instead."""
+        args = self.nx.edges[old, dst]["args"]
+        self.nx.remove_edge(old, dst)
         self.nx.add_edge(new, dst, args=list(args))
         node = self.node(dst)
-        node["inputs"] = tuple(new if i == src else i for i in node["inputs"])
-        return new
+        node["inputs"] = tuple(new if i == old else i for i in node["inputs"])
 
     def bypass(self, nid: int) -> None:
         """Remove the unary node `nid`: its users, and outputs and updates naming it, read

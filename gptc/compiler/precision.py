@@ -50,7 +50,7 @@ def apply_precision(graph: Graph, precision: str) -> None:
             continue
         for operand in dict.fromkeys(graph.inputs_of(nid)):
             if graph.type(operand).dtype == "f32":
-                _rewire(graph, operand, _bf16(graph, operand, copies), nid)
+                graph.rewire(operand, _bf16(graph, operand, copies), nid)
     _bias_gradients_read_bf16(graph, copies)
 
 
@@ -67,7 +67,7 @@ def _bias_gradients_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
         others = [(v, u) for v, u in readers if u != cast]
         if others and all(graph.op(u) == "sum" for _, u in others):
             for v, u in others:
-                _rewire(graph, v, _bf16(graph, v, copies), u)
+                graph.rewire(v, _bf16(graph, v, copies), u)
 
 
 def _readers_through_views(graph: Graph, nid: int) -> list[tuple[int, int]]:
@@ -100,12 +100,3 @@ def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
             with graph.replace_scope(f"{node['scope']}/bf16" if node["scope"] else "bf16"):
                 copies[nid] = graph.add("cast", [nid], dtype="bf16")
     return copies[nid]
-
-
-def _rewire(graph: Graph, old: int, new: int, dst: int) -> None:
-    """Make every argument of `dst` that reads `old` read `new` instead."""
-    args = graph.nx.edges[old, dst]["args"]
-    graph.nx.remove_edge(old, dst)
-    graph.nx.add_edge(new, dst, args=list(args))
-    node = graph.node(dst)
-    node["inputs"] = tuple(new if i == old else i for i in node["inputs"])

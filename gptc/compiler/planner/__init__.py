@@ -48,9 +48,7 @@ def split_reductions(graph: Graph) -> None:
             continue
         with graph.replace_scope(node["scope"]):
             rows = graph.add(node["op"], [src], axes=(len(shape) - 1,), keepdims=True)
-        graph.nx.remove_edge(src, nid)
-        graph.nx.add_edge(rows, nid, args=[0])
-        node["inputs"] = (rows,)
+        graph.rewire(src, rows, nid)
 
 
 def lay_out(graph: Graph) -> None:

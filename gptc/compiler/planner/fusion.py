@@ -116,10 +116,7 @@ def clone_gated_operands(graph: Graph) -> None:
                 node = graph.node(n)
                 with graph.replace_scope(node["scope"]):
                     copies[n] = graph.add(node["op"], [copies.get(i, i) for i in node["inputs"]], **node["attrs"])
-            args = graph.nx.edges[last, user]["args"]
-            graph.nx.remove_edge(last, user)
-            graph.nx.add_edge(copies[last], user, args=list(args))
-            graph.node(user)["inputs"] = tuple(copies[last] if i == last else i for i in graph.inputs_of(user))
+            graph.rewire(last, copies[last], user)
         free.clear()
     graph.prune()
 
