@@ -53,3 +53,12 @@ def first_file_in(path: str | os.PathLike) -> Path | None:
         if part.exists() and not part.is_dir():
             return part
     return None
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a container's or a
+    batch job's CPU set), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1

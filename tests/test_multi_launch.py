@@ -55,11 +55,12 @@ def test_bad_environment_is_one_line(change, message):
 def test_rendezvous_shares_the_id_and_gathers(world):
     port = free_port()
     envs = [LaunchEnv(r, world, r, "127.0.0.1", port) for r in range(world)]
-    got, gathered = [None] * world, [None] * world
+    got, gathered = [None] * world, [[] for _ in range(world)]
 
-    def rank(r):
+    def rank(r):  # the id, then three gathers back to back (a rank done with one knocks for the next at once)
         got[r] = share_bytes(envs[r], b"unique-id" if r == 0 else None, timeout=30)
-        gathered[r] = gather_bytes(envs[r], bytes([r]) * (r + 1), timeout=30)
+        for i in range(3):
+            gathered[r].append(gather_bytes(envs[r], bytes([r + i]) * (r + 1), timeout=30))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in reversed(range(world))]  # rank 0 last
     for t in threads:
@@ -67,7 +68,8 @@ def test_rendezvous_shares_the_id_and_gathers(world):
     for t in threads:
         t.join(timeout=60)
     assert got == [b"unique-id"] * world
-    assert gathered[0] == [bytes([r]) * (r + 1) for r in range(world)] and gathered[1:] == [None] * (world - 1)
+    assert gathered[0] == [[bytes([r + i]) * (r + 1) for r in range(world)] for i in range(3)]
+    assert gathered[1:] == [[None] * 3] * (world - 1)
 
 
 def test_rendezvous_without_rank_zero_times_out():

@@ -103,25 +103,67 @@ def share_bytes(env: LaunchEnv, payload: bytes | None, timeout: float = 1800.0) 
     cache.)"""
     if env.world == 1:
         return payload or b""
-    deadline = time.monotonic() + timeout
     if env.rank == 0:
         assert payload is not None
-        with socket.create_server(("", env.store_port), reuse_port=False) as server:
-            server.settimeout(timeout)
-            for _ in range(env.world - 1):
+        _exchange(env, b"", payload, timeout)
+        return payload
+    return _exchange(env, b"", None, timeout)
+
+
+def gather_bytes(env: LaunchEnv, payload: bytes, timeout: float = 600.0) -> list[bytes] | None:
+    """Every rank's `payload` on rank 0 (rank order; None on the other ranks), over TCP
+    on the rendezvous port: for host data such as ZeRO-1's optimizer slices at a
+    checkpoint. Every rank must call it at the same point."""
+    if env.world == 1:
+        return [payload]
+    parts = _exchange(env, payload, b"" if env.rank == 0 else None, timeout)
+    return parts if env.rank == 0 else None
+
+
+_ROUNDS: dict[LaunchEnv, int] = {}   # exchanges this rank has begun (every rank makes the same ones in order)
+_HEADER = struct.Struct("!IIQ")       # round, rank, payload bytes
+
+
+def _exchange(env: LaunchEnv, payload: bytes, reply: bytes | None, timeout: float):
+    """One round of the rendezvous. Rank 0 (reply given) listens, takes every other
+    rank's payload and answers each with `reply`; it returns all payloads in rank
+    order. Another rank sends its payload and returns rank 0's reply. Each connection
+    names its round, and rank 0 drops one of another round unread (the rank retries):
+    a rank that finished round r may already knock for round r + 1 while rank 0 still
+    serves round r to the others."""
+    round_ = _ROUNDS.get(env, 0)
+    _ROUNDS[env] = round_ + 1
+    deadline = time.monotonic() + timeout
+    if env.rank == 0:
+        parts: list[bytes | None] = [payload] + [None] * (env.world - 1)
+        with socket.create_server(("", env.store_port)) as server:
+            while None in parts:
+                server.settimeout(max(0.01, deadline - time.monotonic()))
                 try:
                     conn, _ = server.accept()
                 except socket.timeout:
-                    raise RankFailure(f"rank 0: not every rank connected to port {env.store_port} "
+                    missing = [r for r, p in enumerate(parts) if p is None]
+                    raise RankFailure(f"rank 0: rank{'s' if len(missing) > 1 else ''} "
+                                      f"{', '.join(map(str, missing))} did not connect to port {env.store_port} "
                                       f"within {timeout:.0f} s") from None
                 with conn:
-                    conn.sendall(struct.pack("!I", len(payload)) + payload)
-        return payload
+                    try:
+                        conn.settimeout(60)
+                        their_round, rank, n = _HEADER.unpack(_read(conn, _HEADER.size))
+                        if their_round != round_ or not 0 < rank < env.world or parts[rank] is not None:
+                            continue
+                        data = _read(conn, n)
+                        conn.sendall(struct.pack("!I", len(reply)) + reply)
+                    except OSError:  # that rank retries
+                        continue
+                    parts[rank] = data
+        return parts
     while True:
         try:
-            with socket.create_connection((env.master_addr, env.store_port), timeout=10) as conn:
+            with socket.create_connection((env.master_addr, env.store_port), timeout=60) as conn:
+                conn.sendall(_HEADER.pack(round_, env.rank, len(payload)) + payload)
                 return _read(conn, struct.unpack("!I", _read(conn, 4))[0])
-        except (ConnectionRefusedError, socket.timeout, OSError) as e:
+        except OSError as e:  # refused, timed out, or dropped by rank 0 (still in another round)
             if time.monotonic() > deadline:
                 raise RankFailure(f"rank {env.rank}: could not reach rank 0 at {env.master_addr}:{env.store_port} "
                                   f"({e})") from None
@@ -165,11 +207,12 @@ class Communicator:
             self.lib.group_end()
 
     def close(self) -> None:
-        """Release the communicator by aborting it: called once the step's stream is idle
-        (nothing in flight) or on a rank that failed (which must not wait for the others).
-        A clean ncclCommDestroy, an intra-node collective, hung both ranks of a finished
-        2-GPU run on an H200 pair (2026-11-30); PyTorch's ProcessGroupNCCL also shuts down
-        with ncclCommAbort."""
+        """Release the communicator by aborting it: called once the steps' captured graphs
+        are destroyed (NCCL waits for every graph that captured its calls to go: a
+        finished 2-GPU run whose graphs were still alive hung both ranks in
+        ncclCommDestroy on an H200 pair, 2026-11-30) or on a rank that failed (which must
+        not wait for the others; PyTorch's ProcessGroupNCCL also shuts down with
+        ncclCommAbort)."""
         if self.comm is not None:
             self.lib.abort(self.comm)
             self.comm = None
@@ -246,37 +289,3 @@ def open_communicator(env: LaunchEnv, vendor: str) -> Communicator:
     lib = _Nccl() if vendor == "nvidia" else _Rccl()
     uid = share_bytes(env, lib.unique_id() if env.rank == 0 else None)
     return Communicator(lib, lib.init(uid, env.world, env.rank), env.rank, env.world, _raw_stream)
-
-
-def gather_bytes(env: LaunchEnv, payload: bytes, timeout: float = 600.0) -> list[bytes] | None:
-    """Every rank's `payload` on rank 0 (rank order; None on the other ranks), over TCP
-    on the rendezvous port: for host data such as ZeRO-1's optimizer slices at a
-    checkpoint. Every rank must call it at the same point."""
-    if env.world == 1:
-        return [payload]
-    deadline = time.monotonic() + timeout
-    if env.rank == 0:
-        parts: list[bytes | None] = [payload] + [None] * (env.world - 1)
-        with socket.create_server(("", env.store_port)) as server:
-            server.settimeout(timeout)
-            for _ in range(env.world - 1):
-                try:
-                    conn, _ = server.accept()
-                except socket.timeout:
-                    raise RankFailure(f"rank 0: not every rank sent its data within {timeout:.0f} s") from None
-                with conn:
-                    rank, n = struct.unpack("!IQ", _read(conn, 12))
-                    parts[rank] = _read(conn, n)
-                    conn.sendall(b"k")
-        return parts  # type: ignore[return-value]
-    while True:
-        try:
-            with socket.create_connection((env.master_addr, env.store_port), timeout=60) as conn:
-                conn.sendall(struct.pack("!IQ", env.rank, len(payload)) + payload)
-                _read(conn, 1)  # rank 0 has it
-                return None
-        except (ConnectionRefusedError, socket.timeout, OSError) as e:
-            if time.monotonic() > deadline:
-                raise RankFailure(f"rank {env.rank}: could not reach rank 0 at {env.master_addr}:{env.store_port} "
-                                  f"({e})") from None
-            time.sleep(0.2)

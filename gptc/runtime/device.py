@@ -34,10 +34,10 @@ kind one of ptr, i32, u32, i64, u64, f32, f64 (plain (kind, value) tuples work t
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from gptc.common import usable_cpus
 from gptc.target import Target, parse_target, target_for
 from gptc.runtime import cuda, hip
 from gptc.runtime.cache import KernelCache, cache_key, default_cache
@@ -353,7 +353,7 @@ def compile_many(items: Iterable[KernelSource | tuple], target: Target | str, jo
         cache.get(cache_key(k.source, target.arch, compiler, full_options(target, k.options))) for k in ks]
     misses = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(ks[i].source))
     report = progress or (lambda done, total: None)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(misses)))
+    jobs = max(1, min(jobs or usable_cpus(), len(misses)))
     if not driver.thread_safe:  # a worker process must have enough kernels to pay for its start
         jobs = max(1, min(jobs, len(misses) // MIN_KERNELS_PER_PROCESS))
 

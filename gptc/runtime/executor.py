@@ -232,6 +232,14 @@ class GpuExecutor:
             self.device.memset(self.address(buffer), 0xFF, self.table["buffers"][buffer]["nbytes"])
 
     def close(self) -> None:
+        """Free the step's inputs and outputs and destroy its captured graph. A graph
+        that captured collectives holds a reference on the communicator (NCCL's
+        localPersistentRefs) that only its destruction drops: ncclCommDestroy and
+        ncclCommAbort wait for it, so this must run before the communicator closes."""
+        if self.captured is not None:
+            self.device.synchronize()
+            self.captured.release()
+            self.captured = None
         if self.io_base:
             self.device.free(self.io_base)
             self.io_base = 0

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this tokenizer.json instead of training one")
     p.add_argument("--shard-tokens", type=int, metavar="N",
                    help="tokens per shard (default 100,000,000, as llm.c's fineweb.py)")
-    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: one per CPU core)")
+    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: one per CPU core this process may use)")
     p.set_defaults(run=_cmd_prepare)
 
     p = sub.add_parser("demo", help="the main job: compile, train on the bundled corpus, print a sample")

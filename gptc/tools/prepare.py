@@ -44,7 +44,7 @@ from typing import Iterator, Sequence, TextIO
 
 import numpy as np
 
-from gptc.common import VERSION, first_file_in, make_temp_dir, write_atomic
+from gptc.common import VERSION, first_file_in, make_temp_dir, usable_cpus, write_atomic
 from gptc.spec import GptcError, preset
 from gptc.tools.console import Console, duration
 from gptc.tools.data import (PREPARED_FILE, PREPARED_FORMAT, TOKENIZER_FILE, VALIDATION_FRACTION, DataError,
@@ -64,7 +64,7 @@ def default_vocab_size() -> int:
 
 
 def max_jobs() -> int:
-    return 4 * (os.cpu_count() or 1)
+    return 4 * usable_cpus()
 
 
 def prepare(sources: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int | None = None,
@@ -76,7 +76,7 @@ def prepare(sources: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: i
     console = Console(stdout, tty)
     out = Path(out_dir)
     shard_tokens = DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens
-    jobs = (os.cpu_count() or 1) if jobs is None else jobs
+    jobs = usable_cpus() if jobs is None else jobs
     if vocab_size is not None and tokenizer is not None:
         raise GptcError("give either --vocab-size or --tokenizer, not both")
     if vocab_size is not None and not 256 <= vocab_size <= MAX_VOCAB:

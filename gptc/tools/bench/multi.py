@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptc.common import write_atomic
 from gptc.spec import Spec, load_spec, spec_to_toml
 
 
@@ -69,10 +70,11 @@ def rank_main(spec_file: str, steps: int, zero1: bool, result: str) -> None:
         if comm is not None:
             comm.close()
     if env.rank == 0:
-        figures = {"world": env.world, "zero1": par.zero1, "batch_per_gpu": b, "seq_len": s, "step_ms": ms,
+        figures = {"world": env.world, "zero1": par.zero1, "batch_per_gpu": b, "seq_len": s,
+                   "precision": spec.train.precision, "step_ms": ms,
                    "tokens_per_s": env.world * b * s / (ms / 1e3), "loss": loss, "device": dev.name,
                    "date": today(), "commit": git_commit()}
-        Path(result).write_text(json.dumps(figures))
+        write_atomic(result, json.dumps(figures))
 
 
 def bench_gpus(spec: Spec, gpus: int, out: str | os.PathLike, steps: int = 20, zero1: bool = False,
@@ -98,15 +100,16 @@ def bench_gpus(spec: Spec, gpus: int, out: str | os.PathLike, steps: int = 20, z
         r["scaling_efficiency"] = r["tokens_per_s"] / (r["world"] * one["tokens_per_s"])
         r["exposed_comm_ms"] = r["step_ms"] - one["step_ms"]
     report = {"runs": results}
-    (out / "multi_gpu.json").write_text(json.dumps(report, indent=1))
+    write_atomic(out / "multi_gpu.json", json.dumps(report, indent=1))
     lines = [f"# gptc bench --gpus {gpus}: {one['device']}, {one['date']}, commit {one['commit']}", "",
-             f"batch {one['batch_per_gpu']} x seq_len {one['seq_len']} per GPU, {steps} timed steps", "",
+             f"batch {one['batch_per_gpu']} x seq_len {one['seq_len']} per GPU, {one['precision']}, {steps} timed steps",
+             "",
              "| GPUs | ZeRO-1 | step ms | tokens/s | scaling efficiency | exposed communication ms |",
              "|---:|:---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['world']} | {'yes' if r['zero1'] else 'no'} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['scaling_efficiency']:.1%} | {r['exposed_comm_ms']:.2f} |")
-    (out / "multi_gpu.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "multi_gpu.md", "\n".join(lines) + "\n")
     log("\n".join(lines[4:]))
     return report
 
