@@ -1,6 +1,7 @@
 """The planner: fusion groups, launch order and memory plan for a graph."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from gptc.compiler.strides import strided
@@ -33,10 +34,21 @@ MATMUL_LIKE = ("matmul", "group_rank", "group_offsets", "grouped_matmul", "group
                "kv_write", "decode_attention", "decode_combine", "sample_tokens")
 
 
+# A reduction over leading axes (a bias's gradient: the sum over the batch's rows) runs
+# one thread per output, each looping over the rows: with few outputs, too few threads
+# to keep memory busy. Split it when it gives fewer than this many threads...
+SPLIT_COLUMNS_THREADS = 1 << 16
+SPLIT_COLUMNS_MIN_ROWS = 16  # ...into chunks of at least this many rows.
+
+
 def split_reductions(graph: Graph) -> None:
-    """A large reduction over several axes including the last one (a sum of squares
-    of a weight gradient for the gradient norm) would run in a single block. Reduce the
-    last axis first (a row kernel, one row per warp), then the rest."""
+    """Two reductions that would starve the GPU run as two steps.
+    - Over several axes including the last one (a sum of squares of a weight gradient,
+      for the gradient norm): a single block. Reduce the last axis first (a row kernel,
+      one row per warp), then the rest.
+    - Over leading axes of a contiguous value, with few outputs (a bias's gradient):
+      one thread per output. Sum chunks of rows first (P x outputs threads), then the P
+      partial sums."""
     for nid in list(graph.nx.nodes):
         node = graph.node(nid)
         if node["op"] not in ("sum", "max"):
@@ -44,11 +56,37 @@ def split_reductions(graph: Graph) -> None:
         (src,) = node["inputs"]
         shape = graph.type(src).shape
         axes = node["attrs"]["axes"]
-        if len(axes) < 2 or axes[-1] != len(shape) - 1 or graph.type(src).size < SPLIT_REDUCTION_SIZE:
-            continue
-        with graph.replace_scope(node["scope"]):
-            rows = graph.add(node["op"], [src], axes=(len(shape) - 1,), keepdims=True)
-        graph.rewire(src, rows, nid)
+        if len(axes) >= 2 and axes[-1] == len(shape) - 1 and graph.type(src).size >= SPLIT_REDUCTION_SIZE:
+            with graph.replace_scope(node["scope"]):
+                rows = graph.add(node["op"], [src], axes=(len(shape) - 1,), keepdims=True)
+            graph.rewire(src, rows, nid)
+        elif axes == tuple(range(len(axes))) and len(axes) < len(shape) and _contiguous(graph, src):
+            _split_columns(graph, nid, src, shape, len(axes))
+
+
+def _contiguous(graph: Graph, nid: int) -> bool:
+    """A computed value, or reshapes of one (rows of it can be reshaped again)."""
+    while graph.op(nid) == "reshape":
+        nid = graph.inputs_of(nid)[0]
+    return OPS[graph.op(nid)].kind != VIEW
+
+
+def _split_columns(graph: Graph, nid: int, src: int, shape: tuple[int, ...], lead: int) -> None:
+    rows, rest = math.prod(shape[:lead]), shape[lead:]
+    outputs = math.prod(rest)
+    if outputs >= SPLIT_COLUMNS_THREADS:
+        return
+    parts = min(rows // SPLIT_COLUMNS_MIN_ROWS, -(-SPLIT_COLUMNS_THREADS // outputs))
+    chunk = next((c for c in range(-(-rows // max(parts, 1)), rows) if rows % c == 0), rows)
+    if chunk == rows:  # no divisor of the rows gives two parts or more
+        return
+    op = graph.op(nid)
+    with graph.replace_scope(graph.node(nid)["scope"]):
+        chunks = graph.add("reshape", [src], shape=(rows // chunk, chunk, *rest))
+        partial = graph.add(op, [chunks], axes=(1,), keepdims=False)
+        if lead > 1:  # the rank of src, so that nid reduces the same axes
+            partial = graph.add("reshape", [partial], shape=(rows // chunk,) + (1,) * (lead - 1) + tuple(rest))
+    graph.rewire(src, partial, nid)
 
 
 def lay_out(graph: Graph) -> None:
