@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptc.common import usable_cpus
 from gptc.tools.corpus import default_corpus_text
 
 FILE_BYTES = 256 * 10**6
@@ -115,7 +116,7 @@ def main() -> None:
         gptc = [sys.executable, "-m", "gptc"]
         seconds, peak, single = measure(gptc + ["prepare", str(work / "corpus"), "-o", str(work / "prepared")])
         prepare_line = (f"prepare: {size / 1e6 / seconds:.1f} MB/s ({size / 1e6:,.0f} MB in {seconds:.0f}s, "
-                        f"{os.cpu_count()} jobs), peak RSS {peak / 2**20:,.0f} MiB over all processes, "
+                        f"{usable_cpus()} jobs, {usable_cpus()} usable cores), peak RSS {peak / 2**20:,.0f} MiB over all processes, "
                         f"{single / 2**20:,.0f} MiB in the largest")
         seconds, peak, single = measure(gptc + ["train", "--data", str(work / "prepared"), "--device", "cpu",
                                                    "--steps", "20", "--preset", "tiny", "--out", str(work / "run")])

@@ -47,8 +47,8 @@ def split_reductions(graph: Graph) -> None:
       for the gradient norm): a single block. Reduce the last axis first (a row kernel,
       one row per warp), then the rest.
     - Over leading axes of a contiguous value, with few outputs (a bias's gradient):
-      one thread per output. Sum chunks of rows first (P x outputs threads), then the P
-      partial sums."""
+      one thread per output. Sum P interleaved sets of rows first (P x outputs
+      threads), then the P partial sums."""
     for nid in list(graph.nx.nodes):
         node = graph.node(nid)
         if node["op"] not in ("sum", "max"):
@@ -82,8 +82,10 @@ def _split_columns(graph: Graph, nid: int, src: int, shape: tuple[int, ...], lea
         return
     op = graph.op(nid)
     with graph.replace_scope(graph.node(nid)["scope"]):
-        chunks = graph.add("reshape", [src], shape=(rows // chunk, chunk, *rest))
-        partial = graph.add(op, [chunks], axes=(1,), keepdims=False)
+        # part p sums rows p, p + parts, p + 2 parts, ...: a leading axis again, so each of
+        # the parts x outputs threads walks it (codegen's thread per output), coalesced
+        chunks = graph.add("reshape", [src], shape=(chunk, rows // chunk, *rest))
+        partial = graph.add(op, [chunks], axes=(0,), keepdims=False)
         if lead > 1:  # the rank of src, so that nid reduces the same axes
             partial = graph.add("reshape", [partial], shape=(rows // chunk,) + (1,) * (lead - 1) + tuple(rest))
     graph.rewire(src, partial, nid)
