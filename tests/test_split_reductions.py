@@ -1,0 +1,60 @@
+"""The planner's split reductions (planner/__init__.py split_reductions): the planned
+graph computes the same values, and the reductions that would starve the GPU become two
+steps whose first one has many threads; reductions that need no split, or whose rows
+have no divisor to split them by, are left as they are."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gptc.compiler.codegen.kernels import render_plan
+from gptc.compiler.ir import Graph
+from gptc.compiler.planner import make_plan
+from gptc.runtime.build import plan_table
+from gptc.runtime.reference import run_graph
+from gptc.target import parse_target
+
+
+def _graph(shape, axes, keepdims=False, square=False) -> Graph:
+    g = Graph()
+    x = g.input("x", shape)
+    y = (x * x) if square else x
+    g.output("y", y.sum(axes, keepdims=keepdims))
+    return g
+
+
+def _reduce_launches(graph: Graph) -> list[dict]:
+    plan = make_plan(graph)
+    table = plan_table(plan, render_plan(plan, parse_target("sm_90")))
+    return [e for e in table["launches"] if e["family"] == "reduce"], plan
+
+
+@pytest.mark.parametrize("shape,axes,keepdims", [
+    ((8192, 768), (0,), False),         # a bias's gradient over a batch's rows
+    ((8, 1024, 96), (0, 1), True),      # a norm gain's, keeping dims
+    ((3, 4000, 7), (0, 1), False),      # outputs far fewer than a warp
+])
+def test_column_sums_split_and_equal(shape, axes, keepdims):
+    graph = _graph(shape, axes, keepdims)
+    launches, plan = _reduce_launches(graph)
+    assert len(launches) == 2
+    rows = int(np.prod([shape[a] for a in axes]))
+    outputs = int(np.prod(shape)) // rows
+    first = launches[0]["grid"][0] * launches[0]["block"][0]
+    assert first >= 16 * outputs            # many threads for the rows, not one per output
+    x = np.random.default_rng(0).standard_normal(shape)
+    want = x.sum(axis=axes, keepdims=keepdims)
+    got = run_graph(plan.graph, {"x": x}, np.float64)["outputs"]["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axes", [
+    ((4099, 768), (0,)),       # a prime number of rows: no split
+    ((64, 2048), (0,)),        # few rows: chunks of 16
+    ((512, 65536), (0,)),      # as many outputs as threads wanted: no split
+])
+def test_split_only_where_it_helps(shape, axes):
+    launches, _ = _reduce_launches(_graph(shape, axes))
+    rows, outputs = shape[0], shape[1]
+    split = outputs < 65536 and any(rows % c == 0 for c in range(2, rows))
+    assert len(launches) == (2 if split else 1)
