@@ -158,7 +158,7 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
     return Plan(graph, fused, kernels, buffers, arena_bytes, aliases, lifetimes, launches)
 
 
-BATCHED_FAMILIES = ("pointwise", "reduce", "matmul")
+BATCHED_FAMILIES = ("pointwise", "reduce", "matmul", "kv_write")
 # A matmul joins a batched launch only if its output is small (at most this many
 # elements, e.g. 64 tiles of 64x64): alone it would leave most of the GPU idle (the
 # weight gradients dW = X^T dY of a small model), while a large one fills the GPU by
