@@ -6,6 +6,7 @@ and bundle keys; every kernel of the bf16 bundles compiles for sm_90 and gfx90a.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,8 @@ from gptc.compiler.codegen.kernels import prelude, render_plan
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.planner import make_plan
+from gptc.compiler import precision
+from gptc.compiler.ir import Graph
 from gptc.compiler.precision import ATTENTION_SCOPES, apply_precision
 from gptc.models import _model_graph
 from gptc.runtime.reference import run_graph
@@ -254,3 +257,34 @@ def test_every_bf16_kernel_compiles(bf16_kernel_codes, target):
                 f"bf16_batch{i}") for i, batch in enumerate(batches)]
     objects = compile_many(sources, parse_target(target))
     assert len(objects) == len(batches) and all(len(o) > 0 for o in objects)
+
+
+def test_bf16_rows_not_16_byte_aligned_are_stored_padded(monkeypatch):
+    """gpt2's 50,257-wide lm_head weight and logits gradient, as bf16 matmul operands,
+    are stored with rows padded to 8 elements and read through a slice, so that the
+    matrix-unit kernels copy them 16 bytes at a time (2 bytes before); the values are
+    the unpadded cast's."""
+    spec = with_precision(gptc.preset("gpt2"), "bf16")
+    plan = make_plan(gptc.build_graph(spec, "train"))
+    g = plan.graph
+    wide = [k for k in plan.kernels if k.family == "matmul"
+            and any(50257 in g.type(x).shape for x in g.inputs_of(k.anchor))]
+    assert len(wide) == 3   # logits, their gradient through the weight, the weight's gradient
+    sources = {s.name: s.code for s in render_plan(plan, parse_target("sm_90"))}
+    for k in wide:
+        widths = set(re.findall(r"gptc_copy_async<(\d+)>", sources[k.name]))
+        assert widths == {"8"}, (k.name, widths)
+    # the same values as a plain cast: a small graph, padded or not
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 35)), "w": np.random.default_rng(1).standard_normal((35, 4099))}
+
+    def run(pad_min: int):
+        monkeypatch.setattr(precision, "PAD_MIN_SIZE", pad_min)
+        graph = Graph()
+        graph.output("y", graph.input("x", (64, 35)) @ graph.input("w", (35, 4099)))
+        apply_precision(graph, "bf16")
+        return graph, run_graph(graph, feeds, np.float64)["outputs"]["y"]
+
+    padded, y_padded = run(1)
+    plain, y_plain = run(1 << 40)
+    assert "pad" in {padded.op(n) for n in padded.nx.nodes} and "pad" not in {plain.op(n) for n in plain.nx.nodes}
+    np.testing.assert_array_equal(y_padded, y_plain)

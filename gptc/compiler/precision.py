@@ -118,5 +118,22 @@ def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
                 copies[nid] = graph.add(node["op"], [src], **node["attrs"])
         else:
             with graph.replace_scope(f"{node['scope']}/bf16" if node["scope"] else "bf16"):
-                copies[nid] = graph.add("cast", [nid], dtype="bf16")
+                copies[nid] = _cast_aligned(graph, nid)
     return copies[nid]
+
+
+# A bf16 copy whose rows are not a multiple of 16 bytes (gpt2's 50,257-wide logits and
+# lm_head weight) is stored with its rows padded to 8 elements and read through a slice:
+# the matrix-unit kernels copy operand rows 16 bytes at a time only when each row
+# starts 16-byte aligned (else 2 bytes at a time). Small tensors are left alone.
+ROW_ALIGN, PAD_MIN_SIZE = 8, 1 << 20
+
+
+def _cast_aligned(graph: Graph, nid: int) -> int:
+    t = graph.type(nid)
+    width = t.shape[-1] if t.shape else 0
+    inside_attention = "causal_attention" in graph.node(nid)["scope"]  # P: the flash kernels' own, never stored
+    if len(t.shape) < 2 or width % ROW_ALIGN == 0 or t.size < PAD_MIN_SIZE or inside_attention:
+        return graph.add("cast", [nid], dtype="bf16")
+    padded = graph.add("pad", [nid], axis=len(t.shape) - 1, before=0, after=-width % ROW_ALIGN)
+    return graph.add("slice", [graph.add("cast", [padded], dtype="bf16")], axis=len(t.shape) - 1, start=0, stop=width)
