@@ -19,8 +19,7 @@ model, autodiff, optimizer, precision, collectives, planning).
   operand of P·V and of dV = Pᵀ·dO) and the scores' gradient dS (of dQ = dS·K and
   dK = Qᵀ·dS) get one cast each, in their scope + "/bf16" (planner/attention.py looks
   through these casts; the flash kernels round P and dS at the same places); softmax
-  and its statistics stay f32; the softmax backward's delta = rowsum(P * dP) reads the
-  bf16 P (= rowsum(dO * out), as flash kernels compute it).
+  and its statistics stay f32.
 - not yet: the matmuls of the other attention cores (in the scopes ATTENTION_SCOPES:
   cached-key decode, linear attention) stay f32; nor the grouped matmuls of a mixture
   of experts.
@@ -53,25 +52,6 @@ def apply_precision(graph: Graph, precision: str) -> None:
             if graph.type(operand).dtype == "f32":
                 graph.rewire(operand, _bf16(graph, operand, copies), nid)
     _bias_gradients_read_bf16(graph, copies)
-    _softmax_delta_reads_rounded_p(graph, copies)
-
-
-def _softmax_delta_reads_rounded_p(graph: Graph, copies: dict[int, int]) -> None:
-    """Causal attention's softmax backward, dS = P * (dP - delta), takes delta =
-    rowsum(P * dP) with the P that P·V read, the bf16 one: then delta = rowsum(dO * out),
-    what flash kernels (the planner's, torch's) compute from dO and the output. With the
-    f32 P, the two differ by P's rounding, which dP - delta (a difference of near-equal
-    numbers) amplifies into dQ and dK. (With dropout, P·V reads the dropped P and this
-    stays as autodiff wrote it.)"""
-    for p, cast in list(copies.items()):
-        scope = graph.node(p)["scope"]
-        if graph.op(cast) != "cast" or graph.op(p) != "div" or not scope.endswith("causal_attention/softmax"):
-            continue
-        for user in list(graph.users(p)):
-            if graph.op(user) == "mul" and graph.node(user)["scope"] == scope + "#bwd":
-                with graph.replace_scope(scope.removesuffix("/softmax") + "#bwd/bf16"):
-                    rounded = graph.add("cast", [cast], dtype="f32")
-                graph.rewire(p, rounded, user)
 
 
 def _bias_gradients_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
