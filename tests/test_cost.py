@@ -10,6 +10,7 @@ from gptc import dsl
 from gptc.compiler.planner.cost import KernelCost, bound, floor_seconds, node_flops, plan_costs
 from gptc.compiler.ir import Graph
 from gptc.models import build_graph
+from gptc.compiler import planner
 from gptc.compiler.planner import Plan, make_plan
 from gptc.spec import preset
 
@@ -72,10 +73,18 @@ def test_unfused_small_graph_by_hand():
     ])
 
 
-def test_fusion_keeps_flops_and_saves_bytes():
+def test_fusion_keeps_flops_and_saves_bytes(monkeypatch):
     g = build_graph(preset("tiny"), "train")
     fused, unfused = plan_costs(make_plan(g, True)), plan_costs(make_plan(build_graph(preset("tiny"), "train"), False))
-    assert sum(c.flops for c in fused) == sum(c.flops for c in unfused)  # same arithmetic, however it is grouped
+
+    def flops(costs):
+        return sum(c.flops for c in costs)
+    # The backward recomputes a few cheap forward values (GELU's) instead of reading
+    # them (fusion.recompute_in_backward): a little more arithmetic; without it, the
+    # same arithmetic however it is grouped.
+    assert flops(unfused) < flops(fused) < 1.02 * flops(unfused)
+    monkeypatch.setattr(planner, "recompute_in_backward", lambda graph: None)
+    assert flops(plan_costs(make_plan(g, True))) == flops(unfused)
     assert sum(c.bytes for c in fused) < sum(c.bytes for c in unfused) / 2
     assert len(fused) < len(unfused)
 

@@ -69,14 +69,15 @@ def test_norm_forward_is_one_row_kernel(norm, mode):
 @pytest.mark.parametrize("norm,gains", [("layernorm", 2), ("rmsnorm", 1), ("scalenorm", 1)])
 def test_norm_backward_fused_as_layernorm(norm, gains):
     """A norm's backward, as LayerNorm's: one row kernel per norm (the input gradient,
-    with the row sums it needs), one column reduce per parameter of the norm (gain, and
-    LayerNorm's bias), the rest in the epilogue of the matmul giving the norm's output
-    gradient (RMSNorm's per-column gain); no pointwise kernel."""
+    with the row sums it needs), one column reduction per parameter of the norm (gain,
+    and LayerNorm's bias) in two reduce kernels (sums of row chunks, then their sum: the
+    planner's split_reductions), the rest in the epilogue of the matmul giving the norm's
+    output gradient (RMSNorm's per-column gain); no pointwise kernel."""
     spec = tiny(norm=norm)
     norms = 2 * spec.model.n_layers + 1
     plan = make_plan(gptc.build_graph(spec, "train"), True)
     families = Counter(k.family for k in scope_kernels(plan, backward_scope(norm)))
-    assert families["row"] == norms and families["reduce"] == norms * gains
+    assert families["row"] == norms and families["reduce"] == 2 * norms * gains
     assert set(families) <= {"row", "reduce", "matmul"} and families["matmul"] <= norms
 
 

@@ -8,7 +8,7 @@ from gptc.compiler.strides import strided
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import COLLECTIVE, SOURCE, VIEW
-from gptc.compiler.planner.fusion import clone_gated_operands, fuse_graph, is_free
+from gptc.compiler.planner.fusion import clone_gated_operands, fuse_graph, is_free, recompute_in_backward
 from gptc.compiler.planner.schedule import Buffer, KernelPlan, Plan, schedule
 
 __all__ = ["Buffer", "KernelPlan", "Plan", "make_plan", "fusion_report"]
@@ -24,6 +24,7 @@ def make_plan(graph: Graph, fuse: bool = True) -> Plan:
     graph.prune()  # values nothing reads are not computed
     if fuse:
         clone_gated_operands(graph)
+        recompute_in_backward(graph)
     lay_out(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)
 

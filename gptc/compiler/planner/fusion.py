@@ -121,6 +121,83 @@ def clone_gated_operands(graph: Graph) -> None:
     graph.prune()
 
 
+# A forward value the backward recomputes instead of reading is at most this many nodes.
+RECOMPUTE_MAX_NODES = 12
+
+
+def _backward(graph: Graph, nid: int) -> bool:
+    return "#bwd" in graph.node(nid)["scope"]
+
+
+def recompute_cone(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | None:
+    """The forward nodes computing `nid` when the backward should recompute it rather
+    than read it, else None: f32 elementwise nodes (at most RECOMPUTE_MAX_NODES) whose
+    stored inputs the backward reads anyway (directly, not through this value). GELU's
+    x², x/2, tanh(...) and 1 + tanh(...) are such (its backward reads x itself), and
+    LayerNorm's normalised x (from x, the mean and 1/std): the forward kernel stores x
+    alone, not five tensors of the MLP's width, and the backward's kernels recompute
+    the rest from it. Per-row values (a last axis of 1: norm statistics) are read, not
+    recomputed: they are small, and their backward readers are reductions' kernels."""
+    if (graph.type(nid).shape or (1,))[-1] == 1:
+        return None
+    cone: set[int] = set()
+    stack = [nid]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        if OPS[graph.op(n)].kind != ELEMENTWISE or is_free(graph, n, free) or graph.type(n).dtype != "f32" \
+                or _backward(graph, n):
+            return None
+        cone.add(n)
+        if len(cone) > RECOMPUTE_MAX_NODES:
+            return None
+        for src in graph.inputs_of(n):
+            while OPS[graph.op(src)].kind == VIEW:
+                (src,) = graph.inputs_of(src)
+            if is_free(graph, src, free):
+                continue
+            if any(_backward(graph, u) and OPS[graph.op(u)].kind == ELEMENTWISE for u, _ in compute_users(graph, src, free)):
+                continue  # a value the backward reads anyway: the frontier
+            stack.append(src)
+    return cone
+
+
+def recompute_in_backward(graph: Graph) -> None:
+    """Give each backward elementwise node reading a forward value that `recompute_cone`
+    accepts its own copy of the nodes computing it (and of the views between): the
+    backward kernel recomputes it from values it loads anyway, and the forward kernel
+    need not store it (rematerialization; the originals stay for their forward
+    readers)."""
+    free: dict[int, bool] = {}
+    topo = graph.topo_order()
+    position = {n: i for i, n in enumerate(topo)}  # the clones are added later and never cloned
+    for nid in topo:
+        if nid not in graph.nx or OPS[graph.op(nid)].kind != ELEMENTWISE or _backward(graph, nid) \
+                or "causal_attention" in graph.node(nid)["scope"]:  # the flash kernels recompute their own
+            continue
+        readers = [(u, tuple(c)) for u, c in compute_users(graph, nid, free)
+                   if _backward(graph, u) and OPS[graph.op(u)].kind == ELEMENTWISE
+                   and "causal_attention" not in graph.node(u)["scope"]]
+        if not readers:
+            continue
+        cone = recompute_cone(graph, nid, free)
+        if cone is None:
+            continue
+        order = sorted(cone, key=position.__getitem__)
+        for user, chain in dict.fromkeys(readers):
+            last = chain[-1] if chain else nid
+            if not graph.nx.has_edge(last, user):
+                continue  # the same view chain read twice by one node: already rewired
+            copies: dict[int, int] = {}
+            for n in [*order, *chain]:
+                node = graph.node(n)
+                with graph.replace_scope(graph.node(user)["scope"]):
+                    copies[n] = graph.add(node["op"], [copies.get(i, i) for i in node["inputs"]], **node["attrs"])
+            graph.rewire(last, copies[last], user)
+    graph.prune()
+
+
 @dataclass
 class Group:
     """One kernel: the compute nodes it evaluates, the nodes whose values it stores
