@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One call on a 2-GPU machine that checks and measures as much as fits in ~9 minutes, the
+# One call on a 2-GPU machine that checks and measures as much as fits in ~10 minutes, the
 # two GPUs working side by side (results under $OUT, logs under $OUT/all):
 #   GPU 0: the GPU tests of the fp32 kernels (regressions), then `gptc bench` of gpt2 in bf16
 #          (train; the PyTorch peer, torch.compile + CUDA graph, in bf16 autocast)
 #   GPU 1: the GPU tests of the bf16 matmuls and attention, decode, sampling and bundles,
-#          then `gptc bench --gemm` and `gptc bench` of hipgpt in fp32 (no regression)
-#   both:  tests/test_gpu_multi.py (2 GPUs)
+#          then `gptc bench --what decode` of hipgpt (and gpt2 with DECODE_GPT2=1; batch 1, 8,
+#          64; PyTorch peers) and `gptc bench` of hipgpt's fp32 training step (no regression)
+#   both:  tests/test_gpu_multi.py (2 GPUs), then benchmarks/multi_gpu.py: 1 and 2 GPUs,
+#          gpt2 and the mid model in bf16 (and ZeRO-1)
 # Each part has its own time limit (seconds, env *_S) so that one that hangs costs only
 # itself. Usage: OUT=dir GPTC_COMMIT=abc1234 bash benchmarks/gpu_parallel.sh
 # The 2-GPU tests need nccl4py, which the GPU machine lacks: put its wheel in .wheels/ first
@@ -25,23 +27,27 @@ run() {  # run GPU SECONDS LOG COMMAND...: one part on one GPU (or "0,1"), its o
 }
 PYTEST_GPU="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"  # (timeout runs programs, not shell functions)
 # Phase 1: the GPU tests, split over the two GPUs.
-run 0 ${TESTS_S:-300} tests0.txt $PYTEST_GPU tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
+run 0 ${TESTS_S:-240} tests0.txt $PYTEST_GPU tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
     tests/test_option_gqa_local.py tests/test_option_linear.py tests/test_option_moe.py tests/test_option_norms_gpu.py \
     tests/test_option_rope.py tests/test_gpu_batched_dispatch.py &
-run 1 ${TESTS_S:-300} tests1.txt $PYTEST_GPU tests/test_gpu_mma.py tests/test_gpu_precision.py \
+run 1 ${TESTS_S:-240} tests1.txt $PYTEST_GPU tests/test_gpu_mma.py tests/test_gpu_precision.py \
     tests/test_gpu_attention_bf16.py tests/test_gpu_decode.py tests/test_gpu_sampling.py tests/test_gpu_batch_sampling.py \
     tests/test_gpu_bundle.py tests/test_gpu_bench_decode.py &
 wait
 # Phase 2: benchmarks, one per GPU at a time (each GPU quiet while it is timed). NO_BENCH=1 skips it.
 [[ -n ${NO_BENCH:-} ]] || {
-(run 0 ${BENCH_S:-140} bench0.txt python3 -m gptc bench --preset gpt2 --precision bf16 --what train --no-kernels \
+(run 0 ${BENCH_S:-150} bench0.txt python3 -m gptc bench --preset gpt2 --precision bf16 --what train --no-kernels \
      --compare torch-cudagraphs --out "$OUT/all/bench-gpt2-bf16") &
-(run 1 70 bench1.txt python3 -m gptc bench --gemm --out "$OUT/all/gemm"
- run 1 70 bench1.txt python3 -m gptc bench --preset hipgpt --no-kernels --out "$OUT/all/bench-hipgpt-fp32") &
+(run 1 60 bench1.txt python3 -m gptc bench --preset hipgpt --what decode --out "$OUT/all/decode-hipgpt"
+ run 1 70 bench1.txt python3 -m gptc bench --preset hipgpt --no-kernels --compare torch-cudagraphs \
+     --out "$OUT/all/bench-hipgpt-fp32"
+ [[ -z ${DECODE_GPT2:-} ]] || run 1 140 bench1.txt python3 -m gptc bench --preset gpt2 --what decode --out "$OUT/all/decode-gpt2") &
 wait
 }
-# Phase 3: two GPUs together.
-run 0,1 ${MULTI_S:-100} multi.txt $PYTEST_GPU -x tests/test_gpu_multi.py
+# Phase 3: two GPUs together: the 2-GPU tests, then the scaling of gpt2 and the mid model in bf16.
+run 0,1 ${MULTI_S:-50} multi.txt $PYTEST_GPU -x tests/test_gpu_multi.py
+[[ -n ${NO_BENCH:-} ]] || run 0,1 ${SCALING_S:-120} multi.txt python3 benchmarks/multi_gpu.py --gpus 2 --steps 10 \
+    --models gpt2,mid --out "$OUT/all/multi"
 for f in "$OUT"/all/*.txt; do echo "##### $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|== exit|ms|TFLOP|tok" "$f" | tail -25; done > "$OUT/summary.txt"
 tar -czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" all
 cat "$OUT/summary.txt" | tail -120
