@@ -4,9 +4,12 @@ steps whose first one has many threads; reductions that need no split, or whose 
 have no divisor to split them by, are left as they are."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+import gptc
 from gptc.compiler.codegen.kernels import render_plan
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner import make_plan
@@ -58,3 +61,17 @@ def test_split_only_where_it_helps(shape, axes):
     rows, outputs = shape[0], shape[1]
     split = outputs < 65536 and any(rows % c == 0 for c in range(2, rows))
     assert len(launches) == (2 if split else 1)
+
+
+def test_bf16_column_sums_keep_f32_partials():
+    """A bias's gradient in bf16 sums the bf16 copy of the output gradient in f32
+    (compiler/precision.py): its partial sums are f32 too, not rounded to bf16."""
+    spec = gptc.preset("tiny")
+    spec = replace(spec, train=replace(spec.train, precision="bf16"))
+    graph = gptc.build_graph(spec, "train")
+    assert not [n for n in graph.nx.nodes if graph.op(n) == "sum" and graph.type(n).dtype == "bf16"]
+    plan = make_plan(graph)
+    g = plan.graph
+    sums = [n for n in g.nx.nodes if g.op(n) == "sum"]
+    assert len(sums) > len([n for n in graph.nx.nodes if graph.op(n) == "sum"])  # some were split
+    assert all(g.type(n).dtype == "f32" for n in sums)

@@ -86,6 +86,8 @@ def _split_columns(graph: Graph, nid: int, src: int, shape: tuple[int, ...], lea
         # part p sums rows p, p + parts, p + 2 parts, ...: a leading axis again, so each of
         # the parts x outputs threads walks it (codegen's thread per output), coalesced
         chunks = graph.add("reshape", [src], shape=(chunk, rows // chunk, *rest))
+        if graph.type(chunks).dtype != graph.type(nid).dtype:  # a bf16 operand summed in f32 (precision.py)
+            chunks = graph.add("cast", [chunks], dtype=graph.type(nid).dtype)
         partial = graph.add(op, [chunks], axes=(0,), keepdims=False)
         if lead > 1:  # the rank of src, so that nid reduces the same axes
             partial = graph.add("reshape", [partial], shape=(rows // chunk,) + (1,) * (lead - 1) + tuple(rest))
