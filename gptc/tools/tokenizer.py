@@ -123,8 +123,8 @@ class Tokenizer:
     def __init__(self, hf: tokenizers.Tokenizer):
         self._bytes = _check_layout(hf)
         self._hf = hf
-        # pre-token -> its ids; None where added tokens must be matched first
-        self._memo: dict[str, list[int]] | None = None if hf.get_added_tokens_decoder() else {}
+        # each pre-token's ids; None where added tokens must be matched first
+        self._memo: _IdsMemo | None = None if hf.get_added_tokens_decoder() else _IdsMemo()
 
     @property
     def vocab_size(self) -> int:
@@ -185,15 +185,14 @@ class Tokenizer:
             return np.concatenate(parts)
         pieces = _pretokens(text)
         memo = self._memo
-        new = set(pieces).difference(memo)
+        new = set(itertools.filterfalse(memo.index.__contains__, pieces))
         if len(memo) + len(new) > MEMO_SIZE:  # bounded: a text of ever new pre-tokens keeps memory flat
             memo.clear()
             new = set(pieces)
-        table = memo if len(new) <= MEMO_SIZE else {}  # a text of more distinct pre-tokens: its own table
+        table = memo if len(new) <= MEMO_SIZE else _IdsMemo()  # a text of more distinct pre-tokens: its own
         for piece in new:
-            table[piece] = self._hf.encode(piece, add_special_tokens=False).ids
-        # one C-level pass over the pre-tokens (no Python code per pre-token), then one conversion
-        return np.array(list(itertools.chain.from_iterable(map(table.__getitem__, pieces))), np.int32)
+            table.add(piece, self._hf.encode(piece, add_special_tokens=False).ids)
+        return table.gather(pieces)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of a sequence of token ids (invalid UTF-8 becomes U+FFFD)."""
@@ -303,6 +302,45 @@ class StreamDecoder:
 # -------------------------------------------------------------------- helpers
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+
+
+class _IdsMemo:
+    """The ids of pre-tokens met before: `index` maps a pre-token to its row, whose ids are
+    flat[offsets[row]:offsets[row] + lengths[row]]. `gather` turns a list of pre-tokens into
+    their ids with one C-level pass of dict lookups and a few NumPy operations (no Python
+    code, and no Python int, per pre-token)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self.flat = np.zeros(1 << 12, np.int32)
+        self.offsets = np.zeros(1 << 10, np.int64)
+        self.lengths = np.zeros(1 << 10, np.int64)
+        self.used = 0  # of flat
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, piece: str, ids: list[int]) -> None:
+        row = len(self.index)
+        if row == len(self.offsets):
+            self.offsets, self.lengths = np.resize(self.offsets, 2 * row), np.resize(self.lengths, 2 * row)
+        if self.used + len(ids) > len(self.flat):
+            self.flat = np.resize(self.flat, 2 * (self.used + len(ids)))
+        self.offsets[row], self.lengths[row] = self.used, len(ids)
+        self.flat[self.used:self.used + len(ids)] = ids
+        self.used += len(ids)
+        self.index[piece] = row
+
+    def gather(self, pieces: list[str]) -> np.ndarray:
+        rows = np.fromiter(map(self.index.__getitem__, pieces), np.int64, len(pieces))
+        lengths = self.lengths[rows]
+        ends = np.cumsum(lengths)
+        # position t of the output reads flat[offsets[row] + (t - start of its pre-token)]
+        shift = np.repeat(self.offsets[rows] - (ends - lengths), lengths)
+        return self.flat[np.arange(int(ends[-1]) if len(ends) else 0) + shift]
 
 
 def _pretokens(text: str) -> list[str]:
