@@ -107,18 +107,27 @@ def clone_gated_operands(graph: Graph) -> None:
         if cone is None:
             continue
         order = [n for n in graph.topo_order() if n in cone]
-        for user, chain in dict.fromkeys((u, tuple(c)) for u, c in compute_users(graph, nid, free)):
-            last = chain[-1] if chain else nid
-            if not graph.nx.has_edge(last, user):
-                continue  # the same view chain read twice by one matmul: already rewired
-            copies: dict[int, int] = {}
-            for n in [*order, *chain]:
-                node = graph.node(n)
-                with graph.replace_scope(node["scope"]):
-                    copies[n] = graph.add(node["op"], [copies.get(i, i) for i in node["inputs"]], **node["attrs"])
-            graph.rewire(last, copies[last], user)
+        _copy_for_readers(graph, nid, order, [(u, tuple(c)) for u, c in compute_users(graph, nid, free)],
+                          lambda user, node: node["scope"])
         free.clear()
     graph.prune()
+
+
+def _copy_for_readers(graph: Graph, nid: int, order: list[int], readers: list[tuple[int, tuple[int, ...]]],
+                      scope) -> None:
+    """Give each (reader, view chain between) of `nid` its own copy of the nodes `order`
+    (those computing nid, in topological order) and of the views, each copy in the scope
+    `scope(reader, original node)`."""
+    for user, chain in dict.fromkeys(readers):
+        last = chain[-1] if chain else nid
+        if not graph.nx.has_edge(last, user):
+            continue  # the same view chain read twice by one node: already rewired
+        copies: dict[int, int] = {}
+        for n in [*order, *chain]:
+            node = graph.node(n)
+            with graph.replace_scope(scope(user, node)):
+                copies[n] = graph.add(node["op"], [copies.get(i, i) for i in node["inputs"]], **node["attrs"])
+        graph.rewire(last, copies[last], user)
 
 
 # A forward value the backward recomputes instead of reading is at most this many nodes.
@@ -184,17 +193,8 @@ def recompute_in_backward(graph: Graph) -> None:
         cone = recompute_cone(graph, nid, free)
         if cone is None:
             continue
-        order = sorted(cone, key=position.__getitem__)
-        for user, chain in dict.fromkeys(readers):
-            last = chain[-1] if chain else nid
-            if not graph.nx.has_edge(last, user):
-                continue  # the same view chain read twice by one node: already rewired
-            copies: dict[int, int] = {}
-            for n in [*order, *chain]:
-                node = graph.node(n)
-                with graph.replace_scope(graph.node(user)["scope"]):
-                    copies[n] = graph.add(node["op"], [copies.get(i, i) for i in node["inputs"]], **node["attrs"])
-            graph.rewire(last, copies[last], user)
+        _copy_for_readers(graph, nid, sorted(cone, key=position.__getitem__), readers,
+                          lambda user, node: graph.node(user)["scope"])
     graph.prune()
 
 
