@@ -185,14 +185,19 @@ class Tokenizer:
             return np.concatenate(parts)
         pieces = _pretokens(text)
         memo = self._memo
-        new = set(itertools.filterfalse(memo.index.__contains__, pieces))
-        if len(memo) + len(new) > MEMO_SIZE:  # bounded: a text of ever new pre-tokens keeps memory flat
-            memo.clear()
-            new = set(pieces)
-        table = memo if len(new) <= MEMO_SIZE else _IdsMemo()  # a text of more distinct pre-tokens: its own
-        for piece in new:
-            table.add(piece, self._hf.encode(piece, add_special_tokens=False).ids)
-        return table.gather(pieces)
+        rows = memo.rows(pieces)  # -1: not met before
+        missing = np.flatnonzero(rows < 0).tolist()
+        if missing:
+            new = dict.fromkeys(pieces[i] for i in missing)
+            if len(memo) + len(new) > MEMO_SIZE:  # bounded: a text of ever new pre-tokens keeps memory flat
+                memo.clear()
+                new, missing = dict.fromkeys(pieces), range(len(pieces))
+            if len(new) > MEMO_SIZE:  # a text of more distinct pre-tokens: a table of its own
+                memo = _IdsMemo()
+            for piece in new:
+                memo.add(piece, self._hf.encode(piece, add_special_tokens=False).ids)
+            rows[missing] = [memo.index[pieces[i]] for i in missing]
+        return memo.gather(rows)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of a sequence of token ids (invalid UTF-8 becomes U+FFFD)."""
@@ -306,9 +311,9 @@ def _one_line(e: BaseException) -> str:
 
 class _IdsMemo:
     """The ids of pre-tokens met before: `index` maps a pre-token to its row, whose ids are
-    flat[offsets[row]:offsets[row] + lengths[row]]. `gather` turns a list of pre-tokens into
-    their ids with one C-level pass of dict lookups and a few NumPy operations (no Python
-    code, and no Python int, per pre-token)."""
+    flat[offsets[row]:offsets[row] + lengths[row]]. `rows` and `gather` turn a list of
+    pre-tokens into their ids with one C-level pass of dict lookups and a few NumPy
+    operations (no Python code, and no Python int, per pre-token met before)."""
 
     def __init__(self) -> None:
         self.clear()
@@ -334,8 +339,12 @@ class _IdsMemo:
         self.used += len(ids)
         self.index[piece] = row
 
-    def gather(self, pieces: list[str]) -> np.ndarray:
-        rows = np.fromiter(map(self.index.__getitem__, pieces), np.int64, len(pieces))
+    def rows(self, pieces: list[str]) -> np.ndarray:
+        """Each pre-token's row, -1 for those not held (one C-level pass of dict lookups)."""
+        return np.fromiter(map(self.index.get, pieces, itertools.repeat(-1)), np.int64, len(pieces))
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The ids of the pre-tokens of `rows`, one after another."""
         lengths = self.lengths[rows]
         ends = np.cumsum(lengths)
         # position t of the output reads flat[offsets[row] + (t - start of its pre-token)]
