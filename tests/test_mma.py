@@ -116,11 +116,14 @@ def test_bench_gemm_without_gpu_torch_one_line_exit_2(monkeypatch, capsys):
 
 
 def test_bench_gemm_shapes_run_on_the_matrix_units():
-    """Every shape of the bench renders one matmul_mma kernel for sm_90; gpt2's vocab rows
-    (50257 bf16, odd) take 2-byte copies, the others 16-byte ones."""
+    """Every shape of the bench renders one matmul_mma kernel for sm_90 (and the sum of its
+    partial products where it is split along k: c_proj's dW); gpt2's vocab rows (50257
+    bf16, odd) take 2-byte copies, the others 16-byte ones."""
     from gptc.tools.bench.gemm import GEMM_SHAPES, gptc_gemm_graph
     for label, m, n, k, a, b in GEMM_SHAPES:
-        (kernel,) = render_plan(make_plan(gptc_gemm_graph(m, n, k, a, b), True), parse_target("cuda:sm_90"))
+        kernels = render_plan(make_plan(gptc_gemm_graph(m, n, k, a, b), True), parse_target("cuda:sm_90"))
+        (kernel,) = [kern for kern in kernels if kern.family == "matmul"]
+        assert any(kern.family == "reduce" for kern in kernels) == (label == "c_proj dW=X^T@dY"), label
         assert "gptc_mma(cf" in kernel.code, label
         odd = "lm_head dX" in label or "lm_head dW" in label
         assert ("gptc_copy_async<1>" in kernel.code) == odd, label

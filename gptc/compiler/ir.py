@@ -149,19 +149,24 @@ class Graph:
         """Remove the unary node `nid`: its users, and outputs and updates naming it, read
         its operand instead."""
         (src,) = self.inputs_of(nid)
-        for user in self.users(nid):
-            args = self.nx.edges[nid, user]["args"]
-            if self.nx.has_edge(src, user):
-                self.nx.edges[src, user]["args"] = sorted(self.nx.edges[src, user]["args"] + args)
+        self.replace(nid, src)
+
+    def replace(self, old: int, new: int) -> None:
+        """Remove node `old`: its users, and outputs and updates naming it, read `new`
+        (of the same type) instead."""
+        for user in self.users(old):
+            args = self.nx.edges[old, user]["args"]
+            if self.nx.has_edge(new, user):
+                self.nx.edges[new, user]["args"] = sorted(self.nx.edges[new, user]["args"] + args)
             else:
-                self.nx.add_edge(src, user, args=list(args))
+                self.nx.add_edge(new, user, args=list(args))
             node = self.node(user)
-            node["inputs"] = tuple(src if i == nid else i for i in node["inputs"])
+            node["inputs"] = tuple(new if i == old else i for i in node["inputs"])
         for table in (self.outputs, self.updates):
             for name, value in table.items():
-                if value == nid:
-                    table[name] = src
-        self.nx.remove_node(nid)
+                if value == old:
+                    table[name] = new
+        self.nx.remove_node(old)
 
     def copy(self) -> "Graph":
         """An independent copy with the same node ids, for passes that change a graph.

@@ -42,6 +42,40 @@ SPLIT_COLUMNS_THREADS = 1 << 16
 SPLIT_COLUMNS_MIN_ROWS = 16  # ...into chunks of at least this many rows.
 
 
+# A matrix product with few output tiles and a long sum (a small weight's gradient
+# dW = X^T dY over every token of the batch) keeps only a few compute units busy, each
+# walking the whole sum. Split the sum into parts (split-K) when its output has fewer
+# than this many elements...
+SPLIT_K_OUTPUTS = 1 << 20
+SPLIT_K_MIN_CHUNK = 1024  # ...into parts of at least this many products each,
+SPLIT_K_MIN_SIDE = 64  # if it is at least one tile wide both ways (not a matrix-vector product).
+
+
+def split_matmuls(graph: Graph) -> None:
+    """A (M, K) @ (K, N) product with M*N < SPLIT_K_OUTPUTS and a long K runs as P
+    products over the K/P-long parts of the sum, one batched matmul (P, M, N) of f32
+    partial sums (each part's tiles are blocks of their own), then their sum over P:
+    P times the blocks for the same arithmetic, plus P*M*N partials written and read."""
+    for nid in [n for n in graph.nx.nodes if graph.op(n) == "matmul"]:
+        a, b = graph.inputs_of(nid)
+        if len(graph.type(a).shape) != 2:  # a batched product (attention's) has tiles enough
+            continue
+        (m, k), n = graph.type(a).shape, graph.type(b).shape[1]
+        if m * n >= SPLIT_K_OUTPUTS or min(m, n) < SPLIT_K_MIN_SIDE:
+            continue
+        want = min(k // SPLIT_K_MIN_CHUNK, -(-SPLIT_K_OUTPUTS // (m * n)))
+        parts = max((p for p in range(2, want + 1) if k % p == 0), default=1)
+        if parts == 1:
+            continue
+        chunk = k // parts
+        with graph.replace_scope(graph.node(nid)["scope"]):
+            rows = graph.add("permute", [graph.add("reshape", [a], shape=(m, parts, chunk))], perm=(1, 0, 2))
+            cols = graph.add("reshape", [b], shape=(parts, chunk, n))
+            partial = graph.add("matmul", [rows, cols])
+            total = graph.add("sum", [partial], axes=(0,), keepdims=False)
+        graph.replace(nid, total)
+
+
 def split_reductions(graph: Graph) -> None:
     """Two reductions that would starve the GPU run as two steps.
     - Over several axes including the last one (a sum of squares of a weight gradient,
@@ -108,6 +142,7 @@ def lay_out(graph: Graph) -> None:
         if OPS[graph.op(base)].kind == VIEW:
             with graph.replace_scope(f"output {name}"):
                 graph.outputs[name] = graph.add("copy", [nid])
+    split_matmuls(graph)
     split_reductions(graph)
     for nid in list(graph.nx.nodes):
         if OPS[graph.op(nid)].kind == COLLECTIVE:

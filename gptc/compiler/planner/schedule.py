@@ -9,6 +9,8 @@ Arenas:
   do not overlap (best fit by size, largest first)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -159,11 +161,11 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
 
 
 BATCHED_FAMILIES = ("pointwise", "reduce", "matmul", "kv_write")
-# A matmul joins a batched launch only if its output is small (at most this many
-# elements, e.g. 64 tiles of 64x64): alone it would leave most of the GPU idle (the
-# weight gradients dW = X^T dY of a small model), while a large one fills the GPU by
-# itself and would only lose its own best configuration (a batched launch needs one
-# block size for all its parts).
+# A matmul joins a batched launch only if its products are small (at most this many
+# elements each, e.g. 64 tiles of 64x64): alone it would leave most of the GPU idle (the
+# weight gradients dW = X^T dY of a small model, also when split along K), while a large
+# one fills the GPU by itself and would only lose its own best configuration (a batched
+# launch needs one block size for all its parts).
 BATCHED_MATMUL_MAX_OUTPUT = 2**18
 
 
@@ -215,7 +217,7 @@ def _batchable(graph: Graph, kern: KernelPlan) -> bool:
     if kern.family == COLLECTIVE_FAMILY:
         return True
     if kern.family == "matmul":
-        return graph.type(kern.anchor).size <= BATCHED_MATMUL_MAX_OUTPUT
+        return math.prod(graph.type(kern.anchor).shape[-2:]) <= BATCHED_MATMUL_MAX_OUTPUT
     return kern.family in BATCHED_FAMILIES
 
 
