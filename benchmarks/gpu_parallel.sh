@@ -3,7 +3,7 @@
 # two GPUs working side by side (results under $OUT, logs under $OUT/all):
 #   GPU 0: the GPU tests of the fp32 kernels (regressions), then `gptc bench` of gpt2 in bf16
 #          (train; the PyTorch peer, torch.compile + CUDA graph, in bf16 autocast)
-#   GPU 1: the GPU tests of the bf16 matmuls and attention, decode, sampling and bundles,
+#   GPU 1: the GPU tests of the bf16 and matrix-vector matmuls, attention, decode, sampling and bundles,
 #          then `gptc bench --what decode` of hipgpt (and gpt2 with DECODE_GPT2=1; batch 1, 8,
 #          64; PyTorch peers) and `gptc bench` of hipgpt's fp32 training step (no regression)
 #   both:  tests/test_gpu_multi.py (2 GPUs), then benchmarks/multi_gpu.py: 1 and 2 GPUs,
@@ -30,7 +30,7 @@ PYTEST_GPU="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"  # (timeout ru
 run 0 ${TESTS_S:-240} tests0.txt $PYTEST_GPU tests/test_gpu_kernels.py tests/test_gpu_train.py tests/test_device_gpu.py \
     tests/test_option_gqa_local.py tests/test_option_linear.py tests/test_option_moe.py tests/test_option_norms_gpu.py \
     tests/test_option_rope.py tests/test_gpu_batched_dispatch.py &
-run 1 ${TESTS_S:-240} tests1.txt $PYTEST_GPU tests/test_gpu_mma.py tests/test_gpu_precision.py \
+run 1 ${TESTS_S:-240} tests1.txt $PYTEST_GPU tests/test_gpu_mma.py tests/test_gpu_gemv.py tests/test_gpu_precision.py \
     tests/test_gpu_attention_bf16.py tests/test_gpu_decode.py tests/test_gpu_sampling.py tests/test_gpu_batch_sampling.py \
     tests/test_gpu_bundle.py tests/test_gpu_bench_decode.py &
 wait
@@ -46,7 +46,7 @@ wait
 }
 # Phase 3: two GPUs together: the 2-GPU tests, then the scaling of gpt2 and the mid model in bf16.
 run 0,1 ${MULTI_S:-50} multi.txt $PYTEST_GPU -x tests/test_gpu_multi.py
-[[ -n ${NO_BENCH:-} ]] || run 0,1 ${SCALING_S:-120} multi.txt python3 benchmarks/multi_gpu.py --gpus 2 --steps 10 \
+[[ -n ${NO_BENCH:-} ]] || run 0,1 ${SCALING_S:-150} multi.txt python3 benchmarks/multi_gpu.py --gpus 2 --steps 20 \
     --models gpt2,mid --out "$OUT/all/multi"
 for f in "$OUT"/all/*.txt; do echo "##### $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|== exit|ms|TFLOP|tok" "$f" | tail -25; done > "$OUT/summary.txt"
 tar -czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" all

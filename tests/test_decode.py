@@ -217,11 +217,28 @@ def test_decode_kernels_compile(target):
         for fuse in (True, False):
             graph = build_graph(spec, "decode", batch, sink=sink_slots)
             for k in render_plan(make_plan(graph, fuse), parse_target(target)):
-                if k.family in ("kv_write", "decode_attention", "decode_combine"):
+                if k.family in ("kv_write", "decode_attention", "decode_combine", "matmul"):
                     codes.setdefault(k.code[len(prelude()):], k.symbol)
     assert len(codes) > 10 and any("cosf(angle)" in code for code in codes)
     source = prelude() + "".join(f"namespace k{j} {{\n{code}}}\n" for j, code in enumerate(codes))
     assert len(compile_many([(source, "decode_kernels")], parse_target(target))[0]) > 0
+
+
+@pytest.mark.parametrize("batch", [1, 8, 9])
+def test_decode_products_are_matrix_vector(batch):
+    """A decode step's linear layers (batch rows) run as matrix-vector products up to 8
+    rows: a block per 8 columns (every weight read once, by many blocks), not 32-row
+    tiles; the training step's products stay tiled."""
+    from gptc.compiler.codegen.kernels import GEMV_COLUMNS
+    spec = gptc.preset("gpt2")
+    decode = [k for k in render_plan(make_plan(build_graph(spec, "decode", batch, sample=True)),
+                                     parse_target("cuda:sm_90")) if k.family == "matmul"]
+    gemv = ["a matrix-vector product" in k.source for k in decode]
+    assert all(gemv) if batch <= 8 else not any(gemv)
+    if batch <= 8:  # the lm_head (tied: the embedding read transposed) over 50,257 columns
+        assert max(k.grid[0] for k in decode) == -(-spec.model.vocab_size // GEMV_COLUMNS)
+    train = render_plan(make_plan(build_graph(gptc.preset("tiny"), "train")), parse_target("cuda:sm_90"))
+    assert not any("a matrix-vector product" in k.source for k in train)
 
 
 # ----- gptc generate --prompt-file --batch ----------------------------------------------

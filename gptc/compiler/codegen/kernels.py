@@ -571,6 +571,8 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     menu) whose best configurations have the least summed cost over the parts (the
     smallest of equals)."""
     shapes = [_mm_shape(plan, kern) for kern in kernels]
+    if all(_gemv_shape(m, batch) for m, _, _, batch in shapes):
+        return GEMV_THREADS
     if all(_mma_operands(plan, kern, target) for kern in kernels):
         return min(sorted({_mma_threads(t, target) for t in _MMA_TILES}),
                    key=lambda threads: sum(_mma_cost(*shape, _mma_config(*shape, target, threads), target)
@@ -596,25 +598,17 @@ def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m:
     return body
 
 
-def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
-            threads: int | None = None, config: tuple | None = None, mma: tuple | None = None):
+def _matmul_io(plan: Plan, kernel: KernelPlan, em: Emitter, m: int, n: int, k: int, batch: int):
+    """(batch_lines, loads, epilogue, strides) of a matmul kernel for the templates.
+    Each operand is a buffer read through strided views (its batch offset from the
+    batch index, the block's tile along z), or computed while loading it (a prologue,
+    see planner/fusion.py gated_operand): a lambda of the element wanted. Either way
+    the template's loads name the element by its row and column variables (gm, gk for
+    A, gk, gn for B); the epilogue's lines compute the roots at (batch, gm, gn) from acc."""
     g = plan.graph
-    mm = kernel.anchor
-    operands = _mma_operands(plan, kernel, target)
-    if operands and config is None and (mma is not None or threads is None
-                                        or any(_mma_threads(t, target) == threads for t in _MMA_TILES)):
-        return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma)
-    a_in, b_in = g.inputs_of(mm)
-    out_shape = g.type(mm).shape
-    batch_shape, (m, n) = out_shape[:-2], out_shape[-2:]
-    k = g.type(a_in).shape[-1]
-    em = Emitter(plan, kernel.nodes, {mm: "acc"}, args)
-    batch = max(1, _size(batch_shape))
+    a_in, b_in = g.inputs_of(kernel.anchor)
+    batch_shape = g.type(kernel.anchor).shape[:-2]
     batch_idx = unravel(var("batch", batch), batch_shape)
-    # Each operand is a buffer read through strided views (its batch offset from the
-    # batch index, the block's tile along z), or computed while loading it (a prologue,
-    # see planner/fusion.py gated_operand): a lambda of the element wanted. Either way
-    # the template's staging loads name the element by its row and column variables.
     batch_lines, loads, prologues, strides_of = [], {}, [], {}
     for name, operand, axes in (("A", a_in, (("gm", m), ("gk", k))), ("B", b_in, (("gk", k), ("gn", n)))):
         base, offset, strides = _operand_layout(plan, operand)
@@ -636,6 +630,47 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                         f"// operand {name}, %{operand} computed here",
                         *[f"  {line}" for line in em.take()], f"  return {v};", "};"]
         loads[name] = f"{name}_at({axes[0][0]}, {axes[1][0]})"
+    return batch_lines, loads, body, strides_of
+
+
+# Matrix-vector products (a decode step's M = batch rows, templates/matmul_gemv.hip.j2):
+# a tiled matmul would spend 32+ rows of each tile on M <= 8 and give a few dozen blocks.
+# Instead each block takes GEMV_COLUMNS columns of C and GEMV_LANES threads split the
+# sum along k for each: every weight is read once, by N / 8 blocks.
+GEMV_MAX_M, GEMV_THREADS, GEMV_COLUMNS = 8, 256, 8
+GEMV_LANES = GEMV_THREADS // GEMV_COLUMNS
+
+
+def _gemv_shape(m: int, batch: int) -> bool:
+    return m <= GEMV_MAX_M and batch == 1
+
+
+def _gemv(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str], m: int, n: int, k: int):
+    em = Emitter(plan, kernel.nodes, {kernel.anchor: "acc"}, args)
+    batch_lines, loads, body, strides = _matmul_io(plan, kernel, em, m, n, k, 1)
+    # Consecutive threads along B's contiguous dimension: columns (8 x 4 bytes, a
+    # sector, from 4 rows per warp) when B is laid out along n, else k (32 lanes of one
+    # column, 128 bytes).
+    b_sk, b_sn = strides["B"][-2:]
+    ctx.update(template="matmul_gemv.hip.j2", m=m, n=n, k=k, columns=GEMV_COLUMNS, lanes=GEMV_LANES,
+               k_fastest=b_sk == 1 and b_sn != 1, check_n=n % GEMV_COLUMNS != 0,
+               halves=[GEMV_LANES >> r for r in range(1, GEMV_LANES.bit_length())],
+               batch_lines=batch_lines, a_load=loads["A"], b_load=loads["B"], body=body,
+               smem_floats=m * GEMV_THREADS)
+    return (ceil_div(n, GEMV_COLUMNS), 1, 1), (GEMV_THREADS, 1, 1), em
+
+
+def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
+            threads: int | None = None, config: tuple | None = None, mma: tuple | None = None):
+    m, n, k, batch = _mm_shape(plan, kernel)
+    if _gemv_shape(m, batch) and config is None and mma is None and threads in (None, GEMV_THREADS):
+        return _gemv(plan, kernel, ctx, args, m, n, k)
+    operands = _mma_operands(plan, kernel, target)
+    if operands and config is None and (mma is not None or threads is None
+                                        or any(_mma_threads(t, target) == threads for t in _MMA_TILES)):
+        return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma)
+    em = Emitter(plan, kernel.nodes, {kernel.anchor: "acc"}, args)
+    batch_lines, loads, body, strides_of = _matmul_io(plan, kernel, em, m, n, k, batch)
     bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
     ty_count, tx_count = bm // tm, bn // tn
     threads = ty_count * tx_count * kg
