@@ -946,6 +946,7 @@ def _grouped_matmul(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, s
 
 
 DECODE_THREADS = 128
+DECODE_LANE_DIMS = 16
 
 
 def _strided_at(em: Emitter, plan: Plan, nid: int, index: Sequence[tuple[str, int]]) -> str:
@@ -962,9 +963,9 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     strided views of buffers:
     kv_write: a thread per element of the new rows (B, Hkv, 1, D), stored at row pos[b]
     of the cache (the state's own buffer; nothing else of it is touched);
-    decode_attention: a block per (sequence, head, chunk of keys); its warps take the
-    chunk's visible keys in turn (a warp per key: lanes split head_dim, a shuffle sum
-    gives the score) with an online softmax each, then the block merges its warps and
+    decode_attention: a block per (sequence, head, chunk of keys); groups of a few lanes
+    take the chunk's visible keys in turn (a group per key: its lanes split head_dim, a
+    shuffle sum gives the score) with an online softmax each, then the block merges them and
     stores [sum e v, m, l]. Chunks past pos[b] (or before the window) return at once
     and store nothing: the combine never reads them;
     decode_combine: a thread per output element, over the chunks holding visible keys."""
@@ -988,6 +989,9 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         batch, heads, splits, _ = g.type(node).shape
         kv_heads, seq, dim = g.type(k).shape[1:]
         wave = target.wavefront
+        # Lanes per key: a power of two giving each lane at most DECODE_LANE_DIMS dimensions
+        # (64 -> 4 lanes), so that a warp holds several keys at once.
+        lanes = min(wave, 1 << max(0, ceil_div(dim, DECODE_LANE_DIMS) - 1).bit_length())
         # The streaming cache: slots' positions from the new key's slot; keys before RoPE.
         sink, dims = attrs.get("sink", 0), attrs.get("rope_dims", 0)
         kv_index = [("b", batch), ("hk", kv_heads), ("j", seq)]
@@ -997,7 +1001,8 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                    freq=c_literal(-2.0 * math.log(attrs["rope_base"]) / dims, "f32") if dims else "")
         ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits,
                    chunk=chunk_of(seq, splits), window=attrs["window"], scale=c_literal(attrs["scale"], "f32"),
-                   wave=wave, warps=threads // wave, dt=ceil_div(dim, wave), dp=ceil_div(dim, wave) * wave,
+                   wave=wave, lanes=lanes, groups=threads // lanes, dt=ceil_div(dim, lanes),
+                   dp=ceil_div(dim, lanes) * lanes, shuffles=[lanes >> r for r in range(1, lanes.bit_length())],
                    q_at=_strided_at(em, plan, q, [("b", batch), ("h", heads), ("0", 1), ("c", dim)]),
                    k_at=_strided_at(em, plan, k, [("b", batch), ("hk", kv_heads), ("j", seq), ("c", dim)]),
                    v_at=_strided_at(em, plan, v, [("b", batch), ("hk", kv_heads), ("j", seq), ("c", dim)]),
