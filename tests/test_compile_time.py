@@ -25,8 +25,9 @@ from gptc.target import parse_target
 # by node id. (+2: the sampling tail's kernel in prefill and decode.) 69 since the
 # decode merge: the decode step's attention is kv_write (2: keys, values),
 # decode_attention and decode_combine (4) instead of 2 matmuls, a row and 2 pointwise
-# kernels (5).
-GPT2_DISTINCT_KERNELS = 69
+# kernels (5). 70 since split-K: the attention projections' weight gradients sum their
+# two partial products in a kernel of their own.
+GPT2_DISTINCT_KERNELS = 70
 
 
 def test_gpt2_bundle_compiles_few_distinct_kernels():
