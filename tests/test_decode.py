@@ -29,6 +29,16 @@ def test_ragged_batch_equals_full_recomputation_of_each_sequence(name):
     check_generation(spec, cpu_model(spec, params, batch=4), params, RAGGED_PROMPTS)
 
 
+@pytest.mark.parametrize("name", ["causal", "rope", "gqa", "local-gqa", "linear"])
+def test_bf16_ragged_batch_equals_full_recomputation_of_each_sequence(name):
+    """The same in bf16 mixed precision (compiler/precision.py runs on the prefill, decode
+    and infer graphs alike): the cached greedy text equals the bf16 recomputation."""
+    spec = decode_spec(name)
+    spec = replace(spec, train=replace(spec.train, precision="bf16"))
+    params = sampling_params(spec)
+    check_generation(spec, cpu_model(spec, params, batch=4), params, RAGGED_PROMPTS)
+
+
 def test_a_batch_larger_than_the_prompts_leaves_dummy_rows():
     spec = decode_spec("gqa")
     params = sampling_params(spec)

@@ -7,6 +7,8 @@ GPU machine with:
     PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu_decode.py"""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -76,13 +78,25 @@ def test_greedy_generation_of_a_ragged_batch_on_gpu_equals_the_reference(device,
         runtime.close()
 
 
+@pytest.mark.parametrize("name", ["causal", "gqa", "linear"])
+def test_bf16_greedy_generation_of_a_ragged_batch_on_gpu_equals_the_reference(device, tmp_path, name):
+    """The same with a bf16 bundle, against the CPU reference's bf16 graphs."""
+    spec = decode_spec(name)
+    spec = replace(spec, train=replace(spec.train, precision="bf16"))
+    bundle = Bundle(compile_bundle(spec, tmp_path / name, device.target, log=lambda s: None, sample_batch=4))
+    params = sampling_params(spec)
+    runtime = bundle.open(device, params)
+    try:
+        check_generation(spec, gpu_model(runtime), params, RAGGED_PROMPTS)
+    finally:
+        runtime.close()
+
+
 @pytest.mark.parametrize("name,model", [("rope", dict(n_layers=1)), ("local-gqa", dict(pos="rope")), ("causal", {})])
 def test_streaming_generation_on_gpu_equals_the_reference(device, tmp_path, name, model):
     """--past-context stream: a bundle of batch 4 with the streaming cache (RoPE in the
     flash-decoding kernel, the ring of slots) decodes 40 tokens past the context of a
     ragged batch as the CPU reference's streaming cache does."""
-    from dataclasses import replace
-
     from gptc.tools.generate import SamplingParams, cpu_model, generate_batch
     spec = decode_spec(name)
     spec = replace(spec, model=replace(spec.model, **model))
