@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptc import dsl
-from gptc.compiler.codegen.kernels import _mma_kind, render_plan
+from gptc.compiler.codegen.kernels import _gemv_shape, _mm_shape, _mma_kind, render_plan
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops.numeric import round_to_bf16
 from gptc.compiler.planner import make_plan
@@ -44,9 +44,13 @@ def operand(g: Graph, name: str, rows: int, cols: int, transposed: bool, pad: in
 def run(device, g: Graph, feeds: dict) -> dict:
     plan = make_plan(g, True)
     kernels = render_plan(plan, device.target)
-    if _mma_kind(device.target):  # (a product of at most 8 rows is a matrix-vector product: test_gpu_gemv.py)
-        assert any("gptc_mma(cf" in k.code or "matrix-vector" in k.source for k in kernels), \
-            "no matmul ran on the matrix units"
+    if _mma_kind(device.target):  # each matmul launch on the matrix units, but those whose products all
+        for launch, k in zip(plan.launches, kernels):  # have at most 8 rows: matrix-vector (test_gpu_gemv.py)
+            shapes = [_mm_shape(plan, plan.kernels[i]) for i in launch if plan.kernels[i].family == "matmul"]
+            if shapes and all(_gemv_shape(m, batch) for m, _, _, batch in shapes):
+                assert "a matrix-vector product" in k.source, k.name
+            elif shapes:
+                assert "gptc_mma(cf" in k.code, f"{k.name} did not run on the matrix units"
     ex = load_executor(plan, device, {}, use_graph=False)
     try:
         ex.poison()
