@@ -1166,10 +1166,10 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     g = plan.graph
     wave = target.wavefront
     if kernel.family in ("pointwise", "scatter", "kv_write", "decode_attention", "decode_combine"):
-        # (decode_attention merges up to DECODE_LANE_DIMS floats a thread in static shared
-        # memory: 1024 threads would take 64 KiB, past NVIDIA's 48)
-        top = 512 if kernel.family == "decode_attention" else 1024
-        return [{"threads": t} for t in (64, 128, 256, 512, 1024) if t % wave == 0 and t <= top]
+        # (decode_attention merges up to DECODE_LANE_DIMS floats a thread in static shared memory)
+        floats = DECODE_LANE_DIMS if kernel.family == "decode_attention" else 0
+        return [{"threads": t} for t in (64, 128, 256, 512, 1024)
+                if t % wave == 0 and t * floats * 4 < target.shared_mem]
     if kernel.family == "row":
         return [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
     if kernel.family == "reduce":

@@ -65,7 +65,7 @@ def gated_operand(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | N
     if not any(OPS[graph.op(u)].kind == MATMUL for u, _ in users) or any(
             OPS[graph.op(u)].kind not in (MATMUL, REDUCE) for u, _ in users):
         return None
-    if any("causal_attention" in graph.node(u)["scope"] for u, _ in users):
+    if any(_in_flash(graph, u) for u, _ in users):
         return None  # attention's matmuls: the flash kernels compute their own prologue (RoPE)
     cone: set[int] = set()
     sliced = False
@@ -138,6 +138,11 @@ def _backward(graph: Graph, nid: int) -> bool:
     return "#bwd" in graph.node(nid)["scope"]
 
 
+def _in_flash(graph: Graph, nid: int) -> bool:
+    """Inside causal attention, whose values the flash kernels compute themselves."""
+    return "causal_attention" in graph.node(nid)["scope"]
+
+
 def recompute_cone(graph: Graph, nid: int, free: dict[int, bool]) -> set[int] | None:
     """The forward nodes computing `nid` when the backward should recompute it rather
     than read it, else None: f32 elementwise nodes (at most RECOMPUTE_MAX_NODES) whose
@@ -183,11 +188,10 @@ def recompute_in_backward(graph: Graph) -> None:
     position = {n: i for i, n in enumerate(topo)}  # the clones are added later and never cloned
     for nid in topo:
         if nid not in graph.nx or OPS[graph.op(nid)].kind != ELEMENTWISE or _backward(graph, nid) \
-                or "causal_attention" in graph.node(nid)["scope"]:  # the flash kernels recompute their own
+                or _in_flash(graph, nid):
             continue
         readers = [(u, tuple(c)) for u, c in compute_users(graph, nid, free)
-                   if _backward(graph, u) and OPS[graph.op(u)].kind == ELEMENTWISE
-                   and "causal_attention" not in graph.node(u)["scope"]]
+                   if _backward(graph, u) and OPS[graph.op(u)].kind == ELEMENTWISE and not _in_flash(graph, u)]
         if not readers:
             continue
         cone = recompute_cone(graph, nid, free)

@@ -10,7 +10,6 @@ Arenas:
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import networkx as nx
