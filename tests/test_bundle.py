@@ -33,7 +33,7 @@ def test_bundle_contents(bundle_dir):
     out, target = bundle_dir
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["arch"] == target.split(":")[1]
-    assert set(manifest["steps"]) == {"train", "eval", "prefill", "decode"}
+    assert set(manifest["steps"]) == {"train", "eval", "prefill", "prefill_8", "decode"}  # (prefill_lengths)
     for step, table in manifest["steps"].items():
         files = sorted((out / "kernels" / step).glob("*.hip"))
         assert len(files) == len(table["launches"])
@@ -50,7 +50,7 @@ def test_generated_executor_is_straight_line(bundle_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     tree = ast.parse((out / "executor.py").read_text())
     functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    assert set(functions) == {"train", "eval", "prefill", "decode"}
+    assert set(functions) == {"train", "eval", "prefill", "prefill_8", "decode"}
     for step, fn in functions.items():
         calls = [s for s in fn.body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)]
         assert [c.value.args[0].value for c in calls] == list(range(len(manifest["steps"][step]["launches"])))

@@ -45,6 +45,51 @@ def test_a_batch_larger_than_the_prompts_leaves_dummy_rows():
     check_generation(spec, cpu_model(spec, params, batch=3), params, RAGGED_PROMPTS[:2])
 
 
+# ----- prefill at the prompts' length ----------------------------------------------------
+@pytest.mark.parametrize("name", ["causal", "rope", "gqa", "local-gqa", "linear", "moe", "rmsnorm-sinusoidal-swiglu"])
+def test_a_shorter_prefill_equals_the_whole_context_prefill(name):
+    """A prefill of L < S tokens (gptc.models.prefill_lengths) gives the same logits of
+    each sequence's last token, and the same cache rows (or linear attention state), as
+    the prefill over the whole context, for prompts of up to L tokens (float64)."""
+    from gptc.models import prefill_lengths
+    spec = decode_spec(name)
+    params = sampling_params(spec)
+    s, short = spec.model.seq_len, prefill_lengths(spec)[-1]
+    assert short < s
+    prompts = [p for p in RAGGED_PROMPTS if len(p) <= short]
+    results = []
+    for n in (s, short):
+        graph = build_graph(spec, "prefill", len(prompts), n)
+        tokens = np.zeros((len(prompts), n), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        last = np.array([b * n + len(p) - 1 for b, p in enumerate(prompts)], np.int32)
+        states = {k: np.zeros(graph.type(v).shape) for k, v in graph.states.items()}
+        results.append(run_graph(graph, {"tokens": tokens, "last": last, **params, **states}, np.float64))
+    whole, part = results
+    np.testing.assert_allclose(part["outputs"]["logits"], whole["outputs"]["logits"], rtol=1e-9, atol=1e-9)
+    assert whole["updates"].keys() == part["updates"].keys() and whole["updates"]
+    for key, value in whole["updates"].items():
+        if key.startswith(("k_cache", "v_cache")):  # the rows the prompts fill
+            for b, p in enumerate(prompts):
+                np.testing.assert_allclose(part["updates"][key][b, :, :len(p)], value[b, :, :len(p)], rtol=1e-9, atol=1e-9)
+        else:
+            np.testing.assert_allclose(part["updates"][key], value, rtol=1e-9, atol=1e-9)
+
+
+def test_generation_prefills_at_the_shortest_length_that_holds_the_prompts():
+    spec = decode_spec("gqa")
+    model = cpu_model(spec, sampling_params(spec), batch=4)
+    assert sorted(model.prefill_steps) == [8, 32]
+    runs = {n: [] for n in model.prefill_steps}
+    for n, step in model.prefill_steps.items():
+        step.run = (lambda run, n=n: lambda feeds: runs[n].append(feeds["tokens"].shape) or run(feeds))(step.run)
+    p = SamplingParams(num_tokens=3, greedy=True)
+    list(generate_batch(model, [p[:8] for p in RAGGED_PROMPTS], p))  # longest 8 tokens
+    list(generate_batch(model, RAGGED_PROMPTS, p))                   # longest 12 tokens
+    assert runs == {8: [(4, 8)], 32: [(4, 32)]}
+
+
 # ----- past the context: the streaming cache (--past-context stream) ---------------------
 SINK = 4
 

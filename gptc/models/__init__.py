@@ -25,9 +25,10 @@ def build_graph(spec: Spec, mode: str = "train", batch: int | None = None, seq_l
     (train and eval of a mixture-of-experts model also output aux_loss, the
     load-balancing loss; training minimizes loss + model.moe_aux_weight * aux_loss);
     infer: input tokens -> logits (B, S, V);
-    prefill: inputs tokens (B, S) (padded to the context) and last (B,) i32, the flat
-             index b*S + (length-1) of each sequence's last token -> logits (B, V);
-             updates the KV cache states k_cache.<l>, v_cache.<l> (B, H, S, head_dim)
+    prefill: inputs tokens (B, L) (padded; L = seq_len, default the context S, see
+             prefill_lengths) and last (B,) i32, the flat index b*L + (length-1) of each
+             sequence's last token -> logits (B, V); updates the KV cache states
+             k_cache.<l>, v_cache.<l> (B, H, S, head_dim), rows 0..L-1 (the others zero)
              (linear attention: its state kv_state.<l> (B, kv_heads, head_dim, head_dim + 1));
     decode: inputs tokens (B, 1) and pos (B,) i32, sequence b's new token at position
              pos[b] -> logits (B, V); writes the new keys and values into the KV cache at
@@ -65,8 +66,10 @@ def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, 
             raise ValueError(f"only the prefill and decode steps keep a streaming cache, not {mode}")
     g = Graph()
     if mode == "prefill":
-        tokens = g.input("tokens", (batch, spec.model.seq_len), "i32", bound=spec.model.vocab_size)
-        last = g.input("last", (batch,), "i32", bound=batch * spec.model.seq_len)
+        if sink and seq != spec.model.seq_len:
+            raise ValueError("the prefill of a streaming cache takes the whole context")
+        tokens = g.input("tokens", (batch, seq), "i32", bound=spec.model.vocab_size)
+        last = g.input("last", (batch,), "i32", bound=batch * seq)
         g.output("logits", gpt_logits(g, spec.model, tokens, prefill_attend(g, spec.model, last, sink), rows=last))
         if sample:
             add_sampling(g, Tensor(g, g.outputs["logits"]))
@@ -104,6 +107,22 @@ def _model_graph(spec: Spec, mode: str, batch: int | None, seq_len: int | None, 
         add_training(g, loss, spec.train, expose_gradients, objective=objective, parallel=parallel)
     g.prune()
     return g
+
+
+PREFILL_MIN_LENGTH = 8
+
+
+def prefill_lengths(spec: Spec, sink: int = 0) -> list[int]:
+    """The lengths of the prefill steps a model gets, longest first: the context S, then
+    S/4 and S/16 (those of at least PREFILL_MIN_LENGTH tokens), so that a prompt is
+    prefilled at the shortest length that holds it, at most 4 times its length, rather
+    than at the whole context (the cost grows with the length, attention's with its
+    square). Each length is a plan of its own, a dozen more kernels to compile. A
+    streaming cache (`sink`) takes the whole context only."""
+    s = spec.model.seq_len
+    if sink:
+        return [s]
+    return [s] + [s // d for d in (4, 16) if s % d == 0 and s // d >= PREFILL_MIN_LENGTH]
 
 
 def check_sink(spec: Spec, sink: int) -> None:

@@ -231,6 +231,8 @@ def prefill_attend(g: Graph, m: ModelSpec, last: Tensor | None = None, sink: int
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, value in ((f"k_cache.{layer}", k), (f"v_cache.{layer}", v)):
             cache = g.state(name, kv_cache_shape(m, q.shape[0]))
+            if value.shape[2] < m.seq_len:  # a shorter prefill: the rows past it are zero,
+                value = value.pad(2, 0, m.seq_len - value.shape[2])  # never read before decode writes them
             g.updates[name] = value._new("copy", [value]).id
             del cache  # overwritten whole: the old value is not read
         if raw_keys:

@@ -1,7 +1,8 @@
 """Kernel bundles: a directory holding everything needed to run a model on one target.
 
     manifest.json        format, gptc and compiler versions, target, spec, and per step
-                         (train, eval, prefill, decode): buffers with arena offsets,
+                         (train, eval, prefill and prefill_<L> for shorter prompts,
+                         decode): buffers with arena offsets,
                          inputs/outputs, and the launch list (kernel, grid, block, args)
     spec.toml            the model and training spec
     kernels/<step>/*.hip the generated kernel sources, one per launch, each naming the
@@ -35,12 +36,11 @@ from gptc.runtime.build import compile_kernels, plan_table, share_persistent
 from gptc.runtime.executor import Arenas, GpuExecutor
 from gptc.runtime.manifest import manifest_error
 from gptc.compiler.parallel import SINGLE, Parallel
-from gptc.models import build_graph
+from gptc.models import build_graph, prefill_lengths
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
 
 FORMAT = 3  # 2: plan tables name the bounds of their id inputs; 3: and the shapes of their outputs
-STEPS = ("train", "eval", "prefill", "decode")
 CODE_SUFFIX = {"amd": "hsaco", "nvidia": "cubin"}
 
 
@@ -75,6 +75,17 @@ class RenderedBundle:
         return hashlib.sha256(content.encode()).hexdigest()
 
 
+def prefill_step_name(spec: Spec, length: int) -> str:
+    """The bundle step of the prefill of `length` tokens: "prefill" for the whole context."""
+    return "prefill" if length == spec.model.seq_len else f"prefill_{length}"
+
+
+def prefill_steps(spec: Spec, steps) -> list[tuple[int, str]]:
+    """(length, step name) of the prefill steps among `steps` (names)."""
+    return [(n, prefill_step_name(spec, n)) for n in range(1, spec.model.seq_len + 1)
+            if prefill_step_name(spec, n) in steps]
+
+
 def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
                   log: Callable[[str], None] = print, sample_batch: int = 1, sink: int = 0,
                   parallel: Parallel = SINGLE) -> RenderedBundle:
@@ -84,9 +95,10 @@ def render_bundle(spec: Spec, target: Target, compiler: str, fuse: bool = True,
     the training step of one rank of a data-parallel run (its collectives call the
     communicator that Bundle.open gets)."""
     batch = spec.train.batch_size
-    graphs = {"train": build_graph(spec, "train", batch, parallel=parallel), "eval": build_graph(spec, "eval", batch),
-              "prefill": build_graph(spec, "prefill", sample_batch, sink=sink, sample=True),
-              "decode": build_graph(spec, "decode", sample_batch, sink=sink, sample=True)}
+    graphs = {"train": build_graph(spec, "train", batch, parallel=parallel), "eval": build_graph(spec, "eval", batch)}
+    for n in prefill_lengths(spec, sink):
+        graphs[prefill_step_name(spec, n)] = build_graph(spec, "prefill", sample_batch, n, sink=sink, sample=True)
+    graphs["decode"] = build_graph(spec, "decode", sample_batch, sink=sink, sample=True)
     tables, kernels = {}, {}
     for step, graph in graphs.items():
         plan = make_plan(graph, fuse)
@@ -200,7 +212,7 @@ def write_bundle(rendered: RenderedBundle, out: Path, log: Callable[[str], None]
 
 
 def render_executor(manifest: dict) -> str:
-    return render_template("executor.py.j2", manifest=manifest, steps=STEPS)
+    return render_template("executor.py.j2", manifest=manifest, steps=list(manifest["steps"]))
 
 
 class Bundle:

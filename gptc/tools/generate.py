@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from gptc.models import build_graph, check_sink
+from gptc.models import build_graph, check_sink, prefill_lengths
 from gptc.models.sampling import SEEN, sampling_feeds, seen_rows
 from gptc.spec import GptcError, Spec
 
@@ -88,6 +88,8 @@ def choose(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
 class Model:
     """Prefill and decode steps of one model on one executor kind, sharing the KV cache
     and the sampling state, for up to `batch` sequences at a time (the steps' batch).
+    `prefill` maps lengths to prefill steps (gptc.models.prefill_lengths): sequences are
+    prefilled by the shortest that holds the longest of them.
     Fewer sequences fill the other rows with a one-token dummy, whose tokens are
     dropped. `sink` > 0: the steps keep a StreamingLLM-style cache (build_graph's sink)
     and decode takes slots. Each step ends with the sampling tail of the graphs
@@ -95,9 +97,11 @@ class Model:
     the token ids are read back (`fetch`; None reads every output, as the CPU
     reference does)."""
 
-    def __init__(self, spec: Spec, prefill, decode, share_cache: Callable[[], None], batch: int = 1,
-                 sink: int = 0, fetch: Sequence[str] | None = None) -> None:
-        self.spec, self.prefill_step, self.decode_step, self.share_cache = spec, prefill, decode, share_cache
+    def __init__(self, spec: Spec, prefill: Mapping[int, object], decode, share_cache: Callable[[], None],
+                 batch: int = 1, sink: int = 0, fetch: Sequence[str] | None = None) -> None:
+        self.prefill_steps = dict(sorted(prefill.items()))
+        self.prefill_step = self.prefill_steps[spec.model.seq_len]  # the whole context's
+        self.spec, self.decode_step, self.share_cache = spec, decode, share_cache
         self.batch, self.sink, self.fetch = batch, sink, fetch
         self.sampling: dict[str, np.ndarray] = {}
 
@@ -129,13 +133,14 @@ class Model:
         each, of any lengths: right-padded), token `index` of each one's generation;
         fills each one's cache rows."""
         self._rows(len(sequences))
-        s = self.spec.model.seq_len
+        longest = max(len(tokens) for tokens in sequences)
+        s, step = next((n, step) for n, step in self.prefill_steps.items() if n >= longest)
         padded = np.zeros((self.batch, s), np.int32)
         last = np.arange(self.batch, dtype=np.int32) * s  # the dummy rows: one token
         for b, tokens in enumerate(sequences):
             padded[b, :len(tokens)] = tokens
             last[b] += len(tokens) - 1
-        drawn = self._run(self.prefill_step, {"tokens": padded, "last": last}, len(sequences), index)
+        drawn = self._run(step, {"tokens": padded, "last": last}, len(sequences), index)
         self.share_cache()
         return drawn
 
@@ -162,10 +167,13 @@ def cpu_model(spec: Spec, params: Mapping[str, np.ndarray], batch: int = 1, sink
     dict, as the GPU steps share one persistent arena: the KV cache and the sampling
     state written by one step are read by the other."""
     from gptc.runtime.reference import ReferenceExecutor
-    prefill = ReferenceExecutor(build_graph(spec, "prefill", batch, sink=sink, sample=True), params)
+    prefill = {n: ReferenceExecutor(build_graph(spec, "prefill", batch, n, sink=sink, sample=True), params)
+               for n in prefill_lengths(spec, sink)}
     decode = ReferenceExecutor(build_graph(spec, "decode", batch, sink=sink, sample=True), params)
-    decode.persistent = prefill.persistent | decode.persistent
-    prefill.persistent = decode.persistent
+    for step in prefill.values():
+        decode.persistent |= step.persistent
+    for step in prefill.values():
+        step.persistent = decode.persistent
     return Model(spec, prefill, decode, lambda: None, batch, sink)
 
 
@@ -173,7 +181,9 @@ def gpu_model(runtime) -> Model:
     """From a gptc.runtime.bundle.BundleRuntime: prefill and decode share device memory."""
     table = runtime.steps["decode"].table
     batch = table["buffers"][table["inputs"]["pos"]]["shape"][0]
-    return Model(runtime.bundle.spec, runtime.steps["prefill"], runtime.steps["decode"], lambda: None, batch,
+    from gptc.runtime.bundle import prefill_steps
+    prefill = {length: runtime.steps[step] for length, step in prefill_steps(runtime.bundle.spec, runtime.steps)}
+    return Model(runtime.bundle.spec, prefill, runtime.steps["decode"], lambda: None, batch,
                  runtime.bundle.manifest.get("sink", 0), fetch=("next_token",))
 
 

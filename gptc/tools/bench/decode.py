@@ -121,12 +121,15 @@ def _row(framework: str, batch: int, ttft: list[float], steps: list[float], toke
 
 # ----------------------------------------------------------------------------- gptc
 class _GptcSteps:
-    """The prefill and decode steps of one batch size, sharing the persistent arena
-    (GPU) or one dict of params and states (the CPU reference)."""
+    """The prefill (of `length` tokens) and decode steps of one batch size, sharing the
+    persistent arena (GPU) or one dict of params and states (the CPU reference)."""
 
-    def __init__(self, spec: Spec, params: Mapping[str, np.ndarray], batch: int, device) -> None:
+    def __init__(self, spec: Spec, params: Mapping[str, np.ndarray], batch: int, device,
+                 length: int | None = None) -> None:
         from gptc.models import build_graph
-        graphs = [build_graph(spec, "prefill", batch, sample=True), build_graph(spec, "decode", batch, sample=True)]
+        self.length = length or spec.model.seq_len
+        graphs = [build_graph(spec, "prefill", batch, self.length, sample=True),
+                  build_graph(spec, "decode", batch, sample=True)]
         if device is None:
             from gptc.runtime.reference import ReferenceExecutor
             self.prefill, self.decode = (ReferenceExecutor(g, params) for g in graphs)
@@ -162,13 +165,15 @@ class _GptcSteps:
 
 def bench_gptc_decode(cfg: DecodeConfig, device, params: Mapping[str, np.ndarray], prompts: np.ndarray,
                       new: int, timer: Timer, floor: float | None) -> dict:
+    from gptc.models import prefill_lengths
     from gptc.models.sampling import SEEN, sampling_feeds
     from gptc.tools.generate import SamplingParams
     spec = cfg.spec
     batch, length = prompts.shape
-    s, vocab = spec.model.seq_len, spec.model.vocab_size
+    vocab = spec.model.vocab_size
+    s = min(n for n in prefill_lengths(spec) if n >= length)  # as gptc generate prefills them
     t0 = time.perf_counter()
-    steps = _GptcSteps(spec, params, batch, device)
+    steps = _GptcSteps(spec, params, batch, device, s)
     try:
         sampling = sampling_feeds(SamplingParams(greedy=True), vocab, np.zeros(batch, np.int32))
         padded = np.zeros((batch, s), np.int32)
