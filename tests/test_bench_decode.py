@@ -69,7 +69,7 @@ def test_smoke_run_and_report(tmp_path):
             pass
     except ImportError:
         peers = set()
-    assert {r["framework"] for r in rows} == {"gptc"} | peers
+    assert {r["framework"] for r in rows} == {"gptc", "gptc-step"} | peers
     for r in rows:
         assert "error" not in r, r
         assert np.asarray(r["tokens"]).shape == (r["batch"], 6)

@@ -92,6 +92,43 @@ def test_bf16_greedy_generation_of_a_ragged_batch_on_gpu_equals_the_reference(de
         runtime.close()
 
 
+@pytest.mark.parametrize("name", ["causal", "gqa"])
+def test_chained_decode_steps_draw_what_steps_one_at_a_time_draw(device, tmp_path, name):
+    """k decode steps queued at once (GpuExecutor.run_chain: one device graph, each drawn
+    token fed to the next step on the device) draw the tokens that k steps run one at a
+    time through the host draw: a ragged batch, sampling with a seed (the draws' counter
+    is each step's token index), the chain's buffers poisoned first; k = 1, 5 and 16."""
+    from gptc.tools.generate import SamplingParams
+    spec = decode_spec(name)
+    bundle = Bundle(compile_bundle(spec, tmp_path / name, device.target, log=lambda s: None, sample_batch=4))
+    runtime = bundle.open(device, sampling_params(spec))
+    p = SamplingParams(temperature=0.8, top_k=40, seed=11)
+    vocab = spec.model.vocab_size
+    try:
+        model = gpu_model(runtime)
+
+        def draw(k: int, chained: bool) -> np.ndarray:
+            model.start(RAGGED_PROMPTS, p, vocab)
+            first = model.prefill(RAGGED_PROMPTS, 0)
+            positions = [[len(t) + j for t in RAGGED_PROMPTS] for j in range(k)]
+            if chained:
+                runtime.steps["decode"].poison()
+                return np.concatenate([[first], model.decode(first, positions, 1)])
+            rows = [first]
+            for j in range(k):
+                rows.append(model.decode(rows[-1], positions[j:j + 1], 1 + j)[0])
+            return np.stack(rows)
+
+        for k in (1, 5, 16):
+            draw(k, True)  # makes the chain, so that poison() reaches its buffers
+            chained, alone = draw(k, True), draw(k, False)
+            assert chained.shape == (k + 1, 4) and ((chained >= 0) & (chained < vocab)).all()
+            np.testing.assert_array_equal(chained, alone)
+        assert len(set(chained.ravel().tolist())) > 8  # sampled, not stuck
+    finally:
+        runtime.close()
+
+
 @pytest.mark.parametrize("name,model", [("rope", dict(n_layers=1)), ("local-gqa", dict(pos="rope")), ("causal", {})])
 def test_streaming_generation_on_gpu_equals_the_reference(device, tmp_path, name, model):
     """--past-context stream: a bundle of batch 4 with the streaming cache (RoPE in the

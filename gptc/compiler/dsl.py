@@ -387,7 +387,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float,
     """Attention of one query per sequence, q (B, H, 1, D), over the cached keys and values
     (B, Hkv, S, D) it sees: positions j <= pos[b] (and pos[b] - j < window when window > 0).
     Flash-decoding: partial sums over `splits` chunks of the keys (default: enough to fill
-    the GPU, ops/decode.decode_splits), then one combine. With `sink` > 0 the cache is a
+    the GPU, ops/decode.decode_splits), then one combine (none for one chunk). With `sink` > 0 the cache is a
     StreamingLLM ring (ops/decode.py) whose new key went to `slot`; `rope` (dims, base):
     the cache holds keys before RoPE, rotated here by their positions within the cache."""
     from gptc.compiler.ops.decode import decode_splits
@@ -396,6 +396,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float,
     stream = dict(sink=sink) if sink else {}
     if rope:
         stream.update(rope_dims=rope[0], rope_base=float(rope[1]))
-    partial = q._new("decode_attention", [q, k, v, pos] + ([slot] if sink else []), scale=float(scale),
-                     window=int(window), splits=splits, **stream)
+    operands = [q, k, v, pos] + ([slot] if sink else [])
+    if splits == 1:  # one chunk: the kernel divides by the sum itself
+        return q._new("decode_attention", operands, scale=float(scale), window=int(window), splits=1,
+                      dtype=q.dtype, **stream)
+    partial = q._new("decode_attention", operands, scale=float(scale), window=int(window), splits=splits, **stream)
     return partial._new("decode_combine", [partial, pos], seq=seq, window=0 if sink else int(window), dtype=q.dtype)

@@ -7,7 +7,7 @@ evaluation, prefill and decode of one model) share one persistent arena (params,
 optimizer state, KV cache) and one activation arena, since they never run at once."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -95,27 +95,20 @@ class GpuExecutor:
             raise GptcError("this step holds collectives: it runs only in a multi-GPU run (with a communicator)")
         self.table, self.device, self.arenas = table, device, arenas
         self.io_base = device.alloc(max(table["arena_bytes"]["io"], 256))
-        modules: dict[str, object] = {}
-        self.launches = []
         self.comm = comm
         self.collectives: dict[int, list[tuple]] = {}
         self.events: dict[int, tuple] = {}  # collective launch -> (fork event, join event)
+        self._functions: dict[str, object] = {}
         for index, entry in enumerate(table["launches"]):
             if entry["family"] == "collective":
                 self.collectives[index] = [(c["op"], self.address(c["send"]), self.address(c["recv"]), c["count"],
                                             c["dtype"]) for c in entry["collective"]]
                 self.events[index] = (device.event(), device.event())
-                self.launches.append(None)
                 device.side_stream()  # made now: not while a capture runs
-                continue
-            symbol = entry["symbol"]
-            if symbol not in modules:
-                modules[symbol] = device.get_function(device.load_module(code[symbol]), symbol)
-            args = [ptr(self.address(b)) for b in entry["args"]]
-            self.launches.append(device.prepare_launch(modules[symbol], tuple(entry["grid"]), tuple(entry["block"]), 0,
-                                                       args, name=entry["kernel"]))
-        self.clears = [[(self.address(b), table["buffers"][b]["nbytes"]) for b in entry["clear"]]
-                       for entry in table["launches"]]
+            elif entry["symbol"] not in self._functions:
+                self._functions[entry["symbol"]] = device.get_function(device.load_module(code[entry["symbol"]]),
+                                                                        entry["symbol"])
+        self.bound = self._bind({})
         # The inputs lead the io arena (planner/schedule.py): one staging copy of them,
         # uploaded whole, is one host-to-device copy a step (not one per input).
         self._inputs = [(name, b, table["buffers"][b]) for name, b in sorted(table["inputs"].items())]
@@ -123,7 +116,9 @@ class GpuExecutor:
         assert all(b["arena"] == "io" for _, _, b in self._inputs)
         self.use_graph = use_graph
         self.launch_step = launch_step
-        self.captured = None
+        self._graphs: dict[object, object] = {}  # None: the step's own; chains: by length and outputs
+        self._chains: dict[tuple, _Chain] = {}
+        self._current = self.bound
         self.device_name = device.name
 
     # ----- memory -------------------------------------------------------------
@@ -131,6 +126,17 @@ class GpuExecutor:
         buf = self.table["buffers"][buffer]
         base = self.io_base if buf["arena"] == "io" else self.arenas.base[buf["arena"]]
         return base + buf["offset"]
+
+    def _bind(self, moved: Mapping[str, int]) -> "_Bound":
+        """The step's launches with buffer addresses (those in `moved` elsewhere)."""
+        address = lambda b: moved.get(b) or self.address(b)  # noqa: E731
+        launches = [None if index in self.collectives else self.device.prepare_launch(
+                        self._functions[entry["symbol"]], tuple(entry["grid"]), tuple(entry["block"]), 0,
+                        [ptr(address(b)) for b in entry["args"]], name=entry["kernel"])
+                    for index, entry in enumerate(self.table["launches"])]
+        clears = [[(address(b), self.table["buffers"][b]["nbytes"]) for b in entry["clear"]]
+                  for entry in self.table["launches"]]
+        return _Bound(launches, clears)
 
     def upload(self, buffer: str, array: np.ndarray) -> None:
         self.device.upload(self.address(buffer), self._stored(buffer, array))
@@ -164,9 +170,9 @@ class GpuExecutor:
             dev.record_on(done, dev.side_stream())
             self._pending.append(index)
             return
-        for address, nbytes in self.clears[index]:
+        for address, nbytes in self._current.clears[index]:
             dev.memset(address, 0, nbytes)
-        self.launches[index].launch()
+        self._current.launches[index].launch()
 
     def _join(self, index: int) -> None:
         if index in self._pending:
@@ -187,30 +193,41 @@ class GpuExecutor:
         dev.wait_for(dev.stream, done)
         dev.synchronize()
 
-    def _launch_all(self) -> None:
+    def _launch_all(self, bound: "_Bound") -> None:
         self._pending: list[int] = []
-        if self.launch_step is not None:
-            self.launch_step(self)
-        else:
-            for i in range(len(self.launches)):
-                self.run_kernel(i)
-        for index in list(self._pending):  # the step ends when its communication has
-            self._join(index)
+        self._current = bound
+        try:
+            if self.launch_step is not None:
+                self.launch_step(self)
+            else:
+                for i in range(len(bound.launches)):
+                    self.run_kernel(i)
+            for index in list(self._pending):  # the step ends when its communication has
+                self._join(index)
+        finally:
+            self._current = self.bound
 
     def launch(self) -> None:
         """Queue one execution of every kernel (graph replay after the first)."""
+        self._queue(None, [self.bound])
+
+    def _queue(self, key: object, steps: Sequence["_Bound"]) -> None:
+        """Queue `steps` one after the other: recorded into a device graph (kept under
+        `key`) the first time, replayed after."""
         if not self.use_graph:
-            self._launch_all()
+            for bound in steps:
+                self._launch_all(bound)
             return
-        if self.captured is None:
+        if key not in self._graphs:
             if self.collectives:
                 self._connect()
             self.device.begin_capture()
             try:
-                self._launch_all()
+                for bound in steps:
+                    self._launch_all(bound)
             finally:
-                self.captured = self.device.end_capture()
-        self.device.replay(self.captured)
+                self._graphs[key] = self.device.end_capture()
+        self.device.replay(self._graphs[key])
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """One step; reads back the outputs named in `outputs` (default: all of them)."""
@@ -224,6 +241,42 @@ class GpuExecutor:
         shapes = self.table["output_shapes"]
         names = self.table["outputs"] if outputs is None else outputs
         return {name: self.download(self.table["outputs"][name]).reshape(shapes[name]) for name in names}
+
+    def run_chain(self, feeds: Mapping[str, np.ndarray], link: Mapping[str, str],
+                  outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Several steps queued at once, with one upload, one device graph and one
+        read-back for all: feeds[name] holds every step's value of input `name` along a
+        leading axis (the chain's length). Step i > 0 reads each input `name` of `link`
+        from step i-1's output link[name] on the device (generation feeds each drawn
+        token to the next step without a host round trip; the values fed for it are not
+        read). Returns each of `outputs`, with the same leading axis. Each step has its
+        own inputs and `outputs`; the other outputs are shared (left as the last step's)."""
+        if self.collectives:
+            raise GptcError("a step with collectives runs one step at a time")
+        check_inputs(self.table, feeds)
+        length = len(np.asarray(feeds[self._inputs[0][0]]))
+        key = (length, tuple(sorted(link.items())), tuple(outputs))
+        if key not in self._chains:
+            self._chains[key] = _Chain(self, length, link, outputs)
+        chain = self._chains[key]
+        staging = np.zeros((length, chain.input_stride), np.uint8)
+        for name, buffer, buf in self._inputs:
+            values = np.asarray(feeds[name])
+            host = to_storage(values, buf["dtype"]).reshape(length, -1)
+            if host[0].nbytes != buf["nbytes"]:
+                raise ValueError(f"{name}: got shape {values.shape}, a chain of {length} steps needs "
+                                 f"{(length, *buf['shape'])}")
+            staging[:, buf["offset"]:buf["offset"] + buf["nbytes"]] = host.view(np.uint8)
+        self.device.upload(chain.base, staging)
+        self._queue(key, chain.steps)
+        raw = np.empty((length, chain.output_stride), np.uint8)
+        self.device.download(chain.base + staging.nbytes, raw)
+        result = {}
+        for name, offset in chain.output_offsets.items():
+            buf = self.table["buffers"][self.table["outputs"][name]]
+            host = np.ascontiguousarray(raw[:, offset:offset + buf["nbytes"]]).view(HOST_DTYPE[buf["dtype"]])
+            result[name] = from_storage(host, buf["dtype"]).reshape(length, *self.table["output_shapes"][name])
+        return result
 
     def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of params and states."""
@@ -242,16 +295,65 @@ class GpuExecutor:
         self.device.memset(self.arenas.base["activations"], 0xFF, max(self.table["arena_bytes"]["activations"], 256))
         for buffer in self.table["outputs"].values():
             self.device.memset(self.address(buffer), 0xFF, self.table["buffers"][buffer]["nbytes"])
+        for chain in self._chains.values():
+            self.device.memset(chain.base, 0xFF, chain.nbytes)
 
     def close(self) -> None:
         """Free the step's inputs and outputs and destroy its captured graph. A graph
         that captured collectives holds a reference on the communicator (NCCL's
         localPersistentRefs) that only its destruction drops: ncclCommDestroy and
         ncclCommAbort wait for it, so this must run before the communicator closes."""
-        if self.captured is not None:
+        if self._graphs:
             self.device.synchronize()
-            self.captured.release()
-            self.captured = None
+            for graph in self._graphs.values():
+                graph.release()
+            self._graphs = {}
+        for chain in self._chains.values():
+            self.device.free(chain.base)
+        self._chains = {}
         if self.io_base:
             self.device.free(self.io_base)
             self.io_base = 0
+
+
+class _Bound(NamedTuple):
+    """A step's prepared launches and its scatter targets' clears, for one placement of
+    its buffers."""
+    launches: list
+    clears: list
+
+
+class _Chain:
+    """The device memory and launches of `length` chained steps (GpuExecutor.run_chain):
+    one allocation holds every step's inputs (rows of input_stride bytes, laid out as
+    the io arena's inputs) and then every step's `outputs` (rows of output_stride)."""
+
+    def __init__(self, ex: GpuExecutor, length: int, link: Mapping[str, str], outputs: Sequence[str]) -> None:
+        buffers, align = ex.table["buffers"], 256
+        up = lambda n: -(-n // align) * align  # noqa: E731
+        self.input_stride = up(max(ex._staging.size, 1))
+        self.output_offsets, at = {}, 0
+        for name in outputs:
+            self.output_offsets[name] = at
+            at += up(buffers[ex.table["outputs"][name]]["nbytes"])
+        self.output_stride = at
+        for name, output in link.items():
+            if output not in self.output_offsets or (buffers[ex.table["inputs"][name]]["nbytes"]
+                                                     != buffers[ex.table["outputs"][output]]["nbytes"]):
+                raise ValueError(f"input {name} cannot be fed from output {output}: the output must be read back "
+                                 f"and have the input's size")
+        self.output_bytes = length * self.output_stride
+        self.nbytes = length * self.input_stride + self.output_bytes
+        self.base = ex.device.alloc(self.nbytes)
+        outputs_base = self.base + length * self.input_stride
+        self.steps = []
+        for i in range(length):
+            moved = {buffer: self.base + i * self.input_stride + buf["offset"]
+                     for _, buffer, buf in ex._inputs}
+            moved.update({ex.table["outputs"][name]: outputs_base + i * self.output_stride + offset
+                          for name, offset in self.output_offsets.items()})
+            if i:
+                previous = outputs_base + (i - 1) * self.output_stride
+                moved.update({ex.table["inputs"][name]: previous + self.output_offsets[output]
+                              for name, output in link.items()})
+            self.steps.append(ex._bind(moved))

@@ -62,6 +62,20 @@ class ReferenceExecutor:
         self.persistent.update(result["updates"])
         return result["outputs"]
 
+    def run_chain(self, feeds: Mapping[str, np.ndarray], link: Mapping[str, str],
+                  outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Steps one after the other, as GpuExecutor.run_chain queues them: feeds[name]
+        holds every step's value along a leading axis; step i > 0 takes each input
+        `name` of `link` from step i-1's output link[name]. Returns `outputs` (default:
+        all), stacked the same way."""
+        results: list[dict[str, np.ndarray]] = []
+        for i in range(len(next(iter(feeds.values())))):
+            f = {name: np.asarray(value)[i] for name, value in feeds.items()}
+            if results:
+                f.update({name: results[-1][output].reshape(f[name].shape) for name, output in link.items()})
+            results.append(self.run(f))
+        return {name: np.stack([r[name] for r in results]) for name in (outputs or results[0])}
+
     def read(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of params and states (copies)."""
         return {n: self.persistent[n].astype(np.float32) for n in (names or self.persistent)}

@@ -2,7 +2,9 @@
 
 The model conditions each new token on the last `seq_len` tokens (positions from 0).
 While the text fits the context, each token costs one decode step that reads and
-extends the KV cache; once it no longer fits, the window slides, every position
+extends the KV cache (up to CHAIN_STEPS of them queued at once, each drawn token fed
+to the next step on the device, so the host reads token ids back once a chain); once
+it no longer fits, the window slides, every position
 changes, and each token costs a prefill of the last `seq_len` tokens. Either way the
 result equals recomputing the whole window for every token (tests check it). Several
 sequences of any lengths decode together (a ragged batch, each at its own position);
@@ -18,6 +20,12 @@ import numpy as np
 from gptc.models import build_graph, check_sink, prefill_lengths
 from gptc.models.sampling import SEEN, sampling_feeds, seen_rows
 from gptc.spec import GptcError, Spec
+
+
+# Decode steps queued at once while the sequences fit the context: one device graph and
+# one read-back of their token ids, each drawn token fed to the next step on the device
+# (at batch 1 on a small model, the host round trip costs as much as the step).
+CHAIN_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class Model:
     def __init__(self, spec: Spec, prefill: Mapping[int, object], decode, share_cache: Callable[[], None],
                  batch: int = 1, sink: int = 0, fetch: Sequence[str] | None = None) -> None:
         self.prefill_steps = dict(sorted(prefill.items()))
-        self.prefill_step = self.prefill_steps[spec.model.seq_len]  # the whole context's
+        self.prefill_step = self.prefill_steps[max(self.prefill_steps)]  # the whole context's
         self.spec, self.decode_step, self.share_cache = spec, decode, share_cache
         self.batch, self.sink, self.fetch = batch, sink, fetch
         self.sampling: dict[str, np.ndarray] = {}
@@ -144,18 +152,26 @@ class Model:
         self.share_cache()
         return drawn
 
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], index: int | Sequence[int],
-               slots: Sequence[int] | None = None) -> np.ndarray:
-        """The tokens drawn after appending tokens[b] at position positions[b] of
-        sequence b (its cache holds 0..positions[b]-1); with a streaming cache, its key
-        and value go to cache slot slots[b]."""
-        self._rows(len(tokens))
-        feeds = {"tokens": np.zeros((self.batch, 1), np.int32), "pos": np.zeros(self.batch, np.int32)}
-        feeds["tokens"][:len(tokens), 0], feeds["pos"][:len(positions)] = tokens, positions
+    def decode(self, tokens: Sequence[int], positions: Sequence[Sequence[int]], index: int,
+               slots: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """The tokens (len(positions), len(tokens)) drawn by len(positions) decode steps
+        queued at once: step j appends, at position positions[j][b] of sequence b (its
+        cache holds 0..positions[j][b]-1), tokens[b] (step 0) or the token step j-1 drew
+        (fed back on the device), as token index + j of each generation; with a
+        streaming cache, its key and value go to cache slot slots[j][b]."""
+        n, steps = len(tokens), len(positions)
+        self._rows(n)
+        feeds = {name: np.broadcast_to(value, (steps, *np.shape(value))) for name, value in self.sampling.items()}
+        feeds["tokens"] = np.zeros((steps, self.batch, 1), np.int32)
+        feeds["tokens"][0, :n, 0] = tokens
+        feeds["pos"] = np.zeros((steps, self.batch), np.int32)
+        feeds["pos"][:, :n] = positions
+        feeds["sample_index"] = np.zeros((steps, self.batch), np.int32)
+        feeds["sample_index"][:, :n] = index + np.arange(steps)[:, None]
         if self.sink:
-            feeds["slot"] = np.zeros(self.batch, np.int32)
-            feeds["slot"][:len(slots)] = slots
-        return self._run(self.decode_step, feeds, len(tokens), index)
+            feeds["slot"] = np.zeros((steps, self.batch), np.int32)
+            feeds["slot"][:, :n] = slots
+        return np.asarray(self.decode_step.run_chain(feeds, {"tokens": "next_token"}, ("next_token",))["next_token"])[:, :n]
 
     def full(self, sequences: Sequence[Sequence[int]], index: int | Sequence[int]) -> np.ndarray:
         """The tokens drawn recomputing each whole window (no cache reuse)."""
@@ -196,37 +212,50 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
     is drawn on the device by the step that computes its logits, from Philox keyed by
     (seed, i, sequences[b]) (default ids 0, 1, ...): the same seed and id give the same
     tokens on the CPU reference and the GPU, with or without the cache, in any row of
-    any batch. While every sequence fits the context, a token costs one decode step;
-    once one no longer fits, its window slides, every position of it changes, and each
-    step costs a prefill of every sequence's last seq_len tokens (exact: tests check
-    it). A model with a streaming cache (model.sink > 0) decodes on instead: each new
-    token goes to the ring slot of the oldest token after the sinks, at position
-    seq_len - 1 within the cache."""
+    any batch. While every sequence fits the context, a token costs one decode step
+    (chains of up to CHAIN_STEPS steps queued at once, their tokens yielded as each
+    chain ends); once one no longer fits, its window slides, every position of it
+    changes, and each step costs a prefill of every sequence's last seq_len tokens
+    (exact: tests check it). A model with a streaming cache (model.sink > 0) decodes on
+    in chains instead: each new token goes to the ring slot of the oldest token after
+    the sinks, at position seq_len - 1 within the cache."""
     s = model.spec.model.seq_len
     n = model.spec.model.vocab_size if vocab_size is None else vocab_size
     tokens = [list(prompt) for prompt in prompts]
     if not tokens or not all(tokens):
         raise GptcError("the prompt is empty; give at least one character")
     model.start(tokens, p, n, sequences)
-    new = model.prefill([t[-s:] for t in tokens], 0) if use_cache else model.full(tokens, 0)
+    drawn = [model.prefill([t[-s:] for t in tokens], 0) if use_cache else model.full(tokens, 0)]
     cached = [min(len(t), s) for t in tokens]  # tokens each cache has taken, prefill included
-    for index in range(1, p.num_tokens + 1):
-        new = [int(token) for token in new]
-        for t, token in zip(tokens, new):
-            t.append(token)
-        yield new
-        if index == p.num_tokens:
-            return
+    index = 0
+    while True:
+        for row in drawn:
+            new = [int(token) for token in row]
+            for t, token in zip(tokens, new):
+                t.append(token)
+            yield new
+            index += 1
+            if index == p.num_tokens:
+                return
         if not use_cache:
-            new = model.full(tokens, index)
+            drawn = [model.full(tokens, index)]
         elif model.sink:  # the n-th token of a cache goes to slot n, then round the ring after the sinks
-            slots = [c if c < s else model.sink + (c - model.sink) % (s - model.sink) for c in cached]
-            new = model.decode(new, [min(c, s - 1) for c in cached], index, slots)
-            cached = [c + 1 for c in cached]
-        elif all(len(t) <= s for t in tokens):
-            new = model.decode(new, [len(t) - 1 for t in tokens], index)
+            steps = range(chain_length(p.num_tokens - index))
+            slots = [[c + j if c + j < s else model.sink + (c + j - model.sink) % (s - model.sink) for c in cached]
+                     for j in steps]
+            drawn = model.decode(new, [[min(c + j, s - 1) for c in cached] for j in steps], index, slots)
+            cached = [c + len(steps) for c in cached]
+        elif all(len(t) <= s for t in tokens):  # step j writes position len(t) - 1 + j: at most s - 1
+            steps = range(chain_length(min(p.num_tokens - index, s + 1 - max(len(t) for t in tokens))))
+            drawn = model.decode(new, [[len(t) - 1 + j for t in tokens] for j in steps], index)
         else:  # a window slid: every position of that sequence changed
-            new = model.prefill([t[-s:] for t in tokens], index)
+            drawn = [model.prefill([t[-s:] for t in tokens], index)]
+
+
+def chain_length(limit: int) -> int:
+    """Decode steps to queue at once: the largest power of two up to `limit` and
+    CHAIN_STEPS (a few lengths, so a few device graphs)."""
+    return 1 << (min(limit, CHAIN_STEPS).bit_length() - 1)
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,
@@ -387,6 +416,6 @@ def smoke_test(bundle, device) -> None:
                     feeds[name] = np.full(b["shape"], 1e-4 if name == "lr" else 1.0, np.float32)
             out = ex.run(feeds)
             summary = ", ".join(f"{k} {np.asarray(v).shape} mean {float(np.mean(v)):.4g}" for k, v in out.items())
-            print(f"{step:<8} {len(ex.launches):>4} launches: {summary}")
+            print(f"{step:<8} {len(ex.table['launches']):>4} launches: {summary}")
     finally:
         runtime.close()

@@ -966,8 +966,9 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     decode_attention: a block per (sequence, head, chunk of keys); groups of a few lanes
     take the chunk's visible keys in turn (a group per key: its lanes split head_dim, a
     shuffle sum gives the score) with an online softmax each, then the block merges them and
-    stores [sum e v, m, l]. Chunks past pos[b] (or before the window) return at once
-    and store nothing: the combine never reads them;
+    stores [sum e v, m, l] (one chunk: the output itself, sum e v / l). Chunks past
+    pos[b] (or before the window) return at once and store nothing: the combine never
+    reads them;
     decode_combine: a thread per output element, over the chunks holding visible keys."""
     g = plan.graph
     node = kernel.anchor
@@ -986,7 +987,7 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     attrs = g.node(node)["attrs"]
     if g.op(node) == "decode_attention":
         q, k, v, pos = g.inputs_of(node)[:4]
-        batch, heads, splits, _ = g.type(node).shape
+        batch, heads, splits = *g.type(node).shape[:2], attrs["splits"]
         kv_heads, seq, dim = g.type(k).shape[1:]
         wave = target.wavefront
         # Lanes per key: a power of two giving each lane at most DECODE_LANE_DIMS dimensions
@@ -999,7 +1000,7 @@ def _decode(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                    slot_at=_strided_at(em, plan, g.inputs_of(node)[4], [("b", batch)]) if sink else "",
                    k_pair_at=_strided_at(em, plan, k, kv_index + [("cp", dim)]) if dims else "",
                    freq=c_literal(-2.0 * math.log(attrs["rope_base"]) / dims, "f32") if dims else "")
-        ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits,
+        ctx.update(heads=heads, group=heads // kv_heads, seq=seq, dim=dim, splits=splits, whole="dtype" in attrs,
                    chunk=chunk_of(seq, splits), window=attrs["window"], scale=c_literal(attrs["scale"], "f32"),
                    wave=wave, lanes=lanes, groups=threads // lanes, dt=ceil_div(dim, lanes),
                    dp=ceil_div(dim, lanes) * lanes, shuffles=[lanes >> r for r in range(1, lanes.bit_length())],

@@ -11,6 +11,8 @@
   [sum_j e_j v_j (D values), m, l] with m the largest score (-inf: none seen),
   e_j = exp(score_j - m), l = sum_j e_j; (B, H, splits, D + 2). Query head h reads
   key/value head h // (H / Hkv) (grouped-query attention).
+  With one chunk (splits 1) and attr `dtype`, the op is the whole attention: it
+  divides by l itself and gives (B, H, 1, D) of that dtype (no combine to launch).
 - decode_combine(partial, pos; seq, window, dtype): the second half, (B, H, 1, D) of q's dtype: the
   chunks' partial sums rescaled to their common maximum and divided by the common sum.
   Only chunks that hold a visible key are read (their l > 0).
@@ -88,6 +90,10 @@ def _infer_decode_attention(ts, attrs):
         _check_pos("decode_attention", p, b)
     if not 1 <= attrs["splits"] <= k.shape[2]:
         raise ShapeError(f"decode_attention: splits must be in [1, {k.shape[2]}], got {attrs['splits']}")
+    if "dtype" in attrs:
+        if attrs["splits"] != 1:
+            raise ShapeError(f"decode_attention: only one chunk gives the attention itself, got {attrs['splits']}")
+        return TensorType((b, h, 1, d), attrs["dtype"])
     return TensorType((b, h, attrs["splits"], d + 2), "f32")  # partial sums stay in float32
 
 
@@ -97,7 +103,7 @@ def _decode_attention_reference(xs, attrs, t, fd):
     seq, group, splits = k.shape[2], h_n // k.shape[1], attrs["splits"]
     sink, window, dims = attrs.get("sink", 0), attrs["window"], attrs.get("rope_dims", 0)
     chunk = chunk_of(seq, splits)
-    out = np.zeros(t.shape, dtype=np.float64 if fd == np.float64 else np.float32)
+    out = np.zeros((b_n, h_n, splits, d + 2), dtype=np.float64 if fd == np.float64 else np.float32)
     out[..., d] = -np.inf
     for b in range(b_n):
         p = int(pos[b])
@@ -116,7 +122,7 @@ def _decode_attention_reference(xs, attrs, t, fd):
                 e = np.exp(scores[part] - m)
                 out[b, h, s, :d] = e @ v[b, h // group, part]
                 out[b, h, s, d], out[b, h, s, d + 1] = m, e.sum()
-    return out
+    return out[..., :d] / out[..., d + 1:] if "dtype" in attrs else out
 
 
 def _infer_decode_combine(ts, attrs):

@@ -43,7 +43,8 @@ from gptc.tools.bench.report import fmt_num, fmt_rate, git_commit, gpu_slug, tab
 DECODE_BATCHES = (1, 8, 64)
 PEERS = ("torch-eager", "torch-static", "hf-generate")
 DECODE_FRAMEWORKS = {
-    "gptc": "gptc (graph replay, sampling on the GPU)",
+    "gptc": "gptc (chained steps, ids fed back on the GPU)",
+    "gptc-step": "gptc, one step at a time (ids via the host)",
     "torch-eager": "torch eager + KV cache",
     "torch-static": "torch.compile + static cache + CUDA graph",
     "hf-generate": "transformers generate",
@@ -164,39 +165,47 @@ class _GptcSteps:
 
 
 def bench_gptc_decode(cfg: DecodeConfig, device, params: Mapping[str, np.ndarray], prompts: np.ndarray,
-                      new: int, timer: Timer, floor: float | None) -> dict:
+                      new: int, timer: Timer, floor: float | None) -> list[dict]:
+    """Two rows: "gptc", decoding as gptc generate does (chains of up to CHAIN_STEPS
+    steps queued at once, each drawn token fed to the next step on the device; the
+    step time is a chain's over its length), and "gptc-step", one step at a time with
+    the token ids through the host (as the PyTorch peers' steps); both generate."""
     from gptc.models import prefill_lengths
-    from gptc.models.sampling import SEEN, sampling_feeds
-    from gptc.tools.generate import SamplingParams
+    from gptc.tools.generate import Model, SamplingParams, chain_length, generate_batch
     spec = cfg.spec
     batch, length = prompts.shape
-    vocab = spec.model.vocab_size
     s = min(n for n in prefill_lengths(spec) if n >= length)  # as gptc generate prefills them
     t0 = time.perf_counter()
     steps = _GptcSteps(spec, params, batch, device, s)
     try:
-        sampling = sampling_feeds(SamplingParams(greedy=True), vocab, np.zeros(batch, np.int32))
+        greedy = SamplingParams(num_tokens=new, greedy=True)
+        model = Model(spec, {s: steps.prefill}, steps.decode, lambda: None, batch, fetch=steps.fetch)
+        model.start(prompts, greedy, spec.model.vocab_size)
         padded = np.zeros((batch, s), np.int32)
         padded[:, :length] = prompts
-        prefill = {"tokens": padded, "last": (np.arange(batch) * s + length - 1).astype(np.int32), **sampling}
-        steps.prefill.write({SEEN: np.zeros((batch, vocab), np.float32)})
+        prefill = {"tokens": padded, "last": (np.arange(batch) * s + length - 1).astype(np.int32),
+                   **model.sampling}
         first = steps.run(steps.prefill, prefill)
         setup_s = time.perf_counter() - t0
         ttft = measure(timer, lambda: steps.run(steps.prefill, prefill), cfg.repeats, cfg.budget_ms)
-        # The tokens: a real greedy generation (each step's ids fed to the next).
-        tokens = [first]
-        steps.run(steps.prefill, prefill)  # the cache of the prompts again
+        # The tokens: real greedy generations, chained (gptc generate's) and one step at a time.
+        chained = np.stack(list(generate_batch(model, prompts.tolist(), greedy)), 1)
+        tokens = [steps.run(steps.prefill, prefill)]
         for i in range(1, new):
-            tokens.append(steps.run(steps.decode, {"tokens": tokens[-1].reshape(batch, 1),
-                                                   "pos": np.full(batch, length + i - 1, np.int32), **sampling}))
-        # The step time at the mean position of those steps (the decode attention
+            tokens.append(steps.run(steps.decode, {**model.sampling, "tokens": tokens[-1].reshape(batch, 1),
+                                                   "pos": np.full(batch, length + i - 1, np.int32)}))
+        # The step times around the mean position of those steps (the decode attention
         # reads the keys up to each sequence's position: a step's cost grows with it).
-        middle = {"tokens": tokens[-1].reshape(batch, 1), **sampling,
-                  "pos": np.full(batch, length + new // 2, np.int32)}
-        samples = measure(timer, lambda: steps.run(steps.decode, middle), cfg.repeats, cfg.budget_ms)
+        chain = chain_length(new)
+        start = length + new // 2 - chain // 2
+        positions = [[start + j] * batch for j in range(chain)]
+        chain_ms = measure(timer, lambda: model.decode(chained[:, -1], positions, 1), cfg.repeats, cfg.budget_ms)
+        middle = {**model.sampling, "tokens": tokens[-1].reshape(batch, 1), "pos": np.full(batch, start, np.int32)}
+        step_ms = measure(timer, lambda: steps.run(steps.decode, middle), cfg.repeats, cfg.budget_ms)
     finally:
         steps.close()
-    return _row("gptc", batch, ttft, samples, np.stack(tokens, 1), floor, setup_s=setup_s)
+    return [_row("gptc", batch, ttft, [t / chain for t in chain_ms], chained, floor, setup_s=setup_s, chain=chain),
+            _row("gptc-step", batch, ttft, step_ms, np.stack(tokens, 1), floor)]
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -297,6 +306,7 @@ def run_decode_bench(cfg: DecodeConfig, device, log: Callable[[str], None] = pri
     """Every row of `gptc bench --what decode` on `device` (None with cfg.smoke: the CPU)."""
     from gptc.models import build_graph, init_params
     from gptc.tools.bench.peers import import_torch
+    from gptc.tools.generate import CHAIN_STEPS
     if device is None and not cfg.smoke:
         raise GptcError("the decode bench needs a GPU (or the smoke mode)")
     prompt_len, new = cfg.lengths()
@@ -324,7 +334,9 @@ def run_decode_bench(cfg: DecodeConfig, device, log: Callable[[str], None] = pri
             "new_tokens": new, "batches": list(cfg.batches), "repeats": cfg.repeats, "smoke": cfg.smoke,
             "copy_bytes_per_s": bandwidth, "copy_how": how, "notes": notes}
     notes.append("greedy decoding, float32 (TF32 off); a decode step = previous token ids in, next token ids back "
-                 "on the host; the floor reads every weight once plus the KV cache up to the mean position from HBM "
+                 "on the host, except for the gptc row: as gptc generate, it queues chains of decode steps (up to "
+                 f"{CHAIN_STEPS}, one device graph), each step's drawn ids fed to the next on the GPU and read back once a "
+                 "chain; its step time is a chain's over its length; the floor reads every weight once plus the KV cache up to the mean position from HBM "
                  "(a model whose weights fit in L2 can beat it)")
     log(f"gptc bench decode: {cfg.name}, prompt {prompt_len} tokens, {new} new tokens, on {meta['gpu']}, "
         f"commit {meta['commit']}")
@@ -333,32 +345,33 @@ def run_decode_bench(cfg: DecodeConfig, device, log: Callable[[str], None] = pri
         prompts = make_prompts(cfg.spec, batch, prompt_len, cfg.seed)
         floor = floor_ms(cfg.spec, batch, prompt_len + new / 2, bandwidth)
         gptc_timer = device_timer(device) if device is not None else WallTimer()
-        runs = [("gptc", lambda: bench_gptc_decode(cfg, device, params, prompts, new, gptc_timer, floor))]
+        runs = [("gptc", lambda: bench_gptc_decode(cfg, device, params, prompts, new, gptc_timer, floor))]  # 2 rows
         if torch is not None:
             from gptc.tools.bench.measure import TorchTimer
             torch_timer = TorchTimer(torch) if where == "cuda" else WallTimer()
             for key in cfg.compare:
                 if key == "hf-generate":
-                    runs.append((key, lambda: bench_hf_decode(torch, cfg, params, prompts, new, floor, where)))
+                    runs.append((key, lambda: [bench_hf_decode(torch, cfg, params, prompts, new, floor, where)]))
                 else:
-                    runs.append((key, lambda key=key: bench_torch_decode(torch, key, cfg, params, prompts, new,
-                                                                         torch_timer, floor, where)))
+                    runs.append((key, lambda key=key: [bench_torch_decode(torch, key, cfg, params, prompts, new,
+                                                                          torch_timer, floor, where)]))
         for key, run in runs:
             try:
-                row = run()
+                got = run()
             except Exception as e:  # one failing framework must not lose the rest of the run
                 if key == "gptc":
                     raise
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                log(f"  batch {batch:>3}  {DECODE_FRAMEWORKS[key]:<42} failed: {msg}")
+                log(f"  batch {batch:>3}  {DECODE_FRAMEWORKS[key]:<46} failed: {msg}")
                 rows.append({"framework": key, "batch": batch, "error": msg})
                 continue
-            gptc_row = next(r for r in rows + [row] if r["framework"] == "gptc" and r["batch"] == batch)
-            row["same_tokens"] = row["tokens"] == gptc_row["tokens"]
-            rows.append(row)
-            log(f"  batch {batch:>3}  {DECODE_FRAMEWORKS[key]:<42} TTFT {row['ttft_ms']:8.2f} ms  step "
-                f"{row['step_ms']:7.3f} ms  {fmt_rate(row['tokens_per_s']):>8} tokens/s"
-                + ("" if row["same_tokens"] else "  (tokens differ from gptc's)"))
+            for row in got:
+                gptc_row = next(r for r in rows + got if r["framework"] == "gptc" and r["batch"] == batch)
+                row["same_tokens"] = row["tokens"] == gptc_row["tokens"]
+                rows.append(row)
+                log(f"  batch {batch:>3}  {DECODE_FRAMEWORKS[row['framework']]:<46} TTFT {row['ttft_ms']:8.2f} ms  "
+                    f"step {row['step_ms']:7.3f} ms  {fmt_rate(row['tokens_per_s']):>8} tokens/s"
+                    + ("" if row["same_tokens"] else "  (tokens differ from gptc's)"))
         if torch is not None and where == "cuda":
             torch._dynamo.reset()
             torch.cuda.empty_cache()
@@ -394,8 +407,8 @@ def render_decode_markdown(result: dict) -> str:
                   f"({meta['copy_how']}).", ""]
     lines.append(decode_table(result, markdown=True))
     lines += ["", "Notes:"] + [f"- {n}" for n in meta["notes"]] + [
-        "- TTFT: the prefill of the prompts until every sequence's first token is on the host; step: one decode "
-        "step, token ids in and out; tokens/s = batch / step; medians over device events after warm-up "
+        "- TTFT: the prefill of the prompts until every sequence's first token is on the host; step: the time of "
+        "one decode step (one new token of every sequence); tokens/s = batch / step; medians over device events after warm-up "
         "(transformers generate: wall clock, see gptc/tools/bench/decode.py)."]
     return "\n".join(lines) + "\n"
 
