@@ -299,7 +299,7 @@ class GpuExecutor:
             self.device.memset(chain.base, 0xFF, chain.nbytes)
 
     def close(self) -> None:
-        """Free the step's inputs and outputs and destroy its captured graph. A graph
+        """Free the step's inputs, outputs and chains and destroy its captured graphs. A graph
         that captured collectives holds a reference on the communicator (NCCL's
         localPersistentRefs) that only its destruction drops: ncclCommDestroy and
         ncclCommAbort wait for it, so this must run before the communicator closes."""
