@@ -208,25 +208,26 @@ def test_a_checkpoint_of_the_former_tokenizer_is_refused_in_one_line(tmp_path, c
 
 @pytest.mark.parametrize("sink", [0, 4], ids=["recompute", "stream"])
 def test_chained_decode_steps_generate_what_single_steps_do(monkeypatch, sink):
-    """generate_batch queues up to CHAIN_STEPS decode steps at once (their positions,
-    slots and token indices worked out ahead, each drawn token fed to the next step):
-    a ragged batch sampled with a seed draws what one step at a time draws, past the
-    context; chains stop where the longest sequence fills the context."""
+    """generate_batch queues up to model.chain_steps decode steps at once (their
+    positions, slots and token indices worked out ahead, each drawn token fed to the
+    next step): a ragged batch sampled with a seed draws what one step at a time draws,
+    past the context; chains stop where the longest sequence fills the context. (GPU
+    models chain CHAIN_STEPS; the CPU reference, one step at a time, streams each token.)"""
     from gptc.tools import generate
     spec = decode_spec("causal")
     model = cpu_model(spec, sampling_params(spec), 4, sink=sink)
+    assert model.chain_steps == 1
     p = SamplingParams(num_tokens=40, temperature=0.8, top_k=40, seed=3)
     lengths = []
     decode = model.decode
     monkeypatch.setattr(model, "decode", lambda tokens, positions, *a: (lengths.append(len(positions)),
                                                                         decode(tokens, positions, *a))[1])
-    chained = list(generate_batch(model, RAGGED_PROMPTS, p))
+    alone = list(generate_batch(model, RAGGED_PROMPTS, p))
+    assert set(lengths) == {1}
+    lengths.clear()
+    model.chain_steps = generate.CHAIN_STEPS
+    assert list(generate_batch(model, RAGGED_PROMPTS, p)) == alone
     # The longest prompt has 12 tokens: 16 steps, then 4 until it holds 32; streaming goes on.
     assert lengths == ([16, 4] if not sink else [16, 16, 4, 2, 1])
-    lengths.clear()
-    monkeypatch.setattr(generate, "CHAIN_STEPS", 1)
-    assert list(generate_batch(model, RAGGED_PROMPTS, p)) == chained
-    assert set(lengths) == {1}
-    assert [generate.chain_length(n) for n in (1, 2, 3, 7, 16, 17, 100)] == [1, 1, 1, 1, 1, 1, 1]
-    monkeypatch.setattr(generate, "CHAIN_STEPS", 16)
-    assert [generate.chain_length(n) for n in (1, 2, 3, 7, 16, 17, 100)] == [1, 2, 2, 4, 16, 16, 16]
+    assert [generate.chain_length(n, 1) for n in (1, 2, 3, 7, 16, 17, 100)] == [1, 1, 1, 1, 1, 1, 1]
+    assert [generate.chain_length(n, 16) for n in (1, 2, 3, 7, 16, 17, 100)] == [1, 2, 2, 4, 16, 16, 16]

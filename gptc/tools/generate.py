@@ -2,9 +2,9 @@
 
 The model conditions each new token on the last `seq_len` tokens (positions from 0).
 While the text fits the context, each token costs one decode step that reads and
-extends the KV cache (up to CHAIN_STEPS of them queued at once, each drawn token fed
-to the next step on the device, so the host reads token ids back once a chain); once
-it no longer fits, the window slides, every position
+extends the KV cache (on a GPU, up to CHAIN_STEPS of them queued at once, each drawn
+token fed to the next step on the device, so the host reads token ids back once a
+chain); once it no longer fits, the window slides, every position
 changes, and each token costs a prefill of the last `seq_len` tokens. Either way the
 result equals recomputing the whole window for every token (tests check it). Several
 sequences of any lengths decode together (a ragged batch, each at its own position);
@@ -22,9 +22,10 @@ from gptc.models.sampling import SEEN, sampling_feeds, seen_rows
 from gptc.spec import GptcError, Spec
 
 
-# Decode steps queued at once while the sequences fit the context: one device graph and
-# one read-back of their token ids, each drawn token fed to the next step on the device
-# (at batch 1 on a small model, the host round trip costs as much as the step).
+# Decode steps a GPU model queues at once while the sequences fit the context: one device
+# graph and one read-back of their token ids, each drawn token fed to the next step on the
+# device (at batch 1 on a small model, the host round trip costs as much as the step).
+# The CPU reference has no round trip to save: it decodes, and streams, token by token.
 CHAIN_STEPS = 16
 
 
@@ -103,14 +104,14 @@ class Model:
     and decode takes slots. Each step ends with the sampling tail of the graphs
     (gptc/models/sampling.py): it draws every sequence's next token itself, and only
     the token ids are read back (`fetch`; None reads every output, as the CPU
-    reference does)."""
+    reference does). Up to `chain_steps` decode steps are queued at once (decode())."""
 
     def __init__(self, spec: Spec, prefill: Mapping[int, object], decode, share_cache: Callable[[], None],
-                 batch: int = 1, sink: int = 0, fetch: Sequence[str] | None = None) -> None:
+                 batch: int = 1, sink: int = 0, fetch: Sequence[str] | None = None, chain_steps: int = 1) -> None:
         self.prefill_steps = dict(sorted(prefill.items()))
         self.prefill_step = self.prefill_steps[max(self.prefill_steps)]  # the whole context's
         self.spec, self.decode_step, self.share_cache = spec, decode, share_cache
-        self.batch, self.sink, self.fetch = batch, sink, fetch
+        self.batch, self.sink, self.fetch, self.chain_steps = batch, sink, fetch, chain_steps
         self.sampling: dict[str, np.ndarray] = {}
 
     def _rows(self, n: int) -> None:
@@ -200,7 +201,7 @@ def gpu_model(runtime) -> Model:
     from gptc.runtime.bundle import prefill_steps
     prefill = {length: runtime.steps[step] for length, step in prefill_steps(runtime.bundle.spec, runtime.steps)}
     return Model(runtime.bundle.spec, prefill, runtime.steps["decode"], lambda: None, batch,
-                 runtime.bundle.manifest.get("sink", 0), fetch=("next_token",))
+                 runtime.bundle.manifest.get("sink", 0), fetch=("next_token",), chain_steps=CHAIN_STEPS)
 
 
 def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingParams, use_cache: bool = True,
@@ -213,8 +214,8 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
     (seed, i, sequences[b]) (default ids 0, 1, ...): the same seed and id give the same
     tokens on the CPU reference and the GPU, with or without the cache, in any row of
     any batch. While every sequence fits the context, a token costs one decode step
-    (chains of up to CHAIN_STEPS steps queued at once, their tokens yielded as each
-    chain ends); once one no longer fits, its window slides, every position of it
+    (chains of up to model.chain_steps steps queued at once, their tokens yielded as
+    each chain ends); once one no longer fits, its window slides, every position of it
     changes, and each step costs a prefill of every sequence's last seq_len tokens
     (exact: tests check it). A model with a streaming cache (model.sink > 0) decodes on
     in chains instead: each new token goes to the ring slot of the oldest token after
@@ -240,22 +241,23 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
         if not use_cache:
             drawn = [model.full(tokens, index)]
         elif model.sink:  # the n-th token of a cache goes to slot n, then round the ring after the sinks
-            steps = range(chain_length(p.num_tokens - index))
+            steps = range(chain_length(p.num_tokens - index, model.chain_steps))
             slots = [[c + j if c + j < s else model.sink + (c + j - model.sink) % (s - model.sink) for c in cached]
                      for j in steps]
             drawn = model.decode(new, [[min(c + j, s - 1) for c in cached] for j in steps], index, slots)
             cached = [c + len(steps) for c in cached]
         elif all(len(t) <= s for t in tokens):  # step j writes position len(t) - 1 + j: at most s - 1
-            steps = range(chain_length(min(p.num_tokens - index, s + 1 - max(len(t) for t in tokens))))
+            room = s + 1 - max(len(t) for t in tokens)
+            steps = range(chain_length(min(p.num_tokens - index, room), model.chain_steps))
             drawn = model.decode(new, [[len(t) - 1 + j for t in tokens] for j in steps], index)
         else:  # a window slid: every position of that sequence changed
             drawn = [model.prefill([t[-s:] for t in tokens], index)]
 
 
-def chain_length(limit: int) -> int:
-    """Decode steps to queue at once: the largest power of two up to `limit` and
-    CHAIN_STEPS (a few lengths, so a few device graphs)."""
-    return 1 << (min(limit, CHAIN_STEPS).bit_length() - 1)
+def chain_length(limit: int, most: int = CHAIN_STEPS) -> int:
+    """Decode steps to queue at once: the largest power of two up to `limit` and `most`
+    (a few lengths, so a few device graphs)."""
+    return 1 << (min(limit, most).bit_length() - 1)
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], p: SamplingParams, use_cache: bool = True,

@@ -171,7 +171,7 @@ def bench_gptc_decode(cfg: DecodeConfig, device, params: Mapping[str, np.ndarray
     step time is a chain's over its length), and "gptc-step", one step at a time with
     the token ids through the host (as the PyTorch peers' steps); both generate."""
     from gptc.models import prefill_lengths
-    from gptc.tools.generate import Model, SamplingParams, chain_length, generate_batch
+    from gptc.tools.generate import CHAIN_STEPS, Model, SamplingParams, chain_length, generate_batch
     spec = cfg.spec
     batch, length = prompts.shape
     s = min(n for n in prefill_lengths(spec) if n >= length)  # as gptc generate prefills them
@@ -179,7 +179,8 @@ def bench_gptc_decode(cfg: DecodeConfig, device, params: Mapping[str, np.ndarray
     steps = _GptcSteps(spec, params, batch, device, s)
     try:
         greedy = SamplingParams(num_tokens=new, greedy=True)
-        model = Model(spec, {s: steps.prefill}, steps.decode, lambda: None, batch, fetch=steps.fetch)
+        model = Model(spec, {s: steps.prefill}, steps.decode, lambda: None, batch, fetch=steps.fetch,
+                      chain_steps=CHAIN_STEPS)
         model.start(prompts, greedy, spec.model.vocab_size)
         padded = np.zeros((batch, s), np.int32)
         padded[:, :length] = prompts
