@@ -1094,8 +1094,14 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         batch_lines.append(f"const idx_t {name}_base = {emit(base)};")
         ctx.update({name: em.arg(buf), f"{name}_s": strides[-2], f"{name}_d": strides[-1]})
         at = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
-        ctx[f"{name}_at"] = f"bf16_to_float({at})" if plan.buffer_of(buf).dtype == "bf16" else at
-        ctx[f"{name}_raw"] = f"{at}.bits"   # the bf16 bits (the matrix-unit kernel copies them as they are)
+        bf16 = plan.buffer_of(buf).dtype == "bf16"
+        ctx[f"{name}_at"] = f"bf16_to_float({at})" if bf16 else at
+        ctx["raw"][name] = f"{at}.bits"   # the bf16 bits (the matrix-unit kernels copy them as they are)
+        # Whole 16-byte rows of 8 bf16 for the matrix-unit kernels' staging: head_dim
+        # contiguous, every other stride and the offset multiples of 8 (buffers start
+        # 256-byte aligned).
+        ctx["addr"][name] = at
+        aligned[name] = bf16 and strides[-1] == 1 and offset % 8 == 0 and all(st % 8 == 0 for st in strides[:-1])
 
     def prologue_operand(name: str, nid: int, transpose: bool) -> None:
         """q or k computed by its prologue (dsl.rope) at each element the kernel loads:
@@ -1110,6 +1116,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx[f"{name}_at"] = f"{name}_at({row}, c)"
 
     rows = dict(q="i", k="j", v="j", g="i")  # the templates' row variable of each operand
+    ctx.update(raw={}, addr={})
+    aligned: dict[str, bool] = {}
     operand("q", a.q)
     operand("k", a.k_t, transpose=True)
     operand("v", a.v)
@@ -1132,7 +1140,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
             # On the matrix units (attention_mma.hip.j2): 64 queries a block (16 a warp);
             # key tiles of 64, 32 above head_dim 64 (static shared memory within 48 KiB).
             dp16 = ceil_div(dim, 16) * 16
-            ctx.update(dp=dp16, ld=dp16 + 8, bq=64, bk=64 if dp16 <= 64 else 32, nqb=ceil_div(seq, 64))
+            ctx.update(dp=dp16, ld=dp16 + 8, bq=64, bk=64 if dp16 <= 64 else 32, nqb=ceil_div(seq, 64),
+                       vec=8 if dim % 8 == 0 and all(aligned[n] for n in "qkv") else 1)
             return _Part(kernel.name, env.get_template("attention_mma.hip.j2").render(**ctx),
                          (bhn * ceil_div(seq, 64), 1, 1), (128, 1, 1), mma=True)
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
@@ -1150,7 +1159,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         # memory within 48 KiB).
         dp16 = ceil_div(dim, 16) * 16
         blocks = ceil_div(seq, 64)
-        ctx.update(dp=dp16, ld=dp16 + 8, bt=64 if dp16 <= 64 else 16, kb_blocks=bhn // group * blocks, nqb=blocks)
+        ctx.update(dp=dp16, ld=dp16 + 8, bt=64 if dp16 <= 64 else 16, kb_blocks=bhn // group * blocks, nqb=blocks,
+                   vec=8 if dim % 8 == 0 and all(aligned[n] for n in "qkvg") else 1)
         return _Part(f"{kernel.name} keys+queries", env.get_template("attention_mma_bwd.hip.j2").render(**ctx),
                      (bhn // group * blocks + bhn * blocks, 1, 1), (128, 1, 1), mma=True)
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
