@@ -63,6 +63,11 @@ def test_inspect(bundle_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert target in result.stdout and "k000_" in result.stdout and "MB moved" in result.stdout
     assert dot.read_text().startswith("digraph") and "->" in dot.read_text()
+    result = gptc("inspect", str(out), "--step", "prefill_8")  # tiny's context 32: prefills of 32 and 8
+    assert result.returncode == 0 and "prefill_8 step:" in result.stdout, result.stderr
+    result = gptc("inspect", str(out), "--step", "prefill_9")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "no step 'prefill_9'; give --step one of" in result.stderr and "prefill_8" in result.stderr
 
 
 def test_bundle_from_another_version_is_refused(bundle_dir, tmp_path):
@@ -190,6 +195,8 @@ def _damage(manifest: dict, how: str) -> object:
         manifest["code"].pop(manifest["steps"]["prefill"]["launches"][0]["symbol"])
     elif how == "the target missing":
         del manifest["target"]
+    elif how == "a shorter prefill without launches":
+        del manifest["steps"][next(s for s in manifest["steps"] if s.startswith("prefill_"))]["launches"]
     elif how == "a list":
         return [manifest]
     return manifest
@@ -202,6 +209,7 @@ def _damage(manifest: dict, how: str) -> object:
     ("an unknown buffer", "steps.train names buffer 'nowhere'"),
     ("a code object missing", "which has no code object"),
     ("the target missing", "target is missing"),
+    ("a shorter prefill without launches", ".launches is missing"),
     ("a list", "is damaged: it should be an object"),
 ])
 def test_damaged_manifest_is_one_line(bundle_dir, tmp_path, how, expected):

@@ -20,8 +20,8 @@ LINK = {"tokens": "next_token"}
 
 
 class ChainDevice(RecordingDevice):
-    """Also records each launch's argument addresses, and the copies (a download
-    returns the step index in every 4-byte word of row i of the chain's outputs)."""
+    """Also records each launch's argument addresses, and the copies (a download of a
+    chain's outputs fills row i, every byte of it, with i)."""
 
     def prepare_launch(self, function, grid, block, shared, args, name=""):
         log, addresses = self.log, [int(a.value) for a in args]
@@ -36,7 +36,7 @@ class ChainDevice(RecordingDevice):
 
     def download(self, address, array):
         self.log.append(("download", address, array.nbytes))
-        array.reshape(-1)[...] = np.arange(array.size) % 256
+        array[...] = np.arange(len(array)).reshape(-1, *[1] * (array.ndim - 1))
 
 
 @pytest.fixture
@@ -104,8 +104,8 @@ def test_a_chain_is_one_upload_one_graph_and_one_read_back(decode):
         assert copies in (["upload", "begin_capture", "replay", "download"], ["upload", "replay", "download"])
     assert copies == ["upload", "replay", "download"]  # the second time, the graph is replayed
     assert out.keys() == {"next_token"} and out["next_token"].shape == (5, 3)
-    rows = out["next_token"].view(np.uint8)  # row i: bytes 256 * i onwards of the read-back
-    assert all((r == np.arange(256 * i, 256 * i + 12) % 256).all() for i, r in enumerate(rows))
+    rows = out["next_token"].view(np.uint8)  # step i's drawn ids: row i of the read-back
+    assert all((row == i).all() for i, row in enumerate(rows))
 
 
 def test_a_link_must_be_read_back_and_of_the_inputs_size(decode):
@@ -114,5 +114,9 @@ def test_a_link_must_be_read_back_and_of_the_inputs_size(decode):
         ex.run_chain(stacked(feeds, 2), LINK, ("logits",))
     with pytest.raises(ValueError, match="cannot be fed from output logits"):
         ex.run_chain(stacked(feeds, 2), {"tokens": "logits"}, ("logits",))
+    with pytest.raises(ValueError, match="logit: not an input of this step"):
+        ex.run_chain(stacked(feeds, 2), {"logit": "next_token"}, ("next_token",))
+    with pytest.raises(ValueError, match=r"tokens: got shape \(3, 3, 1\), a chain of 2 steps needs \(2, 3, 1\)"):
+        ex.run_chain({**stacked(feeds, 2), "tokens": np.zeros((3, 3, 1), np.int32)}, LINK, ("next_token",))
     with pytest.raises(ValueError, match=r"pos: got shape \(2, 4\), a chain of 2 steps needs \(2, 3\)"):
         ex.run_chain({**stacked(feeds, 2), "pos": np.zeros((2, 4), np.int32)}, LINK, ("next_token",))

@@ -573,7 +573,7 @@ ROWS = [
     Row("inspect bundle", ["inspect", "{tmp}/b"], "manifest", files={"b/manifest.json": b"[]"}),
     Row("inspect bundle", ["inspect", "{tmp}/b"], "(bundle format 1)", files={"b/manifest.json": b'{"format": 1, "versions": '
                                                                               b'{"gptc": "0.1.0"}}'}),
-    Row("inspect --step", ["inspect", "{tmp}/none", "--step", "backward"], "argument --step: invalid choice"),
+    Row("inspect --step", ["inspect", "{tmp}/none", "--step", ""], "argument --step: must not be empty"),
     Row("inspect --dot", ["inspect", "{tmp}/none", "--dot", "{tmp}/no/such/dir/f.dot"],
         "cannot write --dot '{tmp}/no/such/dir/f.dot': the directory '{tmp}/no/such/dir' does not exist"),
 

@@ -229,5 +229,8 @@ def test_chained_decode_steps_generate_what_single_steps_do(monkeypatch, sink):
     assert list(generate_batch(model, RAGGED_PROMPTS, p)) == alone
     # The longest prompt has 12 tokens: 16 steps, then 4 until it holds 32; streaming goes on.
     assert lengths == ([16, 4] if not sink else [16, 16, 4, 2, 1])
+    assert list(generate_batch(model, RAGGED_PROMPTS, replace(p, num_tokens=0))) == []
+    with pytest.raises(ValueError):
+        generate.chain_length(0)
     assert [generate.chain_length(n, 1) for n in (1, 2, 3, 7, 16, 17, 100)] == [1, 1, 1, 1, 1, 1, 1]
     assert [generate.chain_length(n, 16) for n in (1, 2, 3, 7, 16, 17, 100)] == [1, 2, 2, 4, 16, 16, 16]

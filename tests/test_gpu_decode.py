@@ -96,8 +96,9 @@ def test_bf16_greedy_generation_of_a_ragged_batch_on_gpu_equals_the_reference(de
 def test_chained_decode_steps_draw_what_steps_one_at_a_time_draw(device, tmp_path, name):
     """k decode steps queued at once (GpuExecutor.run_chain: one device graph, each drawn
     token fed to the next step on the device) draw the tokens that k steps run one at a
-    time through the host draw: a ragged batch, sampling with a seed (the draws' counter
-    is each step's token index), the chain's buffers poisoned first; k = 1, 5 and 16."""
+    time through the host draw (GpuExecutor.run, the step's own graph): a ragged batch,
+    sampling with a seed (the draws' counter is each step's token index), the chain's
+    buffers poisoned first; k = 1, 5 and 16."""
     from gptc.tools.generate import SamplingParams
     spec = decode_spec(name)
     bundle = Bundle(compile_bundle(spec, tmp_path / name, device.target, log=lambda s: None, sample_batch=4))
@@ -114,9 +115,12 @@ def test_chained_decode_steps_draw_what_steps_one_at_a_time_draw(device, tmp_pat
             if chained:
                 runtime.steps["decode"].poison()
                 return np.concatenate([[first], model.decode(first, positions, 1)])
-            rows = [first]
+            rows, n = [first], len(RAGGED_PROMPTS)
             for j in range(k):
-                rows.append(model.decode(rows[-1], positions[j:j + 1], 1 + j)[0])
+                feed = {**model.sampling, "tokens": np.zeros((4, 1), np.int32), "pos": np.zeros(4, np.int32),
+                        "sample_index": np.zeros(4, np.int32)}
+                feed["tokens"][:n, 0], feed["pos"][:n], feed["sample_index"][:n] = rows[-1], positions[j], 1 + j
+                rows.append(runtime.steps["decode"].run(feed, outputs=("next_token",))["next_token"][:n])
             return np.stack(rows)
 
         for k in (1, 5, 16):

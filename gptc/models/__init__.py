@@ -115,8 +115,8 @@ PREFILL_MIN_LENGTH = 8
 def prefill_lengths(spec: Spec, sink: int = 0) -> list[int]:
     """The lengths of the prefill steps a model gets, longest first: the context S, then
     S/4 and S/16 (those of at least PREFILL_MIN_LENGTH tokens), so that a prompt is
-    prefilled at the shortest length that holds it, at most 4 times its length, rather
-    than at the whole context (the cost grows with the length, attention's with its
+    prefilled at the shortest length that holds it (at most 4 times its length, or the
+    shortest step) rather than at the whole context (the cost grows with the length, attention's with its
     square). Each length is a plan of its own, a dozen more kernels to compile. A
     streaming cache (`sink`) takes the whole context only."""
     s = spec.model.seq_len

@@ -116,7 +116,7 @@ class GpuExecutor:
         assert all(b["arena"] == "io" for _, _, b in self._inputs)
         self.use_graph = use_graph
         self.launch_step = launch_step
-        self._graphs: dict[object, object] = {}  # None: the step's own; chains: by length and outputs
+        self._graphs: dict[object, object] = {}  # None: the step's own; chains: by length, link and outputs
         self._chains: dict[tuple, _Chain] = {}
         self._current = self.bound
         self.device_name = device.name
@@ -254,6 +254,9 @@ class GpuExecutor:
         if self.collectives:
             raise GptcError("a step with collectives runs one step at a time")
         check_inputs(self.table, feeds)
+        unknown = sorted(set(link) - set(self.table["inputs"]))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an input of this step (a link feeds an input from an output)")
         length = len(np.asarray(feeds[self._inputs[0][0]]))
         key = (length, tuple(sorted(link.items())), tuple(outputs))
         if key not in self._chains:
@@ -262,11 +265,11 @@ class GpuExecutor:
         staging = np.zeros((length, chain.input_stride), np.uint8)
         for name, buffer, buf in self._inputs:
             values = np.asarray(feeds[name])
-            host = to_storage(values, buf["dtype"]).reshape(length, -1)
-            if host[0].nbytes != buf["nbytes"]:
+            host = to_storage(values, buf["dtype"])
+            if host.size % length or host.nbytes // length != buf["nbytes"]:
                 raise ValueError(f"{name}: got shape {values.shape}, a chain of {length} steps needs "
                                  f"{(length, *buf['shape'])}")
-            staging[:, buf["offset"]:buf["offset"] + buf["nbytes"]] = host.view(np.uint8)
+            staging[:, buf["offset"]:buf["offset"] + buf["nbytes"]] = host.reshape(length, -1).view(np.uint8)
         self.device.upload(chain.base, staging)
         self._queue(key, chain.steps)
         raw = np.empty((length, chain.output_stride), np.uint8)

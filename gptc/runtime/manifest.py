@@ -62,4 +62,7 @@ def reference_error(manifest: dict) -> str | None:
 
 
 def manifest_error(manifest: Any) -> str | None:
-    return schema_error(manifest, MANIFEST) or reference_error(manifest)
+    return (schema_error(manifest, MANIFEST)
+            or next((e for name, table in manifest["steps"].items()  # the prefill_<L> steps too
+                     if (e := schema_error(table, TABLE, f"steps.{name}"))), None)
+            or reference_error(manifest))

@@ -346,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show the kernels of a bundle and its fusion graph")
     p.add_argument("bundle", type=_nonempty, help="a bundle directory (from gptc compile)")
-    p.add_argument("--step", default="train", choices=["train", "eval", "prefill", "decode"], help="which step")
+    p.add_argument("--step", default="train", type=_nonempty,
+                   help="which step: train, eval, prefill, decode, or a shorter prefill (prefill_<length>; the "
+                        "bundle's steps are listed)")
     p.add_argument("--dot", type=_nonempty,
                    help="write the fusion graph as Graphviz DOT to this file (and .svg when graphviz is installed)")
     p.set_defaults(run=_cmd_inspect)

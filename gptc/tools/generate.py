@@ -103,8 +103,9 @@ class Model:
     dropped. `sink` > 0: the steps keep a StreamingLLM-style cache (build_graph's sink)
     and decode takes slots. Each step ends with the sampling tail of the graphs
     (gptc/models/sampling.py): it draws every sequence's next token itself, and only
-    the token ids are read back (`fetch`; None reads every output, as the CPU
-    reference does). Up to `chain_steps` decode steps are queued at once (decode())."""
+    the token ids are read back (`fetch`, by prefill; None reads every output, as the
+    CPU reference does; decode reads next_token only). Up to `chain_steps` decode steps
+    are queued at once (decode())."""
 
     def __init__(self, spec: Spec, prefill: Mapping[int, object], decode, share_cache: Callable[[], None],
                  batch: int = 1, sink: int = 0, fetch: Sequence[str] | None = None, chain_steps: int = 1) -> None:
@@ -223,6 +224,8 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
     s = model.spec.model.seq_len
     n = model.spec.model.vocab_size if vocab_size is None else vocab_size
     tokens = [list(prompt) for prompt in prompts]
+    if p.num_tokens < 1:
+        return
     if not tokens or not all(tokens):
         raise GptcError("the prompt is empty; give at least one character")
     model.start(tokens, p, n, sequences)
@@ -257,6 +260,8 @@ def generate_batch(model: Model, prompts: Sequence[Sequence[int]], p: SamplingPa
 def chain_length(limit: int, most: int = CHAIN_STEPS) -> int:
     """Decode steps to queue at once: the largest power of two up to `limit` and `most`
     (a few lengths, so a few device graphs)."""
+    if limit < 1 or most < 1:
+        raise ValueError(f"a chain of at most {limit} and {most} steps")
     return 1 << (min(limit, most).bit_length() - 1)
 
 

@@ -43,6 +43,8 @@ def fusion_dot(table: dict, title: str) -> str:
 
 def inspect_bundle(path: str, step: str = "train", dot_path: str | None = None) -> None:
     bundle = Bundle(path)
+    if step not in bundle.tables:
+        raise GptcError(f"the bundle has no step '{step}'; give --step one of {', '.join(bundle.tables)}")
     table = bundle.tables[step]
     m = bundle.spec.model
     print(f"bundle {path}: target {bundle.target.name}, gptc {bundle.manifest['versions']['gptc']}, "

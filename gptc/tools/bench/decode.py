@@ -3,9 +3,12 @@
 For each batch (1, 8 and 64 sequences, one prompt length, one token count for all):
 - time to first token (TTFT): the prefill of the prompts, ending with the first token
   of every sequence on the host;
-- decode: one generation step, the previous token ids in and the next ones back on
-  the host (what a generate loop does every token), its median time and the tokens/s
-  it gives (batch / step time);
+- decode: the time of one generation step, its median and the tokens/s it gives
+  (batch / step time). The PyTorch rows and the gptc-step row take the previous token
+  ids in and give the next ones back on the host every step (what a generate loop
+  does every token); the gptc row decodes as gptc generate does, in chains of steps
+  queued at once, each step's drawn ids fed to the next on the device and read back
+  once a chain (its step: a chain's time over its length);
 - the roofline floor of a decode step: the bytes it must read (every weight once, and
   the KV cache up to the mean position of the timed steps) at the copy bandwidth
   measured in the same run, and the percent of it each framework reaches.
@@ -181,23 +184,20 @@ def bench_gptc_decode(cfg: DecodeConfig, device, params: Mapping[str, np.ndarray
         greedy = SamplingParams(num_tokens=new, greedy=True)
         model = Model(spec, {s: steps.prefill}, steps.decode, lambda: None, batch, fetch=steps.fetch,
                       chain_steps=CHAIN_STEPS)
-        model.start(prompts, greedy, spec.model.vocab_size)
-        padded = np.zeros((batch, s), np.int32)
-        padded[:, :length] = prompts
-        prefill = {"tokens": padded, "last": (np.arange(batch) * s + length - 1).astype(np.int32),
-                   **model.sampling}
-        first = steps.run(steps.prefill, prefill)
+        rows = prompts.tolist()
+        model.start(rows, greedy, spec.model.vocab_size)
+        model.prefill(rows, 0)
         setup_s = time.perf_counter() - t0
-        ttft = measure(timer, lambda: steps.run(steps.prefill, prefill), cfg.repeats, cfg.budget_ms)
+        ttft = measure(timer, lambda: model.prefill(rows, 0), cfg.repeats, cfg.budget_ms)
         # The tokens: real greedy generations, chained (gptc generate's) and one step at a time.
-        chained = np.stack(list(generate_batch(model, prompts.tolist(), greedy)), 1)
-        tokens = [steps.run(steps.prefill, prefill)]
+        chained = np.stack(list(generate_batch(model, rows, greedy)), 1)
+        tokens = [model.prefill(rows, 0)]
         for i in range(1, new):
             tokens.append(steps.run(steps.decode, {**model.sampling, "tokens": tokens[-1].reshape(batch, 1),
                                                    "pos": np.full(batch, length + i - 1, np.int32)}))
         # The step times around the mean position of those steps (the decode attention
         # reads the keys up to each sequence's position: a step's cost grows with it).
-        chain = chain_length(new)
+        chain = chain_length(new - 1)  # the longest the generation ran
         start = length + new // 2 - chain // 2
         positions = [[start + j] * batch for j in range(chain)]
         chain_ms = measure(timer, lambda: model.decode(chained[:, -1], positions, 1), cfg.repeats, cfg.budget_ms)

@@ -198,7 +198,7 @@ def measure_gemm_gptc(device, n: int = 4096) -> tuple[float, str]:
         ex.run({"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)})
         samples = measure(device_timer(device), ex.launch, repeats=10, budget_ms=300, warmup=2)
     finally:
-        _close_executor(ex)
+        ex.close()
     ms = summarize(samples)["median_ms"]
     return 2 * n ** 3 / (ms / 1e3), (f"gptc's own fp32 matmul kernel {n}x{n}x{n} (PyTorch not available: a lower "
                                      f"bound of the device's rate), median of {len(samples)}")
@@ -219,16 +219,6 @@ def measure_ceilings(device, torch, log: Callable[[str], None] = print) -> dict:
 
 
 # ----------------------------------------------------------------------------- gptc's plans
-
-def _close_executor(ex) -> None:
-    captured = getattr(ex, "captured", None)
-    if captured is not None and hasattr(captured, "release"):
-        try:
-            captured.release()
-        except Exception:
-            pass
-        ex.captured = None
-    ex.close()
 
 
 def time_kernels(device, ex, count: int, launches: int = KERNEL_LAUNCHES, replays: int = KERNEL_REPLAYS) -> list[float]:
@@ -298,4 +288,4 @@ def bench_gptc(device, cfg: BenchConfig, what: str, fuse: bool, params: Mapping[
             plan_result = {**plan_summary(rows, stats["median_ms"]), "rows": rows}
         return step, plan_result
     finally:
-        _close_executor(ex)
+        ex.close()
