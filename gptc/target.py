@@ -12,6 +12,11 @@ class Target:
     wavefront: int       # threads that execute in lock step: 64 on CDNA, 32 on RDNA and NVIDIA
     shared_mem: int      # bytes of shared (LDS) memory one block may use without opting in
     matrix_cores: str    # "mfma" (CDNA), "wmma" (RDNA3), "mma" (NVIDIA), "none"
+    shared_mem_max: int = 0  # bytes one block may use after opting in (dynamic shared memory); 0: shared_mem
+
+    @property
+    def max_shared(self) -> int:
+        return self.shared_mem_max or self.shared_mem
 
     @property
     def name(self) -> str:
@@ -30,10 +35,10 @@ KNOWN_TARGETS: dict[str, Target] = {
         Target("amd", "gfx942", 64, 65536, "mfma"),
         Target("amd", "gfx1030", 32, 65536, "none"),
         Target("amd", "gfx1100", 32, 65536, "wmma"),
-        Target("nvidia", "sm_80", 32, 49152, "mma"),
-        Target("nvidia", "sm_86", 32, 49152, "mma"),
-        Target("nvidia", "sm_89", 32, 49152, "mma"),
-        Target("nvidia", "sm_90", 32, 49152, "mma"),
+        Target("nvidia", "sm_80", 32, 49152, "mma", 166912),
+        Target("nvidia", "sm_86", 32, 49152, "mma", 101376),
+        Target("nvidia", "sm_89", 32, 49152, "mma", 101376),
+        Target("nvidia", "sm_90", 32, 49152, "mma", 232448),
     ]
 }
 

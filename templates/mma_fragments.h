@@ -85,6 +85,28 @@ __device__ __forceinline__ int gptc_acc_row(int lane, int r) { return 8 * (r / 4
 __device__ __forceinline__ int gptc_acc_col(int lane, int r) { return lane % 32; }
 __device__ __forceinline__ void gptc_mma(gptc_acc_t& c, gptc_frag_t a, gptc_frag_t b) { c = GPTC_MFMA_OP(a, b, c, 0, 0, 0); }
 #endif
+#if defined(GPTC_HAS_MMA_NV) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Hopper's warpgroup MMA (sm_90a; templates/matmul_wgmma.hip.j2 issues wgmma.mma_async
+// itself, its operand count depends on the tile). A shared-memory matrix descriptor:
+// bits 0-13 the start address >> 4, 16-29 the leading byte offset >> 4 (between atoms of
+// 64 m or n; unused for k-contiguous operands), 32-45 the stride byte offset >> 4 (1024:
+// between groups of 8 rows of 128 bytes), 62-63 the swizzle (1: 128 bytes).
+#define GPTC_HAS_WGMMA 1
+__device__ __forceinline__ uint64_t gptc_wgmma_desc(uint32_t addr, uint32_t leading_bytes) {
+  return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)((leading_bytes & 0x3FFFFu) >> 4) << 16) |
+         ((uint64_t)(1024u >> 4) << 32) | (1ull << 62);
+}
+// Before the first wgmma of a group (its accumulators were written by other instructions).
+__device__ __forceinline__ void gptc_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void gptc_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Until at most N committed groups of this warpgroup are still running.
+template <int N> __device__ __forceinline__ void gptc_wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Shared memory written by this thread (cp.async lands in the generic proxy) made
+// visible to the async proxy that wgmma reads it through; a barrier must follow.
+__device__ __forceinline__ void gptc_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
 #if !defined(GPTC_HAS_MMA_NV)
 // Global -> shared copies where there is no cp.async: the same interface, synchronous
 // (the pipeline's barriers then only order them). Whole chunks in one V*2-byte load.

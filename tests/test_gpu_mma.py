@@ -1,4 +1,4 @@
-"""bf16 matmuls on the matrix units (templates/matmul_mma.hip.j2) against float64 NumPy
+"""bf16 matmuls on the matrix units (templates/matmul_mma.hip.j2, matmul_wgmma.hip.j2 on sm_90) against float64 NumPy
 on the same bf16-rounded operands: every operand layout (A's rows or columns
 contiguous, B's likewise), awkward M, N, K (no tile multiple, K odd or under 16, N = 1..8),
 row strides that allow 16-, 8-, 4- or 2-byte copies, batches, fused epilogues, f32 and
@@ -41,6 +41,10 @@ def operand(g: Graph, name: str, rows: int, cols: int, transposed: bool, pad: in
     return (t.T if transposed else t), stored, view
 
 
+# What a matmul on the matrix units issues, by fragment kind.
+MATRIX_UNITS = {"wgmma": "wgmma.mma_async", "nv": "gptc_mma(cf", "mfma": "gptc_mma(cf", "mfma_x4": "gptc_mma(cf"}
+
+
 def run(device, g: Graph, feeds: dict) -> dict:
     plan = make_plan(g, True)
     kernels = render_plan(plan, device.target)
@@ -50,7 +54,7 @@ def run(device, g: Graph, feeds: dict) -> dict:
             if shapes and all(_gemv_shape(m, batch) for m, _, _, batch in shapes):
                 assert "a matrix-vector product" in k.source, k.name
             elif shapes:
-                assert "gptc_mma(cf" in k.code, f"{k.name} did not run on the matrix units"
+                assert MATRIX_UNITS[_mma_kind(device.target)] in k.code, f"{k.name} did not run on the matrix units"
     ex = load_executor(plan, device, {}, use_graph=False)
     try:
         ex.poison()

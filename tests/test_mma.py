@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from gptc import dsl
-from gptc.compiler.codegen.kernels import (_MMA_TILES, _mma_config, _mma_kind, _mma_smem_bytes, _mma_stages,
-                                           _mma_vector, prelude, render_plan)
+from gptc.compiler.codegen.kernels import (_mma_config, _mma_kind, _mma_legal, _mma_smem_bytes, _mma_stages,
+                                           _mma_tiles, _mma_vector, prelude, render_plan)
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner import make_plan
 from gptc.runtime.device import compile_many
@@ -45,21 +45,26 @@ def mma_kernels(target: str, bf16: bool = True):
 def test_fragment_kind_by_target():
     kinds = {t.arch: _mma_kind(t) for t in KNOWN_TARGETS.values()}
     assert kinds == {"gfx906": None, "gfx908": "mfma_x4", "gfx90a": "mfma", "gfx942": "mfma", "gfx1030": None,
-                     "gfx1100": None, "sm_80": "nv", "sm_86": "nv", "sm_89": "nv", "sm_90": "nv"}
+                     "gfx1100": None, "sm_80": "nv", "sm_86": "nv", "sm_89": "nv", "sm_90": "wgmma"}
 
 
 @pytest.mark.parametrize("target", sorted(t.name for t in KNOWN_TARGETS.values()))
 def test_template_chosen_by_target(target):
-    """bf16 operands run on the matrix units where the target has them (mma.sync with
-    ldmatrix and cp.async on NVIDIA, MFMA on CDNA), the SIMT template elsewhere; f32
-    operands always take the SIMT template."""
+    """bf16 operands run on the matrix units where the target has them (wgmma on sm_90,
+    mma.sync with ldmatrix and cp.async on the other NVIDIA targets, MFMA on CDNA), the
+    SIMT template elsewhere; f32 operands always take the SIMT template."""
     kind = _mma_kind(parse_target(target))
+    issued = "wgmma.mma_async" if kind == "wgmma" else "gptc_mma(cf"
     codes = [k.code[len(prelude()):] for k in mma_kernels(target)]
-    assert all(("gptc_mma(cf" in c) == bool(kind) for c in codes)
+    assert all((issued in c) == bool(kind) for c in codes)
     if kind == "nv":
         assert all("gptc_ldmatrix_x4(af" in c and "gptc_ldmatrix_x4(q" in c and "gptc_copy_async<" in c for c in codes)
         assert any("true)" in c for c in codes) and any("false)" in c for c in codes)  # ldmatrix .trans and not
-    assert not any("gptc_mma(cf" in k.code for k in mma_kernels(target, bf16=False))
+    if kind == "wgmma":  # every operand layout: k-major (transpose 0) and m- or n-major (1) A and B
+        assert all("gptc_copy_async<" in c and "gptc_fence_proxy_async();" in c for c in codes)
+        for flags in ("0, 0;", "1, 0;", "0, 1;", "1, 1;"):
+            assert any(f"p, 1, 1, {flags}" in c for c in codes), flags
+    assert not any(issued in k.code for k in mma_kernels(target, bf16=False))
 
 
 @pytest.mark.parametrize("target", COMPILE_TARGETS)
@@ -93,15 +98,19 @@ def test_copy_widths_in_sources():
 
 
 def test_tile_choice():
-    sm90 = parse_target("cuda:sm_90")
-    assert _mma_config(4096, 4096, 4096, 1, sm90)[:2] == (128, 128)
-    assert _mma_config(768, 768, 8192, 1, sm90)[:2] == (64, 64)  # too few big tiles to fill 132 units
-    assert _mma_config(4096, 4096, 4096, 1, sm90) is _mma_config(4096, 4096, 4096, 1, sm90)  # cached
+    sm80, sm90 = parse_target("cuda:sm_80"), parse_target("cuda:sm_90")
+    assert _mma_config(4096, 4096, 4096, 1, sm80)[:2] == (128, 128)
+    assert _mma_config(768, 768, 8192, 1, sm80)[:2] == (64, 64)  # too few big tiles to fill 108 units
+    assert _mma_config(4096, 4096, 4096, 1, sm80) is _mma_config(4096, 4096, 4096, 1, sm80)  # cached
+    assert _mma_config(4096, 4096, 4096, 1, sm90)[:2] == (128, 256)
+    assert _mma_config(768, 768, 8192, 1, sm90)[:2] == (64, 128)
     for target in ("cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"):
         t = parse_target(target)
-        for bm, bn, _, _ in _MMA_TILES:  # every tile fits
-            assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t)) <= t.shared_mem
-    assert _mma_stages(128, 128, sm90) == 3 and _mma_stages(64, 64, sm90) == 4
+        for bm, bn, wm, wn in _mma_tiles(t):  # every tile fits
+            assert _mma_legal((bm, bn, wm, wn), t, _mma_stages(bm, bn, t))
+            assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t), t) <= t.max_shared
+    assert _mma_stages(128, 128, sm80) == 3 and _mma_stages(64, 64, sm80) == 4
+    assert _mma_stages(128, 256, sm90) == 4  # 4 x 48 KiB of the 227 KiB a block may opt in to
 
 
 # ----- gptc bench --gemm, the parts that need no GPU -------------------------------------
@@ -116,7 +125,7 @@ def test_bench_gemm_without_gpu_torch_one_line_exit_2(monkeypatch, capsys):
 
 
 def test_bench_gemm_shapes_run_on_the_matrix_units():
-    """Every shape of the bench renders one matmul_mma kernel for sm_90 (and the sum of its
+    """Every shape of the bench renders one matmul_wgmma kernel for sm_90 (and the sum of its
     partial products where it is split along k: c_proj's dW); gpt2's vocab rows (50257
     bf16, odd) take 2-byte copies, the others 16-byte ones."""
     from gptc.tools.bench.gemm import GEMM_SHAPES, gptc_gemm_graph
@@ -124,7 +133,7 @@ def test_bench_gemm_shapes_run_on_the_matrix_units():
         kernels = render_plan(make_plan(gptc_gemm_graph(m, n, k, a, b), True), parse_target("cuda:sm_90"))
         (kernel,) = [kern for kern in kernels if kern.family == "matmul"]
         assert any(kern.family == "reduce" for kern in kernels) == (label == "c_proj dW=X^T@dY"), label
-        assert "gptc_mma(cf" in kernel.code, label
+        assert "wgmma.mma_async" in kernel.code, label
         odd = "lm_head dX" in label or "lm_head dW" in label
         assert ("gptc_copy_async<1>" in kernel.code) == odd, label
         assert "gptc_copy_async<8>" in kernel.code, label

@@ -30,7 +30,7 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
         nodes = [n for p in parts for n in p.nodes]
         scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
         launches.append({"kernel": k.name, "family": k.family, "symbol": k.symbol, "grid": list(k.grid),
-                         "block": list(k.block), "args": [name_of(a) for a in k.args],
+                         "block": list(k.block), "shared": k.shared_bytes, "args": [name_of(a) for a in k.args],
                          "clear": [name_of(n) for n in k.zero_init], "nodes": len(nodes),
                          "kernels": [p.name for p in parts],
                          "reads": sorted({name_of(n) for p in parts for n in p.reads}),

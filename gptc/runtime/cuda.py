@@ -117,9 +117,15 @@ def validate_arch(arch: str) -> None:
                          f"{', '.join(sorted(ok, key=lambda s: int(s[3:])))}.")
 
 
+# A cubin for sm_90 runs on sm_90 devices only, so it may use that chip's arch-specific
+# instructions (wgmma: templates/matmul_wgmma.hip.j2): it is compiled for sm_90a.
+_ARCH_SPECIFIC = {"sm_90": "sm_90a"}
+
+
 def compile_source(source: str, name: str, arch: str, options: Sequence[str], origin: str = "") -> bytes:
     """Compile with NVRTC to a cubin for arch (sm_XX). Uncached: use compile_for_target."""
     _, nvrtc = _bindings()
+    arch = _ARCH_SPECIFIC.get(arch, arch)
     rtc = RuntimeCompiler("nvrtc", nvrtc.nvrtcResult.NVRTC_SUCCESS,
                           functools.partial(_nvrtc_call, nvrtc.nvrtcCreateProgram), nvrtc.nvrtcCompileProgram,
                           nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, nvrtc.nvrtcGetCUBINSize,

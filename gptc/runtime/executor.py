@@ -131,7 +131,7 @@ class GpuExecutor:
         """The step's launches with buffer addresses (those in `moved` elsewhere)."""
         address = lambda b: moved.get(b) or self.address(b)  # noqa: E731
         launches = [None if index in self.collectives else self.device.prepare_launch(
-                        self._functions[entry["symbol"]], tuple(entry["grid"]), tuple(entry["block"]), 0,
+                        self._functions[entry["symbol"]], tuple(entry["grid"]), tuple(entry["block"]), entry["shared"],
                         [ptr(address(b)) for b in entry["args"]], name=entry["kernel"])
                     for index, entry in enumerate(self.table["launches"])]
         clears = [[(address(b), self.table["buffers"][b]["nbytes"]) for b in entry["clear"]]

@@ -9,7 +9,7 @@ from typing import Any
 
 INT, STR = int, str
 BUFFER = {"dtype": STR, "shape": [INT], "nbytes": INT, "arena": STR, "offset": INT, "role": STR}
-LAUNCH = {"kernel": STR, "family": STR, "symbol": STR, "grid": [INT], "block": [INT], "args": [STR],
+LAUNCH = {"kernel": STR, "family": STR, "symbol": STR, "grid": [INT], "block": [INT], "shared": INT, "args": [STR],
           "clear": [STR], "nodes": INT, "kernels": [STR], "reads": [STR], "writes": [STR], "bytes": INT,
           "flops": INT, "scopes": STR}
 TABLE = {"arena_bytes": {"persistent": INT, "activations": INT, "io": INT}, "buffers": {STR: BUFFER},
@@ -17,7 +17,8 @@ TABLE = {"arena_bytes": {"persistent": INT, "activations": INT, "io": INT}, "buf
          "persistent": {STR: STR},
          "params": [STR], "launches": [LAUNCH]}
 MANIFEST = {"format": INT, "versions": {"gptc": STR, "compiler": STR},
-            "target": {"vendor": STR, "arch": STR, "wavefront": INT, "shared_mem": INT, "matrix_cores": STR},
+            "target": {"vendor": STR, "arch": STR, "wavefront": INT, "shared_mem": INT, "matrix_cores": STR,
+                       "shared_mem_max": INT},
             "fused": bool, "spec": {"model": dict, "train": dict},
             "steps": {"train": TABLE, "eval": TABLE, "prefill": TABLE, "decode": TABLE},
             "code": {STR: {"file": STR, "sha256": STR}}}

@@ -53,6 +53,7 @@ class KernelSource:
     args: tuple[int, ...]
     zero_init: tuple[int, ...]
     origin: str          # the graph nodes it computes, for error messages
+    shared_bytes: int = 0  # dynamic shared memory the launch needs (0: its pool is static, within 48 KiB)
 
 
 def templates_dir() -> Path:
@@ -172,7 +173,7 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
     template = ctx.pop("template", f"{family}.hip.j2")
     text = _environment().get_template(template).render(target=target, block_threads=block[0], **ctx)
     return _Part(kernel.name, text, grid, block, ctx.get("smem_floats", 0), consts, ctx.get("min_blocks", 0),
-                 template == "matmul_mma.hip.j2")
+                 template in ("matmul_mma.hip.j2", "matmul_wgmma.hip.j2"))
 
 
 def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning: dict | None = None) -> KernelSource:
@@ -189,7 +190,9 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
     assert all(p.block == block for p in parts)
     assert len(parts) == 1 or all(p.grid[1] == p.grid[2] == 1 for p in parts), "parts use a 1-D grid (block_id)"
     pool = max(p.pool_floats for p in parts)
-    assert pool * 4 <= target.shared_mem, "a part's shared memory exceeds the target's"
+    assert pool * 4 <= target.max_shared, "a part's shared memory exceeds the target's"
+    # Beyond what a block may take without opting in, the pool is dynamic (sized at launch).
+    shared_bytes = 16 * ((pool + 3) // 4) if pool * 4 > target.shared_mem else 0
     types = {ph: STORAGE_TYPE[plan.buffer_of(a).dtype] for a, ph in args.items()}
     functions, branches, leader = _share(parts, types)
     # Parts run in the order of the branches (a function's parts side by side), each on
@@ -236,7 +239,7 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
         return template.render(prelude=prelude() if with_prelude else "", family=family, target=target,
                                index_type=index_type, needs_reduce_helpers=family in ("row", "reduce"),
                                mma_fragments=mma_fragments() if any(p.mma for p in parts) else "",
-                               pool_f4=(pool + 3) // 4, functions=fns, parts=blocks, title=title,
+                               pool_f4=(pool + 3) // 4, dynamic_pool=bool(shared_bytes), functions=fns, parts=blocks, title=title,
                                signature=_signature(head, params), node_lines=node_lines)
 
     code = _strip_comments(render("KERNEL_SYMBOL", {}, [{} for _ in functions], [{} for _ in functions],
@@ -273,7 +276,7 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
     nodes = [n for k in kernels for n in k.nodes]
     origin = f"{name}: " + "; ".join(g.describe(n) for n in nodes[:8]) + (" ..." if len(nodes) > 8 else "")
     zero_init = tuple(n for k in kernels for n in k.zero_init)
-    return KernelSource(name, family, source, code, symbol, grid, block, tuple(args), zero_init, origin)
+    return KernelSource(name, family, source, code, symbol, grid, block, tuple(args), zero_init, origin, shared_bytes)
 
 
 def _share(parts: list[_Part], types: dict[str, str]):
@@ -574,7 +577,7 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     if all(_gemv_shape(m, batch) for m, _, _, batch in shapes):
         return GEMV_THREADS
     if all(_mma_operands(plan, kern, target) for kern in kernels):
-        return min(sorted({_mma_threads(t, target) for t in _MMA_TILES}),
+        return min(sorted({_mma_threads(t, target) for t in _mma_tiles(target)}),
                    key=lambda threads: sum(_mma_cost(*shape, _mma_config(*shape, target, threads), target)
                                            for shape in shapes))
     counts = sorted({_mm_threads(cfg) for cfg in _mm_menu(target)})
@@ -667,7 +670,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
         return _gemv(plan, kernel, ctx, args, m, n, k)
     operands = _mma_operands(plan, kernel, target)
     if operands and config is None and (mma is not None or threads is None
-                                        or any(_mma_threads(t, target) == threads for t in _MMA_TILES)):
+                                        or any(_mma_threads(t, target) == threads for t in _mma_tiles(target))):
         return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma)
     em = Emitter(plan, kernel.nodes, {kernel.anchor: "acc"}, args)
     batch_lines, loads, body, strides_of = _matmul_io(plan, kernel, em, m, n, k, batch)
@@ -693,30 +696,50 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     return grid, (threads, 1, 1), em
 
 
-# Matrix units (templates/matmul_mma.hip.j2). The fragment kind by target: "nv" is
-# mma.sync m16n8k16 (sm_80+), "mfma" the CDNA 32x32 MFMA (gfx908: the x4 form, gfx90a
-# and gfx94x: x8 "_1k"). hiprtc aborts on an intrinsic its arch lacks, so this table,
-# not a trial compile, decides. gfx1100's WMMA: ROCm 5.2's hiprtc cannot compile for
-# gfx11 at all, so RDNA3 (and gfx906, gfx1030) stay on the SIMT template.
-_MMA_FRAGMENTS = {"nv": (16, 8, 16), "mfma": (32, 32, 8), "mfma_x4": (32, 32, 4)}
-_MMA_BK = 32
+# Matrix units (templates/matmul_mma.hip.j2, matmul_wgmma.hip.j2). The fragment kind by
+# target: "wgmma" is Hopper's warpgroup MMA (sm_90, compiled as sm_90a), "nv" mma.sync
+# m16n8k16 (sm_80+), "mfma" the CDNA 32x32 MFMA (gfx908: the x4 form, gfx90a and gfx94x:
+# x8 "_1k"). hiprtc aborts on an intrinsic its arch lacks, so this table, not a trial
+# compile, decides. gfx1100's WMMA: ROCm 5.2's hiprtc cannot compile for gfx11 at all,
+# so RDNA3 (and gfx906, gfx1030) stay on the SIMT template.
+_MMA_FRAGMENTS = {"nv": (16, 8, 16), "wgmma": (64, 8, 16), "mfma": (32, 32, 8), "mfma_x4": (32, 32, 4)}
 # (bm, bn, warps along m, warps along n) (wavefronts on AMD), and the relative rate of
 # each: the fastest warp layout of each tile and the rates measured on an H200
 # (2026-11-30, dev/kernel.py --family matmul_bf16 at 4096^3, 8192x2304x768 and
-# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log).
+# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log). wgmma: a warpgroup
+# (4 warps) per 64 rows of the tile, all of its columns.
 _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
+_WGMMA_TILES = ((128, 256, 8, 1), (128, 128, 8, 1), (64, 256, 4, 1), (64, 128, 4, 1), (64, 64, 4, 1))
+_WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.9, (64, 256): 0.8, (64, 128): 0.7, (64, 64): 0.5}
 
 
 def _mma_kind(target: Target) -> str | None:
     if target.vendor == "nvidia":
         digits = re.sub(r"\D", "", target.arch)
+        if digits[:2] == "90":
+            return "wgmma"
         return "nv" if digits and int(digits[:2]) >= 80 else None
     if target.arch == "gfx908":
         return "mfma_x4"
     if target.arch == "gfx90a" or target.arch.startswith("gfx94"):
         return "mfma"
     return None
+
+
+def _mma_sync(target: Target) -> bool:
+    """mma.sync (with ldmatrix and cp.async) is there: sm_80 and later, Hopper too (the
+    matrix-unit attention kernels run on it)."""
+    return _mma_kind(target) in ("nv", "wgmma")
+
+
+def _mma_tiles(target: Target) -> tuple:
+    return _WGMMA_TILES if _mma_kind(target) == "wgmma" else _MMA_TILES
+
+
+def _mma_bk(target: Target) -> int:
+    """k of a pipeline stage: 64 for wgmma (one 128-byte swizzle atom of k), else 32."""
+    return 64 if _mma_kind(target) == "wgmma" else 32
 
 
 def _mma_threads(tile, target: Target) -> int:
@@ -739,16 +762,33 @@ def _mma_operands(plan: Plan, kernel: KernelPlan, target: Target):
     return tuple(result)
 
 
-def _mma_smem_bytes(bm: int, bn: int, stages: int) -> int:
-    return stages * (bm + bn) * _MMA_BK * 2
+def _mma_smem_bytes(bm: int, bn: int, stages: int, target: Target) -> int:
+    """A block's shared memory: its stages (wgmma's aligned to 1024 bytes within the pool)."""
+    wgmma = _mma_kind(target) == "wgmma"
+    return stages * (bm + bn) * _mma_bk(target) * 2 + (1024 if wgmma else 0)
 
 
 def _mma_stages(bm: int, bn: int, target: Target) -> int:
-    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2. Without
+    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2 (wgmma: 3, as
+    it stages two slabs ahead of the one it reads, within the opt-in limit). Without
     cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough."""
-    if _mma_kind(target) != "nv":
+    kind = _mma_kind(target)
+    if kind == "wgmma":
+        return max(s for s in (3, 4) if s == 3 or _mma_smem_bytes(bm, bn, s, target) <= target.max_shared)
+    if kind != "nv":
         return 2
-    return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s) <= target.shared_mem)
+    return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= target.shared_mem)
+
+
+def _mma_legal(tile, target: Target, stages: int) -> bool:
+    """The tile's warps cover whole fragments, and its stages fit in shared memory."""
+    fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
+    bm, bn, wm, wn = tile
+    fits = _mma_smem_bytes(bm, bn, stages, target) <= (target.max_shared if _mma_kind(target) == "wgmma"
+                                                        else target.shared_mem)
+    if _mma_kind(target) == "wgmma":
+        return fits and bm == 16 * wm and wn == 1 and bn % fn == 0
+    return fits and (bm // wm) % fm == 0 and (bn // wn) % fn == 0
 
 
 def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float:
@@ -757,9 +797,13 @@ def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float
     cannot hide its own latency)."""
     units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
     bm, bn = tile[:2]
+    bk = _mma_bk(target)
     per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
-    resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target)))
-    return per_unit * bm * bn * max(1, ceil_div(k, _MMA_BK)) * _MMA_BK / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
+    work = per_unit * bm * bn * max(1, ceil_div(k, bk)) * bk
+    if _mma_kind(target) == "wgmma":  # one resident block keeps the unit busy (asynchronous MMAs)
+        return work / _WGMMA_EFF[(bm, bn)]
+    resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target), target))
+    return work / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -767,9 +811,7 @@ def _mma_config(m: int, n: int, k: int, batch: int, target: Target,
                 threads: int | None = None) -> tuple[int, int, int, int]:
     """The cheapest tile for a shape by _mma_cost (first of equals; cached), of
     `threads` threads if given (the parts of a batched launch share a block size)."""
-    fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
-    legal = [t for t in _MMA_TILES if (t[0] // t[2]) % fm == 0 and (t[1] // t[3]) % fn == 0
-             and _mma_smem_bytes(t[0], t[1], _mma_stages(t[0], t[1], target)) <= target.shared_mem
+    legal = [t for t in _mma_tiles(target) if _mma_legal(t, target, _mma_stages(t[0], t[1], target))
              and threads in (None, _mma_threads(t, target))]
     return min(legal, key=lambda tile: _mma_cost(m, n, k, batch, tile, target))
 
@@ -777,8 +819,15 @@ def _mma_config(m: int, n: int, k: int, batch: int, target: Target,
 def _mma_variants(target: Target):
     """(bm, bn, warps_m, warps_n, stages, min_blocks) worth timing (the dev/ harness):
     4 or 8 warps, the deepest pipeline that fits, 8 warps with and without a register
-    bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum)."""
+    bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum); wgmma: each tile
+    at 3 to 5 stages."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
+    if _mma_kind(target) == "wgmma":
+        for tile in _WGMMA_TILES:
+            for stages in (3, 4, 5):
+                if _mma_legal(tile, target, stages):
+                    yield (*tile, stages, 0)
+        return
     for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64)):
         for wm, wn in ((2, 2), (2, 4), (4, 2)):
             if (bm // wm) % fm or (bn // wn) % fn:
@@ -812,6 +861,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     fm, fn, fk = _MMA_FRAGMENTS[kind]
     bm, bn, warps_m, warps_n = tuning[:4] if tuning else _mma_config(m, n, k, batch, target, threads)
     stages = tuning[4] if tuning else _mma_stages(bm, bn, target)
+    bk = _mma_bk(target)
     min_blocks = tuning[5] if tuning else 0
     threads = warps_m * warps_n * target.wavefront
     batch_lines, ops, smem_off = [], [], 0
@@ -826,11 +876,11 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
                         f"const unsigned short* const {name} = "
                         f"reinterpret_cast<const unsigned short*>({em.arg(base)}) + {name.lower()}_base;"]
-        rows, width = (mn_tile, _MMA_BK) if kc else (_MMA_BK, mn_tile)
+        rows, width = (mn_tile, bk) if kc else (bk, mn_tile)
         vec = _mma_vector(offset, strides, contiguous)
         chunks = rows * width // vec
-        slab = f"(idx_t)(KT) * {_MMA_BK}"
-        ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, ptr=name,
+        slab = f"(idx_t)(KT) * {bk}"
+        ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, ptr=name, atoms=kind == "wgmma",
                         rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
                         smem_off=smem_off,
                         chunks=chunks, loops=ceil_div(chunks, threads),
@@ -839,14 +889,18 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
         smem_off += rows * width
     body = _matmul_epilogue(em, plan, kernel, batch, m, n)
+    common = dict(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, stages=stages, stage_elems=smem_off,
+                  k_tiles=ceil_div(k, bk), ops=ops, batch_lines=batch_lines, body=body,
+                  check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
+                  smem_floats=_mma_smem_bytes(bm, bn, stages, target) // 4)
+    if kind == "wgmma":
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4, **common)
+        return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
-    ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", m=m, n=n, k=k, batch=batch,
-               bm=bm, bn=bn, bk=_MMA_BK, fm=fm, fn=fn, fk=fk, warps_m=warps_m, warps_n=warps_n, wtm=wtm, wtn=wtn,
-               mi=wtm // fm, ni=wtn // fn, stages=stages, stage_elems=smem_off, k_tiles=ceil_div(k, _MMA_BK),
-               wave=target.wavefront, ops=ops, batch_lines=batch_lines, body=body,
-               check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
-               smem_floats=_mma_smem_bytes(bm, bn, stages) // 4, min_blocks=min_blocks if kind == "nv" else 0)
+    ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", bk=bk, fm=fm, fn=fn, fk=fk,
+               warps_m=warps_m, warps_n=warps_n, wtm=wtm, wtn=wtn, mi=wtm // fm, ni=wtn // fn,
+               wave=target.wavefront, min_blocks=min_blocks if kind == "nv" else 0, **common)
     return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
 
 
@@ -1136,7 +1190,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(out=em.arg(a.out), store_stats=stats)
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
-        if a.bf16 and not a.prologue and _mma_kind(target) == "nv":
+        if a.bf16 and not a.prologue and _mma_sync(target):
             # On the matrix units (attention_mma.hip.j2): 64 queries a block (16 a warp);
             # key tiles of 64, 32 above head_dim 64 (static shared memory within 48 KiB).
             dp16 = ceil_div(dim, 16) * 16
@@ -1153,7 +1207,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
     else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
         ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
-    if a.bf16 and not a.prologue and _mma_kind(target) == "nv":
+    if a.bf16 and not a.prologue and _mma_sync(target):
         # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
         # (dQ) a block, the other side in tiles of 64, 16 above head_dim 64 (static shared
         # memory within 48 KiB).
