@@ -106,6 +106,25 @@ template <int N> __device__ __forceinline__ void gptc_wgmma_wait() {
 // Shared memory written by this thread (cp.async lands in the generic proxy) made
 // visible to the async proxy that wgmma reads it through; a barrier must follow.
 __device__ __forceinline__ void gptc_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// mbarriers (8 bytes of shared memory each, by shared-window address): a phase completes
+// when `count` arrivals (and the copies tracked by gptc_copy_arrive) are in; a wait
+// names the parity of the phase it waits for.
+__device__ __forceinline__ void gptc_mbarrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void gptc_mbarrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile("{\n.reg .pred done;\nretry:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra retry;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void gptc_mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// The barrier's current phase also waits for this thread's cp.async copies so far to land.
+__device__ __forceinline__ void gptc_copy_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void gptc_copy_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 #endif
 #if !defined(GPTC_HAS_MMA_NV)
 // Global -> shared copies where there is no cp.async: the same interface, synchronous

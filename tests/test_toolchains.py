@@ -128,7 +128,8 @@ def test_compile_many_raises_the_compile_error(target, monkeypatch):
              (KERNEL.replace("row_logsumexp", "k2"), "k2")]
     with pytest.raises(CompileError, match="the bad one") as info:
         compile_many(items, target, jobs=2)
-    assert info.value.name == "bad" and "boom" in info.value.log and info.value.arch == parse_target(target).arch
+    # (the arch compiled for: sm_90 kernels compile as sm_90a)
+    assert info.value.name == "bad" and "boom" in info.value.log and info.value.arch.startswith(parse_target(target).arch)
 
 
 def test_compile_many_reads_hits_and_stores_misses(tmp_path, monkeypatch):

@@ -706,11 +706,11 @@ _MMA_FRAGMENTS = {"nv": (16, 8, 16), "wgmma": (64, 8, 16), "mfma": (32, 32, 8), 
 # (bm, bn, warps along m, warps along n) (wavefronts on AMD), and the relative rate of
 # each: the fastest warp layout of each tile and the rates measured on an H200
 # (2026-11-30, dev/kernel.py --family matmul_bf16 at 4096^3, 8192x2304x768 and
-# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log). wgmma: a warpgroup
-# (4 warps) per 64 rows of the tile, all of its columns.
+# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log). wgmma: a producer
+# warpgroup (4 warps), and a consumer warpgroup per 64 rows of the tile.
 _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
-_WGMMA_TILES = ((128, 256, 8, 1), (128, 128, 8, 1), (64, 256, 4, 1), (64, 128, 4, 1), (64, 64, 4, 1))
+_WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1))
 _WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.9, (64, 256): 0.8, (64, 128): 0.7, (64, 64): 0.5}
 
 
@@ -763,18 +763,19 @@ def _mma_operands(plan: Plan, kernel: KernelPlan, target: Target):
 
 
 def _mma_smem_bytes(bm: int, bn: int, stages: int, target: Target) -> int:
-    """A block's shared memory: its stages (wgmma's aligned to 1024 bytes within the pool)."""
+    """A block's shared memory: its stages (wgmma's aligned to 1024 bytes within the pool,
+    then two mbarriers a stage)."""
     wgmma = _mma_kind(target) == "wgmma"
-    return stages * (bm + bn) * _mma_bk(target) * 2 + (1024 if wgmma else 0)
+    return stages * (bm + bn) * _mma_bk(target) * 2 + (1024 + 16 * stages if wgmma else 0)
 
 
 def _mma_stages(bm: int, bn: int, target: Target) -> int:
-    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2 (wgmma: 3, as
-    it stages two slabs ahead of the one it reads, within the opt-in limit). Without
-    cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough."""
+    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2 (wgmma: up to
+    6 within the opt-in limit). Without cp.async (AMD) copies are synchronous, so 2
+    (double buffering) is enough."""
     kind = _mma_kind(target)
     if kind == "wgmma":
-        return max(s for s in (3, 4) if s == 3 or _mma_smem_bytes(bm, bn, s, target) <= target.max_shared)
+        return max(s for s in (2, 3, 4, 5, 6) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= target.max_shared)
     if kind != "nv":
         return 2
     return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= target.shared_mem)
@@ -787,7 +788,7 @@ def _mma_legal(tile, target: Target, stages: int) -> bool:
     fits = _mma_smem_bytes(bm, bn, stages, target) <= (target.max_shared if _mma_kind(target) == "wgmma"
                                                         else target.shared_mem)
     if _mma_kind(target) == "wgmma":
-        return fits and bm == 16 * wm and wn == 1 and bn % fn == 0
+        return fits and bm == 64 * (wm // 4 - 1) and wn == 1 and bn % fn == 0
     return fits and (bm // wm) % fm == 0 and (bn // wn) % fn == 0
 
 
@@ -820,11 +821,11 @@ def _mma_variants(target: Target):
     """(bm, bn, warps_m, warps_n, stages, min_blocks) worth timing (the dev/ harness):
     4 or 8 warps, the deepest pipeline that fits, 8 warps with and without a register
     bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum); wgmma: each tile
-    at 3 to 5 stages."""
+    at 3 to 6 stages."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
     if _mma_kind(target) == "wgmma":
         for tile in _WGMMA_TILES:
-            for stages in (3, 4, 5):
+            for stages in (3, 4, 5, 6):
                 if _mma_legal(tile, target, stages):
                     yield (*tile, stages, 0)
         return
@@ -879,11 +880,12 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         rows, width = (mn_tile, bk) if kc else (bk, mn_tile)
         vec = _mma_vector(offset, strides, contiguous)
         chunks = rows * width // vec
+        loaders = 128 if kind == "wgmma" else threads  # wgmma: the producer warpgroup
         slab = f"(idx_t)(KT) * {bk}"
         ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, ptr=name, atoms=kind == "wgmma",
                         rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
                         smem_off=smem_off,
-                        chunks=chunks, loops=ceil_div(chunks, threads),
+                        chunks=chunks, loops=ceil_div(chunks, loaders),
                         outer0=mn0 if kc else slab, inner0=slab if kc else mn0,
                         outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
@@ -894,13 +896,13 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                   check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
                   smem_floats=_mma_smem_bytes(bm, bn, stages, target) // 4)
     if kind == "wgmma":
-        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4, **common)
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, **common)
         return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
     ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", bk=bk, fm=fm, fn=fn, fk=fk,
                warps_m=warps_m, warps_n=warps_n, wtm=wtm, wtn=wtn, mi=wtm // fm, ni=wtn // fn,
-               wave=target.wavefront, min_blocks=min_blocks if kind == "nv" else 0, **common)
+               wave=target.wavefront, min_blocks=min_blocks if kind == "nv" else 0, loaders=threads, **common)
     return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
 
 
