@@ -896,10 +896,10 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                   check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
                   smem_floats=_mma_smem_bytes(bm, bn, stages, target) // 4)
     if kind == "wgmma":
-        # persistent: a block a unit (one fits: the stages take most of its shared memory)
-        tiles = ceil_div(n, bn) * ceil_div(m, bm) * batch
-        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, tiles=tiles, **common)
-        return (min(tiles, _MM_UNITS.get(target.arch, (100, 0))[0]), 1, 1), (threads, 1, 1), em
+        # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
+        assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, **common)
+        return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
     ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", bk=bk, fm=fm, fn=fn, fk=fk,
