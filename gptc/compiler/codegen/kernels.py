@@ -588,17 +588,26 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     return min(counts, key=total)
 
 
-def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int) -> list[str]:
+def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int,
+                     deferred: bool = False):
     """The lines that compute and store the kernel's roots at the element of C at
-    (batch, gm, gn) (the matmul templates' variables): the fused epilogue."""
+    (batch, gm, gn) (the matmul templates' variables): the fused epilogue. `deferred`:
+    (compute lines, store lines) instead, the computed roots kept in out<i>[u] between
+    them, so that a loop over several elements issues all its loads before any store
+    (which the compiler cannot move them past: buffers may alias for all it knows)."""
     em.begin_block()
-    body = []
+    body, stores = [], []
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    for r in kernel.roots:
+    for i, r in enumerate(kernel.roots):
         idx = unravel(element, plan.graph.type(r).shape)
         v = em.value(r, idx)
-        body += em.take() + [em.store(r, idx, v)]
-    return body
+        if deferred:
+            assert plan.graph.type(r).dtype in ("f32", "bf16"), "out<i> holds floats"
+            body += em.take() + [f"out{i}[u] = {v};"]
+            stores.append(em.store(r, idx, f"out{i}[u]"))
+        else:
+            body += em.take() + [em.store(r, idx, v)]
+    return (body, stores) if deferred else body
 
 
 def _matmul_io(plan: Plan, kernel: KernelPlan, em: Emitter, m: int, n: int, k: int, batch: int):
@@ -890,7 +899,11 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
         smem_off += rows * width
-    body = _matmul_epilogue(em, plan, kernel, batch, m, n)
+    if kind == "wgmma":
+        body, stores = _matmul_epilogue(em, plan, kernel, batch, m, n, deferred=True)
+        ctx.update(stores=stores, roots=len(stores))
+    else:
+        body = _matmul_epilogue(em, plan, kernel, batch, m, n)
     common = dict(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, stages=stages, stage_elems=smem_off,
                   k_tiles=ceil_div(k, bk), ops=ops, batch_lines=batch_lines, body=body,
                   check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
@@ -898,7 +911,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     if kind == "wgmma":
         # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
         assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
-        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, **common)
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=16, **common)
         return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
