@@ -15,6 +15,8 @@ from gptc.compiler.planner import make_plan
 from gptc.runtime.device import compile_many
 from gptc.target import KNOWN_TARGETS, parse_target
 
+from test_multi_executor import RecordingDevice
+
 COMPILE_TARGETS = ["cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"]
 
 
@@ -148,3 +150,37 @@ def test_bench_gemm_report():
                                        torch="2.11.0")))
     assert "NVIDIA H200 (cuda:sm_90), 2026-11-30, commit abc1234" in md
     assert "| 275.0 | 687.2 | 40.0 | 40.0 | 0.0e+00 | NO |" in md and md.rstrip().endswith("| yes |")
+
+
+# ----- wgmma's shared memory: beyond 48 KiB, dynamic, named in the plan table, passed at launch -----------
+class SharedRecorder(RecordingDevice):
+    """Also records each launch's shared bytes."""
+
+    def prepare_launch(self, function, grid, block, shared, args, name=""):
+        self.shared = {**getattr(self, "shared", {}), name: shared}
+        return super().prepare_launch(function, grid, block, shared, args, name)
+
+
+def test_wgmma_stages_take_dynamic_shared_memory():
+    """A wgmma tile's stages exceed the 48 KiB a block gets without opting in: the launch
+    declares its pool extern (sized at launch), the plan table names the bytes and the
+    executor passes them; the mma.sync kernels of sm_80 keep a static pool (0 bytes)."""
+    from gptc.runtime.build import plan_table
+    from gptc.runtime.executor import Arenas, GpuExecutor
+    g = Graph()
+    g.output("c", g.input("a", (4096, 768), "bf16") @ g.input("b", (768, 2304), "bf16"))
+    plan = make_plan(g, True)
+    sm90, sm80 = parse_target("cuda:sm_90"), parse_target("cuda:sm_80")
+    (kernel,) = [k for k in render_plan(plan, sm90) if k.family == "matmul"]
+    bm, bn = _mma_config(4096, 2304, 768, 1, sm90)[:2]
+    assert sm90.shared_mem < kernel.shared_bytes <= sm90.max_shared
+    assert kernel.shared_bytes >= _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, sm90), sm90)
+    assert "extern __shared__ gptc_f4 gptc_smem[];" in kernel.code
+    table = plan_table(plan, [kernel])
+    assert table["launches"][0]["shared"] == kernel.shared_bytes
+    dev = SharedRecorder()
+    ex = GpuExecutor(table, dev, {kernel.symbol: b"code"}, Arenas(dev, [table]))
+    assert dev.shared == {kernel.name: kernel.shared_bytes}
+    ex.close()
+    (old,) = [k for k in render_plan(plan, sm80) if k.family == "matmul"]
+    assert old.shared_bytes == 0 and "__shared__ gptc_f4 gptc_smem[" in old.code and "extern __shared__" not in old.code
