@@ -196,7 +196,7 @@ def compile_only(plan, index, target, show: bool) -> int:
     objects = compile_many([(s.code, s.symbol, (), s.origin) for _, _, s in found], target)
     for (label, _, source), code in zip(found, objects):
         print(f"  {label:<40} grid {source.grid[0]:>7} x {source.block[0]:<5} {len(source.source.splitlines()):>5} lines  "
-              f"{resource_usage(code, target.vendor, source.symbol)}")
+              f"{resource_usage(code, target.vendor, source.symbol)}, {source.shared_bytes} B dynamic shared")
     if show:
         print(found[0][2].source)
     return 0

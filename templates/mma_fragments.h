@@ -1,8 +1,8 @@
 // ---- gptc matrix-unit fragments ---------------------------------------------
-// Pasted after the prelude into the launches that run a matmul on the matrix units
-// (templates/matmul_mma.hip.j2), and only there: the other kernels never see it.
-// The codegen picks the fragment kind from the Target (gptc/target.py; matmul_mma
-// checks with #error that it is there); the arch macros below only guard each kind's
+// Pasted after the prelude into the launches that run on the matrix units
+// (templates/matmul_mma.hip.j2, matmul_wgmma.hip.j2, attention_mma*.hip.j2), and only
+// there: the other kernels never see it. The codegen picks the fragment kind from the
+// Target (gptc/target.py; the templates check with #error that it is there); the arch macros below only guard each kind's
 // instructions, so that no compiler ever sees an intrinsic its arch lacks (hiprtc
 // aborts the process on one). One fragment op computes C (MxN, f32) += A (MxK) B (KxN)
 // for a warp (NVIDIA) or a wavefront (AMD); gptc_acc_row/col(lane, r) give the
@@ -103,8 +103,9 @@ __device__ __forceinline__ void gptc_wgmma_commit() { asm volatile("wgmma.commit
 template <int N> __device__ __forceinline__ void gptc_wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
-// Shared memory written by this thread (cp.async lands in the generic proxy) made
-// visible to the async proxy that wgmma reads it through; a barrier must follow.
+// Shared memory written through the generic proxy (cp.async, plain stores) made visible
+// to the async proxy that wgmma reads it through: run by the reading threads, after the
+// barrier (an mbarrier wait) that says the writes have landed.
 __device__ __forceinline__ void gptc_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // mbarriers (8 bytes of shared memory each, by shared-window address): a phase completes
 // when `count` arrivals (and the copies tracked by gptc_copy_arrive) are in; a wait

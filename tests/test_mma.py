@@ -184,3 +184,22 @@ def test_wgmma_stages_take_dynamic_shared_memory():
     ex.close()
     (old,) = [k for k in render_plan(plan, sm80) if k.family == "matmul"]
     assert old.shared_bytes == 0 and "__shared__ gptc_f4 gptc_smem[" in old.code and "extern __shared__" not in old.code
+
+
+def test_wgmma_epilogue_keeps_each_roots_type(tmp_path, monkeypatch):
+    """A fused epilogue may end in a bool, an i32 or an f64 (a comparison, a cast): the
+    wgmma template keeps each result in an array of its own C type between the loads
+    and the stores, and the source compiles (NVRTC, sm_90a)."""
+    monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path))
+    g = Graph()
+    c = g.input("a", (130, 96), "bf16") @ g.input("b", (96, 200), "bf16")
+    g.output("negative", c < 0.0)
+    g.output("sign", (c < 0.0).cast("i32"))
+    g.output("wide", c.cast("f64"))
+    target = parse_target("cuda:sm_90")
+    kernels = [k for k in render_plan(make_plan(g, True), target) if k.family == "matmul"]
+    code = "".join(k.code for k in kernels)
+    assert "wgmma.mma_async" in code
+    for declared in ("bool out", "int out", "double out"):
+        assert declared in code, declared
+    assert all(compile_many([(k.code, k.name) for k in kernels], target))

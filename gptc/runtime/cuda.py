@@ -115,6 +115,10 @@ def validate_arch(arch: str) -> None:
         major, minor = nvrtc_version()
         raise ValueError(f"NVRTC {major}.{minor} cannot compile for {arch}; it supports "
                          f"{', '.join(sorted(ok, key=lambda s: int(s[3:])))}.")
+    if _ARCH_SPECIFIC.get(base, "").endswith("a") and nvrtc_version() < (12, 0):
+        major, minor = nvrtc_version()
+        raise ValueError(f"NVRTC {major}.{minor} cannot compile for {_ARCH_SPECIFIC[base]} (wgmma), which gptc's "
+                         f"{base} kernels need; install NVRTC 12.0 or later (pip install nvidia-cuda-nvrtc)")
 
 
 # A cubin for sm_90 runs on sm_90 devices only, so it may use that chip's arch-specific

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import jinja2
 
 from gptc.compiler.codegen import names
-from gptc.compiler.codegen.emit import STORAGE_TYPE, Emitter, c_literal, philox_uniform
+from gptc.compiler.codegen.emit import C_TYPE, STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
 from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import strided
@@ -53,7 +53,7 @@ class KernelSource:
     args: tuple[int, ...]
     zero_init: tuple[int, ...]
     origin: str          # the graph nodes it computes, for error messages
-    shared_bytes: int = 0  # dynamic shared memory the launch needs (0: its pool is static, within 48 KiB)
+    shared_bytes: int = 0  # dynamic shared memory the launch needs (0: its pool is static, within target.shared_mem)
 
 
 def templates_dir() -> Path:
@@ -592,22 +592,23 @@ def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m:
                      deferred: bool = False):
     """The lines that compute and store the kernel's roots at the element of C at
     (batch, gm, gn) (the matmul templates' variables): the fused epilogue. `deferred`:
-    (compute lines, store lines) instead, the computed roots kept in out<i>[u] between
-    them, so that a loop over several elements issues all its loads before any store
-    (which the compiler cannot move them past: buffers may alias for all it knows)."""
+    (compute lines, store lines, the C type of each root's value) instead, the computed
+    roots kept in out<i>[u] between them, so that a loop over several elements issues all
+    its loads before any store (which the compiler cannot move them past: buffers may
+    alias for all it knows)."""
     em.begin_block()
-    body, stores = [], []
+    body, stores, types = [], [], []
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
     for i, r in enumerate(kernel.roots):
         idx = unravel(element, plan.graph.type(r).shape)
         v = em.value(r, idx)
         if deferred:
-            assert plan.graph.type(r).dtype in ("f32", "bf16"), "out<i> holds floats"
             body += em.take() + [f"out{i}[u] = {v};"]
             stores.append(em.store(r, idx, f"out{i}[u]"))
+            types.append(C_TYPE[plan.graph.type(r).dtype])
         else:
             body += em.take() + [em.store(r, idx, v)]
-    return (body, stores) if deferred else body
+    return (body, stores, types) if deferred else body
 
 
 def _matmul_io(plan: Plan, kernel: KernelPlan, em: Emitter, m: int, n: int, k: int, batch: int):
@@ -904,8 +905,8 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
         smem_off += rows * width
     if kind == "wgmma":
-        body, stores = _matmul_epilogue(em, plan, kernel, batch, m, n, deferred=True)
-        ctx.update(stores=stores, roots=len(stores))
+        body, stores, out_types = _matmul_epilogue(em, plan, kernel, batch, m, n, deferred=True)
+        ctx.update(stores=stores, out_types=out_types)
     else:
         body = _matmul_epilogue(em, plan, kernel, batch, m, n)
     common = dict(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, stages=stages, stage_elems=smem_off,

@@ -1,5 +1,5 @@
-"""`gptc bench --gemm`: gptc's bf16 matmul (templates/matmul_mma.hip.j2 on the matrix
-units) against torch.matmul in bf16 (cuBLAS / hipBLASLt) in the same process, at
+"""`gptc bench --gemm`: gptc's bf16 matmul (templates/matmul_wgmma.hip.j2 on sm_90,
+templates/matmul_mma.hip.j2 on the other matrix units) against torch.matmul in bf16 (cuBLAS / hipBLASLt) in the same process, at
 4096^3 and at gpt2's shapes (B*T = 8192 tokens, C = 768, vocab 50257), forward and the
 backward's transposed-operand products.
 
