@@ -782,25 +782,28 @@ def _mma_smem_bytes(bm: int, bn: int, stages: int, target: Target) -> int:
     return stages * (bm + bn) * _mma_bk(target) * 2 + (1024 + 16 * stages if wgmma else 0)
 
 
+def _mma_shared_limit(target: Target) -> int:
+    """Shared memory a matrix-unit block may take: wgmma's stages are dynamic shared
+    memory (opted in), the other templates' a static pool."""
+    return target.max_shared if _mma_kind(target) == "wgmma" else target.shared_mem
+
+
 def _mma_stages(bm: int, bn: int, target: Target) -> int:
-    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2 (wgmma: up to
-    6 within the opt-in limit). Without cp.async (AMD) copies are synchronous, so 2
-    (double buffering) is enough."""
+    """Pipeline depth: as deep as shared memory allows, up to 4 (wgmma: 6), at least 2.
+    Without cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough."""
     kind = _mma_kind(target)
-    if kind == "wgmma":
-        return max(s for s in (2, 3, 4, 5, 6) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= target.max_shared)
-    if kind != "nv":
+    if kind not in ("nv", "wgmma"):
         return 2
-    return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= target.shared_mem)
+    depths = (2, 3, 4, 5, 6) if kind == "wgmma" else (2, 3, 4)
+    return max(s for s in depths if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= _mma_shared_limit(target))
 
 
 def _mma_legal(tile, target: Target, stages: int) -> bool:
     """The tile's warps cover whole fragments, and its stages fit in shared memory."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
     bm, bn, wm, wn = tile
-    fits = _mma_smem_bytes(bm, bn, stages, target) <= (target.max_shared if _mma_kind(target) == "wgmma"
-                                                        else target.shared_mem)
-    if _mma_kind(target) == "wgmma":
+    fits = _mma_smem_bytes(bm, bn, stages, target) <= _mma_shared_limit(target)
+    if _mma_kind(target) == "wgmma":  # a producer warpgroup, then one per 64 rows
         return fits and bm == 64 * (wm // 4 - 1) and wn == 1 and bn % fn == 0
     return fits and (bm // wm) % fm == 0 and (bn // wn) % fn == 0
 
@@ -808,13 +811,14 @@ def _mma_legal(tile, target: Target, stages: int) -> bool:
 def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float:
     """Estimated time of the busiest compute unit: its tiles' products at the tile's
     relative rate, slowed when it holds fewer than two resident blocks (one block
-    cannot hide its own latency)."""
+    cannot hide its own latency; not so for wgmma, whose producer warpgroup and
+    asynchronous MMAs keep one block's unit busy)."""
     units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
     bm, bn = tile[:2]
     bk = _mma_bk(target)
     per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
     work = per_unit * bm * bn * max(1, ceil_div(k, bk)) * bk
-    if _mma_kind(target) == "wgmma":  # one resident block keeps the unit busy (asynchronous MMAs)
+    if _mma_kind(target) == "wgmma":
         return work / _WGMMA_EFF[(bm, bn)]
     resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target), target))
     return work / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
