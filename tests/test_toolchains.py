@@ -277,3 +277,15 @@ def test_an_unusable_cache_warns_once_per_kind_in_one_line(tmp_path):
     assert len(warnings) == 2, result.stderr
     assert warnings[0].startswith("gptc: warning: gptc kernel cache: cannot read ")
     assert warnings[1].startswith("gptc: warning: gptc kernel cache: cannot write ")
+
+
+def test_sm90_needs_an_nvrtc_that_knows_sm90a(monkeypatch):
+    """sm_90's kernels compile as sm_90a (wgmma): an NVRTC before 12.0 is named in one line."""
+    from gptc.runtime import cuda
+    monkeypatch.setattr(cuda, "supported_archs", lambda: {"sm_80", "sm_90"})
+    monkeypatch.setattr(cuda, "nvrtc_version", lambda: (11, 8))
+    with pytest.raises(ValueError, match=r"NVRTC 11.8 cannot compile for sm_90a \(wgmma\).*NVRTC 12.0 or later"):
+        cuda.validate_arch("sm_90")
+    cuda.validate_arch("sm_80")  # mma.sync: any NVRTC that knows the arch
+    monkeypatch.setattr(cuda, "nvrtc_version", lambda: (12, 0))
+    cuda.validate_arch("sm_90")

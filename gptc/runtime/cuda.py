@@ -108,22 +108,21 @@ def supported_archs() -> set[str]:
     return {f"sm_{a}" for a in archs}
 
 
+# A cubin for sm_90 runs on sm_90 devices only, so it may use that chip's arch-specific
+# instructions (wgmma: templates/matmul_wgmma.hip.j2): it is compiled for sm_90a (NVRTC 12+).
+_ARCH_SPECIFIC = {"sm_90": "sm_90a"}
+
+
 def validate_arch(arch: str) -> None:
     ok = supported_archs()
+    major, minor = nvrtc_version()
     base = arch.rstrip("af") if arch.endswith(("a", "f")) and arch[-2].isdigit() else arch  # sm_90a -> sm_90
     if ok and base not in ok:
-        major, minor = nvrtc_version()
         raise ValueError(f"NVRTC {major}.{minor} cannot compile for {arch}; it supports "
                          f"{', '.join(sorted(ok, key=lambda s: int(s[3:])))}.")
-    if _ARCH_SPECIFIC.get(base, "").endswith("a") and nvrtc_version() < (12, 0):
-        major, minor = nvrtc_version()
+    if base in _ARCH_SPECIFIC and (major, minor) < (12, 0):
         raise ValueError(f"NVRTC {major}.{minor} cannot compile for {_ARCH_SPECIFIC[base]} (wgmma), which gptc's "
                          f"{base} kernels need; install NVRTC 12.0 or later (pip install nvidia-cuda-nvrtc)")
-
-
-# A cubin for sm_90 runs on sm_90 devices only, so it may use that chip's arch-specific
-# instructions (wgmma: templates/matmul_wgmma.hip.j2): it is compiled for sm_90a.
-_ARCH_SPECIFIC = {"sm_90": "sm_90a"}
 
 
 def compile_source(source: str, name: str, arch: str, options: Sequence[str], origin: str = "") -> bytes:
