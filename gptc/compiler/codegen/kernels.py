@@ -1132,6 +1132,24 @@ def _attention_tiles(dim: int, target: Target):
     return dp, ri, rows, bk, bqk, bkq, ceil_div(fwd(bk), 4) * 4, ceil_div(max(keys(bqk), queries(bkq)), 4) * 4
 
 
+def _attention_bwd_layout(dp: int, bt: int) -> dict[str, int]:
+    """Byte offsets in the pool of the matrix-unit attention backward (head_dim padded
+    to dp, tiles of bt rows; bf16 rows of dp + 8, f32 rows of dp + 8: ldmatrix's and the
+    row statistics' reads spread over the banks). Both halves start with their own 64
+    rows A0, A1 (bf16). Keys half: two buffers of the query tiles (Q, dO, O, m and l),
+    then St (lse2, delta a query). Queries half: the block's O, m and l, two buffers of
+    the key tiles (K, V), St."""
+    own, tile, o_rows = 64 * (dp + 8) * 2, bt * (dp + 8) * 2, (dp + 8) * 4
+    kstride = 2 * tile + bt * o_rows + 2 * bt * 4
+    qo = 2 * own
+    qml = qo + 64 * o_rows
+    qbuf = qml + 2 * 64 * 4
+    layout = dict(a1=own, t1=tile, o=2 * tile, ml=2 * tile + bt * o_rows, kbuf=2 * own, kstride=kstride,
+                  kst=2 * own + 2 * kstride, qo=qo, qml=qml, qbuf=qbuf, qstride=2 * tile, qst=qbuf + 4 * tile)
+    layout["bytes"] = max(layout["kst"] + bt * 8, layout["qst"] + 64 * 8)
+    return layout
+
+
 def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, str]) -> _Part:
     """Flash-style causal attention (FlashAttention-2 order, SIMT fp32): 128-thread
     blocks own tiles of queries (forward, dQ) or keys (dK, dV), stage the other side's
@@ -1176,7 +1194,6 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         at = f"{em.arg(buf)}[{name}_base + {rows[name]} * {strides[-2]} + c * {strides[-1]}]"
         bf16 = plan.buffer_of(buf).dtype == "bf16"
         ctx[f"{name}_at"] = f"bf16_to_float({at})" if bf16 else at
-        ctx["raw"][name] = f"{at}.bits"   # the bf16 bits (the matrix-unit kernels copy them as they are)
         # Whole 16-byte rows of 8 bf16 for the matrix-unit kernels' staging: head_dim
         # contiguous, every other stride and the offset multiples of 8 (buffers start
         # 256-byte aligned).
@@ -1196,7 +1213,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx[f"{name}_at"] = f"{name}_at({row}, c)"
 
     rows = dict(q="i", k="j", v="j", g="i")  # the templates' row variable of each operand
-    ctx.update(raw={}, addr={})
+    ctx.update(addr={})
     aligned: dict[str, bool] = {}
     operand("q", a.q)
     operand("k", a.k_t, transpose=True)
@@ -1235,14 +1252,19 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
     if a.bf16 and not a.prologue and _mma_sync(target):
         # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
-        # (dQ) a block, the other side in tiles of 64, 16 above head_dim 64 (static shared
-        # memory within 48 KiB).
+        # (dQ) a block, the other side in double-buffered tiles of 64 (16 above head_dim
+        # 64: the registers of dK and dV), in the launch's pool (dynamic beyond 48 KiB).
+        assert plan.buffer_of(_operand_layout(plan, a.out)[0]).dtype == "f32", "the flash backward reads O in f32"
         dp16 = ceil_div(dim, 16) * 16
         blocks = ceil_div(seq, 64)
-        ctx.update(dp=dp16, ld=dp16 + 8, bt=64 if dp16 <= 64 else 16, kb_blocks=bhn // group * blocks, nqb=blocks,
+        bt = 64 if dp16 <= 64 else 16
+        sm = _attention_bwd_layout(dp16, bt)
+        assert sm["bytes"] <= target.max_shared, f"the flash backward's tiles exceed the shared memory of {target.name}"
+        ctx.update(dp=dp16, ld=dp16 + 8, ldo=dp16 + 8, bt=bt, sm=sm, kb_blocks=bhn // group * blocks, nqb=blocks,
+                   scale2=repr(float(a.scale) * math.log2(math.e)) + "f", vo=4 if dim % 4 == 0 else 1,
                    vec=8 if dim % 8 == 0 and all(aligned[n] for n in "qkvg") else 1)
         return _Part(f"{kernel.name} keys+queries", env.get_template("attention_mma_bwd.hip.j2").render(**ctx),
-                     (bhn // group * blocks + bhn * blocks, 1, 1), (128, 1, 1), mma=True)
+                     (bhn // group * blocks + bhn * blocks, 1, 1), (128, 1, 1), pool_floats=sm["bytes"] // 4, mma=True)
     # attention_dkdv.hip.j2 is the whole backward body; it includes attention_dq.hip.j2
     # for the queries half.
     return _Part(f"{kernel.name} keys+queries", env.get_template("attention_dkdv.hip.j2").render(**ctx),
