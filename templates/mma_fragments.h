@@ -126,6 +126,25 @@ __device__ __forceinline__ void gptc_copy_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
 __device__ __forceinline__ void gptc_copy_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// 8 bf16 of a row aligned to V elements only (no 16-byte cp.async): 8/V loads of V
+// elements, all in flight, then one 16-byte shared store; element by element (zeros
+// past `valid`) at the matrix's edge. Plain stores: gptc_mbarrier_arrive covers them.
+template <int V> struct gptc_piece;
+template <> struct gptc_piece<1> { typedef unsigned short t; };
+template <> struct gptc_piece<2> { typedef unsigned int t; };
+template <> struct gptc_piece<4> { typedef uint2 t; };
+template <int V> __device__ __forceinline__ void gptc_copy_chunk8(unsigned short* s, const unsigned short* g, int valid) {
+  typedef typename gptc_piece<V>::t piece;
+  union { uint4 all; piece p[8 / V]; unsigned short h[8]; } u;
+  if (valid >= 8) {
+#pragma unroll
+    for (int i = 0; i < 8 / V; ++i) u.p[i] = reinterpret_cast<const piece*>(g)[i];
+  } else {
+#pragma unroll
+    for (int v = 0; v < 8; ++v) u.h[v] = v < valid ? g[v] : (unsigned short)0;
+  }
+  *reinterpret_cast<uint4*>(s) = u.all;
+}
 #endif
 #if !defined(GPTC_HAS_MMA_NV)
 // Global -> shared copies where there is no cp.async: the same interface, synchronous

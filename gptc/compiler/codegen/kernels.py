@@ -897,10 +897,15 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         f"reinterpret_cast<const unsigned short*>({em.arg(base)}) + {name.lower()}_base;"]
         rows, width = (mn_tile, bk) if kc else (bk, mn_tile)
         vec = _mma_vector(offset, strides, contiguous)
-        chunks = rows * width // vec
+        # wgmma's producer copies 8 bf16 a thread-step whatever the alignment (gptc_copy_chunk8
+        # where it is under 16 bytes): its 128 threads alone stage every operand
+        step = 8 if kind == "wgmma" else vec
+        copier = f"gptc_copy_chunk8<{vec}>" if step > vec else f"gptc_copy_async<{vec}>"
+        chunks = rows * width // step
         loaders = 128 if kind == "wgmma" else threads  # wgmma: the producer warpgroup
         slab = f"(idx_t)(KT) * {bk}"
-        ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, ptr=name, atoms=kind == "wgmma",
+        ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, step=step, copier=copier, ptr=name,
+                        atoms=kind == "wgmma",
                         rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
                         smem_off=smem_off,
                         chunks=chunks, loops=ceil_div(chunks, loaders),
