@@ -112,6 +112,7 @@ def test_tile_choice():
     assert _mma_config(4096, 4096, 4096, 1, sm80) is _mma_config(4096, 4096, 4096, 1, sm80)  # cached
     assert _mma_config(4096, 4096, 4096, 1, sm90)[:2] == (128, 256)
     assert _mma_config(768, 768, 8192, 1, sm90)[:2] == (64, 128)
+    assert _mma_config(8192, 768, 768, 1, sm90)[:2] == (64, 256)  # 384 tiles, not 192 of 128x256
     for target in ("cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"):
         t = parse_target(target)
         for bm, bn, wm, wn in _mma_tiles(t):  # every tile fits

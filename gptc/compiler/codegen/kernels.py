@@ -717,14 +717,13 @@ _MMA_FRAGMENTS = {"nv": (16, 8, 16), "wgmma": (64, 8, 16), "mfma": (32, 32, 8), 
 # each: the fastest warp layout of each tile and the rates measured on an H200
 # (2026-11-30, dev/kernel.py --family matmul_bf16 at 4096^3, 8192x2304x768 and
 # 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log). wgmma: a producer
-# warpgroup (4 warps), and a consumer warpgroup per 64 rows of the tile; its rates are
-# the first ranking, those gpt2's measured step ran with (b00cab9). The sweeps since
-# (benchmarks/results/h200x2-2026-11-30-b00cab9-wgmma/dev-kernel-matmul-bf16-7448038.txt)
-# put 64x256 near 0.77 and 128x128 near 0.71: to refit against a whole step.
+# warpgroup (4 warps), and a consumer warpgroup per 64 rows of the tile; its rates the
+# mean of the sweeps at 4096^3 and 8192x2304x768
+# (benchmarks/results/h200x2-2026-11-30-b00cab9-wgmma/dev-kernel-matmul-bf16-7448038.txt).
 _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
 _WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1))
-_WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.9, (64, 256): 0.8, (64, 128): 0.7, (64, 64): 0.5}
+_WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.72, (64, 64): 0.58}
 
 
 def _mma_kind(target: Target) -> str | None:
