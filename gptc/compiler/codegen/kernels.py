@@ -1232,6 +1232,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         keep = philox_uniform(d.seed, d.stream, "drop_step", f"((uint64_t)(bh * {seq} + i) * {seq} + j)")
         ctx["dropout"] = dict(keep=f"{keep} >= {c_literal(d.threshold, 'f32')}", scale=c_literal(d.scale, "f32"))
     env = _environment()
+    log2_scale = repr(float(a.scale) * math.log2(math.e)) + "f"  # the matrix-unit kernels' scores in log2 units (exp2)
     if kernel.family == "attention":
         stats = a.m in kernel.roots
         ctx.update(out=em.arg(a.out), store_stats=stats)
@@ -1239,12 +1240,15 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
         if a.bf16 and not a.prologue and _mma_sync(target):
             # On the matrix units (attention_mma.hip.j2): 64 queries a block (16 a warp);
-            # key tiles of 64, 32 above head_dim 64 (static shared memory within 48 KiB).
+            # double-buffered key tiles of 64, 32 above head_dim 64 (the registers of S),
+            # in the launch's pool (dynamic beyond 48 KiB).
             dp16 = ceil_div(dim, 16) * 16
-            ctx.update(dp=dp16, ld=dp16 + 8, bq=64, bk=64 if dp16 <= 64 else 32, nqb=ceil_div(seq, 64),
+            bk = 64 if dp16 <= 64 else 32
+            ctx.update(dp=dp16, ld=dp16 + 8, bq=64, bk=bk, nqb=ceil_div(seq, 64), scale2=log2_scale,
                        vec=8 if dim % 8 == 0 and all(aligned[n] for n in "qkv") else 1)
             return _Part(kernel.name, env.get_template("attention_mma.hip.j2").render(**ctx),
-                         (bhn * ceil_div(seq, 64), 1, 1), (128, 1, 1), mma=True)
+                         (bhn * ceil_div(seq, 64), 1, 1), (128, 1, 1), pool_floats=(64 + 4 * bk) * (dp16 + 8) // 2,
+                         mma=True)
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
     dq, dk, dv = a.stores()
@@ -1265,7 +1269,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         sm = _attention_bwd_layout(dp16, bt)
         assert sm["bytes"] <= target.max_shared, f"the flash backward's tiles exceed the shared memory of {target.name}"
         ctx.update(dp=dp16, ld=dp16 + 8, ldo=dp16 + 8, bt=bt, sm=sm, kb_blocks=bhn // group * blocks, nqb=blocks,
-                   scale2=repr(float(a.scale) * math.log2(math.e)) + "f", vo=4 if dim % 4 == 0 else 1,
+                   scale2=log2_scale, vo=4 if dim % 4 == 0 else 1,
                    vec=8 if dim % 8 == 0 and all(aligned[n] for n in "qkvg") else 1)
         return _Part(f"{kernel.name} keys+queries", env.get_template("attention_mma_bwd.hip.j2").render(**ctx),
                      (bhn // group * blocks + bhn * blocks, 1, 1), (128, 1, 1), pool_floats=sm["bytes"] // 4, mma=True)
