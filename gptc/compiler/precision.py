@@ -60,9 +60,10 @@ def _bias_gradients_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
     as under torch autocast (where that gradient is bf16; the sum accumulates in f32), so
     the f32 gradient need not be stored at all: the logits' gradient is the largest
     activation of a small model."""
-    for value, cast in list(copies.items()):
-        if graph.op(cast) != "cast" or not graph.node(value)["scope"].endswith("#bwd"):
+    for value, copy in list(copies.items()):
+        if OPS[graph.op(value)].kind == VIEW or not graph.node(value)["scope"].endswith("#bwd"):
             continue
+        cast = copy if graph.op(copy) == "cast" else graph.inputs_of(copy)[0]  # slice(cast(pad)): rows padded
         readers = _readers_through_views(graph, value)
         others = [(v, u) for v, u in readers if u != cast]
         if others and all(graph.op(u) == "sum" for _, u in others):

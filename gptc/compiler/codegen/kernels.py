@@ -377,6 +377,12 @@ def _signature(head: str, params: list[str]) -> str:
 
 
 def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
+    """Reductions over the last axis (the row) with the pointwise work around them: one
+    loop over the row a pass, each pass computing every reduction that needs none of
+    the others in it (so cross-entropy's max, sum of exponentials and target logit
+    take one pass: the sum of exp(x - max) is kept online, rescaled as the running max
+    grows), then the stores of the full-row values, padded rows last (see
+    fusion.padded_row)."""
     g = plan.graph
     reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
     space = g.type(g.inputs_of(reduces[0])[0]).shape
@@ -392,26 +398,79 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     lead_idx = unravel(var("row", rows), lead)
     full_idx = lead_idx + (var("j", row_len),)
     row_idx = lead_idx + (ZERO,)
-    stages = []
+    groups: list[list[int]] = []
     for r in reduces:
+        if groups and (_online_sum(g, r, groups[-1]) is not None or not _reads_reduces(g, r, set(kernel.nodes)) & set(groups[-1])):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    passes = []
+    for group in groups:
         em.begin_block()
-        del em.special[r]  # not yet computed while its own stage runs
-        v = em.value(g.inputs_of(r)[0], full_idx)
-        is_max = g.op(r) == "max"
-        stages.append(dict(var=special[r], node=r, op=g.op(r), body=em.take(), is_max="true" if is_max else "false",
-                           init="-INFINITY" if is_max else "0.0f",
-                           combine=f"fmaxf(acc, {v})" if is_max else f"acc + {v}"))
-        em.special[r] = special[r]
+        for r in group:
+            del em.special[r]  # not yet computed while its own pass runs
+        decls, inits, combines, finals = [], [], [], []
+        for r in group:
+            acc, is_max = f"acc{group.index(r)}", g.op(r) == "max"
+            decls.append(f"float {special[r]};  // %{r} {g.op(r)} over the row")
+            inits.append(f"float {acc} = {'-INFINITY' if is_max else '0.0f'};")
+            top = _online_sum(g, r, group)
+            if top is None:
+                v = em.value(g.inputs_of(r)[0], full_idx)
+                combines.append(f"{acc} = fmaxf({acc}, {v});" if is_max else f"{acc} += {v};")
+                finals.append(f"{special[r]} = gptc_row_reduce<{tpr}, {'true' if is_max else 'false'}>({acc}, scratch);")
+                continue
+            # sum(exp(x - max x)), online: the max's update rescales it (NaN propagates as
+            # in the sum over the row; -inf elements add nothing)
+            m_acc, x = f"acc{group.index(top)}", em.value(g.inputs_of(top)[0], full_idx)
+            combines[group.index(top)] = (f"if ({x} > {m_acc}) {{ {acc} = {acc} * expf({m_acc} - {x}) + 1.0f; {m_acc} = {x}; }} "
+                                          f"else if ({x} != -INFINITY) {{ {acc} += expf({x} - {m_acc}); }}")
+            finals.append(f"{special[r]} = gptc_row_reduce<{tpr}, false>({m_acc} == -INFINITY ? 0.0f : "
+                          f"{acc} * expf({m_acc} - {special[top]}), scratch);")
+        passes.append(dict(decls=decls, inits=inits, body=em.take(), combines=combines, finals=finals))
+        for r in group:
+            em.special[r] = special[r]
     reduced_shape = lead + (1,)
     em.begin_block()
     row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)
     row_body = em.take() + row_body
-    em.begin_block()
-    full_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == space], lambda r: full_idx)
-    full_body = em.take() + full_body
-    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, stages=stages,
-               row_body=row_body, full_body=full_body)
+    loops = []  # (row length, body) of the stores of full rows, then of padded rows
+    for shape in sorted({g.type(r).shape for r in kernel.roots} - {reduced_shape}):
+        idx = lead_idx + (var("j", shape[-1]),)
+        em.begin_block()
+        stores = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx)
+        loops.append((shape[-1], em.take() + stores))
+    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, passes=passes,
+               row_body=row_body, loops=loops)
     return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
+
+
+def _reads_reduces(g, nid: int, nodes: set[int]) -> set[int]:
+    """The sum/max nodes of `nodes` that `nid` reads, directly or through other nodes of
+    `nodes` (not through a reduction: its own inputs are its business)."""
+    found, seen, stack = set(), set(), list(g.inputs_of(nid))
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in nodes and g.op(n) in ("sum", "max"):
+            found.add(n)
+        elif n in nodes or OPS[g.op(n)].kind == VIEW:
+            stack.extend(g.inputs_of(n))
+    return found
+
+
+def _online_sum(g, r: int, group: list[int]) -> int | None:
+    """The max node m of `group` when `r` is sum(exp(x - m)) over the row and m = max(x)
+    (softmax's denominator), else None."""
+    if g.op(r) != "sum" or g.op(e := g.inputs_of(r)[0]) != "exp" or g.op(d := g.inputs_of(e)[0]) != "sub":
+        return None
+    x, b = g.inputs_of(d)
+    if g.op(b) != "broadcast":
+        return None
+    (m,) = g.inputs_of(b)
+    return m if m in group and g.op(m) == "max" and g.inputs_of(m)[0] == x else None
 
 
 def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):

@@ -100,8 +100,10 @@ def split_reductions(graph: Graph) -> None:
 
 
 def _contiguous(graph: Graph, nid: int) -> bool:
-    """A computed value, or reshapes of one (rows of it can be reshaped again)."""
-    while graph.op(nid) == "reshape":
+    """A computed value, or reshapes of one, or of its rows sliced (a bf16 copy stored
+    with padded rows, precision.py): rows of it can be reshaped again."""
+    while graph.op(nid) == "reshape" or (graph.op(nid) == "slice"
+                                          and graph.node(nid)["attrs"]["axis"] == len(graph.type(nid).shape) - 1):
         nid = graph.inputs_of(nid)[0]
     return OPS[graph.op(nid)].kind != VIEW
 

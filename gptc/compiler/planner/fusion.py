@@ -482,7 +482,10 @@ class Fuser:
 
     def _row_legal(self, nodes: set[int], space: tuple[int, ...]) -> bool:
         """Row kernels hold nodes shaped like the row space (lead..., N) or its reduced
-        form (lead..., 1), joined directly or by broadcasting (lead..., 1) over the row."""
+        form (lead..., 1), joined directly or by broadcasting (lead..., 1) over the row;
+        and elementwise nodes over padded rows (lead..., N + k) that read row values
+        through a pad of the row's end (`padded_row`: the bf16 copy of the logits'
+        gradient, its rows padded to 16 bytes, is cast where the gradient is computed)."""
         g = self.graph
         if nodes & self.in_place:
             return False
@@ -491,12 +494,20 @@ class Fuser:
             kind = OPS[g.op(n)].kind
             if kind == REDUCE and row_space(g, n) != space:
                 return False
-            if kind not in (REDUCE, ELEMENTWISE, GATHER) or g.type(n).shape not in (space, reduced):
+            if kind not in (REDUCE, ELEMENTWISE, GATHER) or (g.type(n).shape not in (space, reduced) and not (
+                    kind == ELEMENTWISE and padded_row(g.type(n).shape, space))):
                 return False
-        for n, _, chain in self._internal_chains(nodes):
-            if chain and not (len(chain) == 1 and g.op(chain[0]) == "broadcast"
-                              and g.type(n).shape == reduced and g.type(chain[0]).shape == space):
-                return False
+        for n, consumer, chain in self._internal_chains(nodes):
+            if not chain:
+                continue
+            view = chain[0]
+            if len(chain) == 1 and g.op(view) == "broadcast" and g.type(n).shape == reduced and g.type(view).shape == space:
+                continue
+            attrs = g.node(view)["attrs"]
+            if len(chain) == 1 and g.op(view) == "pad" and attrs["axis"] == len(space) - 1 and attrs["before"] == 0 \
+                    and g.type(n).shape == space and padded_row(g.type(consumer).shape, space):
+                continue
+            return False
         return True
 
     def _epilogue_legal(self, nodes: set[int], matmul: int) -> bool:
@@ -510,6 +521,11 @@ class Fuser:
         if any(_size(g, n) != size for n in nodes):
             return False
         return all(g.op(v) == "reshape" for _, _, chain in self._internal_chains(nodes) for v in chain)
+
+
+def padded_row(shape: tuple[int, ...], space: tuple[int, ...]) -> bool:
+    """`shape` is the row space `space` with longer rows (a pad of the rows' end)."""
+    return len(shape) == len(space) and shape[:-1] == space[:-1] and shape[-1] > space[-1]
 
 
 def fuse_graph(graph: Graph, fuse: bool = True) -> list[Group]:
