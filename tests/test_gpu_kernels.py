@@ -6,6 +6,7 @@ by the change they make. Run on a GPU machine with:
 One test runs on the CPU: it shows that the update check catches a missing weight decay."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -62,6 +63,12 @@ def family_graphs():
         g = Graph(); x = g.input("x", (13, 7, 129)); w = g.param("w", (129,)); b = g.param("b", (129,))
         g.output("softmax", dsl.softmax(x)); g.output("ln", dsl.layernorm(x, w, b))
         wide = g.input("wide", (5, 1031)); g.output("wide_softmax", dsl.softmax(wide * 3.0))
+        # masked rows (the row kernels keep softmax's sum online, rescaled as the max
+        # grows): row r's first 7 r + 3 elements are -inf, so a thread's first elements
+        # are all -inf, then its running max rises (a ramp) and jumps (x * 9)
+        masked = g.input("masked", (6, 1500))
+        ramp = g.iota((6, 1500), 1).cast("f32") * 0.01 + masked * 9.0
+        g.output("masked_softmax", dsl.softmax((g.iota((6, 1500), 1) >= g.iota((6, 1500), 0) * 7 + 3).where(ramp, -math.inf)))
         return g
 
     def cross_entropy():

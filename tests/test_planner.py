@@ -6,6 +6,7 @@ check is shown to fail on a plan corrupted on purpose."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -289,3 +290,46 @@ def test_large_head_dims_stay_on_the_flash_path(d_model, heads):
         assert families <= {k.family for k in plan.kernels}, mode
         seq = spec.model.seq_len
         assert not any(b.shape[-2:] == (seq, seq) for b in plan.buffers.values()), f"{mode} stores an S x S matrix"
+
+
+def _row_kernel(plan: Plan, scope: str):
+    g = plan.graph
+    (kernel,) = [k for k in plan.kernels if k.family == "row" and any(g.node(n)["scope"] == scope for n in k.nodes)]
+    return kernel
+
+
+def test_row_reductions_share_a_pass_and_the_softmax_sum_runs_online():
+    """Cross-entropy's max, sum of exponentials (online: rescaled as the max grows) and
+    target logit take one pass over the row, then one loop stores the gradient. A
+    reduction that reads another takes a pass of its own: layernorm's variance after
+    its mean, and its backward's second sum (autodiff's, through the variance's
+    gradient) after the first."""
+    from gptc.compiler.codegen.kernels import render_launch
+    from gptc.target import parse_target
+    plan = make_plan(gptc.build_graph(gptc.preset("hipgpt"), "train"), True)
+    loops = {}
+    for scope in ("cross_entropy", "layernorm#bwd", "layernorm"):
+        kernel = _row_kernel(plan, scope)
+        code = render_launch(plan, [kernel], parse_target("cuda:sm_90")).code
+        loops[scope] = code.count("for (idx_t j = lane;")
+        if scope == "cross_entropy":
+            assert "acc1 = acc1 * expf(acc0 - " in code and code.count("gptc_row_reduce<") == 3
+    assert loops == {"cross_entropy": 2, "layernorm#bwd": 3, "layernorm": 3}
+
+
+def test_padded_bf16_copy_is_cast_in_the_row_kernel(monkeypatch):
+    """A bf16 copy stored with padded rows (precision.py) of a row kernel's value (the
+    logits' gradient) is cast by that kernel, over the padded row; the f32 gradient is
+    not stored (the bias's gradient sums the bf16 copy)."""
+    from gptc.compiler import precision
+    monkeypatch.setattr(precision, "PAD_MIN_SIZE", 1)
+    spec = gptc.preset("hipgpt")
+    spec = gptc.Spec(replace(spec.model, vocab_size=1031), replace(spec.train, precision="bf16"))
+    plan = make_plan(gptc.build_graph(spec, "train"), True)
+    g = plan.graph
+    kernel = _row_kernel(plan, "cross_entropy")
+    rows = spec.train.batch_size * spec.model.seq_len
+    stored = {g.type(r).shape: g.type(r).dtype for r in kernel.roots}
+    assert stored[(rows, 1032)] == "bf16" and (rows, 1031) not in stored
+    assert not any(g.op(n) == "cast" and "cross_entropy" in g.node(n)["scope"]
+                   for k in plan.kernels if k.family == "pointwise" for n in k.nodes)
