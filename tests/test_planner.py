@@ -333,3 +333,18 @@ def test_padded_bf16_copy_is_cast_in_the_row_kernel(monkeypatch):
     assert stored[(rows, 1032)] == "bf16" and (rows, 1031) not in stored
     assert not any(g.op(n) == "cast" and "cross_entropy" in g.node(n)["scope"]
                    for k in plan.kernels if k.family == "pointwise" for n in k.nodes)
+
+
+def test_bf16_weight_copies_share_one_launch():
+    """A bf16 training step makes the bf16 copies of its weights in one launch (they are
+    read by the forward and the backward matmuls alike); an inference graph makes each
+    before its first use (no backward keeps them alive)."""
+    spec = gptc.preset("hipgpt")
+    spec = gptc.Spec(spec.model, replace(spec.train, precision="bf16"))
+    for mode, launches_wanted in (("train", 1), ("infer", spec.model.n_layers)):
+        plan = make_plan(gptc.build_graph(spec, mode), True)
+        params = set(plan.graph.params.values())
+        copies = {k for k, kern in enumerate(plan.kernels) if kern.family == "pointwise" and set(kern.reads) <= params}
+        assert len(copies) >= 4 * spec.model.n_layers
+        launches = {i for i, launch in enumerate(plan.launches) if copies & set(launch)}
+        assert len(launches) == 1 if mode == "train" else len(launches) >= launches_wanted

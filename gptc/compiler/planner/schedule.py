@@ -145,6 +145,13 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
         raise AssertionError("in-place updates conflict with the data dependencies")
     topo = {k: i for i, k in enumerate(nx.lexicographical_topological_sort(kg))}
     level = _latest_levels(kg)
+    params = set(graph.params.values()) if graph.updates else set()  # training graphs
+    for k, kern in enumerate(kernels):
+        # Pointwise work on params alone (the bf16 copies of the weights) runs first, in
+        # one launch, instead of one launch before each first use: a training step's
+        # copies are live until the backward's matmuls read them anyway.
+        if kern.family == "pointwise" and kern.reads and set(kern.reads) <= params:
+            level[k] = 0
     _early_collectives(graph, kernels, kg, level)
     order = sorted(topo, key=lambda k: (level[k], topo[k]))
     if fused:
