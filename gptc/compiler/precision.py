@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
-from gptc.compiler.ops.registry import VIEW
+from gptc.compiler.ops.registry import SOURCE, VIEW
 from gptc.spec import CHOICES, SpecError
 
 # Scopes (dsl composites) whose matmuls keep f32 operands: the attention cores other than
@@ -93,7 +93,7 @@ def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
     do not take it for one of their own nodes."""
     if nid not in copies:
         node = graph.node(nid)
-        if OPS[node["op"]].kind == VIEW:
+        if OPS[node["op"]].kind == VIEW and not _read_permuted(graph, nid):
             src = _bf16(graph, graph.inputs_of(nid)[0], copies)
             with graph.replace_scope(node["scope"]):
                 copies[nid] = graph.add(node["op"], [src], **node["attrs"])
@@ -101,6 +101,17 @@ def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
             with graph.replace_scope(f"{node['scope']}/bf16" if node["scope"] else "bf16"):
                 copies[nid] = _cast_aligned(graph, nid)
     return copies[nid]
+
+
+def _read_permuted(graph: Graph, nid: int) -> bool:
+    """`nid` permutes a computed value that nothing else reads: its bf16 copy is a cast
+    of the permuted view, stored in the order the matmuls read it (attention's output
+    (.., H, S, D), read as (.., S, H·D) by the projection after it: its weight
+    gradient's Xᵀ would otherwise be a view no matmul can read, copied again)."""
+    if graph.op(nid) != "permute":
+        return False
+    (src,) = graph.inputs_of(nid)
+    return OPS[graph.op(src)].kind not in (VIEW, SOURCE) and graph.users(src) == [nid]
 
 
 # A bf16 copy whose rows are not a multiple of 16 bytes (gpt2's 50,257-wide logits and

@@ -1231,7 +1231,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     z = unravel(var("bh", bhn), tuple(batch_shape))
     # The backward's key blocks run over key/value heads: bhn / group of them.
     group = a.group
-    ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
+    ctx = dict(s=seq, dk_transposed=False, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn // group * nkb, group=group, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
                scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines, bf16=a.bf16,
@@ -1315,8 +1315,10 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
                dk_ptr=em.arg(dk), dv_ptr=em.arg(dv))
     if group > 1:  # dK, dV summed over the group: (.., Hkv, 1, S, D) at key/value head bhk
         ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
+    elif a.dk is not None:  # per head; dK (.., S, D) (planner.transpose_products)
+        ctx.update(dk_at=f"o_base + j * {dim} + c", dv_at=f"o_base + j * {dim} + c")
     else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
-        ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c")
+        ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c", dk_transposed=True)
     if a.bf16 and not a.prologue and _mma_sync(target):
         # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
         # (dQ) a block, the other side in double-buffered tiles of 64 (16 above head_dim

@@ -21,12 +21,31 @@ def make_plan(graph: Graph, fuse: bool = True) -> Plan:
     graph = graph.copy()
     for nid in [n for n in graph.nx.nodes if graph.op(n) == "stop_gradient"]:
         graph.bypass(nid)  # an identity once autodiff has run: no kernel computes it
+    transpose_products(graph)
     graph.prune()  # values nothing reads are not computed
     if fuse:
         clone_gated_operands(graph)
         recompute_in_backward(graph)
     lay_out(graph)
     return schedule(graph, fuse_graph(graph, fuse), fuse)
+
+
+def transpose_products(graph: Graph) -> None:
+    """A matrix product read only transposed (AB)ᵀ is computed as BᵀAᵀ (the transposes
+    are views of the operands), so it is stored the way it is read: attention's key
+    gradient, which autodiff gives as dkᵀ = qᵀ dS and the QKV projection's backward reads
+    as dk, is then stored (S, D) by the flash backward, and read row by row."""
+    for nid in [n for n in graph.nx.nodes if graph.op(n) == "matmul"]:
+        users = graph.users(nid)
+        rank = len(graph.type(nid).shape)
+        swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+        if not users or any(graph.op(u) != "permute" or graph.node(u)["attrs"]["perm"] != swap for u in users):
+            continue
+        a, b = graph.inputs_of(nid)
+        with graph.replace_scope(graph.node(nid)["scope"]):
+            product = graph.add("matmul", [graph.add("permute", [b], perm=swap), graph.add("permute", [a], perm=swap)])
+        for u in users:
+            graph.replace(u, product)
 
 
 SPLIT_REDUCTION_SIZE = 1 << 16

@@ -79,7 +79,8 @@ class AttentionMatch:
     backward: set[int] = field(default_factory=set)
     d_out: int | None = None   # the gradient of out (an operand of dv), if trained
     dq: int | None = None      # (.., S, D)
-    dk_t: int | None = None    # (.., D, S)
+    dk_t: int | None = None    # (.., D, S) = qᵀ dS, or
+    dk: int | None = None      # (.., S, D) = dSᵀ q where planning transposed the product (transpose_products)
     dv: int | None = None      # (.., S, D)
     group: int = 1             # query heads per key/value head; with more than one, the
     dk_sum: int | None = None  # backward stores dkᵀ and dv summed over the group instead:
@@ -94,7 +95,7 @@ class AttentionMatch:
         """The nodes the backward kernel stores."""
         if self.group > 1:
             return [self.dq, self.dk_sum, self.dv_sum]
-        return [self.dq, self.dk_t, self.dv]
+        return [self.dq, self.dk if self.dk is not None else self.dk_t, self.dv]
 
 
 def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
@@ -307,11 +308,14 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
             match.dq = n
         elif match.q in a_chain + [a_base]:                        # qᵀ @ ds
             match.dk_t = n
-    if None in (match.dv, match.dq, match.dk_t):
+        elif match.q in b_chain + [b_base]:                        # dsᵀ @ q
+            match.dk = n
+    if None in (match.dv, match.dq) or (match.dk_t is None) == (match.dk is None):
         return False
     if match.bf16 != (graph.type(match.d_out).dtype == "bf16"):
         return False   # the kernels read dO in the dtype of q, k, v
-    ds = [graph.inputs_of(match.dq)[0], _base(graph, graph.inputs_of(match.dk_t)[1])[0]]
+    ds = [graph.inputs_of(match.dq)[0],
+          _base(graph, graph.inputs_of(match.dk_t)[1] if match.dk is None else graph.inputs_of(match.dk)[0])[0]]
     if match.bf16 and any(graph.op(n) != "cast" or n not in nodes for n in ds):
         return False   # bf16: dS rounded once, by a cast of the scope (the kernels round it there)
     if not _match_group_sums(graph, match, nodes):
@@ -341,11 +345,11 @@ def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> b
         if graph.op(n) != "sum":
             continue
         base, chain = _base(graph, graph.inputs_of(n)[0])
-        if base not in (match.dk_t, match.dv):
+        if base not in (match.dk_t, match.dk, match.dv) or base is None:
             continue
         attrs = graph.node(n)["attrs"]
         views = [(graph.op(c), graph.node(c)["attrs"].get("perm")) for c in chain]
-        expected = [] if base == match.dv else [("permute", swap)]
+        expected = [("permute", swap)] if base == match.dk_t else []
         if rank < 4 or attrs["axes"] != (rank - 3,) or not attrs["keepdims"] or views != expected:
             return False  # some other sum of the gradients: not the kernels' to compute
         sums[base] = n
@@ -353,5 +357,5 @@ def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> b
         return True
     if len(sums) != 2 or shape[-3] < 2:
         return False
-    match.group, match.dk_sum, match.dv_sum = shape[-3], sums[match.dk_t], sums[match.dv]
+    match.group, match.dk_sum, match.dv_sum = shape[-3], sums[match.dk_t if match.dk is None else match.dk], sums[match.dv]
     return True
