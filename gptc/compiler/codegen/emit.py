@@ -46,8 +46,11 @@ class Emitter:
         # result of a row reduction.
         self.special = dict(special or {})
         self.lines: list[str] = []
-        self.cache: dict[tuple[int, Index], str] = {}
-        self.loads: dict[tuple[int, Expr], str] = {}
+        self.cache: dict[tuple[int, Index, str | None], str] = {}
+        self.loads: dict[tuple[int, Expr, str | None], str] = {}
+        # Inside a pad, the condition under which its source is read at all: loads there
+        # read nothing elsewhere (a concatenation by pads reads each element once).
+        self.guard: str | None = None
         self.counter = 0
         # buffer node -> kernel parameter (a placeholder, see names.py), in order of
         # first use (shared by the kernels batched into one launch)
@@ -77,10 +80,13 @@ class Emitter:
     def load(self, nid: int, index: Index) -> str:
         """The local holding the element of `nid`'s buffer at `index` (loaded once)."""
         buf = self.plan.buffer_of(nid)
-        key = (buf.node, self.offset(nid, index))
+        key = (buf.node, self.offset(nid, index), self.guard)
         if key not in self.loads:
             raw = f"{self.arg(nid)}[{emit(key[1])}]"
-            self.loads[key] = self._local(nid, f"bf16_to_float({raw})" if buf.dtype == "bf16" else raw)
+            raw = f"bf16_to_float({raw})" if buf.dtype == "bf16" else raw
+            if self.guard is not None:
+                raw = f"{self.guard} ? {raw} : {c_literal(0, buf.dtype)}"
+            self.loads[key] = self._local(nid, raw)
         return self.loads[key]
 
     def store(self, nid: int, index: Index, value: str) -> str:
@@ -93,7 +99,7 @@ class Emitter:
     def value(self, nid: int, index: Index) -> str:
         if nid in self.special:
             return self.special[nid]
-        key = (nid, index)
+        key = (nid, index, self.guard)
         if key in self.cache:
             return self.cache[key]
         g = self.graph
@@ -163,9 +169,12 @@ class Emitter:
             zero = c_literal(0.0, node["type"].dtype)
             if inside == "false":
                 return zero
-            inner = self.value(src, index[:ax] + (clamped,) + index[ax + 1:])
             if inside == "true":
-                return inner
+                return self.value(src, index[:ax] + (clamped,) + index[ax + 1:])
+            outer, cond = self.guard, f"({inside})" if "&&" in inside else inside
+            self.guard = cond if outer is None else f"{outer} && {cond}"
+            inner = self.value(src, index[:ax] + (clamped,) + index[ax + 1:])
+            self.guard = outer
             return f"({f'({inside})' if '&&' in inside else inside} ? {inner} : {zero})"
         return self.value(src, view_index(node["op"], node["attrs"], in_shape, out_shape, index))
 

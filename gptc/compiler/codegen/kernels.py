@@ -30,6 +30,7 @@ from gptc.compiler.planner.attention import MAX_HEAD_DIM
 from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
 POINTWISE_THREADS = 256
+POINTWISE_UNROLL = 4  # elements a thread computes before storing them (loads in flight)
 MAX_GRID = 65535 * 32
 
 
@@ -92,7 +93,8 @@ def _index_type(plan: Plan, kernel: KernelPlan) -> str:
     g = plan.graph
     sizes = [g.type(n).size for n in kernel.nodes + kernel.reads]
     sizes += [g.type(i).size for n in kernel.nodes for i in g.inputs_of(n)]
-    return "long long" if max(sizes, default=0) >= 2**31 - 1 else "int"
+    # (a grid-stride loop's index reaches count + its stride, up to about twice count)
+    return "long long" if max(sizes, default=0) >= 2**30 - 4096 else "int"
 
 
 def _store_lines(em: Emitter, roots: list[int], index_of) -> list[str]:
@@ -139,19 +141,23 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         shape = g.type(kernel.roots[0]).shape if family == "pointwise" else g.type(g.inputs_of(kernel.anchor)[1]).shape
         count = max(1, _size(shape))
         idx = unravel(var("i", count), shape)
+        threads = tuning.get("threads", POINTWISE_THREADS)
+        unroll = 1
         if family == "pointwise":
-            stores = _store_lines(em, kernel.roots, lambda r: idx)
-            body = em.take() + stores
+            # POINTWISE_UNROLL elements a thread a step, all loaded before any is stored:
+            # a step's loads in flight together (one element a thread leaves HBM idle)
+            unroll = tuning.get("unroll", POINTWISE_UNROLL)
+            body, stores, types = _deferred_stores(em, kernel.roots, lambda r: idx)
+            ctx.update(stores=stores, out_types=types)
         else:
             ids, updates = g.inputs_of(kernel.anchor)
             row = em.value(ids, idx[:-1])
             value = em.value(updates, idx)
             offset = linearize((Var(f"(idx_t){row}"), idx[-1]), g.type(kernel.anchor).shape)
             body = em.take() + [f"atomicAdd(&{em.arg(kernel.anchor)}[{emit(offset)}], {value});"]
-        threads = tuning.get("threads", POINTWISE_THREADS)
         consts["count"] = count
-        ctx.update(body=body)
-        grid, block = _grid_1d(count, threads), (threads, 1, 1)
+        ctx.update(body=body, unroll=unroll)
+        grid, block = _grid_1d(count, threads * unroll), (threads, 1, 1)
     elif family == "row":
         grid, block, em = _row(plan, kernel, target, ctx, args, tuning)
     elif family == "reduce":
@@ -656,18 +662,31 @@ def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m:
     its loads before any store (which the compiler cannot move them past: buffers may
     alias for all it knows)."""
     em.begin_block()
-    body, stores, types = [], [], []
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    for i, r in enumerate(kernel.roots):
-        idx = unravel(element, plan.graph.type(r).shape)
+    index_of = lambda r: unravel(element, plan.graph.type(r).shape)  # noqa: E731
+    if deferred:
+        return _deferred_stores(em, kernel.roots, index_of)
+    body = []
+    for r in kernel.roots:
+        idx = index_of(r)
         v = em.value(r, idx)
-        if deferred:
-            body += em.take() + [f"out{i}[u] = {v};"]
-            stores.append(em.store(r, idx, f"out{i}[u]"))
-            types.append(C_TYPE[plan.graph.type(r).dtype])
-        else:
-            body += em.take() + [em.store(r, idx, v)]
-    return (body, stores, types) if deferred else body
+        body += em.take() + [em.store(r, idx, v)]
+    return body
+
+
+def _deferred_stores(em: Emitter, roots: list[int], index_of) -> tuple[list[str], list[str], list[str]]:
+    """(compute lines, store lines, the C type of each root's value) of a loop over
+    several elements a thread (u): each root's value kept in out<i>[u] between them,
+    so that the loop issues all its loads before any store (which the compiler cannot
+    move loads past: buffers may alias for all it knows)."""
+    body, stores, types = [], [], []
+    for i, r in enumerate(roots):
+        idx = index_of(r)
+        v = em.value(r, idx)
+        body += em.take() + [f"out{i}[u] = {v};"]
+        stores.append(em.store(r, idx, f"out{i}[u]"))
+        types.append(C_TYPE[em.graph.type(r).dtype])
+    return body, stores, types
 
 
 def _matmul_io(plan: Plan, kernel: KernelPlan, em: Emitter, m: int, n: int, k: int, batch: int):
