@@ -69,6 +69,13 @@ def family_graphs():
         masked = g.input("masked", (6, 1500))
         ramp = g.iota((6, 1500), 1).cast("f32") * 0.01 + masked * 9.0
         g.output("masked_softmax", dsl.softmax((g.iota((6, 1500), 1) >= g.iota((6, 1500), 0) * 7 + 3).where(ramp, -math.inf)))
+        # two softmaxes in one row kernel (max, sum, max, sum in one pass), and two sums of
+        # exp(x - max) over one max (one kept online, the other a pass of its own)
+        y = g.input("y", (13, 7, 129))
+        g.output("softmax_product", dsl.softmax(x) * dsl.softmax(y * 2.0))
+        m = y.max(-1, keepdims=True)
+        e = (y - m.broadcast_to(y.shape)).exp()
+        g.output("two_sums", e.sum(-1, keepdims=True) * 3.0 + (y - m.broadcast_to(y.shape)).exp().sum(-1, keepdims=True))
         return g
 
     def cross_entropy():

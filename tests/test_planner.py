@@ -348,3 +348,24 @@ def test_bf16_weight_copies_share_one_launch():
         assert len(copies) >= 4 * spec.model.n_layers
         launches = {i for i, launch in enumerate(plan.launches) if copies & set(launch)}
         assert len(launches) == 1 if mode == "train" else len(launches) >= launches_wanted
+
+
+def test_online_sums_pair_with_one_max_each():
+    """Two softmaxes in one row kernel keep both sums online in one pass; a second sum
+    of exp(x - max) over a max that already has one is a pass of its own."""
+    from gptc import dsl
+    from gptc.compiler.codegen.kernels import render_launch
+    from gptc.compiler.ir import Graph
+    from gptc.target import parse_target
+    g = Graph()
+    x, y = g.input("x", (5, 129)), g.input("y", (5, 129))
+    g.output("product", dsl.softmax(x) * dsl.softmax(y * 2.0))
+    m = y.max(-1, keepdims=True)
+    g.output("two_sums", (y - m.broadcast_to(y.shape)).exp().sum(-1, keepdims=True) * 3.0
+             + (y - m.broadcast_to(y.shape)).exp().sum(-1, keepdims=True))
+    plan = make_plan(g, True)
+    codes = [render_launch(plan, [k], parse_target("cuda:sm_90")).code for k in plan.kernels]
+    (product,) = [c for c in codes if "2.0f" in c]
+    assert product.count("gptc_row_reduce<") == 4 and "acc3 = acc3 * expf(acc2 - " in product
+    (two,) = [c for c in codes if "3.0f" in c]
+    assert two.count("for (idx_t j = lane;") == 2 and two.count(" * expf(acc0 - ") == 2  # update + rescale

@@ -78,7 +78,8 @@ class Emitter:
         return linearize(index, buf.shape) if buf.shape else ZERO
 
     def load(self, nid: int, index: Index) -> str:
-        """The local holding the element of `nid`'s buffer at `index` (loaded once)."""
+        """The local holding the element of `nid`'s buffer at `index` (loaded once, or
+        once under each pad's condition: see `guard`)."""
         buf = self.plan.buffer_of(nid)
         key = (buf.node, self.offset(nid, index), self.guard)
         if key not in self.loads:
@@ -175,7 +176,7 @@ class Emitter:
             self.guard = cond if outer is None else f"{outer} && {cond}"
             inner = self.value(src, index[:ax] + (clamped,) + index[ax + 1:])
             self.guard = outer
-            return f"({f'({inside})' if '&&' in inside else inside} ? {inner} : {zero})"
+            return f"({cond} ? {inner} : {zero})"
         return self.value(src, view_index(node["op"], node["attrs"], in_shape, out_shape, index))
 
 

@@ -405,8 +405,13 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     full_idx = lead_idx + (var("j", row_len),)
     row_idx = lead_idx + (ZERO,)
     groups: list[list[int]] = []
+    online: dict[int, int] = {}  # sum -> the max of its pass it is kept online with (one sum a max)
     for r in reduces:
-        if groups and (_online_sum(g, r, groups[-1]) is not None or not _reads_reduces(g, r, set(kernel.nodes)) & set(groups[-1])):
+        top = _online_sum(g, r, groups[-1]) if groups else None
+        if top is not None and top not in online.values():
+            online[r] = top
+            groups[-1].append(r)
+        elif groups and not _reads_reduces(g, r, set(kernel.nodes)) & set(groups[-1]):
             groups[-1].append(r)
         else:
             groups.append([r])
@@ -420,19 +425,22 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
             acc, is_max = f"acc{group.index(r)}", g.op(r) == "max"
             decls.append(f"float {special[r]};  // %{r} {g.op(r)} over the row")
             inits.append(f"float {acc} = {'-INFINITY' if is_max else '0.0f'};")
-            top = _online_sum(g, r, group)
-            if top is None:
+            if r not in online:
                 v = em.value(g.inputs_of(r)[0], full_idx)
                 combines.append(f"{acc} = fmaxf({acc}, {v});" if is_max else f"{acc} += {v};")
                 finals.append(f"{special[r]} = gptc_row_reduce<{tpr}, {'true' if is_max else 'false'}>({acc}, scratch);")
                 continue
-            # sum(exp(x - max x)), online: the max's update rescales it (NaN propagates as
-            # in the sum over the row; -inf elements add nothing)
+            # sum(exp(x - max x)), online: the max's update (its line, earlier in the
+            # pass) rescales it; -inf elements add nothing, a NaN propagates, and a row of
+            # -inf alone sums to NaN, as exp(-inf - -inf) does in the sum over the row
+            top = online[r]
             m_acc, x = f"acc{group.index(top)}", em.value(g.inputs_of(top)[0], full_idx)
             combines[group.index(top)] = (f"if ({x} > {m_acc}) {{ {acc} = {acc} * expf({m_acc} - {x}) + 1.0f; {m_acc} = {x}; }} "
                                           f"else if ({x} != -INFINITY) {{ {acc} += expf({x} - {m_acc}); }}")
-            finals.append(f"{special[r]} = gptc_row_reduce<{tpr}, false>({m_acc} == -INFINITY ? 0.0f : "
+            finals.append(f"{special[r]} = gptc_row_reduce<{tpr}, false>({m_acc} == -INFINITY ? {acc} : "
                           f"{acc} * expf({m_acc} - {special[top]}), scratch);")
+            finals.append(f"if ({special[top]} == -INFINITY) {special[r]} = NAN;")
+            combines.append("")  # (the max's line updates it)
         passes.append(dict(decls=decls, inits=inits, body=em.take(), combines=combines, finals=finals))
         for r in group:
             em.special[r] = special[r]

@@ -293,9 +293,10 @@ def _mask_window(graph: Graph, cond: int, seq: int) -> int | None:
 
 
 def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
-    """Find dq, dkᵀ, dv and the gradient of out among the backward nodes (and with
-    grouped key/value heads the sums of dkᵀ and dv over the group); every value leaving
-    the two regions must be out or one of the stored gradients."""
+    """Find dq, dkᵀ (or dk, where planning transposed that product), dv and the gradient
+    of out among the backward nodes (and with grouped key/value heads the sums of dk and
+    dv over the group); every value leaving the two regions must be out or one of the
+    stored gradients."""
     for n in nodes:
         if graph.op(n) != "matmul":
             continue
@@ -335,8 +336,9 @@ def _match_backward(graph: Graph, match: AttentionMatch, nodes: set[int]) -> boo
 
 def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> bool:
     """With query heads (.., Hkv, G, S, D) over key/value heads broadcast along G, autodiff
-    sums dk and dv over G: sum(permute(dkᵀ) swapping the last two axes) and sum(dv)
-    over axis -3, keeping it. Find both (the group is then G), or neither (G = 1)."""
+    sums dk and dv over G: sum(permute(dkᵀ) swapping the last two axes), or sum(dk)
+    where planning transposed that product, and sum(dv) over axis -3, keeping it. Find
+    both (the group is then G), or neither (G = 1)."""
     shape = graph.type(match.dv).shape
     rank = len(shape)
     swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
@@ -345,7 +347,7 @@ def _match_group_sums(graph: Graph, match: AttentionMatch, nodes: set[int]) -> b
         if graph.op(n) != "sum":
             continue
         base, chain = _base(graph, graph.inputs_of(n)[0])
-        if base not in (match.dk_t, match.dk, match.dv) or base is None:
+        if base not in (match.dk_t, match.dk, match.dv):
             continue
         attrs = graph.node(n)["attrs"]
         views = [(graph.op(c), graph.node(c)["attrs"].get("perm")) for c in chain]

@@ -150,7 +150,7 @@ def schedule(graph: Graph, groups: list[Group], fused: bool) -> Plan:
         # Pointwise work on params alone (the bf16 copies of the weights) runs first, in
         # one launch, instead of one launch before each first use: a training step's
         # copies are live until the backward's matmuls read them anyway.
-        if kern.family == "pointwise" and kern.reads and set(kern.reads) <= params:
+        if kern.family == "pointwise" and kern.reads and set(kern.reads) <= params and kg.in_degree(k) == 0:
             level[k] = 0
     _early_collectives(graph, kernels, kg, level)
     order = sorted(topo, key=lambda k: (level[k], topo[k]))
