@@ -71,6 +71,12 @@ def matmul_bf16(m, n, k):  # bf16 operands (the matrix units where the target ha
     return g
 
 
+def matmul_bf16_wgrad(m, n, k, parts):  # a weight gradient X^T dY, its sum over the tokens split in parts (a batch)
+    g = Graph(); x = g.input("x", (parts, k, m), "bf16"); dy = g.input("dy", (parts, k, n), "bf16")
+    g.output("y", x.T @ dy)
+    return g
+
+
 def attention(batch, heads, seq, head_dim):
     g = Graph(); q, k, v = (g.input(n, (batch, heads, seq, head_dim)) for n in "qkv")
     g.output("y", dsl.causal_attention(q, k, v))
@@ -100,6 +106,7 @@ FAMILIES = {
     "reduce": (reduce, (8192, 768), "rows,cols"),
     "matmul": (matmul, (8192, 2304, 768), "m,n,k"),
     "matmul_bf16": (matmul_bf16, (8192, 2304, 768), "m,n,k"),
+    "matmul_bf16_wgrad": (matmul_bf16_wgrad, (768, 768, 4096, 2), "m,n,k,parts"),
     "attention": (attention, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
     "attention_bwd": (attention_bwd, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
     "scatter": (scatter, (50257, 8192, 768), "vocab,rows,width"),
@@ -264,7 +271,7 @@ def main(argv=None) -> int:
         return 1
     graph = build(*shape)
     plan = make_plan(graph, fuse=True)
-    family = args.family.removesuffix("_bf16")
+    family = args.family.split("_bf16")[0]  # matmul_bf16, matmul_bf16_wgrad: matmul kernels
     index = next((i for i, launch in enumerate(plan.launches) if plan.kernels[launch[0]].family == family), None)
     if index is None:
         print(f"the planner made no {args.family} kernel at this shape (families: "
