@@ -110,21 +110,16 @@ def test_tile_choice():
     assert _mma_config(4096, 4096, 4096, 1, sm80)[:2] == (128, 128)
     assert _mma_config(768, 768, 8192, 1, sm80)[:2] == (64, 64)  # too few big tiles to fill 108 units
     assert _mma_config(4096, 4096, 4096, 1, sm80) is _mma_config(4096, 4096, 4096, 1, sm80)  # cached
-    # sm_90: long products on cooperative 128x256 tiles; gpt2's K = 768 products on pingpong
-    # 128x128 tiles (their epilogues under the other consumer's products)
-    assert _mma_config(4096, 4096, 4096, 1, sm90) == (128, 256, 12, 1)
-    assert _mma_config(768, 3072, 8192, 1, sm90) == (128, 256, 12, 1)
-    assert _mma_config(8192, 3072, 768, 1, sm90) == (128, 128, 4, 3)
-    assert _mma_config(8192, 768, 768, 1, sm90) == (128, 128, 4, 3)
+    assert _mma_config(4096, 4096, 4096, 1, sm90)[:2] == (128, 256)
+    assert _mma_config(768, 768, 8192, 1, sm90)[:2] == (64, 128)
+    assert _mma_config(8192, 768, 768, 1, sm90)[:2] == (64, 256)  # 384 tiles, not 192 of 128x256
     for target in ("cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"):
         t = parse_target(target)
-        for tile in _mma_tiles(t):  # every tile fits
-            assert _mma_legal(tile, t, _mma_stages(tile, t))
-            assert _mma_smem_bytes(tile, _mma_stages(tile, t), t) <= t.max_shared
-    assert _mma_stages((128, 128, 2, 4), sm80) == 3 and _mma_stages((64, 64, 2, 2), sm80) == 4
-    # 3 x 48 KiB, and 8 consumer warps' 4.5 KiB epilogue windows, of the 227 KiB a block may opt in to
-    assert _mma_stages((128, 256, 12, 1), sm90) == 3
-    assert _mma_stages((128, 128, 4, 3), sm90) == 5
+        for bm, bn, wm, wn in _mma_tiles(t):  # every tile fits
+            assert _mma_legal((bm, bn, wm, wn), t, _mma_stages(bm, bn, t))
+            assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t), t) <= t.max_shared
+    assert _mma_stages(128, 128, sm80) == 3 and _mma_stages(64, 64, sm80) == 4
+    assert _mma_stages(128, 256, sm90) == 4  # 4 x 48 KiB of the 227 KiB a block may opt in to
 
 
 # ----- gptc bench --gemm, the parts that need no GPU -------------------------------------
@@ -184,9 +179,9 @@ def test_wgmma_stages_take_dynamic_shared_memory():
     plan = make_plan(g, True)
     sm90, sm80 = parse_target("cuda:sm_90"), parse_target("cuda:sm_80")
     (kernel,) = [k for k in render_plan(plan, sm90) if k.family == "matmul"]
-    tile = _mma_config(4096, 2304, 768, 1, sm90)
+    bm, bn = _mma_config(4096, 2304, 768, 1, sm90)[:2]
     assert sm90.shared_mem < kernel.shared_bytes <= sm90.max_shared
-    assert kernel.shared_bytes >= _mma_smem_bytes(tile, _mma_stages(tile, sm90), sm90)
+    assert kernel.shared_bytes >= _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, sm90), sm90)
     assert "extern __shared__ gptc_f4 gptc_smem[];" in kernel.code
     table = plan_table(plan, [kernel])
     assert table["launches"][0]["shared"] == kernel.shared_bytes

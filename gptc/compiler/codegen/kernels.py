@@ -802,26 +802,20 @@ _MMA_FRAGMENTS = {"nv": (16, 8, 16), "wgmma": (64, 8, 16), "mfma": (32, 32, 8), 
 # (bm, bn, warps along m, warps along n) (wavefronts on AMD), and the relative rate of
 # each: the fastest warp layout of each tile and the rates measured on an H200
 # (2026-11-30, dev/kernel.py --family matmul_bf16 at 4096^3, 8192x2304x768 and
-# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log).
+# 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log). wgmma: a producer
+# warpgroup (4 warps), and a consumer warpgroup per 64 rows of the tile; its rates the
+# mean of the sweeps at 4096^3 and 8192x2304x768
+# (benchmarks/results/h200x2-2026-11-30-b00cab9-wgmma/dev-kernel-matmul-bf16-7448038.txt).
+# A wgmma tile's warps: (4 * (1 + bm / 64), 1) is a producer warpgroup and a consumer
+# per 64 rows of each tile (cooperative); (4, 3) a producer and two consumers that each
+# compute whole tiles, taking the block's tiles in turn (pingpong).
 _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
-# wgmma tiles (persistent blocks, templates/matmul_wgmma.hip.j2): their warps are
-# (4 * (1 + bm / 64), 1), a producer warpgroup and a consumer per 64 rows of each tile
-# (cooperative), or (4, 3), a producer and two consumers that each compute whole tiles,
-# taking the block's tiles in turn (pingpong). The rate of each: multiply-adds a unit
-# (an SM) does per microsecond, in millions, and the time a cooperative tile's epilogue
-# adds (pingpong's overlap the other consumer's products but the block's last; the
-# first slabs' fill is in both), fitted to sweeps of every tile on an H200
-# (2026-11-30, .../h200x2-2026-11-30-c5c62e4-wgmma/dev-kernel-sweeps.txt: 4096^3 and gpt2's
-# products; the cooperative epilogue measured 4.0 us a 128x256 tile storing f32, taken
-# as 4.5 for the fused epilogues models have).
 _WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1),
                 (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3))
-_WGMMA_RATE = {(128, 256, 12, 1): 1.70, (128, 128, 12, 1): 1.32, (64, 256, 8, 1): 1.28, (64, 128, 8, 1): 0.88,
-               (64, 64, 8, 1): 0.85, (128, 128, 4, 3): 1.42, (64, 256, 4, 3): 1.14, (128, 64, 4, 3): 1.05,
-               (64, 128, 4, 3): 1.09}
-_WGMMA_EPILOGUE_US = 4.5 / (128 * 256)  # a cooperative tile's epilogue, per element
-_WGMMA_LAST_EPILOGUE_US = 6.9            # a pingpong block's last tile's epilogue and its first fill
+_WGMMA_EFF = {(128, 256, 12, 1): 1.0, (128, 128, 12, 1): 0.71, (64, 256, 8, 1): 0.77, (64, 128, 8, 1): 0.72,
+              (64, 64, 8, 1): 0.58, (128, 128, 4, 3): 0.9, (64, 256, 4, 3): 0.8, (128, 64, 4, 3): 0.7,
+              (64, 128, 4, 3): 0.7}
 
 
 def _mma_kind(target: Target) -> str | None:
@@ -935,25 +929,19 @@ def _wgmma_resident(tile, stages: int, target: Target) -> int:
 
 
 def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float:
-    """Estimated time of the busiest compute unit. wgmma: microseconds, its rounds of
-    resident tiles at the tile's rate (_WGMMA_RATE), with the epilogues it does not
-    overlap. Else relative: its tiles' products at the tile's relative rate, slowed when
-    it holds fewer than two resident blocks (one block cannot hide its own latency)."""
+    """Estimated time of the busiest compute unit: its tiles' products at the tile's
+    relative rate, slowed when it holds fewer than two resident blocks (one block
+    cannot hide its own latency; not so for wgmma, whose producer warpgroup and
+    asynchronous MMAs keep one block's unit busy)."""
     units, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
     bm, bn = tile[:2]
     bk = _mma_bk(target)
-    tiles = ceil_div(m, bm) * ceil_div(n, bn) * batch
-    macs = bm * bn * max(1, ceil_div(k, bk)) * bk
+    per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
+    work = per_unit * bm * bn * max(1, ceil_div(k, bk)) * bk
     if _mma_kind(target) == "wgmma":
-        resident = _wgmma_resident(tile, _mma_stages(tile, target), target)
-        per_unit = ceil_div(tiles, units * resident) * resident  # resident blocks share the unit's matrix units
-        products = per_unit * macs / (1e6 * _WGMMA_RATE[tuple(tile[:4])])
-        if tile[3] > 1:  # pingpong
-            return products + _WGMMA_LAST_EPILOGUE_US
-        return products + per_unit * bm * bn * _WGMMA_EPILOGUE_US
-    per_unit = ceil_div(tiles, units)
+        return work / _WGMMA_EFF[tuple(tile[:4])]
     resident = min(per_unit, smem_unit // _mma_smem_bytes(tile, _mma_stages(tile, target), target))
-    return per_unit * macs / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
+    return work / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
 
 
 @functools.lru_cache(maxsize=4096)
