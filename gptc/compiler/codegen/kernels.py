@@ -806,16 +806,10 @@ _MMA_FRAGMENTS = {"nv": (16, 8, 16), "wgmma": (64, 8, 16), "mfma": (32, 32, 8), 
 # warpgroup (4 warps), and a consumer warpgroup per 64 rows of the tile; its rates the
 # mean of the sweeps at 4096^3 and 8192x2304x768
 # (benchmarks/results/h200x2-2026-11-30-b00cab9-wgmma/dev-kernel-matmul-bf16-7448038.txt).
-# A wgmma tile's warps: (4 * (1 + bm / 64), 1) is a producer warpgroup and a consumer
-# per 64 rows of each tile (cooperative); (4, 3) a producer and two consumers that each
-# compute whole tiles, taking the block's tiles in turn (pingpong).
 _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
-_WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1),
-                (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3))
-_WGMMA_EFF = {(128, 256, 12, 1): 1.0, (128, 128, 12, 1): 0.71, (64, 256, 8, 1): 0.77, (64, 128, 8, 1): 0.72,
-              (64, 64, 8, 1): 0.58, (128, 128, 4, 3): 0.9, (64, 256, 4, 3): 0.8, (128, 64, 4, 3): 0.7,
-              (64, 128, 4, 3): 0.7}
+_WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1))
+_WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.72, (64, 64): 0.58}
 
 
 def _mma_kind(target: Target) -> str | None:
@@ -866,13 +860,11 @@ def _mma_operands(plan: Plan, kernel: KernelPlan, target: Target):
     return tuple(result)
 
 
-def _mma_smem_bytes(tile, stages: int, target: Target) -> int:
+def _mma_smem_bytes(bm: int, bn: int, stages: int, target: Target) -> int:
     """A block's shared memory: its stages (wgmma's aligned to 1024 bytes within the pool,
-    then each consumer warp's epilogue window and two mbarriers a stage)."""
-    bm, bn = tile[:2]
-    if _mma_kind(target) != "wgmma":
-        return stages * (bm + bn) * _mma_bk(target) * 2
-    return stages * (bm + bn) * _mma_bk(target) * 2 + 1024 + 4 * _wgmma_consumers(tile) * WGMMA_WINDOW_BYTES + 16 * stages
+    then two mbarriers a stage)."""
+    wgmma = _mma_kind(target) == "wgmma"
+    return stages * (bm + bn) * _mma_bk(target) * 2 + (1024 + 16 * stages if wgmma else 0)
 
 
 def _mma_shared_limit(target: Target) -> int:
@@ -881,51 +873,24 @@ def _mma_shared_limit(target: Target) -> int:
     return target.max_shared if _mma_kind(target) == "wgmma" else target.shared_mem
 
 
-def _mma_stages(tile, target: Target) -> int:
+def _mma_stages(bm: int, bn: int, target: Target) -> int:
     """Pipeline depth: as deep as shared memory allows, up to 4 (wgmma: 6), at least 2.
     Without cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough."""
     kind = _mma_kind(target)
     if kind not in ("nv", "wgmma"):
         return 2
     depths = (2, 3, 4, 5, 6) if kind == "wgmma" else (2, 3, 4)
-    return max(s for s in depths if s == 2 or _mma_smem_bytes(tile, s, target) <= _mma_shared_limit(target))
+    return max(s for s in depths if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= _mma_shared_limit(target))
 
 
 def _mma_legal(tile, target: Target, stages: int) -> bool:
     """The tile's warps cover whole fragments, and its stages fit in shared memory."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
     bm, bn, wm, wn = tile
-    fits = _mma_smem_bytes(tile, stages, target) <= _mma_shared_limit(target)
-    if _mma_kind(target) == "wgmma":  # cooperative or pingpong (_WGMMA_TILES), at most 128 accumulators a thread
-        shape = (wm, wn) == (4 * (1 + bm // 64), 1) or (wm, wn) == (4, 3) and bm in (64, 128)
-        return fits and shape and bn % fn == 0 and _wgmma_accumulators(tile) <= 128
+    fits = _mma_smem_bytes(bm, bn, stages, target) <= _mma_shared_limit(target)
+    if _mma_kind(target) == "wgmma":  # a producer warpgroup, then one per 64 rows
+        return fits and bm == 64 * (wm // 4 - 1) and wn == 1 and bn % fn == 0
     return fits and (bm // wm) % fm == 0 and (bn // wn) % fn == 0
-
-
-# A consumer warp's epilogue window: 16 rows of 64 f32 (+8 of padding: a half-warp's
-# 8-byte stores of its accumulators hit 32 different banks).
-WGMMA_WINDOW_BYTES = 16 * 72 * 4
-
-
-def _wgmma_consumers(tile) -> int:
-    """Consumer warpgroups of a wgmma tile: two (pingpong), or one per 64 rows (cooperative)."""
-    bm, _, wm, wn = tile
-    return wn - 1 if wn > 1 else wm // 4 - 1
-
-
-def _wgmma_accumulators(tile) -> int:
-    """f32 accumulators a consumer thread of a wgmma tile holds: bn / 2 a 64-row block it computes."""
-    bm, bn, _, wn = tile
-    return (bm // 64 if wn > 1 else 1) * bn // 2
-
-
-def _wgmma_resident(tile, stages: int, target: Target) -> int:
-    """Blocks of a wgmma matmul a unit holds at once, by shared memory and by registers
-    (the accumulators and ~40 more a thread; the kernel's launch bounds hold ptxas to it)."""
-    _, smem_unit = _MM_UNITS.get(target.arch, (100, 65536))
-    regs = -(-(_wgmma_accumulators(tile) + 40) // 8) * 8
-    return max(1, min(smem_unit // (_mma_smem_bytes(tile, stages, target) + 1024),
-                      65536 // (_mma_threads(tile, target) * regs)))
 
 
 def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float:
@@ -939,8 +904,8 @@ def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float
     per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
     work = per_unit * bm * bn * max(1, ceil_div(k, bk)) * bk
     if _mma_kind(target) == "wgmma":
-        return work / _WGMMA_EFF[tuple(tile[:4])]
-    resident = min(per_unit, smem_unit // _mma_smem_bytes(tile, _mma_stages(tile, target), target))
+        return work / _WGMMA_EFF[(bm, bn)]
+    resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target), target))
     return work / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
 
 
@@ -949,7 +914,7 @@ def _mma_config(m: int, n: int, k: int, batch: int, target: Target,
                 threads: int | None = None) -> tuple[int, int, int, int]:
     """The cheapest tile for a shape by _mma_cost (first of equals; cached), of
     `threads` threads if given (the parts of a batched launch share a block size)."""
-    legal = [t for t in _mma_tiles(target) if _mma_legal(t, target, _mma_stages(t, target))
+    legal = [t for t in _mma_tiles(target) if _mma_legal(t, target, _mma_stages(t[0], t[1], target))
              and threads in (None, _mma_threads(t, target))]
     return min(legal, key=lambda tile: _mma_cost(m, n, k, batch, tile, target))
 
@@ -970,7 +935,7 @@ def _mma_variants(target: Target):
         for wm, wn in ((2, 2), (2, 4), (4, 2)):
             if (bm // wm) % fm or (bn // wn) % fn:
                 continue
-            stages = _mma_stages((bm, bn, wm, wn), target)
+            stages = _mma_stages(bm, bn, target)
             for min_blocks in ((0, 2) if _mma_kind(target) == "nv" and wm * wn == 8 else (0,)):
                 yield bm, bn, wm, wn, stages, min_blocks
 
@@ -999,7 +964,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     kind = _mma_kind(target)
     fm, fn, fk = _MMA_FRAGMENTS[kind]
     bm, bn, warps_m, warps_n = tuning[:4] if tuning else _mma_config(m, n, k, batch, target, threads)
-    stages = tuning[4] if tuning else _mma_stages((bm, bn, warps_m, warps_n), target)
+    stages = tuning[4] if tuning else _mma_stages(bm, bn, target)
     bk = _mma_bk(target)
     min_blocks = tuning[5] if tuning else 0
     threads = warps_m * warps_n * target.wavefront
@@ -1041,17 +1006,12 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     common = dict(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, stages=stages, stage_elems=smem_off,
                   k_tiles=ceil_div(k, bk), ops=ops, batch_lines=batch_lines, body=body,
                   check_m=m % bm != 0, check_n=n % bn != 0, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm),
-                  smem_floats=_mma_smem_bytes((bm, bn, warps_m, warps_n), stages, target) // 4)
+                  smem_floats=_mma_smem_bytes(bm, bn, stages, target) // 4)
     if kind == "wgmma":
-        tile = (bm, bn, warps_m, warps_n)
-        pingpong = warps_n > 1
-        tiles = ceil_div(n, bn) * ceil_div(m, bm) * batch
-        resident = _wgmma_resident(tile, stages, target)
-        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_n - 1 if pingpong else warps_m // 4 - 1,
-                   pingpong=pingpong, blocks_m=bm // 64 if pingpong else 1, acc=_wgmma_accumulators(tile),
-                   tiles=tiles, loaders=128, epilogue_batch=16, window_bytes=WGMMA_WINDOW_BYTES, min_blocks=resident if resident > 1 else 0, **common)
-        units = _MM_UNITS.get(target.arch, (100, 65536))[0]
-        return (min(tiles, units * resident), 1, 1), (threads, 1, 1), em
+        # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
+        assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=16, **common)
+        return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
     ctx.update(template="matmul_mma.hip.j2", frag="nv" if kind == "nv" else "mfma", bk=bk, fm=fm, fn=fn, fk=fk,
