@@ -157,3 +157,50 @@ def test_two_matmuls_in_one_launch(device, rng):
     A, B, C, D = feeds["a"], feeds["b"], feeds["c"], feeds["d"].T
     check(out["x"], A @ B, 40 * 2.0 ** -22 * (np.abs(A) @ np.abs(B)), False)
     check(out["y"], C @ D, 17 * 2.0 ** -22 * (np.abs(C) @ np.abs(D)), False)
+
+
+def test_every_tile(device, rng):
+    """Every tile, warp layout and pipeline depth the codegen may pick (kernels.tunings),
+    not only its choice, on a batched product at sizes no tile divides (K = 333: a
+    partial last slab) with a fused epilogue (bias, GELU, residual, bf16 store), outputs
+    poisoned."""
+    from gptc.compiler.codegen.kernels import render_launch, tunings
+    from gptc.runtime.build import plan_table
+    from gptc.runtime.device import compile_many
+    from gptc.runtime.executor import Arenas, GpuExecutor
+
+    batch, m, n, k = 3, 2100, 1000, 333
+    g = Graph()
+    a, b = g.input("a", (batch, m, k), "bf16"), g.input("b", (batch, n, k), "bf16")
+    bias, res = g.input("bias", (n,)), g.input("res", (batch, m, n))
+    g.output("y", (dsl.gelu(a @ b.T + bias) + res).cast("bf16"))
+    feeds = {"a": bf16_values(rng, (batch, m, k)), "b": bf16_values(rng, (batch, n, k)),
+             "bias": rng.standard_normal(n).astype(np.float32), "res": rng.standard_normal((batch, m, n)).astype(np.float32)}
+    A, B = feeds["a"], np.swapaxes(feeds["b"], 1, 2)
+    x = A @ B + feeds["bias"]
+    ref = 0.5 * x * (1 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))) + feeds["res"]
+    bound = k * 2.0 ** -22 * (np.abs(A) @ np.abs(B)) * 1.2 + 1e-5 * (np.abs(x) + np.abs(feeds["res"]))
+    plan = make_plan(g, True)
+    index = next(i for i, launch in enumerate(plan.launches) if plan.kernels[launch[0]].family == "matmul")
+    kernels = [plan.kernels[i] for i in plan.launches[index]]
+    variants = [t for t in tunings(plan, kernels[0], device.target) if "mma" in t]
+    if not variants:
+        pytest.skip(f"{device.target.name} has no matrix-unit matmul")
+    base = render_plan(plan, device.target)
+    sources = [render_launch(plan, kernels, device.target, t) for t in variants]
+    codes = compile_many([(s.code, s.symbol, (), s.origin) for s in sources + base], device.target)
+    code = {s.symbol: c for s, c in zip(sources + base, codes)}
+    for tuning, source in zip(variants, sources):
+        launch = base[:index] + [source] + base[index + 1:]
+        arenas = Arenas(device, [plan_table(plan, launch)])
+        ex = GpuExecutor(plan_table(plan, launch), device, code, arenas, use_graph=False)
+        try:
+            ex.poison()
+            out = ex.run({name: v.astype(np.float32) for name, v in feeds.items()})["y"]
+        finally:
+            ex.close()
+            arenas.close()
+        try:
+            check(out, ref, bound, True)
+        except AssertionError as e:
+            raise AssertionError(f"tile {tuning['mma']}: {e}") from None
