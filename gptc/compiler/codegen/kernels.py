@@ -988,12 +988,13 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         copier = f"gptc_copy_chunk8<{vec}>" if step > vec else f"gptc_copy_async<{vec}>"
         chunks = rows * width // step
         loaders = 128 if kind == "wgmma" else threads  # wgmma: the producer warpgroup
+        assert kind != "wgmma" or loaders % (width // step) == 0, "stage_whole: a thread's chunks whole rows apart"
         slab = f"(idx_t)(KT) * {bk}"
         ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, step=step, copier=copier, ptr=name,
                         atoms=kind == "wgmma",
                         rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
                         smem_off=smem_off,
-                        chunks=chunks, loops=ceil_div(chunks, loaders),
+                        chunks=chunks, loops=ceil_div(chunks, loaders), row_step=loaders // (width // step),
                         outer0=mn0 if kc else slab, inner0=slab if kc else mn0,
                         outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
