@@ -5,6 +5,8 @@ hiprtc (gfx90a, gfx908), the tile choice and the copy width follow the shape and
 strides. tests/test_gpu_mma.py runs them against NumPy on a GPU."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gptc import dsl
@@ -103,6 +105,21 @@ def test_copy_widths_in_sources():
     assert "gptc_copy_async<8>(" in code
     for v in (4, 2, 1):
         assert f"gptc_copy_chunk8<{v}>(" in code and f"gptc_copy_async<{v}>(" not in code
+
+
+def test_whole_slabs_unchecked():
+    """wgmma's producer stages a 16-byte-aligned operand's slab from one address a thread
+    at constant offsets when every chunk is whole and inside the matrix (stage_whole),
+    else chunk by chunk with checks; an unaligned operand always the checked way."""
+    whole_total = unaligned = 0
+    for k in mma_kernels("cuda:sm_90"):
+        code = k.code[len(prelude()):]
+        whole = code.count("(idx_t)l *")  # stage_whole's offsets: a loop an aligned operand (of each part)
+        checked = code.count("rem = ")    # the checked copies: a loop an operand
+        assert checked % 2 == 0 and whole <= checked and code.count("gptc_copy_async<8>(") == 2 * whole, k.name
+        assert whole == 0 or re.search(r"if \(.* <= .* && .* <= .*\) \{", code), k.name
+        whole_total, unaligned = whole_total + whole, unaligned + checked - whole
+    assert whole_total and unaligned  # the layouts graph has both kinds of operand
 
 
 def test_tile_choice():
