@@ -154,10 +154,27 @@ def test_table_formats():
 
 
 # ----- whole outputs from fake timings -------------------------------------------------
+FAKE_CEILINGS = {"copy_bytes_per_s": 3.0e12, "copy_how": "fake copy",
+                 "matrix": {"fp32": (50e12, "fake gemm"), "tf32": (400e12, "fake tf32"), "bf16": (790e12, "fake bf16")}}
+
+
+@pytest.mark.parametrize("precision, name, rate", [("fp32", "fp32", 50e12), ("bf16", "bf16", 790e12)])
+def test_floor_uses_the_matrix_rate_of_the_run_precision(precision, name, rate):
+    """A bf16 run is held to the bf16 matrix-product rate (not fp32's, which would put
+    its matmuls far above 100% of their floor); the other rates are noted only."""
+    c = measure.ceilings_for(FAKE_CEILINGS, precision)
+    assert (c["gemm_name"], c["gemm_flops_per_s"]) == (name, rate)
+    assert name not in c["noted"] and len(c["noted"]) == 2
+    result = {"ceilings": c}
+    lines = report.ceiling_lines(result)
+    assert lines[1][0] == f"{name} matrix product (the floor's)"
+    assert all("noted, not used" in row[0] for row in lines[2:]) and len(lines) == 4
+    assert FAKE_CEILINGS["matrix"][name] == (rate, "fake gemm" if name == "fp32" else "fake bf16")  # not consumed
+
+
 def fake_result(what=("train", "infer"), with_torch=True) -> dict:
     spec = preset("hipgpt")
-    ceilings = {"copy_bytes_per_s": 3.0e12, "copy_how": "fake copy", "gemm_flops_per_s": 50e12,
-                "gemm_how": "fake gemm", "noted": {"bf16": (790e12, "fake bf16")}}
+    ceilings = measure.ceilings_for(FAKE_CEILINGS, "fp32")
     meta = {"config": "hipgpt", "model_summary": config.model_summary(spec), "params": 6_000_000, "batch": 32,
             "seq_len": 32, "tokens_per_step": 1024, "precision": "fp32", "gpu": "NVIDIA H100 80GB HBM3 (cuda:sm_90)",
             "gpu_slug": "h100-80gb-hbm3", "date": "2026-11-21", "commit": "abc1234", "torch": "2.11.0",

@@ -7,10 +7,11 @@ report each kernel's time as a percent of that floor; time with device events af
 warm-up, medians over many runs; run the peers in the same process on the same GPU.
 What one run does:
 1. ceilings (measure.py): device-to-device copy bandwidth (cuMemcpyDtoD/hipMemcpyDtoD
-   of 1 GiB, bytes read + written) and the rate of a large fp32 matrix product
-   (torch.matmul 8192^3 with TF32 off where PyTorch is importable, with tf32 and bf16
-   noted; else gptc's own matmul kernel on 4096^3, which is a lower bound of the
-   device's rate);
+   of 1 GiB, bytes read + written) and the rate of a large matrix product in each
+   precision (torch.matmul 8192^3 in fp32 with TF32 off, tf32 and bf16 where PyTorch is
+   importable; else gptc's own fp32 and bf16 matmul kernels on 4096^3, lower bounds of
+   the device's rates); the floor uses the rate of the run's precision, the others
+   are noted;
 2. gptc (measure.py): for each of the training step and the inference forward, the
    fused and the unfused plan, each launched as one replayed device graph; the loss of
    steps 1 and 2 from the same weights on the same batch; step times with device
@@ -19,7 +20,7 @@ What one run does:
    config.KERNEL_LAUNCHES times inside one device graph, the median of
    config.KERNEL_REPLAYS replays, divided), bytes and FLOPs from
    gptc.compiler.planner.cost, GB/s, TFLOP/s, and the percent of the roofline floor
-   max(bytes / copy bandwidth, FLOPs / GEMM rate) (report.py);
+   max(bytes / copy bandwidth, FLOPs / matrix-product rate of the run's precision) (report.py);
 4. PyTorch (peers.py), if importable with a GPU: the same model (torch_twin.py) with
    the same weights and batch, in eager mode, torch.compile, and torch.compile with
    the whole step (forward, backward, clipping, AdamW) captured in one CUDA graph,
@@ -40,7 +41,7 @@ import numpy as np
 
 from gptc.spec import GptcError, Spec
 from gptc.tools.bench.config import WHAT_LABEL, BenchConfig, model_summary
-from gptc.tools.bench.measure import bench_gptc, measure_ceilings
+from gptc.tools.bench.measure import bench_gptc, ceilings_for, measure_ceilings
 from gptc.tools.bench.peers import bench_torch, import_torch
 from gptc.tools.bench.report import git_commit, gpu_slug, render_summary, today, write_outputs
 
@@ -95,6 +96,7 @@ def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = print, ceil
     log(f"gptc bench: {cfg.name} ({meta['model_summary']}), batch {cfg.batch}, on {device.name}, commit {meta['commit']}")
     if ceilings is None:
         ceilings = measure_ceilings(device, torch, log)
+    ceilings = ceilings_for(ceilings, cfg.spec.train.precision)
     result = {"schema": 1, "meta": meta, "ceilings": ceilings, "steps": [], "plans": {}}
     for what in cfg.what:
         log(f"{WHAT_LABEL[what]}:")

@@ -46,13 +46,14 @@ def _stored_shapes(m: int, n: int, k: int, a_layout: str, b_layout: str):
     return ((m, k) if a_layout == "k" else (k, m)), ((k, n) if b_layout == "n" else (n, k))
 
 
-def gptc_gemm_graph(m: int, n: int, k: int, a_layout: str, b_layout: str):
-    """C = A @ B stored bf16, A and B bf16 inputs in the given layouts."""
+def gptc_gemm_graph(m: int, n: int, k: int, a_layout: str, b_layout: str, dtype: str = "bf16"):
+    """C = A @ B stored in `dtype`, A and B `dtype` inputs in the given layouts."""
     from gptc.compiler.ir import Graph
     g = Graph()
     sa, sb = _stored_shapes(m, n, k, a_layout, b_layout)
-    a, b = g.input("a", sa, "bf16"), g.input("b", sb, "bf16")
-    g.output("c", ((a if a_layout == "k" else a.T) @ (b if b_layout == "n" else b.T)).cast("bf16"))
+    a, b = g.input("a", sa, dtype), g.input("b", sb, dtype)
+    c = (a if a_layout == "k" else a.T) @ (b if b_layout == "n" else b.T)
+    g.output("c", c if c.dtype == dtype else c.cast(dtype))
     return g
 
 

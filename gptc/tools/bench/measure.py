@@ -184,38 +184,46 @@ def measure_gemm_torch(torch, n: int = 8192) -> dict[str, tuple[float, str]]:
     return out
 
 
-def measure_gemm_gptc(device, n: int = 4096) -> tuple[float, str]:
-    """fp32 rate of gptc's own matmul kernel on n^3 (a lower bound of the device's)."""
+def measure_gemm_gptc(device, n: int = 4096) -> dict[str, tuple[float, str]]:
+    """fp32 and bf16 rates of gptc's own matmul kernel on n^3 (lower bounds of the
+    device's), bf16 from bf16 operands to a bf16 product as torch.matmul's."""
     from gptc.runtime.build import load_executor
-    from gptc.compiler.ir import Graph
     from gptc.compiler.planner import make_plan
-    g = Graph()
-    a, b = g.input("a", (n, n)), g.input("b", (n, n))
-    g.output("c", a @ b)
-    ex = load_executor(make_plan(g, True), device, {})
-    try:
-        rng = np.random.default_rng(0)
-        ex.run({"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)})
-        samples = measure(device_timer(device), ex.launch, repeats=10, budget_ms=300, warmup=2)
-    finally:
-        ex.close()
-    ms = summarize(samples)["median_ms"]
-    return 2 * n ** 3 / (ms / 1e3), (f"gptc's own fp32 matmul kernel {n}x{n}x{n} (PyTorch not available: a lower "
-                                     f"bound of the device's rate), median of {len(samples)}")
+    from gptc.tools.bench.gemm import gptc_gemm_graph
+    out = {}
+    rng = np.random.default_rng(0)
+    for name, dtype in (("fp32", "f32"), ("bf16", "bf16")):
+        ex = load_executor(make_plan(gptc_gemm_graph(n, n, n, "k", "n", dtype), True), device, {})
+        try:
+            ex.run({"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)})
+            samples = measure(device_timer(device), ex.launch, repeats=10, budget_ms=300, warmup=2)
+        finally:
+            ex.close()
+        ms = summarize(samples)["median_ms"]
+        out[name] = (2 * n ** 3 / (ms / 1e3), f"gptc's own {name} matmul kernel {n}x{n}x{n} (PyTorch not available: "
+                                              f"a lower bound of the device's rate), median of {len(samples)}")
+    return out
 
 
 def measure_ceilings(device, torch, log: Callable[[str], None] = print) -> dict:
+    """The copy bandwidth and the matrix-product rate of each precision (`matrix`:
+    name -> (FLOP/s, how)); ceilings_for picks the one a run's floor uses."""
     bw, bw_how = measure_copy(device)
     log(f"  copy bandwidth {bw / 1e12:.2f} TB/s")
-    noted = {}
-    if torch is not None:
-        rates = measure_gemm_torch(torch)
-        rate, how = rates.pop("fp32")
-        noted = rates
-    else:
-        rate, how = measure_gemm_gptc(device)
-    log(f"  fp32 GEMM {rate / 1e12:.1f} TFLOP/s" + "".join(f", {k} {v[0] / 1e12:.0f} TFLOP/s" for k, v in noted.items()))
-    return {"copy_bytes_per_s": bw, "copy_how": bw_how, "gemm_flops_per_s": rate, "gemm_how": how, "noted": noted}
+    rates = measure_gemm_torch(torch) if torch is not None else measure_gemm_gptc(device)
+    log("  matrix product " + ", ".join(f"{k} {v[0] / 1e12:.1f} TFLOP/s" for k, v in rates.items()))
+    return {"copy_bytes_per_s": bw, "copy_how": bw_how, "matrix": rates}
+
+
+def ceilings_for(ceilings: dict, precision: str) -> dict:
+    """The ceilings of a run in `precision`: the floor's matrix-product rate is that of
+    the precision the matmuls ran in (bf16 runs are held to the bf16 rate, not fp32's);
+    the others are noted."""
+    rates = dict(ceilings["matrix"])
+    name = precision if precision in rates else "fp32"
+    rate, how = rates.pop(name)
+    return {"copy_bytes_per_s": ceilings["copy_bytes_per_s"], "copy_how": ceilings["copy_how"],
+            "gemm_name": name, "gemm_flops_per_s": rate, "gemm_how": how, "noted": rates}
 
 
 # ----------------------------------------------------------------------------- gptc's plans

@@ -252,7 +252,8 @@ def headline(result: dict) -> str:
 def ceiling_lines(result: dict) -> list[list[str]]:
     c = result["ceilings"]
     rows = [["device-to-device copy", f"{fmt_num(c['copy_bytes_per_s'] / 1e12)} TB/s", c["copy_how"]],
-            ["fp32 matrix product", f"{fmt_num(c['gemm_flops_per_s'] / 1e12)} TFLOP/s", c["gemm_how"]]]
+            [f"{c['gemm_name']} matrix product (the floor's)", f"{fmt_num(c['gemm_flops_per_s'] / 1e12)} TFLOP/s",
+             c["gemm_how"]]]
     for name, (rate, how) in c.get("noted", {}).items():
         rows.append([f"{name} matrix product (noted, not used)", f"{fmt_num(rate / 1e12)} TFLOP/s", how])
     return rows
@@ -316,7 +317,8 @@ def render_markdown(result: dict) -> str:
                   table(KERNEL_HEADERS, _kernel_table_rows(plan["top"]), "llrrrrrrll", markdown=True), ""]
     lines += ["Cost model (gptc/compiler/planner/cost.py): bytes = each distinct buffer a kernel reads or writes, once (a gather "
               "counts the rows it looks up); FLOPs = 2·M·N·K per matrix product plus one per element of every "
-              "other arithmetic op; floor = max(bytes / copy bandwidth, FLOPs / fp32 GEMM rate); % floor = "
+              f"other arithmetic op; floor = max(bytes / copy bandwidth, FLOPs / {result['ceilings']['gemm_name']} "
+              "matrix-product rate); % floor = "
               "floor / measured time.", ""]
     return "\n".join(lines)
 
@@ -440,8 +442,8 @@ def roofline_figure(result: dict) -> Figure:
     """One log-log panel per timed plan: each launch at its arithmetic intensity and
     achieved FLOP/s, coloured by kernel family, marker area by its share of the plan's
     kernel time, the slowest named; under the two ceilings measured in the run: the
-    copy bandwidth (FLOP/s = bandwidth x intensity) up to the ridge point and the fp32
-    matrix-product rate after it."""
+    copy bandwidth (FLOP/s = bandwidth x intensity) up to the ridge point and the
+    matrix-product rate of the run's precision after it."""
     plans = roofline_plans(result)
     columns = min(len(plans), 2)
     grid_rows = math.ceil(len(plans) / columns)
@@ -461,7 +463,7 @@ def roofline_figure(result: dict) -> Figure:
         ax.plot([x_lo, ridge], [bandwidth * x_lo, rate], color="0.3",
                 label=f"copy bandwidth {fmt_num(bandwidth / 1e12)} TB/s")
         ax.plot([ridge, x_hi], [rate, rate], color="0.3", linestyle="--",
-                label=f"fp32 matrix product {fmt_num(rate / 1e12)} TFLOP/s")
+                label=f"{result['ceilings']['gemm_name']} matrix product {fmt_num(rate / 1e12)} TFLOP/s")
         total_ms = sum(r["ms"] for r in rows)
         for i, family in enumerate(families):
             points = [r for r in rows if r["family"] == family]
