@@ -93,13 +93,22 @@ def attention_bwd(batch, heads, seq, head_dim):  # (the planner matches it when 
     return g
 
 
+def cross_entropy(rows, vocab):  # the loss and its gradient, stored bf16 for the lm_head's backward
+    g = Graph(); logits = g.param("logits", (rows, vocab)); targets = g.input("targets", (rows,), "i32", bound=vocab)
+    loss = dsl.cross_entropy(logits, targets)
+    g.output("loss", loss)
+    g.output("dlogits", gradients(loss, [logits])[0].cast("bf16"))
+    return g
+
+
 def scatter(vocab, rows, width):  # the embedding gradient
-    g = Graph(); d = g.input("d", (rows, width)); ids = g.input("ids", (rows,), "i32")
+    g = Graph(); d = g.input("d", (rows, width)); ids = g.input("ids", (rows,), "i32", bound=vocab)
     g.output("table", d.scatter_add(ids, vocab))
     return g
 
 
-# family -> (graph builder, default shape, what the shape means)
+# family -> (graph builder, default shape, what the shape means); the kernel family
+# timed is the name's first word (matmul_bf16 -> matmul) unless KERNEL_FAMILY says
 FAMILIES = {
     "pointwise": (pointwise, (8192, 768), "rows,cols"),
     "row": (row, (8192, 768), "rows,cols"),
@@ -109,8 +118,10 @@ FAMILIES = {
     "matmul_bf16_wgrad": (matmul_bf16_wgrad, (768, 768, 4096, 2), "m,n,k,parts"),
     "attention": (attention, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
     "attention_bwd": (attention_bwd, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
+    "cross_entropy": (cross_entropy, (8192, 50257), "rows,vocab"),
     "scatter": (scatter, (50257, 8192, 768), "vocab,rows,width"),
 }
+KERNEL_FAMILY = {"cross_entropy": "row"}
 TOLERANCE = 1e-4  # fp32 after long reductions (DESIGN.md, Testing)
 
 
@@ -178,8 +189,8 @@ def random_feeds(graph: Graph, rng) -> dict:
     for table in (graph.inputs, graph.params, graph.states):
         for name, nid in table.items():
             t = graph.type(nid)
-            if t.dtype == "i32":  # ids index the scatter's table
-                feeds[name] = rng.integers(0, graph.type(graph.outputs["table"]).shape[0], t.shape).astype(np.int32)
+            if t.dtype == "i32":  # ids below the input's bound (a table's rows, a vocabulary)
+                feeds[name] = rng.integers(0, graph.input_bounds()[name], t.shape).astype(np.int32)
             else:
                 feeds[name] = rng.standard_normal(t.shape).astype(np.float32)
                 if t.dtype == "bf16":  # the values the device holds, so the reference sees them too
@@ -271,7 +282,7 @@ def main(argv=None) -> int:
         return 1
     graph = build(*shape)
     plan = make_plan(graph, fuse=True)
-    family = args.family.split("_bf16")[0]  # matmul_bf16, matmul_bf16_wgrad: matmul kernels
+    family = KERNEL_FAMILY.get(args.family, args.family.split("_bf16")[0])  # matmul_bf16*: matmul kernels
     index = next((i for i, launch in enumerate(plan.launches) if plan.kernels[launch[0]].family == family), None)
     if index is None:
         print(f"the planner made no {args.family} kernel at this shape (families: "

@@ -227,3 +227,56 @@ def test_wgmma_epilogue_keeps_each_roots_type(tmp_path, monkeypatch):
     for declared in ("bool out", "int out", "double out"):
         assert declared in code, declared
     assert all(compile_many([(k.code, k.name) for k in kernels], target))
+
+
+def _tile_order(m_tiles: int, n_tiles: int, group: int, blocks: int) -> list[tuple[int, int, int]]:
+    """(batch, m tile, n tile) of each block_id, by evaluating the C lines of
+    templates/matmul_tiles.hip.j2 (declarations, integer division, one ?:) in Python."""
+    from gptc.compiler.codegen.kernels import _environment
+    source = _environment().from_string('{% from "matmul_tiles.hip.j2" import tile_origin %}'
+                                        '{{ tile_origin(mt, nt, 16, 32, g) }}').render(mt=m_tiles, nt=n_tiles, g=group)
+    code = []
+    for line in source.splitlines():
+        line = line.strip()
+        if not line.startswith("const idx_t "):
+            continue
+        for decl in re.split(r", (?=\w+ = )", line.removeprefix("const idx_t ").rstrip(";")):
+            name, expr = decl.split(" = ", 1)
+            expr = re.sub(r"^(.+) \? (.+) : (.+)$", r"(\2 if \1 else \3)", expr.replace("/", "//"))
+            code.append(f"{name} = {expr}")
+    order = []
+    for block_id in range(blocks):
+        env = {"block_id": block_id}
+        exec("\n".join(code), {}, env)
+        order.append((env["batch"], env["m0"] // 16, env["n0"] // 32))
+    return order
+
+
+@pytest.mark.parametrize("m_tiles, n_tiles, group", [(5, 3, 1), (5, 3, 2), (64, 7, 8), (7, 4, 8), (9, 2, 9)])
+def test_tile_order_visits_every_tile_once_in_groups(m_tiles, n_tiles, group):
+    """The matmul templates' tile order: each block_id of a 2-batch grid names a distinct
+    tile; blocks walk `group` rows of tiles at a time, m fastest inside a group (so the
+    blocks in flight share a few panels of A and of B); group 1 is n fastest."""
+    tiles = m_tiles * n_tiles
+    order = _tile_order(m_tiles, n_tiles, group, 2 * tiles)
+    assert sorted(order) == [(b, i, j) for b in range(2) for i in range(m_tiles) for j in range(n_tiles)]
+    for start in range(0, tiles, group * n_tiles):  # a group: its rows of tiles only, m fastest
+        rows = range(start // n_tiles, min(start // n_tiles + group, m_tiles))
+        chunk = order[start:start + len(rows) * n_tiles]
+        assert [(i, j) for _, i, j in chunk] == [(i, j) for j in range(n_tiles) for i in rows]
+
+
+def test_long_products_take_the_widest_tile():
+    """From k = WGMMA_LONG_K the narrow wgmma tiles are L2-bound (gpt2's lm_head dX on an
+    H200: 64x256 2.14 ms, 128x256 1.45 ms), so the tile choice uses their long-k rates;
+    at gpt2's short products the choice is unchanged."""
+    sm90 = parse_target("cuda:sm_90")
+    assert _mma_config(8192, 768, 50257, 1, sm90)[:2] == (128, 256)
+    assert _mma_config(8192, 768, 3072, 1, sm90)[:2] == (64, 256)
+
+
+def test_tile_group_streams_the_larger_operand_once():
+    """m fastest (a group of every row of tiles) where B is over twice A, else n fastest."""
+    from gptc.compiler.codegen.kernels import _tile_group
+    assert _tile_group(8192, 50257) == 8192 and _tile_group(768, 50257) == 768  # lm_head, its weight gradient
+    assert _tile_group(8192, 3072) == 1 and _tile_group(4096, 4096) == 1 and _tile_group(8192, 768) == 1

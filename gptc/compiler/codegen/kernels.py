@@ -163,7 +163,8 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
     elif family == "reduce":
         grid, block, em = _reduce(plan, kernel, target, ctx, args, tuning)
     elif family == "matmul":
-        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"), tuning.get("mma"))
+        grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"), tuning.get("mma"),
+                                  tuning.get("group"))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
     elif family == "group_sort":
@@ -759,9 +760,22 @@ def _gemv(plan: Plan, kernel: KernelPlan, ctx: dict, args: dict[int, str], m: in
     return (ceil_div(n, GEMV_COLUMNS), 1, 1), (GEMV_THREADS, 1, 1), em
 
 
+def _tile_group(m: int, n: int) -> int:
+    """Rows of tiles the blocks walk as a group, m fastest inside it
+    (templates/matmul_tiles.hip.j2, which caps it at the rows there are): all of them
+    where B (k x n) is over twice A (m x k), so the blocks in flight share B's panels
+    and B is read from memory once while A stays in L2 (gpt2's lm_head: 1.79 -> 1.44
+    ms, and its weight gradient); else 1, n fastest (B, the smaller, stays in L2).
+    Groups of 4 to 32 measured slower than both on an H200 (benchmarks/results/
+    h200x2-2026-11-30-5149e0a-tile-order)."""
+    return m if n > 2 * m else 1
+
+
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
-            threads: int | None = None, config: tuple | None = None, mma: tuple | None = None):
+            threads: int | None = None, config: tuple | None = None, mma: tuple | None = None,
+            group: int | None = None):
     m, n, k, batch = _mm_shape(plan, kernel)
+    ctx.update(tile_group=group or _tile_group(m, n))
     if _gemv_shape(m, batch) and config is None and mma is None and threads in (None, GEMV_THREADS):
         return _gemv(plan, kernel, ctx, args, m, n, k)
     operands = _mma_operands(plan, kernel, target)
@@ -786,8 +800,8 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
                check_m=m % bm != 0, check_n=n % bn != 0, check_k=k % bk != 0 or k == 0,
                batch_lines=batch_lines, a_load=loads["A"], b_load=loads["B"],
                body=body, n_tiles=ceil_div(n, bn), m_tiles=ceil_div(m, bm))
-    # A 1-D grid: block_id runs over the tiles, n fastest, then m, then the batch
-    # (the order a (n, m, batch) grid would dispatch them).
+    # A 1-D grid: block_id runs over the tiles of a batch (in groups of rows of tiles,
+    # templates/matmul_tiles.hip.j2), then the batch.
     grid = (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1)
     return grid, (threads, 1, 1), em
 
@@ -810,6 +824,12 @@ _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2)
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
 _WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1))
 _WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.72, (64, 64): 0.58}
+# From k = WGMMA_LONG_K on, a block streams its operands from L2 for most of its time and
+# the narrow tiles (fewer FLOPs a byte of L2 traffic) fall further behind: the rates of
+# gpt2's lm_head dX, 8192x768x50264 with B k-contiguous (benchmarks/results/
+# h200x2-2026-11-30-5149e0a-tile-order; the codegen's 64x256 took 2.14 ms, 128x256 1.45).
+WGMMA_LONG_K = 16384
+_WGMMA_EFF_LONG_K = {(128, 256): 1.0, (128, 128): 0.67, (64, 256): 0.52, (64, 128): 0.43, (64, 64): 0.34}
 
 
 def _mma_kind(target: Target) -> str | None:
@@ -904,7 +924,7 @@ def _mma_cost(m: int, n: int, k: int, batch: int, tile, target: Target) -> float
     per_unit = ceil_div(ceil_div(m, bm) * ceil_div(n, bn) * batch, units)
     work = per_unit * bm * bn * max(1, ceil_div(k, bk)) * bk
     if _mma_kind(target) == "wgmma":
-        return work / _WGMMA_EFF[(bm, bn)]
+        return work / (_WGMMA_EFF_LONG_K if k >= WGMMA_LONG_K else _WGMMA_EFF)[(bm, bn)]
     resident = min(per_unit, smem_unit // _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, target), target))
     return work / (_MMA_EFF[(bm, bn)] * min(resident, 2) / 2)
 
