@@ -154,7 +154,8 @@ def test_bench_gemm_shapes_run_on_the_matrix_units():
     """Every shape of the bench renders one matmul_wgmma kernel for sm_90 (and the sum of its
     partial products where it is split along k: c_proj's dW); gpt2's vocab rows (50257
     bf16, odd) take 2-byte copies, the others 16-byte ones."""
-    from gptc.tools.bench.gemm import GEMM_SHAPES, gptc_gemm_graph
+    from gptc.tools.bench.gemm import GEMM_SHAPES
+    from gptc.tools.bench.measure import gptc_gemm_graph
     for label, m, n, k, a, b in GEMM_SHAPES:
         kernels = render_plan(make_plan(gptc_gemm_graph(m, n, k, a, b), True), parse_target("cuda:sm_90"))
         (kernel,) = [kern for kern in kernels if kern.family == "matmul"]

@@ -42,26 +42,12 @@ GEMM_SHAPES = (
 TARGET_FRACTION = 0.6  # issue 9: >= 60% of cuBLAS
 
 
-def _stored_shapes(m: int, n: int, k: int, a_layout: str, b_layout: str):
-    return ((m, k) if a_layout == "k" else (k, m)), ((k, n) if b_layout == "n" else (n, k))
-
-
-def gptc_gemm_graph(m: int, n: int, k: int, a_layout: str, b_layout: str, dtype: str = "bf16"):
-    """C = A @ B stored in `dtype`, A and B `dtype` inputs in the given layouts."""
-    from gptc.compiler.ir import Graph
-    g = Graph()
-    sa, sb = _stored_shapes(m, n, k, a_layout, b_layout)
-    a, b = g.input("a", sa, dtype), g.input("b", sb, dtype)
-    c = (a if a_layout == "k" else a.T) @ (b if b_layout == "n" else b.T)
-    g.output("c", c if c.dtype == dtype else c.cast(dtype))
-    return g
-
-
 def run_gemm_bench(device, torch, shapes=GEMM_SHAPES, log: Callable[[str], None] = print) -> dict:
     """Time each shape in gptc and torch.matmul; the rows of the report."""
     from gptc.compiler.planner import make_plan
     from gptc.runtime.build import load_executor
-    from gptc.tools.bench.measure import TorchTimer, device_timer, measure, measure_copy, summarize
+    from gptc.tools.bench.measure import (TorchTimer, device_timer, gptc_gemm_graph, measure, measure_copy,
+                                          stored_shapes, summarize)
     from gptc.compiler.codegen.kernels import render_plan
     bw, _ = measure_copy(device)
     timer = TorchTimer(torch)
@@ -75,7 +61,7 @@ def run_gemm_bench(device, torch, shapes=GEMM_SHAPES, log: Callable[[str], None]
     for label, m, n, k, al, bl in shapes:
         flops, nbytes = 2 * m * n * k, 2 * (m * k + k * n + m * n)
         floor_ms = max(flops / peak, nbytes / bw) * 1e3
-        sa, sb = _stored_shapes(m, n, k, al, bl)
+        sa, sb = stored_shapes(m, n, k, al, bl)
         gen = torch.Generator(device="cuda").manual_seed(len(rows))
         ta = torch.randn(*sa, device="cuda", generator=gen).to(torch.bfloat16)
         tb = torch.randn(*sb, device="cuda", generator=gen).to(torch.bfloat16)

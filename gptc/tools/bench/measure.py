@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from gptc.compiler.ir import Graph
 from gptc.compiler.planner.cost import plan_costs
 from gptc.tools.bench.config import FRAMEWORKS, KERNEL_LAUNCHES, KERNEL_REPLAYS, BenchConfig
 from gptc.tools.bench.report import fmt_loss, fmt_rate, kernel_rows, launch_labels, plan_summary
@@ -184,12 +185,26 @@ def measure_gemm_torch(torch, n: int = 8192) -> dict[str, tuple[float, str]]:
     return out
 
 
+def stored_shapes(m: int, n: int, k: int, a_layout: str, b_layout: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The stored shapes of A and B: A (m, k) or, m-contiguous, (k, m); B (k, n) or (n, k)."""
+    return ((m, k) if a_layout == "k" else (k, m)), ((k, n) if b_layout == "n" else (n, k))
+
+
+def gptc_gemm_graph(m: int, n: int, k: int, a_layout: str, b_layout: str, dtype: str = "bf16") -> Graph:
+    """C = A @ B stored in `dtype`, A and B `dtype` inputs in the given layouts."""
+    g = Graph()
+    sa, sb = stored_shapes(m, n, k, a_layout, b_layout)
+    a, b = g.input("a", sa, dtype), g.input("b", sb, dtype)
+    c = (a if a_layout == "k" else a.T) @ (b if b_layout == "n" else b.T)
+    g.output("c", c if c.dtype == dtype else c.cast(dtype))
+    return g
+
+
 def measure_gemm_gptc(device, n: int = 4096) -> dict[str, tuple[float, str]]:
     """fp32 and bf16 rates of gptc's own matmul kernel on n^3 (lower bounds of the
     device's), bf16 from bf16 operands to a bf16 product as torch.matmul's."""
     from gptc.runtime.build import load_executor
     from gptc.compiler.planner import make_plan
-    from gptc.tools.bench.gemm import gptc_gemm_graph
     out = {}
     rng = np.random.default_rng(0)
     for name, dtype in (("fp32", "f32"), ("bf16", "bf16")):
