@@ -829,6 +829,8 @@ _WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.7
 # gpt2's lm_head dX, 8192x768x50264 with B k-contiguous (benchmarks/results/
 # h200x2-2026-11-30-5149e0a-tile-order; the codegen's 64x256 took 2.14 ms, 128x256 1.45).
 WGMMA_LONG_K = 16384
+# Elements a consumer thread takes at a time in the wgmma epilogue: their loads are issued together.
+WGMMA_EPILOGUE_BATCH = 32
 _WGMMA_EFF_LONG_K = {(128, 256): 1.0, (128, 128): 0.67, (64, 256): 0.52, (64, 128): 0.43, (64, 64): 0.34}
 
 
@@ -1031,7 +1033,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     if kind == "wgmma":
         # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
         assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
-        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=16, **common)
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=WGMMA_EPILOGUE_BATCH, **common)
         return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
