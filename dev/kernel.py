@@ -107,8 +107,8 @@ def scatter(vocab, rows, width):  # the embedding gradient
     return g
 
 
-# family -> (graph builder, default shape, what the shape means); the kernel family
-# timed is the name's first word (matmul_bf16 -> matmul) unless KERNEL_FAMILY says
+# family -> (graph builder, default shape, what the shape means); the kernel family it
+# times is its own name unless KERNEL_FAMILY names another
 FAMILIES = {
     "pointwise": (pointwise, (8192, 768), "rows,cols"),
     "row": (row, (8192, 768), "rows,cols"),
@@ -121,7 +121,7 @@ FAMILIES = {
     "cross_entropy": (cross_entropy, (8192, 50257), "rows,vocab"),
     "scatter": (scatter, (50257, 8192, 768), "vocab,rows,width"),
 }
-KERNEL_FAMILY = {"cross_entropy": "row"}
+KERNEL_FAMILY = {"matmul_bf16": "matmul", "matmul_bf16_wgrad": "matmul", "cross_entropy": "row"}
 TOLERANCE = 1e-4  # fp32 after long reductions (DESIGN.md, Testing)
 
 
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         return 1
     graph = build(*shape)
     plan = make_plan(graph, fuse=True)
-    family = KERNEL_FAMILY.get(args.family, args.family.split("_bf16")[0])  # matmul_bf16*: matmul kernels
+    family = KERNEL_FAMILY.get(args.family, args.family)
     index = next((i for i, launch in enumerate(plan.launches) if plan.kernels[launch[0]].family == family), None)
     if index is None:
         print(f"the planner made no {args.family} kernel at this shape (families: "

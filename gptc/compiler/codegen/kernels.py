@@ -829,11 +829,11 @@ _WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.7
 # gpt2's lm_head dX, 8192x768x50264 with B k-contiguous (benchmarks/results/
 # h200x2-2026-11-30-5149e0a-tile-order; the codegen's 64x256 took 2.14 ms, 128x256 1.45).
 WGMMA_LONG_K = 16384
+_WGMMA_EFF_LONG_K = {(128, 256): 1.0, (128, 128): 0.67, (64, 256): 0.52, (64, 128): 0.43, (64, 64): 0.34}
 # Elements a consumer thread takes at a time in the wgmma epilogue: their loads are issued together,
 # one round trip to memory a batch (16: the GELU backward waited on them 40% of its time; 32: half
 # the trips, no spills; 64 spills. benchmarks/results/h200x2-2026-11-30-ed99e11-epilogue).
 WGMMA_EPILOGUE_BATCH = 32
-_WGMMA_EFF_LONG_K = {(128, 256): 1.0, (128, 128): 0.67, (64, 256): 0.52, (64, 128): 0.43, (64, 64): 0.34}
 
 
 def _mma_kind(target: Target) -> str | None:

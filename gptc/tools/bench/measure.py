@@ -235,10 +235,9 @@ def ceilings_for(ceilings: dict, precision: str) -> dict:
     the precision the matmuls ran in (bf16 runs are held to the bf16 rate, not fp32's);
     the others are noted."""
     rates = dict(ceilings["matrix"])
-    name = precision if precision in rates else "fp32"
-    rate, how = rates.pop(name)
+    rate, how = rates.pop(precision)
     return {"copy_bytes_per_s": ceilings["copy_bytes_per_s"], "copy_how": ceilings["copy_how"],
-            "gemm_name": name, "gemm_flops_per_s": rate, "gemm_how": how, "noted": rates}
+            "gemm_name": precision, "gemm_flops_per_s": rate, "gemm_how": how, "noted": rates}
 
 
 # ----------------------------------------------------------------------------- gptc's plans
