@@ -9,6 +9,7 @@ import itertools
 from dataclasses import replace
 
 import networkx as nx
+import numpy as np
 import pytest
 
 import gptc
@@ -300,7 +301,8 @@ def _row_kernel(plan: Plan, scope: str):
 
 def test_row_reductions_share_a_pass_and_the_softmax_sum_runs_online():
     """Cross-entropy's max, sum of exponentials (online: rescaled as the max grows) and
-    target logit take one pass over the row, then one loop stores the gradient. A
+    target logit take one pass over the row, then one loop stores the gradient, a few
+    elements a thread a step, all computed (their loads in flight) before any store. A
     reduction that reads another takes a pass of its own: layernorm's variance after
     its mean, and its backward's second sum (autodiff's, through the variance's
     gradient) after the first."""
@@ -311,10 +313,12 @@ def test_row_reductions_share_a_pass_and_the_softmax_sum_runs_online():
     for scope in ("cross_entropy", "layernorm#bwd", "layernorm"):
         kernel = _row_kernel(plan, scope)
         code = render_launch(plan, [kernel], parse_target("cuda:sm_90")).code
-        loops[scope] = code.count("for (idx_t j = lane;")
+        loops[scope] = code.count("for (idx_t j = lane;"), code.count("for (idx_t j0 = lane;")
+        stores = code[code.index("for (idx_t j0 = lane;"):]
+        assert stores.index("out0[u] = ") < stores.index("= out0[u];")
         if scope == "cross_entropy":
             assert "acc1 = acc1 * expf(acc0 - " in code and code.count("gptc_row_reduce<") == 3
-    assert loops == {"cross_entropy": 2, "layernorm#bwd": 3, "layernorm": 3}
+    assert loops == {"cross_entropy": (1, 1), "layernorm#bwd": (2, 1), "layernorm": (2, 1)}
 
 
 def test_padded_bf16_copy_is_cast_in_the_row_kernel(monkeypatch):
@@ -369,3 +373,37 @@ def test_online_sums_pair_with_one_max_each():
     assert product.count("gptc_row_reduce<") == 4 and "acc3 = acc3 * expf(acc2 - " in product
     (two,) = [c for c in codes if "3.0f" in c]
     assert two.count("for (idx_t j = lane;") == 2 and two.count(" * expf(acc0 - ") == 2  # update + rescale
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_backward_stores_into_the_qkv_concatenation(precision):
+    """The gradients of q, k and v, sliced out of one QKV projection, are read only as
+    their concatenation (the slices' VJP: pads and adds; in bf16 cast for the
+    projection's backward matmuls): the flash backward stores each at its place in it
+    and no other kernel assembles it. The places, applied to the reference's values of
+    dq, dk, dv, rebuild the concatenation it computes."""
+    from gptc.models import init_params
+    from gptc.runtime.reference import run_graph
+    spec = gptc.preset("tiny")
+    spec = gptc.Spec(replace(spec.model, n_heads=4), replace(spec.train, precision=precision))
+    plan = make_plan(gptc.build_graph(spec, "train"), True)
+    g = plan.graph
+    backward = [k for k in plan.kernels if k.family == "attention_bwd"]
+    assert len(backward) == spec.model.n_layers
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, spec.model.vocab_size, (2,) + g.type(g.inputs["tokens"]).shape, dtype=np.int32)
+    feeds = {**init_params(g, 0), **{name: np.zeros(g.type(n).shape, np.float32) for name, n in g.states.items()},
+             "tokens": tokens[0], "targets": tokens[1], "lr": np.float32(1e-3), "step": np.float32(1)}
+    values = run_graph(g, feeds, keep=True)["values"]
+    for kernel in backward:
+        a = kernel.attention
+        assert kernel.roots == [a.concat] and g.type(a.concat).shape[-1] == 3 * spec.model.d_model
+        assert g.type(a.concat).dtype == ("bf16" if precision == "bf16" else "f32")
+        assert not {*a.gradients()} & set(plan.buffers)   # never stored on their own
+        assembled = np.full(g.type(a.concat).shape, np.nan)
+        for grad, (offset, strides) in a.places.items():
+            place = np.lib.stride_tricks.as_strided(assembled.reshape(-1)[offset:], g.type(grad).shape,
+                                                    [s * assembled.itemsize for s in strides])
+            place[...] = values[grad]
+        np.testing.assert_allclose(assembled, values[a.concat], rtol=2 ** -8)
+        assert a.concat_nodes <= set(kernel.nodes)   # the adds (and cast) that assembled it

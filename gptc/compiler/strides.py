@@ -28,16 +28,20 @@ def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[in
     return groups
 
 
+def contiguous(shape: Sequence[int]) -> list[int]:
+    """The strides of a contiguous (row-major) buffer of `shape`."""
+    strides, s = [], 1
+    for d in reversed(shape):
+        strides.append(s)
+        s *= d
+    return strides[::-1]
+
+
 def strided(op_chain: list[tuple[str, dict, tuple[int, ...], tuple[int, ...]]], base_shape: Sequence[int]):
     """(offset, strides) of a chain of views over a contiguous buffer of `base_shape`,
     or None if the chain is not an affine (strided) view. `op_chain` lists
     (op, attrs, in_shape, out_shape) from the buffer towards the reader."""
-    strides = []
-    s = 1
-    for d in reversed(base_shape):
-        strides.append(s)
-        s *= d
-    strides = strides[::-1]
+    strides = contiguous(base_shape)
     offset = 0
     for op, attrs, in_shape, out_shape in op_chain:
         if op == "permute":

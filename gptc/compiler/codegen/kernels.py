@@ -19,7 +19,7 @@ from gptc.compiler.codegen import names
 from gptc.compiler.codegen.emit import C_TYPE, STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
 from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
-from gptc.compiler.strides import strided
+from gptc.compiler.strides import contiguous, strided
 from gptc.common import PACKAGE_DIR
 from gptc.target import Target
 from gptc.compiler.ops import OPS
@@ -31,6 +31,7 @@ from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
 POINTWISE_THREADS = 256
 POINTWISE_UNROLL = 4  # elements a thread computes before storing them (loads in flight)
+ROW_UNROLL = 4  # the same in a row kernel's loops that store full rows
 MAX_GRID = 65535 * 32
 
 
@@ -449,14 +450,16 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     em.begin_block()
     row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)
     row_body = em.take() + row_body
-    loops = []  # (row length, body) of the stores of full rows, then of padded rows
+    # The stores of full rows, then of padded rows: ROW_UNROLL elements a thread a step,
+    # all computed (their loads in flight) before any is stored, as in pointwise kernels.
+    loops = []
     for shape in sorted({g.type(r).shape for r in kernel.roots} - {reduced_shape}):
         idx = lead_idx + (var("j", shape[-1]),)
         em.begin_block()
-        stores = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx)
-        loops.append((shape[-1], em.take() + stores))
+        body, stores, types = _deferred_stores(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx)
+        loops.append(dict(length=shape[-1], body=body, stores=stores, out_types=types))
     ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, passes=passes,
-               row_body=row_body, loops=loops)
+               row_body=row_body, loops=loops, unroll=tuning.get("unroll", ROW_UNROLL))
     return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
 
 
@@ -1283,7 +1286,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     z = unravel(var("bh", bhn), tuple(batch_shape))
     # The backward's key blocks run over key/value heads: bhn / group of them.
     group = a.group
-    ctx = dict(s=seq, dk_transposed=False, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
+    ctx = dict(s=seq, d=dim, dp=dp, dt=dp // 8, bhn=bhn, bq=bq, bk=bk, bkb=bkb, bqk=bqk, bqq=bqq, bkq=bkq,
                nqb=nqb, kb_blocks=bhn // group * nkb, group=group, fwd_floats=fwd_floats, bwd_floats=bwd_floats,
                ri=ri, rv="at_f4" if ri == 4 else "at_f2", lanes="xyzw"[:ri],
                scale=repr(float(a.scale)) + "f", window=a.window, batch_lines=batch_lines, bf16=a.bf16,
@@ -1362,15 +1365,20 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
                          mma=True)
         return _Part(kernel.name, env.get_template("attention.hip.j2").render(**ctx), (bhn * nqb, 1, 1), (128, 1, 1))
     operand("g", a.d_out)  # the gradient of out
-    dq, dk, dv = a.stores()
-    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dq_ptr=em.arg(dq),
-               dk_ptr=em.arg(dk), dv_ptr=em.arg(dv))
+    dq, dk, dv = a.gradients()
+    ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dk_transposed=dk == a.dk_t,
+               store=lambda x: f"float_to_bf16({x})" if a.concat is not None and plan.buffer_of(a.concat).dtype == "bf16" else x)
     if group > 1:  # dK, dV summed over the group: (.., Hkv, 1, S, D) at key/value head bhk
-        ctx.update(dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
-    elif a.dk is not None:  # per head; dK (.., S, D) (planner.transpose_products)
-        ctx.update(dk_at=f"o_base + j * {dim} + c", dv_at=f"o_base + j * {dim} + c")
-    else:  # per head; dK as the matmul dkᵀ stores it, (.., D, S)
-        ctx.update(dk_at=f"o_base + c * {seq} + j", dv_at=f"o_base + j * {dim} + c", dk_transposed=True)
+        ctx.update(dq_ptr=em.arg(dq), dk_ptr=em.arg(dk), dv_ptr=em.arg(dv), dq_at=f"o_base + i * {dim} + c",
+                   dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
+    for name, node, row in (("dq", dq, "i"), ("dk", dk, "j"), ("dv", dv, "j")) if group == 1 else ():
+        # Each gradient per head, in its own buffer or at its place in the concatenation the
+        # kernel stores instead (planner/attention.py); dK as dkᵀ, (.., D, S), unless
+        # planning transposed that product (planner.transpose_products).
+        buffer, (offset, strides) = (a.concat, a.places[node]) if a.concat is not None else (node, (0, contiguous(g.type(node).shape)))
+        batch_lines.append(f"const idx_t {name}_base = {emit(add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])]))};")
+        first, second = ("c", row) if node == a.dk_t else (row, "c")
+        ctx.update({f"{name}_ptr": em.arg(buffer), f"{name}_at": f"{name}_base + {first} * {strides[-2]} + {second} * {strides[-1]}"})
     if a.bf16 and not a.prologue and _mma_sync(target):
         # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
         # (dQ) a block, the other side in double-buffered tiles of 64 (16 above head_dim
@@ -1395,8 +1403,9 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
 def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     """The alternatives to the codegen's choice of block size or tile for `kernel`, as
     `tuning` overrides for render_launch (the dev/ harness times them): pointwise and
-    scatter block sizes, threads per row, a thread or a block per reduced output, the
-    matmul configurations the target admits (attention tiles are fixed)."""
+    scatter block sizes, threads per row and a row kernel's elements a thread a store
+    step, a thread or a block per reduced output, the matmul configurations the target
+    admits (attention tiles are fixed)."""
     g = plan.graph
     wave = target.wavefront
     if kernel.family in ("pointwise", "scatter", "kv_write", "decode_attention", "decode_combine"):
@@ -1405,7 +1414,8 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
         return [{"threads": t} for t in (64, 128, 256, 512, 1024)
                 if t % wave == 0 and t * floats * 4 < target.shared_mem]
     if kernel.family == "row":
-        return [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
+        tprs = [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
+        return tprs + [{"unroll": u} for u in (1, 2, 8) if u != ROW_UNROLL]
     if kernel.family == "reduce":
         axes = g.node(kernel.anchor)["attrs"]["axes"]
         return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])

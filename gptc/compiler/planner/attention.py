@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
+from gptc.compiler.strides import strided
 from gptc.compiler.ops.registry import ELEMENTWISE, VIEW
 
 MAX_HEAD_DIM = 128  # the kernels stage tiles of head_dim-float rows in shared memory (codegen's _attention_tiles)
@@ -90,12 +91,22 @@ class AttentionMatch:
     prologue: set[int] = field(default_factory=set)
     dropout: AttentionDropout | None = None
     bf16: bool = False         # bf16 operands; P and dS rounded to bf16 (casts in the match)
+    # The gradients' concatenation (QKV's, for the fused projection's backward), which
+    # the backward stores instead of them: the node stored (the last add, or its cast),
+    # its add (and cast) nodes, and each gradient's place in it (offset, strides).
+    concat: int | None = None
+    concat_nodes: set[int] = field(default_factory=set)
+    places: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
 
-    def stores(self) -> list[int]:
-        """The nodes the backward kernel stores."""
+    def gradients(self) -> list[int]:
+        """dq, dk (dkᵀ or dk) and dv as the backward kernel computes them."""
         if self.group > 1:
             return [self.dq, self.dk_sum, self.dv_sum]
         return [self.dq, self.dk if self.dk is not None else self.dk_t, self.dv]
+
+    def stores(self) -> list[int]:
+        """The nodes the backward kernel stores."""
+        return [self.concat] if self.concat is not None else self.gradients()
 
 
 def _base(graph: Graph, nid: int) -> tuple[int, list[int]]:
@@ -153,8 +164,88 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
             region = match.forward | match.backward
             for operand in (match.q, match.k_t):
                 match.prologue |= _prologue(graph, operand, region, is_free)
+            if match.backward and match.group == 1:
+                _match_concat(graph, match)
             matches.append(match)
     return matches
+
+
+def _match_concat(graph: Graph, match: AttentionMatch) -> None:
+    """When the gradients dq, dk, dv are read only as the parts of one concatenation,
+    add(pad(views of dq), pad(views of dk), pad(views of dv)) (the VJP of slicing q, k
+    and v out of one QKV projection), perhaps cast to bf16 for the projection's
+    backward matmuls: the backward kernel stores straight into it (each gradient at its
+    place, a strided view of the concatenation), and no other kernel assembles it."""
+    leaves: dict[int, tuple[int, list[int]]] = {}   # pad -> (gradient, views from it to the pad)
+    for grad in match.gradients():
+        chain, node = [], grad
+        while len(users := graph.users(node)) == 1 and OPS[graph.op(users[0])].kind == VIEW:
+            node = users[0]
+            chain.append(node)
+        if not chain or graph.op(node) != "pad" or len(users) != 1 or graph.op(users[0]) != "add":
+            return
+        leaves[node] = (grad, chain)
+    roots = set(graph.roots())
+    if any(n in roots for grad, chain in leaves.values() for n in [grad, *chain]):
+        return
+    adds, top = set(), None
+    for pad in leaves:
+        node = graph.users(pad)[0]
+        while True:
+            adds.add(node)
+            users = graph.users(node)
+            if len(users) != 1 or graph.op(users[0]) != "add" or node in roots:
+                break
+            node = users[0]
+        if top not in (None, node):
+            return
+        top = node
+    if len(adds) != len(leaves) - 1 or any(set(graph.inputs_of(a)) - adds - set(leaves) for a in adds):
+        return
+    spans = sorted((graph.node(pad)["attrs"]["before"], graph.type(graph.inputs_of(pad)[0]).shape, pad) for pad in leaves)
+    axes = {graph.node(pad)["attrs"]["axis"] for pad in leaves}
+    if len(axes) != 1:
+        return
+    (axis,) = axes
+    end = 0
+    for before, shape, _ in spans:
+        if before != end:
+            return   # the pieces must tile the axis: a concatenation, each element from one of them
+        end += shape[axis]
+    stored = top
+    users = graph.users(top)
+    if top not in roots and len(users) == 1 and graph.op(users[0]) == "cast" and graph.type(users[0]).dtype == "bf16":
+        stored = users[0]
+    places = {}
+    for pad, (grad, chain) in leaves.items():
+        place = _place(graph, grad, chain, graph.type(top).shape)
+        if place is None:
+            return
+        places[grad] = place
+    match.concat, match.places = stored, places
+    match.concat_nodes = adds | {stored}
+
+
+def _place(graph: Graph, grad: int, chain: list[int], shape: tuple[int, ...]) -> tuple[int, list[int]] | None:
+    """(offset, strides) of `grad` inside a contiguous buffer of `shape` that `chain`
+    (permutes, reshapes, a pad last) places it in, or None if it is not a strided view
+    of it: the chain's inverse (slice, the inverse permutes, reshapes back), read from
+    the buffer."""
+    inverse = []
+    for node in reversed(chain):
+        (src,) = graph.inputs_of(node)
+        op, attrs = graph.op(node), graph.node(node)["attrs"]
+        out_shape, in_shape = graph.type(node).shape, graph.type(src).shape
+        if op == "pad":
+            inverse.append(("slice", {"axis": attrs["axis"], "start": attrs["before"]}, out_shape, in_shape))
+        elif op == "permute":
+            perm = attrs["perm"]
+            inverse.append(("permute", {"perm": tuple(perm.index(a) for a in range(len(perm)))}, out_shape, in_shape))
+        elif op == "reshape":
+            inverse.append(("reshape", {}, out_shape, in_shape))
+        else:
+            return None
+    return strided(inverse, shape)
 
 
 def _prologue(graph: Graph, operand: int, region: set[int], is_free) -> set[int]:

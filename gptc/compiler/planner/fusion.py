@@ -299,7 +299,7 @@ class Fuser:
             for match in find_attention(g, lambda n: is_free(g, n, self.free)):
                 self._claim(Group(ATTENTION, match.out, match.forward | match.prologue, match))
                 if match.backward:
-                    self._claim(Group(ATTENTION_BWD, match.stores()[-1], set(match.backward), match))
+                    self._claim(Group(ATTENTION_BWD, match.stores()[-1], match.backward | match.concat_nodes, match))
         for nid in reversed(g.topo_order()):
             if is_free(g, nid, self.free) or nid in self.group_of:
                 continue
