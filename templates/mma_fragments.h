@@ -7,6 +7,14 @@
 // aborts the process on one). One fragment op computes C (MxN, f32) += A (MxK) B (KxN)
 // for a warp (NVIDIA) or a wavefront (AMD); gptc_acc_row/col(lane, r) give the
 // position in the MxN fragment of a lane's accumulator r, the same on every kind.
+// Two accumulators of adjacent columns (mma.sync's r, r + 1) stored at once, p aligned to
+// two elements: one 8-byte store of floats, one 4-byte store of bf16 (as float_to_bf16).
+__device__ __forceinline__ void gptc_store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void gptc_store_pair(bf16* p, float a, float b) {
+  *reinterpret_cast<unsigned int*>(p) = (unsigned int)float_to_bf16(a).bits | ((unsigned int)float_to_bf16(b).bits << 16);
+}
 #if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // mma.sync m16n8k16 (sm_80+): A 16x16 row-major in 4 registers of 2 bf16, B 16x8
 // "col" (k-pairs) in 2, C 16x8 in 4 floats: lane l holds rows l/4 and l/4+8,

@@ -117,12 +117,13 @@ def test_bf16_reference_is_the_fp32_one_within_bf16_error(case):
 
 def bf16_attention_sources(target: str) -> list[str]:
     """The distinct flash kernel launches (without the prelude) of CASES and of bf16
-    models with grouped-query heads (llama; mqa: 4 query heads over 1) for `target`."""
+    models: with grouped-query heads (llama; mqa: 4 query heads over 1), and GPT-2's
+    layout (hipgpt: the backward stores into the QKV concatenation) for `target`."""
     codes = {}
     mqa = gptc.Spec(gptc.ModelSpec(vocab_size=101, seq_len=45, d_model=128, n_heads=4, n_kv_heads=1, n_layers=1),
                     gptc.TrainSpec(batch_size=2))
     graphs = [attention_graph(**case) for case in CASES.values()] + \
-        [gptc.build_graph(with_precision(spec, "bf16"), "train") for spec in (small("llama"), mqa)]
+        [gptc.build_graph(with_precision(spec, "bf16"), "train") for spec in (small("llama"), mqa, small("hipgpt"))]
     for graph in graphs:
         plan = make_plan(graph, True)
         launches = render_plan(plan, parse_target(target))
@@ -140,6 +141,9 @@ def test_bf16_flash_kernels_compile(target):
     assert all("bf16_to_float(float_to_bf16(" in c or "at_pack(" in c for c in codes), "P / dS rounded"
     # Forward and backward run on the matrix units on NVIDIA sm_80+ (mma.sync), SIMT elsewhere.
     assert all(("gptc_mma(" in c) == target.startswith("cuda") for c in codes)
+    # hipgpt's backward stores dq, dk, dv into its bf16 QKV concatenation, pairs of columns at once on the matrix units
+    assert any("gptc_store_pair(" in c for c in codes) == target.startswith("cuda")
+    assert any("= float_to_bf16(dq[" in c for c in codes) == target.startswith("hip")
     sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(codes[i:i + 6])),
                 f"attn_bf16_{i}") for i in range(0, len(codes), 6)]
     objects = compile_many(sources, parse_target(target))

@@ -31,7 +31,7 @@ from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
 
 POINTWISE_THREADS = 256
 POINTWISE_UNROLL = 4  # elements a thread computes before storing them (loads in flight)
-ROW_UNROLL = 4  # the same in a row kernel's loops that store full rows
+ROW_UNROLL = 4  # the same in a row kernel's loops over the row (steps of a pass unrolled, loads in flight)
 MAX_GRID = 65535 * 32
 
 
@@ -1368,17 +1368,24 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     dq, dk, dv = a.gradients()
     ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dk_transposed=dk == a.dk_t,
                store=lambda x: f"float_to_bf16({x})" if a.concat is not None and plan.buffer_of(a.concat).dtype == "bf16" else x)
+    grads = {}  # name -> where the matrix-unit kernel stores it: ptr, at (index of element c), pair
     if group > 1:  # dK, dV summed over the group: (.., Hkv, 1, S, D) at key/value head bhk
-        ctx.update(dq_ptr=em.arg(dq), dk_ptr=em.arg(dk), dv_ptr=em.arg(dv), dq_at=f"o_base + i * {dim} + c",
-                   dk_at=f"kv_base + j * {dim} + c", dv_at=f"kv_base + j * {dim} + c")
+        for name, node, at in (("dq", dq, f"o_base + i * {dim} + c"), ("dk", dk, f"kv_base + j * {dim} + c"),
+                               ("dv", dv, f"kv_base + j * {dim} + c")):
+            grads[name] = dict(ptr=em.arg(node), at=at, pair=dim % 2 == 0)
     for name, node, row in (("dq", dq, "i"), ("dk", dk, "j"), ("dv", dv, "j")) if group == 1 else ():
         # Each gradient per head, in its own buffer or at its place in the concatenation the
         # kernel stores instead (planner/attention.py); dK as dkᵀ, (.., D, S), unless
         # planning transposed that product (planner.transpose_products).
         buffer, (offset, strides) = (a.concat, a.places[node]) if a.concat is not None else (node, (0, contiguous(g.type(node).shape)))
         batch_lines.append(f"const idx_t {name}_base = {emit(add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])]))};")
-        first, second = ("c", row) if node == a.dk_t else (row, "c")
-        ctx.update({f"{name}_ptr": em.arg(buffer), f"{name}_at": f"{name}_base + {first} * {strides[-2]} + {second} * {strides[-1]}"})
+        transposed = node == a.dk_t
+        first, second = ("c", row) if transposed else (row, "c")
+        at = f"{name}_base + {first} * {strides[-2]} + {second} * {strides[-1]}"
+        # columns c, c + 1 side by side, and c even at an even element
+        pair = strides[-2 if transposed else -1] == 1 and dim % 2 == 0 and all(x % 2 == 0 for x in [offset, *strides[:-2], strides[-1 if transposed else -2]])
+        grads[name] = dict(ptr=em.arg(buffer), at=at, pair=pair)
+    ctx.update({f"{name}_{key}": value for name, out in grads.items() for key, value in out.items() if key != "pair"}, grads=grads)
     if a.bf16 and not a.prologue and _mma_sync(target):
         # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
         # (dQ) a block, the other side in double-buffered tiles of 64 (16 above head_dim
@@ -1403,8 +1410,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
 def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     """The alternatives to the codegen's choice of block size or tile for `kernel`, as
     `tuning` overrides for render_launch (the dev/ harness times them): pointwise and
-    scatter block sizes, threads per row and a row kernel's elements a thread a store
-    step, a thread or a block per reduced output, the matmul configurations the target
+    scatter block sizes, threads per row and a row kernel's unrolling (elements a thread
+    a step of its loops), a thread or a block per reduced output, the matmul configurations the target
     admits (attention tiles are fixed)."""
     g = plan.graph
     wave = target.wavefront
@@ -1415,7 +1422,7 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
                 if t % wave == 0 and t * floats * 4 < target.shared_mem]
     if kernel.family == "row":
         tprs = [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
-        return tprs + [{"unroll": u} for u in (1, 2, 8) if u != ROW_UNROLL]
+        return tprs + [{"unroll": u} for u in (1, 2, 8, 16) if u != ROW_UNROLL]
     if kernel.family == "reduce":
         axes = g.node(kernel.anchor)["attrs"]["axes"]
         return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
