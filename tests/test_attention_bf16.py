@@ -144,6 +144,9 @@ def test_bf16_flash_kernels_compile(target):
     # hipgpt's backward stores dq, dk, dv into its bf16 QKV concatenation, pairs of columns at once on the matrix units
     assert any("gptc_store_pair(" in c for c in codes) == target.startswith("cuda")
     assert any("= float_to_bf16(dq[" in c for c in codes) == target.startswith("hip")
+    # and its forward stores out's bf16 copy for the projection after it, beside out
+    assert any(c.count("o[dn][2 * h], o[dn][2 * h + 1]") == 2 for c in codes) == target.startswith("cuda")
+    assert any("= float_to_bf16(y);" in c for c in codes) == target.startswith("hip")
     sources = [(prelude() + "".join(f"namespace batch_{j} {{\n{code}}}\n" for j, code in enumerate(codes[i:i + 6])),
                 f"attn_bf16_{i}") for i in range(0, len(codes), 6)]
     objects = compile_many(sources, parse_target(target))

@@ -38,12 +38,6 @@ def scope_kernels(plan, predicate) -> list:
     return [k for k in plan.kernels if any(predicate(g.node(n)["scope"]) for n in k.nodes)]
 
 
-def view_base(g, nid: int) -> int:
-    while g.op(nid) in ("reshape", "permute", "slice", "broadcast", "pad"):
-        (nid,) = g.inputs_of(nid)
-    return nid
-
-
 def forward_scope(name: str):
     return lambda scope: scope.split("/")[-1] == name
 
@@ -103,7 +97,7 @@ def test_swiglu_product_is_computed_in_matmul_loads(mode, options):
     product = [k for k in kernels if any(g.node(n)["scope"].endswith("/swiglu") and g.op(n) == "mul" for n in k.nodes)]
     assert len(product) == m.n_layers * (2 if mode == "train" else 1)
     for k in product:  # an operand of the kernel's matmul is computed in the kernel itself
-        bases = [view_base(g, operand) for operand in g.inputs_of(k.anchor)]
+        bases = [g.view_base(operand) for operand in g.inputs_of(k.anchor)]
         assert g.op(k.anchor) == "matmul" and any(b in k.nodes for b in bases)
     # Backward: the gate's and the up's gradients are concatenated (pad + add) in the
     # loads of the matmuls and the bias reduction that read the projection's gradient.

@@ -154,12 +154,11 @@ def test_rope_is_fused_into_the_flash_attention_kernels(fraction):
 def test_prefill_fuses_the_query_rotation():
     """Prefill stores the rotated keys into the KV cache, so only q's rope joins the
     attention kernel (k's is computed once, by the kernel that writes the cache)."""
-    from gptc.compiler.planner.schedule import view_base
     plan = make_plan(build_graph(rope_spec(0.5), "prefill", batch=2), True)
     attention = [k for k in plan.kernels if k.family == "attention"]
     assert len(attention) == 2
     for k in attention:
-        q_rope, k_rope = (view_base(plan.graph, o) for o in (k.attention.q, k.attention.k_t))
+        q_rope, k_rope = (plan.graph.view_base(o) for o in (k.attention.q, k.attention.k_t))
         assert q_rope in k.attention.prologue and q_rope not in plan.buffers
         assert k_rope not in k.attention.prologue and k_rope in k.reads
 

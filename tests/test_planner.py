@@ -376,12 +376,13 @@ def test_online_sums_pair_with_one_max_each():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_attention_backward_stores_into_the_qkv_concatenation(precision):
+def test_flash_kernels_store_where_their_readers_read(precision):
     """The gradients of q, k and v, sliced out of one QKV projection, are read only as
     their concatenation (the slices' VJP: pads and adds; in bf16 cast for the
     projection's backward matmuls): the flash backward stores each at its place in it
-    and no other kernel assembles it. The places, applied to the reference's values of
-    dq, dk, dv, rebuild the concatenation it computes."""
+    and no other kernel assembles it. In bf16 the forward stores out's cast too. The
+    places, applied to the reference's values of dq, dk, dv (out), rebuild the
+    concatenation (the cast) it computes."""
     from gptc.models import init_params
     from gptc.runtime.reference import run_graph
     spec = gptc.preset("tiny")
@@ -407,3 +408,16 @@ def test_attention_backward_stores_into_the_qkv_concatenation(precision):
             place[...] = values[grad]
         np.testing.assert_allclose(assembled, values[a.concat], rtol=2 ** -8)
         assert a.concat_nodes <= set(kernel.nodes)   # the adds (and cast) that assembled it
+    # The forward stores out's bf16 copy (for the projection after it) at out's place in it.
+    for kernel in [k for k in plan.kernels if k.family == "attention"]:
+        a = kernel.attention
+        assert (a.copy is not None) == (precision == "bf16")
+        if a.copy is None:
+            continue
+        assert a.copy in kernel.roots and g.type(a.copy).dtype == "bf16"
+        assert not [k for k in plan.kernels if k is not kernel and a.copy in k.nodes]
+        offset, strides = a.copy_place
+        copy = np.full(g.type(a.copy).shape, np.nan)
+        np.lib.stride_tricks.as_strided(copy.reshape(-1)[offset:], g.type(a.out).shape,
+                                        [st * copy.itemsize for st in strides])[...] = values[a.out]
+        np.testing.assert_allclose(copy, values[a.copy], rtol=2 ** -8)

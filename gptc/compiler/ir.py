@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 
 from gptc.compiler.ops import OPS, ShapeError, TensorType
-from gptc.compiler.ops.registry import FLOAT_DTYPES
+from gptc.compiler.ops.registry import FLOAT_DTYPES, VIEW
 
 __all__ = ["Graph", "Tensor", "TensorType", "broadcast_shapes"]
 
@@ -200,6 +200,12 @@ class Graph:
 
     def users(self, nid: int) -> list[int]:
         return sorted(self.nx.successors(nid))
+
+    def view_base(self, nid: int) -> int:
+        """The node a chain of views reads (`nid` itself if it is no view)."""
+        while OPS[self.op(nid)].kind == VIEW:
+            nid = self.inputs_of(nid)[0]
+        return nid
 
     def topo_order(self) -> list[int]:
         # Ties broken by node id, so the order (and all generated code) is deterministic.

@@ -27,7 +27,7 @@ from gptc.compiler.ops.decode import chunk_of
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.ops.sample import STREAM
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
-from gptc.compiler.planner.schedule import KernelPlan, Plan, view_base
+from gptc.compiler.planner.schedule import KernelPlan, Plan
 
 POINTWISE_THREADS = 256
 POINTWISE_UNROLL = 4  # elements a thread computes before storing them (loads in flight)
@@ -488,7 +488,13 @@ def _online_sum(g, r: int, group: list[int]) -> int | None:
     if g.op(b) != "broadcast":
         return None
     (m,) = g.inputs_of(b)
-    return m if m in group and g.op(m) == "max" and g.inputs_of(m)[0] == x else None
+    return m if m in group and g.op(m) == "max" and _same_value(g, g.inputs_of(m)[0], x) else None
+
+
+def _same_value(g, a: int, b: int) -> bool:
+    """`a` and `b` are one value: the same node, or casts of one node to one dtype (the
+    precision pass gives each reader of a bf16 copy its own widening cast)."""
+    return a == b or (g.op(a) == g.op(b) == "cast" and g.inputs_of(a) == g.inputs_of(b) and g.type(a) == g.type(b))
 
 
 def _reduce(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], tuning: dict):
@@ -1300,7 +1306,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     # tolerance (and delta needs neither P nor a second pass over the keys).
 
     def operand(name: str, nid: int, transpose: bool = False) -> None:
-        if view_base(g, nid) in a.prologue:
+        if g.view_base(nid) in a.prologue:
             prologue_operand(name, nid, transpose)
             return
         buf, offset, strides = _operand_layout(plan, nid)
@@ -1349,7 +1355,13 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     log2_scale = repr(float(a.scale) * math.log2(math.e)) + "f"  # the matrix-unit kernels' scores in log2 units (exp2)
     if kernel.family == "attention":
         stats = a.m in kernel.roots
-        ctx.update(out=em.arg(a.out), store_stats=stats)
+        ctx.update(out=em.arg(a.out), store_stats=stats, copy=None, pair=dim % 2 == 0)
+        if a.copy is not None:  # out's bf16 copy too, at out's place in it (planner/attention.py)
+            offset, strides = a.copy_place
+            batch_lines.append(f"const idx_t copy_base = {emit(add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])]))};")
+            ctx["copy"] = dict(ptr=em.arg(a.copy), at=f"copy_base + i * {strides[-2]} + c * {strides[-1]}")
+            # the matrix-unit kernel stores a lane's two adjacent columns at once where both outputs allow
+            ctx["pair"] = ctx["pair"] and strides[-1] == 1 and all(x % 2 == 0 for x in [offset, *strides[:-1]])
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
         if a.bf16 and not a.prologue and _mma_sync(target):

@@ -37,7 +37,9 @@ in the scopes ".../softmax/bf16" (".../dropout/bf16" with dropout) and "...#bwd/
 The matcher looks through those casts (they join the match) and records `bf16`: the
 kernels then read bf16 operands and round P and dS to bf16 where the casts are.
 The cast of out itself (for the projection that reads it, in ".../causal_attention/bf16")
-is not the kernels': it stays in the generic fusion."""
+is stored by the forward kernel as well, where nothing else outside the match reads out
+(`_match_copy`); likewise the backward stores dq, dk, dv straight into the QKV
+concatenation that reads them (`_match_concat`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,6 +99,11 @@ class AttentionMatch:
     concat: int | None = None
     concat_nodes: set[int] = field(default_factory=set)
     places: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+    # out's bf16 copy (the precision pass's cast, for the projection after it), which the
+    # forward stores too when nothing else outside the match reads out: the cast node and
+    # out's place in it (offset, strides).
+    copy: int | None = None
+    copy_place: tuple[int, list[int]] | None = None
 
     def gradients(self) -> list[int]:
         """dq, dk (dkᵀ or dk) and dv as the backward kernel computes them."""
@@ -166,8 +173,32 @@ def find_attention(graph: Graph, is_free) -> list[AttentionMatch]:
                 match.prologue |= _prologue(graph, operand, region, is_free)
             if match.backward and match.group == 1:
                 _match_concat(graph, match)
+            _match_copy(graph, match)
             matches.append(match)
     return matches
+
+
+def _match_copy(graph: Graph, match: AttentionMatch) -> None:
+    """When out is read outside the match only by its bf16 cast (through permutes and
+    reshapes: the precision pass casts it in the order the projection after it reads
+    it), the forward kernel stores that cast too, at out's place in it, and no other
+    kernel reads out to make it."""
+    region = match.forward | match.backward
+    readers, stack = [], [(u, []) for u in graph.users(match.out)]
+    while stack:
+        node, chain = stack.pop()
+        if OPS[graph.op(node)].kind == VIEW:
+            stack.extend((u, chain + [node]) for u in graph.users(node))
+        elif node not in region:
+            readers.append((node, chain))
+    if len(readers) != 1 or match.out in graph.roots():
+        return
+    ((cast, chain),) = readers
+    if graph.op(cast) != "cast" or graph.type(cast).dtype != "bf16" or any(n in graph.roots() for n in chain):
+        return
+    place = _place(graph, match.out, chain, graph.type(cast).shape)
+    if place is not None:
+        match.copy, match.copy_place = cast, place
 
 
 def _match_concat(graph: Graph, match: AttentionMatch) -> None:

@@ -297,7 +297,8 @@ class Fuser:
         g = self.graph
         if self.fuse:
             for match in find_attention(g, lambda n: is_free(g, n, self.free)):
-                self._claim(Group(ATTENTION, match.out, match.forward | match.prologue, match))
+                copy = {match.copy} if match.copy is not None else set()
+                self._claim(Group(ATTENTION, match.out, match.forward | match.prologue | copy, match))
                 if match.backward:
                     self._claim(Group(ATTENTION_BWD, match.stores()[-1], match.backward | match.concat_nodes, match))
         for nid in reversed(g.topo_order()):
@@ -428,6 +429,11 @@ class Fuser:
             if user_kind in (MATMUL, DEDICATED) or (user_kind == GATHER and g.inputs_of(user)[0] == read):
                 return None
         kind = OPS[g.op(nid)].kind
+        if g.op(nid) == "cast" and g.type(nid).dtype == "bf16":
+            # A bf16 copy (compiler/precision.py) is stored, at half the bytes, by the kernel
+            # that computes its source (merged there after); a consumer computing it from the
+            # f32 value would have that value stored instead (the logits cross-entropy reads).
+            return None
         if kind == REDUCE:
             space = row_space(g, nid)
             if space is None or group.family not in (ROW, POINTWISE):
@@ -498,8 +504,8 @@ class Fuser:
                     kind == ELEMENTWISE and padded_row(g.type(n).shape, space))):
                 return False
         for n, consumer, chain in self._internal_chains(nodes):
-            if not chain:
-                continue
+            if all(g.op(v) == "reshape" and g.type(v).shape == g.type(n).shape for v in chain):
+                continue  # no view at all (a reshape to the same shape: cross-entropy's rows of 2-D logits)
             view = chain[0]
             if len(chain) == 1 and g.op(view) == "broadcast" and g.type(n).shape == reduced and g.type(view).shape == space:
                 continue

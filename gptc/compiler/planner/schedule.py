@@ -259,27 +259,21 @@ def _batch(graph: Graph, kernels: list[KernelPlan], order: list[int],
 
 
 def _attention_io(graph: Graph, grp: Group) -> tuple[list[int], list[int]]:
-    """The flash kernels store only out (and m, s for the backward pass) and
+    """The flash kernels store only out (and m, s for the backward pass; its bf16 copy
+    where they make it) or the gradients of q, k, v (or their concatenation), and
     recompute everything else from their operands (and q and k from their prologue's
     inputs)."""
     a = grp.attention
     operands = [a.q, a.k_t, a.v] + ([a.out, a.m, a.s, a.d_out] if grp.family == "attention_bwd" else []) \
         + ([a.dropout.step] if a.dropout else [])
     # A prologue's inputs instead of the q or k it computes.
-    bases = {view_base(graph, o) for o in operands} - a.prologue
+    bases = {graph.view_base(o) for o in operands} - a.prologue
     reads = sorted(bases | set(reads_of(graph, a.prologue, {})))
     if grp.family == "attention":
-        roots = [a.out] + ([a.m, a.s] if a.backward else [])
+        roots = [a.out] + ([a.m, a.s] if a.backward else []) + ([a.copy] if a.copy is not None else [])
     else:
         roots = a.stores()
     return roots, reads
-
-
-def view_base(graph: Graph, nid: int) -> int:
-    """The buffered node a chain of views reads."""
-    while OPS[graph.op(nid)].kind == VIEW:
-        nid = graph.inputs_of(nid)[0]
-    return nid
 
 
 def _check_in_place(graph: Graph, kernel: KernelPlan, old: int, new: int, free: dict[int, bool]) -> None:
