@@ -52,26 +52,32 @@ def apply_precision(graph: Graph, precision: str) -> None:
             if graph.type(operand).dtype == "f32":
                 graph.rewire(operand, _bf16(graph, operand, copies), nid)
     _bias_gradients_read_bf16(graph, copies)
-    _logits_read_bf16(graph, copies)
+    _linear_outputs_read_bf16(graph, copies)
 
 
-def _logits_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
-    """Cross-entropy reads its logits as autocast's output layer gives them, rounded to
-    bf16, and computes the loss and its gradient from them in f32 (autocast's
-    cross_entropy casts its input to f32): the output layer's product, the largest
-    activation of a small model (gpt2: 8192 x 50257), is then stored in bf16 only,
-    written once and read twice (the loss, its gradient) at half the bytes. The gradient
-    flows to the unrounded product unchanged, as through autocast's casts. Each reader
-    (seen through views) widens the copy itself, so the widening joins its kernel."""
+# The composites that read a linear layer's output as autocast's linear gives it, rounded
+# to bf16 (and compute in fp32 from it): cross-entropy (the logits: autocast's
+# cross_entropy casts its input to fp32) and the MLP's activation functions.
+READS_ROUNDED = ("cross_entropy", "gelu", "swiglu")
+
+
+def _linear_outputs_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
+    """The output of a linear layer that cross-entropy or an activation function reads
+    (READS_ROUNDED) is read rounded to bf16, so the layer's kernel stores its bf16 copy
+    only: gpt2's logits (8192 x 50257, the largest activation of a small model, written
+    once and read twice) and the MLP's pre-activation that the backward reads, at half
+    the bytes. Gradients flow to the unrounded output unchanged, as through autocast's
+    casts. Each reader (seen through views) widens the copy itself, so the widening
+    joins the reader's kernel."""
     for nid in list(graph.nx.nodes):
-        if not _in_scope(graph, nid, "cross_entropy") or OPS[graph.op(nid)].kind == VIEW:
+        if OPS[graph.op(nid)].kind == VIEW or not any(_in_scope(graph, nid, c) for c in READS_ROUNDED):
             continue
         for x in dict.fromkeys(graph.inputs_of(nid)):
             base = graph.view_base(x)
-            if graph.type(x).dtype != "f32" or OPS[graph.op(base)].kind == SOURCE or _in_scope(graph, base, "cross_entropy"):
+            if graph.type(x).dtype != "f32" or not _in_scope(graph, base, "linear") or graph.node(base)["scope"].endswith("#bwd"):
                 continue
             with graph.replace_scope(graph.node(nid)["scope"]):
-                rounded = graph.add("cast", [_bf16(graph, x, copies)], dtype="f32")
+                rounded = graph.add("cast", [_bf16(graph, x, copies, aligned=False)], dtype="f32")
             graph.rewire(x, rounded, nid)
 
 
@@ -112,20 +118,22 @@ def _in_attention(graph: Graph, nid: int) -> bool:
     return any(_in_scope(graph, nid, scope) for scope in ATTENTION_SCOPES)
 
 
-def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
+def _bf16(graph: Graph, nid: int, copies: dict[int, int], aligned: bool = True) -> int:
     """The bf16 counterpart of `nid`: for a view, the same view of its source's
     counterpart; for a value, its cast (one per value), in the value's scope + "/bf16",
     so its kernel traces back to the producer while scope-based matchers (attention)
-    do not take it for one of their own nodes."""
+    do not take it for one of their own nodes. `aligned`: rows padded for the matrix
+    units where _cast_aligned pads them (a copy no matmul reads needs no padding, and
+    the matmul that computes its value stores it unpadded, in its epilogue)."""
     if nid not in copies:
         node = graph.node(nid)
         if OPS[node["op"]].kind == VIEW and not _read_permuted(graph, nid):
-            src = _bf16(graph, graph.inputs_of(nid)[0], copies)
+            src = _bf16(graph, graph.inputs_of(nid)[0], copies, aligned)
             with graph.replace_scope(node["scope"]):
                 copies[nid] = graph.add(node["op"], [src], **node["attrs"])
         else:
             with graph.replace_scope(f"{node['scope']}/bf16" if node["scope"] else "bf16"):
-                copies[nid] = _cast_aligned(graph, nid)
+                copies[nid] = _cast_aligned(graph, nid) if aligned else graph.add("cast", [nid], dtype="bf16")
     return copies[nid]
 
 
