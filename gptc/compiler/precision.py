@@ -56,19 +56,20 @@ def apply_precision(graph: Graph, precision: str) -> None:
 
 
 # The composites that read a linear layer's output as autocast's linear gives it, rounded
-# to bf16 (and compute in fp32 from it): cross-entropy (the logits: autocast's
-# cross_entropy casts its input to fp32) and the MLP's activation functions.
-READS_ROUNDED = ("cross_entropy", "gelu", "swiglu")
+# to bf16, and compute in fp32 from it: cross-entropy (the logits; autocast's
+# cross_entropy casts its input to fp32). Not the MLP's activation functions: reading
+# their pre-activation rounded made the matmuls that store and read it slower on an H200
+# (gpt2: GELU forward 1.41 -> 1.64 ms a step, backward 1.66 -> 1.72; README, 5b681c7).
+READS_ROUNDED = ("cross_entropy",)
 
 
 def _linear_outputs_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
-    """The output of a linear layer that cross-entropy or an activation function reads
-    (READS_ROUNDED) is read rounded to bf16, so the layer's kernel stores its bf16 copy
-    only: gpt2's logits (8192 x 50257, the largest activation of a small model, written
-    once and read twice) and the MLP's pre-activation that the backward reads, at half
-    the bytes. Gradients flow to the unrounded output unchanged, as through autocast's
-    casts. Each reader (seen through views) widens the copy itself, so the widening
-    joins the reader's kernel."""
+    """The output of a linear layer that a READS_ROUNDED composite reads is read rounded
+    to bf16, so the layer's kernel stores its bf16 copy only: gpt2's logits (8192 x
+    50257, the largest activation of a small model, written once and read twice: the
+    loss, its gradient) at half the bytes. Gradients flow to the unrounded output
+    unchanged, as through autocast's casts. Each reader (seen through views) widens the
+    copy itself, so the widening joins the reader's kernel."""
     for nid in list(graph.nx.nodes):
         if OPS[graph.op(nid)].kind == VIEW or not any(_in_scope(graph, nid, c) for c in READS_ROUNDED):
             continue
