@@ -421,3 +421,31 @@ def test_flash_kernels_store_where_their_readers_read(precision):
         np.lib.stride_tricks.as_strided(copy.reshape(-1)[offset:], g.type(a.out).shape,
                                         [st * copy.itemsize for st in strides])[...] = values[a.out]
         np.testing.assert_allclose(copy, values[a.copy], rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("gap", [0, 8])
+def test_qkv_gradients_that_do_not_tile_their_tensor_are_stored_on_their_own(gap):
+    """q, k, v sliced out of one (B, S, 3E + gap) tensor, `gap` columns left between k and
+    v: with no gap their gradients' sum is a concatenation, which the flash backward
+    stores into; with one, the sum has zeros the pieces do not cover, and the gradients
+    are stored as they are (another kernel adds them)."""
+    from gptc.compiler.autodiff import gradients
+    from gptc.compiler.ir import Graph
+    batch, seq, heads, dim = 2, 37, 2, 16
+    width = heads * dim
+    g = Graph()
+    qkv = g.param("qkv", (batch, seq, 3 * width + gap))
+    parts = [qkv.slice(2, start, start + width) for start in (0, width, 2 * width + gap)]
+    q, k, v = (p.reshape(batch, seq, heads, dim).permute(0, 2, 1, 3) for p in parts)
+    y = gptc.dsl.causal_attention(q, k, v)
+    loss = (y * g.input("r", (batch, heads, seq, dim))).sum()
+    g.output("loss", loss)
+    g.output("dqkv", gradients(loss, [qkv])[0])
+    plan = make_plan(g, True)
+    (backward,) = [k for k in plan.kernels if k.family == "attention_bwd"]
+    a = backward.attention
+    if gap:
+        assert a.concat is None and set(backward.roots) == set(a.gradients())
+    else:
+        assert a.concat is not None and backward.roots == [a.concat]
+        assert sorted(offset for offset, _ in a.places.values()) == [0, width, 2 * width]
