@@ -423,19 +423,19 @@ def test_flash_kernels_store_where_their_readers_read(precision):
         np.testing.assert_allclose(copy, values[a.copy], rtol=2 ** -8)
 
 
-@pytest.mark.parametrize("gap", [0, 8])
-def test_qkv_gradients_that_do_not_tile_their_tensor_are_stored_on_their_own(gap):
+@pytest.mark.parametrize("gap,at_end", [(0, False), (8, False), (8, True)], ids=["none", "between", "at_end"])
+def test_qkv_gradients_that_do_not_tile_their_tensor_are_stored_on_their_own(gap, at_end):
     """q, k, v sliced out of one (B, S, 3E + gap) tensor, `gap` columns left between k and
-    v: with no gap their gradients' sum is a concatenation, which the flash backward
-    stores into; with one, the sum has zeros the pieces do not cover, and the gradients
-    are stored as they are (another kernel adds them)."""
+    v (or after v): with no gap their gradients' sum is a concatenation, which the flash
+    backward stores into; with one, the sum has zeros the pieces do not cover, and the
+    gradients are stored as they are (another kernel adds them)."""
     from gptc.compiler.autodiff import gradients
     from gptc.compiler.ir import Graph
     batch, seq, heads, dim = 2, 37, 2, 16
     width = heads * dim
     g = Graph()
     qkv = g.param("qkv", (batch, seq, 3 * width + gap))
-    parts = [qkv.slice(2, start, start + width) for start in (0, width, 2 * width + gap)]
+    parts = [qkv.slice(2, start, start + width) for start in (0, width, 2 * width + (0 if at_end else gap))]
     q, k, v = (p.reshape(batch, seq, heads, dim).permute(0, 2, 1, 3) for p in parts)
     y = gptc.dsl.causal_attention(q, k, v)
     loss = (y * g.input("r", (batch, heads, seq, dim))).sum()

@@ -233,23 +233,26 @@ def _match_concat(graph: Graph, match: AttentionMatch) -> None:
         top = node
     if len(adds) != len(leaves) - 1 or any(set(graph.inputs_of(a)) - adds - set(leaves) for a in adds):
         return
-    spans = sorted((graph.node(pad)["attrs"]["before"], graph.type(graph.inputs_of(pad)[0]).shape, pad) for pad in leaves)
+    shape = graph.type(top).shape
     axes = {graph.node(pad)["attrs"]["axis"] for pad in leaves}
-    if len(axes) != 1:
+    if len(axes) != 1 or any(graph.type(pad).shape != shape for pad in leaves):
         return
     (axis,) = axes
+    spans = sorted((graph.node(pad)["attrs"]["before"], graph.type(graph.inputs_of(pad)[0]).shape[axis]) for pad in leaves)
     end = 0
-    for before, shape, _ in spans:
+    for before, size in spans:
         if before != end:
             return   # the pieces must tile the axis: a concatenation, each element from one of them
-        end += shape[axis]
+        end += size
+    if end != shape[axis]:
+        return
     stored = top
     users = graph.users(top)
     if top not in roots and len(users) == 1 and graph.op(users[0]) == "cast" and graph.type(users[0]).dtype == "bf16":
         stored = users[0]
     places = {}
     for pad, (grad, chain) in leaves.items():
-        place = _place(graph, grad, chain, graph.type(top).shape)
+        place = _place(graph, grad, chain, shape)
         if place is None:
             return
         places[grad] = place
@@ -257,8 +260,8 @@ def _match_concat(graph: Graph, match: AttentionMatch) -> None:
     match.concat_nodes = adds | {stored}
 
 
-def _place(graph: Graph, grad: int, chain: list[int], shape: tuple[int, ...]) -> tuple[int, list[int]] | None:
-    """(offset, strides) of `grad` inside a contiguous buffer of `shape` that `chain`
+def _place(graph: Graph, value: int, chain: list[int], shape: tuple[int, ...]) -> tuple[int, list[int]] | None:
+    """(offset, strides) of `value` inside a contiguous buffer of `shape` that `chain`
     (permutes, reshapes, a pad last) places it in, or None if it is not a strided view
     of it: the chain's inverse (slice, the inverse permutes, reshapes back), read from
     the buffer."""
