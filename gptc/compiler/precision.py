@@ -14,6 +14,8 @@ model, autodiff, optimizer, precision, collectives, planning).
   casts of the updated params, computed per step), AdamW moments and the optimizer,
   reductions (norm statistics, softmax, cross-entropy, the gradient norm), embeddings
   (gathers), pointwise ops.
+- cross-entropy reads the logits rounded to bf16, as autocast's output layer gives them
+  (READS_ROUNDED), computing in f32 from them: the output layer stores them in bf16.
 - causal attention (dsl.causal_attention) too, as torch's flash attention: q, k, v and
   the output's gradient dO are cast once, and inside the scope the probabilities P (the
   operand of P·V and of dV = Pᵀ·dO) and the scores' gradient dS (of dQ = dS·K and

@@ -1351,17 +1351,26 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         batch_lines.append(f"const uint32_t drop_step = (uint32_t)(int){em.arg(d.step)}[0];")
         keep = philox_uniform(d.seed, d.stream, "drop_step", f"((uint64_t)(bh * {seq} + i) * {seq} + j)")
         ctx["dropout"] = dict(keep=f"{keep} >= {c_literal(d.threshold, 'f32')}", scale=c_literal(d.scale, "f32"))
+    def stored_at(name: str, place: tuple[int, list[int]], row: str, transposed: bool = False) -> tuple[str, bool]:
+        """The index of element (row, c) of a per-head output stored at `place` (offset,
+        strides over its (.., S, D) axes, or (.., D, S) `transposed`) in its buffer, whose
+        base the batch lines compute; and whether columns c, c + 1 (c even) lie side by
+        side at an even element, so one store takes both (gptc_store_pair)."""
+        offset, strides = place
+        batch_lines.append(f"const idx_t {name}_base = {emit(add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])]))};")
+        first, second = ("c", row) if transposed else (row, "c")
+        column, other = (strides[-2], strides[-1]) if transposed else (strides[-1], strides[-2])
+        pair = column == 1 and dim % 2 == 0 and all(x % 2 == 0 for x in [offset, *strides[:-2], other])
+        return f"{name}_base + {first} * {strides[-2]} + {second} * {strides[-1]}", pair
+
     env = _environment()
     log2_scale = repr(float(a.scale) * math.log2(math.e)) + "f"  # the matrix-unit kernels' scores in log2 units (exp2)
     if kernel.family == "attention":
         stats = a.m in kernel.roots
         ctx.update(out=em.arg(a.out), store_stats=stats, copy=None, pair=dim % 2 == 0)
         if a.copy is not None:  # out's bf16 copy too, at out's place in it (planner/attention.py)
-            offset, strides = a.copy_place
-            batch_lines.append(f"const idx_t copy_base = {emit(add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])]))};")
-            ctx["copy"] = dict(ptr=em.arg(a.copy), at=f"copy_base + i * {strides[-2]} + c * {strides[-1]}")
-            # the matrix-unit kernel stores a lane's two adjacent columns at once where both outputs allow
-            ctx["pair"] = ctx["pair"] and strides[-1] == 1 and all(x % 2 == 0 for x in [offset, *strides[:-1]])
+            at, pair = stored_at("copy", a.copy_place, "i")
+            ctx.update(copy=dict(ptr=em.arg(a.copy), at=at), pair=pair)
         if stats:
             ctx.update(m_ptr=em.arg(a.m), s_ptr=em.arg(a.s))
         if a.bf16 and not a.prologue and _mma_sync(target):
@@ -1389,13 +1398,8 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         # Each gradient per head, in its own buffer or at its place in the concatenation the
         # kernel stores instead (planner/attention.py); dK as dkᵀ, (.., D, S), unless
         # planning transposed that product (planner.transpose_products).
-        buffer, (offset, strides) = (a.concat, a.places[node]) if a.concat is not None else (node, (0, contiguous(g.type(node).shape)))
-        batch_lines.append(f"const idx_t {name}_base = {emit(add(offset, *[mul(zi, st) for zi, st in zip(z, strides[:-2])]))};")
-        transposed = node == a.dk_t
-        first, second = ("c", row) if transposed else (row, "c")
-        at = f"{name}_base + {first} * {strides[-2]} + {second} * {strides[-1]}"
-        # columns c, c + 1 side by side, and c even at an even element
-        pair = strides[-2 if transposed else -1] == 1 and dim % 2 == 0 and all(x % 2 == 0 for x in [offset, *strides[:-2], strides[-1 if transposed else -2]])
+        buffer, place = (a.concat, a.places[node]) if a.concat is not None else (node, (0, contiguous(g.type(node).shape)))
+        at, pair = stored_at(name, place, row, transposed=node == a.dk_t)
         grads[name] = dict(ptr=em.arg(buffer), at=at, pair=pair)
     ctx.update({f"{name}_{key}": value for name, out in grads.items() for key, value in out.items() if key != "pair"}, grads=grads)
     if a.bf16 and not a.prologue and _mma_sync(target):
@@ -1423,8 +1427,8 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     """The alternatives to the codegen's choice of block size or tile for `kernel`, as
     `tuning` overrides for render_launch (the dev/ harness times them): pointwise and
     scatter block sizes, threads per row and a row kernel's unrolling (elements a thread
-    a step of its loops), a thread or a block per reduced output, the matmul configurations the target
-    admits (attention tiles are fixed)."""
+    a step of its loops), a thread or a block per reduced output, the matmul
+    configurations the target admits (attention tiles are fixed)."""
     g = plan.graph
     wave = target.wavefront
     if kernel.family in ("pointwise", "scatter", "kv_write", "decode_attention", "decode_combine"):
