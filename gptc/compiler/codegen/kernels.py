@@ -1389,7 +1389,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
     dq, dk, dv = a.gradients()
     ctx.update(out=em.arg(a.out), m_ptr=em.arg(a.m), s_ptr=em.arg(a.s), dk_transposed=dk == a.dk_t,
                store=lambda x: f"float_to_bf16({x})" if a.concat is not None and plan.buffer_of(a.concat).dtype == "bf16" else x)
-    grads = {}  # name -> where the matrix-unit kernel stores it: ptr, at (index of element c), pair
+    grads = {}  # name -> where the kernels store it: ptr, at (element c), pair (two columns a store)
     if group > 1:  # dK, dV summed over the group: (.., Hkv, 1, S, D) at key/value head bhk
         for name, node, at in (("dq", dq, f"o_base + i * {dim} + c"), ("dk", dk, f"kv_base + j * {dim} + c"),
                                ("dv", dv, f"kv_base + j * {dim} + c")):
@@ -1401,7 +1401,7 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
         buffer, place = (a.concat, a.places[node]) if a.concat is not None else (node, (0, contiguous(g.type(node).shape)))
         at, pair = stored_at(name, place, row, transposed=node == a.dk_t)
         grads[name] = dict(ptr=em.arg(buffer), at=at, pair=pair)
-    ctx.update({f"{name}_{key}": value for name, out in grads.items() for key, value in out.items() if key != "pair"}, grads=grads)
+    ctx["grads"] = grads
     if a.bf16 and not a.prologue and _mma_sync(target):
         # On the matrix units (attention_mma_bwd.hip.j2): 64 keys (dK, dV) or 64 queries
         # (dQ) a block, the other side in double-buffered tiles of 64 (16 above head_dim
