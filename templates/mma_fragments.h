@@ -134,6 +134,38 @@ __device__ __forceinline__ void gptc_copy_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
 __device__ __forceinline__ void gptc_copy_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// The barrier's current phase also waits for `bytes` more to land by TMA (complete_tx):
+// with or without this thread's arrival.
+__device__ __forceinline__ void gptc_mbarrier_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void gptc_mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// A TMA tensor map (CUtensorMap: 128 opaque bytes the host encodes with
+// cuTensorMapEncodeTiled, gptc/runtime/cuda.py), passed by value as a __grid_constant__
+// kernel parameter; the copies name it by its generic address.
+struct alignas(64) gptc_tensor_map { unsigned long long opaque[16]; };
+// One box of a tensor map at element coordinates c (innermost first; those past the
+// tensor's extent read as zeros) into shared memory at dst (1024-byte aligned: the
+// 128-byte swizzle of the map is the one gptc_wgmma_desc names); the barrier's
+// transaction count drops by the box's bytes when they land.
+template <int R> __device__ __forceinline__ void gptc_tma_load(uint32_t dst, const gptc_tensor_map* map, uint32_t bar,
+                                                             int c0, int c1, int c2 = 0, int c3 = 0, int c4 = 0) {
+  const uint64_t m = reinterpret_cast<uint64_t>(map);
+  if constexpr (R == 2)
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 :: "r"(dst), "l"(m), "r"(c0), "r"(c1), "r"(bar) : "memory");
+  else if constexpr (R == 3)
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 :: "r"(dst), "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+  else if constexpr (R == 4)
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 :: "r"(dst), "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+  else
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n"
+                 :: "r"(dst), "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar) : "memory");
+}
 // 8 bf16 of a row aligned to V elements only (no 16-byte cp.async): 8/V loads of V
 // elements, all in flight, then one 16-byte shared store; element by element (zeros
 // past `valid`) at the matrix's edge. Plain stores: gptc_mbarrier_arrive covers them.

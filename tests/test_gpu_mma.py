@@ -164,7 +164,8 @@ def test_every_tile(device, rng):
     not only its choice, on a batched product at sizes no tile divides with a fused
     epilogue (bias, GELU, residual, bf16 store), outputs poisoned. K = 328: rows 16-byte
     aligned, five whole slabs of 64 and a partial one, so both the whole-chunk copies
-    (matmul_stage.hip.j2 stage_whole) and the checked ones run."""
+    (matmul_stage.hip.j2 stage_whole) and the checked ones run; on wgmma each tile both
+    with TMA (boxes past the matrix read as zeros) and with cp.async staging."""
     from gptc.compiler.codegen.kernels import render_launch, tunings
     from gptc.runtime.build import plan_table
     from gptc.runtime.device import compile_many
@@ -187,6 +188,8 @@ def test_every_tile(device, rng):
     variants = [t for t in tunings(plan, kernels[0], device.target) if "mma" in t]
     if not variants:
         pytest.skip(f"{device.target.name} has no matrix-unit matmul")
+    if _mma_kind(device.target) == "wgmma":  # each tile with its operands staged by TMA (the default), and by cp.async
+        variants += [{**t, "tma": False} for t in variants]
     base = render_plan(plan, device.target)
     sources = [render_launch(plan, kernels, device.target, t) for t in variants]
     codes = compile_many([(s.code, s.symbol, (), s.origin) for s in sources + base], device.target)
@@ -204,4 +207,4 @@ def test_every_tile(device, rng):
         try:
             check(out, ref, bound, True)
         except AssertionError as e:
-            raise AssertionError(f"tile {tuning['mma']}: {e}") from None
+            raise AssertionError(f"tile {tuning['mma']}{' (cp.async)' if 'tma' in tuning else ''}: {e}") from None

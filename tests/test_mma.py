@@ -10,8 +10,8 @@ import re
 import pytest
 
 from gptc import dsl
-from gptc.compiler.codegen.kernels import (_mma_config, _mma_kind, _mma_legal, _mma_smem_bytes, _mma_stages,
-                                           _mma_tiles, _mma_vector, prelude, render_plan)
+from gptc.compiler.codegen.kernels import (TensorMap, _mma_config, _mma_kind, _mma_legal, _mma_smem_bytes,
+                                           _mma_stages, _mma_tiles, _mma_vector, prelude, render_launch, render_plan)
 from gptc.compiler.ir import Graph
 from gptc.compiler.planner import make_plan
 from gptc.runtime.device import compile_many
@@ -42,8 +42,13 @@ def layouts_graph(bf16: bool = True) -> Graph:
     return g
 
 
-def mma_kernels(target: str, bf16: bool = True):
-    return [k for k in render_plan(make_plan(layouts_graph(bf16), True), parse_target(target)) if k.family == "matmul"]
+def mma_kernels(target: str, bf16: bool = True, tuning: dict | None = None):
+    """The matmul launches of layouts_graph for `target` (with `tuning`: kernels.tunings)."""
+    plan = make_plan(layouts_graph(bf16), True)
+    if tuning is None:
+        return [k for k in render_plan(plan, parse_target(target)) if k.family == "matmul"]
+    return [render_launch(plan, [plan.kernels[i] for i in launch], parse_target(target), tuning)
+            for launch in plan.launches if plan.kernels[launch[0]].family == "matmul"]
 
 
 def test_fragment_kind_by_target():
@@ -64,8 +69,10 @@ def test_template_chosen_by_target(target):
     if kind == "nv":
         assert all("gptc_ldmatrix_x4(af" in c and "gptc_ldmatrix_x4(q" in c and "gptc_copy_async<" in c for c in codes)
         assert any("true)" in c for c in codes) and any("false)" in c for c in codes)  # ldmatrix .trans and not
-    if kind == "wgmma":  # every operand layout: k-major (transpose 0) and m- or n-major (1) A and B
-        assert all("gptc_copy_async<" in c and "gptc_fence_proxy_async();" in c for c in codes)
+    if kind == "wgmma":  # every operand layout: k-major (transpose 0) and m- or n-major (1) A and B; the
+        # operands staged by cp.async (rows not 16-byte aligned) made visible to wgmma's reads by a proxy fence
+        assert all(("gptc_copy_chunk8<" in c) == ("gptc_fence_proxy_async();" in c) for c in codes)
+        assert any("gptc_tma_load<" in c for c in codes) and any("gptc_copy_chunk8<" in c for c in codes)
         for flags in ("0, 0;", "1, 0;", "0, 1;", "1, 1;"):
             assert any(f"p, 1, 1, {flags}" in c for c in codes), flags
     assert not any(issued in k.code for k in mma_kernels(target, bf16=False))
@@ -101,7 +108,7 @@ def test_copy_widths_in_sources():
     code = "".join(k.code[len(prelude()):] for k in mma_kernels("cuda:sm_80"))
     for v in (8, 4, 2, 1):
         assert f"gptc_copy_async<{v}>(" in code
-    code = "".join(k.code[len(prelude()):] for k in mma_kernels("cuda:sm_90"))
+    code = "".join(k.code[len(prelude()):] for k in mma_kernels("cuda:sm_90", tuning={"tma": False}))
     assert "gptc_copy_async<8>(" in code
     for v in (4, 2, 1):
         assert f"gptc_copy_chunk8<{v}>(" in code and f"gptc_copy_async<{v}>(" not in code
@@ -112,7 +119,7 @@ def test_whole_slabs_unchecked():
     at constant offsets when every chunk is whole and inside the matrix (stage_whole),
     else chunk by chunk with checks; an unaligned operand always the checked way."""
     whole_total = unaligned = 0
-    for k in mma_kernels("cuda:sm_90"):
+    for k in mma_kernels("cuda:sm_90", tuning={"tma": False}):
         code = k.code[len(prelude()):]
         whole = code.count("(idx_t)l *")  # stage_whole's offsets: a loop an aligned operand (of each part)
         checked = code.count("rem = ")    # the checked copies: a loop an operand
@@ -120,6 +127,32 @@ def test_whole_slabs_unchecked():
         assert whole == 0 or re.search(r"if \(.* <= .* && .* <= .*\) \{", code), k.name
         whole_total, unaligned = whole_total + whole, unaligned + checked - whole
     assert whole_total and unaligned  # the layouts graph has both kinds of operand
+
+
+def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
+    """wgmma stages an operand by TMA where its rows and batches are 16-byte aligned: a
+    tensor map of its buffer names the contiguous axis, the other one, then the batch
+    axes that move it (a broadcast one is left out), read in boxes 64 wide by the tile's
+    rows (k contiguous) or by 64 k; rows of 33 bf16 are staged by cp.async (a proxy
+    fence then makes them visible to wgmma), beside a TMA operand in the same kernel."""
+    g = Graph()
+    x, w = g.input("x", (2, 3, 40, 64), "bf16"), g.input("w", (1, 3, 64, 24), "bf16")
+    g.output("y", x @ w.broadcast_to((2, 3, 64, 24)))
+    g.output("z", g.input("u", (40, 33), "bf16") @ g.input("v", (33, 16), "bf16"))
+    g.output("t", g.input("x2", (4, 64, 32), "bf16").T @ g.input("y2", (4, 64, 48), "bf16"))
+    plan = make_plan(g, True)
+    kernels = [k for k in render_plan(plan, parse_target("cuda:sm_90")) if k.family == "matmul"]
+    name_of = {nid: name for name, nid in plan.graph.inputs.items()}
+    maps = {name_of[a.node]: a for k in kernels for a in k.args if isinstance(a, TensorMap)}
+    assert maps["x"][1:4] == (0, (64, 40, 2, 3), (64, 7680, 2560)) and maps["x"].box[0] == 64
+    assert maps["x"].box[2:] == (1, 1) and maps["x"].box[1] in (64, 128)  # k contiguous: the tile's rows
+    assert maps["w"][1:] == (0, (24, 64, 3), (24, 1536), (64, 64, 1))  # n contiguous, the broadcast axis left out
+    assert maps["x2"][1:] == (0, (32, 64, 4), (32, 2048), (64, 64, 1))  # m contiguous (a transpose)
+    assert maps["y2"][1:] == (0, (48, 64, 4), (48, 3072), (64, 64, 1))
+    assert "u" not in maps and "v" in maps
+    code = "".join(k.code for k in kernels)
+    assert "gptc_copy_chunk8<1>(" in code and "gptc_fence_proxy_async();" in code
+    assert all(compile_many([(k.code, k.name) for k in kernels], parse_target("cuda:sm_90")))
 
 
 def test_tile_choice():
@@ -163,7 +196,7 @@ def test_bench_gemm_shapes_run_on_the_matrix_units():
         assert "wgmma.mma_async" in kernel.code, label
         odd = "lm_head dX" in label or "lm_head dW" in label
         assert ("gptc_copy_chunk8<1>" in kernel.code) == odd, label
-        assert "gptc_copy_async<8>" in kernel.code, label
+        assert "gptc_tma_load<" in kernel.code, label  # the operands of 16-byte aligned rows
 
 
 def test_bench_gemm_report():
@@ -179,11 +212,17 @@ def test_bench_gemm_report():
 
 # ----- wgmma's shared memory: beyond 48 KiB, dynamic, named in the plan table, passed at launch -----------
 class SharedRecorder(RecordingDevice):
-    """Also records each launch's shared bytes."""
+    """Also records each launch's shared bytes and the tensor maps it encodes."""
 
     def prepare_launch(self, function, grid, block, shared, args, name=""):
         self.shared = {**getattr(self, "shared", {}), name: shared}
+        self.args = args
         return super().prepare_launch(function, grid, block, shared, args, name)
+
+    def tensor_map(self, address, dims, strides, box):
+        from gptc.runtime.drivers import tensor_map
+        self.maps = [*getattr(self, "maps", []), (address, tuple(dims), tuple(strides), tuple(box))]
+        return tensor_map([len(self.maps)] * 16)
 
 
 def test_wgmma_stages_take_dynamic_shared_memory():
@@ -206,6 +245,10 @@ def test_wgmma_stages_take_dynamic_shared_memory():
     dev = SharedRecorder()
     ex = GpuExecutor(table, dev, {kernel.symbol: b"code"}, Arenas(dev, [table]))
     assert dev.shared == {kernel.name: kernel.shared_bytes}
+    # both operands by TMA: tensor maps of their buffers, encoded by the device, passed by value
+    a, b = (ex.address(table["inputs"][name]) for name in "ab")
+    assert dev.maps == [(a, (768, 4096), (768,), (64, bm)), (b, (2304, 768), (2304,), (64, 64))]
+    assert [arg.kind for arg in dev.args] == ["tensor_map", "tensor_map", "ptr"]
     ex.close()
     (old,) = [k for k in render_plan(plan, sm80) if k.family == "matmul"]
     assert old.shared_bytes == 0 and "__shared__ gptc_f4 gptc_smem[" in old.code and "extern __shared__" not in old.code

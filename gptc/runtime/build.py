@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gptc.compiler.codegen.kernels import KernelSource, collective_calls, render_plan
+from gptc.compiler.codegen.kernels import KernelSource, TensorMap, collective_calls, render_plan
 from gptc.compiler.planner.cost import plan_costs
 from gptc.compiler.planner.schedule import Plan
 from gptc.runtime.device import Device, compile_many
@@ -24,13 +24,18 @@ def plan_table(plan: Plan, kernels: Sequence[KernelSource]) -> dict:
         buffers[buf.name] = {"dtype": buf.dtype, "shape": list(buf.shape), "nbytes": buf.nbytes,
                              "arena": buf.arena, "offset": buf.offset, "role": buf.role}
     name_of = lambda nid: plan.buffer_of(nid).name  # noqa: E731
+    arg_of = lambda a: name_of(a.node if isinstance(a, TensorMap) else a)  # noqa: E731
     launches = []
     for k, launch, cost in zip(kernels, plan.launches, plan_costs(plan)):
         parts = [plan.kernels[i] for i in launch]
         nodes = [n for p in parts for n in p.nodes]
         scopes = sorted({g.node(n)["scope"] or "-" for n in nodes})
         launches.append({"kernel": k.name, "family": k.family, "symbol": k.symbol, "grid": list(k.grid),
-                         "block": list(k.block), "shared": k.shared_bytes, "args": [name_of(a) for a in k.args],
+                         "block": list(k.block), "shared": k.shared_bytes, "args": [arg_of(a) for a in k.args],
+                         # parameters that are tensor maps of their buffer, by position
+                         "tensor_maps": {str(i): {"offset": a.offset, "dims": list(a.dims), "strides": list(a.strides),
+                                                  "box": list(a.box)}
+                                         for i, a in enumerate(k.args) if isinstance(a, TensorMap)},
                          "clear": [name_of(n) for n in k.zero_init], "nodes": len(nodes),
                          "kernels": [p.name for p in parts],
                          "reads": sorted({name_of(n) for p in parts for n in p.reads}),

@@ -40,8 +40,9 @@ from gptc.models import build_graph, prefill_lengths
 from gptc.compiler.planner import make_plan
 from gptc.spec import GptcError, Spec, spec_from_dict, spec_to_toml
 
-FORMAT = 4  # 2: plan tables name the bounds of their id inputs; 3: and the shapes of their outputs;
-# 4: launches name their dynamic shared memory, targets the most a block may opt in to
+FORMAT = 5  # 2: plan tables name the bounds of their id inputs; 3: and the shapes of their outputs;
+# 4: launches name their dynamic shared memory, targets the most a block may opt in to; 5: and the
+# parameters that are TMA tensor maps
 CODE_SUFFIX = {"amd": "hsaco", "nvidia": "cubin"}
 
 

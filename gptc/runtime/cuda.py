@@ -191,6 +191,23 @@ def _bind_launch(function: Any, grid: tuple, block: tuple, shared_bytes: int, st
     return functools.partial(driver.cuLaunchKernel, function, *grid, *block, shared_bytes, stream, params, 0)
 
 
+def tensor_map_encode(address: int, dims: Sequence[int], strides: Sequence[int], box: Sequence[int]) -> list[int]:
+    """A TMA tensor map of bf16 elements at `address` (16-byte aligned), `dims` and `box`
+    in elements (innermost first), `strides` in elements of dims 1.. (16-byte
+    multiples); read with the 128-byte swizzle (the layout wgmma's descriptors name),
+    zeros past the extents. Its 16 words, for a kernel parameter."""
+    driver, _ = _bindings()
+    u64, u32 = driver.cuuint64_t, driver.cuuint32_t
+    tensor_map = _check(driver.cuTensorMapEncodeTiled(
+        driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, len(dims), address,
+        [u64(d) for d in dims], [u64(2 * s) for s in strides], [u32(b) for b in box], [u32(1)] * len(dims),
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+        f"cuTensorMapEncodeTiled(dims {list(dims)}, strides {list(strides)}, box {list(box)})")
+    return [int(w) for w in tensor_map.opaque]
+
+
 @functools.lru_cache(maxsize=None)
 def driver_table() -> DriverTable:
     """The table gptc/runtime/device.py runs on; raises ToolchainMissingError without cuda-python."""
@@ -220,4 +237,5 @@ def driver_table() -> DriverTable:
         graph_launch=driver.cuGraphLaunch, graph_exec_destroy=driver.cuGraphExecDestroy,
         graph_destroy=driver.cuGraphDestroy,
         stream_wait_event=lambda stream, event: driver.cuStreamWaitEvent(stream, event, 0),
+        tensor_map_encode=tensor_map_encode,
     )

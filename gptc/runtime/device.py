@@ -42,12 +42,12 @@ from gptc.target import Target, parse_target, target_for
 from gptc.runtime import cuda, hip
 from gptc.runtime.cache import KernelCache, cache_key, default_cache
 from gptc.runtime.drivers import (ARG_KINDS, Arg, CompileError, DriverError, DriverTable, PackedArgs,
-                                  ToolchainMissingError, f32, f64, i32, i64, ptr, u32, u64)
+                                  ToolchainMissingError, f32, f64, i32, i64, ptr, tensor_map, u32, u64)
 
 __all__ = ["ARG_KINDS", "Arg", "CompileError", "Device", "DriverError", "DriverTable", "Graph", "KernelSource",
            "PackedArgs", "PreparedLaunch", "ToolchainMissingError", "compile_for_target", "compile_many",
            "compiler_available", "detect_devices", "driver_for", "f32", "f64", "full_options", "i32", "i64",
-           "open_device", "ptr", "u32", "u64"]
+           "open_device", "ptr", "tensor_map", "u32", "u64"]
 
 # The vendors in the order "auto" tries them: AMD first.
 TABLES: dict[str, Callable[[], DriverTable]] = {"amd": hip.driver_table, "nvidia": cuda.driver_table}
@@ -192,6 +192,14 @@ class Device:
         packed = PackedArgs(args)
         call = self.driver.bind_launch(function, g, b, int(shared_bytes), self.stream, packed.address)
         return PreparedLaunch(name or "kernel", g, b, int(shared_bytes), packed, call, self.driver)
+
+    def tensor_map(self, address: int, dims: Sequence[int], strides: Sequence[int], box: Sequence[int]) -> Arg:
+        """A kernel parameter: the TMA tensor map of the bf16 elements at `address`
+        (DriverTable.tensor_map_encode); only a target with TMA compiles kernels that take one."""
+        if self.driver.tensor_map_encode is None:
+            raise DriverError(f"{self.name} has no tensor memory accelerator (TMA): a kernel compiled for "
+                              f"another target takes a tensor map")
+        return tensor_map(self.driver.tensor_map_encode(address, dims, strides, box))
 
     def launch(self, function: Any, grid: int | Sequence[int], block: int | Sequence[int],
                shared_bytes: int, args: Sequence[Any]) -> None:

@@ -144,6 +144,7 @@ ARG_KINDS: dict[str, type] = {
     "u64": ctypes.c_uint64,
     "f32": ctypes.c_float,
     "f64": ctypes.c_double,
+    "tensor_map": ctypes.c_uint64 * 16,  # a CUtensorMap's 128 bytes, passed by value (its 16 words)
 }
 
 
@@ -159,6 +160,7 @@ def i64(v: int) -> Arg: return Arg("i64", int(v))
 def u64(v: int) -> Arg: return Arg("u64", int(v))
 def f32(v: float) -> Arg: return Arg("f32", float(v))
 def f64(v: float) -> Arg: return Arg("f64", float(v))
+def tensor_map(words: Sequence[int]) -> Arg: return Arg("tensor_map", tuple(int(w) for w in words))
 
 
 class PackedArgs:
@@ -178,7 +180,7 @@ class PackedArgs:
                 raise TypeError(f"kernel argument {i} must be Arg(kind, value) with kind in "
                                 f"{sorted(ARG_KINDS)}, got {a!r}") from None
             kinds.append(kind)
-            values.append(ctype(value))
+            values.append(ctype(*value) if kind == "tensor_map" else ctype(value))
         self.kinds = tuple(kinds)
         self.values = values
         self.array = (ctypes.c_void_p * max(1, len(values)))(
@@ -242,6 +244,10 @@ class DriverTable:
     # (stream, event): later work on stream waits for the event (multi-GPU training's
     # communication stream forks from and joins the step's stream through events)
     stream_wait_event: Call | None = None
+    # (address, dims, strides, box) -> the 16 words of a TMA tensor map of bf16 elements
+    # with the 128-byte swizzle (dims and box innermost first, in elements; strides in
+    # elements, of dims 1..); None where the vendor has no TMA (kernels.TensorMap)
+    tensor_map_encode: Callable[[int, Sequence[int], Sequence[int], Sequence[int]], list[int]] | None = None
 
     def check(self, result: Any, what: str) -> Any:
         """The outputs of a driver call; raises DriverError with the driver's description."""

@@ -130,9 +130,17 @@ class GpuExecutor:
     def _bind(self, moved: Mapping[str, int]) -> "_Bound":
         """The step's launches with buffer addresses (those in `moved` elsewhere)."""
         address = lambda b: moved.get(b) or self.address(b)  # noqa: E731
+
+        def arg(entry: dict, i: int, buffer: str):
+            """Parameter i of a launch: its buffer's address, or a tensor map of the buffer."""
+            tm = entry["tensor_maps"].get(str(i))
+            if tm is None:
+                return ptr(address(buffer))
+            return self.device.tensor_map(address(buffer) + 2 * tm["offset"], tm["dims"], tm["strides"], tm["box"])
+
         launches = [None if index in self.collectives else self.device.prepare_launch(
                         self._functions[entry["symbol"]], tuple(entry["grid"]), tuple(entry["block"]), entry["shared"],
-                        [ptr(address(b)) for b in entry["args"]], name=entry["kernel"])
+                        [arg(entry, i, b) for i, b in enumerate(entry["args"])], name=entry["kernel"])
                     for index, entry in enumerate(self.table["launches"])]
         clears = [[(address(b), self.table["buffers"][b]["nbytes"]) for b in entry["clear"]]
                   for entry in self.table["launches"]]

@@ -9,7 +9,9 @@ from typing import Any
 
 INT, STR = int, str
 BUFFER = {"dtype": STR, "shape": [INT], "nbytes": INT, "arena": STR, "offset": INT, "role": STR}
+TENSOR_MAP = {"offset": INT, "dims": [INT], "strides": [INT], "box": [INT]}
 LAUNCH = {"kernel": STR, "family": STR, "symbol": STR, "grid": [INT], "block": [INT], "shared": INT, "args": [STR],
+          "tensor_maps": {STR: TENSOR_MAP},
           "clear": [STR], "nodes": INT, "kernels": [STR], "reads": [STR], "writes": [STR], "bytes": INT,
           "flops": INT, "scopes": STR}
 TABLE = {"arena_bytes": {"persistent": INT, "activations": INT, "io": INT}, "buffers": {STR: BUFFER},

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jinja2
 
@@ -44,7 +44,8 @@ class KernelSource:
     gets: the same code without comments and with positional parameter names, its
     entry point `symbol` named by a hash of that code, so kernels that differ only in
     the graph nodes they came from (the same layer, repeated) compile once. `args` are
-    the node ids of the buffers passed, in parameter order."""
+    the node ids of the buffers passed, in parameter order (a TensorMap for a parameter
+    that is a tensor map of a buffer)."""
     name: str
     family: str
     source: str
@@ -52,10 +53,27 @@ class KernelSource:
     symbol: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
-    args: tuple[int, ...]
+    args: tuple[int | TensorMap, ...]
     zero_init: tuple[int, ...]
     origin: str          # the graph nodes it computes, for error messages
     shared_bytes: int = 0  # dynamic shared memory the launch needs (0: its pool is static, within target.shared_mem)
+
+
+class TensorMap(NamedTuple):
+    """A TMA tensor map that a launch takes by value (templates/matmul_wgmma.hip.j2 stages
+    its operands with it): the bf16 view of buffer `node` from element `offset`, of
+    extents `dims` (innermost first), `strides` (elements, of dims 1..), read in boxes
+    of `box` elements with the 128-byte swizzle. A key of a launch's `args`, beside the
+    buffer nodes; the executor encodes it for the buffer's address."""
+    node: int
+    offset: int
+    dims: tuple[int, ...]
+    strides: tuple[int, ...]
+    box: tuple[int, ...]
+
+
+TENSOR_MAP_TYPE = "gptc_tensor_map"  # its C type, templates/mma_fragments.h
+TMA_MAX_RANK = 5  # dimensions a tensor map names: a matrix's 2 and 3 of batch
 
 
 def templates_dir() -> Path:
@@ -165,7 +183,7 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
         grid, block, em = _reduce(plan, kernel, target, ctx, args, tuning)
     elif family == "matmul":
         grid, block, em = _matmul(plan, kernel, target, ctx, args, mm_threads, tuning.get("matmul"), tuning.get("mma"),
-                                  tuning.get("group"))
+                                  tuning.get("group"), tuning.get("tma", True))
     elif family in ("attention", "attention_bwd"):
         return _attention(plan, kernel, target, args)
     elif family == "group_sort":
@@ -201,7 +219,8 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
     assert pool * 4 <= target.max_shared, "a part's shared memory exceeds the target's"
     # Beyond what a block may take without opting in, the pool is dynamic (sized at launch).
     shared_bytes = 16 * ((pool + 3) // 4) if pool * 4 > target.shared_mem else 0
-    types = {ph: STORAGE_TYPE[plan.buffer_of(a).dtype] for a, ph in args.items()}
+    types = {ph: TENSOR_MAP_TYPE if isinstance(a, TensorMap) else STORAGE_TYPE[plan.buffer_of(a).dtype]
+             for a, ph in args.items()}
     functions, branches, leader = _share(parts, types)
     # Parts run in the order of the branches (a function's parts side by side), each on
     # its own range of blocks.
@@ -240,7 +259,8 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
             blocks.append(dict(title=f"{len(members)} parts run {names.substitute(f['name'], mapping)}",
                                start=starts[members[0]], end=starts[last] + parts[last].grid[0], inline=False,
                                consts={}, body=body))
-        params = [f"{types[ph]}* {names.substitute(ph, mapping)}" for ph in args.values()]
+        params = [(f"const __grid_constant__ {types[ph]} " if types[ph] == TENSOR_MAP_TYPE else f"{types[ph]}* ")
+                  + names.substitute(ph, mapping) for ph in args.values()]
         min_blocks = max(p.min_blocks for p in parts)
         bounds = f"GPTC_LAUNCH_BOUNDS_MIN({block[0]}, {min_blocks})" if min_blocks else f"GPTC_LAUNCH_BOUNDS({block[0]})"
         head = f'extern "C" __global__ void {bounds} {symbol}'
@@ -257,12 +277,12 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
     # Role names for the source a person reads (the code keeps the placeholders).
     avoid = names.taken_names(code[len(prelude()):], prelude())
     taken = set(avoid)
-    mapping = {ph: names.unique(names.buffer_names(plan, a)[0], taken) for a, ph in args.items()}
+    mapping = {ph: names.unique(_arg_names(plan, a)[0], taken) for a, ph in args.items()}
     mapping.update({f["name"]: names.unique(names.sanitize(f["title"]), taken) for f in functions})
     node_of = {ph: a for a, ph in args.items()}
     fn_args, sel_args = [], []
     for f in functions:  # a parameter is named by what the parts' buffers have in common
-        agreed = [names.agreed_name([names.buffer_names(plan, node_of[ph]) for ph in column])
+        agreed = [names.agreed_name([_arg_names(plan, node_of[ph]) for ph in column])
                   for column in f["columns"]]
         local = avoid | {mapping[f["name"]]}
         fn_args.append({p: names.unique(a, local) for p, a in zip(f["fargs"], agreed)})
@@ -279,12 +299,20 @@ def render_launch(plan: Plan, kernels: list[KernelPlan], target: Target, tuning:
             scopes = ", ".join(sorted({g.node(n)["scope"] or "-" for n in kernel.nodes}))
             ids = [("*" if n in kernel.roots else "") + f"%{n}" for n in kernel.nodes]
             node_lines += names.wrap(ids, f"  as {kernels[leader[k]].name} ({scopes}): ", "    ", 96)
-    node_lines += names.wrap([f"{mapping[ph]} = %{a}" for a, ph in args.items()], "parameters: ", "  ", 96)
+    node_lines += names.wrap([f"{mapping[ph]} = %{a.node} (tensor map)" if isinstance(a, TensorMap) else f"{mapping[ph]} = %{a}"
+                              for a, ph in args.items()], "parameters: ", "  ", 96)
     source = render(symbol, mapping, fn_args, sel_args, name, node_lines)
     nodes = [n for k in kernels for n in k.nodes]
     origin = f"{name}: " + "; ".join(g.describe(n) for n in nodes[:8]) + (" ..." if len(nodes) > 8 else "")
     zero_init = tuple(n for k in kernels for n in k.zero_init)
     return KernelSource(name, family, source, code, symbol, grid, block, tuple(args), zero_init, origin, shared_bytes)
+
+
+def _arg_names(plan: Plan, arg: int | TensorMap) -> tuple[str, ...]:
+    """Names of a launch parameter: its buffer's (names.buffer_names), a tensor map's with _map."""
+    if isinstance(arg, TensorMap):
+        return tuple(f"{name}_map" for name in names.buffer_names(plan, arg.node))
+    return names.buffer_names(plan, arg)
 
 
 def _share(parts: list[_Part], types: dict[str, str]):
@@ -302,7 +330,10 @@ def _share(parts: list[_Part], types: dict[str, str]):
         abstract = names.substitute(part.text, {ph: names.farg(n) for n, ph in enumerate(used)})
         used_of.append(used)
         abstract_of.append(abstract)
-        key = (_strip_comments(abstract), tuple(types[ph] for ph in used), tuple(part.consts))
+        # (a tensor map is passed on by reference, never chosen per part: parts share a
+        # function only where they read the same maps)
+        key = (_strip_comments(abstract), tuple(types[ph] for ph in used), tuple(part.consts),
+               tuple(ph for ph in used if types[ph] == TENSOR_MAP_TYPE))
         groups.setdefault(key, []).append(len(used_of) - 1)
     functions, branches, leader = [], [], list(range(len(parts)))
     for members in groups.values():
@@ -314,7 +345,8 @@ def _share(parts: list[_Part], types: dict[str, str]):
             continue
         branches.append(("call", len(functions)))
         fargs = [names.farg(n) for n in range(len(used_of[first]))]
-        params = [(f"{types[ph]}*", fa) for ph, fa in zip(used_of[first], fargs)]
+        params = [(f"const {types[ph]}&" if types[ph] == TENSOR_MAP_TYPE else f"{types[ph]}*", fa)
+                  for ph, fa in zip(used_of[first], fargs)]
         params += [("idx_t", c) for c in parts[first].consts] + [("idx_t", "block_id"), ("idx_t", "grid_blocks")]
         title = parts[first].title
         functions.append(dict(name=names.fn(len(functions)), title=title, params=params, fargs=fargs,
@@ -782,7 +814,7 @@ def _tile_group(m: int, n: int) -> int:
 
 def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str],
             threads: int | None = None, config: tuple | None = None, mma: tuple | None = None,
-            group: int | None = None):
+            group: int | None = None, tma: bool = True):
     m, n, k, batch = _mm_shape(plan, kernel)
     ctx.update(tile_group=group or _tile_group(m, n))
     if _gemv_shape(m, batch) and config is None and mma is None and threads in (None, GEMV_THREADS):
@@ -790,7 +822,7 @@ def _matmul(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dic
     operands = _mma_operands(plan, kernel, target)
     if operands and config is None and (mma is not None or threads is None
                                         or any(_mma_threads(t, target) == threads for t in _mma_tiles(target))):
-        return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma)
+        return _matmul_mma(plan, kernel, target, ctx, args, operands, threads, mma, tma)
     em = Emitter(plan, kernel.nodes, {kernel.anchor: "acc"}, args)
     batch_lines, loads, body, strides_of = _matmul_io(plan, kernel, em, m, n, k, batch)
     bm, bn, tm, tn, kg, bk, depth = config or _mm_config(m, n, k, batch, target, threads)
@@ -980,12 +1012,33 @@ def _mma_vector(offset: int, strides: Sequence[int], contiguous: int) -> int:
     return next(v for v in (8, 4, 2, 1) if all(x % v == 0 for x in others))
 
 
+def _tensor_map(base: int, offset: int, strides: Sequence[int], batch_idx, batch_shape, kc: bool, contiguous: int,
+                k_axis: int, mn_axis: int, k: int, mn_ext: int, rows: int):
+    """(map, batch coordinates) of a wgmma operand staged by TMA, or None where TMA cannot
+    read it: rows or batches not 16-byte aligned (vec < 8), more dimensions than a
+    tensor map names. The map's dims: the contiguous axis (k or m/n), the other, then
+    the batch axes that move the operand (stride 0 or extent 1 ones are left out); its
+    box: 64 elements (one 128-byte swizzle atom) by the tile's rows (k-contiguous) or
+    64 k (m/n-contiguous: one box an atom of 64 columns)."""
+    if _mma_vector(offset, strides, contiguous) < 8:
+        return None
+    batch = [(z, size, st) for z, size, st in zip(batch_idx, batch_shape, strides[:-2]) if st and size > 1]
+    if 2 + len(batch) > TMA_MAX_RANK:
+        return None
+    inner, outer = (k, mn_ext) if kc else (mn_ext, k)
+    dims = (inner, outer, *[size for _, size, _ in batch])
+    map_strides = (strides[mn_axis] if kc else strides[k_axis], *[st for _, _, st in batch])
+    box = (64, rows if kc else 64, *[1] * len(batch))
+    return TensorMap(base, offset, dims, map_strides, box), [emit(z) for z, _, _ in batch]
+
+
 def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[int, str], operands,
-                threads: int | None = None, tuning: tuple | None = None):
+                threads: int | None = None, tuning: tuple | None = None, tma: bool = True):
     """A bf16 x bf16 matmul on the matrix units (templates/matmul_wgmma.hip.j2 on sm_90,
     else templates/matmul_mma.hip.j2): the same epilogue and batch handling as the SIMT
     template, operands copied to shared memory in their own layout (either dimension
-    contiguous)."""
+    contiguous). wgmma stages each operand by TMA where a tensor map can describe it
+    (`tma` False: never, the dev/ harness's comparison), else by cp.async."""
     g = plan.graph
     mm = kernel.anchor
     out_shape = g.type(mm).shape
@@ -1009,12 +1062,23 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         mn_axis = len(strides) - (2 if name == "A" else 1)
         kc = strides[k_axis] == 1
         contiguous = k_axis if kc else mn_axis
+        rows, width = (mn_tile, bk) if kc else (bk, mn_tile)
+        vec = _mma_vector(offset, strides, contiguous)
+        staged = (_tensor_map(base, offset, strides, batch_idx, batch_shape, kc, contiguous, k_axis, mn_axis, k,
+                              mn_ext, rows) if kind == "wgmma" and tma else None)
+        if staged:
+            tensor_map, batch_coords = staged
+            ops.append(dict(name=name, kc=kc, rows=rows, width=width, smem_off=smem_off, tma=True,
+                            map=args.setdefault(tensor_map, names.arg(len(args))), rank=len(tensor_map.dims),
+                            boxes=width // 64, batch_coords=batch_coords,
+                            coords=("(int)(KT) * 64", mn0) if kc else
+                            (f"(int){mn0}" + (" + a * 64" if width > 64 else ""), "(int)(KT) * 64")))
+            smem_off += rows * width
+            continue
         batch_offset = add(offset, *[mul(z, st) for z, st in zip(batch_idx, strides[:-2])])
         batch_lines += [f"const idx_t {name.lower()}_base = {emit(batch_offset)};",
                         f"const unsigned short* const {name} = "
                         f"reinterpret_cast<const unsigned short*>({em.arg(base)}) + {name.lower()}_base;"]
-        rows, width = (mn_tile, bk) if kc else (bk, mn_tile)
-        vec = _mma_vector(offset, strides, contiguous)
         # wgmma's producer copies 8 bf16 a thread-step whatever the alignment (gptc_copy_chunk8
         # where it is under 16 bytes): its 128 threads alone stage every operand
         step = 8 if kind == "wgmma" else vec
@@ -1024,7 +1088,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         assert kind != "wgmma" or loaders % (width // step) == 0, "stage_whole: a thread's chunks whole rows apart"
         slab = f"(idx_t)(KT) * {bk}"
         ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, step=step, copier=copier, ptr=name,
-                        atoms=kind == "wgmma",
+                        atoms=kind == "wgmma", tma=False,
                         rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
                         smem_off=smem_off,
                         chunks=chunks, loops=ceil_div(chunks, loaders), row_step=loaders // (width // step),
@@ -1444,6 +1508,8 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
         return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
     if kernel.family == "matmul":
         mma = [{"mma": t} for t in _mma_variants(target)] if _mma_operands(plan, kernel, target) else []
+        if mma and _mma_kind(target) == "wgmma":
+            mma.insert(0, {"tma": False})  # the codegen's tile, its operands staged by cp.async
         return mma + [{"matmul": cfg} for cfg in _mm_menu(target)]
     return []
 
