@@ -159,26 +159,31 @@ def test_two_matmuls_in_one_launch(device, rng):
     check(out["y"], C @ D, 17 * 2.0 ** -22 * (np.abs(C) @ np.abs(D)), False)
 
 
-def test_every_tile(device, rng):
+@pytest.mark.parametrize("a_t,b_t", [(False, True), (True, False)], ids=["A_k-B_k", "A_m-B_n"])
+def test_every_tile(device, rng, a_t, b_t):
     """Every tile, warp layout and pipeline depth the codegen may pick (kernels.tunings),
     not only its choice, on a batched product at sizes no tile divides with a fused
     epilogue (bias, GELU, residual, bf16 store), outputs poisoned. K = 328: rows 16-byte
     aligned, five whole slabs of 64 and a partial one, so both the whole-chunk copies
     (matmul_stage.hip.j2 stage_whole) and the checked ones run; on wgmma each tile both
-    with TMA (boxes past the matrix read as zeros) and with cp.async staging."""
+    with TMA (boxes past the matrix read as zeros; an m- or n-contiguous operand in
+    several boxes a stage) and with cp.async staging. Both operands k-contiguous, and
+    both m- and n-contiguous (m 2100, n 1000: rows 16-byte aligned)."""
     from gptc.compiler.codegen.kernels import render_launch, tunings
     from gptc.runtime.build import plan_table
     from gptc.runtime.device import compile_many
     from gptc.runtime.executor import Arenas, GpuExecutor
 
     batch, m, n, k = 3, 2100, 1000, 328
+    sa, sb = (batch, k, m) if a_t else (batch, m, k), (batch, n, k) if b_t else (batch, k, n)
     g = Graph()
-    a, b = g.input("a", (batch, m, k), "bf16"), g.input("b", (batch, n, k), "bf16")
+    a, b = g.input("a", sa, "bf16"), g.input("b", sb, "bf16")
     bias, res = g.input("bias", (n,)), g.input("res", (batch, m, n))
-    g.output("y", (dsl.gelu(a @ b.T + bias) + res).cast("bf16"))
-    feeds = {"a": bf16_values(rng, (batch, m, k)), "b": bf16_values(rng, (batch, n, k)),
+    g.output("y", (dsl.gelu((a.T if a_t else a) @ (b.T if b_t else b) + bias) + res).cast("bf16"))
+    feeds = {"a": bf16_values(rng, sa), "b": bf16_values(rng, sb),
              "bias": rng.standard_normal(n).astype(np.float32), "res": rng.standard_normal((batch, m, n)).astype(np.float32)}
-    A, B = feeds["a"], np.swapaxes(feeds["b"], 1, 2)
+    A = np.swapaxes(feeds["a"], 1, 2) if a_t else feeds["a"]
+    B = np.swapaxes(feeds["b"], 1, 2) if b_t else feeds["b"]
     x = A @ B + feeds["bias"]
     ref = 0.5 * x * (1 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))) + feeds["res"]
     bound = k * 2.0 ** -22 * (np.abs(A) @ np.abs(B)) * 1.2 + 1e-5 * (np.abs(x) + np.abs(feeds["res"]))

@@ -152,6 +152,12 @@ def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
     assert "u" not in maps and "v" in maps
     code = "".join(k.code for k in kernels)
     assert "gptc_copy_chunk8<1>(" in code and "gptc_fence_proxy_async();" in code
+    parts = [part for k in kernels for part in k.source.split("// C[b] = A[b]")[1:]]
+    assert len(parts) == 3
+    for part in parts:  # a stage fully staged by TMA: its barrier waits for all of the stage's bytes
+        stage = re.search(r"stages \((\d+) bytes each\)", part).group(1)
+        expected = re.findall(r"gptc_mbarrier_arrive_expect_tx\(full0 \+ 8u \* slot, (\d+)u\)", part)
+        assert expected == ([] if "gptc_copy_chunk8" in part else [stage])
     assert all(compile_many([(k.code, k.name) for k in kernels], parse_target("cuda:sm_90")))
 
 

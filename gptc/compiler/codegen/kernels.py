@@ -1108,7 +1108,9 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
     if kind == "wgmma":
         # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
         assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
-        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=WGMMA_EPILOGUE_BATCH, **common)
+        ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=WGMMA_EPILOGUE_BATCH,
+                   all_tma=all(op["tma"] for op in ops),
+                   tma_bytes=sum(2 * op["rows"] * op["width"] for op in ops if op["tma"]), **common)
         return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
     wtm, wtn = bm // warps_m, bn // warps_n
     assert kind != "nv" or (wtn // fn) % 2 == 0, "B fragments are loaded in pairs (ldmatrix .x4)"
