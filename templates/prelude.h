@@ -84,8 +84,10 @@ template <typename T> __device__ __forceinline__ T gptc_shfl_down(T v, unsigned 
 #define __syncwarp(...) __builtin_amdgcn_wave_barrier()
 #endif
 
-// bfloat16: the high half of an IEEE float. Conversion by bit operations only, so
-// no vendor header is needed and both compilers produce the same bits.
+// bfloat16: the high half of an IEEE float. Conversion by bit operations (no vendor
+// header needed), or on NVIDIA sm_80+ by the one instruction that rounds the same way
+// (nearest even; a NaN stays a NaN, its payload aside): a bf16 store's epilogue spends
+// ~10 fewer instructions an element.
 struct bf16 {
   unsigned short bits;
 };
@@ -93,8 +95,12 @@ __device__ __forceinline__ float bf16_to_float(bf16 x) {
   return __uint_as_float(((unsigned int)x.bits) << 16);
 }
 __device__ __forceinline__ bf16 float_to_bf16(float f) {
-  unsigned int u = __float_as_uint(f);
   bf16 r;
+#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r.bits) : "f"(f));
+  return r;
+#endif
+  unsigned int u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) {
     r.bits = (unsigned short)((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
   } else {

@@ -988,13 +988,21 @@ def _mma_variants(target: Target):
     """(bm, bn, warps_m, warps_n, stages, min_blocks) worth timing (the dev/ harness):
     4 or 8 warps, the deepest pipeline that fits, 8 warps with and without a register
     bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum); wgmma: each tile
-    at 3 to 6 stages."""
+    at 3 to 6 stages, and (where the accumulators fit a register bound for 2 resident
+    blocks) with that bound and as many stages as let 2 blocks share a unit: one's
+    epilogue then runs beside the other's products."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
     if _mma_kind(target) == "wgmma":
+        smem_unit = _MM_UNITS[target.arch][1]
         for tile in _WGMMA_TILES:
             for stages in (3, 4, 5, 6):
                 if _mma_legal(tile, target, stages):
                     yield (*tile, stages, 0)
+            pair = [s for s in (2, 3, 4) if 2 * (_mma_smem_bytes(*tile[:2], s, target) + 1024) <= smem_unit]
+            # a consumer thread's bn / 2 accumulators and ~32 other registers under the bound (ptxas
+            # refuses wgmma.m64n128 with 80: 128x128's 384 threads do not fit twice)
+            if pair and tile[1] // 2 + 32 <= 65536 // (2 * _mma_threads(tile, target)):
+                yield (*tile, max(pair), 2)
         return
     for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64)):
         for wm, wn in ((2, 2), (2, 4), (4, 2)):
@@ -1109,6 +1117,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
         assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
         ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=WGMMA_EPILOGUE_BATCH,
+                   min_blocks=min_blocks,
                    all_tma=all(op["tma"] for op in ops),
                    tma_bytes=sum(2 * op["rows"] * op["width"] for op in ops if op["tma"]), **common)
         return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
