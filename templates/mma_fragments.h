@@ -7,6 +7,14 @@
 // aborts the process on one). One fragment op computes C (MxN, f32) += A (MxK) B (KxN)
 // for a warp (NVIDIA) or a wavefront (AMD); gptc_acc_row/col(lane, r) give the
 // position in the MxN fragment of a lane's accumulator r, the same on every kind.
+#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// In these launches float_to_bf16 is the prelude's one-instruction conversion (the same
+// rounding): ~10 fewer instructions an element stored bf16, which the matmul epilogues and
+// the flash kernels are bound by (gpt2 bf16: matmuls -0.7 ms a step, attention -0.7). Not
+// for every kernel: in the layernorm backward's row kernels it measured slower (38 -> 52 us,
+// cause not found; benchmarks/results/h200x2-2026-12-01-458dba0-tma).
+#define float_to_bf16 gptc_float_to_bf16_cvt
+#endif
 // Two accumulators of adjacent columns (mma.sync's r, r + 1) stored at once, p aligned to
 // two elements: one 8-byte store of floats, one 4-byte store of bf16 (as float_to_bf16).
 __device__ __forceinline__ void gptc_store_pair(float* p, float a, float b) {

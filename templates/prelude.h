@@ -84,10 +84,8 @@ template <typename T> __device__ __forceinline__ T gptc_shfl_down(T v, unsigned 
 #define __syncwarp(...) __builtin_amdgcn_wave_barrier()
 #endif
 
-// bfloat16: the high half of an IEEE float. Conversion by bit operations (no vendor
-// header needed), or on NVIDIA sm_80+ by the one instruction that rounds the same way
-// (nearest even; a NaN stays a NaN, its payload aside): a bf16 store's epilogue spends
-// ~10 fewer instructions an element.
+// bfloat16: the high half of an IEEE float. Conversion by bit operations only, so
+// no vendor header is needed and both compilers produce the same bits.
 struct bf16 {
   unsigned short bits;
 };
@@ -95,12 +93,8 @@ __device__ __forceinline__ float bf16_to_float(bf16 x) {
   return __uint_as_float(((unsigned int)x.bits) << 16);
 }
 __device__ __forceinline__ bf16 float_to_bf16(float f) {
-  bf16 r;
-#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r.bits) : "f"(f));
-  return r;
-#endif
   unsigned int u = __float_as_uint(f);
+  bf16 r;
   if ((u & 0x7fffffffu) > 0x7f800000u) {
     r.bits = (unsigned short)((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
   } else {
@@ -108,6 +102,15 @@ __device__ __forceinline__ bf16 float_to_bf16(float f) {
   }
   return r;
 }
+#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// The same rounding in one instruction (a NaN stays a NaN, its payload aside); the
+// matrix-unit launches convert with it (templates/mma_fragments.h says why only they).
+__device__ __forceinline__ bf16 gptc_float_to_bf16_cvt(float f) {
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r.bits) : "f"(f));
+  return r;
+}
+#endif
 // ---- Philox4x32-10 (counter-based RNG; twin of gptc/compiler/ops/random.py) ----
 // A pure function of (counter, key): every kernel that reads a random_uniform node
 // recomputes the same bits for an element (a backward kernel recomputes the forward

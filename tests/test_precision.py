@@ -262,8 +262,8 @@ def test_every_bf16_kernel_compiles(bf16_kernel_codes, target):
 def test_bf16_rows_not_16_byte_aligned_are_stored_padded(monkeypatch):
     """gpt2's 50,257-wide lm_head weight and logits gradient, as bf16 matmul operands,
     are stored with rows padded to 8 elements and read through a slice, so that the
-    matrix-unit kernels copy them 16 bytes at a time (2 bytes before); the values are
-    the unpadded cast's."""
+    matrix-unit kernels stage them by TMA (rows 16-byte aligned; 2-byte copies before);
+    the values are the unpadded cast's."""
     spec = with_precision(gptc.preset("gpt2"), "bf16")
     plan = make_plan(gptc.build_graph(spec, "train"))
     g = plan.graph
@@ -271,9 +271,9 @@ def test_bf16_rows_not_16_byte_aligned_are_stored_padded(monkeypatch):
             and any(50257 in g.type(x).shape for x in g.inputs_of(k.anchor))]
     assert len(wide) == 3   # logits, their gradient through the weight, the weight's gradient
     sources = {s.name: s.code for s in render_plan(plan, parse_target("sm_90"))}
-    for k in wide:
-        widths = set(re.findall(r"gptc_copy_async<(\d+)>", sources[k.name]))
-        assert widths == {"8"}, (k.name, widths)
+    for k in wide:  # both operands by TMA, none by narrower copies
+        maps = set(re.findall(r"gptc_tma_load<\d>\(s(?: \+ a \* \d+u)?, &(\w+),", sources[k.name]))
+        assert len(maps) == 2 and not re.search(r"gptc_copy_\w+<\d>\(s", sources[k.name]), (k.name, maps)
     # the same values as a plain cast: a small graph, padded or not
     feeds = {"x": np.random.default_rng(0).standard_normal((64, 35)), "w": np.random.default_rng(1).standard_normal((35, 4099))}
 
