@@ -1,8 +1,9 @@
 """bf16 matmuls on the matrix units (templates/matmul_mma.hip.j2, matmul_wgmma.hip.j2 on sm_90) against float64 NumPy
 on the same bf16-rounded operands: every operand layout (A's rows or columns
 contiguous, B's likewise), awkward M, N, K (no tile multiple, K odd or under 16, N = 1..8),
-row strides that allow 16-, 8-, 4- or 2-byte copies, batches, fused epilogues, f32 and
-bf16 stores; outputs poisoned (NaN) before the launch. Run on a GPU machine with:
+row strides that allow 16-, 8-, 4- or 2-byte copies (on sm_90: 16-byte aligned operands
+staged by TMA, the others by cp.async, both in one kernel), batches, fused epilogues, f32
+and bf16 stores; outputs poisoned (NaN) before the launch. Run on a GPU machine with:
     PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu_mma.py
 
 Tolerances: the products of bf16 values are exact in f32, so the error is f32

@@ -139,7 +139,7 @@ def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
     x, w = g.input("x", (2, 3, 40, 64), "bf16"), g.input("w", (1, 3, 64, 24), "bf16")
     g.output("y", x @ w.broadcast_to((2, 3, 64, 24)))
     g.output("z", g.input("u", (40, 33), "bf16") @ g.input("v", (33, 16), "bf16"))
-    g.output("t", g.input("x2", (4, 64, 32), "bf16").T @ g.input("y2", (4, 64, 48), "bf16"))
+    g.output("t", g.input("x2", (4, 64, 1024), "bf16").T @ g.input("y2", (4, 64, 520), "bf16"))
     plan = make_plan(g, True)
     kernels = [k for k in render_plan(plan, parse_target("cuda:sm_90")) if k.family == "matmul"]
     name_of = {nid: name for name, nid in plan.graph.inputs.items()}
@@ -147,17 +147,25 @@ def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
     assert maps["x"][1:4] == (0, (64, 40, 2, 3), (64, 7680, 2560)) and maps["x"].box[0] == 64
     assert maps["x"].box[2:] == (1, 1) and maps["x"].box[1] in (64, 128)  # k contiguous: the tile's rows
     assert maps["w"][1:] == (0, (24, 64, 3), (24, 1536), (64, 64, 1))  # n contiguous, the broadcast axis left out
-    assert maps["x2"][1:] == (0, (32, 64, 4), (32, 2048), (64, 64, 1))  # m contiguous (a transpose)
-    assert maps["y2"][1:] == (0, (48, 64, 4), (48, 3072), (64, 64, 1))
+    # m- and n-contiguous (a transpose): a box an atom of 64 columns, several a stage
+    assert maps["x2"][1:] == (0, (1024, 64, 4), (1024, 65536), (64, 64, 1))
+    assert maps["y2"][1:] == (0, (520, 64, 4), (520, 33280), (64, 64, 1))
     assert "u" not in maps and "v" in maps
     code = "".join(k.code for k in kernels)
     assert "gptc_copy_chunk8<1>(" in code and "gptc_fence_proxy_async();" in code
     parts = [part for k in kernels for part in k.source.split("// C[b] = A[b]")[1:]]
     assert len(parts) == 3
-    for part in parts:  # a stage fully staged by TMA: its barrier waits for all of the stage's bytes
+    several = False
+    for part in parts:  # a stage's barrier waits for all of its TMA boxes' bytes (all of the stage's, or B's)
         stage = re.search(r"stages \((\d+) bytes each\)", part).group(1)
-        expected = re.findall(r"gptc_mbarrier_arrive_expect_tx\(full0 \+ 8u \* slot, (\d+)u\)", part)
-        assert expected == ([] if "gptc_copy_chunk8" in part else [stage])
+        boxes = re.findall(r"operand (\w): (\d+) TMA box\(es\) of (\d+)x64 bf16", part)
+        expected = re.findall(r"gptc_mbarrier_(arrive_)?expect_tx\(full0 \+ 8u \* slot, (\d+)u\)", part)
+        assert len(expected) == 1 and int(expected[0][1]) == sum(int(n) * int(rows) * 128 for _, n, rows in boxes)
+        several = several or any(int(n) > 1 for _, n, _ in boxes)
+        assert (expected[0][0] == "arrive_") == ("gptc_copy_chunk8" not in part)  # mixed: thread 0 expects, all arrive
+        assert expected[0][0] or [name for name, _, _ in boxes] == ["B"]
+        assert not expected[0][0] or expected[0][1] == stage
+    assert several  # (an operand read in one box a stage hid a byte count that missed the others)
     assert all(compile_many([(k.code, k.name) for k in kernels], parse_target("cuda:sm_90")))
 
 
