@@ -133,12 +133,14 @@ def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
     """wgmma stages an operand by TMA where its rows and batches are 16-byte aligned: a
     tensor map of its buffer names the contiguous axis, the other one, then the batch
     axes that move it (a broadcast one is left out), read in boxes 64 wide by the tile's
-    rows (k contiguous) or by 64 k; rows of 33 bf16 are staged by cp.async (a proxy
-    fence then makes them visible to wgmma), beside a TMA operand in the same kernel."""
+    rows (k contiguous) or by 64 k; rows of 33 bf16, and a row broadcast along m, are
+    staged by cp.async (a proxy fence then makes them visible to wgmma), beside a TMA
+    operand in the same kernel."""
     g = Graph()
     x, w = g.input("x", (2, 3, 40, 64), "bf16"), g.input("w", (1, 3, 64, 24), "bf16")
     g.output("y", x @ w.broadcast_to((2, 3, 64, 24)))
     g.output("z", g.input("u", (40, 33), "bf16") @ g.input("v", (33, 16), "bf16"))
+    g.output("r", g.input("row", (1, 64), "bf16").broadcast_to((100, 64)) @ g.input("v2", (64, 16), "bf16"))
     g.output("t", g.input("x2", (4, 64, 1024), "bf16").T @ g.input("y2", (4, 64, 520), "bf16"))
     plan = make_plan(g, True)
     kernels = [k for k in render_plan(plan, parse_target("cuda:sm_90")) if k.family == "matmul"]
@@ -150,11 +152,11 @@ def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
     # m- and n-contiguous (a transpose): a box an atom of 64 columns, several a stage
     assert maps["x2"][1:] == (0, (1024, 64, 4), (1024, 65536), (64, 64, 1))
     assert maps["y2"][1:] == (0, (520, 64, 4), (520, 33280), (64, 64, 1))
-    assert "u" not in maps and "v" in maps
+    assert "u" not in maps and "v" in maps and "row" not in maps and "v2" in maps  # (a broadcast row: stride 0)
     code = "".join(k.code for k in kernels)
     assert "gptc_copy_chunk8<1>(" in code and "gptc_fence_proxy_async();" in code
     parts = [part for k in kernels for part in k.source.split("// C[b] = A[b]")[1:]]
-    assert len(parts) == 3
+    assert len(parts) == 4
     several = False
     for part in parts:  # a stage's barrier waits for all of its TMA boxes' bytes (all of the stage's, or B's)
         stage = re.search(r"stages \((\d+) bytes each\)", part).group(1)
@@ -162,7 +164,8 @@ def test_tensor_maps_describe_the_operands(tmp_path, monkeypatch):
         expected = re.findall(r"gptc_mbarrier_(arrive_)?expect_tx\(full0 \+ 8u \* slot, (\d+)u\)", part)
         assert len(expected) == 1 and int(expected[0][1]) == sum(int(n) * int(rows) * 128 for _, n, rows in boxes)
         several = several or any(int(n) > 1 for _, n, _ in boxes)
-        assert (expected[0][0] == "arrive_") == ("gptc_copy_chunk8" not in part)  # mixed: thread 0 expects, all arrive
+        copies = re.search(r"gptc_copy_\w+<\d>\(s", part)  # an operand staged by cp.async
+        assert (expected[0][0] == "arrive_") == (not copies)  # mixed: thread 0 expects the bytes, all arrive
         assert expected[0][0] or [name for name, _, _ in boxes] == ["B"]
         assert not expected[0][0] or expected[0][1] == stage
     assert several  # (an operand read in one box a stage hid a byte count that missed the others)

@@ -1027,7 +1027,8 @@ def _tensor_map(base: int, offset: int, strides: Sequence[int], batch_idx, batch
     tensor map names. The map's dims: the contiguous axis (k or m/n), the other, then
     the batch axes that move the operand (stride 0 or extent 1 ones are left out); its
     box: 64 elements (one 128-byte swizzle atom) by the tile's rows (k-contiguous) or
-    64 k (m/n-contiguous: one box an atom of 64 columns)."""
+    64 k (m/n-contiguous: one box an atom of 64 columns). Not for rows broadcast along the
+    other matrix axis (stride 0)."""
     if _mma_vector(offset, strides, contiguous) < 8:
         return None
     batch = [(z, size, st) for z, size, st in zip(batch_idx, batch_shape, strides[:-2]) if st and size > 1]
@@ -1036,6 +1037,8 @@ def _tensor_map(base: int, offset: int, strides: Sequence[int], batch_idx, batch
     inner, outer = (k, mn_ext) if kc else (mn_ext, k)
     dims = (inner, outer, *[size for _, size, _ in batch])
     map_strides = (strides[mn_axis] if kc else strides[k_axis], *[st for _, _, st in batch])
+    if not map_strides[0]:  # rows broadcast along m or n: cp.async reads them (a map's strides are not 0)
+        return None
     box = (64, rows if kc else 64, *[1] * len(batch))
     return TensorMap(base, offset, dims, map_strides, box), [emit(z) for z, _, _ in batch]
 
