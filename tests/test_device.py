@@ -262,3 +262,19 @@ def test_arenas_that_do_not_fit_are_refused_before_allocating(fake):
     arenas = Arenas(dev, [table])
     assert driver.calls.count("mem_alloc") == 2
     arenas.close()
+
+
+def test_tensor_maps_come_from_the_driver_or_a_one_line_error(fake):
+    """A TMA tensor map is encoded by the driver table for the buffer's address and passed
+    as a 16-word argument; a table without TMA (AMD's) refuses it in one line."""
+    import dataclasses
+    from gptc.runtime.drivers import DriverError as Refused
+    driver, dev = fake
+    calls = []
+    encode = lambda address, dims, strides, box: calls.append((address, dims, strides, box)) or list(range(16))  # noqa: E731
+    dev.driver = dataclasses.replace(dev.driver, tensor_map_encode=encode)
+    arg = dev.tensor_map(0x1000, (768, 8192), (768,), (64, 128))
+    assert arg.kind == "tensor_map" and arg.value == tuple(range(16)) and calls == [(0x1000, (768, 8192), (768,), (64, 128))]
+    dev.driver = dataclasses.replace(dev.driver, tensor_map_encode=None)
+    with pytest.raises(Refused, match="has no tensor memory accelerator"):
+        dev.tensor_map(0x1000, (768, 8192), (768,), (64, 128))
