@@ -11,8 +11,10 @@
 // In these launches float_to_bf16 is the prelude's one-instruction conversion (the same
 // rounding): ~10 fewer instructions an element stored bf16, which the matmul epilogues and
 // the flash kernels are bound by (gpt2 bf16: matmuls -0.7 ms a step, attention -0.7). Not
-// for every kernel: in the layernorm backward's row kernels it measured slower (38 -> 52 us,
-// cause not found; benchmarks/results/h200x2-2026-12-01-458dba0-tma).
+// for every kernel: the layernorm backward's row kernels measured slower with it (38 -> 52
+// us): ptxas then fits them in 32 registers instead of 40 by issuing the third input's
+// loads after the math on the first two, so fewer loads are in flight (their SASS;
+// benchmarks/results/h200x2-2026-12-01-458dba0-tma).
 #define float_to_bf16 gptc_float_to_bf16_cvt
 #endif
 // Two accumulators of adjacent columns (mma.sync's r, r + 1) stored at once, p aligned to
