@@ -988,21 +988,14 @@ def _mma_variants(target: Target):
     """(bm, bn, warps_m, warps_n, stages, min_blocks) worth timing (the dev/ harness):
     4 or 8 warps, the deepest pipeline that fits, 8 warps with and without a register
     bound for 2 resident blocks (NVIDIA's __launch_bounds__ minimum); wgmma: each tile
-    at 3 to 6 stages, and (where the accumulators fit a register bound for 2 resident
-    blocks) with that bound and as many stages as let 2 blocks share a unit: one's
-    epilogue then runs beside the other's products."""
+    at 3 to 6 stages (a bound for 2 resident blocks measured no faster: benchmarks/results/
+    h200x2-2026-12-01-458dba0-tma)."""
     fm, fn, _ = _MMA_FRAGMENTS[_mma_kind(target)]
     if _mma_kind(target) == "wgmma":
-        smem_unit = _MM_UNITS[target.arch][1]
         for tile in _WGMMA_TILES:
             for stages in (3, 4, 5, 6):
                 if _mma_legal(tile, target, stages):
                     yield (*tile, stages, 0)
-            pair = [s for s in (2, 3, 4) if 2 * (_mma_smem_bytes(*tile[:2], s, target) + 1024) <= smem_unit]
-            # a consumer thread's bn / 2 accumulators and ~32 other registers under the bound (ptxas
-            # refuses wgmma.m64n128 with 80: 128x128's 384 threads do not fit twice)
-            if pair and tile[1] // 2 + 32 <= 65536 // (2 * _mma_threads(tile, target)):
-                yield (*tile, max(pair), 2)
         return
     for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64)):
         for wm, wn in ((2, 2), (2, 4), (4, 2)):
@@ -1020,17 +1013,15 @@ def _mma_vector(offset: int, strides: Sequence[int], contiguous: int) -> int:
     return next(v for v in (8, 4, 2, 1) if all(x % v == 0 for x in others))
 
 
-def _tensor_map(base: int, offset: int, strides: Sequence[int], batch_idx, batch_shape, kc: bool, contiguous: int,
+def _tensor_map(base: int, offset: int, strides: Sequence[int], batch_idx, batch_shape, kc: bool,
                 k_axis: int, mn_axis: int, k: int, mn_ext: int, rows: int):
-    """(map, batch coordinates) of a wgmma operand staged by TMA, or None where TMA cannot
-    read it: rows or batches not 16-byte aligned (vec < 8), more dimensions than a
+    """(map, batch coordinates) of a wgmma operand whose rows and batches are 16-byte
+    aligned, staged by TMA, or None where TMA cannot read it: more dimensions than a
     tensor map names. The map's dims: the contiguous axis (k or m/n), the other, then
     the batch axes that move the operand (stride 0 or extent 1 ones are left out); its
     box: 64 elements (one 128-byte swizzle atom) by the tile's rows (k-contiguous) or
     64 k (m/n-contiguous: one box an atom of 64 columns). Not for rows broadcast along the
     other matrix axis (stride 0)."""
-    if _mma_vector(offset, strides, contiguous) < 8:
-        return None
     batch = [(z, size, st) for z, size, st in zip(batch_idx, batch_shape, strides[:-2]) if st and size > 1]
     if 2 + len(batch) > TMA_MAX_RANK:
         return None
@@ -1075,8 +1066,8 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         contiguous = k_axis if kc else mn_axis
         rows, width = (mn_tile, bk) if kc else (bk, mn_tile)
         vec = _mma_vector(offset, strides, contiguous)
-        staged = (_tensor_map(base, offset, strides, batch_idx, batch_shape, kc, contiguous, k_axis, mn_axis, k,
-                              mn_ext, rows) if kind == "wgmma" and tma else None)
+        staged = (_tensor_map(base, offset, strides, batch_idx, batch_shape, kc, k_axis, mn_axis, k, mn_ext, rows)
+                  if kind == "wgmma" and tma and vec == 8 else None)
         if staged:
             tensor_map, batch_coords = staged
             ops.append(dict(name=name, kc=kc, rows=rows, width=width, smem_off=smem_off, tma=True,
@@ -1120,7 +1111,6 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         # the epilogue stages each consumer's 64 rows of f32 through the (then free) stages
         assert 2 * smem_off * stages >= (warps_m // 4 - 1) * 64 * (bn + 8) * 4, "the epilogue's rows fit in the stages"
         ctx.update(template="matmul_wgmma.hip.j2", wgs=warps_m // 4 - 1, loaders=128, epilogue_batch=WGMMA_EPILOGUE_BATCH,
-                   min_blocks=min_blocks,
                    all_tma=all(op["tma"] for op in ops),
                    tma_bytes=sum(2 * op["rows"] * op["width"] for op in ops if op["tma"]), **common)
         return (ceil_div(n, bn) * ceil_div(m, bm) * batch, 1, 1), (threads, 1, 1), em
