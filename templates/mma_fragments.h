@@ -17,13 +17,67 @@
 // benchmarks/results/h200x2-2026-12-01-458dba0-tma).
 #define float_to_bf16 gptc_float_to_bf16_cvt
 #endif
+// tanh as 1 - 2 / (e^2x + 1) from one fast exponential and one fast reciprocal (+-1 at
+// the limits, NaN stays NaN): within ~5e-7 of tanh, far below the bf16 rounding of what
+// these launches store, in 5 instructions instead of tanhf's ~17, which bound the GELU
+// epilogues.
+__device__ __forceinline__ float gptc_tanh_fast(float x) {
+#if GPTC_CUDA
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(x * 2.885390081777927f));  // 2 log2(e) x
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(e + 1.0f));
+  return fmaf(-2.0f, r, 1.0f);
+#else
+  return 1.0f - __fdividef(2.0f, __expf(2.0f * x) + 1.0f);
+#endif
+}
+#define tanhf gptc_tanh_fast
+// a and b rounded to bf16 (as float_to_bf16), a in the low half: one instruction on sm_80+.
+__device__ __forceinline__ unsigned int gptc_pack_bf16x2(float a, float b) {
+#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned int r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+#else
+  return (unsigned int)float_to_bf16(a).bits | ((unsigned int)float_to_bf16(b).bits << 16);
+#endif
+}
 // Two accumulators of adjacent columns (mma.sync's r, r + 1) stored at once, p aligned to
-// two elements: one 8-byte store of floats, one 4-byte store of bf16 (as float_to_bf16).
+// two elements: one 8-byte store of floats, one 4-byte store of bf16.
 __device__ __forceinline__ void gptc_store_pair(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 __device__ __forceinline__ void gptc_store_pair(bf16* p, float a, float b) {
-  *reinterpret_cast<unsigned int*>(p) = (unsigned int)float_to_bf16(a).bits | ((unsigned int)float_to_bf16(b).bits << 16);
+  *reinterpret_cast<unsigned int*>(p) = gptc_pack_bf16x2(a, b);
+}
+// Eight consecutive elements read or written at once (the wgmma epilogue's chunks of
+// columns, gptc/compiler/codegen/emit.py set_lanes), p 16-byte aligned: one 16-byte access
+// of bf16, two of floats.
+struct gptc_f8 {
+  float v[8];
+};
+__device__ __forceinline__ gptc_f8 gptc_load8(const float* p) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  return {{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}};
+}
+__device__ __forceinline__ gptc_f8 gptc_load8(const bf16* p) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  const unsigned int words[4] = {w.x, w.y, w.z, w.w};
+  gptc_f8 r;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    r.v[2 * i] = __uint_as_float(words[i] << 16);
+    r.v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+  return r;
+}
+__device__ __forceinline__ void gptc_store8(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void gptc_store8(bf16* p, const float* v) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(gptc_pack_bf16x2(v[0], v[1]), gptc_pack_bf16x2(v[2], v[3]),
+                                            gptc_pack_bf16x2(v[4], v[5]), gptc_pack_bf16x2(v[6], v[7]));
 }
 #if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // mma.sync m16n8k16 (sm_80+): A 16x16 row-major in 4 registers of 2 bf16, B 16x8

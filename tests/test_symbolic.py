@@ -10,8 +10,8 @@ import random
 import pytest
 
 from gptc.compiler.codegen import indexing
-from gptc.compiler.codegen.symbolic import (Var, add, atom, bounds, c_div, c_mod, div, emit, in_range, maximum,
-                                            minimum, mod, mul)
+from gptc.compiler.codegen.symbolic import (Var, add, atom, bounds, c_div, c_mod, div, emit, in_range, lane_base,
+                                            maximum, minimum, mod, mul)
 
 DIVISORS = (1, 2, 3, 4, 5, 8, 12, 16, 32, 64, 128)
 
@@ -130,3 +130,23 @@ def test_printed_forms():
     assert emit(add(mul(div(i, 4096), 4096), mul(mod(div(i, 32), 4), 1024))) == "(i / 4096) * 4096 + ((i / 32) % 4) * 1024"
     # a negative operand is never simplified by the rules that need a non-negative one
     assert emit(div(add(i, -5), 2)) == "(i - 5) / 2"
+
+
+def test_lane_base():
+    """An offset that moves with the lane one element at a time from a multiple of the
+    width gives its chunk's offset; any other does not (None)."""
+    gm, gn, gc, batch = Var("gm", 8192), Var("gn", 3072), Var("gc", 3072), Var("batch", 3)
+    base = lambda e: lane_base(e, gn, gc, 8)  # noqa: E731
+    assert emit(base(gn)) == "gc"
+    assert emit(base(add(mul(gm, 3072), gn))) == "gm * 3072 + gc"
+    assert emit(base(add(mul(batch, 589824), mul(gm, 768), gn, 16))) == "batch * 589824 + gm * 768 + gc + 16"
+    # the row of a (..., m, n) view of a (B, T, C) tensor: unravelled and linearised, the same offset
+    gn768, gc768 = Var("gn", 768), Var("gc", 768)
+    element = indexing.unravel(add(mul(gm, 768), gn768), (8, 1024, 768))
+    assert emit(lane_base(indexing.linearize(element, (8, 1024, 768)), gn768, gc768, 8)) == "gm * 768 + gc"
+    assert base(gm) is None                                   # broadcast along the lanes: each reads one element
+    assert base(add(mul(gn, 8192), gm)) is None               # transposed: the lanes 8192 elements apart
+    assert base(add(mul(gm, 3071), gn)) is None               # rows not a multiple of 8 apart
+    assert base(add(mul(gm, 3072), gn, 4)) is None            # a chunk would start mid-vector
+    assert base(add(mul(gm, 3072), mul(gn, 2))) is None       # every other element
+    assert base(add(mul(gm, 3072), gn, mul(mod(gn, 4), 8))) is None  # gn also inside another term

@@ -14,7 +14,7 @@ import re
 
 from gptc.compiler.codegen import names
 from gptc.compiler.codegen.indexing import Index, linearize, view_index
-from gptc.compiler.codegen.symbolic import ZERO, Expr, Var, add, atom, emit, in_range, maximum, minimum
+from gptc.compiler.codegen.symbolic import ZERO, Expr, Var, add, atom, emit, in_range, lane_base, maximum, minimum
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, VIEW
@@ -22,6 +22,8 @@ from gptc.compiler.planner.schedule import Plan
 
 C_TYPE = {"f32": "float", "bf16": "float", "f64": "double", "i32": "int", "bool": "bool"}
 STORAGE_TYPE = {"f32": "float", "bf16": "bf16", "f64": "double", "i32": "int", "bool": "bool"}
+# Elements a chunk of lanes (Emitter.set_lanes): 16 bytes of bf16, 32 of f32.
+CHUNK_LANES = 8
 
 
 def c_literal(value: float, dtype: str) -> str:
@@ -55,6 +57,19 @@ class Emitter:
         # buffer node -> kernel parameter (a placeholder, see names.py), in order of
         # first use (shared by the kernels batched into one launch)
         self.args: dict[int, str] = {} if args is None else args
+        # Lanes (set_lanes): the element variable and the chunk variable; the chunk's
+        # vector loads, hoisted out of the lane loop (chunk_lines), by (buffer, offset).
+        self.lanes: tuple[Var, Var] | None = None
+        self.chunk_lines: list[str] = []
+        self.chunk_loads: dict[tuple[int, Expr], str] = {}
+
+    def set_lanes(self, lane: Var, chunk: Var) -> None:
+        """Values are computed for one lane `lane` = `chunk` + l (0 <= l < CHUNK_LANES, the
+        C variable l) of a chunk of CHUNK_LANES consecutive elements along `lane`: a load
+        whose offset moves with the lane one element at a time reads the chunk's
+        elements at once (16 or 32 bytes, gptc_load8 in templates/mma_fragments.h: buffers
+        are 256-byte aligned) in a line of chunk_lines, and the lane takes its element."""
+        self.lanes = (lane, chunk)
 
     # ----- blocks -------------------------------------------------------------
     def begin_block(self) -> None:
@@ -63,6 +78,8 @@ class Emitter:
         self.lines = []
         self.cache = {}
         self.loads = {}
+        self.chunk_lines = []
+        self.chunk_loads = {}
 
     def take(self) -> list[str]:
         lines, self.lines = self.lines, []
@@ -83,18 +100,45 @@ class Emitter:
         buf = self.plan.buffer_of(nid)
         key = (buf.node, self.offset(nid, index), self.guard)
         if key not in self.loads:
-            raw = f"{self.arg(nid)}[{emit(key[1])}]"
-            raw = f"bf16_to_float({raw})" if buf.dtype == "bf16" else raw
+            chunk = self.chunk_offset(key[1]) if self.guard is None and buf.dtype in ("f32", "bf16") else None
+            if chunk is not None:
+                raw = f"{self._chunk_load(nid, chunk)}.v[l]"
+            else:
+                raw = f"{self.arg(nid)}[{emit(key[1])}]"
+                raw = f"bf16_to_float({raw})" if buf.dtype == "bf16" else raw
             if self.guard is not None:
                 raw = f"{self.guard} ? {raw} : {c_literal(0, buf.dtype)}"
             self.loads[key] = self._local(nid, raw)
         return self.loads[key]
+
+    def chunk_offset(self, offset: Expr) -> Expr | None:
+        """The offset of the chunk's first element, where `offset` moves with the lane one
+        element at a time from an aligned chunk start (None: not in lanes, or it does not)."""
+        return None if self.lanes is None else lane_base(offset, *self.lanes, CHUNK_LANES)
+
+    def _chunk_load(self, nid: int, offset: Expr) -> str:
+        buf = self.plan.buffer_of(nid)
+        key = (buf.node, offset)
+        if key not in self.chunk_loads:
+            name = self.chunk_loads[key] = f"w{len(self.chunk_loads)}"
+            node = self.graph.node(buf.node)
+            self.chunk_lines.append(f"const gptc_f8 {name} = gptc_load8({self.arg(nid)} + {atom(offset)});"
+                                    f"  // %{buf.node} {node['op']} {node['scope']}".rstrip())
+        return self.chunk_loads[key]
 
     def store(self, nid: int, index: Index, value: str) -> str:
         buf = self.plan.buffer_of(nid)
         if buf.dtype == "bf16":
             value = f"float_to_bf16({value})"
         return f"{self.arg(nid)}[{emit(self.offset(nid, index))}] = {value};"
+
+    def store_chunk(self, nid: int, index: Index, values: str) -> str | None:
+        """The line storing the chunk's values (`values`: a float* to its CHUNK_LANES lanes'
+        values) at once where the lane's offset moves one element at a time (see
+        set_lanes), else None (store each lane's value)."""
+        buf = self.plan.buffer_of(nid)
+        chunk = self.chunk_offset(self.offset(nid, index)) if buf.dtype in ("f32", "bf16") else None
+        return None if chunk is None else f"gptc_store8({self.arg(nid)} + {atom(chunk)}, {values});"
 
     # ----- values -------------------------------------------------------------
     def value(self, nid: int, index: Index) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 import jinja2
 
 from gptc.compiler.codegen import names
-from gptc.compiler.codegen.emit import C_TYPE, STORAGE_TYPE, Emitter, c_literal, philox_uniform
+from gptc.compiler.codegen.emit import C_TYPE, CHUNK_LANES, STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
 from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import contiguous, strided
@@ -703,25 +703,47 @@ def _mm_common_threads(plan: Plan, kernels: list[KernelPlan], target: Target) ->
     return min(counts, key=total)
 
 
-def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int,
-                     deferred: bool = False):
+def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int) -> list[str]:
     """The lines that compute and store the kernel's roots at the element of C at
-    (batch, gm, gn) (the matmul templates' variables): the fused epilogue. `deferred`:
-    (compute lines, store lines, the C type of each root's value) instead, the computed
-    roots kept in out<i>[u] between them, so that a loop over several elements issues all
-    its loads before any store (which the compiler cannot move them past: buffers may
-    alias for all it knows)."""
+    (batch, gm, gn) (the matmul templates' variables): the fused epilogue."""
     em.begin_block()
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    index_of = lambda r: unravel(element, plan.graph.type(r).shape)  # noqa: E731
-    if deferred:
-        return _deferred_stores(em, kernel.roots, index_of)
     body = []
     for r in kernel.roots:
-        idx = index_of(r)
+        idx = unravel(element, plan.graph.type(r).shape)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
     return body
+
+
+def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int, lanes: int) -> dict:
+    """The wgmma epilogue's lines for a chunk of `lanes` (CHUNK_LANES or 1) consecutive
+    columns a thread (gn = gc + l; templates/matmul_wgmma.hip.j2), the computed roots kept
+    in out<i>[u] between the loads and the stores, so that a thread issues all its loads
+    before any store (which the compiler cannot move them past: buffers may alias for all
+    it knows). `body` computes a lane's roots (C types `out_types`) after `chunk_loads`,
+    the chunk's vector loads of the inputs that move with gn one element at a time; then
+    `chunk_stores` store such roots a chunk at once, `lane_stores` the others by lane."""
+    if lanes > 1:
+        em.set_lanes(var("gn", n), var("gc", n))
+    em.begin_block()
+    element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
+    body, chunk_stores, lane_stores, types = [], [], [], []
+    g = plan.graph
+    for i, r in enumerate(kernel.roots):
+        idx = unravel(element, g.type(r).shape)
+        # a cast to bf16 stored as bf16: the store rounds its input (the same bits, one conversion)
+        rounded = g.op(r) == "cast" and g.type(r).dtype == "bf16" and plan.buffer_of(r).dtype == "bf16"
+        v = em.value(g.inputs_of(r)[0] if rounded else r, idx)
+        body += em.take() + [f"out{i}[u] = {v};"]
+        chunk = em.store_chunk(r, idx, f"out{i} + c * {lanes}")
+        if chunk:
+            chunk_stores.append(chunk)
+        else:
+            lane_stores.append(em.store(r, idx, f"out{i}[u]"))
+        types.append(C_TYPE[em.graph.type(r).dtype])
+    return dict(body=body, chunk_loads=em.chunk_lines, chunk_stores=chunk_stores, lane_stores=lane_stores,
+                out_types=types, lanes=lanes)
 
 
 def _deferred_stores(em: Emitter, roots: list[int], index_of) -> tuple[list[str], list[str], list[str]]:
@@ -1099,8 +1121,11 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
         smem_off += rows * width
     if kind == "wgmma":
-        body, stores, out_types = _matmul_epilogue(em, plan, kernel, batch, m, n, deferred=True)
-        ctx.update(stores=stores, out_types=out_types)
+        # chunks of 8 columns a thread where a chunk never straddles n (nor a row of the
+        # tile, nor the epilogue tile's swizzle: bn % 64 == 0)
+        epilogue = _chunk_epilogue(em, plan, kernel, batch, m, n, CHUNK_LANES if n % CHUNK_LANES == 0 and bn % 64 == 0 else 1)
+        body = epilogue.pop("body")
+        ctx.update(epilogue)
     else:
         body = _matmul_epilogue(em, plan, kernel, batch, m, n)
     common = dict(m=m, n=n, k=k, batch=batch, bm=bm, bn=bn, stages=stages, stage_elems=smem_off,

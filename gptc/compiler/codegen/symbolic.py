@@ -307,6 +307,31 @@ def in_range(e: Expr, lo: int, hi: int) -> str:
     return " && ".join(tests) or "true"
 
 
+def mentions(e: Expr, v: Var) -> bool:
+    """Whether the variable `v` occurs in `e`."""
+    if isinstance(e, Var):
+        return e == v
+    if isinstance(e, Sum):
+        return any(mentions(t, v) for t, _ in e.terms)
+    if isinstance(e, (Div, Mod)):
+        return mentions(e.a, v)
+    if isinstance(e, (Min, Max)):
+        return mentions(e.a, v) or mentions(e.b, v)
+    return False
+
+
+def lane_base(e: Expr, lane: Var, chunk: Var, width: int) -> Expr | None:
+    """`e` at `chunk` instead of `lane` where e = lane + (terms and a constant that are
+    multiples of `width`), else None: an offset that moves with the lane variable one
+    element at a time, so `width` consecutive lanes from an aligned chunk start (a
+    multiple of `width`) read or write `width` consecutive, aligned elements."""
+    terms, const = _terms(e)
+    rest = [(t, c) for t, c in terms if t != lane]
+    if (lane, 1) not in terms or const % width or any(c % width or mentions(t, lane) for t, c in rest):
+        return None
+    return add(chunk, *[mul(t, c) for t, c in rest], const)
+
+
 # ----- printing -------------------------------------------------------------------
 
 def emit(e: Expr) -> str:
