@@ -131,6 +131,10 @@ FAMILIES = {
 KERNEL_FAMILY = {"matmul_bf16": "matmul", "matmul_bf16_gelu": "matmul", "matmul_bf16_wgrad": "matmul",
                  "cross_entropy": "row"}
 TOLERANCE = 1e-4  # fp32 after long reductions (DESIGN.md, Testing)
+# A bf16 result: where the kernel's f32 value differs from the reference's by rounding (the
+# order of a long sum), the bf16 rounding of a few elements in 10^4 flips by one ulp (2^-8):
+# 1.3e-4 for the GELU family at k = 3072, on every tile.
+BF16_TOLERANCE = 5e-4
 
 
 def variants(plan, index, target):
@@ -235,7 +239,7 @@ def check_and_time(graph, plan, index, device, repeat: int, show: bool) -> int:
     cost = plan_costs(plan)[index]
     kernels = render_plan(plan, device.target)
     print(f"  {cost.flops / 1e9:.3f} GFLOP, {cost.bytes / 1e6:.1f} MB moved at least")
-    print(f"  {'variant':<40} {'median us':>10} {'TFLOP/s':>8} {'GB/s':>8} {'rel err':>9}")
+    print(f"  {'variant':<40} {'median us':>10} {'TFLOP/s':>8} {'GB/s':>8} {'err/tol':>9}")
     events = [(device.event(), device.event()) for _ in range(repeat)]  # reused: the Device API frees none
     failed = False
     for label, _, source in variants(plan, index, device.target):
@@ -249,7 +253,8 @@ def check_and_time(graph, plan, index, device, repeat: int, show: bool) -> int:
             ex.write({n: feeds[n] for n in [*graph.params, *graph.states]})
             ex.poison()
             out = ex.run({n: feeds[n] for n in graph.inputs})
-            err = max(rel_err(out[k], v) for k, v in reference.items())
+            err = max(rel_err(out[k], v) / (BF16_TOLERANCE if graph.type(graph.outputs[k]).dtype == "bf16" else TOLERANCE)
+                      for k, v in reference.items())  # relative to its tolerance
             for _ in range(10):  # warm-up
                 ex.run_kernel(index)
             for start, end in events:
@@ -260,9 +265,9 @@ def check_and_time(graph, plan, index, device, repeat: int, show: bool) -> int:
         finally:
             ex.close()
             arenas.close()
-        failed |= not err < TOLERANCE
+        failed |= not err < 1
         print(f"  {label:<40} {ms * 1e3:>10.1f} {cost.flops / ms / 1e9:>8.2f} {cost.bytes / ms / 1e6:>8.0f} "
-              f"{err:>9.1e}{'' if err < TOLERANCE else '  FAIL'}")
+              f"{err:>9.2f}{'' if err < 1 else '  FAIL'}")
     if show:
         print(kernels[index].source)
     return 1 if failed else 0

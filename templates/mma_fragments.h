@@ -50,30 +50,43 @@ __device__ __forceinline__ void gptc_store_pair(float* p, float a, float b) {
 __device__ __forceinline__ void gptc_store_pair(bf16* p, float a, float b) {
   *reinterpret_cast<unsigned int*>(p) = gptc_pack_bf16x2(a, b);
 }
-// Eight consecutive elements read or written at once (the wgmma epilogue's chunks of
-// columns, gptc/compiler/codegen/emit.py set_lanes), p 16-byte aligned: one 16-byte access
-// of bf16, two of floats.
-struct gptc_f8 {
+// 4 or 8 consecutive elements read or written at once, p aligned to 16 bytes: the wgmma
+// epilogue's chunks of columns (gptc/compiler/codegen/emit.py set_lanes). A chunk of 4: one
+// 16-byte access of floats, one 8-byte access of bf16; of 8: two, one 16-byte access.
+struct gptc_lanes4 {
+  float v[4];
+};
+struct gptc_lanes8 {
   float v[8];
 };
-__device__ __forceinline__ gptc_f8 gptc_load8(const float* p) {
+__device__ __forceinline__ float gptc_bf16_low(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float gptc_bf16_high(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ gptc_lanes4 gptc_load4(const float* p) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  return {{a.x, a.y, a.z, a.w}};
+}
+__device__ __forceinline__ gptc_lanes4 gptc_load4(const bf16* p) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  return {{gptc_bf16_low(w.x), gptc_bf16_high(w.x), gptc_bf16_low(w.y), gptc_bf16_high(w.y)}};
+}
+__device__ __forceinline__ gptc_lanes8 gptc_load8(const float* p) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   return {{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}};
 }
-__device__ __forceinline__ gptc_f8 gptc_load8(const bf16* p) {
+__device__ __forceinline__ gptc_lanes8 gptc_load8(const bf16* p) {
   const uint4 w = *reinterpret_cast<const uint4*>(p);
-  const unsigned int words[4] = {w.x, w.y, w.z, w.w};
-  gptc_f8 r;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    r.v[2 * i] = __uint_as_float(words[i] << 16);
-    r.v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-  return r;
+  return {{gptc_bf16_low(w.x), gptc_bf16_high(w.x), gptc_bf16_low(w.y), gptc_bf16_high(w.y),
+           gptc_bf16_low(w.z), gptc_bf16_high(w.z), gptc_bf16_low(w.w), gptc_bf16_high(w.w)}};
+}
+__device__ __forceinline__ void gptc_store4(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void gptc_store4(bf16* p, const float* v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(gptc_pack_bf16x2(v[0], v[1]), gptc_pack_bf16x2(v[2], v[3]));
 }
 __device__ __forceinline__ void gptc_store8(float* p, const float* v) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  gptc_store4(p, v);
+  gptc_store4(p + 4, v + 4);
 }
 __device__ __forceinline__ void gptc_store8(bf16* p, const float* v) {
   *reinterpret_cast<uint4*>(p) = make_uint4(gptc_pack_bf16x2(v[0], v[1]), gptc_pack_bf16x2(v[2], v[3]),

@@ -146,23 +146,25 @@ def test_batched_with_epilogue(device, rng, a_t, b_t, bf16_out):
     check(out, ref, bound, bf16_out)
 
 
-@pytest.mark.parametrize("n", [136, 131], ids=["chunks_of_8", "single_columns"])
-def test_epilogue_inputs_and_roots(device, rng, n):
+@pytest.mark.parametrize("n,f32_root", [(136, False), (136, True), (132, False), (131, True)],
+                         ids=["chunks_of_8", "chunks_of_4", "chunks_of_4_n132", "single_columns"])
+def test_epilogue_inputs_and_roots(device, rng, n, f32_root):
     """The fused epilogue of tests/test_mma.py epilogue_chunks_graph: inputs read a chunk
-    of 8 columns at once (an f32 bias, a bf16 residual) or a lane at a time (a scale a
-    row, a transposed input), f32 and bf16 roots stored a chunk at once, a bool root a
-    lane at a time (n = 136); n = 131 one column a thread-step."""
+    of columns at once (an f32 bias, a bf16 residual) or a lane at a time (a scale a row,
+    a transposed input), f32 and bf16 roots stored a chunk at once, a bool root a lane at
+    a time; chunks of 8, of 4 (an f32 root, or n = 132) and of 1 (n = 131)."""
     from test_mma import epilogue_chunks_graph
     m, k = 200, 72
     feeds = {"a": bf16_values(rng, (m, k)), "b": bf16_values(rng, (k, n)), "bias": rng.standard_normal(n),
              "scale": rng.standard_normal((m, 1)), "res": bf16_values(rng, (m, n)), "res_t": rng.standard_normal((n, m))}
     feeds = {name: v.astype(np.float32).astype(np.float64) for name, v in feeds.items()}
-    out = run(device, epilogue_chunks_graph(n), {name: v.astype(np.float32) for name, v in feeds.items()})
+    out = run(device, epilogue_chunks_graph(n, f32_root), {name: v.astype(np.float32) for name, v in feeds.items()})
     c = feeds["a"] @ feeds["b"]
     c_bound = k * 2.0 ** -22 * (np.abs(feeds["a"]) @ np.abs(feeds["b"]))
     y = (c + feeds["bias"]) * feeds["scale"] + feeds["res"] + feeds["res_t"].T
     bound = c_bound * np.abs(feeds["scale"]) + 1e-6 * (np.abs(y) + np.abs(c * feeds["scale"]))
-    check(out["y"], y, bound, False)
+    if f32_root:
+        check(out["y"], y, bound, False)
     check(out["y16"], y, bound, True)
     decided = np.abs(c) > c_bound  # the sign of c where accumulation error cannot flip it
     assert out["negative"].dtype == np.bool_ and (out["negative"][decided] == (c < 0)[decided]).all()

@@ -290,40 +290,54 @@ def test_wgmma_epilogue_keeps_each_roots_type(tmp_path, monkeypatch):
     assert all(compile_many([(k.code, k.name) for k in kernels], target))
 
 
-def epilogue_chunks_graph(n: int) -> Graph:
+def epilogue_chunks_graph(n: int, f32_root: bool) -> Graph:
     """A bf16 matmul (200 x 72 @ 72 x n) whose fused epilogue reads inputs that move with
     the column one element at a time (an f32 bias, a bf16 residual), one broadcast along
     the columns (a scale a row) and one transposed (its columns 200 elements apart), and
-    stores f32, bf16 (a cast root) and bool results (tests/test_gpu_mma.py runs it)."""
+    stores bf16 (a cast root), bool and (`f32_root`) f32 results (tests/test_gpu_mma.py
+    runs it)."""
     g = Graph()
     c = g.input("a", (200, 72), "bf16") @ g.input("b", (72, n), "bf16")
     y = ((c + g.input("bias", (n,))) * g.input("scale", (200, 1)) + g.input("res", (200, n), "bf16").cast("f32")
          + g.input("res_t", (n, 200)).T)
-    g.output("y", y)
+    if f32_root:
+        g.output("y", y)
     g.output("y16", y.cast("bf16"))
     g.output("negative", c < 0.0)
     return g
 
 
-def test_wgmma_epilogue_in_chunks_of_columns(tmp_path, monkeypatch):
-    """With n a multiple of 8, each wgmma consumer thread takes chunks of 8 consecutive
-    columns: the inputs that move with the column one element at a time are read a chunk
-    at once (16 bytes of bf16, 32 of f32), the others a lane at a time; f32 and bf16 roots
-    are stored a chunk at once (the bf16 cast's rounding done by the store: one
-    conversion), the bool root a lane at a time. With n = 131 a thread takes one column at a
-    time, as before. Both compile (NVRTC, sm_90a)."""
+# (n, an f32 root) -> the columns a wgmma epilogue thread takes at a time (kernels._epilogue_lanes)
+EPILOGUE_LANES = {(136, False): 8, (136, True): 4, (132, False): 4, (131, False): 1, (131, True): 1}
+
+
+@pytest.mark.parametrize("n,f32_root", list(EPILOGUE_LANES))
+def test_wgmma_epilogue_in_chunks_of_columns(n, f32_root, tmp_path, monkeypatch):
+    """Each wgmma consumer thread takes chunks of consecutive columns, 16 bytes of each
+    root (8 bf16, 4 where a root is f32), fewer where n is no multiple of that: the inputs
+    that move with the column one element at a time are read a chunk at once, the others
+    a lane at a time; f32 and bf16 roots are stored a chunk at once (the bf16 cast's
+    rounding done by the store: one conversion), the bool root a lane at a time. With
+    chunks of 1 (n = 131) each thread-step is one column, as before. The source compiles
+    (NVRTC, sm_90a)."""
     monkeypatch.setenv("GPTC_CACHE_DIR", str(tmp_path))
     target = parse_target("cuda:sm_90")
-    (chunked,) = [k for k in render_plan(make_plan(epilogue_chunks_graph(136), True), target) if k.family == "matmul"]
-    (single,) = [k for k in render_plan(make_plan(epilogue_chunks_graph(131), True), target) if k.family == "matmul"]
-    code = chunked.source
-    assert re.search(r"gptc_load8\(bias \+ gc\)", code) and re.search(r"gptc_load8\(res \+ \(gm \* 136 \+ gc\)\)", code)
-    assert re.search(r"= scale\[gm\];", code) and re.search(r"= res_t\[gn \* 200 \+ gm\];", code)
-    assert len(re.findall(r"gptc_store8\(out_y(16)? \+ \(gm \* 136 \+ gc\), out\d \+ c \* 8\);", code)) == 2
-    assert re.search(r"out_negative\[gm \* 136 \+ gn\] = out2\[u\];", code)
+    (kernel,) = [k for k in render_plan(make_plan(epilogue_chunks_graph(n, f32_root), True), target)
+                 if k.family == "matmul"]
+    code, lanes = kernel.source, EPILOGUE_LANES[n, f32_root]
+    assert f"chunk(s) of {lanes} a thread at a time" in code
+    if lanes > 1:
+        at = rf"gm \* {n} \+ gc"
+        assert re.search(rf"gptc_load{lanes}\(bias \+ gc\)", code) and re.search(rf"gptc_load{lanes}\(res \+ \({at}\)\)", code)
+        assert re.search(r"= scale\[gm\];", code) and re.search(rf"= res_t\[gn \* 200 \+ gm\];", code)
+        stored = re.findall(rf"gptc_store{lanes}\(out_(y|y16) \+ \({at}\), out\d \+ c \* {lanes}\);", code)
+        assert sorted(stored) == (["y", "y16"] if f32_root else ["y16"])
+        assert re.search(rf"out_negative\[gm \* {n} \+ gn\] = out\d\[u\];", code)
+        assert ("(col ^ ((col >> 3) & 4))" in code) == (lanes == 8)  # the epilogue tile's swizzle
+    else:
+        assert not re.search(r"= gptc_load\d\(|gptc_store\d\(out|gn = gc \+ l;", code)
     assert "bf16_to_float(float_to_bf16(" not in code  # the cast root: rounded by its store alone
-    assert not re.search(r"= gptc_load8\(|gptc_store8\(out|gn = gc \+ l;", single.source)
-    assert all(compile_many([(k.code, k.name) for k in (chunked, single)], target))
+    assert all(compile_many([(kernel.code, kernel.name)], target))
 
 
 def _tile_order(m_tiles: int, n_tiles: int, group: int, blocks: int) -> list[tuple[int, int, int]]:

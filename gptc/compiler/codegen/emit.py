@@ -22,8 +22,6 @@ from gptc.compiler.planner.schedule import Plan
 
 C_TYPE = {"f32": "float", "bf16": "float", "f64": "double", "i32": "int", "bool": "bool"}
 STORAGE_TYPE = {"f32": "float", "bf16": "bf16", "f64": "double", "i32": "int", "bool": "bool"}
-# Elements a chunk of lanes (Emitter.set_lanes): 16 bytes of bf16, 32 of f32.
-CHUNK_LANES = 8
 
 
 def c_literal(value: float, dtype: str) -> str:
@@ -57,19 +55,19 @@ class Emitter:
         # buffer node -> kernel parameter (a placeholder, see names.py), in order of
         # first use (shared by the kernels batched into one launch)
         self.args: dict[int, str] = {} if args is None else args
-        # Lanes (set_lanes): the element variable and the chunk variable; the chunk's
-        # vector loads, hoisted out of the lane loop (chunk_lines), by (buffer, offset).
-        self.lanes: tuple[Var, Var] | None = None
+        # Lanes (set_lanes): the element variable, the chunk variable and the lanes a chunk;
+        # the chunk's vector loads, hoisted out of the lane loop (chunk_lines), by (buffer, offset).
+        self.lanes: tuple[Var, Var, int] | None = None
         self.chunk_lines: list[str] = []
         self.chunk_loads: dict[tuple[int, Expr], str] = {}
 
-    def set_lanes(self, lane: Var, chunk: Var) -> None:
-        """Values are computed for one lane `lane` = `chunk` + l (0 <= l < CHUNK_LANES, the
-        C variable l) of a chunk of CHUNK_LANES consecutive elements along `lane`: a load
+    def set_lanes(self, lane: Var, chunk: Var, width: int) -> None:
+        """Values are computed for one lane `lane` = `chunk` + l (0 <= l < width (4 or 8),
+        the C variable l) of a chunk of `width` consecutive elements along `lane`: a load
         whose offset moves with the lane one element at a time reads the chunk's
-        elements at once (16 or 32 bytes, gptc_load8 in templates/mma_fragments.h: buffers
+        elements at once (gptc_load4/8 in templates/mma_fragments.h: buffers
         are 256-byte aligned) in a line of chunk_lines, and the lane takes its element."""
-        self.lanes = (lane, chunk)
+        self.lanes = (lane, chunk, width)
 
     # ----- blocks -------------------------------------------------------------
     def begin_block(self) -> None:
@@ -114,7 +112,7 @@ class Emitter:
     def chunk_offset(self, offset: Expr) -> Expr | None:
         """The offset of the chunk's first element, where `offset` moves with the lane one
         element at a time from an aligned chunk start (None: not in lanes, or it does not)."""
-        return None if self.lanes is None else lane_base(offset, *self.lanes, CHUNK_LANES)
+        return None if self.lanes is None else lane_base(offset, *self.lanes)
 
     def _chunk_load(self, nid: int, offset: Expr) -> str:
         buf = self.plan.buffer_of(nid)
@@ -122,7 +120,8 @@ class Emitter:
         if key not in self.chunk_loads:
             name = self.chunk_loads[key] = f"w{len(self.chunk_loads)}"
             node = self.graph.node(buf.node)
-            self.chunk_lines.append(f"const gptc_f8 {name} = gptc_load8({self.arg(nid)} + {atom(offset)});"
+            width = self.lanes[2]
+            self.chunk_lines.append(f"const gptc_lanes{width} {name} = gptc_load{width}({self.arg(nid)} + {atom(offset)});"
                                     f"  // %{buf.node} {node['op']} {node['scope']}".rstrip())
         return self.chunk_loads[key]
 
@@ -133,12 +132,11 @@ class Emitter:
         return f"{self.arg(nid)}[{emit(self.offset(nid, index))}] = {value};"
 
     def store_chunk(self, nid: int, index: Index, values: str) -> str | None:
-        """The line storing the chunk's values (`values`: a float* to its CHUNK_LANES lanes'
-        values) at once where the lane's offset moves one element at a time (see
+        """The line storing the chunk's values (`values`: a float* to its lanes' values) at once where the lane's offset moves one element at a time (see
         set_lanes), else None (store each lane's value)."""
         buf = self.plan.buffer_of(nid)
         chunk = self.chunk_offset(self.offset(nid, index)) if buf.dtype in ("f32", "bf16") else None
-        return None if chunk is None else f"gptc_store8({self.arg(nid)} + {atom(chunk)}, {values});"
+        return None if chunk is None else f"gptc_store{self.lanes[2]}({self.arg(nid)} + {atom(chunk)}, {values});"
 
     # ----- values -------------------------------------------------------------
     def value(self, nid: int, index: Index) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 import jinja2
 
 from gptc.compiler.codegen import names
-from gptc.compiler.codegen.emit import C_TYPE, CHUNK_LANES, STORAGE_TYPE, Emitter, c_literal, philox_uniform
+from gptc.compiler.codegen.emit import C_TYPE, STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
 from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import contiguous, strided
@@ -717,7 +717,7 @@ def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m:
 
 
 def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int, lanes: int) -> dict:
-    """The wgmma epilogue's lines for a chunk of `lanes` (CHUNK_LANES or 1) consecutive
+    """The wgmma epilogue's lines for a chunk of `lanes` (8, 4 or 1: _epilogue_lanes) consecutive
     columns a thread (gn = gc + l; templates/matmul_wgmma.hip.j2), the computed roots kept
     in out<i>[u] between the loads and the stores, so that a thread issues all its loads
     before any store (which the compiler cannot move them past: buffers may alias for all
@@ -725,7 +725,7 @@ def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: 
     the chunk's vector loads of the inputs that move with gn one element at a time; then
     `chunk_stores` store such roots a chunk at once, `lane_stores` the others by lane."""
     if lanes > 1:
-        em.set_lanes(var("gn", n), var("gc", n))
+        em.set_lanes(var("gn", n), var("gc", n), lanes)
     em.begin_block()
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
     body, chunk_stores, lane_stores, types = [], [], [], []
@@ -744,6 +744,16 @@ def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: 
         types.append(C_TYPE[em.graph.type(r).dtype])
     return dict(body=body, chunk_loads=em.chunk_lines, chunk_stores=chunk_stores, lane_stores=lane_stores,
                 out_types=types, lanes=lanes)
+
+
+def _epilogue_lanes(plan: Plan, kernel: KernelPlan, n: int, bn: int) -> int:
+    """Consecutive columns a wgmma epilogue thread takes at a time: up to 16 bytes of each
+    root, so that a warp's stores are contiguous (whole 32-byte sectors): 4 where a root is
+    stored f32, else 8 (bf16); fewer where n is no multiple of that (a chunk would straddle
+    the matrix's edge): 4, else 1. The tile's rows hold whole chunks (bn % 64 == 0)."""
+    widest = 4 if any(plan.buffer_of(r).dtype == "f32" for r in kernel.roots) else 8
+    assert bn % 64 == 0
+    return next(lanes for lanes in (8, 4, 1) if lanes <= widest and n % lanes == 0)
 
 
 def _deferred_stores(em: Emitter, roots: list[int], index_of) -> tuple[list[str], list[str], list[str]]:
@@ -1121,9 +1131,7 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
         smem_off += rows * width
     if kind == "wgmma":
-        # chunks of 8 columns a thread where a chunk never straddles n (nor a row of the
-        # tile, nor the epilogue tile's swizzle: bn % 64 == 0)
-        epilogue = _chunk_epilogue(em, plan, kernel, batch, m, n, CHUNK_LANES if n % CHUNK_LANES == 0 and bn % 64 == 0 else 1)
+        epilogue = _chunk_epilogue(em, plan, kernel, batch, m, n, _epilogue_lanes(plan, kernel, n, bn))
         body = epilogue.pop("body")
         ctx.update(epilogue)
     else:

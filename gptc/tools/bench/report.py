@@ -112,7 +112,8 @@ def plan_summary(rows: Sequence[dict], step_ms: float | None) -> dict:
             "bytes": sum(r["bytes"] for r in rows), "flops": sum(r["flops"] for r in rows),
             "pct_floor_of_step": 100.0 * floor / step_ms if step_ms else float("nan"),
             "families": family_rows(rows),
-            "top": sorted(rows, key=lambda r: -r["ms"])[:TOP_KERNELS]}
+            "top": sorted(rows, key=lambda r: -r["ms"])[:TOP_KERNELS],
+            "kernels_by_launch": list(rows)}  # every kernel, in launch order: A/B comparisons of two runs
 
 
 def launch_labels(plan) -> list[str]:
