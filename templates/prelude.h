@@ -111,6 +111,58 @@ __device__ __forceinline__ bf16 gptc_float_to_bf16_cvt(float f) {
   return r;
 }
 #endif
+// a and b rounded to bf16 (as float_to_bf16), a in the low half: one instruction on sm_80+.
+__device__ __forceinline__ unsigned int gptc_pack_bf16x2(float a, float b) {
+#if GPTC_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned int r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+#else
+  return (unsigned int)float_to_bf16(a).bits | ((unsigned int)float_to_bf16(b).bits << 16);
+#endif
+}
+// 4 or 8 consecutive elements read or written at once, p aligned to 16 bytes: the chunks
+// of a row or of the wgmma epilogue's columns (gptc/compiler/codegen/emit.py set_lanes). A
+// chunk of 4: one 16-byte access of floats, one 8-byte access of bf16; of 8: two, one.
+struct gptc_lanes4 {
+  float v[4];
+};
+struct gptc_lanes8 {
+  float v[8];
+};
+__device__ __forceinline__ float gptc_bf16_low(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float gptc_bf16_high(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ gptc_lanes4 gptc_load4(const float* p) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  return {{a.x, a.y, a.z, a.w}};
+}
+__device__ __forceinline__ gptc_lanes4 gptc_load4(const bf16* p) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  return {{gptc_bf16_low(w.x), gptc_bf16_high(w.x), gptc_bf16_low(w.y), gptc_bf16_high(w.y)}};
+}
+__device__ __forceinline__ gptc_lanes8 gptc_load8(const float* p) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  return {{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}};
+}
+__device__ __forceinline__ gptc_lanes8 gptc_load8(const bf16* p) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  return {{gptc_bf16_low(w.x), gptc_bf16_high(w.x), gptc_bf16_low(w.y), gptc_bf16_high(w.y),
+           gptc_bf16_low(w.z), gptc_bf16_high(w.z), gptc_bf16_low(w.w), gptc_bf16_high(w.w)}};
+}
+__device__ __forceinline__ void gptc_store4(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void gptc_store4(bf16* p, const float* v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(gptc_pack_bf16x2(v[0], v[1]), gptc_pack_bf16x2(v[2], v[3]));
+}
+__device__ __forceinline__ void gptc_store8(float* p, const float* v) {
+  gptc_store4(p, v);
+  gptc_store4(p + 4, v + 4);
+}
+__device__ __forceinline__ void gptc_store8(bf16* p, const float* v) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(gptc_pack_bf16x2(v[0], v[1]), gptc_pack_bf16x2(v[2], v[3]),
+                                            gptc_pack_bf16x2(v[4], v[5]), gptc_pack_bf16x2(v[6], v[7]));
+}
 // ---- Philox4x32-10 (counter-based RNG; twin of gptc/compiler/ops/random.py) ----
 // A pure function of (counter, key): every kernel that reads a random_uniform node
 // recomputes the same bits for an element (a backward kernel recomputes the forward

@@ -170,6 +170,28 @@ def test_epilogue_inputs_and_roots(device, rng, n, f32_root):
     assert out["negative"].dtype == np.bool_ and (out["negative"][decided] == (c < 0)[decided]).all()
 
 
+def test_epilogue_stores_a_copy_with_padded_rows(device, rng):
+    """A bf16 copy of C stored with its rows padded to 16 bytes (precision.py's aligned
+    copies: gpt2's logits) is stored by the matmul's epilogue (fusion._epilogue_legal; its
+    padding neither written nor read) and read back through a slice by a row kernel, in
+    chunks of 8 with a partial last one. Small integer operands make C exact in f32 and
+    in bf16, so the softmax is checked to f32 rounding."""
+    m, n, k = 200, 131, 72
+    g = Graph()
+    c = g.input("a", (m, k), "bf16") @ g.input("b", (k, n), "bf16") + g.input("bias", (n,))
+    g.output("softmax", dsl.softmax(c.pad(1, 0, 5).cast("bf16").slice(1, 0, n).cast("f32") * 0.25))
+    plan = make_plan(g, True)
+    (mm,) = [kernel for kernel in plan.kernels if kernel.family == "matmul"]
+    assert [plan.graph.type(r).shape for r in mm.roots] == [(m, n + 5)] and len(plan.kernels) == 2
+    feeds = {"a": rng.integers(-1, 2, (m, k)), "b": rng.integers(-1, 2, (k, n)), "bias": rng.integers(-8, 9, n)}
+    feeds = {name: v.astype(np.float32) for name, v in feeds.items()}
+    out = run(device, g, feeds)["softmax"]
+    x = (feeds["a"].astype(np.float64) @ feeds["b"] + feeds["bias"]) * 0.25
+    ref = np.exp(x - x.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    check(out, ref, 1e-6 * ref, False)
+
+
 def test_two_matmuls_in_one_launch(device, rng):
     """Independent bf16 matmuls batched into one launch (one block size) stay right."""
     g = Graph()

@@ -259,6 +259,23 @@ def test_every_bf16_kernel_compiles(bf16_kernel_codes, target):
     assert len(objects) == len(batches) and all(len(o) > 0 for o in objects)
 
 
+def test_logits_copy_is_stored_padded_by_the_output_layer():
+    """gpt2's logits, read rounded to bf16 by cross-entropy, are stored bf16 with rows
+    padded to 50,264 by the output layer's matmul itself (its epilogue: no kernel of their
+    own, no f32 logits), so cross-entropy reads each row 16 bytes at a time (chunks of 8,
+    the last one partial) and writes the logits' gradient (padded too) so."""
+    spec = with_precision(gptc.preset("gpt2"), "bf16")
+    plan = make_plan(gptc.build_graph(spec, "train"))
+    g = plan.graph
+    (lm_head,) = [k for k in plan.kernels if k.family == "matmul" and g.node(k.anchor)["scope"] == "lm_head/linear"]
+    assert [(g.type(r).shape, plan.buffer_of(r).dtype) for r in lm_head.roots] == [((8192, 50264), "bf16")]
+    sources = {s.name: s.code for s in render_plan(plan, parse_target("sm_90"))}
+    (ce,) = [k for k in plan.kernels if k.family == "row" and any("cross_entropy" in g.node(n)["scope"] for n in k.nodes)]
+    assert re.search(r"gptc_load8\(\w+ \+ \(row \* 50264 \+ jc\)\)", sources[ce.name])
+    assert re.search(r"gptc_store8\(\w+ \+ \(row \* 50264 \+ jc\), out0 \+ c \* 8\)", sources[ce.name])
+    assert "if (j >= 50257) break;" in sources[ce.name]
+
+
 def test_bf16_rows_not_16_byte_aligned_are_stored_padded(monkeypatch):
     """gpt2's 50,257-wide lm_head weight and logits gradient, as bf16 matmul operands,
     are stored with rows padded to 8 elements and read through a slice, so that the

@@ -69,7 +69,9 @@ def _linear_outputs_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
     """The output of a linear layer that a READS_ROUNDED composite reads is read rounded
     to bf16, so the layer's kernel stores its bf16 copy only: gpt2's logits (8192 x
     50257, the largest activation of a small model, written once and read twice: the
-    loss, its gradient) at half the bytes. Gradients flow to the unrounded output
+    loss, its gradient) at half the bytes, rows padded as a matmul operand's copy (the
+    layer's epilogue stores them so, fusion._epilogue_legal): the reader's rows are then
+    16-byte aligned, read 16 bytes at a time (codegen _row_lanes). Gradients flow to the unrounded output
     unchanged, as through autocast's casts. Each reader (seen through views) widens the
     copy itself, so the widening joins the reader's kernel."""
     for nid in list(graph.nx.nodes):
@@ -80,7 +82,7 @@ def _linear_outputs_read_bf16(graph: Graph, copies: dict[int, int]) -> None:
             if graph.type(x).dtype != "f32" or not _in_scope(graph, base, "linear") or graph.node(base)["scope"].endswith("#bwd"):
                 continue
             with graph.replace_scope(graph.node(nid)["scope"]):
-                rounded = graph.add("cast", [_bf16(graph, x, copies, aligned=False)], dtype="f32")
+                rounded = graph.add("cast", [_bf16(graph, x, copies)], dtype="f32")
             graph.rewire(x, rounded, nid)
 
 
@@ -121,22 +123,20 @@ def _in_attention(graph: Graph, nid: int) -> bool:
     return any(_in_scope(graph, nid, scope) for scope in ATTENTION_SCOPES)
 
 
-def _bf16(graph: Graph, nid: int, copies: dict[int, int], aligned: bool = True) -> int:
+def _bf16(graph: Graph, nid: int, copies: dict[int, int]) -> int:
     """The bf16 counterpart of `nid`: for a view, the same view of its source's
-    counterpart; for a value, its cast (one per value), in the value's scope + "/bf16",
-    so its kernel traces back to the producer while scope-based matchers (attention)
-    do not take it for one of their own nodes. `aligned`: rows padded for the matrix
-    units where _cast_aligned pads them (a copy no matmul reads needs no padding, and
-    the matmul that computes its value stores it unpadded, in its epilogue)."""
+    counterpart; for a value, its cast (one per value, rows padded where _cast_aligned
+    pads them), in the value's scope + "/bf16", so its kernel traces back to the producer
+    while scope-based matchers (attention) do not take it for one of their own nodes."""
     if nid not in copies:
         node = graph.node(nid)
         if OPS[node["op"]].kind == VIEW and not _read_permuted(graph, nid):
-            src = _bf16(graph, graph.inputs_of(nid)[0], copies, aligned)
+            src = _bf16(graph, graph.inputs_of(nid)[0], copies)
             with graph.replace_scope(node["scope"]):
                 copies[nid] = graph.add(node["op"], [src], **node["attrs"])
         else:
             with graph.replace_scope(f"{node['scope']}/bf16" if node["scope"] else "bf16"):
-                copies[nid] = _cast_aligned(graph, nid) if aligned else graph.add("cast", [nid], dtype="bf16")
+                copies[nid] = _cast_aligned(graph, nid)
     return copies[nid]
 
 
@@ -151,10 +151,11 @@ def _read_permuted(graph: Graph, nid: int) -> bool:
     return OPS[graph.op(src)].kind not in (VIEW, SOURCE) and graph.users(src) == [nid]
 
 
-# A bf16 copy whose rows are not a multiple of 16 bytes (gpt2's 50,257-wide logits and
-# lm_head weight) is stored with its rows padded to 8 elements and read through a slice:
-# the matrix-unit kernels copy operand rows 16 bytes at a time only when each row
-# starts 16-byte aligned (else 2 bytes at a time). Small tensors are left alone.
+# A bf16 copy whose rows are not a multiple of 16 bytes (gpt2's 50,257-wide logits, their
+# gradient and the lm_head weight) is stored with its rows padded to 8 elements and read
+# through a slice: the matrix-unit kernels copy operand rows, and the row kernels read
+# rows, 16 bytes at a time only when each row starts 16-byte aligned (else 2 bytes at a
+# time). Small tensors are left alone.
 ROW_ALIGN, PAD_MIN_SIZE = 8, 1 << 20
 
 

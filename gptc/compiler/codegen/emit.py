@@ -14,11 +14,12 @@ import re
 
 from gptc.compiler.codegen import names
 from gptc.compiler.codegen.indexing import Index, linearize, view_index
-from gptc.compiler.codegen.symbolic import ZERO, Expr, Var, add, atom, emit, in_range, lane_base, maximum, minimum
+from gptc.compiler.codegen.symbolic import (ZERO, Expr, Var, add, atom, bounds, emit, in_range, lane_base, maximum,
+                                            minimum, variables)
 from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.registry import ELEMENTWISE, GATHER, VIEW
-from gptc.compiler.planner.schedule import Plan
+from gptc.compiler.planner.schedule import Buffer, Plan
 
 C_TYPE = {"f32": "float", "bf16": "float", "f64": "double", "i32": "int", "bool": "bool"}
 STORAGE_TYPE = {"f32": "float", "bf16": "bf16", "f64": "double", "i32": "int", "bool": "bool"}
@@ -58,6 +59,9 @@ class Emitter:
         # Lanes (set_lanes): the element variable, the chunk variable and the lanes a chunk;
         # the chunk's vector loads, hoisted out of the lane loop (chunk_lines), by (buffer, offset).
         self.lanes: tuple[Var, Var, int] | None = None
+        # an access that moves with the lane but is not a chunk's (each lane's element
+        # alone, `width` elements apart across a warp): set_lanes did not pay for it
+        self.scattered = False
         self.chunk_lines: list[str] = []
         self.chunk_loads: dict[tuple[int, Expr], str] = {}
 
@@ -67,7 +71,8 @@ class Emitter:
         whose offset moves with the lane one element at a time reads the chunk's
         elements at once (gptc_load4/8 in templates/mma_fragments.h: buffers
         are 256-byte aligned) in a line of chunk_lines, and the lane takes its element."""
-        self.lanes = (lane, chunk, width)
+        # a chunk starts at a multiple of width: its bound says so (the last chunk's start)
+        self.lanes = (lane, Var(chunk.name, (lane.bound - 1) // width * width + 1), width)
 
     # ----- blocks -------------------------------------------------------------
     def begin_block(self) -> None:
@@ -98,7 +103,8 @@ class Emitter:
         buf = self.plan.buffer_of(nid)
         key = (buf.node, self.offset(nid, index), self.guard)
         if key not in self.loads:
-            chunk = self.chunk_offset(key[1]) if self.guard is None and buf.dtype in ("f32", "bf16") else None
+            chunk = self.chunk_offset(key[1], buf) if buf.dtype in ("f32", "bf16") else None
+            self.scattered |= chunk is None and self._moves(key[1])
             if chunk is not None:
                 raw = f"{self._chunk_load(nid, chunk)}.v[l]"
             else:
@@ -109,10 +115,23 @@ class Emitter:
             self.loads[key] = self._local(nid, raw)
         return self.loads[key]
 
-    def chunk_offset(self, offset: Expr) -> Expr | None:
-        """The offset of the chunk's first element, where `offset` moves with the lane one
-        element at a time from an aligned chunk start (None: not in lanes, or it does not)."""
-        return None if self.lanes is None else lane_base(offset, *self.lanes)
+    def chunk_offset(self, offset: Expr, buf: Buffer, whole: bool = False) -> Expr | None:
+        """The offset of the chunk's first element in `buf`, where `offset` moves with the
+        lane one element at a time from an aligned chunk start and every chunk starts
+        inside the buffer (`whole`: lies inside it; a chunk that starts inside lies in the
+        buffer's 16-byte-aligned slot all the same: buffers are 256-byte aligned, their sizes
+        rounded up), else None: not in lanes, or it depends on a value the lane computes
+        (a gathered row, `(idx_t)v4`)."""
+        if self.lanes is None or any(not re.fullmatch(r"\w+", v.name) for v in variables(offset)):
+            return None
+        chunk = lane_base(offset, *self.lanes)
+        lo, hi = bounds(chunk) if chunk is not None else (None, None)
+        if lo is None or hi is None or lo < 0 or hi + (self.lanes[2] if whole else 1) > math.prod(buf.shape):
+            return None
+        return chunk
+
+    def _moves(self, offset: Expr) -> bool:
+        return self.lanes is not None and self.lanes[0].name in {v.name for v in variables(offset)}
 
     def _chunk_load(self, nid: int, offset: Expr) -> str:
         buf = self.plan.buffer_of(nid)
@@ -135,7 +154,9 @@ class Emitter:
         """The line storing the chunk's values (`values`: a float* to its lanes' values) at once where the lane's offset moves one element at a time (see
         set_lanes), else None (store each lane's value)."""
         buf = self.plan.buffer_of(nid)
-        chunk = self.chunk_offset(self.offset(nid, index)) if buf.dtype in ("f32", "bf16") else None
+        offset = self.offset(nid, index)
+        chunk = self.chunk_offset(offset, buf, whole=True) if buf.dtype in ("f32", "bf16") else None
+        self.scattered |= chunk is None and self._moves(offset)
         return None if chunk is None else f"gptc_store{self.lanes[2]}({self.arg(nid)} + {atom(chunk)}, {values});"
 
     # ----- values -------------------------------------------------------------
@@ -207,8 +228,14 @@ class Emitter:
             ax, before = node["attrs"]["axis"], node["attrs"]["before"]
             n = in_shape[ax]
             inside = in_range(index[ax], before, before + n)
-            # The clamped index keeps the (discarded) load in bounds.
-            clamped = minimum(maximum(add(index[ax], -before), 0), n - 1)
+            # The clamped index keeps the (discarded) load in bounds. In lanes the index
+            # moves with the lane unclamped, so the source's chunk can be read at once
+            # (chunk_offset checks that it lies in the buffer); its lanes outside the pad's
+            # source are discarded and a lane's own loads stay under the guard.
+            shifted = add(index[ax], -before)
+            if self.lanes and before == 0 and index[ax] == self.lanes[0]:
+                shifted = Var(self.lanes[0].name, n)  # below n where the guard holds
+            clamped = shifted if self.lanes else minimum(maximum(shifted, 0), n - 1)
             zero = c_literal(0.0, node["type"].dtype)
             if inside == "false":
                 return zero

@@ -26,8 +26,9 @@ from gptc.compiler.ops import OPS
 from gptc.compiler.ops.decode import chunk_of
 from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.ops.sample import STREAM
+from gptc.compiler.planner import fusion
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
-from gptc.compiler.planner.schedule import KernelPlan, Plan
+from gptc.compiler.planner.schedule import KernelPlan, Plan, reads_of
 
 POINTWISE_THREADS = 256
 POINTWISE_UNROLL = 4  # elements a thread computes before storing them (loads in flight)
@@ -166,8 +167,9 @@ def _render_part(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int,
             # POINTWISE_UNROLL elements a thread a step, all loaded before any is stored:
             # a step's loads in flight together (one element a thread leaves HBM idle)
             unroll = tuning.get("unroll", POINTWISE_UNROLL)
-            body, stores, types = _deferred_stores(em, kernel.roots, lambda r: idx)
-            ctx.update(stores=stores, out_types=types)
+            deferred = _deferred_stores(em, kernel.roots, lambda r: idx)
+            body = deferred["body"]
+            ctx.update(stores=deferred["lane_stores"], out_types=deferred["out_types"])
         else:
             ids, updates = g.inputs_of(kernel.anchor)
             row = em.value(ids, idx[:-1])
@@ -422,7 +424,10 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     the others in it (so cross-entropy's max, sum of exponentials and target logit
     take one pass: the sum of exp(x - max) is kept online, rescaled as the running max
     grows), then the stores of the full-row values, padded rows last (see
-    fusion.padded_row)."""
+    fusion.padded_row). Each loop takes chunks of _row_lanes elements a thread-step,
+    read and written 16 bytes at a time, unless some access of the row cannot be (rows
+    not 16-byte aligned, a gathered row): then one element a thread-step, as a warp's
+    accesses are then contiguous."""
     g = plan.graph
     reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
     space = g.type(g.inputs_of(reduces[0])[0]).shape
@@ -431,11 +436,30 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     wave = target.wavefront
     tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
+    lanes = tuning.get("lanes", _row_lanes(plan, kernel, lead + (1,)))
+    em, lines = _row_lines(plan, kernel, args, tpr, lanes)
+    if em.scattered and "lanes" not in tuning:
+        lanes = 1
+        em, lines = _row_lines(plan, kernel, args, tpr, lanes)
+    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block,
+               unroll=tuning.get("unroll", ROW_UNROLL), lanes=lanes, **lines)
+    return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
+
+
+def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, lanes: int) -> tuple[Emitter, dict]:
+    """The emitter and the lines of a row kernel (_row) in chunks of `lanes`: its passes,
+    the stores of its reduced values (row_body) and the loops storing full rows."""
+    g = plan.graph
+    reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
+    space = g.type(g.inputs_of(reduces[0])[0]).shape
+    lead, row_len = space[:-1], space[-1]
     # Stage results are named by position (the template's comment names the node): code
     # that differs only in node ids (a repeated layer) stays identical and compiles once.
     special = {r: f"r{s}" for s, r in enumerate(reduces)}
     em = Emitter(plan, kernel.nodes, special, args)
-    lead_idx = unravel(var("row", rows), lead)
+    if lanes > 1:
+        em.set_lanes(var("j", row_len), var("jc", row_len), lanes)
+    lead_idx = unravel(var("row", max(1, _size(lead))), lead)
     full_idx = lead_idx + (var("j", row_len),)
     row_idx = lead_idx + (ZERO,)
     groups: list[list[int]] = []
@@ -475,24 +499,37 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
                           f"{acc} * expf({m_acc} - {special[top]}), scratch);")
             finals.append(f"if ({special[top]} == -INFINITY) {special[r]} = NAN;")
             combines.append("")  # (the max's line updates it)
-        passes.append(dict(decls=decls, inits=inits, body=em.take(), combines=combines, finals=finals))
+        passes.append(dict(decls=decls, inits=inits, body=em.take(), combines=combines, finals=finals,
+                           chunk_loads=em.chunk_lines))
         for r in group:
             em.special[r] = special[r]
     reduced_shape = lead + (1,)
     em.begin_block()
     row_body = _store_lines(em, [r for r in kernel.roots if g.type(r).shape == reduced_shape], lambda r: row_idx)
     row_body = em.take() + row_body
-    # The stores of full rows, then of padded rows: ROW_UNROLL elements a thread a step,
-    # all computed (their loads in flight) before any is stored, as in pointwise kernels.
+    # The stores of full rows, then of padded rows: ROW_UNROLL elements (or chunks) a thread
+    # a step, all computed (their loads in flight) before any is stored, as in pointwise kernels.
     loops = []
     for shape in sorted({g.type(r).shape for r in kernel.roots} - {reduced_shape}):
         idx = lead_idx + (var("j", shape[-1]),)
+        if lanes > 1:  # the padded rows' loop: its own bound
+            em.set_lanes(var("j", shape[-1]), var("jc", shape[-1]), lanes)
         em.begin_block()
-        body, stores, types = _deferred_stores(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx)
-        loops.append(dict(length=shape[-1], body=body, stores=stores, out_types=types))
-    ctx.update(rows=rows, row_len=row_len, tpr=tpr, rows_per_block=rows_per_block, passes=passes,
-               row_body=row_body, loops=loops, unroll=tuning.get("unroll", ROW_UNROLL))
-    return (ceil_div(rows, rows_per_block), 1, 1), (tpr * rows_per_block, 1, 1), em
+        loops.append(dict(_deferred_stores(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx,
+                                           shape[-1] % lanes == 0), length=shape[-1]))
+    return em, dict(passes=passes, row_body=row_body, loops=loops)
+
+
+def _row_lanes(plan: Plan, kernel: KernelPlan, reduced_shape: tuple[int, ...]) -> int:
+    """Consecutive elements of a row a row kernel's thread takes at a time (its loops in
+    chunks, Emitter.set_lanes): 16 bytes of its full-row buffers, so that a warp's loads
+    and stores are whole sectors and each thread has more bytes in flight: 4 where one
+    is f32, else 8 (bf16). Buffers whose rows are not 16-byte aligned are read and
+    written an element at a time all the same (the emitter checks each offset)."""
+    g = plan.graph
+    touched = [r for r in kernel.roots if g.type(r).shape != reduced_shape]
+    touched += [x for x in reads_of(g, set(kernel.nodes), {}) if g.type(x).shape[-1:] not in ((), (1,))]
+    return 4 if any(plan.buffer_of(x).dtype == "f32" for x in touched) else 8
 
 
 def _reads_reduces(g, nid: int, nodes: set[int]) -> set[int]:
@@ -710,40 +747,31 @@ def _matmul_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m:
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
     body = []
     for r in kernel.roots:
-        idx = unravel(element, plan.graph.type(r).shape)
+        idx = _epilogue_index(plan, kernel, element, r)
         v = em.value(r, idx)
         body += em.take() + [em.store(r, idx, v)]
     return body
 
 
 def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: int, n: int, lanes: int) -> dict:
-    """The wgmma epilogue's lines for a chunk of `lanes` (8, 4 or 1: _epilogue_lanes) consecutive
-    columns a thread (gn = gc + l; templates/matmul_wgmma.hip.j2), the computed roots kept
-    in out<i>[u] between the loads and the stores, so that a thread issues all its loads
-    before any store (which the compiler cannot move them past: buffers may alias for all
-    it knows). `body` computes a lane's roots (C types `out_types`) after `chunk_loads`,
-    the chunk's vector loads of the inputs that move with gn one element at a time; then
-    `chunk_stores` store such roots a chunk at once, `lane_stores` the others by lane."""
+    """The wgmma epilogue's lines (_deferred_stores) for a chunk of `lanes` (8, 4 or 1:
+    _epilogue_lanes) consecutive columns a thread: gn = gc + l
+    (templates/matmul_wgmma.hip.j2)."""
     if lanes > 1:
         em.set_lanes(var("gn", n), var("gc", n), lanes)
     em.begin_block()
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    body, chunk_stores, lane_stores, types = [], [], [], []
+    return dict(_deferred_stores(em, kernel.roots, lambda r: _epilogue_index(plan, kernel, element, r), True),
+                lanes=lanes)
+
+
+def _epilogue_index(plan: Plan, kernel: KernelPlan, element, root: int):
+    """The index of root `root` at the element of C `element` (its linear index): C's
+    own index in a root whose rows are C's padded at their end (fusion._epilogue_legal:
+    the padding is neither written nor read)."""
     g = plan.graph
-    for i, r in enumerate(kernel.roots):
-        idx = unravel(element, g.type(r).shape)
-        # a cast to bf16 stored as bf16: the store rounds its input (the same bits, one conversion)
-        rounded = g.op(r) == "cast" and g.type(r).dtype == "bf16" and plan.buffer_of(r).dtype == "bf16"
-        v = em.value(g.inputs_of(r)[0] if rounded else r, idx)
-        body += em.take() + [f"out{i}[u] = {v};"]
-        chunk = em.store_chunk(r, idx, f"out{i} + c * {lanes}")
-        if chunk:
-            chunk_stores.append(chunk)
-        else:
-            lane_stores.append(em.store(r, idx, f"out{i}[u]"))
-        types.append(C_TYPE[em.graph.type(r).dtype])
-    return dict(body=body, chunk_loads=em.chunk_lines, chunk_stores=chunk_stores, lane_stores=lane_stores,
-                out_types=types, lanes=lanes)
+    space, shape = g.type(kernel.anchor).shape, g.type(root).shape
+    return unravel(element, space if fusion.padded_row(shape, space) else shape)
 
 
 def _epilogue_lanes(plan: Plan, kernel: KernelPlan, n: int, bn: int) -> int:
@@ -756,19 +784,30 @@ def _epilogue_lanes(plan: Plan, kernel: KernelPlan, n: int, bn: int) -> int:
     return next(lanes for lanes in (8, 4, 1) if lanes <= widest and n % lanes == 0)
 
 
-def _deferred_stores(em: Emitter, roots: list[int], index_of) -> tuple[list[str], list[str], list[str]]:
-    """(compute lines, store lines, the C type of each root's value) of a loop over
-    several elements a thread (u): each root's value kept in out<i>[u] between them,
-    so that the loop issues all its loads before any store (which the compiler cannot
-    move loads past: buffers may alias for all it knows)."""
-    body, stores, types = [], [], []
+def _deferred_stores(em: Emitter, roots: list[int], index_of, chunk_stores: bool = False) -> dict:
+    """The lines of a loop over several elements a thread (u), each root's value kept in
+    out<i>[u] between its loads and its stores, so that the loop issues all its loads
+    before any store (which the compiler cannot move loads past: buffers may alias for
+    all it knows): `body` computes them (after `chunk_loads`, the vector loads of a
+    chunk's inputs where the emitter is in lanes: Emitter.set_lanes), `chunk_stores`
+    store a chunk of a root at once (where `chunk_stores` allows: every chunk whole),
+    `lane_stores` the other roots an element at a time; `out_types` the roots' C types.
+    A root cast to bf16 and stored bf16 keeps its input's value: the store rounds it (the
+    same bits, one conversion)."""
+    g = em.graph
+    body, chunked, by_lane, types = [], [], [], []
     for i, r in enumerate(roots):
         idx = index_of(r)
-        v = em.value(r, idx)
+        rounded = g.op(r) == "cast" and g.type(r).dtype == "bf16" and em.plan.buffer_of(r).dtype == "bf16"
+        v = em.value(g.inputs_of(r)[0] if rounded else r, idx)
         body += em.take() + [f"out{i}[u] = {v};"]
-        stores.append(em.store(r, idx, f"out{i}[u]"))
-        types.append(C_TYPE[em.graph.type(r).dtype])
-    return body, stores, types
+        chunk = em.store_chunk(r, idx, f"out{i} + c * {em.lanes[2]}") if em.lanes and chunk_stores else None
+        if chunk:
+            chunked.append(chunk)
+        else:
+            by_lane.append(em.store(r, idx, f"out{i}[u]"))
+        types.append(C_TYPE[g.type(r).dtype])
+    return dict(body=body, chunk_loads=em.chunk_lines, chunk_stores=chunked, lane_stores=by_lane, out_types=types)
 
 
 def _matmul_io(plan: Plan, kernel: KernelPlan, em: Emitter, m: int, n: int, k: int, batch: int):

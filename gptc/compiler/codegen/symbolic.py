@@ -307,27 +307,29 @@ def in_range(e: Expr, lo: int, hi: int) -> str:
     return " && ".join(tests) or "true"
 
 
-def mentions(e: Expr, v: Var) -> bool:
-    """Whether the variable `v` occurs in `e`."""
+def variables(e: Expr) -> set[Var]:
+    """The variables that occur in `e`."""
     if isinstance(e, Var):
-        return e == v
+        return {e}
     if isinstance(e, Sum):
-        return any(mentions(t, v) for t, _ in e.terms)
+        return set().union(*(variables(t) for t, _ in e.terms))
     if isinstance(e, (Div, Mod)):
-        return mentions(e.a, v)
+        return variables(e.a)
     if isinstance(e, (Min, Max)):
-        return mentions(e.a, v) or mentions(e.b, v)
-    return False
+        return variables(e.a) | variables(e.b)
+    return set()
 
 
 def lane_base(e: Expr, lane: Var, chunk: Var, width: int) -> Expr | None:
-    """`e` at `chunk` instead of `lane` where e = lane + (terms and a constant that are
-    multiples of `width`), else None: an offset that moves with the lane variable one
+    """`e` at `chunk` instead of `lane` (a variable of lane's name) where e = lane + (terms
+    and a constant that are multiples of `width`), else None: an offset that moves with the lane variable one
     element at a time, so `width` consecutive lanes from an aligned chunk start (a
     multiple of `width`) read or write `width` consecutive, aligned elements."""
     terms, const = _terms(e)
-    rest = [(t, c) for t, c in terms if t != lane]
-    if (lane, 1) not in terms or const % width or any(c % width or mentions(t, lane) for t, c in rest):
+    named = lambda t: isinstance(t, Var) and t.name == lane.name  # noqa: E731  (whatever bound a view gave it)
+    rest = [(t, c) for t, c in terms if not named(t)]
+    if len(rest) != len(terms) - 1 or any(c != 1 for t, c in terms if named(t)) or const % width \
+            or any(c % width or lane.name in {v.name for v in variables(t)} for t, c in rest):
         return None
     return add(chunk, *[mul(t, c) for t, c in rest], const)
 

@@ -517,16 +517,41 @@ class Fuser:
         return True
 
     def _epilogue_legal(self, nodes: set[int], matmul: int) -> bool:
+        """Elementwise nodes of C's size joined by reshapes; and elementwise nodes over C's
+        rows padded at their end (`padded_row`) reading C's values through that pad, whose
+        readers all slice the padding off again (precision.py stores a bf16 copy so, rows
+        16-byte aligned, gpt2's logits): the epilogue computes C's elements only, so the
+        padding, never read, is never written either."""
         g = self.graph
         nodes = nodes - self.prologue  # computed at the operand's elements, not C's
         if nodes & self.in_place:
             return False
-        size = _size(g, matmul)
+        size, space = _size(g, matmul), g.type(matmul).shape
         if any(n != matmul and OPS[g.op(n)].kind not in (ELEMENTWISE, GATHER) for n in nodes):
             return False
-        if any(_size(g, n) != size for n in nodes):
+        padded = {n for n in nodes if _size(g, n) != size}
+        if any(not padded_row(g.type(n).shape, space) or not self._padding_unread(n, space[-1], nodes) for n in padded):
             return False
-        return all(g.op(v) == "reshape" for _, _, chain in self._internal_chains(nodes) for v in chain)
+        for n, consumer, chain in self._internal_chains(nodes):
+            if all(g.op(v) == "reshape" for v in chain):
+                continue
+            attrs = g.node(chain[0])["attrs"]
+            if not (len(chain) == 1 and g.op(chain[0]) == "pad" and attrs["axis"] == len(space) - 1
+                    and attrs["before"] == 0 and g.type(n).shape == space and consumer in padded):
+                return False
+        return True
+
+    def _padding_unread(self, nid: int, width: int, group: set[int]) -> bool:
+        """Every reader of `nid` (rows padded past `width`) outside `group` reads a slice of
+        the rows' first `width` elements."""
+        g = self.graph
+        for user in g.users(nid):
+            attrs = g.node(user)["attrs"]
+            if user in group:
+                continue
+            if g.op(user) != "slice" or attrs["axis"] != len(g.type(nid).shape) - 1 or attrs["stop"] > width:
+                return False
+        return True
 
 
 def padded_row(shape: tuple[int, ...], space: tuple[int, ...]) -> bool:
