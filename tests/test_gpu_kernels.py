@@ -15,6 +15,7 @@ import pytest
 import gptc
 from gptc import dsl
 from gptc.compiler.ir import Graph
+from gptc.compiler.ops.numeric import round_to_bf16
 from gptc.compiler.optim import decays
 from gptc.compiler.planner import make_plan
 from gptc.models import init_params
@@ -49,6 +50,8 @@ def random_feeds(graph: Graph, rng, int_high: dict | None = None) -> dict:
                 feeds[name] = rng.integers(0, (int_high or {}).get(name, 7), t.shape).astype(np.int32)
             else:
                 feeds[name] = rng.standard_normal(t.shape).astype(np.float32)
+                if t.dtype == "bf16":  # the values the device holds, so the reference sees them too
+                    feeds[name] = round_to_bf16(feeds[name])
     return feeds
 
 
@@ -240,18 +243,32 @@ def check_training_step(device, rng, spec: gptc.Spec, fuse: bool) -> None:
     graph = gptc.build_graph(spec, "train", expose_gradients=True)
     feeds = training_feeds(spec, graph, rng)
     out, updates, ref = run_both(device, graph, feeds, fuse)
-    assert_step_matches(out, updates, feeds, ref)
+    assert_step_matches(out, updates, feeds, ref, lambda: run_graph(graph, feeds, np.float32))
 
 
-def assert_step_matches(out: dict, updates: dict, feeds: dict, ref: dict) -> None:
-    """The outputs and updates of a step against the reference's (run_graph's result)."""
+def assert_step_matches(out: dict, updates: dict, feeds: dict, ref: dict, float32_step=None) -> None:
+    """The outputs and updates of a step against the reference's (run_graph's result).
+    A gradient's error is below 1e-4 and an update's below UPDATE_TOLERANCE, or, where
+    one is not (`float32_step`: the float32 reference step, run_graph's result, computed
+    only then), below 10 times the float32 step's own error: where a gradient nearly
+    cancels (ScaleNorm's scalar weight sums dy * x / |x| over every element: 2.8e-7 from
+    terms around 1e-4 for one seed, 9.3e-4 off in float32, its AdamW moment 7.7e-3),
+    float32 in any order is that far from float64."""
     for key in ("loss", "aux_loss"):
         if key in ref["outputs"]:
             assert rel_err(out[key], ref["outputs"][key]) < 1e-5, key
-    worst = max((rel_err(out[k], v), k) for k, v in ref["outputs"].items() if k.startswith("grad."))
-    assert worst[0] < 1e-4, f"gradient {worst[1]}: {worst[0]:.2e}"
-    worst = max((e, k) for k, e in update_errors(feeds, updates, ref["updates"]).items())
-    assert worst[0] < UPDATE_TOLERANCE, f"update {worst[1]}: {worst[0]:.2e}"
+    grads = {k: rel_err(out[k], v) for k, v in ref["outputs"].items() if k.startswith("grad.")}
+    steps = update_errors(feeds, updates, ref["updates"])
+    if float32_step is not None and (max(grads.values()) >= 1e-4 or max(steps.values()) >= UPDATE_TOLERANCE):
+        f32 = float32_step()
+        grads = {k: e / max(1.0, 10 * rel_err(f32["outputs"][k], ref["outputs"][k]) / 1e-4) for k, e in grads.items()}
+        own = update_errors(feeds, f32["updates"], ref["updates"])
+        steps = {k: e / max(1.0, 10 * own[k] / UPDATE_TOLERANCE) for k, e in steps.items()}
+    scaled = " (scaled to 10x the float32 step's error)" if float32_step is not None else ""
+    worst = max((e, k) for k, e in grads.items())
+    assert worst[0] < 1e-4, f"gradient {worst[1]}: {worst[0]:.2e}{scaled}"
+    worst = max((e, k) for k, e in steps.items())
+    assert worst[0] < UPDATE_TOLERANCE, f"update {worst[1]}: {worst[0]:.2e}{scaled}"
 
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
