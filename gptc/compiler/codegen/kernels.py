@@ -22,6 +22,7 @@ from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
 from gptc.compiler.strides import contiguous, strided
 from gptc.common import PACKAGE_DIR
 from gptc.target import Target
+from gptc.compiler.ir import Graph
 from gptc.compiler.ops import OPS
 from gptc.compiler.ops.decode import chunk_of
 from gptc.compiler.ops.registry import VIEW
@@ -429,9 +430,7 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     not 16-byte aligned, a gathered row): then one element a thread-step, as a warp's
     accesses are then contiguous."""
     g = plan.graph
-    reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
-    space = g.type(g.inputs_of(reduces[0])[0]).shape
-    lead, row_len = space[:-1], space[-1]
+    lead, row_len = _row_space(g, kernel)
     rows = max(1, _size(lead))
     wave = target.wavefront
     tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
@@ -451,8 +450,7 @@ def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, l
     the stores of its reduced values (row_body) and the loops storing full rows."""
     g = plan.graph
     reduces = [n for n in kernel.nodes if g.op(n) in ("sum", "max")]
-    space = g.type(g.inputs_of(reduces[0])[0]).shape
-    lead, row_len = space[:-1], space[-1]
+    lead, row_len = _row_space(g, kernel)
     # Stage results are named by position (the template's comment names the node): code
     # that differs only in node ids (a repeated layer) stays identical and compiles once.
     special = {r: f"r{s}" for s, r in enumerate(reduces)}
@@ -518,6 +516,13 @@ def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, l
         loops.append(dict(_deferred_stores(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx,
                                            shape[-1] % lanes == 0), length=shape[-1]))
     return em, dict(passes=passes, row_body=row_body, loops=loops)
+
+
+def _row_space(g: Graph, kernel: KernelPlan) -> tuple[tuple[int, ...], int]:
+    """(the leading axes, the row's length) of a row kernel: its first reduction's input."""
+    first = next(n for n in kernel.nodes if g.op(n) in ("sum", "max"))
+    space = g.type(g.inputs_of(first)[0]).shape
+    return space[:-1], space[-1]
 
 
 def _row_lanes(plan: Plan, kernel: KernelPlan, reduced_shape: tuple[int, ...]) -> int:
@@ -1566,9 +1571,10 @@ def _attention(plan: Plan, kernel: KernelPlan, target: Target, args: dict[int, s
 def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
     """The alternatives to the codegen's choice of block size or tile for `kernel`, as
     `tuning` overrides for render_launch (the dev/ harness times them): pointwise and
-    scatter block sizes, threads per row and a row kernel's unrolling (elements a thread
-    a step of its loops), a thread or a block per reduced output, the matmul
-    configurations the target admits (attention tiles are fixed)."""
+    scatter block sizes, threads per row, a row kernel's unrolling (elements a thread
+    a step of its loops) and its chunks (one element a thread-step, 4, 8), a thread or a
+    block per reduced output, the matmul configurations the target admits (attention
+    tiles are fixed)."""
     g = plan.graph
     wave = target.wavefront
     if kernel.family in ("pointwise", "scatter", "kv_write", "decode_attention", "decode_combine"):
@@ -1578,7 +1584,10 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
                 if t % wave == 0 and t * floats * 4 < target.shared_mem]
     if kernel.family == "row":
         tprs = [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
-        return tprs + [{"unroll": u} for u in (1, 2, 8, 16) if u != ROW_UNROLL]
+        lead, _ = _row_space(g, kernel)
+        lanes = _row_lanes(plan, kernel, lead + (1,))
+        return (tprs + [{"unroll": u} for u in (1, 2, 8, 16) if u != ROW_UNROLL]
+                + [{"lanes": n} for n in (1, 4, 8) if n != lanes])
     if kernel.family == "reduce":
         axes = g.node(kernel.anchor)["attrs"]["axes"]
         return [{"thread_per_output": False}] + ([{"thread_per_output": True}] if axes == tuple(range(len(axes))) else [])
