@@ -69,8 +69,8 @@ class Emitter:
         """Values are computed for one lane `lane` = `chunk` + l (0 <= l < width (4 or 8),
         the C variable l) of a chunk of `width` consecutive elements along `lane`: a load
         whose offset moves with the lane one element at a time reads the chunk's
-        elements at once (gptc_load4/8 in templates/mma_fragments.h: buffers
-        are 256-byte aligned) in a line of chunk_lines, and the lane takes its element."""
+        elements at once (gptc_load4/8 in templates/prelude.h: buffers are 256-byte
+        aligned) in a line of chunk_lines, and the lane takes its element."""
         # a chunk starts at a multiple of width: its bound says so (the last chunk's start)
         self.lanes = (lane, Var(chunk.name, (lane.bound - 1) // width * width + 1), width)
 
@@ -151,8 +151,9 @@ class Emitter:
         return f"{self.arg(nid)}[{emit(self.offset(nid, index))}] = {value};"
 
     def store_chunk(self, nid: int, index: Index, values: str) -> str | None:
-        """The line storing the chunk's values (`values`: a float* to its lanes' values) at once where the lane's offset moves one element at a time (see
-        set_lanes), else None (store each lane's value)."""
+        """The line storing the chunk's values (`values`: a float* to its lanes' values)
+        at once where the lane's offset moves one element at a time and the chunk lies in
+        the buffer (see set_lanes), else None (store each lane's value)."""
         buf = self.plan.buffer_of(nid)
         offset = self.offset(nid, index)
         chunk = self.chunk_offset(offset, buf, whole=True) if buf.dtype in ("f32", "bf16") else None

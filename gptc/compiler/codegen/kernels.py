@@ -18,7 +18,7 @@ import jinja2
 from gptc.compiler.codegen import names
 from gptc.compiler.codegen.emit import C_TYPE, STORAGE_TYPE, Emitter, c_literal, philox_uniform
 from gptc.compiler.codegen.indexing import ceil_div, linearize, unravel
-from gptc.compiler.codegen.symbolic import ZERO, Var, add, emit, mul, var
+from gptc.compiler.codegen.symbolic import ZERO, Expr, Var, add, emit, mul, var
 from gptc.compiler.strides import contiguous, strided
 from gptc.common import PACKAGE_DIR
 from gptc.target import Target
@@ -435,7 +435,7 @@ def _row(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args: dict[i
     wave = target.wavefront
     tpr = tuning.get("tpr", wave if row_len <= 1024 else 256)
     rows_per_block = max(1, 128 // tpr) if tpr == wave else 1
-    lanes = tuning.get("lanes", _row_lanes(plan, kernel, lead + (1,)))
+    lanes = tuning.get("lanes", _row_lanes(plan, kernel))
     em, lines = _row_lines(plan, kernel, args, tpr, lanes)
     if em.scattered and "lanes" not in tuning:
         lanes = 1
@@ -525,14 +525,15 @@ def _row_space(g: Graph, kernel: KernelPlan) -> tuple[tuple[int, ...], int]:
     return space[:-1], space[-1]
 
 
-def _row_lanes(plan: Plan, kernel: KernelPlan, reduced_shape: tuple[int, ...]) -> int:
+def _row_lanes(plan: Plan, kernel: KernelPlan) -> int:
     """Consecutive elements of a row a row kernel's thread takes at a time (its loops in
     chunks, Emitter.set_lanes): 16 bytes of its full-row buffers, so that a warp's loads
     and stores are whole sectors and each thread has more bytes in flight: 4 where one
     is f32, else 8 (bf16). Buffers whose rows are not 16-byte aligned are read and
     written an element at a time all the same (the emitter checks each offset)."""
     g = plan.graph
-    touched = [r for r in kernel.roots if g.type(r).shape != reduced_shape]
+    lead, _ = _row_space(g, kernel)
+    touched = [r for r in kernel.roots if g.type(r).shape != lead + (1,)]
     touched += [x for x in reads_of(g, set(kernel.nodes), {}) if g.type(x).shape[-1:] not in ((), (1,))]
     return 4 if any(plan.buffer_of(x).dtype == "f32" for x in touched) else 8
 
@@ -770,7 +771,7 @@ def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: 
                 lanes=lanes)
 
 
-def _epilogue_index(plan: Plan, kernel: KernelPlan, element, root: int):
+def _epilogue_index(plan: Plan, kernel: KernelPlan, element: Expr, root: int) -> tuple[Expr, ...]:
     """The index of root `root` at the element of C `element` (its linear index): C's
     own index in a root whose rows are C's padded at their end (fusion._epilogue_legal:
     the padding is neither written nor read)."""
@@ -1584,8 +1585,7 @@ def tunings(plan: Plan, kernel: KernelPlan, target: Target) -> list[dict]:
                 if t % wave == 0 and t * floats * 4 < target.shared_mem]
     if kernel.family == "row":
         tprs = [{"tpr": t} for t in (wave, 128, 256, 512, 1024) if t >= wave and t % wave == 0]
-        lead, _ = _row_space(g, kernel)
-        lanes = _row_lanes(plan, kernel, lead + (1,))
+        lanes = _row_lanes(plan, kernel)
         return (tprs + [{"unroll": u} for u in (1, 2, 8, 16) if u != ROW_UNROLL]
                 + [{"lanes": n} for n in (1, 4, 8) if n != lanes])
     if kernel.family == "reduce":
