@@ -46,10 +46,10 @@ def operand(g: Graph, name: str, rows: int, cols: int, transposed: bool, pad: in
 MATRIX_UNITS = {"wgmma": "wgmma.mma_async", "nv": "gptc_mma(cf", "mfma": "gptc_mma(cf", "mfma_x4": "gptc_mma(cf"}
 
 
-def run(device, g: Graph, feeds: dict) -> dict:
+def run(device, g: Graph, feeds: dict, matrix_units: bool = True) -> dict:
     plan = make_plan(g, True)
     kernels = render_plan(plan, device.target)
-    if _mma_kind(device.target):  # each matmul launch on the matrix units, but those whose products all
+    if matrix_units and _mma_kind(device.target):  # each matmul launch on the matrix units, but those whose products all
         for launch, k in zip(plan.launches, kernels):  # have at most 8 rows: matrix-vector (test_gpu_gemv.py)
             shapes = [_mm_shape(plan, plan.kernels[i]) for i in launch if plan.kernels[i].family == "matmul"]
             if shapes and all(_gemv_shape(m, batch) for m, _, _, batch in shapes):
@@ -170,12 +170,17 @@ def test_epilogue_inputs_and_roots(device, rng, n, f32_root):
     assert out["negative"].dtype == np.bool_ and (out["negative"][decided] == (c < 0)[decided]).all()
 
 
-def test_epilogue_stores_a_copy_with_padded_rows(device, rng):
+@pytest.mark.parametrize("path", ["mma", "simt"])
+def test_epilogue_stores_a_copy_with_padded_rows(device, rng, path, monkeypatch):
     """A bf16 copy of C stored with its rows padded to 16 bytes (precision.py's aligned
     copies: gpt2's logits) is stored by the matmul's epilogue (fusion._epilogue_legal; its
     padding neither written nor read) and read back through a slice by a row kernel, in
-    chunks of 8 with a partial last one. Small integer operands make C exact in f32 and
-    in bf16, so the softmax is checked to f32 rounding."""
+    chunks of 8 with a partial last one; on the device's matrix units and on the SIMT
+    template (AMD's path for some targets). Small integer operands make C exact in f32
+    and in bf16, so the softmax is checked to f32 rounding."""
+    if path == "simt":
+        from gptc.compiler.codegen import kernels
+        monkeypatch.setattr(kernels, "_mma_kind", lambda target: None)
     m, n, k = 200, 131, 72
     g = Graph()
     c = g.input("a", (m, k), "bf16") @ g.input("b", (k, n), "bf16") + g.input("bias", (n,))
@@ -185,7 +190,9 @@ def test_epilogue_stores_a_copy_with_padded_rows(device, rng):
     assert [plan.graph.type(r).shape for r in mm.roots] == [(m, n + 5)] and len(plan.kernels) == 2
     feeds = {"a": rng.integers(-1, 2, (m, k)), "b": rng.integers(-1, 2, (k, n)), "bias": rng.integers(-8, 9, n)}
     feeds = {name: v.astype(np.float32) for name, v in feeds.items()}
-    out = run(device, g, feeds)["softmax"]
+    if path == "simt":
+        assert not any(unit in k.code for k in render_plan(plan, device.target) for unit in MATRIX_UNITS.values())
+    out = run(device, g, feeds, matrix_units=path == "mma")["softmax"]
     x = (feeds["a"].astype(np.float64) @ feeds["b"] + feeds["bias"]) * 0.25
     ref = np.exp(x - x.max(1, keepdims=True))
     ref /= ref.sum(1, keepdims=True)
