@@ -29,7 +29,7 @@ from gptc.compiler.ops.registry import VIEW
 from gptc.compiler.ops.sample import STREAM
 from gptc.compiler.planner import fusion
 from gptc.compiler.planner.attention import MAX_HEAD_DIM
-from gptc.compiler.planner.schedule import KernelPlan, Plan, reads_of
+from gptc.compiler.planner.schedule import KernelPlan, Plan
 
 POINTWISE_THREADS = 256
 POINTWISE_UNROLL = 4  # elements a thread computes before storing them (loads in flight)
@@ -514,7 +514,7 @@ def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, l
             em.set_lanes(var("j", shape[-1]), var("jc", shape[-1]), lanes)
         em.begin_block()
         loops.append(dict(_deferred_stores(em, [r for r in kernel.roots if g.type(r).shape == shape], lambda r: idx,
-                                           shape[-1] % lanes == 0), length=shape[-1]))
+                                           chunk_stores=shape[-1] % lanes == 0), length=shape[-1]))
     return em, dict(passes=passes, row_body=row_body, loops=loops)
 
 
@@ -534,7 +534,7 @@ def _row_lanes(plan: Plan, kernel: KernelPlan) -> int:
     g = plan.graph
     lead, _ = _row_space(g, kernel)
     touched = [r for r in kernel.roots if g.type(r).shape != lead + (1,)]
-    touched += [x for x in reads_of(g, set(kernel.nodes), {}) if g.type(x).shape[-1:] not in ((), (1,))]
+    touched += [x for x in kernel.reads if g.type(x).shape[-1:] not in ((), (1,))]
     return 4 if any(plan.buffer_of(x).dtype == "f32" for x in touched) else 8
 
 
@@ -767,7 +767,8 @@ def _chunk_epilogue(em: Emitter, plan: Plan, kernel: KernelPlan, batch: int, m: 
         em.set_lanes(var("gn", n), var("gc", n), lanes)
     em.begin_block()
     element = add(mul(var("batch", batch), m * n), mul(var("gm", m), n), var("gn", n))
-    return dict(_deferred_stores(em, kernel.roots, lambda r: _epilogue_index(plan, kernel, element, r), True),
+    return dict(_deferred_stores(em, kernel.roots, lambda r: _epilogue_index(plan, kernel, element, r),
+                                 chunk_stores=True),
                 lanes=lanes)
 
 
