@@ -71,6 +71,12 @@ def matmul_bf16(m, n, k):  # bf16 operands (the matrix units where the target ha
     return g
 
 
+def matmul_bf16_dx(m, n, k):  # a linear layer's input gradient dY Wᵀ, W stored (n, k): both operands k-contiguous
+    g = Graph(); dy = g.input("dy", (m, k), "bf16"); w = g.input("w", (n, k), "bf16")
+    g.output("y", dy @ w.T)
+    return g
+
+
 def matmul_bf16_gelu(m, n, k):  # bf16 operands, bias and GELU in the epilogue, bf16 result (an MLP's first layer)
     g = Graph(); a = g.input("a", (m, k), "bf16"); w = g.input("w", (k, n), "bf16"); b = g.param("b", (n,))
     g.output("y", dsl.gelu(a @ w + b).cast("bf16"))
@@ -121,6 +127,7 @@ FAMILIES = {
     "reduce": (reduce, (8192, 768), "rows,cols"),
     "matmul": (matmul, (8192, 2304, 768), "m,n,k"),
     "matmul_bf16": (matmul_bf16, (8192, 2304, 768), "m,n,k"),
+    "matmul_bf16_dx": (matmul_bf16_dx, (8192, 768, 50264), "m,n,k"),
     "matmul_bf16_gelu": (matmul_bf16_gelu, (8192, 3072, 768), "m,n,k"),
     "matmul_bf16_wgrad": (matmul_bf16_wgrad, (768, 768, 4096, 2), "m,n,k,parts"),
     "attention": (attention, (4, 12, 1024, 64), "batch,heads,seq,head_dim"),
@@ -128,8 +135,8 @@ FAMILIES = {
     "cross_entropy": (cross_entropy, (8192, 50257), "rows,vocab"),
     "scatter": (scatter, (50257, 8192, 768), "vocab,rows,width"),
 }
-KERNEL_FAMILY = {"matmul_bf16": "matmul", "matmul_bf16_gelu": "matmul", "matmul_bf16_wgrad": "matmul",
-                 "cross_entropy": "row"}
+KERNEL_FAMILY = {"matmul_bf16": "matmul", "matmul_bf16_dx": "matmul", "matmul_bf16_gelu": "matmul",
+                 "matmul_bf16_wgrad": "matmul", "cross_entropy": "row"}
 TOLERANCE = 1e-4  # fp32 after long reductions (DESIGN.md, Testing)
 # A bf16 result: where the kernel's f32 value differs from the reference's by rounding (the
 # order of a long sum), the bf16 rounding of a few elements in 10^4 flips by one ulp (2^-8):

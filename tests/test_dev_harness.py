@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"pointwise": "37,53", "row": "13,129", "reduce": "517,33", "matmul": "67,131,45", "matmul_bf16": "67,131,45",
+SHAPES = {"pointwise": "37,53", "row": "13,129", "reduce": "517,33", "matmul": "67,131,45", "matmul_bf16": "67,131,45", "matmul_bf16_dx": "67,131,45",
           "matmul_bf16_gelu": "67,131,48", "matmul_bf16_wgrad": "67,131,45,2",
           "attention": "2,3,37,16", "attention_bwd": "2,3,37,16", "cross_entropy": "13,1031", "scatter": "97,23,19"}
 

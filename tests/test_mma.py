@@ -179,7 +179,8 @@ def test_tile_choice():
     assert _mma_config(4096, 4096, 4096, 1, sm80) is _mma_config(4096, 4096, 4096, 1, sm80)  # cached
     assert _mma_config(4096, 4096, 4096, 1, sm90)[:2] == (128, 256)
     assert _mma_config(768, 768, 8192, 1, sm90)[:2] == (64, 128)
-    assert _mma_config(8192, 768, 768, 1, sm90)[:2] == (64, 256)  # 384 tiles, not 192 of 128x256
+    assert _mma_config(8192, 768, 768, 1, sm90)[:2] == (128, 192)  # 256 tiles: 2 waves of 0.75 a 128x256's work
+    assert _mma_config(768, 3072, 8192, 1, sm90)[:2] == (128, 192)  # 96 of 132 units busy, not 72
     for target in ("cuda:sm_90", "cuda:sm_80", "hip:gfx90a", "hip:gfx908"):
         t = parse_target(target)
         for bm, bn, wm, wn in _mma_tiles(t):  # every tile fits
@@ -379,11 +380,13 @@ def test_tile_order_visits_every_tile_once_in_groups(m_tiles, n_tiles, group):
 
 def test_long_products_take_the_widest_tile():
     """From k = WGMMA_LONG_K the narrow wgmma tiles are L2-bound (gpt2's lm_head dX on an
-    H200: 64x256 2.14 ms, 128x256 1.45 ms), so the tile choice uses their long-k rates;
-    at gpt2's short products the choice is unchanged."""
+    H200: 64x256 2.14 ms, 128x256 1.45 ms), so the tile choice uses their long-k rates:
+    the widest tiles that fill the units (128x192: 256 tiles, 0.88 ms against 128x256's
+    0.99 with B n-contiguous), never 64 rows."""
     sm90 = parse_target("cuda:sm_90")
-    assert _mma_config(8192, 768, 50257, 1, sm90)[:2] == (128, 256)
-    assert _mma_config(8192, 768, 3072, 1, sm90)[:2] == (64, 256)
+    assert _mma_config(8192, 768, 50257, 1, sm90)[:2] == (128, 192)
+    assert _mma_config(768, 50257, 8192, 1, sm90)[:2] == (128, 256)
+    assert _mma_config(8192, 768, 3072, 1, sm90)[:2] == (128, 192)
 
 
 def test_tile_group_streams_the_larger_operand_once():

@@ -938,17 +938,22 @@ _MMA_FRAGMENTS = {"nv": (16, 8, 16), "wgmma": (64, 8, 16), "mfma": (32, 32, 8), 
 # 8192x768x768; benchmarks/results/h200-2026-11-30-mma-tiles.log). wgmma: a producer
 # warpgroup (4 warps), and a consumer warpgroup per 64 rows of the tile; its rates the
 # mean of the sweeps at 4096^3 and 8192x2304x768
-# (benchmarks/results/h200x2-2026-11-30-b00cab9-wgmma/dev-kernel-matmul-bf16-7448038.txt).
+# (benchmarks/results/h200x2-2026-11-30-b00cab9-wgmma/dev-kernel-matmul-bf16-7448038.txt);
+# 128x192's (0.89 and 0.95 at 4 stages) from benchmarks/results/h200-2026-12-01-tile192. Its
+# 96 tiles of 768x3072 fill 96 of an H200's 132 units where 128x256's 72 fill 72 (a weight
+# gradient of the MLP: 82 -> 64 us), its 256 of 8192x768 two waves of 0.75 the work.
 _MMA_TILES = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 128, 2, 2), (64, 64, 2, 2))
 _MMA_EFF = {(128, 128): 1.0, (128, 64): 0.95, (64, 128): 0.88, (64, 64): 0.8}
-_WGMMA_TILES = ((128, 256, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1))
-_WGMMA_EFF = {(128, 256): 1.0, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.72, (64, 64): 0.58}
+_WGMMA_TILES = ((128, 256, 12, 1), (128, 192, 12, 1), (128, 128, 12, 1), (64, 256, 8, 1), (64, 128, 8, 1), (64, 64, 8, 1))
+_WGMMA_EFF = {(128, 256): 1.0, (128, 192): 0.92, (128, 128): 0.71, (64, 256): 0.77, (64, 128): 0.72, (64, 64): 0.58}
 # From k = WGMMA_LONG_K on, a block streams its operands from L2 for most of its time and
 # the narrow tiles (fewer FLOPs a byte of L2 traffic) fall further behind: the rates of
 # gpt2's lm_head dX, 8192x768x50264 with B k-contiguous (benchmarks/results/
-# h200x2-2026-11-30-5149e0a-tile-order; the codegen's 64x256 took 2.14 ms, 128x256 1.45).
+# h200x2-2026-11-30-5149e0a-tile-order; the codegen's 64x256 took 2.14 ms, 128x256 1.45);
+# 128x192's from the same product with B n-contiguous (h200-2026-12-01-tile192: 0.88 ms
+# against 128x256's 0.99).
 WGMMA_LONG_K = 16384
-_WGMMA_EFF_LONG_K = {(128, 256): 1.0, (128, 128): 0.67, (64, 256): 0.52, (64, 128): 0.43, (64, 64): 0.34}
+_WGMMA_EFF_LONG_K = {(128, 256): 1.0, (128, 192): 0.85, (128, 128): 0.67, (64, 256): 0.52, (64, 128): 0.43, (64, 64): 0.34}
 # Elements a consumer thread takes at a time in the wgmma epilogue: their loads are issued together,
 # one round trip to memory a batch (16: the GELU backward waited on them 40% of its time; 32: half
 # the trips, no spills; 64 spills. benchmarks/results/h200x2-2026-11-30-ed99e11-epilogue).
@@ -1017,13 +1022,15 @@ def _mma_shared_limit(target: Target) -> int:
 
 
 def _mma_stages(bm: int, bn: int, target: Target) -> int:
-    """Pipeline depth: as deep as shared memory allows, up to 4 (wgmma: 6), at least 2.
-    Without cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough."""
+    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2. Without
+    cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough. wgmma's
+    TMA-fed pipelines measured no faster at 5 or 6 stages, and 64x128 and 128x192
+    slower (benchmarks/results/h200-2026-12-01-tile192: 64x128 at 8192x768x3072 68 us
+    at 4 stages, 87 at 5, 80 at 6; its shared memory then leaves less of the unit's L1)."""
     kind = _mma_kind(target)
     if kind not in ("nv", "wgmma"):
         return 2
-    depths = (2, 3, 4, 5, 6) if kind == "wgmma" else (2, 3, 4)
-    return max(s for s in depths if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= _mma_shared_limit(target))
+    return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= _mma_shared_limit(target))
 
 
 def _mma_legal(tile, target: Target, stages: int) -> bool:
@@ -1165,13 +1172,14 @@ def _matmul_mma(plan: Plan, kernel: KernelPlan, target: Target, ctx: dict, args:
         copier = f"gptc_copy_chunk8<{vec}>" if step > vec else f"gptc_copy_async<{vec}>"
         chunks = rows * width // step
         loaders = 128 if kind == "wgmma" else threads  # wgmma: the producer warpgroup
-        assert kind != "wgmma" or loaders % (width // step) == 0, "stage_whole: a thread's chunks whole rows apart"
+        # stage_whole (wgmma) wants a thread's chunks whole rows apart: the loaders a multiple of a row's chunks
+        row_step = loaders // (width // step) if loaders % (width // step) == 0 else 0
         slab = f"(idx_t)(KT) * {bk}"
         ops.append(dict(name=name, kc=kc, mn=mn, rows=rows, width=width, vec=vec, step=step, copier=copier, ptr=name,
                         atoms=kind == "wgmma", tma=False,
                         rd=(max(1, 8 // (width // 8))).bit_length() - 1, rm=min(width // 8, 8) - 1,
                         smem_off=smem_off,
-                        chunks=chunks, loops=ceil_div(chunks, loaders), row_step=loaders // (width // step),
+                        chunks=chunks, loops=ceil_div(chunks, loaders), row_step=row_step,
                         outer0=mn0 if kc else slab, inner0=slab if kc else mn0,
                         outer_ext=mn_ext if kc else k, inner_ext=k if kc else mn_ext,
                         outer_stride=strides[mn_axis] if kc else strides[k_axis]))
