@@ -84,11 +84,14 @@ def family_graphs():
     def row_chunks():
         # rows read and written in chunks (codegen _row_lanes): f32 rows of 768 (chunks of 4);
         # bf16 rows padded to 1008, read through a slice of 1003 (chunks of 8, the last one
-        # partial), their softmax stored bf16 over the padded rows (the padding zeros)
+        # partial), their softmax stored bf16 over the padded rows (the padding zeros); the
+        # same over rows of 20,003 (ten chunks a thread a pass)
         g = Graph(); x = g.input("x768", (10, 768)); w = g.param("w768", (768,)); b = g.param("b768", (768,))
         g.output("ln", dsl.layernorm(x, w, b))
         logits = g.input("padded_logits", (9, 1008), "bf16").slice(1, 0, 1003).cast("f32")
         g.output("padded_softmax", dsl.softmax(logits * 2.0).pad(1, 0, 5).cast("bf16"))
+        long = g.input("long_logits", (5, 20008), "bf16").slice(1, 0, 20003).cast("f32")
+        g.output("long_softmax", dsl.softmax(long * 2.0).pad(1, 0, 5).cast("bf16"))
         return g
 
     def cross_entropy():
