@@ -1022,15 +1022,18 @@ def _mma_shared_limit(target: Target) -> int:
 
 
 def _mma_stages(bm: int, bn: int, target: Target) -> int:
-    """Pipeline depth: as deep as shared memory allows, up to 4, at least 2. Without
-    cp.async (AMD) copies are synchronous, so 2 (double buffering) is enough. wgmma's
-    TMA-fed pipelines measured no faster at 5 or 6 stages, and 64x128 and 128x192
-    slower (benchmarks/results/h200-2026-12-01-tile192: 64x128 at 8192x768x3072 68 us
-    at 4 stages, 87 at 5, 80 at 6; its shared memory then leaves less of the unit's L1)."""
+    """Pipeline depth: as deep as shared memory allows, up to 4 (wgmma's 64x256: 5), at
+    least 2. Without cp.async (AMD) copies are synchronous, so 2 (double buffering) is
+    enough. wgmma's depths are the sweeps' (benchmarks/results/h200-2026-12-01-tile192,
+    dev-kernel-sweeps.txt, 8 shapes): its TMA-fed pipelines gain nothing past 4 stages and
+    64x128 and 128x192 lose (64x128 at 8192x768x3072: 68 us at 4, 87 at 5, 80 at 6), but
+    64x256 was faster at 5 for 5 of the shapes (c_attn's weight gradient 46.7 us against 49.2)."""
     kind = _mma_kind(target)
     if kind not in ("nv", "wgmma"):
         return 2
-    return max(s for s in (2, 3, 4) if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= _mma_shared_limit(target))
+    deepest = 5 if kind == "wgmma" and (bm, bn) == (64, 256) else 4
+    return max(s for s in range(2, deepest + 1)
+               if s == 2 or _mma_smem_bytes(bm, bn, s, target) <= _mma_shared_limit(target))
 
 
 def _mma_legal(tile, target: Target, stages: int) -> bool:
