@@ -188,6 +188,8 @@ def test_tile_choice():
             assert _mma_smem_bytes(bm, bn, _mma_stages(bm, bn, t), t) <= t.max_shared
     assert _mma_stages(128, 128, sm80) == 3 and _mma_stages(64, 64, sm80) == 4
     assert _mma_stages(128, 256, sm90) == 4  # 4 x 48 KiB of the 227 KiB a block may opt in to
+    # wgmma: 4 stages whatever fits (5 and 6 measured no faster, 64x128 and 128x192 slower), 64x256's 5
+    assert [_mma_stages(bm, bn, sm90) for bm, bn, _, _ in _mma_tiles(sm90)] == [4, 4, 4, 5, 4, 4]
 
 
 # ----- gptc bench --gemm, the parts that need no GPU -------------------------------------
