@@ -230,6 +230,30 @@ def test_damaged_checkpoints(tmp_path, damage, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_format_1_checkpoint_loads_with_lm_head_transposed(tmp_path):
+    """Format 1 stored the untied lm_head.weight (d_model, vocab); it loads (vocab,
+    d_model) as format 2 stores it, its AdamW moments with it, every other tensor as is."""
+    spec = preset("tiny")
+    params = init_params(build_graph(spec, "infer", 1), 3)
+    assert params["lm_head.weight"].shape == (spec.model.vocab_size, spec.model.d_model)
+    optimizer = {f"{k}.{n}": v * (2.0 if k == "m" else 3.0) for n, v in params.items() for k in "mv"}
+    path = ckpt.save_checkpoint(tmp_path, 4, params, optimizer, {"s": 1}, spec, "{}\n")
+    # the same checkpoint as format 1 wrote it
+    old = {n: (v.T if n == "lm_head.weight" else v) for n, v in params.items()}
+    old_opt = {n: (v.T if n.endswith(".lm_head.weight") else v) for n, v in optimizer.items()}
+    state = json.loads((path / "state.json").read_text())
+    state["version"] = 1
+    state["files"]["model.safetensors"] = save_safetensors(path / "model.safetensors", old)
+    state["files"]["optimizer.safetensors"] = save_safetensors(path / "optimizer.safetensors", old_opt)
+    (path / "state.json").write_text(json.dumps(state))
+    c = ckpt.load_checkpoint(path)
+    for want, got in ((params, c.params), (optimizer, c.optimizer)):
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+            assert got[name].flags.c_contiguous
+
+
 def test_find_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.find_checkpoint(tmp_path / "missing")

@@ -49,17 +49,18 @@ def test_float32_reference_step_passes_the_checks(spec_name):
 
 
 def test_step_check_allows_float32_error_where_a_gradient_cancels():
-    """For this seed ScaleNorm's scalar weight gradient in layer 1 nearly cancels (2.8e-7
-    from terms around 1e-4): float32 NumPy is 9.3e-4 from float64 there, above the step
+    """For this seed ScaleNorm's scalar weight gradient in layer 1 nearly cancels (7.6e-8,
+    a sum over every element of the layer's input): float32 NumPy is 3.0e-3 from float64
+    there, above the step
     check's 1e-4, so the check allows each gradient ten times the float32 step's own
     error, and its updates likewise (test_gpu_kernels.assert_step_matches), and still
     catches a gradient 1% off."""
     spec = SPECS["scalenorm"]
     graph = gptc.build_graph(spec, "train", expose_gradients=True)
-    feeds = training_feeds(spec, graph, np.random.default_rng(1222138678))
+    feeds = training_feeds(spec, graph, np.random.default_rng(1383))
     ref = run_graph(graph, feeds, np.float64)
     f32 = run_graph(graph, feeds, np.float32)
-    key = "grad.h.1.ln_2.weight"
+    key = "grad.h.1.ln_1.weight"
     assert rel_err(f32["outputs"][key], ref["outputs"][key]) > 1e-4
     with pytest.raises(AssertionError, match=key):
         assert_step_matches(f32["outputs"], f32["updates"], feeds, ref)

@@ -61,5 +61,7 @@ def test_tiny_trains_300_steps_on_the_bundled_corpus(name, tmp_path):
     assert last <= 0.7 * first, f"loss {first:.3f} -> {last:.3f}"
     if spec.model.ffn == "moe":  # the load-balancing loss is reported apart, and stays near balanced
         records = trainer.read_metrics(tmp_path / "run")
-        assert all(1.0 <= r["aux_loss"] < 2.0 for r in records[-10:])
+        # n Σ f_i P_i is 1 when balanced, and may sit just below 1 there: the routed fractions
+        # f (hard top-k counts) and the mean probabilities P need not rise together
+        assert all(0.95 <= r["aux_loss"] < 2.0 for r in records[-10:])
         assert " aux " in out.getvalue()

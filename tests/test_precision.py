@@ -277,8 +277,8 @@ def test_logits_copy_is_stored_padded_by_the_output_layer():
 
 
 def test_bf16_rows_not_16_byte_aligned_are_stored_padded(monkeypatch):
-    """gpt2's 50,257-wide lm_head weight and logits gradient, as bf16 matmul operands,
-    are stored with rows padded to 8 elements and read through a slice, so that the
+    """gpt2's 50,257-wide logits gradient, as a bf16 matmul operand, is stored with
+    rows padded to 8 elements and read through a slice, so that the
     matrix-unit kernels stage them by TMA (rows 16-byte aligned; 2-byte copies before);
     the values are the unpadded cast's."""
     spec = with_precision(gptc.preset("gpt2"), "bf16")

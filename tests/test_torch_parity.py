@@ -118,8 +118,8 @@ def torch_logits(P: dict, m: gptc.ModelSpec, tokens: np.ndarray) -> "torch.Tenso
         h = ln(x, f"{pre}.ln_2")
         x = x + lin(F.gelu(lin(h, f"{pre}.mlp.c_fc"), approximate="tanh"), f"{pre}.mlp.c_proj")
     x = ln(x, "ln_f")
-    w = P["wte"].T if m.tie_embeddings else P["lm_head.weight"]
-    return x @ w + P["lm_head.bias"]
+    w = P["wte"] if m.tie_embeddings else P["lm_head.weight"]  # (V, E), as torch.nn.Linear stores it
+    return x @ w.T + P["lm_head.bias"]
 
 
 def torch_loss(P: dict, m: gptc.ModelSpec, tokens: np.ndarray, targets: np.ndarray) -> "torch.Tensor":

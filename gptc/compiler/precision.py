@@ -151,8 +151,8 @@ def _read_permuted(graph: Graph, nid: int) -> bool:
     return OPS[graph.op(src)].kind not in (VIEW, SOURCE) and graph.users(src) == [nid]
 
 
-# A bf16 copy whose rows are not a multiple of 16 bytes (gpt2's 50,257-wide logits, their
-# gradient and the lm_head weight) is stored with its rows padded to 8 elements and read
+# A bf16 copy whose rows are not a multiple of 16 bytes (gpt2's 50,257-wide logits and
+# their gradient) is stored with its rows padded to 8 elements and read
 # through a slice: the matrix-unit kernels copy operand rows, and the row kernels read
 # rows, 16 bytes at a time only when each row starts 16-byte aligned (else 2 bytes at a
 # time). Small tensors are left alone.

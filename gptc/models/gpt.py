@@ -188,7 +188,9 @@ def gpt_logits(g: Graph, m: ModelSpec, tokens: Tensor, attend: Attend | None = N
         x = x.reshape(batch * seq, m.d_model).gather(rows)
     x = _norm(g, x, "ln_f", m)
     with g.scope("lm_head"):
-        w = wte.T if m.tie_embeddings else g.param("lm_head.weight", (m.d_model, m.vocab_size), std=m.init_std)
+        # Stored (vocab, d_model) like wte, so that the gradient's dLogits @ W (k = vocab)
+        # reads W along its rows: the matrix units take 0.9 ms there, 1.5 ms along columns.
+        w = (wte if m.tie_embeddings else g.param("lm_head.weight", (m.vocab_size, m.d_model), std=m.init_std)).T
         b = g.param("lm_head.bias", (m.vocab_size,), init="zeros") if m.bias and m.lm_head_bias else None
         return dsl.linear(x, w, b)
 

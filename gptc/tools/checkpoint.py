@@ -47,11 +47,16 @@ F = d_ff, V = vocab_size, S = seq_len and l = 0 .. n_layers-1:
     h.l.mlp.c_proj.weight   (F, E)     MLP down projection
     h.l.mlp.c_proj.bias     (E,)
     ln_f.weight/.bias       (E,)       final LayerNorm
-    lm_head.weight          (E, V)     output projection, absent with tie_embeddings (wte.T is used)
+    lm_head.weight          (V, E)     output projection, logits = x @ Wᵀ + b; absent with
+                                       tie_embeddings (wte is used)
     lm_head.bias            (V,)       absent with bias = false (as are all biases) or lm_head_bias = false
 
 Weights are stored (in, out), as in the original GPT-2 (TensorFlow / Hugging Face
-Conv1D) checkpoints, not (out, in) as torch.nn.Linear stores them.
+Conv1D) checkpoints, not (out, in) as torch.nn.Linear stores them; the exception is
+lm_head.weight, stored (vocab, in) as wte is (and as torch.nn.Linear keeps it): its
+gradient's product dLogits @ W then reads W along its rows, which the matrix units
+read faster at k = vocab (benchmarks/results/h200-2026-12-01-tile192). Format 1 stored
+it (E, V); such checkpoints load with that weight and its AdamW moments transposed.
 
 Both files are written and read by the `safetensors` package
 (https://github.com/huggingface/safetensors), with metadata {"format": "gptc-checkpoint",
@@ -83,7 +88,8 @@ from gptc.common import VERSION, make_temp_dir, write_atomic
 from gptc.spec import GptcError, Spec, SpecError, spec_from_dict
 
 FORMAT = "gptc-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: lm_head.weight (and its moments) stored (d_model, vocab)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -260,8 +266,9 @@ def _read_state(path: Path) -> dict:
         raise CheckpointError(f"cannot read '{state_path}': {e.strerror}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a gptc checkpoint ({STATE_FILE} has no format '{FORMAT}')")
-    if state.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where} has format version {state.get('version')!r}; this gptc reads {FORMAT_VERSION}")
+    if state.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{where} has format version {state.get('version')!r}; this gptc reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))} (a newer gptc wrote it: upgrade gptc)")
     step, files = state.get("step"), state.get("files")
     if not isinstance(step, int) or step < 0 or not isinstance(files, dict) or not isinstance(state.get("rng"), dict):
         raise CheckpointError(f"{where} is corrupt: {STATE_FILE} lacks step, rng or files")
@@ -318,7 +325,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         spec = spec_from_dict(state.get("spec"))
     except (SpecError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{where} holds an invalid spec: {e}") from None
+    if state["version"] == 1:
+        _upgrade_from_v1(params, optimizer)
     return Checkpoint(path, state["step"], spec, params, optimizer, state["rng"], state, tokenizer_json)
+
+
+def _upgrade_from_v1(params: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None:
+    """Format 1 stored the untied lm_head.weight (d_model, vocab); format 2 stores it
+    (vocab, d_model). Its AdamW moments are elementwise, so they transpose with it."""
+    for store, name in ((params, "lm_head.weight"), (optimizer, "m.lm_head.weight"), (optimizer, "v.lm_head.weight")):
+        if name in store:
+            store[name] = np.ascontiguousarray(store[name].T)
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], names: Mapping[str, int], graph: Any, what: str,

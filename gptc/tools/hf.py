@@ -15,14 +15,14 @@ tensor it holds when gptc's one tensor is several of the class's). layout_of(spe
 picks it:
 - GPT2LMHeadModel (model_type "gpt2") for GPT-2's layout (LayerNorm, learned
   positions, GELU MLP, multi-head attention). gptc's parameters already carry GPT-2's
-  names in its Conv1D (in, out) layout, so the table is a rename under `transformer.`,
-  except lm_head.weight, which GPT2LMHeadModel keeps in a torch.nn.Linear, (out, in).
+  names in its Conv1D (in, out) layout, so the table is a rename under `transformer.`
+  (gptc's lm_head.weight is (vocab, d_model), as GPT2LMHeadModel's torch.nn.Linear).
 - LlamaForCausalLM (model_type "llama") for LLaMA's (RMSNorm, RoPE over every head
   dimension, SwiGLU, causal attention, any model.n_kv_heads): model.embed_tokens,
   model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
-  mlp.{gate,up,down}_proj}, model.norm, lm_head, every Linear (out, in). gptc's c_attn
-  is q_proj, k_proj, v_proj side by side (columns q, then k, then v) and SwiGLU's c_fc
-  is gate_proj, up_proj (gate, then up). gptc's RoPE pairs dimension i with i + D/2,
+  mlp.{gate,up,down}_proj}, model.norm, lm_head, every Linear (out, in) (gptc's
+  lm_head.weight already is). gptc's c_attn is q_proj, k_proj, v_proj side by side
+  (columns q, then k, then v) and SwiGLU's c_fc is gate_proj, up_proj (gate, then up). gptc's RoPE pairs dimension i with i + D/2,
   as transformers' rotate_half does, so q and k need no permutation (tested against
   transformers' apply_rotary_pos_emb). config.json: attention_bias = model.bias and
   model.attn_bias, mlp_bias = model.bias, rope_theta = model.rope_base (transformers 5
@@ -163,7 +163,7 @@ def _gpt2_table(m: ModelSpec) -> list[Entry]:
              "ln_f.weight", "ln_f.bias"]
     table = [Entry(n, f"transformer.{n}.weight" if n in ("wte", "wpe") else f"transformer.{n}") for n in names]
     if not m.tie_embeddings:
-        table.append(Entry("lm_head.weight", "lm_head.weight", transpose=True))
+        table.append(Entry("lm_head.weight", "lm_head.weight"))  # both (vocab, d_model)
     return table + [Entry("lm_head.bias", None)]
 
 
@@ -273,7 +273,7 @@ def _llama_table(m: ModelSpec) -> list[Entry]:
                   *linear(f"{g}.mlp.c_proj", ((f"{h}.mlp.down_proj", None),), m.bias)]
     table.append(Entry("ln_f.weight", "model.norm.weight"))
     if not m.tie_embeddings:
-        table.append(Entry("lm_head.weight", "lm_head.weight", transpose=True))
+        table.append(Entry("lm_head.weight", "lm_head.weight"))  # both (vocab, d_model)
     return table + [Entry("lm_head.bias", None)]
 
 

@@ -270,7 +270,7 @@ class TorchGPT(nn.Module):
         self.h = nn.ModuleList(Block(m) for _ in range(m.n_layers))
         self.ln_f = make_norm(m)
         out_bias = m.bias and m.lm_head_bias
-        self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, out_bias)
+        self.lm_head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, out_bias)  # (V, E), as gptc's
         if m.tie_embeddings and out_bias:
             self.lm_head_bias = nn.Parameter(torch.empty(m.vocab_size))
         self.masks: Mapping[int, np.ndarray] = {}
