@@ -302,8 +302,9 @@ def _row_kernel(plan: Plan, scope: str):
 
 
 def test_row_reductions_share_a_pass_and_the_softmax_sum_runs_online():
-    """Cross-entropy's max, sum of exponentials (online: rescaled as the max grows) and
-    target logit take one pass over the row, then one loop stores the gradient, a few
+    """Cross-entropy's max, sum of exponentials (online: rescaled as the max grows, once
+    a chunk of the row's elements) and target logit take one pass over the row, then one
+    loop stores the gradient, a few
     elements a thread a step, all computed (their loads in flight) before any store. A
     reduction that reads another takes a pass of its own: layernorm's variance after
     its mean, and its backward's second sum (autodiff's, through the variance's
@@ -320,7 +321,7 @@ def test_row_reductions_share_a_pass_and_the_softmax_sum_runs_online():
         stores = code[code.index("for (idx_t j0 = lane"):]
         assert stores.index("out0[u] = ") < min(stores.find(s) % len(stores) for s in ("= out0[u];", "gptc_store"))
         if scope == "cross_entropy":
-            assert "acc1 = acc1 * expf(acc0 - " in code and code.count("gptc_row_reduce<") == 3
+            assert "acc1 *= expf(acc0 - x0_max)" in code and code.count("gptc_row_reduce<") == 3
     assert loops == {"cross_entropy": (1, 1), "layernorm#bwd": (2, 1), "layernorm": (2, 1)}
 
 
@@ -357,15 +358,17 @@ def test_bf16_weight_copies_share_one_launch():
         assert len(launches) == 1 if mode == "train" else len(launches) >= launches_wanted
 
 
-def test_online_sums_pair_with_one_max_each():
-    """Two softmaxes in one row kernel keep both sums online in one pass; a second sum
-    of exp(x - max) over a max that already has one is a pass of its own."""
+@pytest.mark.parametrize("width", [129, 128])
+def test_online_sums_pair_with_one_max_each(width):
+    """Two softmaxes in one row kernel keep both sums online in one pass (an element at
+    a time in rows of 129, not 16-byte aligned; a chunk of 4 at a time in rows of 128);
+    a second sum of exp(x - max) over a max that already has one is a pass of its own."""
     from gptc import dsl
     from gptc.compiler.codegen.kernels import render_launch
     from gptc.compiler.ir import Graph
     from gptc.target import parse_target
     g = Graph()
-    x, y = g.input("x", (5, 129)), g.input("y", (5, 129))
+    x, y = g.input("x", (5, width)), g.input("y", (5, width))
     g.output("product", dsl.softmax(x) * dsl.softmax(y * 2.0))
     m = y.max(-1, keepdims=True)
     g.output("two_sums", (y - m.broadcast_to(y.shape)).exp().sum(-1, keepdims=True) * 3.0
@@ -373,9 +376,11 @@ def test_online_sums_pair_with_one_max_each():
     plan = make_plan(g, True)
     codes = [render_launch(plan, [k], parse_target("cuda:sm_90")).code for k in plan.kernels]
     (product,) = [c for c in codes if "2.0f" in c]
-    assert product.count("gptc_row_reduce<") == 4 and "acc3 = acc3 * expf(acc2 - " in product
+    update = "acc3 *= expf(acc2 - x1_max)" if width == 128 else "acc3 = acc3 * expf(acc2 - "
+    assert product.count("gptc_row_reduce<") == 4 and update in product
     (two,) = [c for c in codes if "3.0f" in c]
-    assert two.count("for (idx_t j = lane;") == 2 and two.count(" * expf(acc0 - ") == 2  # update + rescale
+    loop = "for (idx_t jc = lane * 4;" if width == 128 else "for (idx_t j = lane;"
+    assert two.count(loop) == 2 and two.count(" expf(acc0 - ") == 2  # update + rescale
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

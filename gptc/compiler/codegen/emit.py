@@ -39,8 +39,9 @@ def c_literal(value: float, dtype: str) -> str:
 
 class Emitter:
     def __init__(self, plan: Plan, nodes: list[int], special: dict[int, str] | None = None,
-                 args: dict[int, str] | None = None) -> None:
+                 args: dict[int, str] | None = None, exp: str = "expf") -> None:
         self.plan = plan
+        self.exp = exp  # the C function computing exp (a row kernel of bf16 rows takes __expf)
         self.graph: Graph = plan.graph
         self.nodes = set(nodes)
         # Nodes whose value is a variable of the template: the matmul accumulator, the
@@ -218,6 +219,8 @@ class Emitter:
             if target == "bf16":
                 return f"bf16_to_float(float_to_bf16((float){args[0]}))"
             return f"(({C_TYPE[target]}){_operand(args[0])})"
+        if node["op"] == "exp":
+            return f"{self.exp}({args[0]})"
         return OPS[node["op"]].c_expr.format(*args)
 
     def _view(self, nid: int, node: dict, index: Index) -> str:

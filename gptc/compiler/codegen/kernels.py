@@ -454,7 +454,8 @@ def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, l
     # Stage results are named by position (the template's comment names the node): code
     # that differs only in node ids (a repeated layer) stays identical and compiles once.
     special = {r: f"r{s}" for s, r in enumerate(reduces)}
-    em = Emitter(plan, kernel.nodes, special, args)
+    exp = "__expf" if _row_floats(plan, kernel) == {"bf16"} else "expf"
+    em = Emitter(plan, kernel.nodes, special, args, exp=exp)
     if lanes > 1:
         em.set_lanes(var("j", row_len), var("jc", row_len), lanes)
     lead_idx = unravel(var("row", max(1, _size(lead))), lead)
@@ -476,7 +477,7 @@ def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, l
         em.begin_block()
         for r in group:
             del em.special[r]  # not yet computed while its own pass runs
-        decls, inits, combines, finals = [], [], [], []
+        decls, inits, combines, finals, online_inputs, chunk_combines = [], [], [], [], [], []
         for r in group:
             acc, is_max = f"acc{group.index(r)}", g.op(r) == "max"
             decls.append(f"float {special[r]};  // %{r} {g.op(r)} over the row")
@@ -491,14 +492,20 @@ def _row_lines(plan: Plan, kernel: KernelPlan, args: dict[int, str], tpr: int, l
             # -inf alone sums to NaN, as exp(-inf - -inf) does in the sum over the row
             top = online[r]
             m_acc, x = f"acc{group.index(top)}", em.value(g.inputs_of(top)[0], full_idx)
-            combines[group.index(top)] = (f"if ({x} > {m_acc}) {{ {acc} = {acc} * expf({m_acc} - {x}) + 1.0f; {m_acc} = {x}; }} "
-                                          f"else if ({x} != -INFINITY) {{ {acc} += expf({x} - {m_acc}); }}")
+            if lanes > 1:  # a chunk at a time: its lanes' values kept, then one update (_online_chunk)
+                xs = f"x{len(online_inputs)}"
+                online_inputs.append(xs)
+                combines[group.index(top)] = f"{xs}[l] = {x};"
+                chunk_combines += _online_chunk(xs, m_acc, acc, lanes, exp)
+            else:
+                combines[group.index(top)] = (f"if ({x} > {m_acc}) {{ {acc} = {acc} * {exp}({m_acc} - {x}) + 1.0f; "
+                                              f"{m_acc} = {x}; }} else if ({x} != -INFINITY) {{ {acc} += {exp}({x} - {m_acc}); }}")
             finals.append(f"{special[r]} = gptc_row_reduce<{tpr}, false>({m_acc} == -INFINITY ? {acc} : "
-                          f"{acc} * expf({m_acc} - {special[top]}), scratch);")
+                          f"{acc} * {exp}({m_acc} - {special[top]}), scratch);")
             finals.append(f"if ({special[top]} == -INFINITY) {special[r]} = NAN;")
             combines.append("")  # (the max's line updates it)
         passes.append(dict(decls=decls, inits=inits, body=em.take(), combines=combines, finals=finals,
-                           chunk_loads=em.chunk_lines))
+                           chunk_loads=em.chunk_lines, online_inputs=online_inputs, chunk_combines=chunk_combines))
         for r in group:
             em.special[r] = special[r]
     reduced_shape = lead + (1,)
@@ -525,17 +532,36 @@ def _row_space(g: Graph, kernel: KernelPlan) -> tuple[tuple[int, ...], int]:
     return space[:-1], space[-1]
 
 
+def _online_chunk(xs: str, m: str, s: str, lanes: int, exp: str) -> list[str]:
+    """softmax's online sum s = sum(exp(x - m)) updated by a chunk of `lanes` values xs[l]
+    (-inf past the row's end): the chunk's max, one rescale where it raises the running
+    max m, then the exps, with no branch an element. -inf adds nothing (exp(-inf - -inf)
+    would be NaN); a NaN propagates into the sum."""
+    return [f"float {xs}_max = {xs}[0];",
+            "#pragma unroll",
+            f"for (int l = 1; l < {lanes}; ++l) {xs}_max = fmaxf({xs}_max, {xs}[l]);",
+            f"if ({xs}_max > {m}) {{ {s} *= {exp}({m} - {xs}_max); {m} = {xs}_max; }}",
+            "#pragma unroll",
+            f"for (int l = 0; l < {lanes}; ++l) {s} += {xs}[l] == -INFINITY ? 0.0f : {exp}({xs}[l] - {m});"]
+
+
+def _row_floats(plan: Plan, kernel: KernelPlan) -> set[str]:
+    """The float dtypes of a row kernel's full-row buffers (read or stored). Where all
+    are bf16, exp takes __expf: its error (a few float ulps) is far below bf16's 2^-9."""
+    g = plan.graph
+    lead, _ = _row_space(g, kernel)
+    touched = [r for r in kernel.roots if g.type(r).shape != lead + (1,)]
+    touched += [x for x in kernel.reads if g.type(x).shape[-1:] not in ((), (1,))]
+    return {plan.buffer_of(x).dtype for x in touched} & {"f32", "bf16", "f64"}
+
+
 def _row_lanes(plan: Plan, kernel: KernelPlan) -> int:
     """Consecutive elements of a row a row kernel's thread takes at a time (its loops in
     chunks, Emitter.set_lanes): 16 bytes of its full-row buffers, so that a warp's loads
     and stores are whole sectors and each thread has more bytes in flight: 4 where one
     is f32, else 8 (bf16). Buffers whose rows are not 16-byte aligned are read and
     written an element at a time all the same (the emitter checks each offset)."""
-    g = plan.graph
-    lead, _ = _row_space(g, kernel)
-    touched = [r for r in kernel.roots if g.type(r).shape != lead + (1,)]
-    touched += [x for x in kernel.reads if g.type(x).shape[-1:] not in ((), (1,))]
-    return 4 if any(plan.buffer_of(x).dtype == "f32" for x in touched) else 8
+    return 4 if "f32" in _row_floats(plan, kernel) else 8
 
 
 def _reads_reduces(g, nid: int, nodes: set[int]) -> set[int]:
