@@ -26,18 +26,23 @@ pytestmark = pytest.mark.gpu
 # rounds it to bf16, the reference in float64: where the two land on either side of a
 # rounding boundary the bf16 values differ by one bf16 step (2^-8 relative), and that
 # spreads to everything downstream. Emulated on the CPU (the reference in float32 vs
-# float64, tiny/hipgpt/llama, two seeds) this gives loss errors <= 5e-7, gradient errors
-# <= 3e-3 and update errors <= 1.2e-2, and, per gradient or update, at most 0.19 of the
-# distance between the bf16 and the fp32 reference (the median over the tensors). A
-# kernel that skipped the rounding would be at that distance (ratio 1), one that erred
-# otherwise (a wrong element, a layout) far beyond it.
+# float64, tiny/hipgpt/llama, two seeds) this gives gradient errors <= 3e-3 and update
+# errors <= 1.2e-2, and, per gradient or update, at most 0.19 of the distance between
+# the bf16 and the fp32 reference (the median over the tensors). A kernel that skipped
+# the rounding would be at that distance (ratio 1), one that erred otherwise (a wrong
+# element, a layout) far beyond it. The loss at these random weights is near log(vocab)
+# and moves little: emulated, its error is 1e-6 (tiny, hipgpt, llama) to 1.9e-5
+# (test_gpu_attention_bf16's gpt2_small_layout; local_gqa 1.9e-6 to 9.4e-6 over three
+# seeds), and on an H200 local_gqa's was 1.1e-5 once its lm_head weight was stored
+# (vocab, d_model). LOSS_TOLERANCE sits above that spread; the gradients and updates
+# are the discriminating checks.
 # An update (AdamW's m / sqrt(v) at step 3, near +-lr where a gradient is small) turns a
 # tiny gradient's sign flip into an O(1) difference: where a tensor's update is that
 # sensitive, the worst-update bound is ten times the float32 emulation's own error
 # (computed only then). mqa's h.0.mlp.c_fc.weight: 0.012 emulated, bf16-fp32 distance
 # 0.011, on an H200 0.030 with the row kernels an element a thread-step and 0.054 with
 # them in chunks (a different f32 summation order; every other figure the same).
-LOSS_TOLERANCE = 1e-5
+LOSS_TOLERANCE = 5e-5
 GRADIENT_TOLERANCE = 2e-2
 UPDATE_TOLERANCE_BF16 = 5e-2
 MEDIAN_RATIO = 0.5
