@@ -66,17 +66,22 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bf16_attention_is_matched_through_the_casts(case):
-    """Forward and backward matched with bf16 set; the casts of P and dS (and nothing
-    else the precision pass added) inside the match; the planner gives the flash
-    kernels; q, k, v and dO are bf16 buffers."""
+    """Forward and backward matched with bf16 set; the casts of P and dS, and without
+    dropout the widening of P's cast that softmax's delta reads (and nothing else the
+    precision pass added), inside the match; the planner gives the flash kernels; q, k,
+    v and dO are bf16 buffers."""
     plan = make_plan(attention_graph(**CASES[case]), True)
     g = plan.graph
     (match,) = [k.attention for k in plan.kernels if k.family == "attention"]
     assert match.bf16 and match.backward
     inner = {n for n in match.forward | match.backward if g.op(n) == "cast"}
-    assert len(inner) == 2 and all(g.type(n).dtype == "bf16" for n in inner)   # P, dS
-    assert {g.node(n)["scope"].rpartition("/")[0].rpartition("causal_attention")[2] for n in inner} == {"/softmax", "#bwd"} \
+    rounded = {n for n in inner if g.type(n).dtype == "bf16"}
+    assert len(rounded) == 2   # P, dS
+    assert {g.node(n)["scope"].rpartition("/")[0].rpartition("causal_attention")[2] for n in rounded} == {"/softmax", "#bwd"} \
         or CASES[case].get("dropout")
+    widened = inner - rounded   # delta = sum(dP * P) reads P rounded, as the kernels' dO·O does
+    assert len(widened) == (0 if CASES[case].get("dropout") else 1)
+    assert all(g.inputs_of(n)[0] in rounded and g.node(n)["scope"].endswith("/softmax#bwd") for n in widened)
     families = [k.family for k in plan.kernels]
     assert families.count("attention") == 1 and families.count("attention_bwd") == 1
     for operand in (match.q, match.k_t, match.v, match.d_out):

@@ -21,7 +21,8 @@ model, autodiff, optimizer, precision, collectives, planning).
   operand of P·V and of dV = Pᵀ·dO) and the scores' gradient dS (of dQ = dS·K and
   dK = Qᵀ·dS) get one cast each, in their scope + "/bf16" (planner/attention.py looks
   through these casts; the flash kernels round P and dS at the same places); softmax
-  and its statistics stay f32.
+  and its statistics stay f32, but the backward's delta = sum(dP * P) reads P rounded,
+  as the kernels' delta = dO·O does (_attention_delta_reads_rounded).
 - not yet: the matmuls of the other attention cores (in the scopes ATTENTION_SCOPES:
   cached-key decode, linear attention) stay f32; nor the grouped matmuls of a mixture
   of experts.
@@ -55,6 +56,24 @@ def apply_precision(graph: Graph, precision: str) -> None:
                 graph.rewire(operand, _bf16(graph, operand, copies), nid)
     _bias_gradients_read_bf16(graph, copies)
     _linear_outputs_read_bf16(graph, copies)
+    _attention_delta_reads_rounded(graph, copies)
+
+
+def _attention_delta_reads_rounded(graph: Graph, copies: dict[int, int]) -> None:
+    """Causal attention's softmax backward sums delta = sum(dP * P) over the keys; it
+    reads P rounded to bf16, as P·V reads it. The flash kernels compute delta = dO·O
+    (torch's flash attention too), and O is the product of the rounded P: with the
+    rounding here the reference computes the kernels' delta, not one that differs from
+    it by P's rounding (which put the gpt2 layout's step beyond the bf16 bounds). With
+    dropout on P, P·V reads the dropped P's copy and the sum keeps P, as before."""
+    for p, copy in list(copies.items()):
+        if graph.node(p)["scope"].split("/")[-2:] != ["causal_attention", "softmax"]:
+            continue
+        for user in dict.fromkeys(graph.users(p)):
+            if graph.op(user) == "mul" and graph.node(user)["scope"].endswith("/softmax#bwd"):
+                with graph.replace_scope(graph.node(user)["scope"]):
+                    rounded = graph.add("cast", [copy], dtype="f32")
+                graph.rewire(p, rounded, user)
 
 
 # The composites that read a linear layer's output as autocast's linear gives it, rounded
